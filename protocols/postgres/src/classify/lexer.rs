@@ -1,0 +1,324 @@
+//! Byte tokenizer for the classifier: skips whitespace, comments, strings and dollar quotes, and
+//! yields borrowed tokens (no allocation). Routing hints found in comments are recorded on the way.
+
+use super::Hint;
+
+/// One significant token. Strings and numbers carry no content: the classifier never needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Tok<'a> {
+    /// Unquoted identifier or keyword, as written (compare case-insensitively).
+    Word(&'a [u8]),
+    /// "quoted identifier" content, case preserved (doubled quotes left as is).
+    QuotedIdent(&'a [u8]),
+    /// Any string constant: '...', E'...', $tag$...$tag$.
+    Str,
+    /// Numeric literal or `$n` parameter.
+    Num,
+    /// Any other single byte: punctuation or one byte of an operator.
+    Punct(u8),
+}
+
+/// Tokenizer state over one query string.
+pub(super) struct Lexer<'a> {
+    s: &'a [u8],
+    pos: usize,
+    /// Whether plain '...' strings treat backslash as an escape (standard_conforming_strings off).
+    backslash_quotes: bool,
+    /// First `sluice: primary|replica` comment seen so far.
+    pub(super) hint: Option<Hint>,
+    /// A string, identifier or comment ran to the end of input: PostgreSQL will reject the query,
+    /// and our view of where statements start may differ from its, so the caller plays safe.
+    pub(super) unterminated: bool,
+}
+
+fn is_ident_start(b: u8) -> bool {
+    b.is_ascii_alphabetic() || b == b'_' || b >= 0x80
+}
+
+fn is_ident_cont(b: u8) -> bool {
+    is_ident_start(b) || b.is_ascii_digit() || b == b'$'
+}
+
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b'\x0b' | b'\x0c')
+}
+
+/// Comment content `sluice: primary` / `sluice:replica` (trimmed, case-insensitive).
+fn hint_in(comment: &[u8]) -> Option<Hint> {
+    let c = comment.trim_ascii();
+    let prefix = b"sluice:";
+    if c.len() < prefix.len() || !c[..prefix.len()].eq_ignore_ascii_case(prefix) {
+        return None;
+    }
+    let word = c[prefix.len()..].trim_ascii_start();
+    if word.eq_ignore_ascii_case(b"primary") {
+        Some(Hint::Primary)
+    } else if word.eq_ignore_ascii_case(b"replica") {
+        Some(Hint::Replica)
+    } else {
+        None
+    }
+}
+
+impl<'a> Lexer<'a> {
+    pub(super) fn new(s: &'a [u8], backslash_quotes: bool) -> Self {
+        Lexer {
+            s,
+            pos: 0,
+            backslash_quotes,
+            hint: None,
+            unterminated: false,
+        }
+    }
+
+    fn peek_at(&self, i: usize) -> Option<u8> {
+        self.s.get(i).copied()
+    }
+
+    fn note_comment(&mut self, content: &[u8]) {
+        if self.hint.is_none() {
+            self.hint = hint_in(content);
+        }
+    }
+
+    /// The next significant token, or `None` at end of input.
+    pub(super) fn next_tok(&mut self) -> Option<Tok<'a>> {
+        loop {
+            let b = self.peek_at(self.pos)?;
+            let next = self.peek_at(self.pos + 1);
+            match b {
+                _ if is_space(b) => self.pos += 1,
+                b'-' if next == Some(b'-') => self.line_comment(),
+                b'/' if next == Some(b'*') => self.block_comment(),
+                b'\'' => {
+                    self.pos += 1;
+                    self.string(self.backslash_quotes);
+                    return Some(Tok::Str);
+                }
+                b'"' => return Some(self.quoted_ident()),
+                b'$' => return Some(self.dollar()),
+                b'0'..=b'9' => return Some(self.number()),
+                b'.' if next.is_some_and(|n| n.is_ascii_digit()) => return Some(self.number()),
+                _ if is_ident_start(b) => return Some(self.word()),
+                _ => {
+                    self.pos += 1;
+                    return Some(Tok::Punct(b));
+                }
+            }
+        }
+    }
+
+    fn line_comment(&mut self) {
+        let start = self.pos + 2;
+        let end = self.s[start..]
+            .iter()
+            .position(|&b| b == b'\n' || b == b'\r')
+            .map_or(self.s.len(), |i| start + i);
+        self.pos = end;
+        self.note_comment(&self.s[start..end]);
+    }
+
+    /// `/* ... */`, nesting like PostgreSQL's.
+    fn block_comment(&mut self) {
+        let start = self.pos + 2;
+        let mut i = start;
+        let mut depth = 1usize;
+        while i < self.s.len() {
+            match (self.s[i], self.peek_at(i + 1)) {
+                (b'/', Some(b'*')) => {
+                    depth += 1;
+                    i += 2;
+                }
+                (b'*', Some(b'/')) => {
+                    depth -= 1;
+                    i += 2;
+                    if depth == 0 {
+                        self.pos = i;
+                        self.note_comment(&self.s[start..i - 2]);
+                        return;
+                    }
+                }
+                _ => i += 1,
+            }
+        }
+        self.pos = self.s.len();
+        self.unterminated = true;
+    }
+
+    /// Rest of a single-quoted string (opening quote consumed); `''` is an escaped quote and, in
+    /// escape strings, so is `\'`.
+    fn string(&mut self, backslash: bool) {
+        let mut i = self.pos;
+        while i < self.s.len() {
+            match self.s[i] {
+                b'\\' if backslash => i += 2,
+                b'\'' if self.peek_at(i + 1) == Some(b'\'') => i += 2,
+                b'\'' => {
+                    self.pos = i + 1;
+                    return;
+                }
+                _ => i += 1,
+            }
+        }
+        self.pos = self.s.len();
+        self.unterminated = true;
+    }
+
+    fn quoted_ident(&mut self) -> Tok<'a> {
+        let start = self.pos + 1;
+        let mut i = start;
+        while i < self.s.len() {
+            if self.s[i] == b'"' {
+                if self.peek_at(i + 1) == Some(b'"') {
+                    i += 2;
+                    continue;
+                }
+                self.pos = i + 1;
+                return Tok::QuotedIdent(&self.s[start..i]);
+            }
+            i += 1;
+        }
+        self.pos = self.s.len();
+        self.unterminated = true;
+        Tok::QuotedIdent(&self.s[start..])
+    }
+
+    /// `$1` parameter, `$tag$ ... $tag$` string, or a lone `$`.
+    fn dollar(&mut self) -> Tok<'a> {
+        let start = self.pos;
+        let s = self.s;
+        let mut i = start + 1;
+        if s.get(i).is_some_and(|b| b.is_ascii_digit()) {
+            while s.get(i).is_some_and(|b| b.is_ascii_digit()) {
+                i += 1;
+            }
+            self.pos = i;
+            return Tok::Num;
+        }
+        // Tag: optional identifier without '$', then '$'.
+        if s.get(i).is_some_and(|&b| is_ident_start(b)) {
+            i += 1;
+            while s.get(i).is_some_and(|&b| is_ident_cont(b) && b != b'$') {
+                i += 1;
+            }
+        }
+        if s.get(i) != Some(&b'$') {
+            self.pos = start + 1;
+            return Tok::Punct(b'$');
+        }
+        let delim = &s[start..=i];
+        // Linear: tags contain no '$', so each attempt at a '$' reads no further than the next '$'.
+        let mut j = i + 1;
+        while j < s.len() {
+            if s[j] == b'$' && s[j..].starts_with(delim) {
+                self.pos = j + delim.len();
+                return Tok::Str;
+            }
+            j += 1;
+        }
+        self.pos = s.len();
+        self.unterminated = true;
+        Tok::Str
+    }
+
+    fn number(&mut self) -> Tok<'a> {
+        let mut i = self.pos + 1;
+        while self
+            .peek_at(i)
+            .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+        {
+            i += 1;
+        }
+        self.pos = i;
+        Tok::Num
+    }
+
+    fn word(&mut self) -> Tok<'a> {
+        let start = self.pos;
+        let mut i = start + 1;
+        while self.peek_at(i).is_some_and(is_ident_cont) {
+            i += 1;
+        }
+        // E'...' (escape string constant): backslash escapes regardless of the setting.
+        if i == start + 1 && matches!(self.s[start], b'e' | b'E') && self.peek_at(i) == Some(b'\'')
+        {
+            self.pos = i + 1;
+            self.string(true);
+            return Tok::Str;
+        }
+        self.pos = i;
+        Tok::Word(&self.s[start..i])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn toks(sql: &str) -> (Vec<Tok<'_>>, bool) {
+        let mut lx = Lexer::new(sql.as_bytes(), false);
+        let mut v = Vec::new();
+        while let Some(t) = lx.next_tok() {
+            v.push(t);
+        }
+        (v, lx.unterminated)
+    }
+
+    #[test]
+    fn tokens() {
+        use Tok::*;
+        let (t, u) = toks("SELECT a.\"B\"\"c\", 'x''y', E'\\'', $$a;b$$, $q$ $ $q$, $1, 1.5e3 /* /* n */ */ -- c\n;");
+        assert!(!u);
+        assert_eq!(
+            t,
+            vec![
+                Word(b"SELECT"),
+                Word(b"a"),
+                Punct(b'.'),
+                QuotedIdent(b"B\"\"c"),
+                Punct(b','),
+                Str,
+                Punct(b','),
+                Str,
+                Punct(b','),
+                Str,
+                Punct(b','),
+                Str,
+                Punct(b','),
+                Num,
+                Punct(b','),
+                Num,
+                Punct(b';'),
+            ]
+        );
+    }
+
+    #[test]
+    fn identifiers_with_dollars_are_not_dollar_quotes() {
+        let (t, u) = toks("SELECT a$b$ FROM t");
+        assert!(!u);
+        assert_eq!(t[1], Tok::Word(b"a$b$"));
+    }
+
+    #[test]
+    fn unterminated() {
+        for sql in ["'abc", "\"abc", "/* abc", "/* /* */", "$x$ abc $x", "E'\\'"] {
+            assert!(toks(sql).1, "{sql}");
+        }
+    }
+
+    #[test]
+    fn hints() {
+        let hint = |sql: &str| {
+            let mut lx = Lexer::new(sql.as_bytes(), false);
+            while lx.next_tok().is_some() {}
+            lx.hint
+        };
+        assert_eq!(hint("/* sluice: primary */ SELECT 1"), Some(Hint::Primary));
+        assert_eq!(hint("SELECT 1 -- SLUICE:Replica"), Some(Hint::Replica));
+        assert_eq!(hint("SELECT 1 /*sluice:  replica*/"), Some(Hint::Replica));
+        assert_eq!(hint("SELECT '/* sluice: primary */'"), None);
+        assert_eq!(hint("/* sluice: primary please */"), None);
+        assert_eq!(hint("/* sluice replica */"), None);
+    }
+}

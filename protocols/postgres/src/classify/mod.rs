@@ -1,0 +1,368 @@
+//! Read/write classification of SQL statements by a byte lexer (no SQL parser).
+//!
+//! A statement is a read only if it can run on a hot standby without changing anything;
+//! anything the rules below cannot decide is a write. Runs in one linear pass over the bytes and
+//! allocates nothing.
+
+mod lexer;
+#[cfg(test)]
+mod tests;
+
+use lexer::{Lexer, Tok};
+
+/// Whether a statement may run on a hot standby.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Safe on a replica.
+    Read,
+    /// Must go to the primary (includes anything unknown).
+    Write,
+}
+
+/// A routing hint given in a `sluice: primary|replica` comment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hint {
+    /// Send to the primary.
+    Primary,
+    /// Send to a replica.
+    Replica,
+}
+
+/// Result of classifying one query string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Classification {
+    /// Read or write.
+    pub class: Class,
+    /// Hint comment, if any (the first one); does not change `class`.
+    pub hint: Option<Hint>,
+}
+
+/// Functions with side effects that make an otherwise read-only query a write.
+/// `set_config` is deliberately absent: it works on standbys.
+const DEFAULT_WRITE_FUNCTIONS: &[&[u8]] = &[
+    b"nextval",
+    b"setval",
+    b"pg_advisory_lock",
+    b"pg_advisory_lock_shared",
+    b"pg_advisory_xact_lock",
+    b"pg_advisory_xact_lock_shared",
+    b"pg_try_advisory_lock",
+    b"pg_try_advisory_lock_shared",
+    b"pg_try_advisory_xact_lock",
+    b"pg_try_advisory_xact_lock_shared",
+    b"pg_advisory_unlock",
+    b"pg_advisory_unlock_shared",
+    b"pg_advisory_unlock_all",
+    b"txid_current",
+    b"pg_current_xact_id",
+    b"pg_notify",
+    b"lo_create",
+    b"lo_creat",
+    b"lo_import",
+    b"lo_unlink",
+    b"lo_open",
+    b"pg_switch_wal",
+    b"pg_create_restore_point",
+];
+
+/// Statement classifier; holds extra write-function names on top of the built-in list.
+#[derive(Debug, Clone, Default)]
+pub struct Classifier {
+    /// Lowercase names.
+    extra_write_functions: Vec<Box<[u8]>>,
+}
+
+/// Per-statement verdict before combining a multi-statement string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Empty or transaction control: does not decide.
+    Neutral,
+    Read,
+    Write,
+}
+
+fn kw(word: &[u8], keyword: &[u8]) -> bool {
+    word.eq_ignore_ascii_case(keyword)
+}
+
+fn is_word(t: Option<Tok<'_>>, keyword: &[u8]) -> bool {
+    matches!(t, Some(Tok::Word(w)) if kw(w, keyword))
+}
+
+/// The tokens of one statement: stops at a top-level `;`, at end of input, or — inside a
+/// parenthesised sub-statement (`base > 0`) — at the `)` that closes it.
+struct Stmt<'a, 'l> {
+    lx: &'l mut Lexer<'a>,
+    depth: u32,
+    base: u32,
+    done: bool,
+    eof: bool,
+    nested_end: bool,
+}
+
+impl<'a, 'l> Stmt<'a, 'l> {
+    fn new(lx: &'l mut Lexer<'a>) -> Self {
+        Stmt {
+            lx,
+            depth: 0,
+            base: 0,
+            done: false,
+            eof: false,
+            nested_end: false,
+        }
+    }
+
+    fn next(&mut self) -> Option<Tok<'a>> {
+        if self.done || self.nested_end {
+            return None;
+        }
+        let Some(t) = self.lx.next_tok() else {
+            self.done = true;
+            self.eof = true;
+            return None;
+        };
+        match t {
+            Tok::Punct(b'(') => self.depth = self.depth.saturating_add(1),
+            Tok::Punct(b')') if self.base > 0 && self.depth == self.base => {
+                self.depth -= 1;
+                self.nested_end = true;
+                return None;
+            }
+            Tok::Punct(b')') => self.depth = self.depth.saturating_sub(1),
+            Tok::Punct(b';') if self.depth == 0 => {
+                self.done = true;
+                return None;
+            }
+            _ => {}
+        }
+        Some(t)
+    }
+
+    fn drain(&mut self) {
+        while self.next().is_some() {}
+    }
+}
+
+impl Classifier {
+    /// A classifier that also treats calls of `extra_write_functions` (case-insensitive) as
+    /// writes.
+    pub fn new<I, S>(extra_write_functions: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let extra_write_functions = extra_write_functions
+            .into_iter()
+            .map(|s| {
+                s.as_ref()
+                    .to_ascii_lowercase()
+                    .into_bytes()
+                    .into_boxed_slice()
+            })
+            .collect();
+        Classifier {
+            extra_write_functions,
+        }
+    }
+
+    /// Classify a (possibly multi-statement) SQL string, assuming `standard_conforming_strings`
+    /// is on (PostgreSQL's default since 9.1).
+    pub fn classify(&self, sql: &[u8]) -> Classification {
+        self.classify_with(sql, true)
+    }
+
+    /// Classify with an explicit `standard_conforming_strings` setting (as reported by the
+    /// backend's ParameterStatus): when off, backslash escapes quotes in plain '...' strings,
+    /// which changes where statements start.
+    pub fn classify_with(&self, sql: &[u8], standard_conforming_strings: bool) -> Classification {
+        let mut lx = Lexer::new(sql, !standard_conforming_strings);
+        let mut write = false;
+        loop {
+            let mut st = Stmt::new(&mut lx);
+            if self.statement(&mut st, false) == Verdict::Write {
+                write = true;
+            }
+            st.drain();
+            if st.eof {
+                break;
+            }
+        }
+        // A quote or comment left open: PostgreSQL rejects the string, and it may have split it
+        // differently from us, so do not trust a Read.
+        let class = if write || lx.unterminated {
+            Class::Write
+        } else {
+            Class::Read
+        };
+        Classification {
+            class,
+            hint: lx.hint,
+        }
+    }
+
+    fn is_write_function(&self, t: Tok<'_>) -> bool {
+        match t {
+            Tok::Word(w) => {
+                DEFAULT_WRITE_FUNCTIONS.iter().any(|f| kw(w, f))
+                    || self.extra_write_functions.iter().any(|f| kw(w, f))
+            }
+            // Quoted identifiers are case-sensitive: "NEXTVAL" is not nextval.
+            Tok::QuotedIdent(q) => {
+                DEFAULT_WRITE_FUNCTIONS.contains(&q)
+                    || self.extra_write_functions.iter().any(|f| **f == *q)
+            }
+            _ => false,
+        }
+    }
+
+    /// Classifies one statement and consumes it. `nested` is true inside `COPY (...)`.
+    fn statement(&self, st: &mut Stmt<'_, '_>, nested: bool) -> Verdict {
+        let mut tok = st.next();
+        while matches!(tok, Some(Tok::Punct(b'('))) {
+            tok = st.next();
+        }
+        let mut word = match tok {
+            None => return Verdict::Neutral,
+            Some(Tok::Word(w)) => w,
+            Some(_) => return Verdict::Write,
+        };
+        // EXPLAIN [ (options) | ANALYZE | VERBOSE ...] statement — iterative, never recursive.
+        while kw(word, b"EXPLAIN") {
+            tok = st.next();
+            if tok == Some(Tok::Punct(b'(')) {
+                let outer = st.depth - 1;
+                loop {
+                    match st.next() {
+                        None => return Verdict::Write,
+                        Some(Tok::Punct(b')')) if st.depth == outer => break,
+                        Some(_) => {}
+                    }
+                }
+                tok = st.next();
+            }
+            while is_word(tok, b"ANALYZE") || is_word(tok, b"ANALYSE") || is_word(tok, b"VERBOSE") {
+                tok = st.next();
+            }
+            while tok == Some(Tok::Punct(b'(')) {
+                tok = st.next();
+            }
+            word = match tok {
+                Some(Tok::Word(w)) => w,
+                _ => return Verdict::Write,
+            };
+        }
+
+        if kw(word, b"SELECT") || kw(word, b"VALUES") || kw(word, b"TABLE") || kw(word, b"SHOW") {
+            self.scan(st, false)
+        } else if kw(word, b"WITH") {
+            self.scan(st, true)
+        } else if kw(word, b"BEGIN") {
+            transaction_modes(st)
+        } else if kw(word, b"START") {
+            if is_word(st.next(), b"TRANSACTION") {
+                transaction_modes(st)
+            } else {
+                Verdict::Write
+            }
+        } else if kw(word, b"COMMIT") || kw(word, b"ROLLBACK") {
+            // COMMIT PREPARED / ROLLBACK PREPARED finish a two-phase transaction: primary only.
+            let mut prepared = false;
+            while let Some(t) = st.next() {
+                prepared |= is_word(Some(t), b"PREPARED");
+            }
+            if prepared {
+                Verdict::Write
+            } else {
+                Verdict::Neutral
+            }
+        } else if kw(word, b"END")
+            || kw(word, b"ABORT")
+            || kw(word, b"SAVEPOINT")
+            || kw(word, b"RELEASE")
+        {
+            Verdict::Neutral
+        } else if kw(word, b"COPY") && !nested {
+            self.copy(st)
+        } else {
+            Verdict::Write
+        }
+    }
+
+    /// Read unless FOR UPDATE/SHARE, INTO, a write-function call, or (for WITH, `dml`) a
+    /// data-modifying keyword appears.
+    fn scan(&self, st: &mut Stmt<'_, '_>, dml: bool) -> Verdict {
+        let mut prev: Option<Tok<'_>> = None;
+        while let Some(t) = st.next() {
+            let write = match t {
+                Tok::Punct(b'(') => prev.is_some_and(|p| self.is_write_function(p)),
+                Tok::Word(w) => {
+                    kw(w, b"INTO")
+                        || (is_word(prev, b"FOR")
+                            && (kw(w, b"UPDATE")
+                                || kw(w, b"SHARE")
+                                || kw(w, b"NO")
+                                || kw(w, b"KEY")))
+                        || (dml
+                            && (kw(w, b"INSERT")
+                                || kw(w, b"UPDATE")
+                                || kw(w, b"DELETE")
+                                || kw(w, b"MERGE")))
+                }
+                _ => false,
+            };
+            if write {
+                return Verdict::Write;
+            }
+            prev = Some(t);
+        }
+        Verdict::Read
+    }
+
+    /// `COPY (query) TO ...` / `COPY table TO ...` read; `COPY ... FROM` writes.
+    fn copy(&self, st: &mut Stmt<'_, '_>) -> Verdict {
+        let mut inner = Verdict::Read;
+        let mut first = true;
+        loop {
+            let Some(t) = st.next() else {
+                return Verdict::Write;
+            };
+            if first && t == Tok::Punct(b'(') {
+                st.base = st.depth;
+                inner = self.statement(st, true);
+                st.drain();
+                if !st.nested_end {
+                    return Verdict::Write;
+                }
+                st.nested_end = false;
+                st.base = 0;
+            } else if st.depth == 0 && is_word(Some(t), b"TO") {
+                return if inner == Verdict::Write {
+                    Verdict::Write
+                } else {
+                    Verdict::Read
+                };
+            } else if st.depth == 0 && is_word(Some(t), b"FROM") {
+                return Verdict::Write;
+            }
+            first = false;
+        }
+    }
+}
+
+/// BEGIN / START TRANSACTION modes: Read iff READ ONLY is given and READ WRITE is not.
+fn transaction_modes(st: &mut Stmt<'_, '_>) -> Verdict {
+    let (mut read_only, mut read_write) = (false, false);
+    let mut prev = None;
+    while let Some(t) = st.next() {
+        if is_word(prev, b"READ") {
+            read_only |= is_word(Some(t), b"ONLY");
+            read_write |= is_word(Some(t), b"WRITE");
+        }
+        prev = Some(t);
+    }
+    if read_only && !read_write {
+        Verdict::Read
+    } else {
+        Verdict::Write
+    }
+}

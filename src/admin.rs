@@ -1,0 +1,147 @@
+//! The admin HTTP listener: `/metrics`, `/healthz`, `/readyz` and `/topology`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+use crate::cluster::Cluster;
+use crate::metrics::Metrics;
+use crate::topology::Role;
+
+/// What the admin listener reports on.
+pub struct AdminState {
+    pub clusters: Vec<Arc<Cluster>>,
+    pub metrics: Arc<Metrics>,
+    /// False once shutdown has begun, so that /readyz turns away new traffic first.
+    pub accepting: AtomicBool,
+}
+
+/// Serves the admin endpoints until the process ends.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(&state, &req, peer)) }
+            });
+            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
+                debug!(error = %e, "admin connection error");
+            }
+        });
+    }
+}
+
+fn handle(state: &AdminState, req: &Request<Incoming>, _peer: SocketAddr) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n");
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let mut r = text(StatusCode::OK, &state.metrics.encode());
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            r
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => match not_ready(state) {
+            None => text(StatusCode::OK, "ready\n"),
+            Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: {why}\n")),
+        },
+        "/topology" => {
+            let mut r = Response::new(Full::new(Bytes::from(topology_json(state).to_string())));
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz, /readyz or /topology\n"),
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r
+}
+
+/// Why sluice should not get traffic now: shutting down, or a cluster with no usable node.
+fn not_ready(state: &AdminState) -> Option<String> {
+    if !state.accepting.load(Ordering::Acquire) {
+        return Some("shutting down".into());
+    }
+    for c in &state.clusters {
+        if !c.topology.load().any_healthy() {
+            return Some(format!("cluster {:?} has no healthy node yet", c.config.name));
+        }
+    }
+    None
+}
+
+/// The JSON view of every cluster's nodes.
+pub fn topology_json(state: &AdminState) -> serde_json::Value {
+    let clusters: Vec<_> = state
+        .clusters
+        .iter()
+        .map(|c| {
+            let snap = c.topology.load();
+            let idle = c.pools.idle_counts();
+            let primary = snap.primary();
+            let nodes: Vec<_> = snap
+                .nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    let role = if n.role == Role::Primary && primary != Some(i) && n.healthy {
+                        // Two nodes claim primary (during a promotion): only the newest gets writes.
+                        "stale-primary"
+                    } else {
+                        match n.role {
+                            Role::Primary => "primary",
+                            Role::Replica => "replica",
+                            Role::Unknown => "unknown",
+                        }
+                    };
+                    json!({
+                        "address": n.address,
+                        "role": role,
+                        "healthy": n.healthy,
+                        "lsn": n.lsn.map(|l| format!("{:X}/{:X}", l >> 32, l & 0xffff_ffff)),
+                        "error": n.last_error,
+                        "idle_connections": idle.get(&n.address).copied().unwrap_or(0),
+                    })
+                })
+                .collect();
+            json!({
+                "name": c.config.name,
+                "protocol": "postgres",
+                "listen": c.config.listen.to_string(),
+                "generation": snap.generation,
+                "nodes": nodes,
+            })
+        })
+        .collect();
+    json!({ "clusters": clusters })
+}

@@ -1,0 +1,308 @@
+//! One connection from sluice to a PostgreSQL server: connect, authenticate, simple queries.
+//!
+//! Messages towards the server are built with `postgres-protocol`'s frontend encoders and its
+//! SCRAM client; server messages are framed with `sluice_postgres` and the few fields needed
+//! during startup are read by hand below (a handful of fixed layouts).
+
+use std::collections::HashSet;
+use std::io;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
+use sluice_postgres::{peek, split_message, Message};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The largest message sluice accepts from a server (a DataRow can legitimately be big).
+pub const MAX_BACKEND_MESSAGE: usize = 1 << 30;
+
+/// Why a backend connection could not be made or used.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The node is unreachable or the connection broke: the node's fault, retry elsewhere.
+    #[error("i/o error talking to {addr}: {source}")]
+    Io { addr: String, source: io::Error },
+    #[error("timed out after {after:?} talking to {addr}")]
+    Timeout { addr: String, after: Duration },
+    /// The server refused with an ErrorResponse, kept whole so it can be forwarded to the client.
+    #[error("server {addr} said {code}: {message}")]
+    Server {
+        addr: String,
+        code: String,
+        message: String,
+        raw: Bytes,
+    },
+    /// The server spoke something sluice does not understand.
+    #[error("protocol error from {addr}: {reason}")]
+    Protocol { addr: String, reason: String },
+}
+
+impl BackendError {
+    /// True when the node itself (not the request or the credentials) is at fault.
+    pub fn is_node_failure(&self) -> bool {
+        matches!(self, BackendError::Io { .. } | BackendError::Timeout { .. })
+            || matches!(self, BackendError::Server { code, .. } if code.starts_with("57P") || code.starts_with("08"))
+    }
+}
+
+/// What a connection is opened with.
+#[derive(Clone, Copy)]
+pub struct ConnectOptions<'a> {
+    pub addr: &'a str,
+    pub user: &'a str,
+    pub password: &'a str,
+    pub database: &'a str,
+    pub timeout: Duration,
+}
+
+/// An open, authenticated, idle server connection.
+pub struct Backend {
+    pub addr: String,
+    pub stream: TcpStream,
+    /// Bytes read from the server and not yet consumed.
+    pub rbuf: BytesMut,
+    /// ParameterStatus values the server sent at startup.
+    pub params: Vec<(String, String)>,
+    /// The server's BackendKeyData, for cancel requests.
+    pub pid: i32,
+    pub secret: i32,
+    pub created: Instant,
+    pub last_used: Instant,
+    /// Names (as hashes) of the statements sluice prepared on this connection.
+    pub prepared: HashSet<u64>,
+}
+
+impl Backend {
+    /// Connects and authenticates (trust, cleartext, md5 or SCRAM-SHA-256), waiting for the
+    /// first ReadyForQuery. The whole exchange is bounded by `opts.timeout`.
+    pub async fn connect(opts: ConnectOptions<'_>) -> Result<Backend, BackendError> {
+        let addr = opts.addr.to_string();
+        tokio::time::timeout(opts.timeout, Self::connect_inner(opts))
+            .await
+            .map_err(|_| BackendError::Timeout {
+                addr,
+                after: opts.timeout,
+            })?
+    }
+
+    async fn connect_inner(opts: ConnectOptions<'_>) -> Result<Backend, BackendError> {
+        let io_err = |source| BackendError::Io {
+            addr: opts.addr.to_string(),
+            source,
+        };
+        let stream = TcpStream::connect(opts.addr).await.map_err(io_err)?;
+        stream.set_nodelay(true).map_err(io_err)?;
+        let now = Instant::now();
+        let mut be = Backend {
+            addr: opts.addr.to_string(),
+            stream,
+            rbuf: BytesMut::with_capacity(8192),
+            params: Vec::new(),
+            pid: 0,
+            secret: 0,
+            created: now,
+            last_used: now,
+            prepared: HashSet::new(),
+        };
+        let mut out = BytesMut::new();
+        let params = [
+            ("user", opts.user),
+            ("database", opts.database),
+            ("client_encoding", "UTF8"),
+            ("application_name", "sluice"),
+        ];
+        frontend::startup_message(params.iter().copied(), &mut out).map_err(io_err)?;
+        be.send(&out).await?;
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let msg = be.read_message().await?;
+            match msg.tag() {
+                b'R' => {
+                    let (code, rest) = auth_code(msg.body()).ok_or_else(|| be.protocol("short Authentication message"))?;
+                    out.clear();
+                    match code {
+                        0 => {}
+                        3 => frontend::password_message(opts.password.as_bytes(), &mut out).map_err(io_err)?,
+                        5 => {
+                            let salt: [u8; 4] = rest.get(..4).and_then(|s| s.try_into().ok()).ok_or_else(|| be.protocol("short md5 salt"))?;
+                            let hash = postgres_protocol::authentication::md5_hash(opts.user.as_bytes(), opts.password.as_bytes(), salt);
+                            frontend::password_message(hash.as_bytes(), &mut out).map_err(io_err)?;
+                        }
+                        10 => {
+                            let offers_scram = rest.split(|b| *b == 0).any(|m| m == b"SCRAM-SHA-256");
+                            if !offers_scram {
+                                return Err(be.protocol("server offers no SASL mechanism sluice supports (SCRAM-SHA-256)"));
+                            }
+                            let s = ScramSha256::new(opts.password.as_bytes(), ChannelBinding::unsupported());
+                            frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out).map_err(io_err)?;
+                            scram = Some(s);
+                        }
+                        11 => {
+                            let s = scram.as_mut().ok_or_else(|| be.protocol("SASLContinue without SASL"))?;
+                            s.update(rest).map_err(|e| be.protocol(&format!("SCRAM: {e}")))?;
+                            frontend::sasl_response(s.message(), &mut out).map_err(io_err)?;
+                        }
+                        12 => {
+                            let s = scram.as_mut().ok_or_else(|| be.protocol("SASLFinal without SASL"))?;
+                            s.finish(rest).map_err(|e| be.protocol(&format!("SCRAM server signature: {e}")))?;
+                        }
+                        other => return Err(be.protocol(&format!("unsupported authentication method {other}"))),
+                    }
+                    if !out.is_empty() {
+                        be.send(&out).await?;
+                    }
+                }
+                b'S' => {
+                    if let Some((k, v)) = two_cstrings(msg.body()) {
+                        be.params.push((k, v));
+                    }
+                }
+                b'K' => {
+                    let mut b = msg.body();
+                    if b.len() >= 8 {
+                        be.pid = b.get_i32();
+                        be.secret = b.get_i32();
+                    }
+                }
+                b'Z' => return Ok(be),
+                b'E' => return Err(be.server_error(msg)),
+                b'N' | b'v' => {}
+                other => return Err(be.protocol(&format!("unexpected message {:?} during startup", other as char))),
+            }
+        }
+    }
+
+    fn protocol(&self, reason: &str) -> BackendError {
+        BackendError::Protocol {
+            addr: self.addr.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn server_error(&self, msg: Message) -> BackendError {
+        let (code, message) = peek::error_code_and_message(msg.body());
+        BackendError::Server {
+            addr: self.addr.clone(),
+            code,
+            message,
+            raw: msg.into_raw(),
+        }
+    }
+
+    fn io(&self, source: io::Error) -> BackendError {
+        BackendError::Io {
+            addr: self.addr.clone(),
+            source,
+        }
+    }
+
+    /// Writes all of `bytes`.
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
+        self.stream.write_all(bytes).await.map_err(|e| self.io(e))
+    }
+
+    /// Reads one whole message.
+    pub async fn read_message(&mut self) -> Result<Message, BackendError> {
+        loop {
+            match split_message(&mut self.rbuf, MAX_BACKEND_MESSAGE) {
+                Ok(Some(m)) => return Ok(m),
+                Ok(None) => {}
+                Err(e) => return Err(self.protocol(&e.to_string())),
+            }
+            let n = self.stream.read_buf(&mut self.rbuf).await.map_err(|e| self.io(e))?;
+            if n == 0 {
+                return Err(self.io(io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+
+    /// Runs one simple query and returns the text values of its rows. An ErrorResponse is
+    /// returned as `BackendError::Server` after the connection is idle again.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, BackendError> {
+        let mut out = BytesMut::new();
+        frontend::query(sql, &mut out).map_err(|e| self.io(e))?;
+        self.send(&out).await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            let msg = self.read_message().await?;
+            match msg.tag() {
+                b'D' => rows.push(data_row(msg.body()).ok_or_else(|| self.protocol("malformed DataRow"))?),
+                b'E' => error = Some(self.server_error(msg)),
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(rows),
+        }
+    }
+
+    /// True when the server has said nothing and closed nothing since the connection went idle:
+    /// a connection the server closed (restart, idle timeout) is caught before a client uses it.
+    pub fn looks_alive(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
+/// The Authentication message's method code and the rest of its body.
+fn auth_code(body: &[u8]) -> Option<(i32, &[u8])> {
+    let code = i32::from_be_bytes(body.get(..4)?.try_into().ok()?);
+    Some((code, &body[4..]))
+}
+
+/// Two NUL-terminated strings (ParameterStatus).
+fn two_cstrings(body: &[u8]) -> Option<(String, String)> {
+    let mut parts = body.split(|b| *b == 0);
+    let k = parts.next()?;
+    let v = parts.next()?;
+    Some((String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned()))
+}
+
+/// The columns of a DataRow in text format.
+fn data_row(mut body: &[u8]) -> Option<Vec<Option<String>>> {
+    if body.len() < 2 {
+        return None;
+    }
+    let n = body.get_i16();
+    let mut out = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        if body.len() < 4 {
+            return None;
+        }
+        let len = body.get_i32();
+        if len < 0 {
+            out.push(None);
+            continue;
+        }
+        let v = body.get(..len as usize)?;
+        out.push(Some(String::from_utf8_lossy(v).into_owned()));
+        body.advance(len as usize);
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_row_reads_text_and_nulls() {
+        let body = [0, 2, 0, 0, 0, 1, b't', 0xff, 0xff, 0xff, 0xff];
+        assert_eq!(data_row(&body), Some(vec![Some("t".to_string()), None]));
+        assert_eq!(data_row(&[0, 1, 0, 0, 0, 9, b'x']), None);
+        assert_eq!(data_row(&[0]), None);
+    }
+
+    #[test]
+    fn parameter_status_pairs() {
+        assert_eq!(
+            two_cstrings(b"server_version\x0015.8\x00"),
+            Some(("server_version".into(), "15.8".into()))
+        );
+    }
+}

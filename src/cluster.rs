@@ -1,0 +1,386 @@
+//! One configured cluster at run time: its topology, pools, users, probes and route choice.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use sluice_postgres::scram::ScramSecret;
+use sluice_postgres::Classifier;
+use tracing::{info, warn};
+
+use crate::backend::{Backend, BackendError, ConnectOptions};
+use crate::config::{ClusterConfig, Discovery};
+use crate::metrics::{ClusterLabels, Metrics, NodeLabels, ResultLabels, RouteLabels};
+use crate::pool::{PoolError, PoolKey, PoolSettings, Pooled, Pools};
+use crate::router::{self, Intent, NoRoute};
+use crate::topology::{Observation, Role, Topology};
+
+/// SCRAM iteration count for the secrets sluice derives from configured passwords.
+const SCRAM_ITERATIONS: u32 = 4096;
+
+/// A configured user with its SCRAM secret derived once at start.
+pub struct User {
+    pub password: String,
+    pub secret: ScramSecret,
+}
+
+/// Where a cancel request for one client must go right now.
+#[derive(Debug, Clone)]
+pub struct CancelTarget {
+    pub addr: String,
+    pub pid: i32,
+    pub secret: i32,
+}
+
+/// The cancel keys sluice handed to its clients, each pointing at the backend running that
+/// client's query (if any).
+pub type CancelSlot = Arc<Mutex<Option<CancelTarget>>>;
+
+/// Why a request could not get a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("sluice: no primary is available in cluster {cluster:?} (waited {waited:?})")]
+    NoPrimary { cluster: String, waited: Duration },
+    #[error("sluice: no healthy node is available in cluster {cluster:?} (waited {waited:?})")]
+    NoNode { cluster: String, waited: Duration },
+    #[error("sluice: {0}")]
+    Pool(#[from] PoolError),
+}
+
+/// A backend checked out for one client, with the node's load counted while it is held.
+pub struct Checkout {
+    pub conn: Pooled,
+    pub node: usize,
+    load: Arc<[AtomicU32]>,
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        self.load[self.node].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A cluster at run time.
+pub struct Cluster {
+    pub config: ClusterConfig,
+    pub topology: Topology,
+    pub pools: Pools,
+    pub metrics: Arc<Metrics>,
+    pub classifier: Classifier,
+    pub users: HashMap<String, User>,
+    /// Used for unknown users so that they go through the same exchange and fail the same way.
+    pub dummy_secret: ScramSecret,
+    load: Arc<[AtomicU32]>,
+    tiebreak: AtomicUsize,
+    server_params: Mutex<HashMap<(String, String), Arc<Vec<(String, String)>>>>,
+    cancels: Mutex<HashMap<(i32, i32), CancelSlot>>,
+    /// Connected clients, for `max_client_connections`.
+    pub clients: AtomicUsize,
+}
+
+impl Cluster {
+    /// Builds the run-time state (derives SCRAM secrets: slow on purpose, done once).
+    pub fn new(config: ClusterConfig, metrics: Arc<Metrics>) -> Arc<Cluster> {
+        let addresses = match &config.discovery {
+            Discovery::Static(a) => a.clone(),
+            Discovery::Kubernetes(_) => Vec::new(),
+        };
+        let mut rng = rand::rng();
+        let users = config
+            .users
+            .iter()
+            .map(|u| {
+                let salt: [u8; 16] = rng.random();
+                let secret = ScramSecret::new(&u.password, &salt, SCRAM_ITERATIONS);
+                (u.name.clone(), User { password: u.password.clone(), secret })
+            })
+            .collect();
+        let dummy: [u8; 16] = rng.random();
+        let salt: [u8; 16] = rng.random();
+        let pools = Pools::new(
+            &config.name,
+            PoolSettings {
+                size: config.pool_size,
+                checkout_timeout: config.checkout_timeout,
+                connect_timeout: config.connect_timeout,
+                idle_timeout: config.idle_timeout,
+                max_lifetime: config.max_lifetime,
+            },
+            metrics.clone(),
+        );
+        Arc::new(Cluster {
+            topology: Topology::new(&addresses),
+            pools,
+            classifier: Classifier::new(&config.write_functions),
+            users,
+            dummy_secret: ScramSecret::new(&String::from_utf8_lossy(&dummy), &salt, SCRAM_ITERATIONS),
+            load: addresses.iter().map(|_| AtomicU32::new(0)).collect(),
+            tiebreak: AtomicUsize::new(0),
+            server_params: Mutex::new(HashMap::new()),
+            cancels: Mutex::new(HashMap::new()),
+            clients: AtomicUsize::new(0),
+            metrics,
+            config,
+        })
+    }
+
+    /// Starts one probe task per node and the pool reaper.
+    pub fn spawn_background(self: &Arc<Self>) {
+        for index in 0..self.topology.load().nodes.len() {
+            let c = self.clone();
+            tokio::spawn(async move { c.probe_loop(index).await });
+        }
+        let c = self.clone();
+        tokio::spawn(async move {
+            let every = (c.config.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
+            loop {
+                tokio::time::sleep(every).await;
+                c.pools.reap();
+            }
+        });
+    }
+
+    fn labels(&self) -> ClusterLabels {
+        ClusterLabels {
+            cluster: self.config.name.clone(),
+        }
+    }
+
+    /// Finds a node for `intent` and checks out a connection to it as (user, database).
+    /// Waits up to `failover_wait` while no suitable node is known; a node that refuses
+    /// connections is marked down and another one is tried.
+    pub async fn attach(&self, intent: Intent, user: &str, database: &str) -> Result<Checkout, AttachError> {
+        let start = tokio::time::Instant::now();
+        let deadline = start + self.config.failover_wait;
+        let password = self.users.get(user).map(|u| u.password.as_str()).unwrap_or_default();
+        loop {
+            let snap = self.topology.load();
+            let loads: Vec<u32> = self.load.iter().map(|l| l.load(Ordering::Relaxed)).collect();
+            let tiebreak = self.tiebreak.fetch_add(1, Ordering::Relaxed);
+            let choice = router::choose(intent, &snap, &loads, tiebreak);
+            match choice {
+                Ok(node) => {
+                    let key = PoolKey {
+                        node: snap.nodes[node].address.clone(),
+                        user: user.to_string(),
+                        database: database.to_string(),
+                    };
+                    match self.pools.checkout(&key, password).await {
+                        Ok(mut conn) => {
+                            self.load[node].fetch_add(1, Ordering::Relaxed);
+                            self.metrics
+                                .queries
+                                .get_or_create(&RouteLabels {
+                                    cluster: self.config.name.clone(),
+                                    route: intent.label(),
+                                })
+                                .inc();
+                            self.remember_params(user, database, &conn.conn().params);
+                            return Ok(Checkout {
+                                conn,
+                                node,
+                                load: self.load.clone(),
+                            });
+                        }
+                        Err(PoolError::Connect(e)) if e.is_node_failure() && tokio::time::Instant::now() < deadline => {
+                            warn!(node = %key.node, error = %e, "backend connection failed; marking the node down");
+                            self.observe(node, &Observation::Down { error: e.to_string() });
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(why) => {
+                    let waited = start.elapsed();
+                    let ready = |s: &crate::topology::Snapshot| router::choose(intent, s, &loads, 0).is_ok();
+                    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    if remaining.is_zero() || self.topology.wait_for(remaining, ready).await.is_none() {
+                        let cluster = self.config.name.clone();
+                        let waited = waited.max(start.elapsed());
+                        return Err(match why {
+                            NoRoute::NoPrimary => AttachError::NoPrimary { cluster, waited },
+                            NoRoute::NoNode => AttachError::NoNode { cluster, waited },
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn remember_params(&self, user: &str, database: &str, params: &[(String, String)]) {
+        let mut map = self.server_params.lock().expect("params lock");
+        let key = (user.to_string(), database.to_string());
+        if !map.contains_key(&key) && !params.is_empty() {
+            map.insert(key, Arc::new(params.to_vec()));
+        }
+    }
+
+    /// The ParameterStatus values to announce to a client logging in as (user, database),
+    /// learnt from a real backend connection (one is opened if none has been yet).
+    pub async fn server_params(&self, user: &str, database: &str) -> Result<Arc<Vec<(String, String)>>, AttachError> {
+        let key = (user.to_string(), database.to_string());
+        if let Some(p) = self.server_params.lock().expect("params lock").get(&key) {
+            return Ok(p.clone());
+        }
+        let mut c = self.attach(Intent::Replica, user, database).await?;
+        let params = Arc::new(c.conn.conn().params.clone());
+        self.server_params.lock().expect("params lock").insert(key, params.clone());
+        Ok(params)
+    }
+
+    /// Applies an observation to the topology and reacts to what changed.
+    pub fn observe(&self, index: usize, obs: &Observation) {
+        let change = self.topology.observe(index, obs);
+        let snap = self.topology.load();
+        let node = &snap.nodes[index];
+        let labels = NodeLabels {
+            cluster: self.config.name.clone(),
+            node: node.address.clone(),
+        };
+        self.metrics
+            .node_primary
+            .get_or_create(&labels)
+            .set(i64::from(node.healthy && node.role == Role::Primary));
+        self.metrics.node_healthy.get_or_create(&labels).set(i64::from(node.healthy));
+        if change.role_changed || change.health_changed {
+            info!(node = %node.address, role = ?node.role, healthy = node.healthy, error = node.last_error.as_deref().unwrap_or(""), generation = snap.generation, "topology changed");
+        }
+        if change.lost_primary || (change.health_changed && !node.healthy) || (change.role_changed && node.role != Role::Primary) {
+            // Idle connections to a demoted or dead node must not serve anyone again.
+            self.pools.drain(&node.address);
+        }
+    }
+
+    async fn probe_loop(self: Arc<Self>, index: usize) {
+        let address = self.topology.load().nodes[index].address.clone();
+        let probe_user = self
+            .config
+            .probe_user
+            .clone()
+            .or_else(|| self.config.users.first().map(|u| u.name.clone()))
+            .unwrap_or_default();
+        let password = self.users.get(&probe_user).map(|u| u.password.clone()).unwrap_or_default();
+        let mut conn: Option<Backend> = None;
+        let mut ticker = tokio::time::interval(self.config.probe_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let opts = ConnectOptions {
+                addr: &address,
+                user: &probe_user,
+                password: &password,
+                database: &self.config.probe_database,
+                timeout: self.config.connect_timeout,
+            };
+            let result = tokio::time::timeout(self.config.probe_timeout, probe_once(&mut conn, opts)).await;
+            let obs = match result {
+                Ok(Ok((role, lsn))) => Observation::Up { role, lsn },
+                Ok(Err(e)) => {
+                    conn = None;
+                    Observation::Down { error: e.to_string() }
+                }
+                Err(_) => {
+                    conn = None;
+                    Observation::Down {
+                        error: format!("probe timed out after {:?}", self.config.probe_timeout),
+                    }
+                }
+            };
+            self.metrics
+                .probes
+                .get_or_create(&ResultLabels {
+                    cluster: self.config.name.clone(),
+                    node: address.clone(),
+                    result: if matches!(obs, Observation::Up { .. }) { "ok" } else { "error" },
+                })
+                .inc();
+            self.observe(index, &obs);
+        }
+    }
+
+    /// Registers a cancel key for a new client.
+    pub fn register_cancel(&self, key: (i32, i32)) -> CancelSlot {
+        let slot = CancelSlot::default();
+        self.cancels.lock().expect("cancel lock").insert(key, slot.clone());
+        slot
+    }
+
+    /// Forgets a client's cancel key.
+    pub fn unregister_cancel(&self, key: (i32, i32)) {
+        self.cancels.lock().expect("cancel lock").remove(&key);
+    }
+
+    /// Where a cancel request with this key must go, if anywhere.
+    pub fn cancel_target(&self, key: (i32, i32)) -> Option<CancelTarget> {
+        let slot = self.cancels.lock().expect("cancel lock").get(&key).cloned()?;
+        let target = slot.lock().expect("cancel slot lock").clone();
+        target
+    }
+
+    /// Counts a refused login.
+    pub fn auth_failed(&self) {
+        self.metrics.auth_failures.get_or_create(&self.labels()).inc();
+    }
+
+    /// Counts a connected client; returns false when `max_client_connections` is reached.
+    pub fn client_connected(&self) -> bool {
+        let n = self.clients.fetch_add(1, Ordering::AcqRel);
+        self.metrics.clients.get_or_create(&self.labels()).inc();
+        n < self.config.max_client_connections
+    }
+
+    /// Counts a client gone.
+    pub fn client_disconnected(&self) {
+        self.clients.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.clients.get_or_create(&self.labels()).dec();
+    }
+}
+
+/// One probe: (re)connect if needed, then ask the node what it is.
+async fn probe_once(conn: &mut Option<Backend>, opts: ConnectOptions<'_>) -> Result<(Role, Option<u64>), BackendError> {
+    if conn.is_none() {
+        *conn = Some(Backend::connect(opts).await?);
+    }
+    let c = conn.as_mut().expect("just connected");
+    let rows = c
+        .simple_query(
+            "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END",
+        )
+        .await?;
+    let row = rows.first().ok_or_else(|| BackendError::Protocol {
+        addr: opts.addr.to_string(),
+        reason: "probe returned no row".into(),
+    })?;
+    let role = match row.first().and_then(|v| v.as_deref()) {
+        Some("f") => Role::Primary,
+        Some("t") => Role::Replica,
+        _ => Role::Unknown,
+    };
+    let lsn = row.get(1).and_then(|v| v.as_deref()).and_then(parse_lsn);
+    Ok((role, lsn))
+}
+
+/// Parses PostgreSQL's `XXXXXXXX/YYYYYYYY` LSN text.
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+/// A random nonce of printable characters for SCRAM.
+pub fn random_nonce() -> String {
+    let mut rng = rand::rng();
+    (0..24).map(|_| rng.sample(rand::distr::Alphanumeric) as char).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_text_parses() {
+        assert_eq!(parse_lsn("0/3000060"), Some(0x3000060));
+        assert_eq!(parse_lsn("1/0"), Some(1 << 32));
+        assert_eq!(parse_lsn("nope"), None);
+    }
+}

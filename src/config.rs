@@ -1,0 +1,885 @@
+//! The TOML configuration: typed model, defaults, and validation that reports every error at once.
+//!
+//! The file is read into a `toml::Table` and walked by hand instead of through
+//! `#[derive(Deserialize)]` with `deny_unknown_fields`: serde stops at the first problem, and
+//! `sluice check` must name every bad key (with its path) in one run. Unknown keys are errors all
+//! the same.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use toml::{Table, Value};
+
+/// The listen address of the admin listener when `[admin]` is absent: localhost only.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9930";
+
+/// The configuration sluice runs with when started without `--config`.
+pub const EMBEDDED_DEFAULT: &str = r#"
+# Embedded default: one PostgreSQL node on 127.0.0.1:5432, reached as the local `postgres` user.
+[admin]
+listen = "127.0.0.1:9930"
+
+[[clusters]]
+name = "local"
+protocol = "postgres"
+listen = "127.0.0.1:6432"
+pool_mode = "transaction"
+
+[clusters.discovery]
+static = ["127.0.0.1:5432"]
+
+[[clusters.users]]
+name = "postgres"
+password = "postgres"
+"#;
+
+/// A whole sluice configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub admin: AdminConfig,
+    pub clusters: Vec<ClusterConfig>,
+}
+
+/// `[admin]`: the HTTP listener for metrics, health and topology.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+/// The wire protocol a cluster speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Postgres,
+    Cql,
+}
+
+/// How long a client keeps its backend connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolMode {
+    /// The backend returns to the pool at the end of each transaction.
+    Transaction,
+    /// The client keeps one primary backend for its whole session.
+    Session,
+}
+
+/// Where reads may go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    /// Any healthy replica.
+    Eventual,
+    /// Everything to the primary.
+    Primary,
+}
+
+/// `[[clusters]]`: one database cluster behind one listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    pub name: String,
+    pub protocol: Protocol,
+    pub listen: SocketAddr,
+    pub pool_mode: PoolMode,
+    pub consistency: Consistency,
+    pub pool_size: usize,
+    pub max_client_connections: usize,
+    pub checkout_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub login_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_lifetime: Duration,
+    pub probe_interval: Duration,
+    pub probe_timeout: Duration,
+    pub failover_wait: Duration,
+    pub probe_user: Option<String>,
+    pub probe_database: String,
+    pub write_functions: Vec<String>,
+    pub discovery: Discovery,
+    pub users: Vec<UserConfig>,
+}
+
+/// `[clusters.discovery]`: where the nodes come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Discovery {
+    /// A fixed list of `host:port` addresses; roles are found by probing.
+    Static(Vec<String>),
+    /// EndpointSlices and Pods of a Kubernetes Service.
+    Kubernetes(KubernetesDiscovery),
+}
+
+/// `[clusters.discovery.kubernetes]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KubernetesDiscovery {
+    pub namespace: String,
+    pub service: String,
+    /// An endpoint port name or number.
+    pub port: String,
+    pub roles: RoleLabels,
+}
+
+/// Which Pod label says primary or replica.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RoleLabels {
+    Preset(String),
+    Custom {
+        label: String,
+        primary: String,
+        replica: String,
+    },
+}
+
+/// `[[clusters.users]]`: a user clients may log in as.
+#[derive(Clone, PartialEq)]
+pub struct UserConfig {
+    pub name: String,
+    /// Clients authenticate to sluice with it; sluice uses it towards the backends.
+    pub password: String,
+}
+
+impl fmt::Debug for UserConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UserConfig")
+            .field("name", &self.name)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// One problem in a configuration file: where, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.reason)
+        } else {
+            write!(f, "{}: {}", self.path, self.reason)
+        }
+    }
+}
+
+/// Every problem found in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Parses and validates a whole file, collecting every error.
+    pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        let table: Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigErrors(vec![ConfigError {
+                path: String::new(),
+                reason: format!("invalid TOML: {}", e.to_string().trim()),
+            }])
+        })?;
+        let mut errors = Vec::new();
+        let config = {
+            let mut root = Fields::new(table, String::new(), &mut errors);
+            let admin = match root.take_table("admin") {
+                Some(t) => {
+                    let mut f = root.child(t, "admin".into());
+                    let listen = f.socket_addr("listen", DEFAULT_ADMIN_LISTEN);
+                    f.finish();
+                    AdminConfig { listen }
+                }
+                None => AdminConfig {
+                    listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
+                },
+            };
+            let clusters = root
+                .take_array_of_tables("clusters")
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, t)| {
+                    let f = root.child(t, format!("clusters[{i}]"));
+                    parse_cluster(f)
+                })
+                .collect::<Vec<_>>();
+            root.finish();
+            Config { admin, clusters }
+        };
+        validate_whole(&config, &mut errors);
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// Errors for the parts of a valid file that this build cannot run yet.
+    pub fn unsupported(&self) -> Vec<ConfigError> {
+        let mut out = Vec::new();
+        for (i, c) in self.clusters.iter().enumerate() {
+            if c.protocol == Protocol::Cql {
+                out.push(ConfigError {
+                    path: format!("clusters[{i}].protocol"),
+                    reason: "protocol \"cql\" is not yet supported by this build".into(),
+                });
+            }
+            if matches!(c.discovery, Discovery::Kubernetes(_)) {
+                out.push(ConfigError {
+                    path: format!("clusters[{i}].discovery.kubernetes"),
+                    reason: "Kubernetes discovery is not yet supported by this build".into(),
+                });
+            }
+        }
+        out
+    }
+}
+
+fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
+    let name = f.string("name", None);
+    let protocol = f.choice(
+        "protocol",
+        None,
+        &[("postgres", Protocol::Postgres), ("cql", Protocol::Cql)],
+    );
+    let listen = f.socket_addr_required("listen");
+    let pool_mode = f.choice(
+        "pool_mode",
+        Some(PoolMode::Transaction),
+        &[
+            ("transaction", PoolMode::Transaction),
+            ("session", PoolMode::Session),
+        ],
+    );
+    let consistency = f.choice(
+        "consistency",
+        Some(Consistency::Eventual),
+        &[
+            ("eventual", Consistency::Eventual),
+            ("primary", Consistency::Primary),
+        ],
+    );
+    if consistency.is_none() && f.last_value_was("read-your-writes") {
+        f.replace_last_error("\"read-your-writes\" is not yet supported by this build; use \"eventual\" or \"primary\"");
+    }
+    let pool_size = f.integer("pool_size", 20, 1, 10_000);
+    let max_client_connections = f.integer("max_client_connections", 10_000, 1, 1_000_000);
+    let checkout_timeout = f.duration("checkout_timeout", "5s");
+    let connect_timeout = f.duration("connect_timeout", "3s");
+    let login_timeout = f.duration("login_timeout", "10s");
+    let idle_timeout = f.duration("idle_timeout", "10m");
+    let max_lifetime = f.duration("max_lifetime", "1h");
+    let probe_interval = f.duration("probe_interval", "1s");
+    let probe_timeout = f.duration("probe_timeout", "2s");
+    let failover_wait = f.duration("failover_wait", "5s");
+    let probe_user = f.optional_string("probe_user");
+    let probe_database = f.string("probe_database", Some("postgres"));
+    let write_functions = f.string_array("write_functions");
+    let discovery = match f.take_table("discovery") {
+        Some(t) => {
+            let path = f.key_path("discovery");
+            parse_discovery(f.child(t, path))
+        }
+        None => {
+            f.error("discovery", "is required ([clusters.discovery] with `static` or `kubernetes`)");
+            None
+        }
+    };
+    let users = f
+        .take_array_of_tables("users")
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, t)| {
+            let path = f.key_path(&format!("users[{i}]"));
+            let mut u = f.child(t, path);
+            let name = u.string("name", None);
+            let password = u.string("password", None);
+            u.finish();
+            Some(UserConfig {
+                name: name?,
+                password: password?,
+            })
+        })
+        .collect::<Vec<_>>();
+    f.finish();
+    let cluster = ClusterConfig {
+        name: name?,
+        protocol: protocol?,
+        listen: listen?,
+        pool_mode: pool_mode?,
+        consistency: consistency?,
+        pool_size: pool_size?,
+        max_client_connections: max_client_connections?,
+        checkout_timeout: checkout_timeout?,
+        connect_timeout: connect_timeout?,
+        login_timeout: login_timeout?,
+        idle_timeout: idle_timeout?,
+        max_lifetime: max_lifetime?,
+        probe_interval: probe_interval?,
+        probe_timeout: probe_timeout?,
+        failover_wait: failover_wait?,
+        probe_user,
+        probe_database: probe_database?,
+        write_functions: write_functions?,
+        discovery: discovery?,
+        users,
+    };
+    Some(cluster)
+}
+
+fn parse_discovery(mut d: Fields<'_>) -> Option<Discovery> {
+    let has_static = d.has("static");
+    let has_k8s = d.has("kubernetes");
+    let out = match (has_static, has_k8s) {
+        (true, false) => {
+            let addrs = d.string_array("static")?;
+            let mut ok = true;
+            if addrs.is_empty() {
+                d.error("static", "must list at least one \"host:port\" address");
+                ok = false;
+            }
+            for (i, a) in addrs.iter().enumerate() {
+                if let Err(reason) = check_host_port(a) {
+                    d.error(&format!("static[{i}]"), &reason);
+                    ok = false;
+                }
+            }
+            ok.then_some(Discovery::Static(addrs))
+        }
+        (false, true) => {
+            let t = d.take_table("kubernetes")?;
+            let path = d.key_path("kubernetes");
+            let mut k = d.child(t, path);
+            let namespace = k.string("namespace", None);
+            let service = k.string("service", None);
+            let port = match k.take("port") {
+                Some(Value::String(s)) => Some(s),
+                Some(Value::Integer(n)) if (1..=65535).contains(&n) => Some(n.to_string()),
+                Some(_) => {
+                    k.error("port", "must be a port name (string) or a number 1-65535");
+                    None
+                }
+                None => {
+                    k.error("port", "is required");
+                    None
+                }
+            };
+            let roles = match k.take("roles") {
+                Some(Value::String(s)) => {
+                    if ["cloudnative-pg", "patroni", "crunchy"].contains(&s.as_str()) {
+                        Some(RoleLabels::Preset(s))
+                    } else {
+                        k.error(
+                            "roles",
+                            &format!("unknown preset {s:?}; expected \"cloudnative-pg\", \"patroni\", \"crunchy\" or a table {{ label, primary, replica }}"),
+                        );
+                        None
+                    }
+                }
+                Some(Value::Table(t)) => {
+                    let path = k.key_path("roles");
+                    let mut r = k.child(t, path);
+                    let label = r.string("label", None);
+                    let primary = r.string("primary", None);
+                    let replica = r.string("replica", None);
+                    r.finish();
+                    Some(RoleLabels::Custom {
+                        label: label?,
+                        primary: primary?,
+                        replica: replica?,
+                    })
+                }
+                Some(_) => {
+                    k.error("roles", "must be a preset name or a table");
+                    None
+                }
+                None => Some(RoleLabels::Preset("cloudnative-pg".into())),
+            };
+            k.finish();
+            Some(Discovery::Kubernetes(KubernetesDiscovery {
+                namespace: namespace?,
+                service: service?,
+                port: port?,
+                roles: roles?,
+            }))
+        }
+        (true, true) => {
+            d.error("", "set exactly one of `static` and `kubernetes`, not both");
+            d.take("static");
+            d.take("kubernetes");
+            None
+        }
+        (false, false) => {
+            d.error("", "needs `static` or `kubernetes`");
+            None
+        }
+    };
+    d.finish();
+    out
+}
+
+/// Checks the whole-file rules that no single key can: unique names and listen addresses,
+/// users present where probes need them.
+fn validate_whole(config: &Config, errors: &mut Vec<ConfigError>) {
+    let mut names = HashSet::new();
+    let mut listens = HashSet::new();
+    listens.insert(config.admin.listen);
+    for (i, c) in config.clusters.iter().enumerate() {
+        if !names.insert(c.name.as_str()) {
+            errors.push(ConfigError {
+                path: format!("clusters[{i}].name"),
+                reason: format!("duplicate cluster name {:?}", c.name),
+            });
+        }
+        if !listens.insert(c.listen) {
+            errors.push(ConfigError {
+                path: format!("clusters[{i}].listen"),
+                reason: format!("address {} is already used by another listener", c.listen),
+            });
+        }
+        let mut users = HashSet::new();
+        for (j, u) in c.users.iter().enumerate() {
+            if !users.insert(u.name.as_str()) {
+                errors.push(ConfigError {
+                    path: format!("clusters[{i}].users[{j}].name"),
+                    reason: format!("duplicate user {:?}", u.name),
+                });
+            }
+        }
+        if c.protocol == Protocol::Postgres && c.users.is_empty() {
+            errors.push(ConfigError {
+                path: format!("clusters[{i}].users"),
+                reason: "a postgres cluster needs at least one [[clusters.users]] entry".into(),
+            });
+        }
+        if let Some(p) = &c.probe_user {
+            if !c.users.iter().any(|u| &u.name == p) {
+                errors.push(ConfigError {
+                    path: format!("clusters[{i}].probe_user"),
+                    reason: format!("{p:?} is not one of this cluster's users"),
+                });
+            }
+        }
+    }
+    if config.clusters.is_empty() {
+        errors.push(ConfigError {
+            path: "clusters".into(),
+            reason: "at least one [[clusters]] entry is required".into(),
+        });
+    }
+}
+
+fn check_host_port(s: &str) -> Result<(), String> {
+    if s.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && !host.contains(':') => port
+            .parse::<u16>()
+            .map(|_| ())
+            .map_err(|_| format!("{s:?} has an invalid port")),
+        _ => Err(format!("{s:?} is not a \"host:port\" address")),
+    }
+}
+
+/// A table being read: takes known keys out, records errors with their full path, and reports
+/// whatever is left as unknown keys when finished.
+struct Fields<'e> {
+    table: Table,
+    path: String,
+    errors: &'e mut Vec<ConfigError>,
+    last_string: Option<String>,
+}
+
+impl<'e> Fields<'e> {
+    fn new(table: Table, path: String, errors: &'e mut Vec<ConfigError>) -> Self {
+        Fields {
+            table,
+            path,
+            errors,
+            last_string: None,
+        }
+    }
+
+    /// A nested table sharing the same error list.
+    fn child(&mut self, table: Table, path: String) -> Fields<'_> {
+        Fields::new(table, path, self.errors)
+    }
+
+    fn key_path(&self, key: &str) -> String {
+        match (self.path.is_empty(), key.is_empty()) {
+            (_, true) => self.path.clone(),
+            (true, false) => key.to_string(),
+            (false, false) => format!("{}.{key}", self.path),
+        }
+    }
+
+    fn error(&mut self, key: &str, reason: &str) {
+        let path = self.key_path(key);
+        self.errors.push(ConfigError {
+            path,
+            reason: reason.to_string(),
+        });
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.table.contains_key(key)
+    }
+
+    fn take(&mut self, key: &str) -> Option<Value> {
+        self.table.remove(key)
+    }
+
+    fn take_table(&mut self, key: &str) -> Option<Table> {
+        match self.take(key)? {
+            Value::Table(t) => Some(t),
+            other => {
+                self.error(key, &format!("must be a table, found {}", other.type_str()));
+                None
+            }
+        }
+    }
+
+    fn take_array_of_tables(&mut self, key: &str) -> Vec<Table> {
+        match self.take(key) {
+            None => Vec::new(),
+            Some(Value::Array(items)) => {
+                let mut out = Vec::new();
+                for (i, v) in items.into_iter().enumerate() {
+                    match v {
+                        Value::Table(t) => out.push(t),
+                        other => self.error(
+                            &format!("{key}[{i}]"),
+                            &format!("must be a table, found {}", other.type_str()),
+                        ),
+                    }
+                }
+                out
+            }
+            Some(other) => {
+                self.error(
+                    key,
+                    &format!("must be an array of tables ([[{key}]]), found {}", other.type_str()),
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    fn string(&mut self, key: &str, default: Option<&str>) -> Option<String> {
+        match self.take(key) {
+            Some(Value::String(s)) if s.is_empty() => {
+                self.error(key, "must not be empty");
+                None
+            }
+            Some(Value::String(s)) => Some(s),
+            Some(other) => {
+                self.error(key, &format!("must be a string, found {}", other.type_str()));
+                None
+            }
+            None => match default {
+                Some(d) => Some(d.to_string()),
+                None => {
+                    self.error(key, "is required");
+                    None
+                }
+            },
+        }
+    }
+
+    fn optional_string(&mut self, key: &str) -> Option<String> {
+        if self.has(key) {
+            self.string(key, None)
+        } else {
+            None
+        }
+    }
+
+    fn string_array(&mut self, key: &str) -> Option<Vec<String>> {
+        match self.take(key) {
+            None => Some(Vec::new()),
+            Some(Value::Array(items)) => {
+                let mut out = Vec::new();
+                let mut ok = true;
+                for (i, v) in items.into_iter().enumerate() {
+                    match v {
+                        Value::String(s) => out.push(s),
+                        other => {
+                            self.error(
+                                &format!("{key}[{i}]"),
+                                &format!("must be a string, found {}", other.type_str()),
+                            );
+                            ok = false;
+                        }
+                    }
+                }
+                ok.then_some(out)
+            }
+            Some(other) => {
+                self.error(key, &format!("must be an array of strings, found {}", other.type_str()));
+                None
+            }
+        }
+    }
+
+    fn choice<T: Copy>(&mut self, key: &str, default: Option<T>, options: &[(&str, T)]) -> Option<T> {
+        self.last_string = None;
+        let s = match self.take(key) {
+            Some(Value::String(s)) => s,
+            Some(other) => {
+                self.error(key, &format!("must be a string, found {}", other.type_str()));
+                return None;
+            }
+            None => {
+                if default.is_none() {
+                    self.error(key, "is required");
+                }
+                return default;
+            }
+        };
+        if let Some((_, v)) = options.iter().find(|(name, _)| *name == s) {
+            return Some(*v);
+        }
+        let expected = options
+            .iter()
+            .map(|(n, _)| format!("{n:?}"))
+            .collect::<Vec<_>>()
+            .join(" | ");
+        self.error(key, &format!("unknown value {s:?}; expected {expected}"));
+        self.last_string = Some(s);
+        None
+    }
+
+    fn last_value_was(&self, s: &str) -> bool {
+        self.last_string.as_deref() == Some(s)
+    }
+
+    fn replace_last_error(&mut self, reason: &str) {
+        if let Some(e) = self.errors.last_mut() {
+            e.reason = reason.to_string();
+        }
+    }
+
+    fn integer(&mut self, key: &str, default: usize, min: usize, max: usize) -> Option<usize> {
+        match self.take(key) {
+            None => Some(default),
+            Some(Value::Integer(n)) if n >= min as i64 && n <= max as i64 => Some(n as usize),
+            Some(Value::Integer(n)) => {
+                self.error(key, &format!("{n} is out of range {min}..={max}"));
+                None
+            }
+            Some(other) => {
+                self.error(key, &format!("must be an integer, found {}", other.type_str()));
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, key: &str, default: &str) -> Option<Duration> {
+        let s = match self.take(key) {
+            None => default.to_string(),
+            Some(Value::String(s)) => s,
+            Some(other) => {
+                self.error(
+                    key,
+                    &format!("must be a duration string like \"500ms\" or \"5s\", found {}", other.type_str()),
+                );
+                return None;
+            }
+        };
+        match humantime::parse_duration(&s) {
+            Ok(d) if !d.is_zero() => Some(d),
+            Ok(_) => {
+                self.error(key, "must be greater than zero");
+                None
+            }
+            Err(e) => {
+                self.error(key, &format!("invalid duration {s:?}: {e}"));
+                None
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, key: &str, default: &str) -> SocketAddr {
+        match self.take(key) {
+            None => default.parse().expect("valid default address"),
+            Some(v) => self.parse_addr(key, v).unwrap_or_else(|| default.parse().expect("valid default address")),
+        }
+    }
+
+    fn socket_addr_required(&mut self, key: &str) -> Option<SocketAddr> {
+        match self.take(key) {
+            None => {
+                self.error(key, "is required");
+                None
+            }
+            Some(v) => self.parse_addr(key, v),
+        }
+    }
+
+    fn parse_addr(&mut self, key: &str, v: Value) -> Option<SocketAddr> {
+        match v {
+            Value::String(s) => match s.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    self.error(key, &format!("{s:?} is not an \"ip:port\" address"));
+                    None
+                }
+            },
+            other => {
+                self.error(key, &format!("must be an \"ip:port\" string, found {}", other.type_str()));
+                None
+            }
+        }
+    }
+
+    /// Reports every key nobody took as unknown.
+    fn finish(self) {
+        let mut keys: Vec<_> = self.table.keys().cloned().collect();
+        keys.sort();
+        for k in keys {
+            let path = if self.path.is_empty() {
+                k.clone()
+            } else {
+                format!("{}.{k}", self.path)
+            };
+            self.errors.push(ConfigError {
+                path,
+                reason: "unknown key".into(),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONTRACT_PG: &str = r#"
+[admin]
+listen = "127.0.0.1:9930"
+
+[[clusters]]
+name = "app"
+protocol = "postgres"
+listen = "127.0.0.1:6432"
+pool_mode = "transaction"
+consistency = "eventual"
+pool_size = 20
+
+[clusters.discovery]
+static = ["127.0.0.1:55432", "127.0.0.1:55433"]
+
+[[clusters.users]]
+name = "app"
+password = "app-secret"
+"#;
+
+    #[test]
+    fn contract_shape_parses_with_defaults() {
+        let c = Config::parse(CONTRACT_PG).unwrap();
+        let cl = &c.clusters[0];
+        assert_eq!(cl.pool_size, 20);
+        assert_eq!(cl.pool_mode, PoolMode::Transaction);
+        assert_eq!(cl.probe_interval, Duration::from_secs(1));
+        assert_eq!(cl.failover_wait, Duration::from_secs(5));
+        assert_eq!(cl.probe_database, "postgres");
+        assert_eq!(
+            cl.discovery,
+            Discovery::Static(vec!["127.0.0.1:55432".into(), "127.0.0.1:55433".into()])
+        );
+        assert!(c.unsupported().is_empty());
+    }
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::parse(EMBEDDED_DEFAULT).unwrap();
+        assert_eq!(c.clusters[0].listen.port(), 6432);
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_path() {
+        let text = CONTRACT_PG
+            .replace("pool_mode = \"transaction\"", "pool_mode = \"statement\"\nbogus = 1")
+            .replace("pool_size = 20", "pool_size = 0\ncheckout_timeout = \"soon\"")
+            .replace("listen = \"127.0.0.1:9930\"", "listen = \"nowhere\"");
+        let errs = Config::parse(&text).unwrap_err().0;
+        let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
+        for p in [
+            "admin.listen",
+            "clusters[0].pool_mode",
+            "clusters[0].bogus",
+            "clusters[0].pool_size",
+            "clusters[0].checkout_timeout",
+        ] {
+            assert!(paths.contains(&p), "missing {p} in {errs:?}");
+        }
+        assert_eq!(errs.len(), 5, "{errs:?}");
+    }
+
+    #[test]
+    fn missing_and_duplicate_things_are_errors() {
+        let errs = Config::parse("[[clusters]]\nname = \"a\"\n").unwrap_err().0;
+        let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        assert!(text.contains(&"clusters[0].protocol: is required".to_string()), "{text:?}");
+        assert!(text.contains(&"clusters[0].listen: is required".to_string()), "{text:?}");
+        assert!(text.iter().any(|t| t.starts_with("clusters[0].discovery:")), "{text:?}");
+        let twice = format!("{CONTRACT_PG}\n{}", &CONTRACT_PG[CONTRACT_PG.find("[[clusters]]").unwrap()..]);
+        let errs = Config::parse(&twice).unwrap_err().0;
+        assert!(errs.iter().any(|e| e.path == "clusters[1].name"), "{errs:?}");
+        assert!(errs.iter().any(|e| e.path == "clusters[1].listen"), "{errs:?}");
+    }
+
+    #[test]
+    fn read_your_writes_is_named_as_not_yet_supported() {
+        let text = CONTRACT_PG.replace("\"eventual\"", "\"read-your-writes\"");
+        let errs = Config::parse(&text).unwrap_err().0;
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].reason.contains("not yet supported"), "{errs:?}");
+    }
+
+    #[test]
+    fn kubernetes_and_cql_parse_but_are_unsupported_at_run_time() {
+        let k8s = r#"
+[[clusters]]
+name = "pg"
+protocol = "postgres"
+listen = "127.0.0.1:6433"
+[clusters.discovery.kubernetes]
+namespace = "db"
+service = "pg-r"
+port = "postgres"
+roles = { label = "role", primary = "master", replica = "replica" }
+[[clusters.users]]
+name = "app"
+password = "x"
+"#;
+        let c = Config::parse(k8s).unwrap();
+        assert_eq!(c.unsupported().len(), 1);
+        let cql = r#"
+[[clusters]]
+name = "ring"
+protocol = "cql"
+listen = "127.0.0.1:19042"
+[clusters.discovery]
+static = ["127.0.0.1:9042"]
+"#;
+        let c = Config::parse(cql).unwrap();
+        assert!(c.unsupported()[0].reason.contains("not yet supported"));
+    }
+
+    #[test]
+    fn debug_output_hides_passwords() {
+        let c = Config::parse(CONTRACT_PG).unwrap();
+        assert!(!format!("{c:?}").contains("app-secret"));
+    }
+}

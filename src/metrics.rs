@@ -1,0 +1,145 @@
+//! Prometheus metrics (`prometheus-client`), all under the `sluice_` prefix.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    pub cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabels {
+    pub cluster: String,
+    pub node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeStateLabels {
+    pub cluster: String,
+    pub node: String,
+    /// `idle` or `active`.
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub cluster: String,
+    /// `primary` or `replica`: what the request asked for.
+    pub route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub cluster: String,
+    pub node: String,
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub cluster: String,
+    pub reason: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn wait_histogram() -> Histogram {
+    // 50 µs .. ~13 s
+    Histogram::new(exponential_buckets(0.00005, 2.0, 19))
+}
+
+/// Every metric sluice exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Connected clients.
+    pub clients: Family<ClusterLabels, Gauge>,
+    /// Backend connections by node and state.
+    pub backend_connections: Family<NodeStateLabels, Gauge>,
+    /// Routed requests (a transaction or a standalone statement batch) by route.
+    pub queries: Family<RouteLabels, Counter>,
+    /// Time spent waiting for a backend connection.
+    pub checkout_wait: HistogramFamily<ClusterLabels>,
+    /// Probe results by node.
+    pub probes: Family<ResultLabels, Counter>,
+    /// 1 while the probe says the node is primary.
+    pub node_primary: Family<NodeLabels, Gauge>,
+    /// 1 while the node answers its probe.
+    pub node_healthy: Family<NodeLabels, Gauge>,
+    /// Requests that failed inside sluice, by reason.
+    pub errors: Family<ReasonLabels, Counter>,
+    /// Client logins refused, by reason.
+    pub auth_failures: Family<ClusterLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("sluice");
+        let m = Metrics {
+            clients: Family::default(),
+            backend_connections: Family::default(),
+            queries: Family::default(),
+            checkout_wait: Family::new_with_constructor(wait_histogram),
+            probes: Family::default(),
+            node_primary: Family::default(),
+            node_healthy: Family::default(),
+            errors: Family::default(),
+            auth_failures: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("clients", "Connected clients", m.clients.clone());
+        registry.register(
+            "backend_connections",
+            "Backend connections by node and state (idle, active)",
+            m.backend_connections.clone(),
+        );
+        registry.register(
+            "queries",
+            "Routed requests (transactions or statement batches) by route",
+            m.queries.clone(),
+        );
+        registry.register(
+            "checkout_wait_seconds",
+            "Time waiting for a backend connection from the pool",
+            m.checkout_wait.clone(),
+        );
+        registry.register("probes", "Role probes by node and result", m.probes.clone());
+        registry.register(
+            "node_primary",
+            "1 while the node reports pg_is_in_recovery() = false",
+            m.node_primary.clone(),
+        );
+        registry.register("node_healthy", "1 while the node answers its probe", m.node_healthy.clone());
+        registry.register("errors", "Requests failed by sluice, by reason", m.errors.clone());
+        registry.register("auth_failures", "Client logins refused", m.auth_failures.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+
+    /// Counts one failure of `reason` in `cluster`.
+    pub fn error(&self, cluster: &str, reason: &'static str) {
+        self.errors
+            .get_or_create(&ReasonLabels {
+                cluster: cluster.to_string(),
+                reason,
+            })
+            .inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,245 @@
+//! Backend connection pools: one per (node, user, database), bounded by `pool_size`.
+//!
+//! A checked-out connection is a [`Pooled`] guard that goes back to its pool when dropped,
+//! unless it was marked unusable (mid-transaction, broken) or its node was drained meanwhile
+//! (for example demoted from primary): those are closed, never reused.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::backend::{Backend, BackendError, ConnectOptions};
+use crate::metrics::{ClusterLabels, Metrics, NodeStateLabels};
+
+/// Pool limits, from the cluster configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSettings {
+    pub size: usize,
+    pub checkout_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_lifetime: Duration,
+}
+
+/// Identifies one pool.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub node: String,
+    pub user: String,
+    pub database: String,
+}
+
+/// Why no connection could be handed out.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("no backend connection to {node} available within {waited:?} (pool_size {size} for user {user:?}, database {database:?})")]
+    Exhausted {
+        node: String,
+        user: String,
+        database: String,
+        size: usize,
+        waited: Duration,
+    },
+    #[error(transparent)]
+    Connect(#[from] BackendError),
+}
+
+/// All pools of one cluster.
+pub struct Pools {
+    cluster: String,
+    settings: PoolSettings,
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    metrics: Arc<Metrics>,
+}
+
+struct Pool {
+    key: PoolKey,
+    idle: Mutex<Vec<Backend>>,
+    permits: Arc<Semaphore>,
+    /// Bumped by `drain`; connections from an older epoch are closed when they come back.
+    epoch: AtomicU64,
+    idle_gauge: prometheus_client::metrics::gauge::Gauge,
+    active_gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+/// A checked-out backend connection; returns to its pool on drop.
+pub struct Pooled {
+    conn: Option<Backend>,
+    pool: Arc<Pool>,
+    epoch: u64,
+    reusable: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Pooled {
+    /// The connection.
+    pub fn conn(&mut self) -> &mut Backend {
+        self.conn.as_mut().expect("present until drop")
+    }
+
+    /// Marks the connection as not reusable: it is closed instead of returned.
+    pub fn discard(&mut self) {
+        self.reusable = false;
+    }
+
+    /// The node this connection goes to.
+    pub fn node(&self) -> &str {
+        &self.pool.key.node
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        self.pool.active_gauge.dec();
+        let Some(mut conn) = self.conn.take() else { return };
+        if self.reusable && self.epoch == self.pool.epoch.load(Ordering::Acquire) {
+            conn.last_used = Instant::now();
+            self.pool.idle.lock().expect("pool lock").push(conn);
+            self.pool.idle_gauge.inc();
+        }
+    }
+}
+
+impl Pools {
+    pub fn new(cluster: &str, settings: PoolSettings, metrics: Arc<Metrics>) -> Self {
+        Pools {
+            cluster: cluster.to_string(),
+            settings,
+            pools: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    fn pool(&self, key: &PoolKey) -> Arc<Pool> {
+        let mut pools = self.pools.lock().expect("pools lock");
+        if let Some(p) = pools.get(key) {
+            return p.clone();
+        }
+        let gauge = |state| {
+            self.metrics
+                .backend_connections
+                .get_or_create(&NodeStateLabels {
+                    cluster: self.cluster.clone(),
+                    node: key.node.clone(),
+                    state,
+                })
+                .clone()
+        };
+        let p = Arc::new(Pool {
+            key: key.clone(),
+            idle: Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(self.settings.size)),
+            epoch: AtomicU64::new(0),
+            idle_gauge: gauge("idle"),
+            active_gauge: gauge("active"),
+        });
+        pools.insert(key.clone(), p.clone());
+        p
+    }
+
+    /// Hands out a connection: an idle one if it is still good, else a new one; waits up to
+    /// `checkout_timeout` for a free slot.
+    pub async fn checkout(&self, key: &PoolKey, password: &str) -> Result<Pooled, PoolError> {
+        let pool = self.pool(key);
+        let start = Instant::now();
+        let permit = match tokio::time::timeout(self.settings.checkout_timeout, pool.permits.clone().acquire_owned()).await {
+            Ok(Ok(p)) => p,
+            _ => {
+                return Err(PoolError::Exhausted {
+                    node: key.node.clone(),
+                    user: key.user.clone(),
+                    database: key.database.clone(),
+                    size: self.settings.size,
+                    waited: start.elapsed(),
+                })
+            }
+        };
+        self.metrics
+            .checkout_wait
+            .get_or_create(&ClusterLabels {
+                cluster: self.cluster.clone(),
+            })
+            .observe(start.elapsed().as_secs_f64());
+        let epoch = pool.epoch.load(Ordering::Acquire);
+        let reused = self.take_idle(&pool);
+        let conn = match reused {
+            Some(c) => c,
+            None => {
+                Backend::connect(ConnectOptions {
+                    addr: &key.node,
+                    user: &key.user,
+                    password,
+                    database: &key.database,
+                    timeout: self.settings.connect_timeout,
+                })
+                .await?
+            }
+        };
+        pool.active_gauge.inc();
+        Ok(Pooled {
+            conn: Some(conn),
+            pool,
+            epoch,
+            reusable: true,
+            _permit: permit,
+        })
+    }
+
+    fn take_idle(&self, pool: &Pool) -> Option<Backend> {
+        let mut idle = pool.idle.lock().expect("pool lock");
+        while let Some(c) = idle.pop() {
+            pool.idle_gauge.dec();
+            if !self.expired(&c, Instant::now()) && c.looks_alive() {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    fn expired(&self, c: &Backend, now: Instant) -> bool {
+        now.duration_since(c.last_used) > self.settings.idle_timeout
+            || now.duration_since(c.created) > self.settings.max_lifetime
+    }
+
+    /// Closes every idle connection to `node`, and makes connections to it that are checked out
+    /// now close when they come back.
+    pub fn drain(&self, node: &str) {
+        let pools: Vec<_> = self
+            .pools
+            .lock()
+            .expect("pools lock")
+            .values()
+            .filter(|p| p.key.node == node)
+            .cloned()
+            .collect();
+        for p in pools {
+            p.epoch.fetch_add(1, Ordering::AcqRel);
+            let drained = std::mem::take(&mut *p.idle.lock().expect("pool lock"));
+            p.idle_gauge.dec_by(drained.len() as i64);
+        }
+    }
+
+    /// Closes idle connections past `idle_timeout` or `max_lifetime`.
+    pub fn reap(&self) {
+        let now = Instant::now();
+        let pools: Vec<_> = self.pools.lock().expect("pools lock").values().cloned().collect();
+        for p in pools {
+            let mut idle = p.idle.lock().expect("pool lock");
+            let before = idle.len();
+            idle.retain(|c| !self.expired(c, now));
+            p.idle_gauge.dec_by((before - idle.len()) as i64);
+        }
+    }
+
+    /// Idle connections per node, for /topology.
+    pub fn idle_counts(&self) -> HashMap<String, usize> {
+        let mut out = HashMap::new();
+        for p in self.pools.lock().expect("pools lock").values() {
+            *out.entry(p.key.node.clone()).or_default() += p.idle.lock().expect("pool lock").len();
+        }
+        out
+    }
+}

@@ -1,0 +1,246 @@
+//! The startup phase: SSL/GSSENC negotiation (refused for now), cancel requests, SCRAM-SHA-256
+//! authentication of the client, and the greeting (parameters, cancel key, ReadyForQuery).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use postgres_protocol::message::frontend;
+use rand::Rng;
+use sluice_postgres::scram::{ScramError, ScramServer};
+use sluice_postgres::server;
+use sluice_postgres::startup::StartupPacket;
+use sluice_postgres::{split_message, split_startup, Message};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use super::{fatal, Session};
+use crate::cluster::{AttachError, Cluster};
+
+/// Longest password/SASL message a client may send.
+const MAX_AUTH_MESSAGE: usize = 16 * 1024;
+/// A refused login waits this long before hearing so, to slow down password guessing.
+const AUTH_FAILURE_DELAY: Duration = Duration::from_millis(250);
+
+/// Runs the startup phase. `Ok(None)` means the connection ended (cancel request, refusal,
+/// client gone); the client has been told why where it could be.
+pub async fn login(cluster: &Arc<Cluster>, stream: TcpStream) -> std::io::Result<Option<Session>> {
+    let mut stream = stream;
+    let mut buf = BytesMut::with_capacity(1024);
+    let mut out = BytesMut::new();
+    let result = tokio::time::timeout(cluster.config.login_timeout, handshake(cluster, &mut stream, &mut buf, &mut out)).await;
+    let greeted = match result {
+        Ok(r) => r?,
+        Err(_) => {
+            info!("client did not finish logging in within login_timeout");
+            fatal(&mut out, "08P01", "sluice: login timed out");
+            None
+        }
+    };
+    if !out.is_empty() {
+        stream.write_all(&out).await?;
+    }
+    let Some((user, database)) = greeted else {
+        return Ok(None);
+    };
+    let (rd, wr) = stream.into_split();
+    let cancel_key = {
+        let mut rng = rand::rng();
+        (rng.random::<i32>() & 0x7fff_ffff, rng.random::<i32>())
+    };
+    let cancel_slot = cluster.register_cancel(cancel_key);
+    let mut greeting = BytesMut::new();
+    server::backend_key_data(&mut greeting, cancel_key.0, cancel_key.1);
+    server::ready_for_query(&mut greeting, b'I');
+    let mut session = Session {
+        cluster: cluster.clone(),
+        user,
+        database,
+        rd,
+        wr,
+        cbuf: buf,
+        out: greeting,
+        to_backend: BytesMut::new(),
+        attached: None,
+        statements: Default::default(),
+        skip_until_sync: false,
+        cancel_key,
+        cancel_slot,
+    };
+    session.flush_client().await?;
+    Ok(Some(session))
+}
+
+/// Reads the startup packet and authenticates. Returns (user, database) once AuthenticationOk
+/// and the parameters are in `out`.
+async fn handshake(cluster: &Arc<Cluster>, stream: &mut TcpStream, buf: &mut BytesMut, out: &mut BytesMut) -> std::io::Result<Option<(String, String)>> {
+    let mut negotiations = 0;
+    let params = loop {
+        let packet = loop {
+            match split_startup(buf) {
+                Ok(Some(p)) => break p,
+                Ok(None) => {
+                    if stream.read_buf(buf).await? == 0 {
+                        return Ok(None);
+                    }
+                }
+                Err(e) => {
+                    info!(error = %e, "invalid startup packet");
+                    fatal(out, "08P01", &format!("sluice: invalid startup packet: {e}"));
+                    return Ok(None);
+                }
+            }
+        };
+        match StartupPacket::parse(&packet) {
+            Ok(StartupPacket::SslRequest | StartupPacket::GssEncRequest) if negotiations < 2 && buf.is_empty() => {
+                negotiations += 1;
+                stream.write_all(b"N").await?;
+            }
+            Ok(StartupPacket::CancelRequest { pid, secret }) => {
+                forward_cancel(cluster, pid, &secret).await;
+                return Ok(None);
+            }
+            Ok(p @ StartupPacket::Startup { .. }) => break p,
+            Ok(_) => {
+                fatal(out, "08P01", "sluice: unexpected encryption request");
+                return Ok(None);
+            }
+            Err(e) => {
+                info!(error = %e, "invalid startup packet");
+                fatal(out, "08P01", &format!("sluice: {e}"));
+                return Ok(None);
+            }
+        }
+    };
+    let user = params.param("user").unwrap_or_default().to_string();
+    let database = params.param("database").filter(|d| !d.is_empty()).unwrap_or(&user).to_string();
+    if params.param("replication").is_some_and(|r| r != "false" && r != "0") {
+        fatal(out, "08P01", "sluice: replication connections are not supported");
+        return Ok(None);
+    }
+
+    if !authenticate(cluster, stream, buf, out, &user).await? {
+        return Ok(None);
+    }
+    server::authentication_ok(out);
+
+    match cluster.server_params(&user, &database).await {
+        Ok(p) => {
+            let app = params.param("application_name");
+            for (k, v) in p.iter() {
+                let v = if k == "application_name" { app.unwrap_or(v) } else { v };
+                server::parameter_status(out, k, v);
+            }
+        }
+        Err(AttachError::Pool(crate::pool::PoolError::Connect(crate::backend::BackendError::Server { raw, .. }))) => {
+            out.extend_from_slice(&raw);
+            return Ok(None);
+        }
+        Err(e) => {
+            warn!(error = %e, "login failed: no backend");
+            fatal(out, "57P03", &e.to_string());
+            return Ok(None);
+        }
+    }
+    debug!(%user, %database, "client logged in");
+    Ok(Some((user, database)))
+}
+
+/// SCRAM-SHA-256 against the configured password. Unknown users run the same exchange
+/// against a random secret and fail the same way.
+async fn authenticate(cluster: &Arc<Cluster>, stream: &mut TcpStream, buf: &mut BytesMut, out: &mut BytesMut, user: &str) -> std::io::Result<bool> {
+    let secret = cluster.users.get(user).map_or_else(|| cluster.dummy_secret.clone(), |u| u.secret.clone());
+    let mut scram = ScramServer::new(secret);
+    server::authentication_sasl(out, &["SCRAM-SHA-256"]);
+    stream.write_all(out).await?;
+    out.clear();
+
+    let Some(first) = read_auth_message(stream, buf, out).await? else { return Ok(false) };
+    let (mechanism, data) = match server::decode_sasl_initial_response(first.body()) {
+        Ok(m) => m,
+        Err(e) => {
+            fatal(out, "08P01", &format!("sluice: {e}"));
+            return Ok(false);
+        }
+    };
+    if mechanism != "SCRAM-SHA-256" {
+        fatal(out, "28000", &format!("sluice: unsupported SASL mechanism {mechanism:?}"));
+        return Ok(false);
+    }
+    let server_first = match scram.client_first(&data, &crate::cluster::random_nonce()) {
+        Ok(m) => m,
+        Err(e) => return refuse(cluster, out, user, e).await,
+    };
+    server::authentication_sasl_continue(out, &server_first);
+    stream.write_all(out).await?;
+    out.clear();
+
+    let Some(last) = read_auth_message(stream, buf, out).await? else { return Ok(false) };
+    match scram.client_final(last.body()) {
+        Ok(server_final) if cluster.users.contains_key(user) => {
+            server::authentication_sasl_final(out, &server_final);
+            Ok(true)
+        }
+        Ok(_) => refuse(cluster, out, user, ScramError::BadProof).await,
+        Err(e) => refuse(cluster, out, user, e).await,
+    }
+}
+
+async fn refuse(cluster: &Cluster, out: &mut BytesMut, user: &str, e: ScramError) -> std::io::Result<bool> {
+    cluster.auth_failed();
+    info!(%user, reason = %e, "client authentication failed");
+    tokio::time::sleep(AUTH_FAILURE_DELAY).await;
+    match e {
+        ScramError::BadProof | ScramError::Nonce => fatal(out, "28P01", &format!("password authentication failed for user \"{user}\"")),
+        ScramError::ChannelBinding => fatal(out, "28000", "sluice: SCRAM channel binding is not supported"),
+        other => fatal(out, "08P01", &format!("sluice: {other}")),
+    }
+    Ok(false)
+}
+
+/// Reads one password-phase ('p') message.
+async fn read_auth_message(stream: &mut TcpStream, buf: &mut BytesMut, out: &mut BytesMut) -> std::io::Result<Option<Message>> {
+    loop {
+        match split_message(buf, MAX_AUTH_MESSAGE) {
+            Ok(Some(m)) if m.tag() == b'p' => return Ok(Some(m)),
+            Ok(Some(m)) => {
+                fatal(out, "08P01", &format!("sluice: expected a password message, got {:?}", char::from(m.tag())));
+                return Ok(None);
+            }
+            Ok(None) => {
+                if stream.read_buf(buf).await? == 0 {
+                    return Ok(None);
+                }
+            }
+            Err(e) => {
+                fatal(out, "08P01", &format!("sluice: {e}"));
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// Forwards a client's CancelRequest to the backend running its query, if any. Unknown keys
+/// do nothing, like PostgreSQL.
+async fn forward_cancel(cluster: &Cluster, pid: i32, secret: &[u8]) {
+    let Ok(secret) = <[u8; 4]>::try_from(secret) else { return };
+    let Some(target) = cluster.cancel_target((pid, i32::from_be_bytes(secret))) else {
+        debug!("cancel request for an unknown key");
+        return;
+    };
+    let mut msg = BytesMut::new();
+    frontend::cancel_request(target.pid, target.secret, &mut msg);
+    let send = async {
+        let mut s = TcpStream::connect(&target.addr).await?;
+        s.write_all(&msg).await?;
+        // The server closes the connection when it has read the request.
+        let mut sink = [0u8; 1];
+        let _ = s.read(&mut sink).await;
+        std::io::Result::Ok(())
+    };
+    match tokio::time::timeout(Duration::from_secs(5), send).await {
+        Ok(Ok(())) => debug!(node = %target.addr, "cancel request forwarded"),
+        _ => warn!(node = %target.addr, "could not forward a cancel request"),
+    }
+}

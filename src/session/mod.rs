@@ -1,0 +1,434 @@
+//! One PostgreSQL client connection: startup, authentication, then the routed relay.
+//!
+//! Client messages are framed and forwarded untouched except where statement names must be
+//! rewritten (named prepared statements live per backend; see `statements.rs`). A backend is
+//! attached when a request arrives and, in transaction mode, returned to its pool as soon as
+//! ReadyForQuery says idle with nothing left in flight.
+
+mod login;
+mod statements;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use sluice_postgres::server::{self, ErrorFields};
+use sluice_postgres::{peek, split_message, Class, Classification, Message};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::backend::MAX_BACKEND_MESSAGE;
+use crate::cluster::{AttachError, CancelSlot, CancelTarget, Checkout, Cluster};
+use crate::config::PoolMode;
+use crate::router::Intent;
+use statements::{Pending, Statement};
+
+/// The largest message a client may send (a Bind or CopyData with a large value).
+pub const MAX_CLIENT_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// Serves one client connection to the end.
+pub async fn serve(cluster: Arc<Cluster>, stream: TcpStream, peer: SocketAddr) {
+    let span = tracing::info_span!("client", %peer, cluster = %cluster.config.name);
+    async move {
+        let admitted = cluster.client_connected();
+        let _ = stream.set_nodelay(true);
+        if !admitted {
+            let mut out = BytesMut::new();
+            fatal(&mut out, "53300", "sorry, too many clients already");
+            let mut stream = stream;
+            let _ = stream.write_all(&out).await;
+        } else {
+            match login::login(&cluster, stream).await {
+                Ok(Some(session)) => session.run().await,
+                Ok(None) => {}
+                Err(e) => debug!(error = %e, "client i/o error during login"),
+            }
+        }
+        cluster.client_disconnected();
+    }
+    .instrument(span)
+    .await
+}
+
+/// Appends a FATAL ErrorResponse.
+fn fatal(out: &mut BytesMut, code: &str, message: &str) {
+    server::error_response(
+        out,
+        &ErrorFields {
+            severity: "FATAL",
+            code,
+            message,
+            detail: None,
+            hint: None,
+        },
+    );
+}
+
+/// Appends an ERROR ErrorResponse.
+fn error(out: &mut BytesMut, code: &str, message: &str) {
+    server::error_response(
+        out,
+        &ErrorFields {
+            severity: "ERROR",
+            code,
+            message,
+            detail: None,
+            hint: None,
+        },
+    );
+}
+
+/// How a session ends.
+enum End {
+    /// The client left (EOF or Terminate).
+    ClientGone,
+    /// The client broke the protocol; it has been told.
+    ClientFault(String),
+    /// The backend broke; the client has been told.
+    BackendFault(String),
+}
+
+/// The backend a client holds right now.
+struct Attached {
+    checkout: Checkout,
+    /// Queries and Syncs forwarded and not yet answered with ReadyForQuery.
+    pending: u32,
+    /// Extended-protocol messages forwarded since the last Sync.
+    in_batch: bool,
+    /// Responses (ParseComplete/CloseComplete) still to come, and whether each is sluice's own.
+    fixups: std::collections::VecDeque<Pending>,
+    /// The client's unnamed statement is known to this backend (parsed since attaching).
+    unnamed_ready: bool,
+}
+
+/// A logged-in client.
+pub struct Session {
+    cluster: Arc<Cluster>,
+    user: String,
+    database: String,
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    /// Client bytes not yet framed.
+    cbuf: BytesMut,
+    /// Bytes for the client.
+    out: BytesMut,
+    /// Bytes for the backend.
+    to_backend: BytesMut,
+    attached: Option<Attached>,
+    /// The client's prepared statements by the client's name ("" is the unnamed one).
+    statements: HashMap<Bytes, Arc<Statement>>,
+    /// After a failed extended-protocol request: drop messages until Sync.
+    skip_until_sync: bool,
+    cancel_key: (i32, i32),
+    cancel_slot: CancelSlot,
+}
+
+impl Session {
+    async fn run(mut self) {
+        let end = self.relay().await;
+        match &end {
+            End::ClientGone => debug!("client left"),
+            End::ClientFault(why) => info!(reason = %why, "client disconnected for a protocol violation"),
+            End::BackendFault(why) => warn!(reason = %why, "client disconnected after a backend failure"),
+        }
+        self.detach_at_end().await;
+        self.cluster.unregister_cancel(self.cancel_key);
+        let _ = self.wr.shutdown().await;
+    }
+
+    async fn relay(&mut self) -> End {
+        loop {
+            if let Err(end) = self.process_client_messages().await {
+                let _ = self.flush_client().await;
+                return end;
+            }
+            if let Err(end) = self.flush_backend().await {
+                let _ = self.flush_client().await;
+                return end;
+            }
+            if self.flush_client().await.is_err() {
+                return End::ClientGone;
+            }
+            let Session { rd, cbuf, attached, .. } = self;
+            let backend_read = async {
+                match attached {
+                    Some(a) => {
+                        let be = a.checkout.conn.conn();
+                        be.stream.read_buf(&mut be.rbuf).await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = rd.read_buf(cbuf) => match r {
+                    Ok(0) | Err(_) => return End::ClientGone,
+                    Ok(_) => {}
+                },
+                r = backend_read => match r {
+                    Ok(0) => return self.backend_lost("the server closed the connection"),
+                    Err(e) => return self.backend_lost(&e.to_string()),
+                    Ok(_) => {
+                        if let Err(end) = self.process_backend_messages() {
+                            let _ = self.flush_client().await;
+                            return end;
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    fn backend_lost(&mut self, why: &str) -> End {
+        let node = self
+            .attached
+            .as_mut()
+            .map(|a| a.checkout.conn.node().to_string())
+            .unwrap_or_default();
+        if let Some(a) = self.attached.as_mut() {
+            a.checkout.conn.discard();
+        }
+        self.cluster.metrics.error(&self.cluster.config.name, "backend_lost");
+        let msg = format!("sluice: lost the connection to database node {node}: {why}");
+        fatal(&mut self.out, "08006", &msg);
+        End::BackendFault(msg)
+    }
+
+    async fn flush_client(&mut self) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            self.wr.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    async fn flush_backend(&mut self) -> Result<(), End> {
+        if self.to_backend.is_empty() {
+            return Ok(());
+        }
+        let Some(a) = self.attached.as_mut() else {
+            self.to_backend.clear();
+            return Ok(());
+        };
+        let r = a.checkout.conn.conn().stream.write_all(&self.to_backend).await;
+        self.to_backend.clear();
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.backend_lost(&e.to_string())),
+        }
+    }
+
+    /// Handles every complete client message in the buffer.
+    async fn process_client_messages(&mut self) -> Result<(), End> {
+        loop {
+            let msg = match split_message(&mut self.cbuf, MAX_CLIENT_MESSAGE) {
+                Ok(Some(m)) => m,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(self.violation(&format!("invalid message framing: {e}"))),
+            };
+            self.handle_client_message(msg).await?;
+        }
+    }
+
+    fn violation(&mut self, why: &str) -> End {
+        let msg = format!("sluice: protocol violation: {why}");
+        fatal(&mut self.out, "08P01", &msg);
+        self.cluster.metrics.error(&self.cluster.config.name, "protocol_violation");
+        End::ClientFault(msg)
+    }
+
+    async fn handle_client_message(&mut self, msg: Message) -> Result<(), End> {
+        let tag = msg.tag();
+        if !matches!(tag, b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' | b'd' | b'c' | b'f' | b'F' | b'X') {
+            return Err(self.violation(&format!("unexpected message type {:?}", char::from(tag))));
+        }
+        if tag == b'X' {
+            return Err(End::ClientGone);
+        }
+        if self.attached.is_none() {
+            if self.skip_until_sync {
+                if tag == b'S' {
+                    self.skip_until_sync = false;
+                    server::ready_for_query(&mut self.out, b'I');
+                }
+                return Ok(());
+            }
+            match tag {
+                // Nothing to run: answer locally.
+                b'S' => {
+                    server::ready_for_query(&mut self.out, b'I');
+                    return Ok(());
+                }
+                // Flush with nothing in flight, and COPY data outside COPY, are ignored (the
+                // server ignores the latter too).
+                b'H' | b'd' | b'c' | b'f' => return Ok(()),
+                _ => {}
+            }
+            let class = self.classify(&msg)?;
+            let intent = match self.cluster.config.pool_mode {
+                PoolMode::Session => Intent::Primary,
+                PoolMode::Transaction => Intent::of(class, self.cluster.config.consistency),
+            };
+            match self.cluster.attach(intent, &self.user, &self.database).await {
+                Ok(checkout) => self.attach(checkout),
+                Err(e) => return self.attach_failed(tag, e),
+            }
+        }
+        self.forward(msg)
+    }
+
+    /// The class of the request that starts with `msg`.
+    fn classify(&mut self, msg: &Message) -> Result<Classification, End> {
+        let write = Classification {
+            class: Class::Write,
+            hint: None,
+        };
+        let c = &self.cluster.classifier;
+        Ok(match msg.tag() {
+            b'Q' => match peek::query(msg.body()) {
+                Ok(sql) => c.classify(sql),
+                Err(e) => return Err(self.violation(&e.to_string())),
+            },
+            b'P' => match peek::parse(msg.body()) {
+                Ok(p) => c.classify(p.query),
+                Err(e) => return Err(self.violation(&e.to_string())),
+            },
+            b'B' => match peek::bind(msg.body()) {
+                Ok(b) => self.statements.get(b.statement).map_or(write, |s| s.class),
+                Err(e) => return Err(self.violation(&e.to_string())),
+            },
+            b'D' => match peek::target(msg.body()) {
+                Ok(t) if t.kind == b'S' => self.statements.get(t.name).map_or(write, |s| s.class),
+                Ok(_) => write,
+                Err(e) => return Err(self.violation(&e.to_string())),
+            },
+            _ => write,
+        })
+    }
+
+    fn attach(&mut self, mut checkout: Checkout) {
+        let be = checkout.conn.conn();
+        *self.cancel_slot.lock().expect("cancel slot lock") = Some(CancelTarget {
+            addr: be.addr.clone(),
+            pid: be.pid,
+            secret: be.secret,
+        });
+        debug!(node = %be.addr, "attached backend");
+        self.attached = Some(Attached {
+            checkout,
+            pending: 0,
+            in_batch: false,
+            fixups: Default::default(),
+            unnamed_ready: false,
+        });
+    }
+
+    /// Returns the backend to its pool (or closes it when it is not clean).
+    fn detach(&mut self) {
+        if let Some(mut a) = self.attached.take() {
+            if a.pending > 0 || a.in_batch {
+                a.checkout.conn.discard();
+            }
+            *self.cancel_slot.lock().expect("cancel slot lock") = None;
+        }
+    }
+
+    async fn detach_at_end(&mut self) {
+        let Some(a) = self.attached.as_mut() else { return };
+        let clean = a.pending == 0 && !a.in_batch;
+        let in_tx = clean && self.cluster.config.pool_mode == PoolMode::Transaction;
+        if !clean || !in_tx {
+            // A transaction or request in flight, or session state from session mode: a
+            // closed connection makes the server roll back and forget everything.
+            if clean && self.cluster.config.pool_mode == PoolMode::Session {
+                let be = a.checkout.conn.conn();
+                let reset = tokio::time::timeout(std::time::Duration::from_secs(2), be.simple_query("ROLLBACK; DISCARD ALL")).await;
+                if !matches!(reset, Ok(Ok(_))) {
+                    a.checkout.conn.discard();
+                }
+            } else {
+                a.checkout.conn.discard();
+            }
+        }
+        self.detach();
+    }
+
+    fn attach_failed(&mut self, tag: u8, e: AttachError) -> Result<(), End> {
+        let (code, reason) = match &e {
+            AttachError::NoPrimary { .. } => ("57P03", "no_primary"),
+            AttachError::NoNode { .. } => ("57P03", "no_node"),
+            AttachError::Pool(crate::pool::PoolError::Exhausted { .. }) => ("53300", "pool_exhausted"),
+            AttachError::Pool(crate::pool::PoolError::Connect(_)) => ("08006", "backend_connect"),
+        };
+        self.cluster.metrics.error(&self.cluster.config.name, reason);
+        if let AttachError::Pool(crate::pool::PoolError::Connect(crate::backend::BackendError::Server { raw, .. })) = &e {
+            // The server's own refusal (e.g. unknown database) says it best.
+            self.out.extend_from_slice(raw);
+            if raw_is_fatal(raw) {
+                return Err(End::BackendFault(e.to_string()));
+            }
+        } else {
+            warn!(error = %e, "request failed");
+            error(&mut self.out, code, &e.to_string());
+        }
+        if tag == b'Q' {
+            server::ready_for_query(&mut self.out, b'I');
+        } else {
+            self.skip_until_sync = true;
+        }
+        Ok(())
+    }
+
+    /// Handles every complete backend message: relays it, swallows sluice's own responses,
+    /// and returns the backend when the transaction is over.
+    fn process_backend_messages(&mut self) -> Result<(), End> {
+        let mut release = false;
+        {
+            let Some(a) = self.attached.as_mut() else { return Ok(()) };
+            loop {
+                let be = a.checkout.conn.conn();
+                let msg = match split_message(&mut be.rbuf, MAX_BACKEND_MESSAGE) {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => {
+                        let why = format!("invalid message from the server: {e}");
+                        return Err(self.backend_lost(&why));
+                    }
+                };
+                match msg.tag() {
+                    b'1' | b'3' => {
+                        if a.fixups.pop_front().is_some_and(|p| p.swallow) {
+                            continue;
+                        }
+                    }
+                    b'Z' => {
+                        a.pending = a.pending.saturating_sub(1);
+                        let status = peek::ready_status(msg.body()).unwrap_or(b'I');
+                        if a.pending == 0 {
+                            statements::settle(&mut a.fixups, &mut a.checkout.conn.conn().prepared);
+                            release = status == b'I' && !a.in_batch && self.cluster.config.pool_mode == PoolMode::Transaction;
+                        }
+                    }
+                    _ => {}
+                }
+                self.out.extend_from_slice(msg.raw());
+                if release {
+                    // Anything after the final ReadyForQuery would be unsolicited; there is none.
+                    break;
+                }
+            }
+        }
+        if release {
+            self.detach();
+        }
+        Ok(())
+    }
+}
+
+/// Whether a raw ErrorResponse ends the server session (its first field is the severity).
+fn raw_is_fatal(raw: &[u8]) -> bool {
+    let body = raw.get(5..).unwrap_or_default();
+    body.starts_with(b"SFATAL") || body.starts_with(b"SPANIC")
+}

@@ -1,0 +1,261 @@
+//! Forwarding client messages to the attached backend, with named prepared statements that
+//! survive transaction pooling.
+//!
+//! A client's named statement `s1` becomes `sluice_<hash of query and parameter types>` on the
+//! backends, so every backend connection can hold it once, whoever prepared it. When a Bind or
+//! Describe names a statement the attached backend lacks, sluice sends the Parse first and
+//! swallows its ParseComplete. Each Parse/Close sent (by the client or by sluice) leaves a
+//! [`Pending`] entry so the matching ParseComplete/CloseComplete can be told apart.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use sluice_postgres::{peek, Classification, Message};
+
+use super::{End, Session};
+
+/// A statement a client prepared.
+#[derive(Debug)]
+pub struct Statement {
+    pub query: Bytes,
+    /// Parameter type count and OIDs, verbatim.
+    pub rest: Bytes,
+    pub hash: u64,
+    pub class: Classification,
+}
+
+impl Statement {
+    /// The name this statement has on every backend.
+    fn backend_name(&self) -> Vec<u8> {
+        backend_name(self.hash)
+    }
+}
+
+fn backend_name(hash: u64) -> Vec<u8> {
+    format!("sluice_{hash:016x}").into_bytes()
+}
+
+/// A ParseComplete or CloseComplete still to come from the backend.
+#[derive(Debug, Clone, Copy)]
+pub struct Pending {
+    /// Sent by sluice, not the client: the response is not relayed.
+    pub swallow: bool,
+    /// A Parse that made the backend hold this statement.
+    pub prepared: Option<u64>,
+}
+
+/// At ReadyForQuery: entries never answered were skipped after an error, so those Parses did
+/// not happen.
+pub fn settle(fixups: &mut VecDeque<Pending>, prepared: &mut HashSet<u64>) {
+    for p in fixups.drain(..) {
+        if let Some(h) = p.prepared {
+            prepared.remove(&h);
+        }
+    }
+}
+
+fn statement_hash(query: &[u8], rest: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    query.hash(&mut h);
+    rest.hash(&mut h);
+    h.finish()
+}
+
+impl Session {
+    /// Sends one client message to the attached backend, rewriting statement names.
+    pub(super) fn forward(&mut self, msg: Message) -> Result<(), End> {
+        let a = self.attached.as_mut().expect("forward needs a backend");
+        match msg.tag() {
+            b'Q' => {
+                a.pending += 1;
+                if let Ok(sql) = peek::query(msg.body()) {
+                    self.note_session_commands(sql);
+                }
+                self.to_backend.extend_from_slice(msg.raw());
+            }
+            b'S' | b'F' => {
+                let a = self.attached.as_mut().expect("attached");
+                a.pending += 1;
+                a.in_batch = false;
+                self.to_backend.extend_from_slice(msg.raw());
+            }
+            b'P' => {
+                let p = peek::parse(msg.body()).map_err(|e| self.violation(&e.to_string()))?;
+                let stmt = Arc::new(Statement {
+                    query: Bytes::copy_from_slice(p.query),
+                    rest: Bytes::copy_from_slice(p.rest),
+                    hash: statement_hash(p.query, p.rest),
+                    class: self.cluster.classifier.classify(p.query),
+                });
+                let name = Bytes::copy_from_slice(p.name);
+                let a = self.attached.as_mut().expect("attached");
+                a.in_batch = true;
+                if name.is_empty() {
+                    a.unnamed_ready = true;
+                    a.fixups.push_back(Pending {
+                        swallow: false,
+                        prepared: None,
+                    });
+                    self.to_backend.extend_from_slice(msg.raw());
+                } else {
+                    let prepared = &mut a.checkout.conn.conn().prepared;
+                    if !prepared.insert(stmt.hash) {
+                        // The backend holds a statement of that name already (same text): close
+                        // it so the client's Parse behaves exactly as on a fresh server.
+                        peek::encode_target(&mut self.to_backend, b'C', b'S', &stmt.backend_name());
+                        a.fixups.push_back(Pending {
+                            swallow: true,
+                            prepared: None,
+                        });
+                    }
+                    peek::encode_parse(&mut self.to_backend, &stmt.backend_name(), &stmt.query, &stmt.rest);
+                    a.fixups.push_back(Pending {
+                        swallow: false,
+                        prepared: Some(stmt.hash),
+                    });
+                }
+                self.statements.insert(name, stmt);
+            }
+            b'B' => {
+                let b = peek::bind(msg.body()).map_err(|e| self.violation(&e.to_string()))?;
+                self.attached.as_mut().expect("attached").in_batch = true;
+                match self.ensure_prepared(b.statement) {
+                    Some(name) => peek::encode_bind(&mut self.to_backend, b.portal, &name, b.rest),
+                    None => self.to_backend.extend_from_slice(msg.raw()),
+                }
+            }
+            b'D' => {
+                let t = peek::target(msg.body()).map_err(|e| self.violation(&e.to_string()))?;
+                self.attached.as_mut().expect("attached").in_batch = true;
+                match (t.kind, self.ensure_prepared_if_statement(t.kind, t.name)) {
+                    (b'S', Some(name)) => peek::encode_target(&mut self.to_backend, b'D', b'S', &name),
+                    _ => self.to_backend.extend_from_slice(msg.raw()),
+                }
+            }
+            b'C' => {
+                let t = peek::target(msg.body()).map_err(|e| self.violation(&e.to_string()))?;
+                let closed = if t.kind == b'S' && !t.name.is_empty() {
+                    self.statements.remove(t.name)
+                } else {
+                    None
+                };
+                let a = self.attached.as_mut().expect("attached");
+                a.in_batch = true;
+                a.fixups.push_back(Pending {
+                    swallow: false,
+                    prepared: None,
+                });
+                match closed {
+                    Some(stmt) => {
+                        a.checkout.conn.conn().prepared.remove(&stmt.hash);
+                        peek::encode_target(&mut self.to_backend, b'C', b'S', &stmt.backend_name());
+                    }
+                    None => self.to_backend.extend_from_slice(msg.raw()),
+                }
+            }
+            b'E' | b'H' => {
+                self.attached.as_mut().expect("attached").in_batch = true;
+                self.to_backend.extend_from_slice(msg.raw());
+            }
+            // CopyData, CopyDone, CopyFail.
+            _ => self.to_backend.extend_from_slice(msg.raw()),
+        }
+        Ok(())
+    }
+
+    fn ensure_prepared_if_statement(&mut self, kind: u8, name: &[u8]) -> Option<Vec<u8>> {
+        if kind == b'S' {
+            self.ensure_prepared(name)
+        } else {
+            None
+        }
+    }
+
+    /// Makes sure the attached backend holds the client's statement `name` (sending a Parse
+    /// whose response is swallowed if not), and returns the backend's name for it. `None` means
+    /// "forward as is": the unnamed statement, or a name the client never prepared (the server
+    /// then reports it missing, in order).
+    fn ensure_prepared(&mut self, name: &[u8]) -> Option<Vec<u8>> {
+        let stmt = self.statements.get(name)?.clone();
+        let a = self.attached.as_mut().expect("attached");
+        if name.is_empty() {
+            if !a.unnamed_ready {
+                peek::encode_parse(&mut self.to_backend, b"", &stmt.query, &stmt.rest);
+                a.fixups.push_back(Pending {
+                    swallow: true,
+                    prepared: None,
+                });
+                a.unnamed_ready = true;
+            }
+            return None;
+        }
+        let backend_name = stmt.backend_name();
+        if a.checkout.conn.conn().prepared.insert(stmt.hash) {
+            peek::encode_parse(&mut self.to_backend, &backend_name, &stmt.query, &stmt.rest);
+            a.fixups.push_back(Pending {
+                swallow: true,
+                prepared: Some(stmt.hash),
+            });
+        }
+        Some(backend_name)
+    }
+
+    /// `DISCARD` and `DEALLOCATE` in a simple query drop server-side statements that sluice
+    /// tracks; forget them so they are prepared again when needed.
+    fn note_session_commands(&mut self, sql: &[u8]) {
+        let head: Vec<u8> = sql
+            .iter()
+            .skip_while(|b| b.is_ascii_whitespace())
+            .take(16)
+            .map(|b| b.to_ascii_uppercase())
+            .collect();
+        if head.starts_with(b"DISCARD") || head.starts_with(b"DEALLOCATE") {
+            let a = self.attached.as_mut().expect("attached");
+            a.checkout.conn.conn().prepared.clear();
+            a.unnamed_ready = false;
+            let all = sql.to_ascii_uppercase().windows(3).any(|w| w == b"ALL");
+            if all {
+                self.statements.clear();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_text_same_backend_name() {
+        assert_eq!(statement_hash(b"select 1", b"\0\0"), statement_hash(b"select 1", b"\0\0"));
+        assert_ne!(statement_hash(b"select 1", b"\0\0"), statement_hash(b"select 2", b"\0\0"));
+        assert_ne!(
+            statement_hash(b"select $1", b"\0\x01\0\0\0\x17"),
+            statement_hash(b"select $1", b"\0\x01\0\0\0\x19")
+        );
+        assert!(backend_name(1).starts_with(b"sluice_"));
+    }
+
+    #[test]
+    fn unanswered_parses_are_forgotten() {
+        let mut prepared: HashSet<u64> = [1, 2].into_iter().collect();
+        let mut fixups: VecDeque<Pending> = [
+            Pending {
+                swallow: true,
+                prepared: Some(2),
+            },
+            Pending {
+                swallow: false,
+                prepared: None,
+            },
+        ]
+        .into_iter()
+        .collect();
+        settle(&mut fixups, &mut prepared);
+        assert!(fixups.is_empty());
+        assert_eq!(prepared, [1].into_iter().collect());
+    }
+}

@@ -1,0 +1,62 @@
+//! End-to-end tests of the PostgreSQL side of sluice: the real binary in front of a real
+//! primary and streaming replicas.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod admin;
+mod auth;
+mod bad_input;
+mod failover;
+mod pgbench;
+mod pool;
+mod psql;
+mod routing;
+
+use support::{simple_rows, PgCluster, Sluice};
+use tokio_postgres::Client;
+
+/// A cluster and a sluice in front of it. Fields drop in order: sluice stops first.
+pub struct Env {
+    pub sluice: Sluice,
+    pub cluster: PgCluster,
+}
+
+impl Env {
+    /// `replicas` replicas behind a sluice configured with `extra` in its `[[clusters]]`
+    /// table and the `app` user.
+    pub fn start(replicas: usize, extra: &str) -> Env {
+        Env::start_with(replicas, extra, "")
+    }
+
+    /// Like [`Env::start`], appending `tail` (e.g. more `[[clusters.users]]`) to the config.
+    pub fn start_with(replicas: usize, extra: &str, tail: &str) -> Env {
+        let cluster = PgCluster::start(replicas);
+        let (mut toml, _, _) = support::sluice_config(&cluster, extra);
+        toml.push_str(tail);
+        let sluice = Sluice::start(&toml);
+        Env { sluice, cluster }
+    }
+
+    /// A client connected through sluice as `app` to database `app`.
+    pub async fn app_client(&self) -> Client {
+        support::connect(self.sluice.listen_addr(), "app", "app-secret", "app").await
+    }
+}
+
+/// Where a query ran, asked with the simple protocol: (in recovery, server port).
+pub async fn where_simple(client: &Client, prefix: &str) -> (bool, u16) {
+    let sql = format!("{prefix}SELECT pg_is_in_recovery(), inet_server_port()");
+    let rows = simple_rows(client, &sql).await;
+    assert_eq!(rows.len(), 1, "{sql}: {rows:?}");
+    (rows[0][0] == "t", rows[0][1].parse().expect("port"))
+}
+
+/// Where a query ran, asked with the extended protocol (a named prepared statement).
+pub async fn where_extended(client: &Client) -> (bool, u16) {
+    let row = client
+        .query_one("SELECT pg_is_in_recovery(), inet_server_port()", &[])
+        .await
+        .unwrap_or_else(|e| panic!("extended read failed: {}", support::describe(&e)));
+    (row.get(0), u16::try_from(row.get::<_, i32>(1)).unwrap())
+}

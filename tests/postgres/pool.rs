@@ -1,0 +1,162 @@
+//! Transaction pooling: exhaustion, and clients that vanish mid-transaction.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use crate::support::{bounded, describe, exec, pg_bin, simple_column, try_connect_with_handle};
+use crate::Env;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_pool_fails_the_query_and_the_connection_recovers() {
+    let env = Env::start(
+        1,
+        "pool_size = 1\ncheckout_timeout = \"300ms\"\nconsistency = \"primary\"",
+    );
+    bounded(60, async {
+        let a = env.app_client().await;
+        let b = env.app_client().await;
+        exec(&a, "CREATE TABLE t (id int)").await;
+
+        exec(&a, "BEGIN").await;
+        exec(&a, "INSERT INTO t VALUES (1)").await;
+
+        // A holds the only backend connection: B waits checkout_timeout, then gets 53300.
+        let started = Instant::now();
+        let err = b
+            .simple_query("SELECT count(*) FROM t")
+            .await
+            .expect_err("B got a backend although A holds the only one");
+        let waited = started.elapsed();
+        let db = err
+            .as_db_error()
+            .unwrap_or_else(|| panic!("B's failure is not an ErrorResponse: {err:?}"));
+        assert_eq!(db.code().code(), "53300", "{}", describe(&err));
+        assert!(
+            db.message().starts_with("sluice: no backend connection"),
+            "message: {:?}",
+            db.message()
+        );
+        assert!(
+            waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
+            "B waited {waited:?} with checkout_timeout 300ms"
+        );
+        eprintln!("pool checkout failed after {waited:?}");
+
+        // The extended protocol fails the same way, and the connection stays usable.
+        let err = b
+            .query_one("SELECT 1", &[])
+            .await
+            .expect_err("extended query got a backend");
+        assert_eq!(err.code().map(|c| c.code()), Some("53300"), "{err:?}");
+
+        exec(&a, "COMMIT").await;
+        assert_eq!(simple_column(&b, "SELECT count(*) FROM t").await, ["1"]);
+        let n: i64 = b
+            .query_one("SELECT count(*) FROM t", &[])
+            .await
+            .unwrap_or_else(|e| panic!("B after A committed: {}", describe(&e)))
+            .get(0);
+        assert_eq!(n, 1);
+        assert_eq!(simple_column(&a, "SELECT count(*) FROM t").await, ["1"]);
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[]);
+}
+
+/// Open transactions of user `app` on the primary, as the primary itself reports them.
+async fn open_transactions(direct: &Client) -> i64 {
+    direct
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE usename = 'app' AND state LIKE 'idle in transaction%'",
+            &[],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get(0)
+}
+
+/// Waits until the primary has exactly `want` open transactions; returns how long it took.
+async fn wait_open_transactions(direct: &Client, want: i64, limit: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let open = open_transactions(direct).await;
+        if open == want {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{open} open transactions on the primary after {limit:?}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_killed_mid_transaction_leaves_nothing_open() {
+    let env = Env::start(1, "");
+    let addr = env.sluice.listen_addr();
+    bounded(60, async {
+        let client = env.app_client().await;
+        exec(&client, "CREATE TABLE k (id int)").await;
+        let direct = env
+            .cluster
+            .superuser_client(env.cluster.primary_port())
+            .await;
+
+        // psql, SIGKILLed while its transaction is open.
+        let mut psql = Command::new(pg_bin("psql"))
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+            .args(["-p", &addr.port().to_string(), "-U", "app", "-d", "app"])
+            .env("PGPASSWORD", "app-secret")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn psql");
+        let mut stdin = psql.stdin.take().unwrap();
+        stdin
+            .write_all(b"BEGIN;\nINSERT INTO k VALUES (1);\n")
+            .unwrap();
+        stdin.flush().unwrap();
+        wait_open_transactions(&direct, 1, Duration::from_secs(10)).await;
+        psql.kill().expect("kill -9 psql");
+        psql.wait().unwrap();
+        drop(stdin);
+        let took = wait_open_transactions(&direct, 0, Duration::from_secs(3)).await;
+        eprintln!("transaction of the killed psql was gone after {took:?}");
+
+        // tokio-postgres whose connection task is aborted: the socket closes, no Terminate.
+        let (victim, task) = try_connect_with_handle(addr, "app", "app-secret", "app")
+            .await
+            .expect("connect");
+        exec(&victim, "BEGIN").await;
+        victim
+            .execute("INSERT INTO k VALUES ($1)", &[&2i32])
+            .await
+            .unwrap_or_else(|e| panic!("INSERT: {}", describe(&e)));
+        wait_open_transactions(&direct, 1, Duration::from_secs(5)).await;
+        task.abort();
+        drop(victim);
+        let took = wait_open_transactions(&direct, 0, Duration::from_secs(3)).await;
+        eprintln!("transaction of the aborted client was gone after {took:?}");
+
+        let rows: i64 = direct
+            .query_one("SELECT count(*) FROM k", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(rows, 0, "the killed clients' inserts were committed");
+
+        // The pool still serves everyone else.
+        exec(&client, "INSERT INTO k VALUES (3)").await;
+        assert_eq!(
+            simple_column(&client, "/* sluice: primary */ SELECT count(*) FROM k").await,
+            ["1"]
+        );
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[]);
+}
