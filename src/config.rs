@@ -17,7 +17,9 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9930";
 
 /// The configuration sluice runs with when started without `--config`.
 pub const EMBEDDED_DEFAULT: &str = r#"
-# Embedded default: one PostgreSQL node on 127.0.0.1:5432, reached as the local `postgres` user.
+# Embedded default: a PostgreSQL primary on 127.0.0.1:5432 and, if there is one, a streaming
+# replica on 127.0.0.1:5433 (roles are found by asking each node). Clients log in as
+# postgres/postgres; sluice uses the same credentials towards the servers.
 [admin]
 listen = "127.0.0.1:9930"
 
@@ -28,7 +30,7 @@ listen = "127.0.0.1:6432"
 pool_mode = "transaction"
 
 [clusters.discovery]
-static = ["127.0.0.1:5432"]
+static = ["127.0.0.1:5432", "127.0.0.1:5433"]
 
 [[clusters.users]]
 name = "postgres"

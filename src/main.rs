@@ -102,6 +102,7 @@ fn run(path: Option<PathBuf>) -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let (name, text) = match load(path.as_ref()) {
         Ok(t) => t,

@@ -57,6 +57,7 @@ async fn pgbench_runs_cleanly_through_sluice() {
         ];
         for args in runs {
             let out = pgbench(port, args).await;
+            env.sluice.assert_running();
             let report = text(&out);
             assert!(out.status.success(), "pgbench {args:?}:\n{report}");
             let processed = number_after(&report, "number of transactions actually processed:");

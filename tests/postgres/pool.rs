@@ -87,10 +87,31 @@ async fn wait_open_transactions(direct: &Client, want: i64, limit: Duration) -> 
         if open == want {
             return started.elapsed();
         }
-        assert!(
-            started.elapsed() < limit,
-            "{open} open transactions on the primary after {limit:?}, expected {want}"
-        );
+        if started.elapsed() > limit {
+            let activity: Vec<String> = direct
+                .query(
+                    "SELECT pid, state, query, client_port FROM pg_stat_activity \
+                     WHERE usename = 'app'",
+                    &[],
+                )
+                .await
+                .expect("pg_stat_activity")
+                .iter()
+                .map(|r| {
+                    let (pid, state, query, port): (
+                        i32,
+                        Option<String>,
+                        Option<String>,
+                        Option<i32>,
+                    ) = (r.get(0), r.get(1), r.get(2), r.get(3));
+                    format!("pid {pid} from port {port:?}: {state:?} after {query:?}")
+                })
+                .collect();
+            panic!(
+                "{open} open transactions on the primary after {limit:?}, expected {want}:\n{}",
+                activity.join("\n")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }

@@ -2,7 +2,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,7 @@ use super::pg::{free_port, PgCluster};
 
 /// A running sluice. Dropping it kills the process.
 pub struct Sluice {
-    child: Child,
+    child: Mutex<Child>,
     logs: Arc<Mutex<Vec<String>>>,
     listen: SocketAddr,
     admin: SocketAddr,
@@ -127,8 +127,8 @@ impl Sluice {
         let logs = Arc::new(Mutex::new(Vec::new()));
         capture(child.stdout.take().expect("stdout"), logs.clone());
         capture(child.stderr.take().expect("stderr"), logs.clone());
-        let mut sluice = Sluice {
-            child,
+        let sluice = Sluice {
+            child: Mutex::new(child),
             logs,
             listen,
             admin,
@@ -138,7 +138,7 @@ impl Sluice {
         let started = Instant::now();
         let deadline = started + Duration::from_secs(15);
         loop {
-            if let Ok(Some(status)) = sluice.child.try_wait() {
+            if let Some(status) = sluice.exit_status() {
                 std::thread::sleep(Duration::from_millis(100));
                 panic!(
                     "sluice exited ({status}) before it was ready; logs:\n{}",
@@ -158,6 +158,25 @@ impl Sluice {
         }
         eprintln!("[harness] sluice ready in {:.1?}", started.elapsed());
         sluice
+    }
+
+    /// How sluice ended, if it is no longer running.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        child.try_wait().ok().flatten()
+    }
+
+    /// Fails the test if sluice is no longer running.
+    pub fn assert_running(&self) {
+        if let Some(status) = self.exit_status() {
+            std::thread::sleep(Duration::from_millis(100));
+            let logs = self.logs();
+            let tail = &logs[logs.len().saturating_sub(30)..];
+            panic!(
+                "sluice exited unexpectedly ({status}); last logs:\n{}",
+                tail.join("\n")
+            );
+        }
     }
 
     /// The PostgreSQL listener clients connect to.
@@ -183,6 +202,7 @@ impl Sluice {
     /// Fails the test if sluice logged an ERROR line or a panic that contains none of
     /// `allowed`.
     pub fn assert_no_unexpected_errors(&self, allowed: &[&str]) {
+        self.assert_running();
         // Give the capture threads a moment to drain what sluice has written.
         std::thread::sleep(Duration::from_millis(100));
         let unexpected: Vec<String> = self
@@ -201,7 +221,8 @@ impl Sluice {
 
 impl Drop for Sluice {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let child = self.child.get_mut().unwrap_or_else(|e| e.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
