@@ -205,8 +205,11 @@ impl Config {
                     listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
                 },
             };
-            let clusters = root
-                .take_array_of_tables("clusters")
+            let tables = root.take_array_of_tables("clusters");
+            if tables.is_empty() {
+                root.error("clusters", "at least one [[clusters]] entry is required");
+            }
+            let clusters = tables
                 .into_iter()
                 .enumerate()
                 .filter_map(|(i, t)| {
@@ -471,12 +474,6 @@ fn validate_whole(config: &Config, errors: &mut Vec<ConfigError>) {
                 });
             }
         }
-    }
-    if config.clusters.is_empty() {
-        errors.push(ConfigError {
-            path: "clusters".into(),
-            reason: "at least one [[clusters]] entry is required".into(),
-        });
     }
 }
 

@@ -102,6 +102,16 @@ struct Attached {
     fixups: std::collections::VecDeque<Pending>,
     /// The client's unnamed statement is known to this backend (parsed since attaching).
     unnamed_ready: bool,
+    /// The transaction status of the last ReadyForQuery (b'I' idle, b'T' in a transaction,
+    /// b'E' in a failed transaction).
+    status: u8,
+}
+
+impl Attached {
+    /// Nothing in flight and no transaction open: the connection may serve someone else.
+    fn is_clean(&self) -> bool {
+        self.pending == 0 && !self.in_batch && self.status == b'I'
+    }
 }
 
 /// A logged-in client.
@@ -322,33 +332,30 @@ impl Session {
             in_batch: false,
             fixups: Default::default(),
             unnamed_ready: false,
+            status: b'I',
         });
     }
 
-    /// Returns the backend to its pool (or closes it when it is not clean).
+    /// Returns the backend to its pool, or closes it when it is not clean.
     fn detach(&mut self) {
         if let Some(mut a) = self.attached.take() {
-            if a.pending > 0 || a.in_batch {
+            if !a.is_clean() {
                 a.checkout.conn.discard();
             }
             *self.cancel_slot.lock().expect("cancel slot lock") = None;
         }
     }
 
+    /// Lets go of the backend when the client leaves. A transaction or request still in flight
+    /// closes the connection, which makes the server roll back; in session mode a clean
+    /// connection is reset with DISCARD ALL before anyone else gets it.
     async fn detach_at_end(&mut self) {
         let Some(a) = self.attached.as_mut() else { return };
-        let clean = a.pending == 0 && !a.in_batch;
-        let in_tx = clean && self.cluster.config.pool_mode == PoolMode::Transaction;
-        if !clean || !in_tx {
-            // A transaction or request in flight, or session state from session mode: a
-            // closed connection makes the server roll back and forget everything.
-            if clean && self.cluster.config.pool_mode == PoolMode::Session {
-                let be = a.checkout.conn.conn();
-                let reset = tokio::time::timeout(std::time::Duration::from_secs(2), be.simple_query("ROLLBACK; DISCARD ALL")).await;
-                if !matches!(reset, Ok(Ok(_))) {
-                    a.checkout.conn.discard();
-                }
-            } else {
+        if a.is_clean() && self.cluster.config.pool_mode == PoolMode::Session {
+            let be = a.checkout.conn.conn();
+            let reset = tokio::time::timeout(std::time::Duration::from_secs(2), be.simple_query("DISCARD ALL")).await;
+            be.prepared.clear();
+            if !matches!(reset, Ok(Ok(_))) {
                 a.checkout.conn.discard();
             }
         }
@@ -406,9 +413,10 @@ impl Session {
                     b'Z' => {
                         a.pending = a.pending.saturating_sub(1);
                         let status = peek::ready_status(msg.body()).unwrap_or(b'I');
+                        a.status = status;
                         if a.pending == 0 {
                             statements::settle(&mut a.fixups, &mut a.checkout.conn.conn().prepared);
-                            release = status == b'I' && !a.in_batch && self.cluster.config.pool_mode == PoolMode::Transaction;
+                            release = a.is_clean() && self.cluster.config.pool_mode == PoolMode::Transaction;
                         }
                     }
                     _ => {}

@@ -3,6 +3,8 @@
 //!
 //! This crate knows bytes and messages only: no sockets, no config, no async runtime.
 
+#![warn(missing_docs)]
+
 pub mod classify;
 pub mod frame;
 pub mod peek;
