@@ -45,8 +45,8 @@ fn typical_stream() -> (BytesMut, u64) {
         &mut b,
         b'T',
         &[
-            0x00, 0x01, b'c', b'o', b'u', b'n', b't', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x14, 0,
-            8, 0xff, 0xff, 0xff, 0xff, 0, 0,
+            0x00, 0x01, b'c', b'o', b'u', b'n', b't', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x14, 0, 8, 0xff,
+            0xff, 0xff, 0xff, 0, 0,
         ],
     );
     for _ in 0..10 {

@@ -44,7 +44,10 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(&state, &req, peer)) }
             });
-            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
                 debug!(error = %e, "admin connection error");
             }
         });
@@ -60,7 +63,9 @@ fn handle(state: &AdminState, req: &Request<Incoming>, _peer: SocketAddr) -> Res
             let mut r = text(StatusCode::OK, &state.metrics.encode());
             r.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                hyper::header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
             );
             r
         }
@@ -77,7 +82,10 @@ fn handle(state: &AdminState, req: &Request<Incoming>, _peer: SocketAddr) -> Res
             );
             r
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz, /readyz or /topology\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /metrics, /healthz, /readyz or /topology\n",
+        ),
     }
 }
 

@@ -120,35 +120,55 @@ impl Backend {
             let msg = be.read_message().await?;
             match msg.tag() {
                 b'R' => {
-                    let (code, rest) = auth_code(msg.body()).ok_or_else(|| be.protocol("short Authentication message"))?;
+                    let (code, rest) =
+                        auth_code(msg.body()).ok_or_else(|| be.protocol("short Authentication message"))?;
                     out.clear();
                     match code {
                         0 => {}
-                        3 => frontend::password_message(opts.password.as_bytes(), &mut out).map_err(io_err)?,
+                        3 => {
+                            frontend::password_message(opts.password.as_bytes(), &mut out).map_err(io_err)?
+                        }
                         5 => {
-                            let salt: [u8; 4] = rest.get(..4).and_then(|s| s.try_into().ok()).ok_or_else(|| be.protocol("short md5 salt"))?;
-                            let hash = postgres_protocol::authentication::md5_hash(opts.user.as_bytes(), opts.password.as_bytes(), salt);
+                            let salt: [u8; 4] = rest
+                                .get(..4)
+                                .and_then(|s| s.try_into().ok())
+                                .ok_or_else(|| be.protocol("short md5 salt"))?;
+                            let hash = postgres_protocol::authentication::md5_hash(
+                                opts.user.as_bytes(),
+                                opts.password.as_bytes(),
+                                salt,
+                            );
                             frontend::password_message(hash.as_bytes(), &mut out).map_err(io_err)?;
                         }
                         10 => {
                             let offers_scram = rest.split(|b| *b == 0).any(|m| m == b"SCRAM-SHA-256");
                             if !offers_scram {
-                                return Err(be.protocol("server offers no SASL mechanism sluice supports (SCRAM-SHA-256)"));
+                                return Err(be.protocol(
+                                    "server offers no SASL mechanism sluice supports (SCRAM-SHA-256)",
+                                ));
                             }
                             let s = ScramSha256::new(opts.password.as_bytes(), ChannelBinding::unsupported());
-                            frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out).map_err(io_err)?;
+                            frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)
+                                .map_err(io_err)?;
                             scram = Some(s);
                         }
                         11 => {
-                            let s = scram.as_mut().ok_or_else(|| be.protocol("SASLContinue without SASL"))?;
+                            let s = scram
+                                .as_mut()
+                                .ok_or_else(|| be.protocol("SASLContinue without SASL"))?;
                             s.update(rest).map_err(|e| be.protocol(&format!("SCRAM: {e}")))?;
                             frontend::sasl_response(s.message(), &mut out).map_err(io_err)?;
                         }
                         12 => {
-                            let s = scram.as_mut().ok_or_else(|| be.protocol("SASLFinal without SASL"))?;
-                            s.finish(rest).map_err(|e| be.protocol(&format!("SCRAM server signature: {e}")))?;
+                            let s = scram
+                                .as_mut()
+                                .ok_or_else(|| be.protocol("SASLFinal without SASL"))?;
+                            s.finish(rest)
+                                .map_err(|e| be.protocol(&format!("SCRAM server signature: {e}")))?;
                         }
-                        other => return Err(be.protocol(&format!("unsupported authentication method {other}"))),
+                        other => {
+                            return Err(be.protocol(&format!("unsupported authentication method {other}")))
+                        }
                     }
                     if !out.is_empty() {
                         be.send(&out).await?;
@@ -169,7 +189,9 @@ impl Backend {
                 b'Z' => return Ok(be),
                 b'E' => return Err(be.server_error(msg)),
                 b'N' | b'v' => {}
-                other => return Err(be.protocol(&format!("unexpected message {:?} during startup", other as char))),
+                other => {
+                    return Err(be.protocol(&format!("unexpected message {:?} during startup", other as char)))
+                }
             }
         }
     }
@@ -211,7 +233,11 @@ impl Backend {
                 Ok(None) => {}
                 Err(e) => return Err(self.protocol(&e.to_string())),
             }
-            let n = self.stream.read_buf(&mut self.rbuf).await.map_err(|e| self.io(e))?;
+            let n = self
+                .stream
+                .read_buf(&mut self.rbuf)
+                .await
+                .map_err(|e| self.io(e))?;
             if n == 0 {
                 return Err(self.io(io::ErrorKind::UnexpectedEof.into()));
             }
@@ -260,7 +286,10 @@ fn two_cstrings(body: &[u8]) -> Option<(String, String)> {
     let mut parts = body.split(|b| *b == 0);
     let k = parts.next()?;
     let v = parts.next()?;
-    Some((String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned()))
+    Some((
+        String::from_utf8_lossy(k).into_owned(),
+        String::from_utf8_lossy(v).into_owned(),
+    ))
 }
 
 /// The columns of a DataRow in text format.

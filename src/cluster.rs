@@ -20,6 +20,9 @@ use crate::topology::{Observation, Role, Topology};
 /// SCRAM iteration count for the secrets sluice derives from configured passwords.
 const SCRAM_ITERATIONS: u32 = 4096;
 
+/// ParameterStatus values a backend announced, shared by every client of (user, database).
+pub type ServerParams = Arc<Vec<(String, String)>>;
+
 /// A configured user with its SCRAM secret derived once at start.
 pub struct User {
     pub password: String,
@@ -74,7 +77,7 @@ pub struct Cluster {
     pub dummy_secret: ScramSecret,
     load: Arc<[AtomicU32]>,
     tiebreak: AtomicUsize,
-    server_params: Mutex<HashMap<(String, String), Arc<Vec<(String, String)>>>>,
+    server_params: Mutex<HashMap<(String, String), ServerParams>>,
     cancels: Mutex<HashMap<(i32, i32), CancelSlot>>,
     /// Connected clients, for `max_client_connections`.
     pub clients: AtomicUsize,
@@ -94,7 +97,13 @@ impl Cluster {
             .map(|u| {
                 let salt: [u8; 16] = rng.random();
                 let secret = ScramSecret::new(&u.password, &salt, SCRAM_ITERATIONS);
-                (u.name.clone(), User { password: u.password.clone(), secret })
+                (
+                    u.name.clone(),
+                    User {
+                        password: u.password.clone(),
+                        secret,
+                    },
+                )
             })
             .collect();
         let dummy: [u8; 16] = rng.random();
@@ -134,7 +143,8 @@ impl Cluster {
         }
         let c = self.clone();
         tokio::spawn(async move {
-            let every = (c.config.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
+            let every =
+                (c.config.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
             loop {
                 tokio::time::sleep(every).await;
                 c.pools.reap();
@@ -154,7 +164,11 @@ impl Cluster {
     pub async fn attach(&self, intent: Intent, user: &str, database: &str) -> Result<Checkout, AttachError> {
         let start = tokio::time::Instant::now();
         let deadline = start + self.config.failover_wait;
-        let password = self.users.get(user).map(|u| u.password.as_str()).unwrap_or_default();
+        let password = self
+            .users
+            .get(user)
+            .map(|u| u.password.as_str())
+            .unwrap_or_default();
         loop {
             let snap = self.topology.load();
             let loads: Vec<u32> = self.load.iter().map(|l| l.load(Ordering::Relaxed)).collect();
@@ -184,7 +198,9 @@ impl Cluster {
                                 load: self.load.clone(),
                             });
                         }
-                        Err(PoolError::Connect(e)) if e.is_node_failure() && tokio::time::Instant::now() < deadline => {
+                        Err(PoolError::Connect(e))
+                            if e.is_node_failure() && tokio::time::Instant::now() < deadline =>
+                        {
                             warn!(node = %key.node, error = %e, "backend connection failed; marking the node down");
                             self.observe(node, &Observation::Down { error: e.to_string() });
                         }
@@ -218,14 +234,17 @@ impl Cluster {
 
     /// The ParameterStatus values to announce to a client logging in as (user, database),
     /// learnt from a real backend connection (one is opened if none has been yet).
-    pub async fn server_params(&self, user: &str, database: &str) -> Result<Arc<Vec<(String, String)>>, AttachError> {
+    pub async fn server_params(&self, user: &str, database: &str) -> Result<ServerParams, AttachError> {
         let key = (user.to_string(), database.to_string());
         if let Some(p) = self.server_params.lock().expect("params lock").get(&key) {
             return Ok(p.clone());
         }
         let mut c = self.attach(Intent::Replica, user, database).await?;
         let params = Arc::new(c.conn.conn().params.clone());
-        self.server_params.lock().expect("params lock").insert(key, params.clone());
+        self.server_params
+            .lock()
+            .expect("params lock")
+            .insert(key, params.clone());
         Ok(params)
     }
 
@@ -242,11 +261,17 @@ impl Cluster {
             .node_primary
             .get_or_create(&labels)
             .set(i64::from(node.healthy && node.role == Role::Primary));
-        self.metrics.node_healthy.get_or_create(&labels).set(i64::from(node.healthy));
+        self.metrics
+            .node_healthy
+            .get_or_create(&labels)
+            .set(i64::from(node.healthy));
         if change.role_changed || change.health_changed {
             info!(node = %node.address, role = ?node.role, healthy = node.healthy, error = node.last_error.as_deref().unwrap_or(""), generation = snap.generation, "topology changed");
         }
-        if change.lost_primary || (change.health_changed && !node.healthy) || (change.role_changed && node.role != Role::Primary) {
+        if change.lost_primary
+            || (change.health_changed && !node.healthy)
+            || (change.role_changed && node.role != Role::Primary)
+        {
             // Idle connections to a demoted or dead node must not serve anyone again.
             self.pools.drain(&node.address);
         }
@@ -260,7 +285,11 @@ impl Cluster {
             .clone()
             .or_else(|| self.config.users.first().map(|u| u.name.clone()))
             .unwrap_or_default();
-        let password = self.users.get(&probe_user).map(|u| u.password.clone()).unwrap_or_default();
+        let password = self
+            .users
+            .get(&probe_user)
+            .map(|u| u.password.clone())
+            .unwrap_or_default();
         let mut conn: Option<Backend> = None;
         let mut ticker = tokio::time::interval(self.config.probe_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -292,7 +321,11 @@ impl Cluster {
                 .get_or_create(&ResultLabels {
                     cluster: self.config.name.clone(),
                     node: address.clone(),
-                    result: if matches!(obs, Observation::Up { .. }) { "ok" } else { "error" },
+                    result: if matches!(obs, Observation::Up { .. }) {
+                        "ok"
+                    } else {
+                        "error"
+                    },
                 })
                 .inc();
             self.observe(index, &obs);
@@ -302,7 +335,10 @@ impl Cluster {
     /// Registers a cancel key for a new client.
     pub fn register_cancel(&self, key: (i32, i32)) -> CancelSlot {
         let slot = CancelSlot::default();
-        self.cancels.lock().expect("cancel lock").insert(key, slot.clone());
+        self.cancels
+            .lock()
+            .expect("cancel lock")
+            .insert(key, slot.clone());
         slot
     }
 
@@ -338,7 +374,10 @@ impl Cluster {
 }
 
 /// One probe: (re)connect if needed, then ask the node what it is.
-async fn probe_once(conn: &mut Option<Backend>, opts: ConnectOptions<'_>) -> Result<(Role, Option<u64>), BackendError> {
+async fn probe_once(
+    conn: &mut Option<Backend>,
+    opts: ConnectOptions<'_>,
+) -> Result<(Role, Option<u64>), BackendError> {
     if conn.is_none() {
         *conn = Some(Backend::connect(opts).await?);
     }
@@ -370,7 +409,9 @@ pub fn parse_lsn(s: &str) -> Option<u64> {
 /// A random nonce of printable characters for SCRAM.
 pub fn random_nonce() -> String {
     let mut rng = rand::rng();
-    (0..24).map(|_| rng.sample(rand::distr::Alphanumeric) as char).collect()
+    (0..24)
+        .map(|_| rng.sample(rand::distr::Alphanumeric) as char)
+        .collect()
 }
 
 #[cfg(test)]

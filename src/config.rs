@@ -274,7 +274,9 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
         ],
     );
     if consistency.is_none() && f.last_value_was("read-your-writes") {
-        f.replace_last_error("\"read-your-writes\" is not yet supported by this build; use \"eventual\" or \"primary\"");
+        f.replace_last_error(
+            "\"read-your-writes\" is not yet supported by this build; use \"eventual\" or \"primary\"",
+        );
     }
     let pool_size = f.integer("pool_size", 20, 1, 10_000);
     let max_client_connections = f.integer("max_client_connections", 10_000, 1, 1_000_000);
@@ -295,7 +297,10 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
             parse_discovery(f.child(t, path))
         }
         None => {
-            f.error("discovery", "is required ([clusters.discovery] with `static` or `kubernetes`)");
+            f.error(
+                "discovery",
+                "is required ([clusters.discovery] with `static` or `kubernetes`)",
+            );
             None
         }
     };
@@ -567,7 +572,10 @@ impl<'e> Fields<'e> {
             Some(other) => {
                 self.error(
                     key,
-                    &format!("must be an array of tables ([[{key}]]), found {}", other.type_str()),
+                    &format!(
+                        "must be an array of tables ([[{key}]]), found {}",
+                        other.type_str()
+                    ),
                 );
                 Vec::new()
             }
@@ -624,7 +632,10 @@ impl<'e> Fields<'e> {
                 ok.then_some(out)
             }
             Some(other) => {
-                self.error(key, &format!("must be an array of strings, found {}", other.type_str()));
+                self.error(
+                    key,
+                    &format!("must be an array of strings, found {}", other.type_str()),
+                );
                 None
             }
         }
@@ -690,7 +701,10 @@ impl<'e> Fields<'e> {
             Some(other) => {
                 self.error(
                     key,
-                    &format!("must be a duration string like \"500ms\" or \"5s\", found {}", other.type_str()),
+                    &format!(
+                        "must be a duration string like \"500ms\" or \"5s\", found {}",
+                        other.type_str()
+                    ),
                 );
                 return None;
             }
@@ -711,7 +725,9 @@ impl<'e> Fields<'e> {
     fn socket_addr(&mut self, key: &str, default: &str) -> SocketAddr {
         match self.take(key) {
             None => default.parse().expect("valid default address"),
-            Some(v) => self.parse_addr(key, v).unwrap_or_else(|| default.parse().expect("valid default address")),
+            Some(v) => self
+                .parse_addr(key, v)
+                .unwrap_or_else(|| default.parse().expect("valid default address")),
         }
     }
 
@@ -735,7 +751,10 @@ impl<'e> Fields<'e> {
                 }
             },
             other => {
-                self.error(key, &format!("must be an \"ip:port\" string, found {}", other.type_str()));
+                self.error(
+                    key,
+                    &format!("must be an \"ip:port\" string, found {}", other.type_str()),
+                );
                 None
             }
         }
@@ -808,7 +827,10 @@ password = "app-secret"
     #[test]
     fn every_error_is_reported_with_its_path() {
         let text = CONTRACT_PG
-            .replace("pool_mode = \"transaction\"", "pool_mode = \"statement\"\nbogus = 1")
+            .replace(
+                "pool_mode = \"transaction\"",
+                "pool_mode = \"statement\"\nbogus = 1",
+            )
             .replace("pool_size = 20", "pool_size = 0\ncheckout_timeout = \"soon\"")
             .replace("listen = \"127.0.0.1:9930\"", "listen = \"nowhere\"");
         let errs = Config::parse(&text).unwrap_err().0;
@@ -829,10 +851,22 @@ password = "app-secret"
     fn missing_and_duplicate_things_are_errors() {
         let errs = Config::parse("[[clusters]]\nname = \"a\"\n").unwrap_err().0;
         let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
-        assert!(text.contains(&"clusters[0].protocol: is required".to_string()), "{text:?}");
-        assert!(text.contains(&"clusters[0].listen: is required".to_string()), "{text:?}");
-        assert!(text.iter().any(|t| t.starts_with("clusters[0].discovery:")), "{text:?}");
-        let twice = format!("{CONTRACT_PG}\n{}", &CONTRACT_PG[CONTRACT_PG.find("[[clusters]]").unwrap()..]);
+        assert!(
+            text.contains(&"clusters[0].protocol: is required".to_string()),
+            "{text:?}"
+        );
+        assert!(
+            text.contains(&"clusters[0].listen: is required".to_string()),
+            "{text:?}"
+        );
+        assert!(
+            text.iter().any(|t| t.starts_with("clusters[0].discovery:")),
+            "{text:?}"
+        );
+        let twice = format!(
+            "{CONTRACT_PG}\n{}",
+            &CONTRACT_PG[CONTRACT_PG.find("[[clusters]]").unwrap()..]
+        );
         let errs = Config::parse(&twice).unwrap_err().0;
         assert!(errs.iter().any(|e| e.path == "clusters[1].name"), "{errs:?}");
         assert!(errs.iter().any(|e| e.path == "clusters[1].listen"), "{errs:?}");

@@ -30,7 +30,11 @@ use crate::metrics::Metrics;
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "A database-aware L4 proxy: PostgreSQL read/write routing and pooling")]
+#[command(
+    name = "sluice",
+    version,
+    about = "A database-aware L4 proxy: PostgreSQL read/write routing and pooling"
+)]
 struct Cli {
     /// The TOML configuration file; without it sluice fronts PostgreSQL on 127.0.0.1:5432.
     #[arg(long, short = 'c', global = true)]
@@ -99,7 +103,8 @@ fn check(path: Option<PathBuf>) -> ExitCode {
 fn run(path: Option<PathBuf>) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -193,7 +198,9 @@ async fn serve(config: Config, name: String) -> anyhow::Result<()> {
         t.abort();
     }
     let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN;
-    while tokio::time::Instant::now() < deadline && clusters.iter().any(|c| c.clients.load(Ordering::Acquire) > 0) {
+    while tokio::time::Instant::now() < deadline
+        && clusters.iter().any(|c| c.clients.load(Ordering::Acquire) > 0)
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     info!("sluice stopped");

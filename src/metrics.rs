@@ -114,7 +114,11 @@ impl Metrics {
             "1 while the node reports pg_is_in_recovery() = false",
             m.node_primary.clone(),
         );
-        registry.register("node_healthy", "1 while the node answers its probe", m.node_healthy.clone());
+        registry.register(
+            "node_healthy",
+            "1 while the node answers its probe",
+            m.node_healthy.clone(),
+        );
         registry.register("errors", "Requests failed by sluice, by reason", m.errors.clone());
         registry.register("auth_failures", "Client logins refused", m.auth_failures.clone());
         Metrics { registry, ..m }

@@ -145,7 +145,12 @@ impl Pools {
     pub async fn checkout(&self, key: &PoolKey, password: &str) -> Result<Pooled, PoolError> {
         let pool = self.pool(key);
         let start = Instant::now();
-        let permit = match tokio::time::timeout(self.settings.checkout_timeout, pool.permits.clone().acquire_owned()).await {
+        let permit = match tokio::time::timeout(
+            self.settings.checkout_timeout,
+            pool.permits.clone().acquire_owned(),
+        )
+        .await
+        {
             Ok(Ok(p)) => p,
             _ => {
                 return Err(PoolError::Exhausted {

@@ -104,9 +104,18 @@ mod tests {
         use Consistency::*;
         assert_eq!(Intent::of(cls(Class::Read, None), Eventual), Intent::Replica);
         assert_eq!(Intent::of(cls(Class::Write, None), Eventual), Intent::Primary);
-        assert_eq!(Intent::of(cls(Class::Read, Some(Hint::Primary)), Eventual), Intent::Primary);
-        assert_eq!(Intent::of(cls(Class::Write, Some(Hint::Replica)), Eventual), Intent::Replica);
-        assert_eq!(Intent::of(cls(Class::Read, Some(Hint::Replica)), Primary), Intent::Primary);
+        assert_eq!(
+            Intent::of(cls(Class::Read, Some(Hint::Primary)), Eventual),
+            Intent::Primary
+        );
+        assert_eq!(
+            Intent::of(cls(Class::Write, Some(Hint::Replica)), Eventual),
+            Intent::Replica
+        );
+        assert_eq!(
+            Intent::of(cls(Class::Read, Some(Hint::Replica)), Primary),
+            Intent::Primary
+        );
     }
 
     #[test]

@@ -222,7 +222,13 @@ mod tests {
         let t = topo();
         t.observe(0, &up(Role::Primary));
         let g = t.load().generation;
-        t.observe(0, &Observation::Up { role: Role::Primary, lsn: Some(99) });
+        t.observe(
+            0,
+            &Observation::Up {
+                role: Role::Primary,
+                lsn: Some(99),
+            },
+        );
         assert_eq!(t.load().generation, g);
         assert_eq!(t.load().nodes[0].lsn, Some(99));
         t.observe(0, &Observation::Down { error: "x".into() });
@@ -234,7 +240,8 @@ mod tests {
         let t = Arc::new(topo());
         let t2 = t.clone();
         let waiter = tokio::spawn(async move {
-            t2.wait_for(Duration::from_secs(5), |s| s.primary().is_some()).await
+            t2.wait_for(Duration::from_secs(5), |s| s.primary().is_some())
+                .await
         });
         tokio::time::sleep(Duration::from_secs(1)).await;
         t.observe(1, &up(Role::Primary));

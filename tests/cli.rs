@@ -79,10 +79,7 @@ password = "app-secret"
     .unwrap();
     let out = sluice(&["check", "--config", path.to_str().unwrap()]);
     let printed = text(&out);
-    assert!(
-        !out.status.success(),
-        "check accepted a bad config:\n{printed}"
-    );
+    assert!(!out.status.success(), "check accepted a bad config:\n{printed}");
     assert!(
         printed.contains("clusters[0].pool_mode"),
         "the bad value is not reported with its key path:\n{printed}"

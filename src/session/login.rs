@@ -29,7 +29,11 @@ pub async fn login(cluster: &Arc<Cluster>, stream: TcpStream) -> std::io::Result
     let mut stream = stream;
     let mut buf = BytesMut::with_capacity(1024);
     let mut out = BytesMut::new();
-    let result = tokio::time::timeout(cluster.config.login_timeout, handshake(cluster, &mut stream, &mut buf, &mut out)).await;
+    let result = tokio::time::timeout(
+        cluster.config.login_timeout,
+        handshake(cluster, &mut stream, &mut buf, &mut out),
+    )
+    .await;
     let greeted = match result {
         Ok(r) => r?,
         Err(_) => {
@@ -74,7 +78,12 @@ pub async fn login(cluster: &Arc<Cluster>, stream: TcpStream) -> std::io::Result
 
 /// Reads the startup packet and authenticates. Returns (user, database) once AuthenticationOk
 /// and the parameters are in `out`.
-async fn handshake(cluster: &Arc<Cluster>, stream: &mut TcpStream, buf: &mut BytesMut, out: &mut BytesMut) -> std::io::Result<Option<(String, String)>> {
+async fn handshake(
+    cluster: &Arc<Cluster>,
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    out: &mut BytesMut,
+) -> std::io::Result<Option<(String, String)>> {
     let mut negotiations = 0;
     let params = loop {
         let packet = loop {
@@ -93,7 +102,9 @@ async fn handshake(cluster: &Arc<Cluster>, stream: &mut TcpStream, buf: &mut Byt
             }
         };
         match StartupPacket::parse(&packet) {
-            Ok(StartupPacket::SslRequest | StartupPacket::GssEncRequest) if negotiations < 2 && buf.is_empty() => {
+            Ok(StartupPacket::SslRequest | StartupPacket::GssEncRequest)
+                if negotiations < 2 && buf.is_empty() =>
+            {
                 negotiations += 1;
                 stream.write_all(b"N").await?;
             }
@@ -114,8 +125,15 @@ async fn handshake(cluster: &Arc<Cluster>, stream: &mut TcpStream, buf: &mut Byt
         }
     };
     let user = params.param("user").unwrap_or_default().to_string();
-    let database = params.param("database").filter(|d| !d.is_empty()).unwrap_or(&user).to_string();
-    if params.param("replication").is_some_and(|r| r != "false" && r != "0") {
+    let database = params
+        .param("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or(&user)
+        .to_string();
+    if params
+        .param("replication")
+        .is_some_and(|r| r != "false" && r != "0")
+    {
         fatal(out, "08P01", "sluice: replication connections are not supported");
         return Ok(None);
     }
@@ -129,11 +147,18 @@ async fn handshake(cluster: &Arc<Cluster>, stream: &mut TcpStream, buf: &mut Byt
         Ok(p) => {
             let app = params.param("application_name");
             for (k, v) in p.iter() {
-                let v = if k == "application_name" { app.unwrap_or(v) } else { v };
+                let v = if k == "application_name" {
+                    app.unwrap_or(v)
+                } else {
+                    v
+                };
                 server::parameter_status(out, k, v);
             }
         }
-        Err(AttachError::Pool(crate::pool::PoolError::Connect(crate::backend::BackendError::Server { raw, .. }))) => {
+        Err(AttachError::Pool(crate::pool::PoolError::Connect(crate::backend::BackendError::Server {
+            raw,
+            ..
+        }))) => {
             out.extend_from_slice(&raw);
             return Ok(None);
         }
@@ -149,14 +174,25 @@ async fn handshake(cluster: &Arc<Cluster>, stream: &mut TcpStream, buf: &mut Byt
 
 /// SCRAM-SHA-256 against the configured password. Unknown users run the same exchange
 /// against a random secret and fail the same way.
-async fn authenticate(cluster: &Arc<Cluster>, stream: &mut TcpStream, buf: &mut BytesMut, out: &mut BytesMut, user: &str) -> std::io::Result<bool> {
-    let secret = cluster.users.get(user).map_or_else(|| cluster.dummy_secret.clone(), |u| u.secret.clone());
+async fn authenticate(
+    cluster: &Arc<Cluster>,
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    out: &mut BytesMut,
+    user: &str,
+) -> std::io::Result<bool> {
+    let secret = cluster
+        .users
+        .get(user)
+        .map_or_else(|| cluster.dummy_secret.clone(), |u| u.secret.clone());
     let mut scram = ScramServer::new(secret);
     server::authentication_sasl(out, &["SCRAM-SHA-256"]);
     stream.write_all(out).await?;
     out.clear();
 
-    let Some(first) = read_auth_message(stream, buf, out).await? else { return Ok(false) };
+    let Some(first) = read_auth_message(stream, buf, out).await? else {
+        return Ok(false);
+    };
     let (mechanism, data) = match server::decode_sasl_initial_response(first.body()) {
         Ok(m) => m,
         Err(e) => {
@@ -165,7 +201,11 @@ async fn authenticate(cluster: &Arc<Cluster>, stream: &mut TcpStream, buf: &mut 
         }
     };
     if mechanism != "SCRAM-SHA-256" {
-        fatal(out, "28000", &format!("sluice: unsupported SASL mechanism {mechanism:?}"));
+        fatal(
+            out,
+            "28000",
+            &format!("sluice: unsupported SASL mechanism {mechanism:?}"),
+        );
         return Ok(false);
     }
     let server_first = match scram.client_first(&data, &crate::cluster::random_nonce()) {
@@ -176,7 +216,9 @@ async fn authenticate(cluster: &Arc<Cluster>, stream: &mut TcpStream, buf: &mut 
     stream.write_all(out).await?;
     out.clear();
 
-    let Some(last) = read_auth_message(stream, buf, out).await? else { return Ok(false) };
+    let Some(last) = read_auth_message(stream, buf, out).await? else {
+        return Ok(false);
+    };
     match scram.client_final(last.body()) {
         Ok(server_final) if cluster.users.contains_key(user) => {
             server::authentication_sasl_final(out, &server_final);
@@ -192,7 +234,11 @@ async fn refuse(cluster: &Cluster, out: &mut BytesMut, user: &str, e: ScramError
     info!(%user, reason = %e, "client authentication failed");
     tokio::time::sleep(AUTH_FAILURE_DELAY).await;
     match e {
-        ScramError::BadProof | ScramError::Nonce => fatal(out, "28P01", &format!("password authentication failed for user \"{user}\"")),
+        ScramError::BadProof | ScramError::Nonce => fatal(
+            out,
+            "28P01",
+            &format!("password authentication failed for user \"{user}\""),
+        ),
         ScramError::ChannelBinding => fatal(out, "28000", "sluice: SCRAM channel binding is not supported"),
         other => fatal(out, "08P01", &format!("sluice: {other}")),
     }
@@ -200,12 +246,23 @@ async fn refuse(cluster: &Cluster, out: &mut BytesMut, user: &str, e: ScramError
 }
 
 /// Reads one password-phase ('p') message.
-async fn read_auth_message(stream: &mut TcpStream, buf: &mut BytesMut, out: &mut BytesMut) -> std::io::Result<Option<Message>> {
+async fn read_auth_message(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    out: &mut BytesMut,
+) -> std::io::Result<Option<Message>> {
     loop {
         match split_message(buf, MAX_AUTH_MESSAGE) {
             Ok(Some(m)) if m.tag() == b'p' => return Ok(Some(m)),
             Ok(Some(m)) => {
-                fatal(out, "08P01", &format!("sluice: expected a password message, got {:?}", char::from(m.tag())));
+                fatal(
+                    out,
+                    "08P01",
+                    &format!(
+                        "sluice: expected a password message, got {:?}",
+                        char::from(m.tag())
+                    ),
+                );
                 return Ok(None);
             }
             Ok(None) => {
@@ -224,7 +281,9 @@ async fn read_auth_message(stream: &mut TcpStream, buf: &mut BytesMut, out: &mut
 /// Forwards a client's CancelRequest to the backend running its query, if any. Unknown keys
 /// do nothing, like PostgreSQL.
 async fn forward_cancel(cluster: &Cluster, pid: i32, secret: &[u8]) {
-    let Ok(secret) = <[u8; 4]>::try_from(secret) else { return };
+    let Ok(secret) = <[u8; 4]>::try_from(secret) else {
+        return;
+    };
     let Some(target) = cluster.cancel_target((pid, i32::from_be_bytes(secret))) else {
         debug!("cancel request for an unknown key");
         return;

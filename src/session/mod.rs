@@ -162,7 +162,9 @@ impl Session {
             if self.flush_client().await.is_err() {
                 return End::ClientGone;
             }
-            let Session { rd, cbuf, attached, .. } = self;
+            let Session {
+                rd, cbuf, attached, ..
+            } = self;
             let backend_read = async {
                 match attached {
                     Some(a) => {
@@ -200,7 +202,9 @@ impl Session {
         if let Some(a) = self.attached.as_mut() {
             a.checkout.conn.discard();
         }
-        self.cluster.metrics.error(&self.cluster.config.name, "backend_lost");
+        self.cluster
+            .metrics
+            .error(&self.cluster.config.name, "backend_lost");
         let msg = format!("sluice: lost the connection to database node {node}: {why}");
         fatal(&mut self.out, "08006", &msg);
         End::BackendFault(msg)
@@ -245,13 +249,18 @@ impl Session {
     fn violation(&mut self, why: &str) -> End {
         let msg = format!("sluice: protocol violation: {why}");
         fatal(&mut self.out, "08P01", &msg);
-        self.cluster.metrics.error(&self.cluster.config.name, "protocol_violation");
+        self.cluster
+            .metrics
+            .error(&self.cluster.config.name, "protocol_violation");
         End::ClientFault(msg)
     }
 
     async fn handle_client_message(&mut self, msg: Message) -> Result<(), End> {
         let tag = msg.tag();
-        if !matches!(tag, b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' | b'd' | b'c' | b'f' | b'F' | b'X') {
+        if !matches!(
+            tag,
+            b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' | b'd' | b'c' | b'f' | b'F' | b'X'
+        ) {
             return Err(self.violation(&format!("unexpected message type {:?}", char::from(tag))));
         }
         if tag == b'X' {
@@ -353,7 +362,8 @@ impl Session {
         let Some(a) = self.attached.as_mut() else { return };
         if a.is_clean() && self.cluster.config.pool_mode == PoolMode::Session {
             let be = a.checkout.conn.conn();
-            let reset = tokio::time::timeout(std::time::Duration::from_secs(2), be.simple_query("DISCARD ALL")).await;
+            let reset =
+                tokio::time::timeout(std::time::Duration::from_secs(2), be.simple_query("DISCARD ALL")).await;
             be.prepared.clear();
             if !matches!(reset, Ok(Ok(_))) {
                 a.checkout.conn.discard();
@@ -370,7 +380,11 @@ impl Session {
             AttachError::Pool(crate::pool::PoolError::Connect(_)) => ("08006", "backend_connect"),
         };
         self.cluster.metrics.error(&self.cluster.config.name, reason);
-        if let AttachError::Pool(crate::pool::PoolError::Connect(crate::backend::BackendError::Server { raw, .. })) = &e {
+        if let AttachError::Pool(crate::pool::PoolError::Connect(crate::backend::BackendError::Server {
+            raw,
+            ..
+        })) = &e
+        {
             // The server's own refusal (e.g. unknown database) says it best.
             self.out.extend_from_slice(raw);
             if raw_is_fatal(raw) {
@@ -393,7 +407,9 @@ impl Session {
     fn process_backend_messages(&mut self) -> Result<(), End> {
         let mut release = false;
         {
-            let Some(a) = self.attached.as_mut() else { return Ok(()) };
+            let Some(a) = self.attached.as_mut() else {
+                return Ok(());
+            };
             loop {
                 let be = a.checkout.conn.conn();
                 let msg = match split_message(&mut be.rbuf, MAX_BACKEND_MESSAGE) {
@@ -405,11 +421,8 @@ impl Session {
                     }
                 };
                 match msg.tag() {
-                    b'1' | b'3' => {
-                        if a.fixups.pop_front().is_some_and(|p| p.swallow) {
-                            continue;
-                        }
-                    }
+                    // Every ParseComplete/CloseComplete pops its entry; sluice's own are not relayed.
+                    b'1' | b'3' if a.fixups.pop_front().is_some_and(|p| p.swallow) => continue,
                     b'Z' => {
                         a.pending = a.pending.saturating_sub(1);
                         let status = peek::ready_status(msg.body()).unwrap_or(b'I');

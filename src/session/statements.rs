@@ -111,7 +111,12 @@ impl Session {
                             prepared: None,
                         });
                     }
-                    peek::encode_parse(&mut self.to_backend, &stmt.backend_name(), &stmt.query, &stmt.rest);
+                    peek::encode_parse(
+                        &mut self.to_backend,
+                        &stmt.backend_name(),
+                        &stmt.query,
+                        &stmt.rest,
+                    );
                     a.fixups.push_back(Pending {
                         swallow: false,
                         prepared: Some(stmt.hash),
@@ -230,8 +235,14 @@ mod tests {
 
     #[test]
     fn same_text_same_backend_name() {
-        assert_eq!(statement_hash(b"select 1", b"\0\0"), statement_hash(b"select 1", b"\0\0"));
-        assert_ne!(statement_hash(b"select 1", b"\0\0"), statement_hash(b"select 2", b"\0\0"));
+        assert_eq!(
+            statement_hash(b"select 1", b"\0\0"),
+            statement_hash(b"select 1", b"\0\0")
+        );
+        assert_ne!(
+            statement_hash(b"select 1", b"\0\0"),
+            statement_hash(b"select 2", b"\0\0")
+        );
         assert_ne!(
             statement_hash(b"select $1", b"\0\x01\0\0\0\x17"),
             statement_hash(b"select $1", b"\0\x01\0\0\0\x19")

@@ -38,9 +38,9 @@ async fn admin_endpoints_describe_the_cluster() {
                 .unwrap_or_else(|| panic!("no clusters[0].nodes: {body}"))
                 .clone();
             let settled = nodes.len() == want.len()
-                && nodes.iter().all(|n| {
-                    n["healthy"] == true && (n["role"] == "primary" || n["role"] == "replica")
-                });
+                && nodes
+                    .iter()
+                    .all(|n| n["healthy"] == true && (n["role"] == "primary" || n["role"] == "replica"));
             if settled {
                 break nodes;
             }
@@ -50,11 +50,7 @@ async fn admin_endpoints_describe_the_cluster() {
         let mut seen = HashSet::new();
         for node in &nodes {
             let address = node["address"].as_str().expect("address").to_string();
-            let role = if address == primary {
-                "primary"
-            } else {
-                "replica"
-            };
+            let role = if address == primary { "primary" } else { "replica" };
             assert_eq!(node["role"], role, "{node}");
             assert!(node.get("lsn").is_some(), "node without lsn: {node}");
             seen.insert(address);

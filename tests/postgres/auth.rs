@@ -46,10 +46,7 @@ async fn md5_and_trust_backends_work() {
     bounded(60, async {
         // legacy: the backends ask sluice for md5.
         let legacy = connect(addr, "legacy", "legacy-secret", "app").await;
-        assert_eq!(
-            simple_column(&legacy, "SELECT current_user").await,
-            ["legacy"]
-        );
+        assert_eq!(simple_column(&legacy, "SELECT current_user").await, ["legacy"]);
         let row = legacy
             .query_one("SELECT current_user::text, pg_is_in_recovery()", &[])
             .await
@@ -66,14 +63,8 @@ async fn md5_and_trust_backends_work() {
 
         // postgres: the backends trust it; clients still authenticate to sluice.
         let su = connect(addr, "postgres", "pw", "app").await;
-        assert_eq!(
-            simple_column(&su, "SELECT current_user").await,
-            ["postgres"]
-        );
-        assert_eq!(
-            simple_column(&su, "SELECT x FROM l FOR UPDATE").await,
-            ["7"]
-        );
+        assert_eq!(simple_column(&su, "SELECT current_user").await, ["postgres"]);
+        assert_eq!(simple_column(&su, "SELECT x FROM l FOR UPDATE").await, ["7"]);
         let Err(err) = try_connect(addr, "postgres", "not-pw", "app").await else {
             panic!("a trusted backend user still needs sluice's password");
         };

@@ -48,10 +48,7 @@ fn error_fields(reply: &[u8], what: &str) -> Vec<(u8, String)> {
         if kind == 0 {
             break;
         }
-        let end = rest
-            .iter()
-            .position(|&b| b == 0)
-            .expect("NUL-terminated field");
+        let end = rest.iter().position(|&b| b == 0).expect("NUL-terminated field");
         fields.push((kind, String::from_utf8_lossy(&rest[..end]).into_owned()));
         body = &rest[end + 1..];
     }
@@ -66,10 +63,7 @@ fn error_fields(reply: &[u8], what: &str) -> Vec<(u8, String)> {
 /// Logs in as `app` over a raw socket (SCRAM-SHA-256) and waits for ReadyForQuery.
 async fn raw_login(addr: SocketAddr) -> TcpStream {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
-    stream
-        .write_all(&startup_message("app", "app"))
-        .await
-        .unwrap();
+    stream.write_all(&startup_message("app", "app")).await.unwrap();
     let mut buf = BytesMut::new();
     let mut scram = ScramSha256::new(b"app-secret", ChannelBinding::unsupported());
     loop {
@@ -177,10 +171,7 @@ async fn garbage_gets_an_error_and_others_are_unaffected() {
         // After a successful login: an unknown message type, and a huge length prefix.
         for (what, junk) in [
             ("unknown message type '@'", &[b'@', 0, 0, 0, 4][..]),
-            (
-                "Query of length 0x7fffffff",
-                &[b'Q', 0x7f, 0xff, 0xff, 0xff][..],
-            ),
+            ("Query of length 0x7fffffff", &[b'Q', 0x7f, 0xff, 0xff, 0xff][..]),
         ] {
             let mut stream = raw_login(addr).await;
             stream.write_all(junk).await.unwrap();

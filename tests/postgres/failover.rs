@@ -62,10 +62,7 @@ async fn writes_follow_a_promoted_replica() {
         }
 
         // Nothing was lost, and reads work against what is left.
-        assert_eq!(
-            simple_column(&client, "SELECT count(*) FROM f").await,
-            ["3"]
-        );
+        assert_eq!(simple_column(&client, "SELECT count(*) FROM f").await, ["3"]);
         let direct = env.cluster.superuser_client(new_primary).await;
         let ids: Vec<i32> = direct
             .query("SELECT id FROM f ORDER BY id", &[])

@@ -98,12 +98,8 @@ async fn wait_open_transactions(direct: &Client, want: i64, limit: Duration) -> 
                 .expect("pg_stat_activity")
                 .iter()
                 .map(|r| {
-                    let (pid, state, query, port): (
-                        i32,
-                        Option<String>,
-                        Option<String>,
-                        Option<i32>,
-                    ) = (r.get(0), r.get(1), r.get(2), r.get(3));
+                    let (pid, state, query, port): (i32, Option<String>, Option<String>, Option<i32>) =
+                        (r.get(0), r.get(1), r.get(2), r.get(3));
                     format!("pid {pid} from port {port:?}: {state:?} after {query:?}")
                 })
                 .collect();
@@ -123,10 +119,7 @@ async fn client_killed_mid_transaction_leaves_nothing_open() {
     bounded(60, async {
         let client = env.app_client().await;
         exec(&client, "CREATE TABLE k (id int)").await;
-        let direct = env
-            .cluster
-            .superuser_client(env.cluster.primary_port())
-            .await;
+        let direct = env.cluster.superuser_client(env.cluster.primary_port()).await;
 
         // psql, SIGKILLed while its transaction is open.
         let mut psql = Command::new(pg_bin("psql"))
@@ -138,9 +131,7 @@ async fn client_killed_mid_transaction_leaves_nothing_open() {
             .spawn()
             .expect("spawn psql");
         let mut stdin = psql.stdin.take().unwrap();
-        stdin
-            .write_all(b"BEGIN;\nINSERT INTO k VALUES (1);\n")
-            .unwrap();
+        stdin.write_all(b"BEGIN;\nINSERT INTO k VALUES (1);\n").unwrap();
         stdin.flush().unwrap();
         wait_open_transactions(&direct, 1, Duration::from_secs(10)).await;
         psql.kill().expect("kill -9 psql");

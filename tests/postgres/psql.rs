@@ -53,19 +53,11 @@ async fn psql_reads_from_a_replica_and_writes_to_the_primary() {
 
         psql_ok(
             port,
-            &[
-                "-c",
-                "create table p (x int)",
-                "-c",
-                "insert into p values (42)",
-            ],
+            &["-c", "create table p (x int)", "-c", "insert into p values (42)"],
             b"",
         )
         .await;
-        let direct = env
-            .cluster
-            .superuser_client(env.cluster.primary_port())
-            .await;
+        let direct = env.cluster.superuser_client(env.cluster.primary_port()).await;
         let x: i32 = direct
             .query_one("SELECT x FROM p", &[])
             .await
@@ -85,10 +77,7 @@ async fn copy_in_and_out_through_sluice() {
         psql_ok(port, &["-c", "create table c (id int, v text)"], b"").await;
         let rows: String = (1..=1000).map(|i| format!("{i}\tvalue {i}\n")).collect();
         psql_ok(port, &["-c", "\\copy c from stdin"], rows.as_bytes()).await;
-        let direct = env
-            .cluster
-            .superuser_client(env.cluster.primary_port())
-            .await;
+        let direct = env.cluster.superuser_client(env.cluster.primary_port()).await;
         let n: i64 = direct
             .query_one("SELECT count(*) FROM c", &[])
             .await
@@ -97,12 +86,7 @@ async fn copy_in_and_out_through_sluice() {
         assert_eq!(n, 1000, "rows copied in through sluice");
 
         env.cluster.wait_replicated().await;
-        let out = psql_ok(
-            port,
-            &["-c", "copy (select * from c order by id) to stdout"],
-            b"",
-        )
-        .await;
+        let out = psql_ok(port, &["-c", "copy (select * from c order by id) to stdout"], b"").await;
         assert_eq!(out, rows, "COPY TO STDOUT through sluice");
         let out = psql_ok(port, &["-Atc", "select count(*) from c"], b"").await;
         assert_eq!(out, "1000\n");

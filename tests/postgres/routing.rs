@@ -14,16 +14,8 @@ async fn reads_go_to_a_replica_and_writes_to_the_primary() {
     bounded(60, async {
         let client = env.app_client().await;
 
-        assert_eq!(
-            where_simple(&client, "").await,
-            (true, replica),
-            "simple read"
-        );
-        assert_eq!(
-            where_extended(&client).await,
-            (true, replica),
-            "extended read"
-        );
+        assert_eq!(where_simple(&client, "").await, (true, replica), "simple read");
+        assert_eq!(where_extended(&client).await, (true, replica), "extended read");
 
         // One named statement, prepared once and executed many times: it must keep working
         // whichever pooled backend each execution lands on.
@@ -32,13 +24,11 @@ async fn reads_go_to_a_replica_and_writes_to_the_primary() {
             .await
             .expect("prepare");
         for i in 0..10i32 {
-            let row = client.query_one(&stmt, &[&i]).await.unwrap_or_else(|e| {
-                panic!("execution {i} of a prepared statement: {}", describe(&e))
-            });
-            assert!(
-                row.get::<_, bool>(0),
-                "prepared read {i} ran on the primary"
-            );
+            let row = client
+                .query_one(&stmt, &[&i])
+                .await
+                .unwrap_or_else(|e| panic!("execution {i} of a prepared statement: {}", describe(&e)));
+            assert!(row.get::<_, bool>(0), "prepared read {i} ran on the primary");
             assert_eq!(row.get::<_, i32>(2), i + 1);
         }
 
@@ -59,24 +49,14 @@ async fn reads_go_to_a_replica_and_writes_to_the_primary() {
 
         // Explicit transactions stay on the primary from BEGIN to COMMIT.
         exec(&client, "BEGIN").await;
-        assert_eq!(
-            where_simple(&client, "").await,
-            (false, primary),
-            "in BEGIN"
-        );
+        assert_eq!(where_simple(&client, "").await, (false, primary), "in BEGIN");
         assert_eq!(where_extended(&client).await, (false, primary), "in BEGIN");
         exec(&client, "COMMIT").await;
         {
             let mut client = env.app_client().await;
             let tx = client.transaction().await.expect("BEGIN");
-            let row = tx
-                .query_one("SELECT pg_is_in_recovery()", &[])
-                .await
-                .unwrap();
-            assert!(
-                !row.get::<_, bool>(0),
-                "transaction() read ran on a replica"
-            );
+            let row = tx.query_one("SELECT pg_is_in_recovery()", &[]).await.unwrap();
+            assert!(!row.get::<_, bool>(0), "transaction() read ran on a replica");
             tx.commit().await.expect("COMMIT");
         }
 
@@ -163,10 +143,7 @@ async fn concurrent_reads_use_every_replica() {
                 seen.insert(port);
             }
         }
-        assert_eq!(
-            seen, replicas,
-            "20 concurrent reads did not use both replicas"
-        );
+        assert_eq!(seen, replicas, "20 concurrent reads did not use both replicas");
     })
     .await;
     env.sluice.assert_no_unexpected_errors(&[]);

@@ -29,11 +29,7 @@ fn parse_response(raw: &[u8]) -> Option<(u16, String)> {
         let l = l.to_ascii_lowercase();
         l.starts_with("transfer-encoding:") && l.contains("chunked")
     });
-    let body = if chunked {
-        dechunk(body)?
-    } else {
-        body.to_vec()
-    };
+    let body = if chunked { dechunk(body)? } else { body.to_vec() };
     Some((status, String::from_utf8_lossy(&body).into_owned()))
 }
 

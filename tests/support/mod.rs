@@ -67,10 +67,7 @@ pub async fn try_connect_with_handle(
 pub async fn connect(addr: SocketAddr, user: &str, password: &str, db: &str) -> Client {
     match try_connect(addr, user, password, db).await {
         Ok(client) => client,
-        Err(e) => panic!(
-            "connecting to {addr} as {user}/{db} failed: {}",
-            describe(&e)
-        ),
+        Err(e) => panic!("connecting to {addr} as {user}/{db} failed: {}", describe(&e)),
     }
 }
 

@@ -369,18 +369,9 @@ impl PgCluster {
     /// Kills a node's postmaster with SIGKILL, as a crash would.
     pub fn kill9(&self, port: u16) {
         let node = self.node(port);
-        let pid_file =
-            fs::read_to_string(node.data.join("postmaster.pid")).expect("postmaster.pid");
-        let pid = pid_file
-            .lines()
-            .next()
-            .expect("pid line")
-            .trim()
-            .to_string();
-        run(
-            Command::new("kill").args(["-9", &pid]),
-            "kill -9 postmaster",
-        );
+        let pid_file = fs::read_to_string(node.data.join("postmaster.pid")).expect("postmaster.pid");
+        let pid = pid_file.lines().next().expect("pid line").trim().to_string();
+        run(Command::new("kill").args(["-9", &pid]), "kill -9 postmaster");
     }
 
     /// A connection to database `app` as superuser `postgres`, straight to the node.

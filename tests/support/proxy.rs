@@ -147,9 +147,7 @@ impl Sluice {
             }
             match http_get(admin, "/readyz") {
                 Ok((200, _)) => break,
-                Ok(_) | Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50))
-                }
+                Ok(_) | Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
                 other => panic!(
                     "sluice not ready after 15 s (last /readyz: {other:?}); logs:\n{}",
                     sluice.logs().join("\n")

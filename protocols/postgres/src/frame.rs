@@ -14,15 +14,20 @@ const MIN_STARTUP_LEN: usize = 8;
 /// Size of a tagged message header: tag byte + i32 length.
 const HEADER_LEN: usize = 5;
 
+/// The most `split_message` reserves ahead for an incomplete message.
+const MAX_RESERVE: usize = 64 * 1024;
+
 /// A length prefix that cannot be framed. Always the peer's fault, and the stream cannot be
 /// resynchronised: close the connection after reporting it.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
     /// Declared length is below the minimum (4 for tagged messages, 8 for startup packets).
-    #[error("invalid message length {len} (minimum is 4)")]
+    #[error("invalid message length {len} (minimum is {min})")]
     TooShort {
         /// Declared length.
         len: i32,
+        /// The minimum for this kind of message.
+        min: i32,
     },
     /// Declared length is above the cap in force.
     #[error("message length {len} exceeds the limit of {max} bytes")]
@@ -73,14 +78,18 @@ fn read_i32(buf: &[u8], at: usize) -> i32 {
 /// the declared length (the value of the length field, which counts itself but not the tag); it
 /// is checked before waiting for or allocating the body.
 ///
-/// When the message is incomplete, `buf` is grown to hold it so the next read can fill it.
+/// When the message is incomplete, `buf` grows by at most 64 KiB towards it: a peer that
+/// announces a large message must send it before sluice holds that much memory.
 pub fn split_message(buf: &mut BytesMut, max_len: usize) -> Result<Option<Message>, FrameError> {
     if buf.len() < HEADER_LEN {
         return Ok(None);
     }
     let declared = read_i32(buf, 1);
     if declared < 4 {
-        return Err(FrameError::TooShort { len: declared });
+        return Err(FrameError::TooShort {
+            len: declared,
+            min: 4,
+        });
     }
     let len = declared as usize;
     if len > max_len {
@@ -88,7 +97,7 @@ pub fn split_message(buf: &mut BytesMut, max_len: usize) -> Result<Option<Messag
     }
     let total = 1 + len;
     if buf.len() < total {
-        buf.reserve(total - buf.len());
+        buf.reserve((total - buf.len()).min(MAX_RESERVE));
         return Ok(None);
     }
     let tag = buf[0];
@@ -106,7 +115,10 @@ pub fn split_startup(buf: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
     }
     let declared = read_i32(buf, 0);
     if declared < MIN_STARTUP_LEN as i32 {
-        return Err(FrameError::TooShort { len: declared });
+        return Err(FrameError::TooShort {
+            len: declared,
+            min: MIN_STARTUP_LEN as i32,
+        });
     }
     let len = declared as usize;
     if len > MAX_STARTUP_LEN {
@@ -140,11 +152,7 @@ mod tests {
         for cut in 0..full.len() {
             let mut buf = BytesMut::from(&full[..cut]);
             assert_eq!(split_message(&mut buf, 1 << 20), Ok(None), "cut at {cut}");
-            assert_eq!(
-                &buf[..],
-                &full[..cut],
-                "incomplete input must stay buffered"
-            );
+            assert_eq!(&buf[..], &full[..cut], "incomplete input must stay buffered");
         }
     }
 
@@ -175,12 +183,12 @@ mod tests {
         let mut buf = BytesMut::from(&[b'Q', 0, 0, 0, 3][..]);
         assert_eq!(
             split_message(&mut buf, 100),
-            Err(FrameError::TooShort { len: 3 })
+            Err(FrameError::TooShort { len: 3, min: 4 })
         );
         let mut buf = BytesMut::from(&[b'Q', 0xff, 0xff, 0xff, 0xff][..]);
         assert_eq!(
             split_message(&mut buf, 100),
-            Err(FrameError::TooShort { len: -1 })
+            Err(FrameError::TooShort { len: -1, min: 4 })
         );
     }
 
@@ -196,10 +204,7 @@ mod tests {
                 max: 1 << 20
             }
         );
-        assert!(
-            buf.capacity() < 1 << 20,
-            "must not reserve what the peer claims"
-        );
+        assert!(buf.capacity() < 1 << 20, "must not reserve what the peer claims");
         // Exactly at the cap is fine.
         let mut buf = BytesMut::from(&msg(b'd', &[7; 96])[..]);
         assert!(split_message(&mut buf, 100).unwrap().is_some());
@@ -225,7 +230,7 @@ mod tests {
         let mut buf = BytesMut::from(&[0u8, 0, 0, 7, 0, 0, 0][..]);
         assert_eq!(
             split_startup(&mut buf),
-            Err(FrameError::TooShort { len: 7 })
+            Err(FrameError::TooShort { len: 7, min: 8 })
         );
         let mut buf = BytesMut::from(&[0u8, 0, 0x27, 0x11][..]);
         assert_eq!(

@@ -121,11 +121,7 @@ pub fn encode_parse(buf: &mut BytesMut, name: &[u8], query: &[u8], rest: &[u8]) 
 
 /// Append a whole Bind message.
 pub fn encode_bind(buf: &mut BytesMut, portal: &[u8], statement: &[u8], rest: &[u8]) {
-    header(
-        buf,
-        b'B',
-        portal.len() + 1 + statement.len() + 1 + rest.len(),
-    );
+    header(buf, b'B', portal.len() + 1 + statement.len() + 1 + rest.len());
     buf.put_slice(portal);
     buf.put_u8(0);
     buf.put_slice(statement);
@@ -275,16 +271,10 @@ mod tests {
         let body = b"SERROR\0VERROR\0C42P01\0Mrelation \"t\" does not exist\0P15\0\0";
         assert_eq!(
             error_code_and_message(body),
-            (
-                "42P01".to_owned(),
-                "relation \"t\" does not exist".to_owned()
-            )
+            ("42P01".to_owned(), "relation \"t\" does not exist".to_owned())
         );
         assert_eq!(error_code_and_message(b""), (String::new(), String::new()));
-        assert_eq!(
-            error_code_and_message(b"C12345"),
-            (String::new(), String::new())
-        );
+        assert_eq!(error_code_and_message(b"C12345"), (String::new(), String::new()));
         assert_eq!(
             error_code_and_message(b"Mhi\xe9\0"),
             (String::new(), "hi\u{fffd}".to_owned())

@@ -137,11 +137,7 @@ impl ScramServer {
     /// `server_nonce` is caller-supplied random printable ASCII (no ','). Accepts gs2 headers
     /// "n,," and "y,,"; "p=..." (channel binding) is rejected with [`ScramError::ChannelBinding`].
     /// The username in `n=` is ignored (PostgreSQL clients send it empty).
-    pub fn client_first(
-        &mut self,
-        message: &[u8],
-        server_nonce: &str,
-    ) -> Result<Vec<u8>, ScramError> {
+    pub fn client_first(&mut self, message: &[u8], server_nonce: &str) -> Result<Vec<u8>, ScramError> {
         if !matches!(self.state, State::Initial) {
             return Err(ScramError::OutOfOrder);
         }
@@ -151,8 +147,7 @@ impl ScramServer {
                 "server nonce must be printable ASCII without ','",
             ));
         }
-        let (cbind_flag, rest) =
-            split_comma(message).ok_or(ScramError::Malformed("no gs2 header"))?;
+        let (cbind_flag, rest) = split_comma(message).ok_or(ScramError::Malformed("no gs2 header"))?;
         match cbind_flag {
             b"n" | b"y" => {}
             f if f.starts_with(b"p=") => return Err(ScramError::ChannelBinding),
@@ -160,9 +155,7 @@ impl ScramServer {
         }
         let (authzid, bare) = split_comma(rest).ok_or(ScramError::Malformed("no gs2 header"))?;
         if !authzid.is_empty() {
-            return Err(ScramError::Malformed(
-                "authorization identity is not supported",
-            ));
+            return Err(ScramError::Malformed("authorization identity is not supported"));
         }
         let gs2_header = &message[..message.len() - bare.len()];
 
@@ -240,14 +233,10 @@ impl ScramServer {
             return Err(ScramError::Malformed("proof has the wrong length"));
         }
 
-        let auth_message: [&[u8]; 5] =
-            [&client_first_bare, b",", &server_first, b",", without_proof];
+        let auth_message: [&[u8]; 5] = [&client_first_bare, b",", &server_first, b",", without_proof];
         let client_signature = hmac(&self.secret.stored_key, &auth_message);
         let mut client_key = [0u8; 32];
-        for (k, (p, s)) in client_key
-            .iter_mut()
-            .zip(proof.iter().zip(client_signature))
-        {
+        for (k, (p, s)) in client_key.iter_mut().zip(proof.iter().zip(client_signature)) {
             *k = p ^ s;
         }
         let stored_key: [u8; 32] = Sha256::digest(client_key).into();

@@ -139,9 +139,7 @@ pub fn notice_response(buf: &mut BytesMut, e: &ErrorFields<'_>) {
 pub fn decode_sasl_initial_response(body: &[u8]) -> Result<(String, Bytes), PeekError> {
     const BAD: PeekError = PeekError::Malformed("SASLInitialResponse");
     let nul = body.iter().position(|&b| b == 0).ok_or(BAD)?;
-    let mechanism = std::str::from_utf8(&body[..nul])
-        .map_err(|_| BAD)?
-        .to_owned();
+    let mechanism = std::str::from_utf8(&body[..nul]).map_err(|_| BAD)?.to_owned();
     let rest = &body[nul + 1..];
     let (len, data) = match rest {
         [a, b, c, d, data @ ..] => (i32::from_be_bytes([*a, *b, *c, *d]), data),
@@ -149,9 +147,7 @@ pub fn decode_sasl_initial_response(body: &[u8]) -> Result<(String, Bytes), Peek
     };
     match (len, data.len()) {
         (-1, 0) => Ok((mechanism, Bytes::new())),
-        (len, n) if usize::try_from(len).ok() == Some(n) => {
-            Ok((mechanism, Bytes::copy_from_slice(data)))
-        }
+        (len, n) if usize::try_from(len).ok() == Some(n) => Ok((mechanism, Bytes::copy_from_slice(data))),
         _ => Err(BAD),
     }
 }
@@ -170,22 +166,10 @@ mod tests {
     #[test]
     fn fixed_messages() {
         assert_eq!(built(authentication_ok), [0x52, 0, 0, 0, 8, 0, 0, 0, 0]);
-        assert_eq!(
-            built(|b| ready_for_query(b, b'I')),
-            [0x5a, 0, 0, 0, 5, 0x49]
-        );
-        assert_eq!(
-            built(|b| ready_for_query(b, b'T')),
-            [0x5a, 0, 0, 0, 5, 0x54]
-        );
-        assert_eq!(
-            built(|b| ready_for_query(b, b'E')),
-            [0x5a, 0, 0, 0, 5, 0x45]
-        );
-        assert_eq!(
-            built(|b| ready_for_query(b, b'?')),
-            [0x5a, 0, 0, 0, 5, b'?']
-        );
+        assert_eq!(built(|b| ready_for_query(b, b'I')), [0x5a, 0, 0, 0, 5, 0x49]);
+        assert_eq!(built(|b| ready_for_query(b, b'T')), [0x5a, 0, 0, 0, 5, 0x54]);
+        assert_eq!(built(|b| ready_for_query(b, b'E')), [0x5a, 0, 0, 0, 5, 0x45]);
+        assert_eq!(built(|b| ready_for_query(b, b'?')), [0x5a, 0, 0, 0, 5, b'?']);
         assert_eq!(built(parse_complete), [b'1', 0, 0, 0, 4]);
         assert_eq!(built(close_complete), [b'3', 0, 0, 0, 4]);
         assert_eq!(
@@ -270,10 +254,7 @@ mod tests {
             Ok(("SCRAM-SHA-256".to_owned(), Bytes::new()))
         );
         let bad = PeekError::Malformed("SASLInitialResponse");
-        assert_eq!(
-            decode_sasl_initial_response(b"SCRAM-SHA-256"),
-            Err(bad.clone())
-        );
+        assert_eq!(decode_sasl_initial_response(b"SCRAM-SHA-256"), Err(bad.clone()));
         assert_eq!(
             decode_sasl_initial_response(b"M\x00\x00\x00\x00\x06n,,xy"),
             Err(bad.clone())

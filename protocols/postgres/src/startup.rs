@@ -73,9 +73,9 @@ impl StartupPacket {
         let code = i32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
         let rest = &packet[8..];
         match code {
-            SSL_REQUEST_CODE | GSSENC_REQUEST_CODE if !rest.is_empty() => Err(
-                StartupError::Malformed("trailing bytes after encryption request"),
-            ),
+            SSL_REQUEST_CODE | GSSENC_REQUEST_CODE if !rest.is_empty() => {
+                Err(StartupError::Malformed("trailing bytes after encryption request"))
+            }
             SSL_REQUEST_CODE => Ok(StartupPacket::SslRequest),
             GSSENC_REQUEST_CODE => Ok(StartupPacket::GssEncRequest),
             CANCEL_REQUEST_CODE => {
@@ -98,11 +98,7 @@ impl StartupPacket {
                 if !params.iter().any(|(k, _)| k == "user") {
                     return Err(StartupError::Malformed("no user"));
                 }
-                Ok(StartupPacket::Startup {
-                    major,
-                    minor,
-                    params,
-                })
+                Ok(StartupPacket::Startup { major, minor, params })
             }
         }
     }
@@ -132,8 +128,7 @@ fn parse_params(mut rest: &[u8]) -> Result<Vec<(String, String)>, StartupError> 
             }
             return Ok(params);
         }
-        let (value, after) =
-            cstr(after).ok_or(StartupError::Malformed("parameter without a value"))?;
+        let (value, after) = cstr(after).ok_or(StartupError::Malformed("parameter without a value"))?;
         params.push((utf8(name)?, utf8(value)?));
         rest = after;
     }
@@ -246,10 +241,7 @@ user\x00alice\x00database\x00app\x00application_name\x00psql\x00client_encoding\
     #[test]
     fn malformed_packets() {
         let m = |body: &[u8]| StartupPacket::parse(&packet(0x0003_0000, body));
-        assert_eq!(
-            m(b"database\0x\0\0"),
-            Err(StartupError::Malformed("no user"))
-        );
+        assert_eq!(m(b"database\0x\0\0"), Err(StartupError::Malformed("no user")));
         assert_eq!(m(b""), Err(StartupError::Malformed("missing terminator")));
         assert_eq!(
             m(b"user\0u\0"),

@@ -240,8 +240,7 @@ impl<'a> Lexer<'a> {
             i += 1;
         }
         // E'...' (escape string constant): backslash escapes regardless of the setting.
-        if i == start + 1 && matches!(self.s[start], b'e' | b'E') && self.peek_at(i) == Some(b'\'')
-        {
+        if i == start + 1 && matches!(self.s[start], b'e' | b'E') && self.peek_at(i) == Some(b'\'') {
             self.pos = i + 1;
             self.string(true);
             return Tok::Str;
@@ -267,7 +266,8 @@ mod tests {
     #[test]
     fn tokens() {
         use Tok::*;
-        let (t, u) = toks("SELECT a.\"B\"\"c\", 'x''y', E'\\'', $$a;b$$, $q$ $ $q$, $1, 1.5e3 /* /* n */ */ -- c\n;");
+        let (t, u) =
+            toks("SELECT a.\"B\"\"c\", 'x''y', E'\\'', $$a;b$$, $q$ $ $q$, $1, 1.5e3 /* /* n */ */ -- c\n;");
         assert!(!u);
         assert_eq!(
             t,

@@ -153,12 +153,7 @@ impl Classifier {
     {
         let extra_write_functions = extra_write_functions
             .into_iter()
-            .map(|s| {
-                s.as_ref()
-                    .to_ascii_lowercase()
-                    .into_bytes()
-                    .into_boxed_slice()
-            })
+            .map(|s| s.as_ref().to_ascii_lowercase().into_bytes().into_boxed_slice())
             .collect();
         Classifier {
             extra_write_functions,
@@ -194,10 +189,7 @@ impl Classifier {
         } else {
             Class::Read
         };
-        Classification {
-            class,
-            hint: lx.hint,
-        }
+        Classification { class, hint: lx.hint }
     }
 
     fn is_write_function(&self, t: Tok<'_>) -> bool {
@@ -208,8 +200,7 @@ impl Classifier {
             }
             // Quoted identifiers are case-sensitive: "NEXTVAL" is not nextval.
             Tok::QuotedIdent(q) => {
-                DEFAULT_WRITE_FUNCTIONS.contains(&q)
-                    || self.extra_write_functions.iter().any(|f| **f == *q)
+                DEFAULT_WRITE_FUNCTIONS.contains(&q) || self.extra_write_functions.iter().any(|f| **f == *q)
             }
             _ => false,
         }
@@ -275,11 +266,7 @@ impl Classifier {
             } else {
                 Verdict::Neutral
             }
-        } else if kw(word, b"END")
-            || kw(word, b"ABORT")
-            || kw(word, b"SAVEPOINT")
-            || kw(word, b"RELEASE")
-        {
+        } else if kw(word, b"END") || kw(word, b"ABORT") || kw(word, b"SAVEPOINT") || kw(word, b"RELEASE") {
             Verdict::Neutral
         } else if kw(word, b"COPY") && !nested {
             self.copy(st)
@@ -298,15 +285,9 @@ impl Classifier {
                 Tok::Word(w) => {
                     kw(w, b"INTO")
                         || (is_word(prev, b"FOR")
-                            && (kw(w, b"UPDATE")
-                                || kw(w, b"SHARE")
-                                || kw(w, b"NO")
-                                || kw(w, b"KEY")))
+                            && (kw(w, b"UPDATE") || kw(w, b"SHARE") || kw(w, b"NO") || kw(w, b"KEY")))
                         || (dml
-                            && (kw(w, b"INSERT")
-                                || kw(w, b"UPDATE")
-                                || kw(w, b"DELETE")
-                                || kw(w, b"MERGE")))
+                            && (kw(w, b"INSERT") || kw(w, b"UPDATE") || kw(w, b"DELETE") || kw(w, b"MERGE")))
                 }
                 _ => false,
             };

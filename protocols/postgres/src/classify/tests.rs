@@ -161,11 +161,7 @@ fn hints() {
             Some(Hint::Replica),
         ),
         ("SELECT 1 -- sluice: primary", R, Some(Hint::Primary)),
-        (
-            "SELECT 1; /* SLUICE:REPLICA */ SELECT 2",
-            R,
-            Some(Hint::Replica),
-        ),
+        ("SELECT 1; /* SLUICE:REPLICA */ SELECT 2", R, Some(Hint::Replica)),
         ("/*sluice:primary*/SELECT 1", R, Some(Hint::Primary)),
         ("SELECT '/* sluice: primary */'", R, None),
         ("/* sluice: nowhere */ SELECT 1", R, None),
@@ -186,10 +182,7 @@ fn extra_write_functions() {
     assert_eq!(c.classify(b"SELECT myschema.AUDIT_LOG(1)").class, W);
     assert_eq!(c.classify(b"SELECT \"audit_log\"(1)").class, W);
     assert_eq!(c.classify(b"SELECT audit_logs(1)").class, R);
-    assert_eq!(
-        Classifier::default().classify(b"SELECT audit_log(1)").class,
-        R
-    );
+    assert_eq!(Classifier::default().classify(b"SELECT audit_log(1)").class, R);
     assert_eq!(c.classify(b"SELECT nextval('s')").class, W);
 }
 

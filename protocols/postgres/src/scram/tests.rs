@@ -100,16 +100,10 @@ fn final_message_checks() {
     };
     let proof = "p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=";
     let cases: [(String, ScramError); 6] = [
-        (
-            format!("c=eSws,r=abcXYZ,{proof}"),
-            ScramError::ChannelBinding,
-        ),
+        (format!("c=eSws,r=abcXYZ,{proof}"), ScramError::ChannelBinding),
         (format!("c=biws,r=abcXYQ,{proof}"), ScramError::Nonce),
         (format!("c=biws,r=abcXYZ,{proof}"), ScramError::BadProof),
-        (
-            "c=biws,r=abcXYZ".to_owned(),
-            ScramError::Malformed("no proof"),
-        ),
+        ("c=biws,r=abcXYZ".to_owned(), ScramError::Malformed("no proof")),
         (
             "c=biws,r=abcXYZ,p=!!".to_owned(),
             ScramError::Malformed("proof is not base64"),
@@ -120,11 +114,7 @@ fn final_message_checks() {
         ),
     ];
     for (msg, err) in cases {
-        assert_eq!(
-            start(&secret).client_final(msg.as_bytes()),
-            Err(err),
-            "{msg}"
-        );
+        assert_eq!(start(&secret).client_final(msg.as_bytes()), Err(err), "{msg}");
     }
     assert_eq!(
         ScramServer::new(secret).client_final(b"c=biws"),
@@ -152,22 +142,13 @@ fn first_message_checks() {
         first(b"n,,m=ext,n=,r=abc", "x"),
         Err(ScramError::Malformed(_))
     ));
-    assert!(matches!(
-        first(b"n,,n=,r=", "x"),
-        Err(ScramError::Malformed(_))
-    ));
-    assert!(matches!(
-        first(b"n,,r=abc", "x"),
-        Err(ScramError::Malformed(_))
-    ));
+    assert!(matches!(first(b"n,,n=,r=", "x"), Err(ScramError::Malformed(_))));
+    assert!(matches!(first(b"n,,r=abc", "x"), Err(ScramError::Malformed(_))));
     assert!(matches!(
         first(b"n,,n=,r=abc", "a,b"),
         Err(ScramError::Malformed(_))
     ));
-    assert!(matches!(
-        first(b"n,,n=,r=abc", ""),
-        Err(ScramError::Malformed(_))
-    ));
+    assert!(matches!(first(b"n,,n=,r=abc", ""), Err(ScramError::Malformed(_))));
     // Username is ignored; extensions after the nonce are tolerated.
     assert_eq!(
         first(b"y,,n=someone,r=abc,x=1", "d").unwrap(),
