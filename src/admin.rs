@@ -133,7 +133,10 @@ pub fn topology_json(state: &AdminState) -> serde_json::Value {
                         }
                     };
                     json!({
+                        "id": n.id,
                         "address": n.address,
+                        "zone": n.zone,
+                        "labeled_role": n.labeled_role,
                         "role": role,
                         "healthy": n.healthy,
                         "lsn": n.lsn.map(|l| format!("{:X}/{:X}", l >> 32, l & 0xffff_ffff)),

@@ -15,7 +15,7 @@ use crate::config::{ClusterConfig, Discovery};
 use crate::metrics::{ClusterLabels, Metrics, NodeLabels, ResultLabels, RouteLabels};
 use crate::pool::{PoolError, PoolKey, PoolSettings, Pooled, Pools};
 use crate::router::{self, Intent, NoRoute};
-use crate::topology::{Observation, Role, Topology};
+use crate::topology::{Member, Observation, Role, Topology};
 
 /// SCRAM iteration count for the secrets sluice derives from configured passwords.
 const SCRAM_ITERATIONS: u32 = 4096;
@@ -55,13 +55,12 @@ pub enum AttachError {
 /// A backend checked out for one client, with the node's load counted while it is held.
 pub struct Checkout {
     pub conn: Pooled,
-    pub node: usize,
-    load: Arc<[AtomicU32]>,
+    load: Arc<AtomicU32>,
 }
 
 impl Drop for Checkout {
     fn drop(&mut self) {
-        self.load[self.node].fetch_sub(1, Ordering::Relaxed);
+        self.load.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -75,7 +74,6 @@ pub struct Cluster {
     pub users: HashMap<String, User>,
     /// Used for unknown users so that they go through the same exchange and fail the same way.
     pub dummy_secret: ScramSecret,
-    load: Arc<[AtomicU32]>,
     tiebreak: AtomicUsize,
     server_params: Mutex<HashMap<(String, String), ServerParams>>,
     cancels: Mutex<HashMap<(i32, i32), CancelSlot>>,
@@ -86,8 +84,8 @@ pub struct Cluster {
 impl Cluster {
     /// Builds the run-time state (derives SCRAM secrets: slow on purpose, done once).
     pub fn new(config: ClusterConfig, metrics: Arc<Metrics>) -> Arc<Cluster> {
-        let addresses = match &config.discovery {
-            Discovery::Static(a) => a.clone(),
+        let members = match &config.discovery {
+            Discovery::Static(a) => a.iter().map(|a| Member::at(a)).collect(),
             Discovery::Kubernetes(_) => Vec::new(),
         };
         let mut rng = rand::rng();
@@ -119,28 +117,28 @@ impl Cluster {
             },
             metrics.clone(),
         );
-        Arc::new(Cluster {
-            topology: Topology::new(&addresses),
+        let cluster = Arc::new(Cluster {
+            topology: Topology::new(Vec::new()),
             pools,
             classifier: Classifier::new(&config.write_functions),
             users,
             dummy_secret: ScramSecret::new(&String::from_utf8_lossy(&dummy), &salt, SCRAM_ITERATIONS),
-            load: addresses.iter().map(|_| AtomicU32::new(0)).collect(),
             tiebreak: AtomicUsize::new(0),
             server_params: Mutex::new(HashMap::new()),
             cancels: Mutex::new(HashMap::new()),
             clients: AtomicUsize::new(0),
             metrics,
             config,
-        })
+        });
+        cluster.set_members(&members);
+        cluster
     }
 
-    /// Starts one probe task per node and the pool reaper.
+    /// Starts the probe supervisor (one probe task per node, following membership changes)
+    /// and the pool reaper.
     pub fn spawn_background(self: &Arc<Self>) {
-        for index in 0..self.topology.load().nodes.len() {
-            let c = self.clone();
-            tokio::spawn(async move { c.probe_loop(index).await });
-        }
+        let c = self.clone();
+        tokio::spawn(async move { c.supervise_probes().await });
         let c = self.clone();
         tokio::spawn(async move {
             let every =
@@ -150,6 +148,40 @@ impl Cluster {
                 c.pools.reap();
             }
         });
+    }
+
+    /// Keeps exactly one probe task per member node.
+    async fn supervise_probes(self: Arc<Self>) {
+        let mut probes: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+        let mut changes = self.topology.subscribe();
+        loop {
+            let snap = self.topology.load();
+            probes.retain(|id, task| {
+                let keep = snap.index_of(id).is_some();
+                if !keep {
+                    task.abort();
+                }
+                keep
+            });
+            for n in &snap.nodes {
+                if !probes.contains_key(&n.id) {
+                    let c = self.clone();
+                    let id = n.id.clone();
+                    probes.insert(n.id.clone(), tokio::spawn(async move { c.probe_loop(id).await }));
+                }
+            }
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Replaces the node list (from discovery) and closes pooled connections to addresses that
+    /// are gone.
+    pub fn set_members(&self, members: &[Member]) {
+        for address in self.topology.set_members(members) {
+            self.pools.drain(&address);
+        }
     }
 
     fn labels(&self) -> ClusterLabels {
@@ -171,7 +203,11 @@ impl Cluster {
             .unwrap_or_default();
         loop {
             let snap = self.topology.load();
-            let loads: Vec<u32> = self.load.iter().map(|l| l.load(Ordering::Relaxed)).collect();
+            let loads: Vec<u32> = snap
+                .nodes
+                .iter()
+                .map(|n| n.load.load(Ordering::Relaxed))
+                .collect();
             let tiebreak = self.tiebreak.fetch_add(1, Ordering::Relaxed);
             let choice = router::choose(intent, &snap, &loads, tiebreak);
             match choice {
@@ -183,7 +219,8 @@ impl Cluster {
                     };
                     match self.pools.checkout(&key, password).await {
                         Ok(mut conn) => {
-                            self.load[node].fetch_add(1, Ordering::Relaxed);
+                            let load = snap.nodes[node].load.clone();
+                            load.fetch_add(1, Ordering::Relaxed);
                             self.metrics
                                 .queries
                                 .get_or_create(&RouteLabels {
@@ -192,17 +229,13 @@ impl Cluster {
                                 })
                                 .inc();
                             self.remember_params(user, database, &conn.conn().params);
-                            return Ok(Checkout {
-                                conn,
-                                node,
-                                load: self.load.clone(),
-                            });
+                            return Ok(Checkout { conn, load });
                         }
                         Err(PoolError::Connect(e))
                             if e.is_node_failure() && tokio::time::Instant::now() < deadline =>
                         {
                             warn!(node = %key.node, error = %e, "backend connection failed; marking the node down");
-                            self.observe(node, &Observation::Down { error: e.to_string() });
+                            self.observe(&snap.nodes[node].id, &Observation::Down { error: e.to_string() });
                         }
                         Err(e) => return Err(e.into()),
                     }
@@ -249,10 +282,12 @@ impl Cluster {
     }
 
     /// Applies an observation to the topology and reacts to what changed.
-    pub fn observe(&self, index: usize, obs: &Observation) {
-        let change = self.topology.observe(index, obs);
+    pub fn observe(&self, id: &str, obs: &Observation) {
+        let change = self.topology.observe(id, obs);
         let snap = self.topology.load();
-        let node = &snap.nodes[index];
+        let Some(node) = snap.index_of(id).map(|i| &snap.nodes[i]) else {
+            return;
+        };
         let labels = NodeLabels {
             cluster: self.config.name.clone(),
             node: node.address.clone(),
@@ -277,8 +312,7 @@ impl Cluster {
         }
     }
 
-    async fn probe_loop(self: Arc<Self>, index: usize) {
-        let address = self.topology.load().nodes[index].address.clone();
+    async fn probe_loop(self: Arc<Self>, id: String) {
         let probe_user = self
             .config
             .probe_user
@@ -295,6 +329,12 @@ impl Cluster {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
+            let snap = self.topology.load();
+            let Some(index) = snap.index_of(&id) else { return };
+            let address = snap.nodes[index].address.clone();
+            if conn.as_ref().is_some_and(|c| c.addr != address) {
+                conn = None;
+            }
             let opts = ConnectOptions {
                 addr: &address,
                 user: &probe_user,
@@ -328,7 +368,7 @@ impl Cluster {
                     },
                 })
                 .inc();
-            self.observe(index, &obs);
+            self.observe(&id, &obs);
         }
     }
 

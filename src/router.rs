@@ -80,14 +80,14 @@ pub fn choose(intent: Intent, snap: &Snapshot, load: &[u32], tiebreak: usize) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::topology::Node;
+    use crate::topology::{Member, Node};
 
     fn node(role: Role, healthy: bool) -> Node {
         Node {
             role,
             healthy,
             primary_epoch: u64::from(role == Role::Primary),
-            ..Node::new("x:1".into())
+            ..Node::new(Member::at("x:1"))
         }
     }
 

@@ -4,6 +4,7 @@
 //! `ArcSwap::rcu`; sessions load the current snapshot per request and never lock. A `watch`
 //! channel carries the generation number so that requests waiting for a primary wake up.
 
+use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,11 +21,40 @@ pub enum Role {
     Unknown,
 }
 
-/// One node as last seen.
+/// A node as discovery describes it: where it is and what it is supposed to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Node {
-    /// `host:port`, also the node's identity.
+pub struct Member {
+    /// Stable identity: the pod name under Kubernetes, else the address. A pod that comes back
+    /// with a new IP keeps its id (and its place).
+    pub id: String,
+    /// `host:port` to connect to.
     pub address: String,
+    /// Zone (topology.kubernetes.io/zone, or the node name) when known.
+    pub zone: Option<String>,
+    /// The role a label claims. Only the probe decides routing; disagreements are counted.
+    pub labeled_role: Option<Role>,
+}
+
+impl Member {
+    /// A member known only by its address (static configuration, DNS).
+    pub fn at(address: &str) -> Member {
+        Member {
+            id: address.to_string(),
+            address: address.to_string(),
+            zone: None,
+            labeled_role: None,
+        }
+    }
+}
+
+/// One node as last seen.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub id: String,
+    /// `host:port`.
+    pub address: String,
+    pub zone: Option<String>,
+    pub labeled_role: Option<Role>,
     pub role: Role,
     /// The last probe (or connection attempt) succeeded.
     pub healthy: bool,
@@ -34,24 +64,30 @@ pub struct Node {
     pub primary_epoch: u64,
     /// Why the node is unhealthy, for /topology.
     pub last_error: Option<String>,
+    /// Requests in flight on this node, shared by every snapshot that has the node.
+    pub load: Arc<AtomicU32>,
 }
 
 impl Node {
     /// A node that has not been probed yet.
-    pub fn new(address: String) -> Self {
+    pub fn new(member: Member) -> Self {
         Node {
-            address,
+            id: member.id,
+            address: member.address,
+            zone: member.zone,
+            labeled_role: member.labeled_role,
             role: Role::Unknown,
             healthy: false,
             lsn: None,
             primary_epoch: 0,
             last_error: None,
+            load: Arc::default(),
         }
     }
 }
 
 /// An immutable view of a cluster's nodes.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub generation: u64,
     pub nodes: Vec<Node>,
@@ -66,6 +102,11 @@ impl Snapshot {
             .filter(|(_, n)| n.healthy && n.role == Role::Primary)
             .max_by_key(|(_, n)| n.primary_epoch)
             .map(|(i, _)| i)
+    }
+
+    /// The index of the node with this id.
+    pub fn index_of(&self, id: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.id == id)
     }
 
     /// Whether any node can serve anything.
@@ -98,10 +139,10 @@ pub struct Topology {
 
 impl Topology {
     /// A topology of unprobed nodes.
-    pub fn new(addresses: &[String]) -> Self {
+    pub fn new(members: Vec<Member>) -> Self {
         let snap = Snapshot {
             generation: 0,
-            nodes: addresses.iter().cloned().map(Node::new).collect(),
+            nodes: members.into_iter().map(Node::new).collect(),
         };
         Topology {
             current: ArcSwap::from_pointee(snap),
@@ -114,19 +155,40 @@ impl Topology {
         self.current.load_full()
     }
 
-    /// Applies one observation of node `index` and publishes a new snapshot if anything changed.
-    pub fn observe(&self, index: usize, obs: &Observation) -> Change {
+    /// Applies one observation of node `id` and publishes a new snapshot if anything changed.
+    pub fn observe(&self, id: &str, obs: &Observation) -> Change {
         let mut change = Change::default();
         self.current.rcu(|cur| {
-            let (next, c) = apply(cur, index, obs);
+            let (next, c) = apply(cur, id, obs);
             change = c;
             next
         });
-        let snap = self.current.load();
         if change != Change::default() {
-            self.generation.send_replace(snap.generation);
+            self.generation.send_replace(self.current.load().generation);
         }
         change
+    }
+
+    /// Replaces the member list (from discovery). Nodes that stay keep their state; a node
+    /// whose address changed is probed afresh. Returns the addresses that are no longer used.
+    pub fn set_members(&self, members: &[Member]) -> Vec<String> {
+        let mut gone = Vec::new();
+        let mut changed = false;
+        self.current.rcu(|cur| {
+            let (next, g, c) = merge_members(cur, members);
+            gone = g;
+            changed = c;
+            next
+        });
+        if changed {
+            self.generation.send_replace(self.current.load().generation);
+        }
+        gone
+    }
+
+    /// A receiver that sees every generation change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// Waits until `ready` holds for the current snapshot, or `timeout` passes.
@@ -153,11 +215,12 @@ impl Topology {
 }
 
 /// The pure core of `observe`: the next snapshot and what changed.
-fn apply(cur: &Snapshot, index: usize, obs: &Observation) -> (Arc<Snapshot>, Change) {
+fn apply(cur: &Snapshot, id: &str, obs: &Observation) -> (Arc<Snapshot>, Change) {
     let mut next = cur.clone();
-    let Some(node) = next.nodes.get_mut(index) else {
+    let Some(index) = cur.index_of(id) else {
         return (Arc::new(next), Change::default());
     };
+    let node = &mut next.nodes[index];
     let before = node.clone();
     match obs {
         Observation::Up { role, lsn } => {
@@ -190,12 +253,47 @@ fn apply(cur: &Snapshot, index: usize, obs: &Observation) -> (Arc<Snapshot>, Cha
     (Arc::new(next), change)
 }
 
+/// The pure core of `set_members`: (next snapshot, addresses no longer used, changed).
+fn merge_members(cur: &Snapshot, members: &[Member]) -> (Arc<Snapshot>, Vec<String>, bool) {
+    let mut nodes = Vec::with_capacity(members.len());
+    let mut gone = Vec::new();
+    for m in members {
+        match cur.nodes.iter().find(|n| n.id == m.id) {
+            Some(old) if old.address == m.address => {
+                let mut n = old.clone();
+                n.zone = m.zone.clone();
+                n.labeled_role = m.labeled_role;
+                nodes.push(n);
+            }
+            Some(old) => {
+                // Same pod, new IP: keep the load counter, forget what the old address said.
+                gone.push(old.address.clone());
+                let mut n = Node::new(m.clone());
+                n.load = old.load.clone();
+                nodes.push(n);
+            }
+            None => nodes.push(Node::new(m.clone())),
+        }
+    }
+    for old in &cur.nodes {
+        if !members.iter().any(|m| m.id == old.id) {
+            gone.push(old.address.clone());
+        }
+    }
+    let same = nodes.len() == cur.nodes.len()
+        && nodes.iter().zip(&cur.nodes).all(|(a, b)| {
+            a.id == b.id && a.address == b.address && a.zone == b.zone && a.labeled_role == b.labeled_role
+        });
+    let generation = if same { cur.generation } else { cur.generation + 1 };
+    (Arc::new(Snapshot { generation, nodes }), gone, !same)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn topo() -> Topology {
-        Topology::new(&["a:1".into(), "b:2".into()])
+        Topology::new(vec![Member::at("a:1"), Member::at("b:2")])
     }
 
     fn up(role: Role) -> Observation {
@@ -206,13 +304,13 @@ mod tests {
     fn newest_primary_wins_during_promotion() {
         let t = topo();
         assert_eq!(t.load().primary(), None);
-        assert!(t.observe(0, &up(Role::Primary)).became_primary);
-        t.observe(1, &up(Role::Replica));
+        assert!(t.observe("a:1", &up(Role::Primary)).became_primary);
+        t.observe("b:2", &up(Role::Replica));
         assert_eq!(t.load().primary(), Some(0));
         // The replica is promoted while the old primary still answers.
-        assert!(t.observe(1, &up(Role::Primary)).became_primary);
+        assert!(t.observe("b:2", &up(Role::Primary)).became_primary);
         assert_eq!(t.load().primary(), Some(1));
-        let c = t.observe(1, &Observation::Down { error: "gone".into() });
+        let c = t.observe("b:2", &Observation::Down { error: "gone".into() });
         assert!(c.lost_primary && c.health_changed);
         assert_eq!(t.load().primary(), Some(0));
     }
@@ -220,10 +318,10 @@ mod tests {
     #[test]
     fn generation_moves_only_on_real_changes() {
         let t = topo();
-        t.observe(0, &up(Role::Primary));
+        t.observe("a:1", &up(Role::Primary));
         let g = t.load().generation;
         t.observe(
-            0,
+            "a:1",
             &Observation::Up {
                 role: Role::Primary,
                 lsn: Some(99),
@@ -231,8 +329,38 @@ mod tests {
         );
         assert_eq!(t.load().generation, g);
         assert_eq!(t.load().nodes[0].lsn, Some(99));
-        t.observe(0, &Observation::Down { error: "x".into() });
+        t.observe("a:1", &Observation::Down { error: "x".into() });
         assert_eq!(t.load().generation, g + 1);
+    }
+
+    #[test]
+    fn membership_changes_keep_state_of_nodes_that_stay() {
+        let t = topo();
+        t.observe("a:1", &up(Role::Primary));
+        let g = t.load().generation;
+        assert!(t.set_members(&[Member::at("a:1"), Member::at("b:2")]).is_empty());
+        assert_eq!(t.load().generation, g, "same members: no new generation");
+        // b leaves, c joins, and pod "p" moves from one IP to another.
+        let pod = |addr: &str| Member {
+            id: "p".into(),
+            address: addr.into(),
+            zone: Some("z1".into()),
+            labeled_role: Some(Role::Replica),
+        };
+        let gone = t.set_members(&[Member::at("a:1"), Member::at("c:3"), pod("10.0.0.1:5432")]);
+        assert_eq!(gone, vec!["b:2".to_string()]);
+        let s = t.load();
+        assert_eq!(s.primary(), Some(0), "a keeps its probed role");
+        assert!(!s.nodes[1].healthy, "c is new and unprobed");
+        let load = s.nodes[2].load.clone();
+        load.store(3, std::sync::atomic::Ordering::Relaxed);
+        t.observe("p", &up(Role::Replica));
+        let gone = t.set_members(&[Member::at("a:1"), Member::at("c:3"), pod("10.0.0.9:5432")]);
+        assert_eq!(gone, vec!["10.0.0.1:5432".to_string()]);
+        let s = t.load();
+        let p = &s.nodes[2];
+        assert_eq!((p.address.as_str(), p.healthy), ("10.0.0.9:5432", false));
+        assert_eq!(p.load.load(std::sync::atomic::Ordering::Relaxed), 3);
     }
 
     #[tokio::test(start_paused = true)]
@@ -244,9 +372,9 @@ mod tests {
                 .await
         });
         tokio::time::sleep(Duration::from_secs(1)).await;
-        t.observe(1, &up(Role::Primary));
+        t.observe("b:2", &up(Role::Primary));
         assert_eq!(waiter.await.unwrap().unwrap().primary(), Some(1));
-        let none = Topology::new(&["c:3".into()])
+        let none = Topology::new(vec![Member::at("c:3")])
             .wait_for(Duration::from_secs(2), |s| s.primary().is_some())
             .await;
         assert!(none.is_none());

@@ -497,7 +497,7 @@ fn check_host_port(s: &str) -> Result<(), String> {
 
 /// A table being read: takes known keys out, records errors with their full path, and reports
 /// whatever is left as unknown keys when finished.
-struct Fields<'e> {
+pub(crate) struct Fields<'e> {
     table: Table,
     path: String,
     errors: &'e mut Vec<ConfigError>,
