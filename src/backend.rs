@@ -72,6 +72,8 @@ pub struct Backend {
     pub last_used: Instant,
     /// Names (as hashes) of the statements sluice prepared on this connection.
     pub prepared: HashSet<u64>,
+    /// The session settings this connection carries (see `session::settings`).
+    pub settings: std::sync::Arc<Vec<(String, String)>>,
 }
 
 impl Backend {
@@ -105,6 +107,7 @@ impl Backend {
             created: now,
             last_used: now,
             prepared: HashSet::new(),
+            settings: Default::default(),
         };
         let mut out = BytesMut::new();
         let params = [
@@ -293,7 +296,7 @@ fn two_cstrings(body: &[u8]) -> Option<(String, String)> {
 }
 
 /// The columns of a DataRow in text format.
-fn data_row(mut body: &[u8]) -> Option<Vec<Option<String>>> {
+pub fn data_row(mut body: &[u8]) -> Option<Vec<Option<String>>> {
     if body.len() < 2 {
         return None;
     }

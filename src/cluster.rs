@@ -11,10 +11,10 @@ use sluice_postgres::Classifier;
 use tracing::{info, warn};
 
 use crate::backend::{Backend, BackendError, ConnectOptions};
-use crate::config::{ClusterConfig, Discovery};
+use crate::config::{ClusterConfig, Consistency, Discovery, TopologyKind};
 use crate::metrics::{ClusterLabels, Metrics, NodeLabels, ResultLabels, RouteLabels};
 use crate::pool::{PoolError, PoolKey, PoolSettings, Pooled, Pools};
-use crate::router::{self, Intent, NoRoute};
+use crate::router::{self, Intent, NoRoute, Policy};
 use crate::topology::{Member, Observation, Role, Topology};
 
 /// SCRAM iteration count for the secrets sluice derives from configured passwords.
@@ -55,6 +55,8 @@ pub enum AttachError {
 /// A backend checked out for one client, with the node's load counted while it is held.
 pub struct Checkout {
     pub conn: Pooled,
+    /// The node's role when it was chosen.
+    pub role: Role,
     load: Arc<AtomicU32>,
 }
 
@@ -193,7 +195,13 @@ impl Cluster {
     /// Finds a node for `intent` and checks out a connection to it as (user, database).
     /// Waits up to `failover_wait` while no suitable node is known; a node that refuses
     /// connections is marked down and another one is tried.
-    pub async fn attach(&self, intent: Intent, user: &str, database: &str) -> Result<Checkout, AttachError> {
+    pub async fn attach(&self, intent: Intent, user: &str, database: &str, min_lsn: Option<u64>) -> Result<Checkout, AttachError> {
+        let policy = Policy {
+            multi_active: self.config.topology == TopologyKind::MultiActive,
+            min_lsn: if self.config.consistency == Consistency::ReadYourWrites { min_lsn } else { None },
+            max_lag: self.config.max_replica_lag,
+            zone: self.config.zone.as_deref(),
+        };
         let start = tokio::time::Instant::now();
         let deadline = start + self.config.failover_wait;
         let password = self
@@ -209,7 +217,7 @@ impl Cluster {
                 .map(|n| n.load.load(Ordering::Relaxed))
                 .collect();
             let tiebreak = self.tiebreak.fetch_add(1, Ordering::Relaxed);
-            let choice = router::choose(intent, &snap, &loads, tiebreak);
+            let choice = router::choose(intent, &snap, &loads, tiebreak, &policy);
             match choice {
                 Ok(node) => {
                     let key = PoolKey {
@@ -229,7 +237,11 @@ impl Cluster {
                                 })
                                 .inc();
                             self.remember_params(user, database, &conn.conn().params);
-                            return Ok(Checkout { conn, load });
+                            return Ok(Checkout {
+                                conn,
+                                role: snap.nodes[node].role,
+                                load,
+                            });
                         }
                         Err(PoolError::Connect(e))
                             if e.is_node_failure() && tokio::time::Instant::now() < deadline =>
@@ -242,7 +254,7 @@ impl Cluster {
                 }
                 Err(why) => {
                     let waited = start.elapsed();
-                    let ready = |s: &crate::topology::Snapshot| router::choose(intent, s, &loads, 0).is_ok();
+                    let ready = |s: &crate::topology::Snapshot| router::choose(intent, s, &[], 0, &policy).is_ok();
                     let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
                     if remaining.is_zero() || self.topology.wait_for(remaining, ready).await.is_none() {
                         let cluster = self.config.name.clone();
@@ -272,7 +284,7 @@ impl Cluster {
         if let Some(p) = self.server_params.lock().expect("params lock").get(&key) {
             return Ok(p.clone());
         }
-        let mut c = self.attach(Intent::Replica, user, database).await?;
+        let mut c = self.attach(Intent::Replica, user, database, None).await?;
         let params = Arc::new(c.conn.conn().params.clone());
         self.server_params
             .lock()
@@ -392,6 +404,22 @@ impl Cluster {
         let slot = self.cancels.lock().expect("cancel lock").get(&key).cloned()?;
         let target = slot.lock().expect("cancel slot lock").clone();
         target
+    }
+
+    /// Counts a client pinned to its backend.
+    pub fn pinned(&self, reason: &'static str) {
+        self.metrics
+            .pins
+            .get_or_create(&crate::metrics::ReasonLabels {
+                cluster: self.config.name.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// Counts a settings replay.
+    pub fn settings_replayed(&self) {
+        self.metrics.settings_replays.get_or_create(&self.labels()).inc();
     }
 
     /// Counts a refused login.

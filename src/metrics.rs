@@ -75,6 +75,10 @@ pub struct Metrics {
     pub errors: Family<ReasonLabels, Counter>,
     /// Client logins refused, by reason.
     pub auth_failures: Family<ClusterLabels, Counter>,
+    /// Clients pinned to their backend by session state, by reason.
+    pub pins: Family<ReasonLabels, Counter>,
+    /// Session-settings replays sent before a client's request.
+    pub settings_replays: Family<ClusterLabels, Counter>,
 }
 
 impl Metrics {
@@ -90,6 +94,8 @@ impl Metrics {
             node_healthy: Family::default(),
             errors: Family::default(),
             auth_failures: Family::default(),
+            pins: Family::default(),
+            settings_replays: Family::default(),
             registry: Registry::default(),
         };
         registry.register("clients", "Connected clients", m.clients.clone());
@@ -121,6 +127,16 @@ impl Metrics {
         );
         registry.register("errors", "Requests failed by sluice, by reason", m.errors.clone());
         registry.register("auth_failures", "Client logins refused", m.auth_failures.clone());
+        registry.register(
+            "pinned_clients",
+            "Clients pinned to one backend connection by session state (transaction mode), by reason",
+            m.pins.clone(),
+        );
+        registry.register(
+            "settings_replays",
+            "Session settings replayed on a backend before a client's request",
+            m.settings_replays.clone(),
+        );
         Metrics { registry, ..m }
     }
 

@@ -41,6 +41,20 @@ impl Intent {
     }
 }
 
+/// The rules a choice follows beyond the intent.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Policy<'a> {
+    /// Every healthy node takes reads and writes (CockroachDB, YugabyteDB YSQL).
+    pub multi_active: bool,
+    /// Reads only from replicas that have replayed at least this WAL position
+    /// (read-your-writes: the client's last commit).
+    pub min_lsn: Option<u64>,
+    /// Reads only from replicas at most this many WAL bytes behind the primary.
+    pub max_lag: Option<u64>,
+    /// Prefer nodes in this zone.
+    pub zone: Option<&'a str>,
+}
+
 /// Why no node could be chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoRoute {
@@ -52,35 +66,66 @@ pub enum NoRoute {
 
 /// Chooses a node index in `snap` for `intent`.
 ///
-/// Reads go to the healthy replica with the fewest queries in flight (`load[i]`), ties broken
-/// by rotating from `tiebreak`; with no healthy replica they fall back to the primary.
-pub fn choose(intent: Intent, snap: &Snapshot, load: &[u32], tiebreak: usize) -> Result<usize, NoRoute> {
+/// Reads go to the eligible replica with the fewest queries in flight (`load[i]`), same-zone
+/// replicas first, ties broken by rotating from `tiebreak`; with no eligible replica they fall
+/// back to the primary. In a multi-active cluster every healthy node is eligible for anything.
+pub fn choose(intent: Intent, snap: &Snapshot, load: &[u32], tiebreak: usize, policy: &Policy<'_>) -> Result<usize, NoRoute> {
+    if policy.multi_active {
+        return least_loaded(snap, load, tiebreak, policy, |n| n.healthy && n.role != Role::Unknown)
+            .ok_or(NoRoute::NoNode);
+    }
     let primary = snap.primary();
     match intent {
         Intent::Primary => primary.ok_or(NoRoute::NoPrimary),
         Intent::Replica => {
-            let n = snap.nodes.len();
-            let mut best: Option<(u32, usize)> = None;
-            for k in 0..n {
-                let i = (tiebreak + k) % n;
-                let node = &snap.nodes[i];
-                if !node.healthy || node.role != Role::Replica {
-                    continue;
-                }
-                let l = load.get(i).copied().unwrap_or(0);
-                if best.is_none_or(|(bl, _)| l < bl) {
-                    best = Some((l, i));
-                }
-            }
-            best.map(|(_, i)| i).or(primary).ok_or(NoRoute::NoNode)
+            let primary_lsn = primary.and_then(|p| snap.nodes[p].lsn);
+            let caught_up = |lsn: Option<u64>| {
+                let floor = policy.min_lsn.is_none_or(|min| lsn.is_some_and(|l| l >= min));
+                let lag = match (policy.max_lag, primary_lsn) {
+                    (Some(max), Some(p)) => lsn.is_some_and(|l| p.saturating_sub(l) <= max),
+                    _ => true,
+                };
+                floor && lag
+            };
+            least_loaded(snap, load, tiebreak, policy, |n| {
+                n.healthy && n.role == Role::Replica && caught_up(n.lsn)
+            })
+            .or(primary)
+            .ok_or(NoRoute::NoNode)
         }
     }
+}
+
+/// The eligible node with the lowest (other zone, load), scanning from `tiebreak`.
+fn least_loaded(
+    snap: &Snapshot,
+    load: &[u32],
+    tiebreak: usize,
+    policy: &Policy<'_>,
+    eligible: impl Fn(&crate::topology::Node) -> bool,
+) -> Option<usize> {
+    let n = snap.nodes.len();
+    let mut best: Option<((bool, u32), usize)> = None;
+    for k in 0..n {
+        let i = (tiebreak + k) % n;
+        let node = &snap.nodes[i];
+        if !eligible(node) {
+            continue;
+        }
+        let other_zone = policy.zone.is_some_and(|z| node.zone.as_deref() != Some(z));
+        let key = (other_zone, load.get(i).copied().unwrap_or(0));
+        if best.is_none_or(|(b, _)| key < b) {
+            best = Some((key, i));
+        }
+    }
+    best.map(|(_, i)| i)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::topology::{Member, Node};
+    use sluice_postgres::Effects;
 
     fn node(role: Role, healthy: bool) -> Node {
         Node {
@@ -91,31 +136,40 @@ mod tests {
         }
     }
 
+    fn at(mut n: Node, lsn: u64, zone: Option<&str>) -> Node {
+        n.lsn = Some(lsn);
+        n.zone = zone.map(str::to_string);
+        n
+    }
+
     fn snap(nodes: Vec<Node>) -> Snapshot {
         Snapshot { generation: 1, nodes }
     }
 
     fn cls(class: Class, hint: Option<Hint>) -> Classification {
-        Classification { class, hint }
+        Classification {
+            class,
+            hint,
+            effects: Effects::default(),
+        }
     }
+
+    const ANY: Policy<'static> = Policy {
+        multi_active: false,
+        min_lsn: None,
+        max_lag: None,
+        zone: None,
+    };
 
     #[test]
     fn intent_rules() {
         use Consistency::*;
         assert_eq!(Intent::of(cls(Class::Read, None), Eventual), Intent::Replica);
         assert_eq!(Intent::of(cls(Class::Write, None), Eventual), Intent::Primary);
-        assert_eq!(
-            Intent::of(cls(Class::Read, Some(Hint::Primary)), Eventual),
-            Intent::Primary
-        );
-        assert_eq!(
-            Intent::of(cls(Class::Write, Some(Hint::Replica)), Eventual),
-            Intent::Replica
-        );
-        assert_eq!(
-            Intent::of(cls(Class::Read, Some(Hint::Replica)), Primary),
-            Intent::Primary
-        );
+        assert_eq!(Intent::of(cls(Class::Read, Some(Hint::Primary)), Eventual), Intent::Primary);
+        assert_eq!(Intent::of(cls(Class::Write, Some(Hint::Replica)), Eventual), Intent::Replica);
+        assert_eq!(Intent::of(cls(Class::Read, Some(Hint::Replica)), Primary), Intent::Primary);
+        assert_eq!(Intent::of(cls(Class::Read, None), ReadYourWrites), Intent::Replica);
     }
 
     #[test]
@@ -126,22 +180,61 @@ mod tests {
             node(Role::Replica, true),
             node(Role::Replica, false),
         ]);
-        assert_eq!(choose(Intent::Replica, &s, &[0, 5, 2, 0], 0), Ok(2));
-        assert_eq!(choose(Intent::Replica, &s, &[0, 1, 2, 0], 0), Ok(1));
+        assert_eq!(choose(Intent::Replica, &s, &[0, 5, 2, 0], 0, &ANY), Ok(2));
+        assert_eq!(choose(Intent::Replica, &s, &[0, 1, 2, 0], 0, &ANY), Ok(1));
         // Ties rotate with the tie-breaker.
-        assert_eq!(choose(Intent::Replica, &s, &[0, 0, 0, 0], 0), Ok(1));
-        assert_eq!(choose(Intent::Replica, &s, &[0, 0, 0, 0], 2), Ok(2));
-        assert_eq!(choose(Intent::Primary, &s, &[9, 0, 0, 0], 0), Ok(0));
+        assert_eq!(choose(Intent::Replica, &s, &[0, 0, 0, 0], 0, &ANY), Ok(1));
+        assert_eq!(choose(Intent::Replica, &s, &[0, 0, 0, 0], 2, &ANY), Ok(2));
+        assert_eq!(choose(Intent::Primary, &s, &[9, 0, 0, 0], 0, &ANY), Ok(0));
     }
 
     #[test]
     fn reads_fall_back_to_primary_and_writes_need_one() {
         let s = snap(vec![node(Role::Primary, true), node(Role::Replica, false)]);
-        assert_eq!(choose(Intent::Replica, &s, &[], 0), Ok(0));
+        assert_eq!(choose(Intent::Replica, &s, &[], 0, &ANY), Ok(0));
         let s = snap(vec![node(Role::Primary, false), node(Role::Replica, true)]);
-        assert_eq!(choose(Intent::Primary, &s, &[], 0), Err(NoRoute::NoPrimary));
-        assert_eq!(choose(Intent::Replica, &s, &[], 0), Ok(1));
+        assert_eq!(choose(Intent::Primary, &s, &[], 0, &ANY), Err(NoRoute::NoPrimary));
+        assert_eq!(choose(Intent::Replica, &s, &[], 0, &ANY), Ok(1));
         let s = snap(vec![node(Role::Unknown, true), node(Role::Replica, false)]);
-        assert_eq!(choose(Intent::Replica, &s, &[], 0), Err(NoRoute::NoNode));
+        assert_eq!(choose(Intent::Replica, &s, &[], 0, &ANY), Err(NoRoute::NoNode));
+    }
+
+    #[test]
+    fn read_your_writes_and_lag_limits() {
+        let s = snap(vec![
+            at(node(Role::Primary, true), 1000, None),
+            at(node(Role::Replica, true), 400, None),
+            at(node(Role::Replica, true), 900, None),
+        ]);
+        let ryw = |min| Policy { min_lsn: Some(min), ..ANY };
+        // Only the replica that replayed the client's commit qualifies, even if busier.
+        assert_eq!(choose(Intent::Replica, &s, &[0, 0, 7], 0, &ryw(800)), Ok(2));
+        // None has: the primary.
+        assert_eq!(choose(Intent::Replica, &s, &[0, 0, 0], 0, &ryw(950)), Ok(0));
+        // max_replica_lag excludes the replica 600 bytes behind.
+        let lag = Policy { max_lag: Some(500), ..ANY };
+        assert_eq!(choose(Intent::Replica, &s, &[0, 0, 9], 0, &lag), Ok(2));
+        let tight = Policy { max_lag: Some(10), ..ANY };
+        assert_eq!(choose(Intent::Replica, &s, &[0, 0, 0], 0, &tight), Ok(0));
+    }
+
+    #[test]
+    fn zones_and_multi_active() {
+        let s = snap(vec![
+            at(node(Role::Primary, true), 1, Some("a")),
+            at(node(Role::Replica, true), 1, Some("a")),
+            at(node(Role::Replica, true), 1, Some("b")),
+        ]);
+        let zone_b = Policy { zone: Some("b"), ..ANY };
+        assert_eq!(choose(Intent::Replica, &s, &[0, 0, 5], 0, &zone_b), Ok(2), "same zone first");
+        let multi = Policy {
+            multi_active: true,
+            zone: Some("a"),
+            ..ANY
+        };
+        // Writes too go anywhere healthy; the local zone first, then the least loaded.
+        assert_eq!(choose(Intent::Primary, &s, &[3, 1, 0], 0, &multi), Ok(1));
+        let down = snap(vec![node(Role::Primary, false)]);
+        assert_eq!(choose(Intent::Primary, &down, &[], 0, &Policy { multi_active: true, ..ANY }), Err(NoRoute::NoNode));
     }
 }

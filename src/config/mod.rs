@@ -71,8 +71,19 @@ pub enum PoolMode {
 pub enum Consistency {
     /// Any healthy replica.
     Eventual,
+    /// After a client's write commits, its reads go only to replicas that have replayed it.
+    ReadYourWrites,
     /// Everything to the primary.
     Primary,
+}
+
+/// How the nodes of a cluster relate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopologyKind {
+    /// One primary takes writes; replicas take reads.
+    PrimaryReplica,
+    /// Every healthy node takes reads and writes (CockroachDB, YugabyteDB YSQL).
+    MultiActive,
 }
 
 /// `[[clusters]]`: one database cluster behind one listener.
@@ -83,6 +94,11 @@ pub struct ClusterConfig {
     pub listen: SocketAddr,
     pub pool_mode: PoolMode,
     pub consistency: Consistency,
+    pub topology: TopologyKind,
+    /// Replicas further behind the primary than this many WAL bytes get no reads.
+    pub max_replica_lag: Option<u64>,
+    /// The zone sluice runs in: nodes in it are preferred.
+    pub zone: Option<String>,
     pub pool_size: usize,
     pub max_client_connections: usize,
     pub checkout_timeout: Duration,
@@ -270,14 +286,20 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
         Some(Consistency::Eventual),
         &[
             ("eventual", Consistency::Eventual),
+            ("read-your-writes", Consistency::ReadYourWrites),
             ("primary", Consistency::Primary),
         ],
     );
-    if consistency.is_none() && f.last_value_was("read-your-writes") {
-        f.replace_last_error(
-            "\"read-your-writes\" is not yet supported by this build; use \"eventual\" or \"primary\"",
-        );
-    }
+    let topology = f.choice(
+        "topology",
+        Some(TopologyKind::PrimaryReplica),
+        &[
+            ("primary-replica", TopologyKind::PrimaryReplica),
+            ("multi-active", TopologyKind::MultiActive),
+        ],
+    );
+    let max_replica_lag = f.optional_bytes("max_replica_lag");
+    let zone = f.optional_string("zone");
     let pool_size = f.integer("pool_size", 20, 1, 10_000);
     let max_client_connections = f.integer("max_client_connections", 10_000, 1, 1_000_000);
     let checkout_timeout = f.duration("checkout_timeout", "5s");
@@ -327,6 +349,9 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
         listen: listen?,
         pool_mode: pool_mode?,
         consistency: consistency?,
+        topology: topology?,
+        max_replica_lag: max_replica_lag?,
+        zone,
         pool_size: pool_size?,
         max_client_connections: max_client_connections?,
         checkout_timeout: checkout_timeout?,
@@ -482,6 +507,23 @@ fn validate_whole(config: &Config, errors: &mut Vec<ConfigError>) {
     }
 }
 
+/// "16MB" → 16 MiB. Units: B, kB, MB, GB, TB (powers of 1024, as PostgreSQL uses them).
+fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "kB" | "KB" => 1 << 10,
+        "MB" => 1 << 20,
+        "GB" => 1 << 30,
+        "TB" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
 fn check_host_port(s: &str) -> Result<(), String> {
     if s.parse::<SocketAddr>().is_ok() {
         return Ok(());
@@ -501,7 +543,6 @@ pub(crate) struct Fields<'e> {
     table: Table,
     path: String,
     errors: &'e mut Vec<ConfigError>,
-    last_string: Option<String>,
 }
 
 impl<'e> Fields<'e> {
@@ -510,7 +551,6 @@ impl<'e> Fields<'e> {
             table,
             path,
             errors,
-            last_string: None,
         }
     }
 
@@ -642,7 +682,6 @@ impl<'e> Fields<'e> {
     }
 
     fn choice<T: Copy>(&mut self, key: &str, default: Option<T>, options: &[(&str, T)]) -> Option<T> {
-        self.last_string = None;
         let s = match self.take(key) {
             Some(Value::String(s)) => s,
             Some(other) => {
@@ -665,17 +704,26 @@ impl<'e> Fields<'e> {
             .collect::<Vec<_>>()
             .join(" | ");
         self.error(key, &format!("unknown value {s:?}; expected {expected}"));
-        self.last_string = Some(s);
         None
     }
 
-    fn last_value_was(&self, s: &str) -> bool {
-        self.last_string.as_deref() == Some(s)
-    }
-
-    fn replace_last_error(&mut self, reason: &str) {
-        if let Some(e) = self.errors.last_mut() {
-            e.reason = reason.to_string();
+    /// A byte size: an integer, or a string like "512kB", "16MB", "1GB" (powers of 1024).
+    /// `Some(None)` when absent, `None` after an error.
+    fn optional_bytes(&mut self, key: &str) -> Option<Option<u64>> {
+        match self.take(key) {
+            None => Some(None),
+            Some(Value::Integer(n)) if n >= 0 => Some(Some(n as u64)),
+            Some(Value::String(s)) => match parse_bytes(&s) {
+                Some(n) => Some(Some(n)),
+                None => {
+                    self.error(key, &format!("invalid size {s:?}; use bytes or a string like \"16MB\""));
+                    None
+                }
+            },
+            Some(other) => {
+                self.error(key, &format!("must be a size like \"16MB\", found {}", other.type_str()));
+                None
+            }
         }
     }
 
@@ -873,11 +921,19 @@ password = "app-secret"
     }
 
     #[test]
-    fn read_your_writes_is_named_as_not_yet_supported() {
-        let text = CONTRACT_PG.replace("\"eventual\"", "\"read-your-writes\"");
-        let errs = Config::parse(&text).unwrap_err().0;
-        assert_eq!(errs.len(), 1);
-        assert!(errs[0].reason.contains("not yet supported"), "{errs:?}");
+    fn consistency_topology_and_lag() {
+        let text = CONTRACT_PG.replace("\"eventual\"", "\"read-your-writes\"\nmax_replica_lag = \"16MB\"\ntopology = \"multi-active\"\nzone = \"a\"");
+        let c = &Config::parse(&text).unwrap().clusters[0];
+        assert_eq!(c.consistency, Consistency::ReadYourWrites);
+        assert_eq!(c.max_replica_lag, Some(16 << 20));
+        assert_eq!(c.topology, TopologyKind::MultiActive);
+        assert_eq!(c.zone.as_deref(), Some("a"));
+        assert_eq!(parse_bytes("512kB"), Some(512 << 10));
+        assert_eq!(parse_bytes("12"), Some(12));
+        assert_eq!(parse_bytes("1 parsec"), None);
+        let bad = CONTRACT_PG.replace("pool_size = 20", "pool_size = 20\nmax_replica_lag = \"lots\"");
+        let errs = Config::parse(&bad).unwrap_err().0;
+        assert_eq!(errs[0].path, "clusters[0].max_replica_lag", "{errs:?}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
+use super::settings::{self, Settings};
 use super::{fatal, Session};
 use crate::cluster::{AttachError, Cluster};
 
@@ -45,7 +46,7 @@ pub async fn login(cluster: &Arc<Cluster>, stream: TcpStream) -> std::io::Result
     if !out.is_empty() {
         stream.write_all(&out).await?;
     }
-    let Some((user, database)) = greeted else {
+    let Some((user, database, settings)) = greeted else {
         return Ok(None);
     };
     let (rd, wr) = stream.into_split();
@@ -68,6 +69,9 @@ pub async fn login(cluster: &Arc<Cluster>, stream: TcpStream) -> std::io::Result
         to_backend: BytesMut::new(),
         attached: None,
         statements: Default::default(),
+        settings,
+        pinned: None,
+        min_lsn: None,
         skip_until_sync: false,
         cancel_key,
         cancel_slot,
@@ -83,7 +87,7 @@ async fn handshake(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
     out: &mut BytesMut,
-) -> std::io::Result<Option<(String, String)>> {
+) -> std::io::Result<Option<(String, String, Settings)>> {
     let mut negotiations = 0;
     let params = loop {
         let packet = loop {
@@ -143,16 +147,21 @@ async fn handshake(
     }
     server::authentication_ok(out);
 
+    let StartupPacket::Startup {
+        params: ref startup_params,
+        ..
+    } = params
+    else {
+        unreachable!("the loop above only breaks with a Startup packet")
+    };
+    let wanted = settings::from_startup(startup_params);
     match cluster.server_params(&user, &database).await {
         Ok(p) => {
-            let app = params.param("application_name");
+            // What the client asked for at startup is what it gets (sluice replays it on every
+            // backend), so announce those values.
             for (k, v) in p.iter() {
-                let v = if k == "application_name" {
-                    app.unwrap_or(v)
-                } else {
-                    v
-                };
-                server::parameter_status(out, k, v);
+                let asked = wanted.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)).map(|(_, v)| v.as_str());
+                server::parameter_status(out, k, asked.unwrap_or(v));
             }
         }
         Err(AttachError::Pool(crate::pool::PoolError::Connect(crate::backend::BackendError::Server {
@@ -169,7 +178,7 @@ async fn handshake(
         }
     }
     debug!(%user, %database, "client logged in");
-    Ok(Some((user, database)))
+    Ok(Some((user, database, wanted)))
 }
 
 /// SCRAM-SHA-256 against the configured password. Unknown users run the same exchange

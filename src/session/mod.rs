@@ -3,27 +3,34 @@
 //! Client messages are framed and forwarded untouched except where statement names must be
 //! rewritten (named prepared statements live per backend; see `statements.rs`). A backend is
 //! attached when a request arrives and, in transaction mode, returned to its pool as soon as
-//! ReadyForQuery says idle with nothing left in flight.
+//! ReadyForQuery says idle with nothing left in flight — unless session state (LISTEN, temp
+//! tables, ...) pins the client to it. Sluice's own queries on the attached backend (settings
+//! replay and capture, WAL position for read-your-writes) are answered to sluice, never relayed;
+//! see `replies.rs`.
 
 mod login;
+mod replies;
+mod settings;
 mod statements;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use sluice_postgres::server::{self, ErrorFields};
-use sluice_postgres::{peek, split_message, Class, Classification, Message};
+use sluice_postgres::{peek, split_message, Classification, Message, PinReason};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::backend::MAX_BACKEND_MESSAGE;
 use crate::cluster::{AttachError, CancelSlot, CancelTarget, Checkout, Cluster};
 use crate::config::PoolMode;
 use crate::router::Intent;
+use crate::topology::Role;
+use replies::Unit;
+use settings::Settings;
 use statements::{Pending, Statement};
 
 /// The largest message a client may send (a Bind or CopyData with a large value).
@@ -53,12 +60,12 @@ pub async fn serve(cluster: Arc<Cluster>, stream: TcpStream, peer: SocketAddr) {
     .await
 }
 
-/// Appends a FATAL ErrorResponse.
-fn fatal(out: &mut BytesMut, code: &str, message: &str) {
+/// Appends an ErrorResponse with this severity.
+fn error_with(out: &mut BytesMut, severity: &str, code: &str, message: &str) {
     server::error_response(
         out,
         &ErrorFields {
-            severity: "FATAL",
+            severity,
             code,
             message,
             detail: None,
@@ -67,18 +74,9 @@ fn fatal(out: &mut BytesMut, code: &str, message: &str) {
     );
 }
 
-/// Appends an ERROR ErrorResponse.
-fn error(out: &mut BytesMut, code: &str, message: &str) {
-    server::error_response(
-        out,
-        &ErrorFields {
-            severity: "ERROR",
-            code,
-            message,
-            detail: None,
-            hint: None,
-        },
-    );
+/// Appends a FATAL ErrorResponse.
+fn fatal(out: &mut BytesMut, code: &str, message: &str) {
+    error_with(out, "FATAL", code, message);
 }
 
 /// How a session ends.
@@ -94,23 +92,27 @@ enum End {
 /// The backend a client holds right now.
 struct Attached {
     checkout: Checkout,
-    /// Queries and Syncs forwarded and not yet answered with ReadyForQuery.
-    pending: u32,
+    /// One entry per ReadyForQuery still to come, in order, saying whose it is.
+    units: VecDeque<Unit>,
     /// Extended-protocol messages forwarded since the last Sync.
     in_batch: bool,
     /// Responses (ParseComplete/CloseComplete) still to come, and whether each is sluice's own.
-    fixups: std::collections::VecDeque<Pending>,
+    fixups: VecDeque<Pending>,
     /// The client's unnamed statement is known to this backend (parsed since attaching).
     unnamed_ready: bool,
     /// The transaction status of the last ReadyForQuery (b'I' idle, b'T' in a transaction,
     /// b'E' in a failed transaction).
     status: u8,
+    /// A request since the last settings capture ran SET, RESET or DISCARD.
+    settings_dirty: bool,
+    /// A write ran since the last WAL position capture (read-your-writes).
+    wrote: bool,
 }
 
 impl Attached {
     /// Nothing in flight and no transaction open: the connection may serve someone else.
     fn is_clean(&self) -> bool {
-        self.pending == 0 && !self.in_batch && self.status == b'I'
+        self.units.is_empty() && !self.in_batch && self.status == b'I'
     }
 }
 
@@ -130,6 +132,12 @@ pub struct Session {
     attached: Option<Attached>,
     /// The client's prepared statements by the client's name ("" is the unnamed one).
     statements: HashMap<Bytes, Arc<Statement>>,
+    /// The client's session settings, replayed on each backend it gets.
+    settings: Settings,
+    /// Session state ties the client to its current backend for good.
+    pinned: Option<PinReason>,
+    /// The WAL position of the client's last write (read-your-writes).
+    min_lsn: Option<u64>,
     /// After a failed extended-protocol request: drop messages until Sync.
     skip_until_sync: bool,
     cancel_key: (i32, i32),
@@ -162,9 +170,7 @@ impl Session {
             if self.flush_client().await.is_err() {
                 return End::ClientGone;
             }
-            let Session {
-                rd, cbuf, attached, ..
-            } = self;
+            let Session { rd, cbuf, attached, .. } = self;
             let backend_read = async {
                 match attached {
                     Some(a) => {
@@ -202,9 +208,7 @@ impl Session {
         if let Some(a) = self.attached.as_mut() {
             a.checkout.conn.discard();
         }
-        self.cluster
-            .metrics
-            .error(&self.cluster.config.name, "backend_lost");
+        self.cluster.metrics.error(&self.cluster.config.name, "backend_lost");
         let msg = format!("sluice: lost the connection to database node {node}: {why}");
         fatal(&mut self.out, "08006", &msg);
         End::BackendFault(msg)
@@ -249,23 +253,27 @@ impl Session {
     fn violation(&mut self, why: &str) -> End {
         let msg = format!("sluice: protocol violation: {why}");
         fatal(&mut self.out, "08P01", &msg);
-        self.cluster
-            .metrics
-            .error(&self.cluster.config.name, "protocol_violation");
+        self.cluster.metrics.error(&self.cluster.config.name, "protocol_violation");
         End::ClientFault(msg)
     }
 
     async fn handle_client_message(&mut self, msg: Message) -> Result<(), End> {
         let tag = msg.tag();
-        if !matches!(
-            tag,
-            b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' | b'd' | b'c' | b'f' | b'F' | b'X'
-        ) {
+        if !matches!(tag, b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' | b'd' | b'c' | b'f' | b'F' | b'X') {
             return Err(self.violation(&format!("unexpected message type {:?}", char::from(tag))));
         }
         if tag == b'X' {
             return Err(End::ClientGone);
         }
+        // A simple query is classified once, for routing and for its session effects.
+        let query_class = if tag == b'Q' {
+            match peek::query(msg.body()) {
+                Ok(sql) => Some(self.cluster.classifier.classify(sql)),
+                Err(e) => return Err(self.violation(&e.to_string())),
+            }
+        } else {
+            None
+        };
         if self.attached.is_none() {
             if self.skip_until_sync {
                 if tag == b'S' {
@@ -285,45 +293,40 @@ impl Session {
                 b'H' | b'd' | b'c' | b'f' => return Ok(()),
                 _ => {}
             }
-            let class = self.classify(&msg)?;
+            let class = match query_class {
+                Some(c) => c,
+                None => self.classify(&msg)?,
+            };
             let intent = match self.cluster.config.pool_mode {
                 PoolMode::Session => Intent::Primary,
                 PoolMode::Transaction => Intent::of(class, self.cluster.config.consistency),
             };
-            match self.cluster.attach(intent, &self.user, &self.database).await {
+            match self.cluster.attach(intent, &self.user, &self.database, self.min_lsn).await {
                 Ok(checkout) => self.attach(checkout),
                 Err(e) => return self.attach_failed(tag, e),
             }
         }
-        self.forward(msg)
+        self.forward(msg, query_class)
     }
 
-    /// The class of the request that starts with `msg`.
+    /// The class of an extended-protocol request that starts with `msg`.
     fn classify(&mut self, msg: &Message) -> Result<Classification, End> {
-        let write = Classification {
-            class: Class::Write,
-            hint: None,
-        };
         let c = &self.cluster.classifier;
         Ok(match msg.tag() {
-            b'Q' => match peek::query(msg.body()) {
-                Ok(sql) => c.classify(sql),
-                Err(e) => return Err(self.violation(&e.to_string())),
-            },
             b'P' => match peek::parse(msg.body()) {
                 Ok(p) => c.classify(p.query),
                 Err(e) => return Err(self.violation(&e.to_string())),
             },
             b'B' => match peek::bind(msg.body()) {
-                Ok(b) => self.statements.get(b.statement).map_or(write, |s| s.class),
+                Ok(b) => self.statements.get(b.statement).map_or(Classification::WRITE, |s| s.class),
                 Err(e) => return Err(self.violation(&e.to_string())),
             },
             b'D' => match peek::target(msg.body()) {
-                Ok(t) if t.kind == b'S' => self.statements.get(t.name).map_or(write, |s| s.class),
-                Ok(_) => write,
+                Ok(t) if t.kind == b'S' => self.statements.get(t.name).map_or(Classification::WRITE, |s| s.class),
+                Ok(_) => Classification::WRITE,
                 Err(e) => return Err(self.violation(&e.to_string())),
             },
-            _ => write,
+            _ => Classification::WRITE,
         })
     }
 
@@ -335,36 +338,55 @@ impl Session {
             secret: be.secret,
         });
         debug!(node = %be.addr, "attached backend");
+        let mut units = VecDeque::new();
+        if be.settings != self.settings {
+            // The backend carries someone else's settings (or none): make them the client's.
+            self.to_backend.extend_from_slice(&simple_query(&settings::replay_sql(&self.settings)));
+            be.settings = self.settings.clone();
+            units.push_back(Unit::Replay);
+            self.cluster.settings_replayed();
+        }
         self.attached = Some(Attached {
             checkout,
-            pending: 0,
+            units,
             in_batch: false,
-            fixups: Default::default(),
+            fixups: VecDeque::new(),
             unnamed_ready: false,
             status: b'I',
+            settings_dirty: false,
+            wrote: false,
         });
+    }
+
+    /// Ties the client to its backend for the rest of the session.
+    fn pin(&mut self, reason: PinReason) {
+        if self.pinned.is_none() && self.cluster.config.pool_mode == PoolMode::Transaction {
+            info!(reason = reason.label(), "client pinned to its backend connection");
+            self.cluster.pinned(reason.label());
+            self.pinned = Some(reason);
+        }
     }
 
     /// Returns the backend to its pool, or closes it when it is not clean.
     fn detach(&mut self) {
         if let Some(mut a) = self.attached.take() {
-            if !a.is_clean() {
+            if !a.is_clean() || self.pinned.is_some() {
                 a.checkout.conn.discard();
             }
             *self.cancel_slot.lock().expect("cancel slot lock") = None;
         }
     }
 
-    /// Lets go of the backend when the client leaves. A transaction or request still in flight
-    /// closes the connection, which makes the server roll back; in session mode a clean
-    /// connection is reset with DISCARD ALL before anyone else gets it.
+    /// Lets go of the backend when the client leaves. A transaction or request still in flight,
+    /// or pinned session state, closes the connection (the server rolls back and forgets);
+    /// in session mode a clean connection is reset with DISCARD ALL before anyone else gets it.
     async fn detach_at_end(&mut self) {
         let Some(a) = self.attached.as_mut() else { return };
         if a.is_clean() && self.cluster.config.pool_mode == PoolMode::Session {
             let be = a.checkout.conn.conn();
-            let reset =
-                tokio::time::timeout(std::time::Duration::from_secs(2), be.simple_query("DISCARD ALL")).await;
+            let reset = tokio::time::timeout(std::time::Duration::from_secs(2), be.simple_query("DISCARD ALL")).await;
             be.prepared.clear();
+            be.settings = Default::default();
             if !matches!(reset, Ok(Ok(_))) {
                 a.checkout.conn.discard();
             }
@@ -373,18 +395,16 @@ impl Session {
     }
 
     fn attach_failed(&mut self, tag: u8, e: AttachError) -> Result<(), End> {
+        use crate::backend::BackendError;
+        use crate::pool::PoolError;
         let (code, reason) = match &e {
             AttachError::NoPrimary { .. } => ("57P03", "no_primary"),
             AttachError::NoNode { .. } => ("57P03", "no_node"),
-            AttachError::Pool(crate::pool::PoolError::Exhausted { .. }) => ("53300", "pool_exhausted"),
-            AttachError::Pool(crate::pool::PoolError::Connect(_)) => ("08006", "backend_connect"),
+            AttachError::Pool(PoolError::Exhausted { .. }) => ("53300", "pool_exhausted"),
+            AttachError::Pool(PoolError::Connect(_)) => ("08006", "backend_connect"),
         };
         self.cluster.metrics.error(&self.cluster.config.name, reason);
-        if let AttachError::Pool(crate::pool::PoolError::Connect(crate::backend::BackendError::Server {
-            raw,
-            ..
-        })) = &e
-        {
+        if let AttachError::Pool(PoolError::Connect(BackendError::Server { raw, .. })) = &e {
             // The server's own refusal (e.g. unknown database) says it best.
             self.out.extend_from_slice(raw);
             if raw_is_fatal(raw) {
@@ -392,7 +412,7 @@ impl Session {
             }
         } else {
             warn!(error = %e, "request failed");
-            error(&mut self.out, code, &e.to_string());
+            error_with(&mut self.out, "ERROR", code, &e.to_string());
         }
         if tag == b'Q' {
             server::ready_for_query(&mut self.out, b'I');
@@ -402,50 +422,17 @@ impl Session {
         Ok(())
     }
 
-    /// Handles every complete backend message: relays it, swallows sluice's own responses,
-    /// and returns the backend when the transaction is over.
-    fn process_backend_messages(&mut self) -> Result<(), End> {
-        let mut release = false;
-        {
-            let Some(a) = self.attached.as_mut() else {
-                return Ok(());
-            };
-            loop {
-                let be = a.checkout.conn.conn();
-                let msg = match split_message(&mut be.rbuf, MAX_BACKEND_MESSAGE) {
-                    Ok(Some(m)) => m,
-                    Ok(None) => break,
-                    Err(e) => {
-                        let why = format!("invalid message from the server: {e}");
-                        return Err(self.backend_lost(&why));
-                    }
-                };
-                match msg.tag() {
-                    // Every ParseComplete/CloseComplete pops its entry; sluice's own are not relayed.
-                    b'1' | b'3' if a.fixups.pop_front().is_some_and(|p| p.swallow) => continue,
-                    b'Z' => {
-                        a.pending = a.pending.saturating_sub(1);
-                        let status = peek::ready_status(msg.body()).unwrap_or(b'I');
-                        a.status = status;
-                        if a.pending == 0 {
-                            statements::settle(&mut a.fixups, &mut a.checkout.conn.conn().prepared);
-                            release = a.is_clean() && self.cluster.config.pool_mode == PoolMode::Transaction;
-                        }
-                    }
-                    _ => {}
-                }
-                self.out.extend_from_slice(msg.raw());
-                if release {
-                    // Anything after the final ReadyForQuery would be unsolicited; there is none.
-                    break;
-                }
-            }
-        }
-        if release {
-            self.detach();
-        }
-        Ok(())
+    /// Whether the attached backend runs on the primary (for read-your-writes bookkeeping).
+    fn attached_to_primary(&self) -> bool {
+        self.attached.as_ref().is_some_and(|a| a.checkout.role == Role::Primary)
     }
+}
+
+/// A Query message.
+fn simple_query(sql: &str) -> BytesMut {
+    let mut b = BytesMut::new();
+    postgres_protocol::message::frontend::query(sql, &mut b).expect("sluice's own SQL has no NUL");
+    b
 }
 
 /// Whether a raw ErrorResponse ends the server session (its first field is the severity).

@@ -13,8 +13,9 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use sluice_postgres::{peek, Classification, Message};
+use sluice_postgres::{peek, Class, Classification, Message};
 
+use super::replies::Unit;
 use super::{End, Session};
 
 /// A statement a client prepared.
@@ -66,11 +67,15 @@ fn statement_hash(query: &[u8], rest: &[u8]) -> u64 {
 
 impl Session {
     /// Sends one client message to the attached backend, rewriting statement names.
-    pub(super) fn forward(&mut self, msg: Message) -> Result<(), End> {
-        let a = self.attached.as_mut().expect("forward needs a backend");
+    /// `query_class` is the classification of a simple query.
+    pub(super) fn forward(&mut self, msg: Message, query_class: Option<Classification>) -> Result<(), End> {
         match msg.tag() {
             b'Q' => {
-                a.pending += 1;
+                let a = self.attached.as_mut().expect("forward needs a backend");
+                a.units.push_back(Unit::Client);
+                if let Some(c) = query_class {
+                    self.note_effects(c);
+                }
                 if let Ok(sql) = peek::query(msg.body()) {
                     self.note_session_commands(sql);
                 }
@@ -78,8 +83,12 @@ impl Session {
             }
             b'S' | b'F' => {
                 let a = self.attached.as_mut().expect("attached");
-                a.pending += 1;
-                a.in_batch = false;
+                a.units.push_back(Unit::Client);
+                if msg.tag() == b'S' {
+                    a.in_batch = false;
+                } else {
+                    a.wrote = true;
+                }
                 self.to_backend.extend_from_slice(msg.raw());
             }
             b'P' => {
@@ -127,6 +136,11 @@ impl Session {
             b'B' => {
                 let b = peek::bind(msg.body()).map_err(|e| self.violation(&e.to_string()))?;
                 self.attached.as_mut().expect("attached").in_batch = true;
+                if let Some(stmt) = self.statements.get(b.statement) {
+                    // The statement runs now: its session effects happen now.
+                    let c = stmt.class;
+                    self.note_effects(c);
+                }
                 match self.ensure_prepared(b.statement) {
                     Some(name) => peek::encode_bind(&mut self.to_backend, b.portal, &name, b.rest),
                     None => self.to_backend.extend_from_slice(msg.raw()),
@@ -206,6 +220,16 @@ impl Session {
             });
         }
         Some(backend_name)
+    }
+
+    /// Records what a statement about to run does to the session.
+    fn note_effects(&mut self, c: Classification) {
+        if let Some(reason) = c.effects.pin {
+            self.pin(reason);
+        }
+        let a = self.attached.as_mut().expect("attached");
+        a.settings_dirty |= c.effects.settings;
+        a.wrote |= c.class == Class::Write;
     }
 
     /// `DISCARD` and `DEALLOCATE` in a simple query drop server-side statements that sluice

@@ -12,5 +12,5 @@ pub mod scram;
 pub mod server;
 pub mod startup;
 
-pub use classify::{Class, Classification, Classifier, Hint};
+pub use classify::{Class, Classification, Classifier, Effects, Hint, PinReason};
 pub use frame::{split_message, split_startup, FrameError, Message, MAX_STARTUP_LEN};

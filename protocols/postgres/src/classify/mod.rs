@@ -28,6 +28,50 @@ pub enum Hint {
     Replica,
 }
 
+/// Why a statement ties a client to its server connection for the rest of its session: it
+/// creates state that lives in that one connection and cannot be moved or replayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinReason {
+    /// LISTEN: notifications arrive on this connection.
+    Listen,
+    /// CREATE TEMP TABLE/VIEW/SEQUENCE.
+    TempObject,
+    /// pg_advisory_lock and friends at session level (the xact variants are fine).
+    AdvisoryLock,
+    /// DECLARE ... WITH HOLD: the cursor outlives the transaction.
+    HoldCursor,
+    /// SQL-level PREPARE.
+    Prepare,
+    /// SET ROLE / SET SESSION AUTHORIZATION.
+    Role,
+    /// LOAD of a shared library.
+    Load,
+}
+
+impl PinReason {
+    /// A short label for metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            PinReason::Listen => "listen",
+            PinReason::TempObject => "temp_object",
+            PinReason::AdvisoryLock => "advisory_lock",
+            PinReason::HoldCursor => "hold_cursor",
+            PinReason::Prepare => "prepare",
+            PinReason::Role => "role",
+            PinReason::Load => "load",
+        }
+    }
+}
+
+/// What a query string does to the session beyond its own transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Effects {
+    /// SET, RESET or DISCARD: session settings may have changed.
+    pub settings: bool,
+    /// Session state that pins the client to this server connection.
+    pub pin: Option<PinReason>,
+}
+
 /// Result of classifying one query string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Classification {
@@ -35,7 +79,29 @@ pub struct Classification {
     pub class: Class,
     /// Hint comment, if any (the first one); does not change `class`.
     pub hint: Option<Hint>,
+    /// Session-level side effects.
+    pub effects: Effects,
 }
+
+impl Classification {
+    /// A write with no hint and no session effects: what anything undecidable is.
+    pub const WRITE: Classification = Classification {
+        class: Class::Write,
+        hint: None,
+        effects: Effects {
+            settings: false,
+            pin: None,
+        },
+    };
+}
+
+/// Session-level advisory lock functions (their `_xact_` variants end with the transaction).
+const SESSION_LOCK_FUNCTIONS: &[&[u8]] = &[
+    b"pg_advisory_lock",
+    b"pg_advisory_lock_shared",
+    b"pg_try_advisory_lock",
+    b"pg_try_advisory_lock_shared",
+];
 
 /// Functions with side effects that make an otherwise read-only query a write.
 /// `set_config` is deliberately absent: it works on standbys.
@@ -98,6 +164,10 @@ struct Stmt<'a, 'l> {
     done: bool,
     eof: bool,
     nested_end: bool,
+    /// The previous token, to spot calls of session-level advisory lock functions.
+    prev: Option<Tok<'a>>,
+    /// A session-level advisory lock function is called somewhere in the statement.
+    session_lock: bool,
 }
 
 impl<'a, 'l> Stmt<'a, 'l> {
@@ -109,6 +179,8 @@ impl<'a, 'l> Stmt<'a, 'l> {
             done: false,
             eof: false,
             nested_end: false,
+            prev: None,
+            session_lock: false,
         }
     }
 
@@ -121,8 +193,14 @@ impl<'a, 'l> Stmt<'a, 'l> {
             self.eof = true;
             return None;
         };
+        let prev = self.prev.replace(t);
         match t {
-            Tok::Punct(b'(') => self.depth = self.depth.saturating_add(1),
+            Tok::Punct(b'(') => {
+                self.depth = self.depth.saturating_add(1);
+                if let Some(Tok::Word(w)) = prev {
+                    self.session_lock |= SESSION_LOCK_FUNCTIONS.iter().any(|f| kw(w, f));
+                }
+            }
             Tok::Punct(b')') if self.base > 0 && self.depth == self.base => {
                 self.depth -= 1;
                 self.nested_end = true;
@@ -172,12 +250,19 @@ impl Classifier {
     pub fn classify_with(&self, sql: &[u8], standard_conforming_strings: bool) -> Classification {
         let mut lx = Lexer::new(sql, !standard_conforming_strings);
         let mut write = false;
+        let mut effects = Effects::default();
         loop {
             let mut st = Stmt::new(&mut lx);
-            if self.statement(&mut st, false) == Verdict::Write {
+            let (verdict, e) = self.statement(&mut st, false);
+            if verdict == Verdict::Write {
                 write = true;
             }
             st.drain();
+            effects.settings |= e.settings;
+            effects.pin = effects.pin.or(e.pin);
+            if st.session_lock {
+                effects.pin = effects.pin.or(Some(PinReason::AdvisoryLock));
+            }
             if st.eof {
                 break;
             }
@@ -189,7 +274,11 @@ impl Classifier {
         } else {
             Class::Read
         };
-        Classification { class, hint: lx.hint }
+        Classification {
+            class,
+            hint: lx.hint,
+            effects,
+        }
     }
 
     fn is_write_function(&self, t: Tok<'_>) -> bool {
@@ -206,8 +295,15 @@ impl Classifier {
         }
     }
 
-    /// Classifies one statement and consumes it. `nested` is true inside `COPY (...)`.
-    fn statement(&self, st: &mut Stmt<'_, '_>, nested: bool) -> Verdict {
+    /// Classifies one statement (read/write and session effects). `nested` is true inside
+    /// `COPY (...)`.
+    fn statement(&self, st: &mut Stmt<'_, '_>, nested: bool) -> (Verdict, Effects) {
+        let mut effects = Effects::default();
+        let verdict = self.verdict(st, nested, &mut effects);
+        (verdict, effects)
+    }
+
+    fn verdict(&self, st: &mut Stmt<'_, '_>, nested: bool, effects: &mut Effects) -> Verdict {
         let mut tok = st.next();
         while matches!(tok, Some(Tok::Punct(b'('))) {
             tok = st.next();
@@ -271,6 +367,7 @@ impl Classifier {
         } else if kw(word, b"COPY") && !nested {
             self.copy(st)
         } else {
+            session_effects(word, st, effects);
             Verdict::Write
         }
     }
@@ -309,7 +406,7 @@ impl Classifier {
             };
             if first && t == Tok::Punct(b'(') {
                 st.base = st.depth;
-                inner = self.statement(st, true);
+                inner = self.statement(st, true).0;
                 st.drain();
                 if !st.nested_end {
                     return Verdict::Write;
@@ -327,6 +424,57 @@ impl Classifier {
             }
             first = false;
         }
+    }
+}
+
+/// What SET, RESET, DISCARD, LISTEN, CREATE TEMP, DECLARE ... WITH HOLD, PREPARE and LOAD do
+/// to the session. Consumes tokens only where it must look further.
+fn session_effects(word: &[u8], st: &mut Stmt<'_, '_>, effects: &mut Effects) {
+    if kw(word, b"SET") {
+        let next = st.next();
+        if is_word(next, b"LOCAL") || is_word(next, b"TRANSACTION") || is_word(next, b"CONSTRAINTS") {
+            return; // ends with the transaction
+        }
+        let next = if is_word(next, b"SESSION") { st.next() } else { next };
+        if is_word(next, b"ROLE") || is_word(next, b"AUTHORIZATION") {
+            effects.pin = Some(PinReason::Role);
+        } else {
+            effects.settings = true;
+        }
+    } else if kw(word, b"RESET") || kw(word, b"DISCARD") {
+        effects.settings = true;
+    } else if kw(word, b"LISTEN") {
+        effects.pin = Some(PinReason::Listen);
+    } else if kw(word, b"CREATE") {
+        let mut next = st.next();
+        if is_word(next, b"OR") {
+            st.next(); // REPLACE
+            next = st.next();
+        }
+        if is_word(next, b"GLOBAL") || is_word(next, b"LOCAL") {
+            next = st.next();
+        }
+        if is_word(next, b"TEMP") || is_word(next, b"TEMPORARY") {
+            effects.pin = Some(PinReason::TempObject);
+        }
+    } else if kw(word, b"DECLARE") {
+        let mut prev = None;
+        while let Some(t) = st.next() {
+            if is_word(prev, b"WITH") && is_word(Some(t), b"HOLD") {
+                effects.pin = Some(PinReason::HoldCursor);
+                return;
+            }
+            if is_word(Some(t), b"FOR") {
+                return; // the query starts; WITH HOLD comes before it
+            }
+            prev = Some(t);
+        }
+    } else if kw(word, b"PREPARE") {
+        if !is_word(st.next(), b"TRANSACTION") {
+            effects.pin = Some(PinReason::Prepare);
+        }
+    } else if kw(word, b"LOAD") {
+        effects.pin = Some(PinReason::Load);
     }
 }
 

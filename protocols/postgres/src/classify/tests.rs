@@ -167,12 +167,63 @@ fn hints() {
         ("/* sluice: nowhere */ SELECT 1", R, None),
     ];
     for (sql, class, hint) in cases {
-        assert_eq!(
-            c.classify(sql.as_bytes()),
-            Classification { class, hint },
-            "{sql:?}"
-        );
+        let got = c.classify(sql.as_bytes());
+        assert_eq!((got.class, got.hint), (class, hint), "{sql:?}");
     }
+}
+
+#[test]
+fn session_effects() {
+    let c = Classifier::default();
+    let settings = |sql: &str| c.classify(sql.as_bytes()).effects.settings;
+    let pin = |sql: &str| c.classify(sql.as_bytes()).effects.pin;
+    for sql in [
+        "SET search_path = app",
+        "set session timezone to 'UTC'",
+        "RESET ALL",
+        "reset work_mem",
+        "DISCARD ALL",
+        "SELECT 1; SET statement_timeout = 5",
+        "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+    ] {
+        assert!(settings(sql), "{sql:?}");
+        assert_eq!(pin(sql), None, "{sql:?}");
+    }
+    for sql in [
+        "SET LOCAL search_path = app",
+        "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        "SET CONSTRAINTS ALL DEFERRED",
+        "SELECT 'SET x = 1'",
+        "INSERT INTO t VALUES ('RESET')",
+    ] {
+        assert!(!settings(sql), "{sql:?}");
+    }
+    let cases = [
+        ("LISTEN chan", Some(PinReason::Listen)),
+        ("UNLISTEN *", None),
+        ("CREATE TEMP TABLE x (a int)", Some(PinReason::TempObject)),
+        ("create local temporary table x (a int)", Some(PinReason::TempObject)),
+        ("CREATE OR REPLACE TEMP VIEW v AS SELECT 1", Some(PinReason::TempObject)),
+        ("CREATE TABLE temp (a int)", None),
+        ("SELECT pg_advisory_lock(1)", Some(PinReason::AdvisoryLock)),
+        ("SELECT pg_try_advisory_lock_shared(1, 2)", Some(PinReason::AdvisoryLock)),
+        ("SELECT pg_advisory_xact_lock(1)", None),
+        ("INSERT INTO t SELECT pg_advisory_lock(1)", Some(PinReason::AdvisoryLock)),
+        ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", Some(PinReason::HoldCursor)),
+        ("DECLARE c NO SCROLL CURSOR WITHOUT HOLD FOR SELECT 1", None),
+        ("DECLARE c CURSOR FOR SELECT 'WITH HOLD'", None),
+        ("PREPARE q AS SELECT 1", Some(PinReason::Prepare)),
+        ("PREPARE TRANSACTION 'tx1'", None),
+        ("SET ROLE admin", Some(PinReason::Role)),
+        ("SET SESSION AUTHORIZATION bob", Some(PinReason::Role)),
+        ("LOAD 'auto_explain'", Some(PinReason::Load)),
+        ("SELECT 1; LISTEN a", Some(PinReason::Listen)),
+    ];
+    for (sql, want) in cases {
+        assert_eq!(pin(sql), want, "{sql:?}");
+    }
+    // Advisory locks still make the statement a write.
+    assert_eq!(c.classify(b"SELECT pg_advisory_lock(1)").class, Class::Write);
 }
 
 #[test]
