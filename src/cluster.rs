@@ -88,7 +88,8 @@ impl Cluster {
     pub fn new(config: ClusterConfig, metrics: Arc<Metrics>) -> Arc<Cluster> {
         let members = match &config.discovery {
             Discovery::Static(a) => a.iter().map(|a| Member::at(a)).collect(),
-            Discovery::Kubernetes(_) => Vec::new(),
+            // Dynamic discovery fills the member list once it has looked.
+            _ => Vec::new(),
         };
         let mut rng = rand::rng();
         let users = config
@@ -138,11 +139,12 @@ impl Cluster {
 
     /// Starts the probe supervisor (one probe task per node, following membership changes)
     /// and the pool reaper.
-    pub fn spawn_background(self: &Arc<Self>) {
+    /// Aborting the returned tasks stops the probes too (a cluster retired by a reload).
+    pub fn spawn_background(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
         let c = self.clone();
-        tokio::spawn(async move { c.supervise_probes().await });
+        let supervisor = tokio::spawn(async move { c.supervise_probes().await });
         let c = self.clone();
-        tokio::spawn(async move {
+        let reaper = tokio::spawn(async move {
             let every =
                 (c.config.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
             loop {
@@ -150,11 +152,13 @@ impl Cluster {
                 c.pools.reap();
             }
         });
+        vec![supervisor, reaper]
     }
 
     /// Keeps exactly one probe task per member node.
     async fn supervise_probes(self: Arc<Self>) {
-        let mut probes: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+        let mut probes = ProbeTasks::default();
+        let probes = &mut probes.0;
         let mut changes = self.topology.subscribe();
         loop {
             let snap = self.topology.load();
@@ -195,10 +199,20 @@ impl Cluster {
     /// Finds a node for `intent` and checks out a connection to it as (user, database).
     /// Waits up to `failover_wait` while no suitable node is known; a node that refuses
     /// connections is marked down and another one is tried.
-    pub async fn attach(&self, intent: Intent, user: &str, database: &str, min_lsn: Option<u64>) -> Result<Checkout, AttachError> {
+    pub async fn attach(
+        &self,
+        intent: Intent,
+        user: &str,
+        database: &str,
+        min_lsn: Option<u64>,
+    ) -> Result<Checkout, AttachError> {
         let policy = Policy {
             multi_active: self.config.topology == TopologyKind::MultiActive,
-            min_lsn: if self.config.consistency == Consistency::ReadYourWrites { min_lsn } else { None },
+            min_lsn: if self.config.consistency == Consistency::ReadYourWrites {
+                min_lsn
+            } else {
+                None
+            },
             max_lag: self.config.max_replica_lag,
             zone: self.config.zone.as_deref(),
         };
@@ -254,7 +268,8 @@ impl Cluster {
                 }
                 Err(why) => {
                     let waited = start.elapsed();
-                    let ready = |s: &crate::topology::Snapshot| router::choose(intent, s, &[], 0, &policy).is_ok();
+                    let ready =
+                        |s: &crate::topology::Snapshot| router::choose(intent, s, &[], 0, &policy).is_ok();
                     let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
                     if remaining.is_zero() || self.topology.wait_for(remaining, ready).await.is_none() {
                         let cluster = self.config.name.clone();
@@ -314,6 +329,19 @@ impl Cluster {
             .set(i64::from(node.healthy));
         if change.role_changed || change.health_changed {
             info!(node = %node.address, role = ?node.role, healthy = node.healthy, error = node.last_error.as_deref().unwrap_or(""), generation = snap.generation, "topology changed");
+        }
+        // The node has the last word on its role; a label that says otherwise is counted
+        // (once per disagreement) and logged, never followed.
+        let disagrees =
+            node.healthy && node.role != Role::Unknown && node.labeled_role.is_some_and(|l| l != node.role);
+        let was = self
+            .metrics
+            .role_disagreement
+            .get_or_create(&labels)
+            .set(i64::from(disagrees));
+        if disagrees && was == 0 {
+            self.metrics.role_disagreements.get_or_create(&labels).inc();
+            warn!(node = %node.address, id = %node.id, labeled = ?node.labeled_role, probed = ?node.role, "the node's role label disagrees with the node; following the node");
         }
         if change.lost_primary
             || (change.health_changed && !node.healthy)
@@ -438,6 +466,18 @@ impl Cluster {
     pub fn client_disconnected(&self) {
         self.clients.fetch_sub(1, Ordering::AcqRel);
         self.metrics.clients.get_or_create(&self.labels()).dec();
+    }
+}
+
+/// The probe tasks of a cluster, aborted when the supervisor that owns them stops.
+#[derive(Default)]
+struct ProbeTasks(HashMap<String, tokio::task::JoinHandle<()>>);
+
+impl Drop for ProbeTasks {
+    fn drop(&mut self) {
+        for task in self.0.values() {
+            task.abort();
+        }
     }
 }
 

@@ -69,10 +69,18 @@ pub enum NoRoute {
 /// Reads go to the eligible replica with the fewest queries in flight (`load[i]`), same-zone
 /// replicas first, ties broken by rotating from `tiebreak`; with no eligible replica they fall
 /// back to the primary. In a multi-active cluster every healthy node is eligible for anything.
-pub fn choose(intent: Intent, snap: &Snapshot, load: &[u32], tiebreak: usize, policy: &Policy<'_>) -> Result<usize, NoRoute> {
+pub fn choose(
+    intent: Intent,
+    snap: &Snapshot,
+    load: &[u32],
+    tiebreak: usize,
+    policy: &Policy<'_>,
+) -> Result<usize, NoRoute> {
     if policy.multi_active {
-        return least_loaded(snap, load, tiebreak, policy, |n| n.healthy && n.role != Role::Unknown)
-            .ok_or(NoRoute::NoNode);
+        return least_loaded(snap, load, tiebreak, policy, |n| {
+            n.healthy && n.role != Role::Unknown
+        })
+        .ok_or(NoRoute::NoNode);
     }
     let primary = snap.primary();
     match intent {
@@ -166,10 +174,22 @@ mod tests {
         use Consistency::*;
         assert_eq!(Intent::of(cls(Class::Read, None), Eventual), Intent::Replica);
         assert_eq!(Intent::of(cls(Class::Write, None), Eventual), Intent::Primary);
-        assert_eq!(Intent::of(cls(Class::Read, Some(Hint::Primary)), Eventual), Intent::Primary);
-        assert_eq!(Intent::of(cls(Class::Write, Some(Hint::Replica)), Eventual), Intent::Replica);
-        assert_eq!(Intent::of(cls(Class::Read, Some(Hint::Replica)), Primary), Intent::Primary);
-        assert_eq!(Intent::of(cls(Class::Read, None), ReadYourWrites), Intent::Replica);
+        assert_eq!(
+            Intent::of(cls(Class::Read, Some(Hint::Primary)), Eventual),
+            Intent::Primary
+        );
+        assert_eq!(
+            Intent::of(cls(Class::Write, Some(Hint::Replica)), Eventual),
+            Intent::Replica
+        );
+        assert_eq!(
+            Intent::of(cls(Class::Read, Some(Hint::Replica)), Primary),
+            Intent::Primary
+        );
+        assert_eq!(
+            Intent::of(cls(Class::Read, None), ReadYourWrites),
+            Intent::Replica
+        );
     }
 
     #[test]
@@ -206,15 +226,24 @@ mod tests {
             at(node(Role::Replica, true), 400, None),
             at(node(Role::Replica, true), 900, None),
         ]);
-        let ryw = |min| Policy { min_lsn: Some(min), ..ANY };
+        let ryw = |min| Policy {
+            min_lsn: Some(min),
+            ..ANY
+        };
         // Only the replica that replayed the client's commit qualifies, even if busier.
         assert_eq!(choose(Intent::Replica, &s, &[0, 0, 7], 0, &ryw(800)), Ok(2));
         // None has: the primary.
         assert_eq!(choose(Intent::Replica, &s, &[0, 0, 0], 0, &ryw(950)), Ok(0));
         // max_replica_lag excludes the replica 600 bytes behind.
-        let lag = Policy { max_lag: Some(500), ..ANY };
+        let lag = Policy {
+            max_lag: Some(500),
+            ..ANY
+        };
         assert_eq!(choose(Intent::Replica, &s, &[0, 0, 9], 0, &lag), Ok(2));
-        let tight = Policy { max_lag: Some(10), ..ANY };
+        let tight = Policy {
+            max_lag: Some(10),
+            ..ANY
+        };
         assert_eq!(choose(Intent::Replica, &s, &[0, 0, 0], 0, &tight), Ok(0));
     }
 
@@ -225,8 +254,15 @@ mod tests {
             at(node(Role::Replica, true), 1, Some("a")),
             at(node(Role::Replica, true), 1, Some("b")),
         ]);
-        let zone_b = Policy { zone: Some("b"), ..ANY };
-        assert_eq!(choose(Intent::Replica, &s, &[0, 0, 5], 0, &zone_b), Ok(2), "same zone first");
+        let zone_b = Policy {
+            zone: Some("b"),
+            ..ANY
+        };
+        assert_eq!(
+            choose(Intent::Replica, &s, &[0, 0, 5], 0, &zone_b),
+            Ok(2),
+            "same zone first"
+        );
         let multi = Policy {
             multi_active: true,
             zone: Some("a"),
@@ -235,6 +271,18 @@ mod tests {
         // Writes too go anywhere healthy; the local zone first, then the least loaded.
         assert_eq!(choose(Intent::Primary, &s, &[3, 1, 0], 0, &multi), Ok(1));
         let down = snap(vec![node(Role::Primary, false)]);
-        assert_eq!(choose(Intent::Primary, &down, &[], 0, &Policy { multi_active: true, ..ANY }), Err(NoRoute::NoNode));
+        assert_eq!(
+            choose(
+                Intent::Primary,
+                &down,
+                &[],
+                0,
+                &Policy {
+                    multi_active: true,
+                    ..ANY
+                }
+            ),
+            Err(NoRoute::NoNode)
+        );
     }
 }

@@ -160,7 +160,10 @@ async fn handshake(
             // What the client asked for at startup is what it gets (sluice replays it on every
             // backend), so announce those values.
             for (k, v) in p.iter() {
-                let asked = wanted.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)).map(|(_, v)| v.as_str());
+                let asked = wanted
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(k))
+                    .map(|(_, v)| v.as_str());
                 server::parameter_status(out, k, asked.unwrap_or(v));
             }
         }

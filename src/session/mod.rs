@@ -107,12 +107,14 @@ struct Attached {
     settings_dirty: bool,
     /// A write ran since the last WAL position capture (read-your-writes).
     wrote: bool,
+    /// The server is in COPY FROM STDIN mode (until the client's CopyDone or CopyFail).
+    copy_in: bool,
 }
 
 impl Attached {
     /// Nothing in flight and no transaction open: the connection may serve someone else.
     fn is_clean(&self) -> bool {
-        self.units.is_empty() && !self.in_batch && self.status == b'I'
+        self.units.is_empty() && !self.in_batch && !self.copy_in && self.status == b'I'
     }
 }
 
@@ -170,7 +172,9 @@ impl Session {
             if self.flush_client().await.is_err() {
                 return End::ClientGone;
             }
-            let Session { rd, cbuf, attached, .. } = self;
+            let Session {
+                rd, cbuf, attached, ..
+            } = self;
             let backend_read = async {
                 match attached {
                     Some(a) => {
@@ -208,7 +212,9 @@ impl Session {
         if let Some(a) = self.attached.as_mut() {
             a.checkout.conn.discard();
         }
-        self.cluster.metrics.error(&self.cluster.config.name, "backend_lost");
+        self.cluster
+            .metrics
+            .error(&self.cluster.config.name, "backend_lost");
         let msg = format!("sluice: lost the connection to database node {node}: {why}");
         fatal(&mut self.out, "08006", &msg);
         End::BackendFault(msg)
@@ -253,13 +259,19 @@ impl Session {
     fn violation(&mut self, why: &str) -> End {
         let msg = format!("sluice: protocol violation: {why}");
         fatal(&mut self.out, "08P01", &msg);
-        self.cluster.metrics.error(&self.cluster.config.name, "protocol_violation");
+        self.cluster
+            .metrics
+            .error(&self.cluster.config.name, "protocol_violation");
         End::ClientFault(msg)
     }
 
     async fn handle_client_message(&mut self, msg: Message) -> Result<(), End> {
         let tag = msg.tag();
-        if !matches!(tag, b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' | b'd' | b'c' | b'f' | b'F' | b'X') {
+        tracing::trace!(tag = %char::from(tag), attached = self.attached.is_some(), "from client");
+        if !matches!(
+            tag,
+            b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' | b'd' | b'c' | b'f' | b'F' | b'X'
+        ) {
             return Err(self.violation(&format!("unexpected message type {:?}", char::from(tag))));
         }
         if tag == b'X' {
@@ -301,7 +313,11 @@ impl Session {
                 PoolMode::Session => Intent::Primary,
                 PoolMode::Transaction => Intent::of(class, self.cluster.config.consistency),
             };
-            match self.cluster.attach(intent, &self.user, &self.database, self.min_lsn).await {
+            match self
+                .cluster
+                .attach(intent, &self.user, &self.database, self.min_lsn)
+                .await
+            {
                 Ok(checkout) => self.attach(checkout),
                 Err(e) => return self.attach_failed(tag, e),
             }
@@ -318,11 +334,17 @@ impl Session {
                 Err(e) => return Err(self.violation(&e.to_string())),
             },
             b'B' => match peek::bind(msg.body()) {
-                Ok(b) => self.statements.get(b.statement).map_or(Classification::WRITE, |s| s.class),
+                Ok(b) => self
+                    .statements
+                    .get(b.statement)
+                    .map_or(Classification::WRITE, |s| s.class),
                 Err(e) => return Err(self.violation(&e.to_string())),
             },
             b'D' => match peek::target(msg.body()) {
-                Ok(t) if t.kind == b'S' => self.statements.get(t.name).map_or(Classification::WRITE, |s| s.class),
+                Ok(t) if t.kind == b'S' => self
+                    .statements
+                    .get(t.name)
+                    .map_or(Classification::WRITE, |s| s.class),
                 Ok(_) => Classification::WRITE,
                 Err(e) => return Err(self.violation(&e.to_string())),
             },
@@ -341,7 +363,8 @@ impl Session {
         let mut units = VecDeque::new();
         if be.settings != self.settings {
             // The backend carries someone else's settings (or none): make them the client's.
-            self.to_backend.extend_from_slice(&simple_query(&settings::replay_sql(&self.settings)));
+            self.to_backend
+                .extend_from_slice(&simple_query(&settings::replay_sql(&self.settings)));
             be.settings = self.settings.clone();
             units.push_back(Unit::Replay);
             self.cluster.settings_replayed();
@@ -355,6 +378,7 @@ impl Session {
             status: b'I',
             settings_dirty: false,
             wrote: false,
+            copy_in: false,
         });
     }
 
@@ -384,7 +408,8 @@ impl Session {
         let Some(a) = self.attached.as_mut() else { return };
         if a.is_clean() && self.cluster.config.pool_mode == PoolMode::Session {
             let be = a.checkout.conn.conn();
-            let reset = tokio::time::timeout(std::time::Duration::from_secs(2), be.simple_query("DISCARD ALL")).await;
+            let reset =
+                tokio::time::timeout(std::time::Duration::from_secs(2), be.simple_query("DISCARD ALL")).await;
             be.prepared.clear();
             be.settings = Default::default();
             if !matches!(reset, Ok(Ok(_))) {
@@ -424,7 +449,9 @@ impl Session {
 
     /// Whether the attached backend runs on the primary (for read-your-writes bookkeeping).
     fn attached_to_primary(&self) -> bool {
-        self.attached.as_ref().is_some_and(|a| a.checkout.role == Role::Primary)
+        self.attached
+            .as_ref()
+            .is_some_and(|a| a.checkout.role == Role::Primary)
     }
 }
 

@@ -14,8 +14,11 @@ use crate::config::{Consistency, PoolMode};
 /// Whose reply the next ReadyForQuery ends.
 #[derive(Debug)]
 pub enum Unit {
-    /// The client's Query, Sync or FunctionCall: relayed.
+    /// The client's Query or FunctionCall: relayed.
     Client,
+    /// The client's Sync: relayed. The server ignores a Sync that arrives during COPY FROM
+    /// STDIN, so this one may never be answered (see `copy_in`).
+    ClientSync,
     /// Sluice's settings replay: swallowed.
     Replay,
     /// Sluice reading the backend's session settings: rows collected.
@@ -29,7 +32,9 @@ impl Session {
     /// and returns the backend when the client's transaction is over.
     pub(super) fn process_backend_messages(&mut self) -> Result<(), End> {
         loop {
-            let Some(a) = self.attached.as_mut() else { return Ok(()) };
+            let Some(a) = self.attached.as_mut() else {
+                return Ok(());
+            };
             let msg = match split_message(&mut a.checkout.conn.conn().rbuf, MAX_BACKEND_MESSAGE) {
                 Ok(Some(m)) => m,
                 Ok(None) => return Ok(()),
@@ -39,9 +44,18 @@ impl Session {
                 }
             };
             let tag = msg.tag();
+            tracing::trace!(tag = %char::from(tag), units = ?a.units, copy_in = a.copy_in, "from backend");
             match a.units.front_mut() {
-                None | Some(Unit::Client) => {
+                None | Some(Unit::Client | Unit::ClientSync) => {
                     match tag {
+                        // COPY FROM STDIN started by Execute: the Sync sent with it is ignored
+                        // by the server, as is any Sync until CopyDone/CopyFail.
+                        b'G' => {
+                            a.copy_in = true;
+                            if matches!(a.units.front(), Some(Unit::ClientSync)) {
+                                a.units.pop_front();
+                            }
+                        }
                         // Every ParseComplete/CloseComplete pops its entry; sluice's own are
                         // not relayed.
                         b'1' | b'3' if a.fixups.pop_front().is_some_and(|p| p.swallow) => continue,
@@ -99,7 +113,7 @@ impl Session {
                 self.settings = s;
             }
             Unit::WalPosition(Some(lsn)) => self.min_lsn = Some(self.min_lsn.map_or(lsn, |m| m.max(lsn))),
-            Unit::WalPosition(None) | Unit::Replay | Unit::Client => {}
+            Unit::WalPosition(None) | Unit::Replay | Unit::Client | Unit::ClientSync => {}
         }
         if self.attached.as_ref().is_some_and(|a| a.units.is_empty()) {
             self.request_done();
@@ -118,13 +132,15 @@ impl Session {
         }
         if a.settings_dirty {
             a.settings_dirty = false;
-            self.to_backend.extend_from_slice(&simple_query(settings::READ_SETTINGS));
+            self.to_backend
+                .extend_from_slice(&simple_query(settings::READ_SETTINGS));
             a.units.push_back(Unit::ReadSettings(Vec::new()));
             return;
         }
         if a.wrote && ryw && on_primary {
             a.wrote = false;
-            self.to_backend.extend_from_slice(&simple_query("SELECT pg_catalog.pg_current_wal_lsn()"));
+            self.to_backend
+                .extend_from_slice(&simple_query("SELECT pg_catalog.pg_current_wal_lsn()"));
             a.units.push_back(Unit::WalPosition(None));
             return;
         }

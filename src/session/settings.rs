@@ -68,10 +68,8 @@ fn parse_options(options: &str) -> Vec<(String, String)> {
     while let Some(w) = it.next() {
         let assignment = if w == "-c" {
             it.next()
-        } else if let Some(rest) = w.strip_prefix("-c").or_else(|| w.strip_prefix("--")) {
-            Some(rest.to_string())
         } else {
-            None
+            w.strip_prefix("-c").or_else(|| w.strip_prefix("--")).map(str::to_string)
         };
         if let Some((n, v)) = assignment.as_deref().and_then(|a| a.split_once('=')) {
             out.push((n.replace('-', "_"), v.to_string()));
@@ -114,7 +112,10 @@ mod tests {
     use super::*;
 
     fn p(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     #[test]
@@ -124,7 +125,10 @@ mod tests {
             ("database", "app"),
             ("application_name", "psql"),
             ("DateStyle", "ISO"),
-            ("options", "-c search_path=a,b --statement-timeout=5s -cwork_mem=64MB -c x\\ y=1"),
+            (
+                "options",
+                "-c search_path=a,b --statement-timeout=5s -cwork_mem=64MB -c x\\ y=1",
+            ),
             ("_pq_.extension", "1"),
         ]));
         assert_eq!(

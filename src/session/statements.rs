@@ -76,19 +76,31 @@ impl Session {
                 if let Some(c) = query_class {
                     self.note_effects(c);
                 }
-                if let Ok(sql) = peek::query(msg.body()) {
-                    self.note_session_commands(sql);
+                let rewritten = peek::query(msg.body())
+                    .ok()
+                    .and_then(|sql| self.rewrite_session_commands(sql));
+                match rewritten {
+                    Some(q) => self.to_backend.extend_from_slice(&q),
+                    None => self.to_backend.extend_from_slice(msg.raw()),
+                }
+            }
+            b'S' => {
+                let a = self.attached.as_mut().expect("attached");
+                a.in_batch = false;
+                if !a.copy_in {
+                    a.units.push_back(Unit::ClientSync);
                 }
                 self.to_backend.extend_from_slice(msg.raw());
             }
-            b'S' | b'F' => {
+            b'F' => {
                 let a = self.attached.as_mut().expect("attached");
                 a.units.push_back(Unit::Client);
-                if msg.tag() == b'S' {
-                    a.in_batch = false;
-                } else {
-                    a.wrote = true;
-                }
+                a.wrote = true;
+                self.to_backend.extend_from_slice(msg.raw());
+            }
+            // CopyDone and CopyFail end COPY FROM STDIN.
+            b'c' | b'f' => {
+                self.attached.as_mut().expect("attached").copy_in = false;
                 self.to_backend.extend_from_slice(msg.raw());
             }
             b'P' => {
@@ -179,7 +191,7 @@ impl Session {
                 self.attached.as_mut().expect("attached").in_batch = true;
                 self.to_backend.extend_from_slice(msg.raw());
             }
-            // CopyData, CopyDone, CopyFail.
+            // CopyData.
             _ => self.to_backend.extend_from_slice(msg.raw()),
         }
         Ok(())
@@ -232,25 +244,76 @@ impl Session {
         a.wrote |= c.class == Class::Write;
     }
 
-    /// `DISCARD` and `DEALLOCATE` in a simple query drop server-side statements that sluice
-    /// tracks; forget them so they are prepared again when needed.
-    fn note_session_commands(&mut self, sql: &[u8]) {
-        let head: Vec<u8> = sql
-            .iter()
-            .skip_while(|b| b.is_ascii_whitespace())
-            .take(16)
-            .map(|b| b.to_ascii_uppercase())
-            .collect();
-        if head.starts_with(b"DISCARD") || head.starts_with(b"DEALLOCATE") {
-            let a = self.attached.as_mut().expect("attached");
-            a.checkout.conn.conn().prepared.clear();
-            a.unnamed_ready = false;
-            let all = sql.to_ascii_uppercase().windows(3).any(|w| w == b"ALL");
-            if all {
+    /// `DEALLOCATE name` names the client's statement, which the backend knows by another name:
+    /// returns the Query to send instead. `DEALLOCATE ALL` and `DISCARD ALL` drop every
+    /// statement on the backend: forget them so they are prepared again when needed.
+    fn rewrite_session_commands(&mut self, sql: &[u8]) -> Option<bytes::BytesMut> {
+        match parse_deallocate(sql)? {
+            Deallocate::All => {
+                let a = self.attached.as_mut().expect("attached");
+                a.checkout.conn.conn().prepared.clear();
+                a.unnamed_ready = false;
                 self.statements.clear();
+                None
+            }
+            Deallocate::Name(name) => {
+                let stmt = self.statements.remove(name.as_slice())?;
+                let backend_name = stmt.backend_name();
+                let a = self.attached.as_mut().expect("attached");
+                let prepared = &mut a.checkout.conn.conn().prepared;
+                if !prepared.remove(&stmt.hash) {
+                    // The backend never saw it: prepare it (answers swallowed) so the
+                    // DEALLOCATE below succeeds exactly as the client expects.
+                    peek::encode_parse(&mut self.to_backend, &backend_name, &stmt.query, &stmt.rest);
+                    self.to_backend.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+                    a.units.insert(a.units.len() - 1, Unit::Replay);
+                }
+                let sql = format!("DEALLOCATE {}", String::from_utf8_lossy(&backend_name));
+                Some(super::simple_query(&sql))
             }
         }
     }
+}
+
+/// What a `DEALLOCATE` or `DISCARD` statement drops.
+#[derive(Debug, PartialEq, Eq)]
+enum Deallocate {
+    All,
+    Name(Vec<u8>),
+}
+
+/// Recognises `DEALLOCATE [PREPARE] name|ALL` and `DISCARD ALL` (a single statement, any case,
+/// optional trailing `;`). Unquoted names fold to lower case, as PostgreSQL folds them.
+fn parse_deallocate(sql: &[u8]) -> Option<Deallocate> {
+    let sql = sql.trim_ascii();
+    let sql = sql.strip_suffix(b";").unwrap_or(sql).trim_ascii_end();
+    let mut words = sql.split(|b| b.is_ascii_whitespace()).filter(|w| !w.is_empty());
+    let first = words.next()?;
+    if first.eq_ignore_ascii_case(b"DISCARD") {
+        let w = words.next()?;
+        return (w.eq_ignore_ascii_case(b"ALL") && words.next().is_none()).then_some(Deallocate::All);
+    }
+    if !first.eq_ignore_ascii_case(b"DEALLOCATE") {
+        return None;
+    }
+    let mut name = words.next()?;
+    if name.eq_ignore_ascii_case(b"PREPARE") {
+        name = words.next()?;
+    }
+    if words.next().is_some() {
+        return None;
+    }
+    if name.eq_ignore_ascii_case(b"ALL") {
+        return Some(Deallocate::All);
+    }
+    let name = match name.strip_prefix(b"\"").and_then(|n| n.strip_suffix(b"\"")) {
+        Some(quoted) => {
+            let s = String::from_utf8_lossy(quoted).replace("\"\"", "\"");
+            s.into_bytes()
+        }
+        None => name.to_ascii_lowercase(),
+    };
+    Some(Deallocate::Name(name))
 }
 
 #[cfg(test)]
@@ -272,6 +335,22 @@ mod tests {
             statement_hash(b"select $1", b"\0\x01\0\0\0\x19")
         );
         assert!(backend_name(1).starts_with(b"sluice_"));
+    }
+
+    #[test]
+    fn deallocate_statements() {
+        let d = |s: &str| parse_deallocate(s.as_bytes());
+        assert_eq!(d("DEALLOCATE ALL"), Some(Deallocate::All));
+        assert_eq!(d("  discard all ;"), Some(Deallocate::All));
+        assert_eq!(d("DEALLOCATE PREPARE all"), Some(Deallocate::All));
+        assert_eq!(d("DEALLOCATE S1"), Some(Deallocate::Name(b"s1".to_vec())));
+        assert_eq!(
+            d("deallocate prepare \"S1\";"),
+            Some(Deallocate::Name(b"S1".to_vec()))
+        );
+        assert_eq!(d("DISCARD PLANS"), None);
+        assert_eq!(d("DEALLOCATE a; SELECT 1"), None);
+        assert_eq!(d("SELECT 1"), None);
     }
 
     #[test]

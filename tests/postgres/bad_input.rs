@@ -5,13 +5,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
-use postgres_protocol::message::backend::Message;
-use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::raw::{raw_login, startup_message};
 use crate::support::{bounded, describe, simple_column};
 use crate::Env;
 
@@ -58,57 +55,6 @@ fn error_fields(reply: &[u8], what: &str) -> Vec<(u8, String)> {
     );
     eprintln!("{what}: {fields:?}");
     fields
-}
-
-/// Logs in as `app` over a raw socket (SCRAM-SHA-256) and waits for ReadyForQuery.
-async fn raw_login(addr: SocketAddr) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
-    stream.write_all(&startup_message("app", "app")).await.unwrap();
-    let mut buf = BytesMut::new();
-    let mut scram = ScramSha256::new(b"app-secret", ChannelBinding::unsupported());
-    loop {
-        let message = loop {
-            if let Some(m) = Message::parse(&mut buf).expect("parse backend message") {
-                break m;
-            }
-            let n = tokio::time::timeout(Duration::from_secs(5), stream.read_buf(&mut buf))
-                .await
-                .expect("login stalled")
-                .expect("read");
-            assert!(n > 0, "EOF during login");
-        };
-        let mut out = BytesMut::new();
-        match message {
-            Message::AuthenticationSasl(_) => {
-                frontend::sasl_initial_response("SCRAM-SHA-256", scram.message(), &mut out).unwrap()
-            }
-            Message::AuthenticationSaslContinue(body) => {
-                scram.update(body.data()).expect("server-first message");
-                frontend::sasl_response(scram.message(), &mut out).unwrap();
-            }
-            Message::AuthenticationSaslFinal(body) => {
-                scram.finish(body.data()).expect("server signature");
-            }
-            Message::ReadyForQuery(_) => return stream,
-            Message::ErrorResponse(_) => panic!("raw login refused"),
-            _ => {}
-        }
-        stream.write_all(&out).await.unwrap();
-    }
-}
-
-fn startup_message(user: &str, db: &str) -> Vec<u8> {
-    let mut body = 196608u32.to_be_bytes().to_vec();
-    for (k, v) in [("user", user), ("database", db)] {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut msg = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    msg.extend_from_slice(&body);
-    msg
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

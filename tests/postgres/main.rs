@@ -7,11 +7,15 @@ mod support;
 mod admin;
 mod auth;
 mod bad_input;
+mod consistency;
 mod failover;
 mod pgbench;
 mod pool;
+mod protocol;
 mod psql;
+mod raw;
 mod routing;
+mod session_state;
 
 use support::{simple_rows, PgCluster, Sluice};
 use tokio_postgres::Client;

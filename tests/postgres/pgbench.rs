@@ -1,4 +1,5 @@
-//! pgbench through sluice: initialisation, read-only and TPC-B runs in both protocols.
+//! pgbench through sluice: initialisation, read-only and TPC-B runs in the simple, extended and
+//! prepared protocols (named statements across pooled backends).
 
 use std::process::{Command, Output};
 
@@ -49,11 +50,13 @@ async fn pgbench_runs_cleanly_through_sluice() {
         }
         env.cluster.wait_replicated().await;
 
-        let runs: [&[&str]; 4] = [
-            &["-S", "-c", "4", "-j", "2", "-T", "5", "-M", "simple"],
-            &["-S", "-c", "4", "-j", "2", "-T", "5", "-M", "extended"],
-            &["-c", "4", "-j", "2", "-T", "5", "-M", "simple"],
-            &["-c", "4", "-j", "2", "-T", "5", "-M", "extended"],
+        let runs: [&[&str]; 6] = [
+            &["-S", "-c", "4", "-j", "2", "-T", "3", "-M", "simple"],
+            &["-S", "-c", "4", "-j", "2", "-T", "3", "-M", "extended"],
+            &["-S", "-c", "4", "-j", "2", "-T", "3", "-M", "prepared"],
+            &["-c", "4", "-j", "2", "-T", "3", "-M", "simple"],
+            &["-c", "4", "-j", "2", "-T", "3", "-M", "extended"],
+            &["-c", "4", "-j", "2", "-T", "3", "-M", "prepared"],
         ];
         for args in runs {
             let out = pgbench(port, args).await;

@@ -102,6 +102,18 @@ impl Sluice {
     /// Writes `config_toml` to a file, starts sluice with it and waits (15 s at most) until
     /// `/readyz` answers 200.
     pub fn start(config_toml: &str) -> Sluice {
+        Sluice::start_with_env(config_toml, &[])
+    }
+
+    /// Like [`Sluice::start`], with extra environment variables (e.g. `KUBECONFIG`).
+    pub fn start_with_env(config_toml: &str, env: &[(&str, &str)]) -> Sluice {
+        let sluice = Sluice::spawn_with_env(config_toml, env);
+        sluice.wait_ready(Duration::from_secs(15));
+        sluice
+    }
+
+    /// Starts sluice without waiting for it to be ready (a test may expect it to fail).
+    pub fn spawn_with_env(config_toml: &str, env: &[(&str, &str)]) -> Sluice {
         let parsed: toml::Table = config_toml.parse().expect("test config is valid TOML");
         let admin = addr_of(&parsed["admin"]["listen"], "admin.listen");
         let listen = addr_of(&parsed["clusters"][0]["listen"], "clusters[0].listen");
@@ -116,9 +128,13 @@ impl Sluice {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .arg("--config")
             .arg(&path)
-            .env("RUST_LOG", "sluice=debug,info")
+            .env(
+                "RUST_LOG",
+                std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "sluice=debug,info".into()),
+            )
             .env("NO_COLOR", "1")
             .env("RUST_BACKTRACE", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -127,16 +143,21 @@ impl Sluice {
         let logs = Arc::new(Mutex::new(Vec::new()));
         capture(child.stdout.take().expect("stdout"), logs.clone());
         capture(child.stderr.take().expect("stderr"), logs.clone());
-        let sluice = Sluice {
+        Sluice {
             child: Mutex::new(child),
             logs,
             listen,
             admin,
             _dir: dir,
-        };
+        }
+    }
 
+    /// Waits until `/readyz` answers 200; panics with the logs if sluice exits or is not
+    /// ready within `wait`.
+    pub fn wait_ready(&self, wait: Duration) {
+        let (sluice, admin) = (self, self.admin);
         let started = Instant::now();
-        let deadline = started + Duration::from_secs(15);
+        let deadline = started + wait;
         loop {
             if let Some(status) = sluice.exit_status() {
                 std::thread::sleep(Duration::from_millis(100));
@@ -149,13 +170,47 @@ impl Sluice {
                 Ok((200, _)) => break,
                 Ok(_) | Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
                 other => panic!(
-                    "sluice not ready after 15 s (last /readyz: {other:?}); logs:\n{}",
+                    "sluice not ready after {wait:?} (last /readyz: {other:?}); logs:\n{}",
                     sluice.logs().join("\n")
                 ),
             }
         }
         eprintln!("[harness] sluice ready in {:.1?}", started.elapsed());
-        sluice
+    }
+
+    /// The process id (to send signals).
+    pub fn pid(&self) -> u32 {
+        self.child.lock().unwrap_or_else(|e| e.into_inner()).id()
+    }
+
+    /// Sends a signal by name (`"HUP"`, `"TERM"`, …) with `kill`.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args(["-s", name, &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -s {name} failed");
+    }
+
+    /// Waits up to `wait` for sluice to exit.
+    pub fn wait_exit(&self, wait: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Some(status) = self.exit_status() {
+                // Let the capture threads drain the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The configuration file sluice was started with (a test may rewrite it and reload).
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self._dir.path().join("sluice.toml")
     }
 
     /// How sluice ended, if it is no longer running.

@@ -435,7 +435,11 @@ fn session_effects(word: &[u8], st: &mut Stmt<'_, '_>, effects: &mut Effects) {
         if is_word(next, b"LOCAL") || is_word(next, b"TRANSACTION") || is_word(next, b"CONSTRAINTS") {
             return; // ends with the transaction
         }
-        let next = if is_word(next, b"SESSION") { st.next() } else { next };
+        let next = if is_word(next, b"SESSION") {
+            st.next()
+        } else {
+            next
+        };
         if is_word(next, b"ROLE") || is_word(next, b"AUTHORIZATION") {
             effects.pin = Some(PinReason::Role);
         } else {

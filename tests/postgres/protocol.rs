@@ -1,0 +1,218 @@
+//! Protocol semantics through transaction pooling: pipelined batches, implicit transactions,
+//! protocol errors answered like PostgreSQL answers them, cancel requests, COPY failures.
+
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use futures_util::SinkExt;
+use postgres_protocol::message::frontend;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_postgres::NoTls;
+
+use crate::raw::{raw_login, read_until_ready, sqlstate, tags};
+use crate::support::{bounded, describe, exec, simple_column};
+use crate::Env;
+
+fn parse(buf: &mut BytesMut, name: &str, sql: &str) {
+    frontend::parse(name, sql, std::iter::empty(), buf).unwrap();
+}
+
+fn bind(buf: &mut BytesMut, portal: &str, statement: &str) {
+    frontend::bind(
+        portal,
+        statement,
+        std::iter::empty::<i16>(),
+        std::iter::empty::<i32>(),
+        |_: i32,
+         _: &mut BytesMut|
+         -> Result<postgres_protocol::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+            unreachable!()
+        },
+        std::iter::empty::<i16>(),
+        buf,
+    )
+    .map_err(|_| ())
+    .unwrap();
+}
+
+fn execute(buf: &mut BytesMut, portal: &str) {
+    frontend::execute(portal, 0, buf).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_batches_and_protocol_errors_behave_like_postgres() {
+    let env = Env::start(1, "pool_size = 2");
+    bounded(60, async {
+        let setup = env.app_client().await;
+        exec(&setup, "CREATE TABLE pipe (id int PRIMARY KEY)").await;
+        let mut s: TcpStream = raw_login(env.sluice.listen_addr()).await;
+
+        // Two batches (named statement, then unnamed) in one write, each ending with Sync.
+        let mut b = BytesMut::new();
+        parse(&mut b, "ins", "INSERT INTO pipe VALUES (1)");
+        bind(&mut b, "", "ins");
+        execute(&mut b, "");
+        parse(&mut b, "", "SELECT count(*) FROM pipe");
+        bind(&mut b, "", "");
+        execute(&mut b, "");
+        frontend::sync(&mut b);
+        bind(&mut b, "", "ins"); // duplicate key: fails, and the rest of this batch is skipped
+        execute(&mut b, "");
+        parse(&mut b, "", "SELECT 1");
+        frontend::sync(&mut b);
+        s.write_all(&b).await.unwrap();
+        let replies = read_until_ready(&mut s, 2).await;
+        assert_eq!(tags(&replies), "12C12DCZ2EZ", "{replies:?}");
+        let err = replies.iter().find(|(t, _)| *t == b'E').unwrap();
+        assert_eq!(sqlstate(&err.1), "23505");
+
+        // An implicit transaction (several statements in one Query) is atomic.
+        let mut b = BytesMut::new();
+        frontend::query("INSERT INTO pipe VALUES (2); SELECT 1/0", &mut b).unwrap();
+        s.write_all(&b).await.unwrap();
+        let replies = read_until_ready(&mut s, 1).await;
+        let err = replies
+            .iter()
+            .find(|(t, _)| *t == b'E')
+            .expect("division by zero");
+        assert_eq!(sqlstate(&err.1), "22012");
+        assert_eq!(simple_column(&setup, "SELECT count(*) FROM pipe").await, ["1"]);
+
+        // Bind before Parse, and Execute of an unknown portal: PostgreSQL's own errors, in
+        // order, and the connection stays usable.
+        let mut b = BytesMut::new();
+        bind(&mut b, "", "never_parsed");
+        frontend::sync(&mut b);
+        execute(&mut b, "no_such_portal");
+        frontend::sync(&mut b);
+        frontend::query("SELECT 42", &mut b).unwrap();
+        s.write_all(&b).await.unwrap();
+        let replies = read_until_ready(&mut s, 3).await;
+        assert_eq!(tags(&replies), "EZEZTDCZ", "{replies:?}");
+        let codes: Vec<String> = replies
+            .iter()
+            .filter(|(t, _)| *t == b'E')
+            .map(|(_, b)| sqlstate(b))
+            .collect();
+        assert_eq!(codes, ["26000", "34000"]);
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_reaches_only_the_right_query() {
+    let env = Env::start(1, "consistency = \"primary\"");
+    bounded(60, async {
+        let victim = env.app_client().await;
+        let bystander = env.app_client().await;
+        let token = victim.cancel_token();
+        let slow = tokio::spawn(async move { victim.simple_query("SELECT pg_sleep(30)").await });
+        let other = tokio::spawn(async move {
+            let t = Instant::now();
+            bystander
+                .simple_query("SELECT pg_sleep(2)")
+                .await
+                .map(|_| t.elapsed())
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        // A cancel with a key sluice never issued does nothing.
+        let mut bogus = BytesMut::new();
+        frontend::cancel_request(12345, 67890, &mut bogus);
+        let mut c = TcpStream::connect(env.sluice.listen_addr()).await.unwrap();
+        c.write_all(&bogus).await.unwrap();
+        drop(c);
+
+        let started = Instant::now();
+        token.cancel_query(NoTls).await.expect("send cancel");
+        let err = slow.await.unwrap().expect_err("the query was cancelled");
+        assert_eq!(err.code().map(|c| c.code()), Some("57014"), "{}", describe(&err));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "cancel took {:?}",
+            started.elapsed()
+        );
+        let took = other
+            .await
+            .unwrap()
+            .expect("the other client's query must not be cancelled");
+        assert!(
+            took >= Duration::from_secs(2),
+            "bystander finished early: {took:?}"
+        );
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_errors_leave_the_connection_usable() {
+    let env = Env::start(1, "");
+    bounded(60, async {
+        let c = env.app_client().await;
+        exec(&c, "CREATE TABLE cp (x int)").await;
+
+        // A malformed row mid-COPY: the server's error, nothing inserted.
+        let sink = c.copy_in("COPY cp FROM STDIN").await.expect("copy in");
+        futures_util::pin_mut!(sink);
+        sink.send(bytes::Bytes::from_static(b"1\n2\n")).await.unwrap();
+        sink.send(bytes::Bytes::from_static(b"not a number\n"))
+            .await
+            .unwrap();
+        let err = sink.finish().await.expect_err("bad row");
+        assert_eq!(err.code().map(|c| c.code()), Some("22P02"), "{}", describe(&err));
+
+        // The client gives up mid-COPY (CopyFail, simple protocol): the server's error, nothing
+        // inserted, and the same connection goes on.
+        let mut raw = raw_login(env.sluice.listen_addr()).await;
+        let mut b = BytesMut::new();
+        frontend::query("COPY cp FROM STDIN", &mut b).unwrap();
+        raw.write_all(&b).await.unwrap();
+        let mut head = [0u8; 1];
+        tokio::io::AsyncReadExt::read_exact(&mut raw, &mut head)
+            .await
+            .unwrap();
+        assert_eq!(head[0], b'G', "expected CopyInResponse");
+        let mut rest = [0u8; 4];
+        tokio::io::AsyncReadExt::read_exact(&mut raw, &mut rest)
+            .await
+            .unwrap();
+        let mut skip = vec![0u8; u32::from_be_bytes(rest) as usize - 4];
+        tokio::io::AsyncReadExt::read_exact(&mut raw, &mut skip)
+            .await
+            .unwrap();
+        let mut b = BytesMut::new();
+        frontend::CopyData::new(&b"3\n"[..]).unwrap().write(&mut b);
+        frontend::copy_fail("client changed its mind", &mut b).unwrap();
+        frontend::query("SELECT 1", &mut b).unwrap();
+        raw.write_all(&b).await.unwrap();
+        let replies = read_until_ready(&mut raw, 2).await;
+        assert_eq!(tags(&replies), "EZTDCZ", "{replies:?}");
+        assert_eq!(sqlstate(&replies[0].1), "57014");
+
+        assert_eq!(simple_column(&c, "SELECT count(*) FROM cp").await, ["0"]);
+        // A large COPY streams through in both directions.
+        let sink = c.copy_in("COPY cp FROM STDIN").await.expect("copy in");
+        futures_util::pin_mut!(sink);
+        for chunk in 0..50 {
+            let rows: String = (0..2000).map(|i| format!("{}\n", chunk * 2000 + i)).collect();
+            sink.send(bytes::Bytes::from(rows)).await.unwrap();
+        }
+        assert_eq!(sink.finish().await.unwrap(), 100_000);
+        // COPY TO is a read; read our own write on the primary.
+        let out = c
+            .copy_out("/* sluice: primary */ COPY cp TO STDOUT")
+            .await
+            .unwrap();
+        futures_util::pin_mut!(out);
+        let mut bytes = 0;
+        while let Some(chunk) = futures_util::StreamExt::next(&mut out).await {
+            bytes += chunk.unwrap().len();
+        }
+        assert!(bytes > 500_000, "copied out {bytes} bytes");
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[]);
+}

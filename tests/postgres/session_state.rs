@@ -1,0 +1,215 @@
+//! Session state under transaction pooling: settings follow the client to every backend,
+//! state that cannot move (LISTEN, temp tables, session advisory locks) pins the client, and
+//! named prepared statements work on whichever backend a request lands.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use tokio_postgres::{AsyncMessage, NoTls};
+
+use crate::support::{bounded, describe, exec, simple_column};
+use crate::Env;
+
+/// (value of `SHOW name`, backend pid) in one round trip.
+async fn show(client: &tokio_postgres::Client, name: &str) -> (String, String) {
+    let rows = crate::support::simple_rows(
+        client,
+        &format!("SELECT current_setting('{name}'), pg_backend_pid()::text"),
+    )
+    .await;
+    (rows[0][0].clone(), rows[0][1].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_follow_the_client_to_every_backend() {
+    // Everything on the primary, so both clients share one pool of backends.
+    let env = Env::start(1, "consistency = \"primary\"\npool_size = 4");
+    bounded(60, async {
+        let a = env.app_client().await;
+        let b = env.app_client().await;
+        exec(&a, "SET statement_timeout = '4242ms'").await;
+        let (_, pid_a) = show(&a, "statement_timeout").await;
+
+        // B takes the backend A just used (the pool hands out the most recent idle one) and
+        // holds it in a transaction, so A must get another one.
+        exec(&b, "BEGIN").await;
+        let (b_value, pid_b) = show(&b, "statement_timeout").await;
+        assert_eq!(pid_b, pid_a, "expected B to reuse A's backend");
+        assert_eq!(b_value, "0", "A's setting leaked to B on a shared backend");
+        let (a_value, pid_a2) = show(&a, "statement_timeout").await;
+        assert_ne!(
+            pid_a2, pid_a,
+            "A should be on another backend while B holds the first"
+        );
+        assert_eq!(
+            a_value, "4242ms",
+            "A's setting was not replayed on its new backend"
+        );
+        exec(&b, "COMMIT").await;
+
+        // A SET rolled back with its transaction does not stick; RESET does.
+        exec(&a, "BEGIN; SET statement_timeout = '7s'; ROLLBACK").await;
+        assert_eq!(show(&a, "statement_timeout").await.0, "4242ms");
+        exec(&a, "SET search_path = pg_catalog, public").await;
+        exec(&a, "RESET statement_timeout").await;
+        exec(&b, "BEGIN").await; // move A again
+        assert_eq!(show(&a, "statement_timeout").await.0, "0");
+        assert_eq!(show(&a, "search_path").await.0, "pg_catalog, public");
+        assert_eq!(show(&b, "search_path").await.0, "\"$user\", public");
+        exec(&b, "COMMIT").await;
+
+        // Startup options count as settings too.
+        let mut cfg = tokio_postgres::Config::new();
+        let addr = env.sluice.listen_addr();
+        cfg.host(addr.ip().to_string())
+            .port(addr.port())
+            .user("app")
+            .password("app-secret")
+            .dbname("app")
+            .options("-c statement_timeout=1234")
+            .application_name("session-test");
+        let (c, conn) = cfg.connect(NoTls).await.expect("connect with options");
+        tokio::spawn(conn);
+        assert_eq!(show(&c, "statement_timeout").await.0, "1234ms");
+        assert_eq!(show(&c, "application_name").await.0, "session-test");
+    })
+    .await;
+    let metrics = env.sluice.http_get("/metrics").1;
+    assert!(metrics.contains("sluice_settings_replays_total"), "{metrics}");
+    env.sluice.assert_no_unexpected_errors(&[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_pins_the_client_and_notifications_arrive() {
+    let env = Env::start(1, "pool_size = 4");
+    bounded(60, async {
+        let addr = env.sluice.listen_addr();
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host(addr.ip().to_string())
+            .port(addr.port())
+            .user("app")
+            .password("app-secret")
+            .dbname("app");
+        let (listener, mut conn) = cfg.connect(NoTls).await.expect("connect");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(m) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                if let Ok(AsyncMessage::Notification(n)) = m {
+                    let _ = tx.send((n.channel().to_string(), n.payload().to_string()));
+                }
+            }
+        });
+        exec(&listener, "LISTEN sluice_test").await;
+        // Other clients keep using the pool meanwhile.
+        let other = env.app_client().await;
+        for i in 0..5 {
+            exec(&other, &format!("NOTIFY sluice_test, 'n{i}'")).await;
+        }
+        for i in 0..5 {
+            let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("notification within 5 s")
+                .expect("channel open");
+            assert_eq!(got, ("sluice_test".to_string(), format!("n{i}")));
+        }
+        // The listener still works for ordinary queries on its pinned backend.
+        assert_eq!(simple_column(&listener, "SELECT 1").await, ["1"]);
+    })
+    .await;
+    let metrics = env.sluice.http_get("/metrics").1;
+    assert!(
+        metrics.contains("sluice_pinned_clients_total{cluster=\"app\",reason=\"listen\"} 1"),
+        "{metrics}"
+    );
+    env.sluice.assert_no_unexpected_errors(&[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn temp_tables_and_session_locks_pin_the_client() {
+    let env = Env::start(1, "pool_size = 3");
+    bounded(60, async {
+        let a = env.app_client().await;
+        let b = env.app_client().await;
+        exec(&a, "CREATE TEMP TABLE scratch (x int)").await;
+        for i in 0..10 {
+            // B's traffic would move an unpinned A between backends.
+            exec(&b, "BEGIN; SELECT 1").await;
+            exec(&a, &format!("INSERT INTO scratch VALUES ({i})")).await;
+            exec(&b, "COMMIT").await;
+        }
+        assert_eq!(simple_column(&a, "SELECT count(*) FROM scratch").await, ["10"]);
+
+        // A session advisory lock taken through sluice is held until released on the same
+        // backend.
+        let c = env.app_client().await;
+        assert_eq!(
+            simple_column(&c, "SELECT pg_advisory_lock(4242)::text").await,
+            [""]
+        );
+        let direct = env.cluster.superuser_client(env.cluster.primary_port()).await;
+        let held = simple_column(&direct, "SELECT pg_try_advisory_lock(4242)::text").await;
+        assert_eq!(held, ["false"], "the lock must still be held by C's backend");
+        exec(&b, "BEGIN; SELECT 1").await;
+        assert_eq!(
+            simple_column(&c, "SELECT pg_advisory_unlock(4242)::text").await,
+            ["true"]
+        );
+        exec(&b, "COMMIT").await;
+    })
+    .await;
+    let metrics = env.sluice.http_get("/metrics").1;
+    for reason in ["temp_object", "advisory_lock"] {
+        assert!(metrics.contains(&format!("reason=\"{reason}\"")), "{metrics}");
+    }
+    env.sluice.assert_no_unexpected_errors(&[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_work_on_every_backend() {
+    let env = Env::start(1, "consistency = \"primary\"\npool_size = 4");
+    bounded(60, async {
+        let a = env.app_client().await;
+        let b = env.app_client().await;
+        let stmt = a
+            .prepare("SELECT $1::int + 1, pg_backend_pid()")
+            .await
+            .unwrap_or_else(|e| panic!("prepare: {}", describe(&e)));
+        let mut pids = HashSet::new();
+        for i in 0..8 {
+            if i % 2 == 1 {
+                exec(&b, "BEGIN; SELECT 1").await; // push A onto another backend
+            }
+            let row = a
+                .query_one(&stmt, &[&i])
+                .await
+                .unwrap_or_else(|e| panic!("execute {i}: {}", describe(&e)));
+            assert_eq!(row.get::<_, i32>(0), i + 1);
+            pids.insert(row.get::<_, i32>(1));
+            if i % 2 == 1 {
+                exec(&b, "COMMIT").await;
+            }
+        }
+        assert!(
+            pids.len() >= 2,
+            "statement only ever ran on one backend: {pids:?}"
+        );
+
+        // B prepares the same text under its own name: both work, independently.
+        let stmt_b = b.prepare("SELECT $1::int + 1, pg_backend_pid()").await.unwrap();
+        assert_eq!(b.query_one(&stmt_b, &[&41]).await.unwrap().get::<_, i32>(0), 42);
+        drop(stmt_b); // Close on B's side must not break A's statement
+        assert_eq!(a.query_one(&stmt, &[&1]).await.unwrap().get::<_, i32>(0), 2);
+
+        // After DEALLOCATE ALL the client's statements are gone, as on a plain server.
+        exec(&a, "DEALLOCATE ALL").await;
+        let err = a
+            .query_one(&stmt, &[&1])
+            .await
+            .expect_err("statement was deallocated");
+        assert_eq!(err.code().map(|c| c.code()), Some("26000"), "{}", describe(&err));
+        let again = a.prepare("SELECT $1::int * 2").await.unwrap();
+        assert_eq!(a.query_one(&again, &[&21]).await.unwrap().get::<_, i32>(0), 42);
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[]);
+}
