@@ -47,6 +47,19 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DiscoveryLabels {
+    pub cluster: String,
+    /// `static`, `kubernetes` or `dns`.
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn wait_histogram() -> Histogram {
@@ -79,6 +92,21 @@ pub struct Metrics {
     pub pins: Family<ReasonLabels, Counter>,
     /// Session-settings replays sent before a client's request.
     pub settings_replays: Family<ClusterLabels, Counter>,
+    /// 1 while the node's role label disagrees with what the node itself reports.
+    pub role_disagreement: Family<NodeLabels, Gauge>,
+    /// Times a node's role label started disagreeing with its probed role.
+    pub role_disagreements: Family<NodeLabels, Counter>,
+    /// 1 while the discovery source answers (0 during an API server or DNS outage, when the
+    /// last known members keep serving).
+    pub discovery_up: Family<DiscoveryLabels, Gauge>,
+    /// Failed discovery requests (watch errors, lookups).
+    pub discovery_errors: Family<DiscoveryLabels, Counter>,
+    /// Distinct member lists published by discovery.
+    pub discovery_updates: Family<DiscoveryLabels, Counter>,
+    /// Members in the last published list.
+    pub discovery_members: Family<DiscoveryLabels, Gauge>,
+    /// Configuration reloads by result.
+    pub config_reloads: Family<ReloadLabels, Counter>,
 }
 
 impl Metrics {
@@ -96,6 +124,13 @@ impl Metrics {
             auth_failures: Family::default(),
             pins: Family::default(),
             settings_replays: Family::default(),
+            role_disagreement: Family::default(),
+            role_disagreements: Family::default(),
+            discovery_up: Family::default(),
+            discovery_errors: Family::default(),
+            discovery_updates: Family::default(),
+            discovery_members: Family::default(),
+            config_reloads: Family::default(),
             registry: Registry::default(),
         };
         registry.register("clients", "Connected clients", m.clients.clone());
@@ -136,6 +171,41 @@ impl Metrics {
             "settings_replays",
             "Session settings replayed on a backend before a client's request",
             m.settings_replays.clone(),
+        );
+        registry.register(
+            "node_role_disagreement",
+            "1 while the node's role label disagrees with its probed role",
+            m.role_disagreement.clone(),
+        );
+        registry.register(
+            "role_disagreements",
+            "Times a node's role label started disagreeing with its probed role",
+            m.role_disagreements.clone(),
+        );
+        registry.register(
+            "discovery_up",
+            "1 while the discovery source answers; 0 while the last known members keep serving",
+            m.discovery_up.clone(),
+        );
+        registry.register(
+            "discovery_errors",
+            "Failed discovery requests (watch errors, DNS lookups)",
+            m.discovery_errors.clone(),
+        );
+        registry.register(
+            "discovery_updates",
+            "Distinct member lists published by discovery",
+            m.discovery_updates.clone(),
+        );
+        registry.register(
+            "discovery_members",
+            "Members in the last list published by discovery",
+            m.discovery_members.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Configuration reloads by result",
+            m.config_reloads.clone(),
         );
         Metrics { registry, ..m }
     }
