@@ -15,6 +15,9 @@ use sluice_postgres::{peek, split_message, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::config::BackendTlsMode;
+use crate::tls::{BackendStream, BackendTls, MaybeTls};
+
 /// The largest message sluice accepts from a server (a DataRow can legitimately be big).
 pub const MAX_BACKEND_MESSAGE: usize = 1 << 30;
 
@@ -55,12 +58,13 @@ pub struct ConnectOptions<'a> {
     pub password: &'a str,
     pub database: &'a str,
     pub timeout: Duration,
+    pub tls: &'a BackendTls,
 }
 
 /// An open, authenticated, idle server connection.
 pub struct Backend {
     pub addr: String,
-    pub stream: TcpStream,
+    pub stream: BackendStream,
     /// Bytes read from the server and not yet consumed.
     pub rbuf: BytesMut,
     /// ParameterStatus values the server sent at startup.
@@ -94,8 +98,9 @@ impl Backend {
             addr: opts.addr.to_string(),
             source,
         };
-        let stream = TcpStream::connect(opts.addr).await.map_err(io_err)?;
-        stream.set_nodelay(true).map_err(io_err)?;
+        let tcp = TcpStream::connect(opts.addr).await.map_err(io_err)?;
+        tcp.set_nodelay(true).map_err(io_err)?;
+        let stream = negotiate_tls(tcp, &opts).await?;
         let now = Instant::now();
         let mut be = Backend {
             addr: opts.addr.to_string(),
@@ -272,9 +277,47 @@ impl Backend {
 
     /// True when the server has said nothing and closed nothing since the connection went idle:
     /// a connection the server closed (restart, idle timeout) is caught before a client uses it.
+    /// Peeks at the TCP socket, so TLS records stay untouched.
     pub fn looks_alive(&self) -> bool {
         let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        let mut buf = tokio::io::ReadBuf::new(&mut probe);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        self.stream.tcp().poll_peek(&mut cx, &mut buf).is_pending()
+    }
+}
+
+/// SSLRequest and, when the server agrees, the TLS handshake (per `opts.tls.mode`).
+async fn negotiate_tls(mut tcp: TcpStream, opts: &ConnectOptions<'_>) -> Result<BackendStream, BackendError> {
+    let protocol = |reason: String| BackendError::Protocol {
+        addr: opts.addr.to_string(),
+        reason,
+    };
+    let io_err = |source| BackendError::Io {
+        addr: opts.addr.to_string(),
+        source,
+    };
+    if opts.tls.mode == BackendTlsMode::Disable {
+        return Ok(MaybeTls::Plain(tcp));
+    }
+    let mut req = BytesMut::new();
+    frontend::ssl_request(&mut req);
+    tcp.write_all(&req).await.map_err(io_err)?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.map_err(io_err)?;
+    match answer[0] {
+        b'S' => {
+            let host = opts.addr.rsplit_once(':').map_or(opts.addr, |(h, _)| h);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            opts.tls
+                .connect(host, tcp)
+                .await
+                .map_err(|e| protocol(format!("TLS handshake failed: {e}")))
+        }
+        b'N' if opts.tls.mode == BackendTlsMode::Prefer => Ok(MaybeTls::Plain(tcp)),
+        b'N' => Err(protocol(
+            "the server does not accept TLS, and backend_tls requires it".into(),
+        )),
+        other => Err(protocol(format!("unexpected answer {other:#04x} to SSLRequest"))),
     }
 }
 

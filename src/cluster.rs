@@ -8,7 +8,7 @@ use std::time::Duration;
 use rand::Rng;
 use sluice_postgres::scram::ScramSecret;
 use sluice_postgres::Classifier;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::backend::{Backend, BackendError, ConnectOptions};
 use crate::config::{ClusterConfig, Consistency, Discovery, TopologyKind};
@@ -69,6 +69,10 @@ impl Drop for Checkout {
 /// A cluster at run time.
 pub struct Cluster {
     pub config: ClusterConfig,
+    /// Answers clients' SSLRequest when a certificate is configured.
+    pub client_tls: Option<tokio_rustls::TlsAcceptor>,
+    /// How connections to backends are made.
+    pub backend_tls: crate::tls::BackendTls,
     pub topology: Topology,
     pub pools: Pools,
     pub metrics: Arc<Metrics>,
@@ -109,6 +113,18 @@ impl Cluster {
             .collect();
         let dummy: [u8; 16] = rng.random();
         let salt: [u8; 16] = rng.random();
+        // Both were loaded once already when the configuration was validated.
+        let client_tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => crate::tls::acceptor(cert, key)
+                .map_err(|e| error!(cluster = %config.name, "client TLS disabled: {e}"))
+                .ok(),
+            _ => None,
+        };
+        let backend_tls = crate::tls::BackendTls::new(config.backend_tls, config.backend_tls_ca.as_deref())
+            .unwrap_or_else(|e| {
+                error!(cluster = %config.name, "backend TLS disabled: {e}");
+                crate::tls::BackendTls::disabled()
+            });
         let pools = Pools::new(
             &config.name,
             PoolSettings {
@@ -118,9 +134,12 @@ impl Cluster {
                 idle_timeout: config.idle_timeout,
                 max_lifetime: config.max_lifetime,
             },
+            backend_tls.clone(),
             metrics.clone(),
         );
         let cluster = Arc::new(Cluster {
+            client_tls,
+            backend_tls,
             topology: Topology::new(Vec::new()),
             pools,
             classifier: Classifier::new(&config.write_functions),
@@ -381,6 +400,7 @@ impl Cluster {
                 password: &password,
                 database: &self.config.probe_database,
                 timeout: self.config.connect_timeout,
+                tls: &self.backend_tls,
             };
             let result = tokio::time::timeout(self.config.probe_timeout, probe_once(&mut conn, opts)).await;
             let obs = match result {

@@ -8,6 +8,7 @@ mod metrics;
 mod pool;
 mod router;
 mod session;
+mod tls;
 mod topology;
 
 use std::path::PathBuf;

@@ -51,6 +51,7 @@ pub enum PoolError {
 pub struct Pools {
     cluster: String,
     settings: PoolSettings,
+    tls: crate::tls::BackendTls,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     metrics: Arc<Metrics>,
 }
@@ -104,10 +105,16 @@ impl Drop for Pooled {
 }
 
 impl Pools {
-    pub fn new(cluster: &str, settings: PoolSettings, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        cluster: &str,
+        settings: PoolSettings,
+        tls: crate::tls::BackendTls,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Pools {
             cluster: cluster.to_string(),
             settings,
+            tls,
             pools: Mutex::new(HashMap::new()),
             metrics,
         }
@@ -179,6 +186,7 @@ impl Pools {
                     password,
                     database: &key.database,
                     timeout: self.settings.connect_timeout,
+                    tls: &self.tls,
                 })
                 .await?
             }

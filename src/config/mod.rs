@@ -77,6 +77,19 @@ pub enum Consistency {
     Primary,
 }
 
+/// How sluice connects to backends (libpq's `sslmode` values of the same names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendTlsMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS when the server offers it, without checking its certificate; else plain.
+    Prefer,
+    /// TLS or nothing, without checking the certificate.
+    Require,
+    /// TLS with the certificate checked against `backend_tls_ca` and the host name.
+    VerifyFull,
+}
+
 /// How the nodes of a cluster relate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TopologyKind {
@@ -106,6 +119,14 @@ pub struct ClusterConfig {
     pub login_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_lifetime: Duration,
+    /// PEM certificate chain and key presented to clients that send SSLRequest.
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Refuse clients that do not use TLS.
+    pub require_tls: bool,
+    pub backend_tls: BackendTlsMode,
+    /// PEM CA certificates for `backend_tls = "verify-full"`.
+    pub backend_tls_ca: Option<std::path::PathBuf>,
     pub probe_interval: Duration,
     pub probe_timeout: Duration,
     pub failover_wait: Duration,
@@ -307,6 +328,44 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
     let login_timeout = f.duration("login_timeout", "10s");
     let idle_timeout = f.duration("idle_timeout", "10m");
     let max_lifetime = f.duration("max_lifetime", "1h");
+    let tls_cert = f.optional_path("tls_cert");
+    let tls_key = f.optional_path("tls_key");
+    let require_tls = f.boolean("require_tls", false);
+    let backend_tls = f.choice(
+        "backend_tls",
+        Some(BackendTlsMode::Prefer),
+        &[
+            ("disable", BackendTlsMode::Disable),
+            ("prefer", BackendTlsMode::Prefer),
+            ("require", BackendTlsMode::Require),
+            ("verify-full", BackendTlsMode::VerifyFull),
+        ],
+    );
+    let backend_tls_ca = f.optional_path("backend_tls_ca");
+    if tls_cert.is_some() != tls_key.is_some() {
+        f.error("tls_cert", "tls_cert and tls_key must be set together");
+    }
+    if require_tls == Some(true) && tls_cert.is_none() {
+        f.error("require_tls", "needs tls_cert and tls_key");
+    }
+    if backend_tls == Some(BackendTlsMode::VerifyFull) && backend_tls_ca.is_none() {
+        f.error("backend_tls", "\"verify-full\" needs backend_tls_ca");
+    }
+    // Load what will be used, so that `sluice check` catches a bad certificate or key.
+    if let (Some(cert), Some(key)) = (&tls_cert, &tls_key) {
+        if cert.is_file() && key.is_file() {
+            if let Err(e) = crate::tls::acceptor(cert, key) {
+                f.error("tls_cert", &e);
+            }
+        }
+    }
+    if let (Some(mode), Some(ca)) = (backend_tls, &backend_tls_ca) {
+        if ca.is_file() {
+            if let Err(e) = crate::tls::BackendTls::new(mode, Some(ca)) {
+                f.error("backend_tls_ca", &e);
+            }
+        }
+    }
     let probe_interval = f.duration("probe_interval", "1s");
     let probe_timeout = f.duration("probe_timeout", "2s");
     let failover_wait = f.duration("failover_wait", "5s");
@@ -359,6 +418,11 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
         login_timeout: login_timeout?,
         idle_timeout: idle_timeout?,
         max_lifetime: max_lifetime?,
+        tls_cert,
+        tls_key,
+        require_tls: require_tls?,
+        backend_tls: backend_tls?,
+        backend_tls_ca,
         probe_interval: probe_interval?,
         probe_timeout: probe_timeout?,
         failover_wait: failover_wait?,
@@ -705,6 +769,27 @@ impl<'e> Fields<'e> {
             .join(" | ");
         self.error(key, &format!("unknown value {s:?}; expected {expected}"));
         None
+    }
+
+    /// A path to a file that must exist.
+    fn optional_path(&mut self, key: &str) -> Option<std::path::PathBuf> {
+        let s = self.optional_string(key)?;
+        let p = std::path::PathBuf::from(&s);
+        if !p.is_file() {
+            self.error(key, &format!("{s:?} is not a readable file"));
+        }
+        Some(p)
+    }
+
+    fn boolean(&mut self, key: &str, default: bool) -> Option<bool> {
+        match self.take(key) {
+            None => Some(default),
+            Some(Value::Boolean(b)) => Some(b),
+            Some(other) => {
+                self.error(key, &format!("must be true or false, found {}", other.type_str()));
+                None
+            }
+        }
     }
 
     /// A byte size: an integer, or a string like "512kB", "16MB", "1GB" (powers of 1024).

@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 use super::settings::{self, Settings};
 use super::{fatal, Session};
 use crate::cluster::{AttachError, Cluster};
+use crate::tls::{ClientStream, MaybeTls};
 
 /// Longest password/SASL message a client may send.
 const MAX_AUTH_MESSAGE: usize = 16 * 1024;
@@ -26,15 +27,18 @@ const AUTH_FAILURE_DELAY: Duration = Duration::from_millis(250);
 
 /// Runs the startup phase. `Ok(None)` means the connection ended (cancel request, refusal,
 /// client gone); the client has been told why where it could be.
-pub async fn login(cluster: &Arc<Cluster>, stream: TcpStream) -> std::io::Result<Option<Session>> {
-    let mut stream = stream;
+pub async fn login(cluster: &Arc<Cluster>, tcp: TcpStream) -> std::io::Result<Option<Session>> {
+    // The stream may turn into a TLS stream half-way through the handshake.
+    let mut slot: Option<ClientStream> = Some(MaybeTls::Plain(tcp));
     let mut buf = BytesMut::with_capacity(1024);
     let mut out = BytesMut::new();
     let result = tokio::time::timeout(
         cluster.config.login_timeout,
-        handshake(cluster, &mut stream, &mut buf, &mut out),
+        handshake(cluster, &mut slot, &mut buf, &mut out),
     )
     .await;
+    // Gone only if the login timed out in the middle of a TLS handshake.
+    let Some(mut stream) = slot else { return Ok(None) };
     let greeted = match result {
         Ok(r) => r?,
         Err(_) => {
@@ -49,7 +53,7 @@ pub async fn login(cluster: &Arc<Cluster>, stream: TcpStream) -> std::io::Result
     let Some((user, database, settings)) = greeted else {
         return Ok(None);
     };
-    let (rd, wr) = stream.into_split();
+    let (rd, wr) = tokio::io::split(stream);
     let cancel_key = {
         let mut rng = rand::rng();
         (rng.random::<i32>() & 0x7fff_ffff, rng.random::<i32>())
@@ -84,11 +88,12 @@ pub async fn login(cluster: &Arc<Cluster>, stream: TcpStream) -> std::io::Result
 /// and the parameters are in `out`.
 async fn handshake(
     cluster: &Arc<Cluster>,
-    stream: &mut TcpStream,
+    slot: &mut Option<ClientStream>,
     buf: &mut BytesMut,
     out: &mut BytesMut,
 ) -> std::io::Result<Option<(String, String, Settings)>> {
     let mut negotiations = 0;
+    let mut stream = slot.as_mut().expect("present until a TLS upgrade");
     let params = loop {
         let packet = loop {
             match split_startup(buf) {
@@ -106,6 +111,26 @@ async fn handshake(
             }
         };
         match StartupPacket::parse(&packet) {
+            // Bytes after an SSLRequest, before the handshake, would be plaintext injected
+            // ahead of the encrypted stream: refused (the guard on an empty buffer).
+            Ok(StartupPacket::SslRequest)
+                if negotiations < 2 && buf.is_empty() && cluster.client_tls.is_some() =>
+            {
+                negotiations += 1;
+                stream.write_all(b"S").await?;
+                let (Some(acceptor), Some(MaybeTls::Plain(tcp))) = (&cluster.client_tls, slot.take()) else {
+                    fatal(out, "08P01", "sluice: SSLRequest on an encrypted connection");
+                    return Ok(None);
+                };
+                match acceptor.accept(tcp).await {
+                    Ok(tls) => *slot = Some(MaybeTls::Tls(Box::new(tls))),
+                    Err(e) => {
+                        info!(error = %e, "client TLS handshake failed");
+                        return Ok(None);
+                    }
+                }
+                stream = slot.as_mut().expect("just upgraded");
+            }
             Ok(StartupPacket::SslRequest | StartupPacket::GssEncRequest)
                 if negotiations < 2 && buf.is_empty() =>
             {
@@ -139,6 +164,16 @@ async fn handshake(
         .is_some_and(|r| r != "false" && r != "0")
     {
         fatal(out, "08P01", "sluice: replication connections are not supported");
+        return Ok(None);
+    }
+
+    if cluster.config.require_tls && !matches!(stream, MaybeTls::Tls(_)) {
+        info!(%user, "plaintext client refused: require_tls");
+        fatal(
+            out,
+            "28000",
+            "sluice: this listener requires TLS (connect with sslmode=require)",
+        );
         return Ok(None);
     }
 
@@ -188,7 +223,7 @@ async fn handshake(
 /// against a random secret and fail the same way.
 async fn authenticate(
     cluster: &Arc<Cluster>,
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     buf: &mut BytesMut,
     out: &mut BytesMut,
     user: &str,
@@ -259,7 +294,7 @@ async fn refuse(cluster: &Cluster, out: &mut BytesMut, user: &str, e: ScramError
 
 /// Reads one password-phase ('p') message.
 async fn read_auth_message(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     buf: &mut BytesMut,
     out: &mut BytesMut,
 ) -> std::io::Result<Option<Message>> {

@@ -21,13 +21,14 @@ use bytes::{Bytes, BytesMut};
 use sluice_postgres::server::{self, ErrorFields};
 use sluice_postgres::{peek, split_message, Classification, Message, PinReason};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::cluster::{AttachError, CancelSlot, CancelTarget, Checkout, Cluster};
 use crate::config::PoolMode;
 use crate::router::Intent;
+use crate::tls::ClientStream;
 use crate::topology::Role;
 use replies::Unit;
 use settings::Settings;
@@ -123,8 +124,8 @@ pub struct Session {
     cluster: Arc<Cluster>,
     user: String,
     database: String,
-    rd: OwnedReadHalf,
-    wr: OwnedWriteHalf,
+    rd: ReadHalf<ClientStream>,
+    wr: WriteHalf<ClientStream>,
     /// Client bytes not yet framed.
     cbuf: BytesMut,
     /// Bytes for the client.

@@ -69,7 +69,9 @@ fn parse_options(options: &str) -> Vec<(String, String)> {
         let assignment = if w == "-c" {
             it.next()
         } else {
-            w.strip_prefix("-c").or_else(|| w.strip_prefix("--")).map(str::to_string)
+            w.strip_prefix("-c")
+                .or_else(|| w.strip_prefix("--"))
+                .map(str::to_string)
         };
         if let Some((n, v)) = assignment.as_deref().and_then(|a| a.split_once('=')) {
             out.push((n.replace('-', "_"), v.to_string()));

@@ -16,6 +16,7 @@ mod psql;
 mod raw;
 mod routing;
 mod session_state;
+mod tls;
 
 use support::{simple_rows, PgCluster, Sluice};
 use tokio_postgres::Client;
@@ -39,12 +40,30 @@ impl Env {
         let (mut toml, _, _) = support::sluice_config(&cluster, extra);
         toml.push_str(tail);
         let sluice = Sluice::start(&toml);
+        wait_all_probed(&sluice, cluster.node_ports().len());
         Env { sluice, cluster }
     }
 
     /// A client connected through sluice as `app` to database `app`.
     pub async fn app_client(&self) -> Client {
         support::connect(self.sluice.listen_addr(), "app", "app-secret", "app").await
+    }
+}
+
+/// Waits (10 s at most) until /topology shows `nodes` healthy nodes: /readyz only needs one,
+/// and a test that expects reads on a replica must not start before its first probe.
+pub fn wait_all_probed(sluice: &Sluice, nodes: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, body) = sluice.http_get("/topology");
+        if body.matches("\"healthy\":true").count() >= nodes {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nodes not all healthy: {body}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 
