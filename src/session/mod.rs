@@ -312,6 +312,8 @@ impl Session {
             };
             let intent = match self.cluster.config.pool_mode {
                 PoolMode::Session => Intent::Primary,
+                // A hot standby refuses serializable transactions.
+                PoolMode::Transaction if settings::serializable(&self.settings) => Intent::Primary,
                 PoolMode::Transaction => Intent::of(class, self.cluster.config.consistency),
             };
             match self
@@ -364,10 +366,11 @@ impl Session {
         let mut units = VecDeque::new();
         if be.settings != self.settings {
             // The backend carries someone else's settings (or none): make them the client's.
-            self.to_backend
-                .extend_from_slice(&simple_query(&settings::replay_sql(&self.settings)));
+            for sql in settings::replay_sql(&self.settings) {
+                self.to_backend.extend_from_slice(&simple_query(&sql));
+                units.push_back(Unit::Replay);
+            }
             be.settings = self.settings.clone();
-            units.push_back(Unit::Replay);
             self.cluster.settings_replayed();
         }
         self.attached = Some(Attached {

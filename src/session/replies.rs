@@ -25,6 +25,8 @@ pub enum Unit {
     ReadSettings(Vec<(String, String)>),
     /// Sluice reading `pg_current_wal_lsn()` after a write (read-your-writes).
     WalPosition(Option<u64>),
+    /// One of sluice's own queries that failed: its result is ignored.
+    Failed,
 }
 
 impl Session {
@@ -81,9 +83,21 @@ impl Session {
                                 .and_then(|r| r.into_iter().next().flatten())
                                 .and_then(|v| crate::cluster::parse_lsn(&v));
                         }
-                        (b'E', _) => {
+                        (b'E', own) => {
                             let (code, message) = peek::error_code_and_message(msg.body());
                             warn!(%code, %message, "sluice's own query on the backend failed");
+                            if matches!(own, Unit::ReadSettings(_)) {
+                                *own = Unit::Failed;
+                            } else if matches!(own, Unit::Replay) {
+                                // The backend's settings are now unknown: it must not serve
+                                // anyone again, and the client should know its settings did
+                                // not apply.
+                                a.checkout.conn.discard();
+                                let note = format!(
+                                    "sluice: could not apply the session's settings on this connection: {message}"
+                                );
+                                super::error_with(&mut self.out, "WARNING", "01000", &note);
+                            }
                         }
                         (b'Z', _) => {
                             a.status = peek::ready_status(msg.body()).unwrap_or(b'I');
@@ -113,7 +127,7 @@ impl Session {
                 self.settings = s;
             }
             Unit::WalPosition(Some(lsn)) => self.min_lsn = Some(self.min_lsn.map_or(lsn, |m| m.max(lsn))),
-            Unit::WalPosition(None) | Unit::Replay | Unit::Client | Unit::ClientSync => {}
+            Unit::WalPosition(None) | Unit::Replay | Unit::Client | Unit::ClientSync | Unit::Failed => {}
         }
         if self.attached.as_ref().is_some_and(|a| a.units.is_empty()) {
             self.request_done();

@@ -17,9 +17,10 @@ pub type Settings = Arc<Vec<(String, String)>>;
 /// Startup parameters that are not settings.
 const NOT_SETTINGS: &[&str] = &["user", "database", "options", "replication"];
 
-/// The query that reads a backend's session-level settings.
-pub const READ_SETTINGS: &str =
-    "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' ORDER BY name";
+/// The query that reads a backend's session-level settings. Its own isolation level, because
+/// the session's default may be serializable, which a hot standby refuses.
+pub const READ_SETTINGS: &str = "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY; \
+     SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' ORDER BY name; COMMIT";
 
 /// The settings a client asked for in its startup packet, including `-c name=value` and
 /// `--name=value` in `options`.
@@ -80,23 +81,33 @@ fn parse_options(options: &str) -> Vec<(String, String)> {
     out
 }
 
-/// The simple query that makes a backend's session settings equal to `settings`.
-pub fn replay_sql(settings: &[(String, String)]) -> String {
-    let mut sql = String::from("RESET ALL");
+/// The simple queries that make a backend's session settings equal to `settings`: `RESET ALL`
+/// first, on its own, so that the `set_config` transaction starts from the defaults (a
+/// previous client's `default_transaction_isolation = serializable` would make it fail on a
+/// hot standby).
+pub fn replay_sql(settings: &[(String, String)]) -> Vec<String> {
+    let mut out = vec!["RESET ALL".to_string()];
     if !settings.is_empty() {
-        sql.push_str("; SELECT ");
-        for (i, (name, value)) in settings.iter().enumerate() {
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str("pg_catalog.set_config(");
-            sql.push_str(&literal(name));
-            sql.push_str(", ");
-            sql.push_str(&literal(value));
-            sql.push_str(", false)");
-        }
+        let calls: Vec<String> = settings
+            .iter()
+            .map(|(name, value)| {
+                format!(
+                    "pg_catalog.set_config({}, {}, false)",
+                    literal(name),
+                    literal(value)
+                )
+            })
+            .collect();
+        out.push(format!("SELECT {}", calls.join(", ")));
     }
-    sql
+    out
+}
+
+/// Whether these settings make every transaction serializable, which a hot standby refuses.
+pub fn serializable(settings: &[(String, String)]) -> bool {
+    settings.iter().any(|(n, v)| {
+        n.eq_ignore_ascii_case("default_transaction_isolation") && v.eq_ignore_ascii_case("serializable")
+    })
 }
 
 /// A string literal that means the same whatever `standard_conforming_strings` is.
@@ -148,11 +159,22 @@ mod tests {
 
     #[test]
     fn replay_quotes_values() {
-        assert_eq!(replay_sql(&[]), "RESET ALL");
+        assert_eq!(replay_sql(&[]), ["RESET ALL"]);
         assert_eq!(
             replay_sql(&p(&[("search_path", "it's"), ("x", "a\\b")])),
-            "RESET ALL; SELECT pg_catalog.set_config('search_path', 'it''s', false), \
-             pg_catalog.set_config('x', E'a\\\\b', false)"
+            [
+                "RESET ALL",
+                "SELECT pg_catalog.set_config('search_path', 'it''s', false), \
+                 pg_catalog.set_config('x', E'a\\\\b', false)"
+            ]
         );
+        assert!(serializable(&p(&[(
+            "default_transaction_isolation",
+            "serializable"
+        )])));
+        assert!(!serializable(&p(&[(
+            "default_transaction_isolation",
+            "read committed"
+        )])));
     }
 }

@@ -213,3 +213,32 @@ async fn prepared_statements_work_on_every_backend() {
     .await;
     env.sluice.assert_no_unexpected_errors(&[]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serializable_sessions_stay_off_replicas_and_never_poison_the_pool() {
+    // One backend per node: whatever A leaves on the replica backend, B gets next.
+    let env = Env::start(1, "pool_size = 1");
+    let primary = env.cluster.primary_port();
+    let replica = env.cluster.replica_ports()[0];
+    bounded(60, async {
+        let a = env.app_client().await;
+        let b = env.app_client().await;
+        // A makes serializable its default while on the replica (BEGIN READ ONLY goes there).
+        exec(&a, "BEGIN READ ONLY; SET default_transaction_isolation = 'serializable'; COMMIT").await;
+        assert_eq!(show(&a, "default_transaction_isolation").await.0, "serializable");
+        // A standby refuses serializable transactions, so A's reads now use the primary.
+        for _ in 0..3 {
+            assert_eq!(crate::where_simple(&a, "").await, (false, primary));
+        }
+        let tx = "BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY; SELECT pg_is_in_recovery(), inet_server_port(); COMMIT";
+        let rows = crate::support::simple_rows(&a, tx).await;
+        assert_eq!(rows[0], ["f".to_string(), primary.to_string()]);
+        // B gets the replica backend A used, reset to B's own settings, and reads there.
+        for _ in 0..3 {
+            assert_eq!(crate::where_simple(&b, "").await, (true, replica));
+        }
+        assert_eq!(show(&b, "default_transaction_isolation").await.0, "read committed");
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[]);
+}

@@ -131,6 +131,14 @@ const DEFAULT_WRITE_FUNCTIONS: &[&[u8]] = &[
     b"pg_create_restore_point",
 ];
 
+/// Relations whose content exists only on the primary (a standby's copy is empty or
+/// different): reading them is primary work.
+const PRIMARY_ONLY_RELATIONS: &[&[u8]] = &[
+    b"pg_prepared_xacts",
+    b"pg_stat_replication",
+    b"pg_stat_replication_slots",
+];
+
 /// Statement classifier; holds extra write-function names on top of the built-in list.
 #[derive(Debug, Clone, Default)]
 pub struct Classifier {
@@ -381,6 +389,7 @@ impl Classifier {
                 Tok::Punct(b'(') => prev.is_some_and(|p| self.is_write_function(p)),
                 Tok::Word(w) => {
                     kw(w, b"INTO")
+                        || PRIMARY_ONLY_RELATIONS.iter().any(|r| kw(w, r))
                         || (is_word(prev, b"FOR")
                             && (kw(w, b"UPDATE") || kw(w, b"SHARE") || kw(w, b"NO") || kw(w, b"KEY")))
                         || (dml
@@ -482,18 +491,20 @@ fn session_effects(word: &[u8], st: &mut Stmt<'_, '_>, effects: &mut Effects) {
     }
 }
 
-/// BEGIN / START TRANSACTION modes: Read iff READ ONLY is given and READ WRITE is not.
+/// BEGIN / START TRANSACTION modes: Read iff READ ONLY is given and READ WRITE is not, and the
+/// isolation level is not SERIALIZABLE (a hot standby refuses serializable transactions).
 fn transaction_modes(st: &mut Stmt<'_, '_>) -> Verdict {
-    let (mut read_only, mut read_write) = (false, false);
+    let (mut read_only, mut read_write, mut serializable) = (false, false, false);
     let mut prev = None;
     while let Some(t) = st.next() {
         if is_word(prev, b"READ") {
             read_only |= is_word(Some(t), b"ONLY");
             read_write |= is_word(Some(t), b"WRITE");
         }
+        serializable |= is_word(Some(t), b"SERIALIZABLE");
         prev = Some(t);
     }
-    if read_only && !read_write {
+    if read_only && !read_write && !serializable {
         Verdict::Read
     } else {
         Verdict::Write

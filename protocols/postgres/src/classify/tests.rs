@@ -81,8 +81,10 @@ const CASES: &[(&str, Class)] = &[
     ("BEGIN ISOLATION LEVEL READ COMMITTED", W),
     ("BEGIN READ WRITE", W),
     ("BEGIN READ ONLY, READ WRITE", W),
-    ("START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY", R),
-    ("START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE", R),
+    // A hot standby refuses SERIALIZABLE, READ ONLY or not.
+    ("START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY", W),
+    ("START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE", W),
+    ("START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY", R),
     ("START TRANSACTION", W),
     ("START", W),
     ("BEGIN; SELECT 1; COMMIT", W),
@@ -237,6 +239,24 @@ fn session_effects() {
     for (sql, want) in cases {
         assert_eq!(pin(sql), want, "{sql:?}");
     }
+    // A hot standby refuses serializable transactions and has no prepared transactions.
+    assert_eq!(
+        c.classify(b"BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY").class,
+        Class::Write
+    );
+    assert_eq!(
+        c.classify(b"BEGIN READ ONLY ISOLATION LEVEL REPEATABLE READ")
+            .class,
+        Class::Read
+    );
+    assert_eq!(
+        c.classify(b"SELECT gid FROM pg_prepared_xacts").class,
+        Class::Write
+    );
+    assert_eq!(
+        c.classify(b"SELECT * FROM pg_catalog.pg_stat_replication").class,
+        Class::Write
+    );
     // Advisory locks still make the statement a write.
     assert_eq!(c.classify(b"SELECT pg_advisory_lock(1)").class, Class::Write);
 }
