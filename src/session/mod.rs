@@ -110,12 +110,14 @@ struct Attached {
     wrote: bool,
     /// The server is in COPY FROM STDIN mode (until the client's CopyDone or CopyFail).
     copy_in: bool,
+    /// Bytes of a large message still to relay as they arrive (see `replies.rs`).
+    streaming: usize,
 }
 
 impl Attached {
     /// Nothing in flight and no transaction open: the connection may serve someone else.
     fn is_clean(&self) -> bool {
-        self.units.is_empty() && !self.in_batch && !self.copy_in && self.status == b'I'
+        self.units.is_empty() && !self.in_batch && !self.copy_in && self.streaming == 0 && self.status == b'I'
     }
 }
 
@@ -383,6 +385,7 @@ impl Session {
             settings_dirty: false,
             wrote: false,
             copy_in: false,
+            streaming: 0,
         });
     }
 

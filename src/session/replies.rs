@@ -29,6 +29,21 @@ pub enum Unit {
     Failed,
 }
 
+/// Messages at least this large are streamed to the client instead of buffered whole.
+pub const STREAM_ABOVE: usize = 64 * 1024;
+
+/// The total length of a DataRow or CopyData at the front of `buf` that is larger than
+/// [`STREAM_ABOVE`] and not complete yet; such messages need no inspection, only relaying.
+fn large_relayed_message(buf: &[u8]) -> Option<usize> {
+    let header = buf.get(..5)?;
+    if !matches!(header[0], b'D' | b'd') {
+        return None;
+    }
+    let len = u32::from_be_bytes(header[1..5].try_into().ok()?) as usize;
+    let total = 1 + len;
+    ((4..=MAX_BACKEND_MESSAGE).contains(&len) && total > STREAM_ABOVE && buf.len() < total).then_some(total)
+}
+
 impl Session {
     /// Handles every complete backend message: relays the client's, consumes sluice's own,
     /// and returns the backend when the client's transaction is over.
@@ -37,7 +52,29 @@ impl Session {
             let Some(a) = self.attached.as_mut() else {
                 return Ok(());
             };
-            let msg = match split_message(&mut a.checkout.conn.conn().rbuf, MAX_BACKEND_MESSAGE) {
+            let own_unit = !matches!(a.units.front(), None | Some(Unit::Client | Unit::ClientSync));
+            let rbuf = &mut a.checkout.conn.conn().rbuf;
+            // The rest of a large row or COPY chunk already being streamed to the client.
+            if a.streaming > 0 {
+                let n = a.streaming.min(rbuf.len());
+                if n == 0 {
+                    return Ok(());
+                }
+                self.out.extend_from_slice(&rbuf.split_to(n));
+                a.streaming -= n;
+                continue;
+            }
+            // A large DataRow or CopyData for the client is relayed as its bytes arrive rather
+            // than buffered whole: a session holds at most about STREAM_ABOVE bytes of it.
+            if !own_unit {
+                if let Some(total) = large_relayed_message(rbuf) {
+                    let n = rbuf.len();
+                    self.out.extend_from_slice(&rbuf.split_to(n));
+                    a.streaming = total - n;
+                    continue;
+                }
+            }
+            let msg = match split_message(rbuf, MAX_BACKEND_MESSAGE) {
                 Ok(Some(m)) => m,
                 Ok(None) => return Ok(()),
                 Err(e) => {
@@ -161,5 +198,37 @@ impl Session {
         if self.cluster.config.pool_mode == PoolMode::Transaction && self.pinned.is_none() {
             self.detach();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_large_incomplete_rows_and_copy_data_stream() {
+        let header = |tag: u8, len: u32| {
+            let mut v = vec![tag];
+            v.extend_from_slice(&len.to_be_bytes());
+            v
+        };
+        assert_eq!(large_relayed_message(&header(b'D', 100_000)), Some(100_001));
+        assert_eq!(large_relayed_message(&header(b'd', 100_000)), Some(100_001));
+        assert_eq!(
+            large_relayed_message(&header(b'D', 1000)),
+            None,
+            "small: framed as usual"
+        );
+        assert_eq!(
+            large_relayed_message(&header(b'T', 100_000)),
+            None,
+            "inspected tags are framed"
+        );
+        assert_eq!(
+            large_relayed_message(&header(b'D', u32::MAX)),
+            None,
+            "over the cap: framing errors"
+        );
+        assert_eq!(large_relayed_message(&[b'D', 0]), None);
     }
 }

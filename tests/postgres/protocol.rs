@@ -77,7 +77,10 @@ async fn pipelined_batches_and_protocol_errors_behave_like_postgres() {
             .find(|(t, _)| *t == b'E')
             .expect("division by zero");
         assert_eq!(sqlstate(&err.1), "22012");
-        assert_eq!(simple_column(&setup, "SELECT count(*) FROM pipe").await, ["1"]);
+        assert_eq!(
+            simple_column(&setup, "/* sluice: primary */ SELECT count(*) FROM pipe").await,
+            ["1"]
+        );
 
         // Bind before Parse, and Execute of an unknown portal: PostgreSQL's own errors, in
         // order, and the connection stays usable.
@@ -192,7 +195,10 @@ async fn copy_errors_leave_the_connection_usable() {
         assert_eq!(tags(&replies), "EZTDCZ", "{replies:?}");
         assert_eq!(sqlstate(&replies[0].1), "57014");
 
-        assert_eq!(simple_column(&c, "SELECT count(*) FROM cp").await, ["0"]);
+        assert_eq!(
+            simple_column(&c, "/* sluice: primary */ SELECT count(*) FROM cp").await,
+            ["0"]
+        );
         // A large COPY streams through in both directions.
         let sink = c.copy_in("COPY cp FROM STDIN").await.expect("copy in");
         futures_util::pin_mut!(sink);
@@ -212,6 +218,27 @@ async fn copy_errors_leave_the_connection_usable() {
             bytes += chunk.unwrap().len();
         }
         assert!(bytes > 500_000, "copied out {bytes} bytes");
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_rows_stream_through_intact() {
+    let env = Env::start(1, "");
+    bounded(60, async {
+        let c = env.app_client().await;
+        // Rows far larger than sluice's streaming threshold, in both protocols.
+        for size in [100_000usize, 5_000_000] {
+            let sql = format!("SELECT repeat('ab', {}) || 'end'", size / 2);
+            let rows = simple_column(&c, &sql).await;
+            assert_eq!(rows[0].len(), size + 3);
+            assert!(rows[0].ends_with("abend"));
+            let row = c.query_one(&sql, &[]).await.unwrap();
+            assert_eq!(row.get::<_, String>(0).len(), size + 3);
+        }
+        // Small queries right after still frame correctly.
+        assert_eq!(simple_column(&c, "SELECT 'after'").await, ["after"]);
     })
     .await;
     env.sluice.assert_no_unexpected_errors(&[]);
