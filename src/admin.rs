@@ -1,10 +1,12 @@
 //! The admin HTTP listener: `/metrics`, `/healthz`, `/readyz` and `/topology`.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::server::conn::http1;
@@ -16,12 +18,18 @@ use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
 use crate::cluster::Cluster;
+use crate::discovery;
 use crate::metrics::Metrics;
 use crate::topology::Role;
 
 /// What the admin listener reports on.
 pub struct AdminState {
-    pub clusters: Vec<Arc<Cluster>>,
+    /// The clusters of the running configuration (swapped by a reload).
+    pub clusters: ArcSwap<Vec<Arc<Cluster>>>,
+    /// Each cluster's discovery status, by cluster name.
+    pub discovery: ArcSwap<HashMap<String, Arc<discovery::Status>>>,
+    /// The CQL clusters.
+    pub cql: ArcSwap<Vec<Arc<crate::cql::CqlCluster>>>,
     pub metrics: Arc<Metrics>,
     /// False once shutdown has begun, so that /readyz turns away new traffic first.
     pub accepting: AtomicBool,
@@ -71,7 +79,10 @@ fn handle(state: &AdminState, req: &Request<Incoming>, _peer: SocketAddr) -> Res
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => match not_ready(state) {
-            None => text(StatusCode::OK, "ready\n"),
+            // A failing discovery source does not make sluice unready: it keeps serving the
+            // last known topology, and taking every replica out of its Service during an API
+            // server outage would turn that outage into a database outage. It is reported.
+            None => text(StatusCode::OK, &format!("ready\n{}", degraded(state))),
             Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: {why}\n")),
         },
         "/topology" => {
@@ -100,18 +111,49 @@ fn not_ready(state: &AdminState) -> Option<String> {
     if !state.accepting.load(Ordering::Acquire) {
         return Some("shutting down".into());
     }
-    for c in &state.clusters {
+    let statuses = state.discovery.load();
+    for c in state.clusters.load().iter() {
         if !c.topology.load().any_healthy() {
-            return Some(format!("cluster {:?} has no healthy node yet", c.config.name));
+            let status = statuses.get(&c.config.name);
+            return Some(match status.filter(|s| !s.is_synced()) {
+                Some(s) => format!(
+                    "cluster {:?}: {} discovery has not found the nodes yet{}",
+                    c.config.name,
+                    s.source,
+                    s.failing().map(|(e, _)| format!(" ({e})")).unwrap_or_default()
+                ),
+                None => format!("cluster {:?} has no healthy node yet", c.config.name),
+            });
         }
     }
-    None
+    state.cql.load().iter().find_map(|c| c.not_ready())
+}
+
+/// One line per cluster whose discovery source is failing while its last topology serves.
+fn degraded(state: &AdminState) -> String {
+    let mut out = String::new();
+    let statuses = state.discovery.load();
+    let mut names: Vec<_> = statuses.keys().collect();
+    names.sort();
+    for name in names {
+        let s = &statuses[name];
+        if let Some((error, since)) = s.failing() {
+            out.push_str(&format!(
+                "degraded: cluster {name:?}: {} discovery failing for {}s, serving the last known topology: {error}\n",
+                s.source,
+                since.as_secs()
+            ));
+        }
+    }
+    out
 }
 
 /// The JSON view of every cluster's nodes.
 pub fn topology_json(state: &AdminState) -> serde_json::Value {
-    let clusters: Vec<_> = state
+    let statuses = state.discovery.load();
+    let mut clusters: Vec<_> = state
         .clusters
+        .load()
         .iter()
         .map(|c| {
             let snap = c.topology.load();
@@ -150,9 +192,20 @@ pub fn topology_json(state: &AdminState) -> serde_json::Value {
                 "protocol": "postgres",
                 "listen": c.config.listen.to_string(),
                 "generation": snap.generation,
+                "discovery": statuses.get(&c.config.name).map(|s| {
+                    let failing = s.failing();
+                    json!({
+                        "source": s.source,
+                        "synced": s.is_synced(),
+                        "healthy": failing.is_none(),
+                        "error": failing.as_ref().map(|(e, _)| e.clone()),
+                        "failing_seconds": failing.map(|(_, d)| d.as_secs()),
+                    })
+                }),
                 "nodes": nodes,
             })
         })
         .collect();
+    clusters.extend(state.cql.load().iter().map(|c| c.topology_json()));
     json!({ "clusters": clusters })
 }

@@ -4,31 +4,24 @@ mod admin;
 mod backend;
 mod cluster;
 mod config;
+mod cql;
+mod discovery;
 mod metrics;
 mod pool;
 mod router;
+mod server;
 mod session;
 mod tls;
 mod topology;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tokio::net::TcpListener;
-use tracing::{error, info, warn};
+use tracing::error;
 
-use crate::admin::AdminState;
-use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::metrics::Metrics;
-
-/// How long a shutdown waits for connected clients to leave.
-const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
 
 #[derive(Parser)]
 #[command(
@@ -102,11 +95,19 @@ fn check(path: Option<PathBuf>) -> ExitCode {
 }
 
 fn run(path: Option<PathBuf>) -> ExitCode {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("kube")) {
+        // sluice reports Kubernetes API failures itself (a warning, metrics, /readyz); kube's
+        // ERROR line per failed request would repeat them on every retry of an outage.
+        filter = filter.add_directive(
+            "kube_client::client::builder=off"
+                .parse()
+                .expect("valid directive"),
+        );
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -140,80 +141,12 @@ fn run(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config, name)) {
+    let source = server::Source { path, name, text };
+    match runtime.block_on(server::run(source, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-async fn serve(config: Config, name: String) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::new());
-    let mut clusters = Vec::new();
-    let mut listeners = Vec::new();
-    for c in &config.clusters {
-        let listener = TcpListener::bind(c.listen)
-            .await
-            .with_context(|| format!("cluster {:?}: cannot listen on {}", c.name, c.listen))?;
-        listeners.push(listener);
-        clusters.push(Cluster::new(c.clone(), metrics.clone()));
-    }
-    let admin_listener = TcpListener::bind(config.admin.listen)
-        .await
-        .with_context(|| format!("admin: cannot listen on {}", config.admin.listen))?;
-    let state = Arc::new(AdminState {
-        clusters: clusters.clone(),
-        metrics: metrics.clone(),
-        accepting: AtomicBool::new(true),
-    });
-    tokio::spawn(admin::serve(admin_listener, state.clone()));
-
-    let mut accept_tasks = Vec::new();
-    for (cluster, listener) in clusters.iter().zip(listeners) {
-        cluster.spawn_background();
-        info!(cluster = %cluster.config.name, listen = %cluster.config.listen, nodes = cluster.topology.load().nodes.len(), "listening");
-        let cluster = cluster.clone();
-        accept_tasks.push(tokio::spawn(async move {
-            loop {
-                match listener.accept().await {
-                    Ok((stream, peer)) => {
-                        tokio::spawn(session::serve(cluster.clone(), stream, peer));
-                    }
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            }
-        }));
-    }
-    info!(config = %name, admin = %config.admin.listen, version = env!("CARGO_PKG_VERSION"), "sluice started");
-
-    shutdown_signal().await;
-    info!("shutting down: no new connections; waiting for clients to leave");
-    state.accepting.store(false, Ordering::Release);
-    for t in &accept_tasks {
-        t.abort();
-    }
-    let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN;
-    while tokio::time::Instant::now() < deadline
-        && clusters.iter().any(|c| c.clients.load(Ordering::Acquire) > 0)
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    info!("sluice stopped");
-    Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
     }
 }

@@ -12,6 +12,14 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
+mod cql;
+mod discovery;
+mod lifecycle;
+
+pub use cql::CqlConfig;
+pub use discovery::{Discovery, DnsDiscovery, DnsLookup, KubernetesDiscovery, PortRef, RoleLabels};
+pub use lifecycle::{ReloadConfig, ShutdownConfig};
+
 /// The listen address of the admin listener when `[admin]` is absent: localhost only.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9930";
 
@@ -41,6 +49,8 @@ password = "postgres"
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub admin: AdminConfig,
+    pub reload: ReloadConfig,
+    pub shutdown: ShutdownConfig,
     pub clusters: Vec<ClusterConfig>,
 }
 
@@ -135,36 +145,8 @@ pub struct ClusterConfig {
     pub write_functions: Vec<String>,
     pub discovery: Discovery,
     pub users: Vec<UserConfig>,
-}
-
-/// `[clusters.discovery]`: where the nodes come from.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Discovery {
-    /// A fixed list of `host:port` addresses; roles are found by probing.
-    Static(Vec<String>),
-    /// EndpointSlices and Pods of a Kubernetes Service.
-    Kubernetes(KubernetesDiscovery),
-}
-
-/// `[clusters.discovery.kubernetes]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct KubernetesDiscovery {
-    pub namespace: String,
-    pub service: String,
-    /// An endpoint port name or number.
-    pub port: String,
-    pub roles: RoleLabels,
-}
-
-/// Which Pod label says primary or replica.
-#[derive(Debug, Clone, PartialEq)]
-pub enum RoleLabels {
-    Preset(String),
-    Custom {
-        label: String,
-        primary: String,
-        replica: String,
-    },
+    /// `[clusters.cql]` (defaults for every cluster; only CQL clusters may set it).
+    pub cql: CqlConfig,
 }
 
 /// `[[clusters.users]]`: a user clients may log in as.
@@ -242,6 +224,8 @@ impl Config {
                     listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
                 },
             };
+            let reload = lifecycle::parse_reload(&mut root);
+            let shutdown = lifecycle::parse_shutdown(&mut root);
             let tables = root.take_array_of_tables("clusters");
             if tables.is_empty() {
                 root.error("clusters", "at least one [[clusters]] entry is required");
@@ -255,7 +239,12 @@ impl Config {
                 })
                 .collect::<Vec<_>>();
             root.finish();
-            Config { admin, clusters }
+            Config {
+                admin,
+                reload,
+                shutdown,
+                clusters,
+            }
         };
         validate_whole(&config, &mut errors);
         if errors.is_empty() {
@@ -269,16 +258,11 @@ impl Config {
     pub fn unsupported(&self) -> Vec<ConfigError> {
         let mut out = Vec::new();
         for (i, c) in self.clusters.iter().enumerate() {
-            if c.protocol == Protocol::Cql {
+            if c.protocol == Protocol::Cql && !matches!(c.discovery, Discovery::Static(_)) {
                 out.push(ConfigError {
-                    path: format!("clusters[{i}].protocol"),
-                    reason: "protocol \"cql\" is not yet supported by this build".into(),
-                });
-            }
-            if matches!(c.discovery, Discovery::Kubernetes(_)) {
-                out.push(ConfigError {
-                    path: format!("clusters[{i}].discovery.kubernetes"),
-                    reason: "Kubernetes discovery is not yet supported by this build".into(),
+                    path: format!("clusters[{i}].discovery"),
+                    reason: "protocol \"cql\" takes `static` seeds only (the ring comes from the nodes)"
+                        .into(),
                 });
             }
         }
@@ -375,12 +359,12 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
     let discovery = match f.take_table("discovery") {
         Some(t) => {
             let path = f.key_path("discovery");
-            parse_discovery(f.child(t, path))
+            discovery::parse_discovery(f.child(t, path))
         }
         None => {
             f.error(
                 "discovery",
-                "is required ([clusters.discovery] with `static` or `kubernetes`)",
+                "is required ([clusters.discovery] with `static`, `kubernetes` or `dns`)",
             );
             None
         }
@@ -393,7 +377,7 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
             let path = f.key_path(&format!("users[{i}]"));
             let mut u = f.child(t, path);
             let name = u.string("name", None);
-            let password = u.string("password", None);
+            let password = user_password(&mut u);
             u.finish();
             Some(UserConfig {
                 name: name?,
@@ -401,6 +385,7 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
             })
         })
         .collect::<Vec<_>>();
+    let cql = cql::parse_cql(&mut f, protocol);
     f.finish();
     let cluster = ClusterConfig {
         name: name?,
@@ -431,99 +416,101 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
         write_functions: write_functions?,
         discovery: discovery?,
         users,
+        cql: cql?,
     };
     Some(cluster)
 }
 
-fn parse_discovery(mut d: Fields<'_>) -> Option<Discovery> {
-    let has_static = d.has("static");
-    let has_k8s = d.has("kubernetes");
-    let out = match (has_static, has_k8s) {
-        (true, false) => {
-            let addrs = d.string_array("static")?;
-            let mut ok = true;
-            if addrs.is_empty() {
-                d.error("static", "must list at least one \"host:port\" address");
-                ok = false;
-            }
-            for (i, a) in addrs.iter().enumerate() {
-                if let Err(reason) = check_host_port(a) {
-                    d.error(&format!("static[{i}]"), &reason);
-                    ok = false;
-                }
-            }
-            ok.then_some(Discovery::Static(addrs))
+/// A user's password from exactly one of `password`, `password_env` (an environment variable)
+/// or `password_file` (a file, without one trailing newline). Errors never quote the secret.
+fn user_password(u: &mut Fields<'_>) -> Option<String> {
+    const KEYS: [&str; 3] = ["password", "password_env", "password_file"];
+    let given: Vec<&str> = KEYS.into_iter().filter(|k| u.has(k)).collect();
+    match given.as_slice() {
+        [] => {
+            u.error("password", "is required (or password_env, or password_file)");
+            return None;
         }
-        (false, true) => {
-            let t = d.take_table("kubernetes")?;
-            let path = d.key_path("kubernetes");
-            let mut k = d.child(t, path);
-            let namespace = k.string("namespace", None);
-            let service = k.string("service", None);
-            let port = match k.take("port") {
-                Some(Value::String(s)) => Some(s),
-                Some(Value::Integer(n)) if (1..=65535).contains(&n) => Some(n.to_string()),
-                Some(_) => {
-                    k.error("port", "must be a port name (string) or a number 1-65535");
-                    None
-                }
-                None => {
-                    k.error("port", "is required");
-                    None
-                }
-            };
-            let roles = match k.take("roles") {
-                Some(Value::String(s)) => {
-                    if ["cloudnative-pg", "patroni", "crunchy"].contains(&s.as_str()) {
-                        Some(RoleLabels::Preset(s))
-                    } else {
-                        k.error(
-                            "roles",
-                            &format!("unknown preset {s:?}; expected \"cloudnative-pg\", \"patroni\", \"crunchy\" or a table {{ label, primary, replica }}"),
-                        );
-                        None
-                    }
-                }
-                Some(Value::Table(t)) => {
-                    let path = k.key_path("roles");
-                    let mut r = k.child(t, path);
-                    let label = r.string("label", None);
-                    let primary = r.string("primary", None);
-                    let replica = r.string("replica", None);
-                    r.finish();
-                    Some(RoleLabels::Custom {
-                        label: label?,
-                        primary: primary?,
-                        replica: replica?,
-                    })
-                }
-                Some(_) => {
-                    k.error("roles", "must be a preset name or a table");
-                    None
-                }
-                None => Some(RoleLabels::Preset("cloudnative-pg".into())),
-            };
-            k.finish();
-            Some(Discovery::Kubernetes(KubernetesDiscovery {
-                namespace: namespace?,
-                service: service?,
-                port: port?,
-                roles: roles?,
-            }))
+        [_] => {}
+        many => {
+            u.error(
+                "",
+                &format!(
+                    "set exactly one of password, password_env, password_file (found {})",
+                    many.join(", ")
+                ),
+            );
+            for k in KEYS {
+                u.take(k);
+            }
+            return None;
         }
-        (true, true) => {
-            d.error("", "set exactly one of `static` and `kubernetes`, not both");
-            d.take("static");
-            d.take("kubernetes");
+    }
+    if u.has("password") {
+        return u.string("password", None);
+    }
+    if let Some(var) = u.optional_string("password_env") {
+        return match std::env::var(&var) {
+            Ok(v) if v.is_empty() => {
+                u.error("password_env", &format!("environment variable {var:?} is empty"));
+                None
+            }
+            Ok(v) => Some(v),
+            Err(std::env::VarError::NotPresent) => {
+                u.error(
+                    "password_env",
+                    &format!("environment variable {var:?} is not set"),
+                );
+                None
+            }
+            Err(std::env::VarError::NotUnicode(_)) => {
+                u.error(
+                    "password_env",
+                    &format!("environment variable {var:?} is not valid UTF-8"),
+                );
+                None
+            }
+        };
+    }
+    let path = u.optional_string("password_file")?;
+    match read_secret_file(&path) {
+        Ok(text) => {
+            let secret = text
+                .strip_suffix("\r\n")
+                .or_else(|| text.strip_suffix('\n'))
+                .unwrap_or(&text);
+            if secret.is_empty() {
+                u.error("password_file", &format!("{path:?} is empty"));
+                None
+            } else {
+                Some(secret.to_string())
+            }
+        }
+        Err(e) => {
+            u.error("password_file", &format!("cannot read {path:?}: {e}"));
             None
         }
-        (false, false) => {
-            d.error("", "needs `static` or `kubernetes`");
-            None
-        }
-    };
-    d.finish();
-    out
+    }
+}
+
+/// Reads a small regular file: a secret file that is a device or a FIFO (`/dev/zero`, a pipe)
+/// must fail validation, not hang or fill memory.
+fn read_secret_file(path: &str) -> Result<String, String> {
+    use std::io::Read;
+    const MAX_SECRET_FILE: u64 = 64 * 1024;
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    let mut text = String::new();
+    file.take(MAX_SECRET_FILE + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > MAX_SECRET_FILE {
+        return Err(format!("larger than {MAX_SECRET_FILE} bytes"));
+    }
+    Ok(text)
 }
 
 /// Checks the whole-file rules that no single key can: unique names and listen addresses,
@@ -554,9 +541,12 @@ fn validate_whole(config: &Config, errors: &mut Vec<ConfigError>) {
                 });
             }
         }
-        if c.protocol == Protocol::Postgres && c.users.is_empty() {
+        // A user entry that failed to parse has been reported already.
+        let users_path = format!("clusters[{i}].users");
+        let bad_user = errors.iter().any(|e| e.path.starts_with(&users_path));
+        if c.protocol == Protocol::Postgres && c.users.is_empty() && !bad_user {
             errors.push(ConfigError {
-                path: format!("clusters[{i}].users"),
+                path: users_path,
                 reason: "a postgres cluster needs at least one [[clusters.users]] entry".into(),
             });
         }
@@ -588,19 +578,6 @@ fn parse_bytes(s: &str) -> Option<u64> {
     n.checked_mul(mult)
 }
 
-fn check_host_port(s: &str) -> Result<(), String> {
-    if s.parse::<SocketAddr>().is_ok() {
-        return Ok(());
-    }
-    match s.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && !host.contains(':') => port
-            .parse::<u16>()
-            .map(|_| ())
-            .map_err(|_| format!("{s:?} has an invalid port")),
-        _ => Err(format!("{s:?} is not a \"host:port\" address")),
-    }
-}
-
 /// A table being read: takes known keys out, records errors with their full path, and reports
 /// whatever is left as unknown keys when finished.
 pub(crate) struct Fields<'e> {
@@ -611,11 +588,7 @@ pub(crate) struct Fields<'e> {
 
 impl<'e> Fields<'e> {
     fn new(table: Table, path: String, errors: &'e mut Vec<ConfigError>) -> Self {
-        Fields {
-            table,
-            path,
-            errors,
-        }
+        Fields { table, path, errors }
     }
 
     /// A nested table sharing the same error list.
@@ -801,12 +774,18 @@ impl<'e> Fields<'e> {
             Some(Value::String(s)) => match parse_bytes(&s) {
                 Some(n) => Some(Some(n)),
                 None => {
-                    self.error(key, &format!("invalid size {s:?}; use bytes or a string like \"16MB\""));
+                    self.error(
+                        key,
+                        &format!("invalid size {s:?}; use bytes or a string like \"16MB\""),
+                    );
                     None
                 }
             },
             Some(other) => {
-                self.error(key, &format!("must be a size like \"16MB\", found {}", other.type_str()));
+                self.error(
+                    key,
+                    &format!("must be a size like \"16MB\", found {}", other.type_str()),
+                );
                 None
             }
         }
@@ -1007,7 +986,10 @@ password = "app-secret"
 
     #[test]
     fn consistency_topology_and_lag() {
-        let text = CONTRACT_PG.replace("\"eventual\"", "\"read-your-writes\"\nmax_replica_lag = \"16MB\"\ntopology = \"multi-active\"\nzone = \"a\"");
+        let text = CONTRACT_PG.replace(
+            "\"eventual\"",
+            "\"read-your-writes\"\nmax_replica_lag = \"16MB\"\ntopology = \"multi-active\"\nzone = \"a\"",
+        );
         let c = &Config::parse(&text).unwrap().clusters[0];
         assert_eq!(c.consistency, Consistency::ReadYourWrites);
         assert_eq!(c.max_replica_lag, Some(16 << 20));
@@ -1022,7 +1004,7 @@ password = "app-secret"
     }
 
     #[test]
-    fn kubernetes_and_cql_parse_but_are_unsupported_at_run_time() {
+    fn kubernetes_and_cql_run() {
         let k8s = r#"
 [[clusters]]
 name = "pg"
@@ -1038,7 +1020,7 @@ name = "app"
 password = "x"
 "#;
         let c = Config::parse(k8s).unwrap();
-        assert_eq!(c.unsupported().len(), 1);
+        assert!(c.unsupported().is_empty(), "Kubernetes discovery is supported");
         let cql = r#"
 [[clusters]]
 name = "ring"
@@ -1048,12 +1030,108 @@ listen = "127.0.0.1:19042"
 static = ["127.0.0.1:9042"]
 "#;
         let c = Config::parse(cql).unwrap();
-        assert!(c.unsupported()[0].reason.contains("not yet supported"));
+        assert!(c.unsupported().is_empty(), "CQL with static seeds is supported");
     }
 
     #[test]
     fn debug_output_hides_passwords() {
         let c = Config::parse(CONTRACT_PG).unwrap();
         assert!(!format!("{c:?}").contains("app-secret"));
+    }
+
+    fn with_password(line: &str) -> String {
+        CONTRACT_PG.replace("password = \"app-secret\"", line)
+    }
+
+    fn errors_of(text: &str) -> Vec<String> {
+        Config::parse(text)
+            .unwrap_err()
+            .0
+            .iter()
+            .map(|e| e.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn password_from_environment() {
+        std::env::set_var("SLUICE_TEST_PW_ENV_SET", "from-env");
+        std::env::set_var("SLUICE_TEST_PW_ENV_EMPTY", "");
+        let c = Config::parse(&with_password("password_env = \"SLUICE_TEST_PW_ENV_SET\"")).unwrap();
+        assert_eq!(c.clusters[0].users[0].password, "from-env");
+        let errs = errors_of(&with_password("password_env = \"SLUICE_TEST_PW_ENV_UNSET\""));
+        assert_eq!(
+            errs,
+            ["clusters[0].users[0].password_env: environment variable \"SLUICE_TEST_PW_ENV_UNSET\" is not set"]
+        );
+        let errs = errors_of(&with_password("password_env = \"SLUICE_TEST_PW_ENV_EMPTY\""));
+        assert_eq!(
+            errs,
+            ["clusters[0].users[0].password_env: environment variable \"SLUICE_TEST_PW_ENV_EMPTY\" is empty"]
+        );
+    }
+
+    #[test]
+    fn password_from_file_loses_one_trailing_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            ("plain", "s3cret", "s3cret"),
+            ("newline", "s3cret\n", "s3cret"),
+            ("crlf", "s3cret\r\n", "s3cret"),
+            ("two", "s3cret\n\n", "s3cret\n"),
+            ("spaces", " s3cret \n", " s3cret "),
+        ];
+        for (name, content, want) in cases {
+            let path = dir.path().join(name);
+            std::fs::write(&path, content).unwrap();
+            let line = format!("password_file = {:?}", path.display().to_string());
+            let c = Config::parse(&with_password(&line)).unwrap();
+            assert_eq!(c.clusters[0].users[0].password, want, "{name}");
+        }
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let errs = errors_of(&with_password(&format!(
+            "password_file = {:?}",
+            empty.display().to_string()
+        )));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].starts_with("clusters[0].users[0].password_file: ") && errs[0].ends_with("is empty"));
+        let errs = errors_of(&with_password("password_file = \"/dev/zero\""));
+        assert_eq!(
+            errs,
+            ["clusters[0].users[0].password_file: cannot read \"/dev/zero\": not a regular file"]
+        );
+        let missing = dir.path().join("missing");
+        let errs = errors_of(&with_password(&format!(
+            "password_file = {:?}",
+            missing.display().to_string()
+        )));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with("clusters[0].users[0].password_file: cannot read"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn exactly_one_password_source() {
+        let errs = errors_of(&with_password(""));
+        assert_eq!(
+            errs,
+            ["clusters[0].users[0].password: is required (or password_env, or password_file)"]
+        );
+        let errs = errors_of(&with_password("password = \"a\"\npassword_env = \"HOME\""));
+        assert_eq!(
+            errs,
+            ["clusters[0].users[0]: set exactly one of password, password_env, password_file (found password, password_env)"]
+        );
+        let errs = errors_of(&with_password("password_env = 7"));
+        assert_eq!(
+            errs,
+            ["clusters[0].users[0].password_env: must be a string, found integer"]
+        );
+        // A secret read from the environment never shows in errors or Debug output.
+        std::env::set_var("SLUICE_TEST_PW_ENV_SECRET", "hunter2-from-env");
+        let c = Config::parse(&with_password("password_env = \"SLUICE_TEST_PW_ENV_SECRET\"")).unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
     }
 }

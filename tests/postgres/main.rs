@@ -9,6 +9,7 @@ mod auth;
 mod bad_input;
 mod consistency;
 mod failover;
+mod faults;
 mod pgbench;
 mod pool;
 mod protocol;

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 pub use http::http_get;
-pub use pg::{pg_bin, PgCluster};
+pub use pg::{free_port, pg_bin, PgCluster};
 pub use proxy::{sluice_config, Sluice};
 
 use tokio::task::JoinHandle;

@@ -417,6 +417,106 @@ impl PgCluster {
     }
 }
 
+impl PgCluster {
+    /// Makes the primary wait for a replica's flush before it acknowledges a commit
+    /// (`synchronous_standby_names = '*'`), and waits (15 s at most) until a replica is
+    /// synchronous. Only the primary's configuration changes: a promoted replica commits alone.
+    pub fn make_synchronous(&self) {
+        let port = self.primary_port();
+        self.psql_commands(
+            port,
+            "postgres",
+            &[
+                "ALTER SYSTEM SET synchronous_standby_names = '*'",
+                "SELECT pg_reload_conf()",
+            ],
+        );
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let sync = self.psql(
+                port,
+                "postgres",
+                "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'",
+            );
+            if sync.trim().parse::<usize>().unwrap_or(0) >= 1 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no synchronous replica after 15 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The postmaster's pid (first line of postmaster.pid).
+    pub fn postmaster_pid(&self, port: u16) -> u32 {
+        let node = self.node(port);
+        let pid_file = fs::read_to_string(node.data.join("postmaster.pid")).expect("postmaster.pid");
+        pid_file
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .expect("pid on the first line of postmaster.pid")
+    }
+
+    /// Sends `signal` (`"STOP"`, `"CONT"`, ...) to every process of a node: the postmaster and
+    /// its children (backends, walreceiver, ...), so that `STOP` freezes the node as a hung
+    /// machine would, established connections included. The postmaster is signalled first, so
+    /// a stopped one cannot fork a child that the list misses.
+    pub fn signal_node(&self, port: u16, signal: &str) {
+        let postmaster = self.postmaster_pid(port).to_string();
+        let kill = |pids: &[String]| {
+            Command::new("kill")
+                .arg("-s")
+                .arg(signal)
+                .args(pids)
+                .status()
+                .expect("run kill")
+                .success()
+        };
+        assert!(
+            kill(std::slice::from_ref(&postmaster)),
+            "kill -s {signal} {postmaster} failed"
+        );
+        let out = run(
+            Command::new("ps").args(["-o", "pid=", "--ppid", &postmaster]),
+            "list the postmaster's children",
+        );
+        let children: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        // A child may exit meanwhile; the others are signalled all the same.
+        if !children.is_empty() {
+            kill(&children);
+        }
+    }
+
+    /// Starts a node again that was stopped or killed (crash recovery runs first).
+    pub fn start_stopped(&self, port: u16) {
+        let node = self.node(port);
+        run(
+            server_cmd("pg_ctl", self.dir.path())
+                .args(["start", "-w", "-t", "60", "-D"])
+                .arg(&node.data)
+                .arg("-l")
+                .arg(&node.log),
+            "pg_ctl start",
+        );
+    }
+
+    /// Restarts a node (`pg_ctl restart -m fast`): every connection to it is closed.
+    pub fn restart_node(&self, port: u16) {
+        let node = self.node(port);
+        run(
+            server_cmd("pg_ctl", self.dir.path())
+                .args(["restart", "-w", "-t", "60", "-m", "fast", "-D"])
+                .arg(&node.data)
+                .arg("-l")
+                .arg(&node.log),
+            "pg_ctl restart",
+        );
+    }
+}
+
 impl Drop for PgCluster {
     fn drop(&mut self) {
         for node in &self.nodes {

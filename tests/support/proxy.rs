@@ -208,6 +208,13 @@ impl Sluice {
         }
     }
 
+    /// The value of one series (`name{labels}`, exactly as exposed) in `/metrics`.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let (_, body) = self.http_get("/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+    }
+
     /// The configuration file sluice was started with (a test may rewrite it and reload).
     pub fn config_path(&self) -> std::path::PathBuf {
         self._dir.path().join("sluice.toml")

@@ -1,0 +1,276 @@
+//! The token ring and replica placement: SimpleStrategy and NetworkTopologyStrategy (with
+//! racks), computed the way Cassandra 4.0 does, so that the order matches `nodetool
+//! getendpoints` (the first replica owns the first ring token >= the key's token).
+
+use std::collections::{HashMap, HashSet};
+
+/// Where a node is.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Location {
+    pub datacenter: String,
+    pub rack: String,
+}
+
+/// A keyspace's replication strategy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Strategy {
+    /// `replication_factor` consecutive distinct nodes in ring order.
+    Simple { rf: usize },
+    /// Per data center replication factors, spread across racks.
+    NetworkTopology { dcs: Vec<(String, usize)> },
+    /// Every node (DSE's EverywhereStrategy).
+    Everywhere,
+    /// Node-local data (system keyspaces) or an unknown class: no replica set to route to.
+    Local,
+}
+
+fn parse_rf(s: &str) -> Option<usize> {
+    // Transient replication writes "3/1": total replicas first.
+    s.split('/').next()?.trim().parse().ok()
+}
+
+impl Strategy {
+    /// The strategy of a `system_schema.keyspaces.replication` map.
+    pub fn from_replication<'a, I>(map: I) -> Strategy
+    where
+        I: IntoIterator<Item = (&'a str, &'a str)>,
+    {
+        let map: Vec<(&str, &str)> = map.into_iter().collect();
+        let class = map
+            .iter()
+            .find(|(k, _)| *k == "class")
+            .map(|(_, v)| *v)
+            .unwrap_or("");
+        let short = class.rsplit('.').next().unwrap_or(class);
+        match short {
+            "SimpleStrategy" => {
+                match map
+                    .iter()
+                    .find(|(k, _)| *k == "replication_factor")
+                    .and_then(|(_, v)| parse_rf(v))
+                {
+                    Some(rf) => Strategy::Simple { rf },
+                    None => Strategy::Local,
+                }
+            }
+            "NetworkTopologyStrategy" => Strategy::NetworkTopology {
+                dcs: map
+                    .iter()
+                    .filter(|(k, _)| *k != "class" && *k != "replication_factor")
+                    .filter_map(|(k, v)| Some((k.to_string(), parse_rf(v)?)))
+                    .collect(),
+            },
+            "EverywhereStrategy" => Strategy::Everywhere,
+            _ => Strategy::Local,
+        }
+    }
+}
+
+/// A ring of nodes (identified by their index) and their tokens.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ring {
+    /// (token, node index), sorted by token.
+    entries: Vec<(i64, usize)>,
+    locations: Vec<Location>,
+}
+
+impl Ring {
+    /// A ring of `nodes`, each with its location and tokens. A token claimed twice goes to the
+    /// node listed last (as a newer gossip state would).
+    pub fn new(nodes: &[(Location, Vec<i64>)]) -> Ring {
+        let mut by_token: HashMap<i64, usize> = HashMap::new();
+        for (i, (_, tokens)) in nodes.iter().enumerate() {
+            for t in tokens {
+                by_token.insert(*t, i);
+            }
+        }
+        let mut entries: Vec<(i64, usize)> = by_token.into_iter().collect();
+        entries.sort_unstable();
+        Ring {
+            entries,
+            locations: nodes.iter().map(|(l, _)| l.clone()).collect(),
+        }
+    }
+
+    /// Whether the ring has no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The number of nodes (with or without tokens).
+    pub fn node_count(&self) -> usize {
+        self.locations.len()
+    }
+
+    /// The location of node `i`.
+    pub fn location(&self, i: usize) -> Option<&Location> {
+        self.locations.get(i)
+    }
+
+    /// The ring position of the first token >= `token`, wrapping around.
+    fn start(&self, token: i64) -> usize {
+        let i = self.entries.partition_point(|(t, _)| *t < token);
+        if i == self.entries.len() {
+            0
+        } else {
+            i
+        }
+    }
+
+    fn walk(&self, token: i64) -> impl Iterator<Item = usize> + '_ {
+        let start = self.start(token);
+        let n = self.entries.len();
+        (0..n).map(move |k| self.entries[(start + k) % n].1)
+    }
+
+    /// The node owning `token` (the primary replica under any strategy).
+    pub fn owner(&self, token: i64) -> Option<usize> {
+        self.walk(token).next()
+    }
+
+    /// The replicas of `token`, in Cassandra's order.
+    pub fn replicas(&self, token: i64, strategy: &Strategy) -> Vec<usize> {
+        match strategy {
+            Strategy::Local => Vec::new(),
+            Strategy::Everywhere => {
+                let mut out = Vec::new();
+                for n in self.walk(token) {
+                    if !out.contains(&n) {
+                        out.push(n);
+                    }
+                }
+                out
+            }
+            Strategy::Simple { rf } => {
+                let mut out = Vec::with_capacity(*rf);
+                for n in self.walk(token) {
+                    if out.len() >= *rf {
+                        break;
+                    }
+                    if !out.contains(&n) {
+                        out.push(n);
+                    }
+                }
+                out
+            }
+            Strategy::NetworkTopology { dcs } => self.nts_replicas(token, dcs),
+        }
+    }
+
+    /// NetworkTopologyStrategy as in Cassandra 4.0: walk the ring; in each data center take a
+    /// node from every rack not seen yet, and accept nodes from seen racks only while the
+    /// data center has more replicas to place than it has racks.
+    fn nts_replicas(&self, token: i64, dcs: &[(String, usize)]) -> Vec<usize> {
+        struct Dc {
+            rf_left: usize,
+            rack_repeats: isize,
+        }
+        let mut nodes_in_dc: HashMap<&str, HashSet<usize>> = HashMap::new();
+        let mut racks_in_dc: HashMap<&str, HashSet<&str>> = HashMap::new();
+        for &(_, n) in &self.entries {
+            let loc = &self.locations[n];
+            nodes_in_dc.entry(&loc.datacenter).or_default().insert(n);
+            racks_in_dc.entry(&loc.datacenter).or_default().insert(&loc.rack);
+        }
+        let mut state: HashMap<&str, Dc> = HashMap::new();
+        for (dc, rf) in dcs {
+            let nodes = nodes_in_dc.get(dc.as_str()).map_or(0, HashSet::len);
+            if *rf == 0 || nodes == 0 {
+                continue;
+            }
+            let racks = racks_in_dc.get(dc.as_str()).map_or(0, HashSet::len);
+            state.insert(
+                dc.as_str(),
+                Dc {
+                    rf_left: (*rf).min(nodes),
+                    rack_repeats: *rf as isize - racks as isize,
+                },
+            );
+        }
+        let mut to_fill = state.len();
+        let mut out: Vec<usize> = Vec::new();
+        let mut seen_racks: HashSet<(&str, &str)> = HashSet::new();
+        for n in self.walk(token) {
+            if to_fill == 0 {
+                break;
+            }
+            let loc = &self.locations[n];
+            let Some(dc) = state.get_mut(loc.datacenter.as_str()) else {
+                continue;
+            };
+            if dc.rf_left == 0 || out.contains(&n) {
+                continue;
+            }
+            if seen_racks.insert((&loc.datacenter, &loc.rack)) {
+                dc.rf_left -= 1;
+                out.push(n);
+            } else if dc.rack_repeats > 0 {
+                dc.rack_repeats -= 1;
+                dc.rf_left -= 1;
+                out.push(n);
+            } else {
+                continue;
+            }
+            if dc.rf_left == 0 {
+                to_fill -= 1;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loc(dc: &str, rack: &str) -> Location {
+        Location {
+            datacenter: dc.into(),
+            rack: rack.into(),
+        }
+    }
+
+    #[test]
+    fn simple_strategy_walks_distinct_nodes() {
+        let ring = Ring::new(&[
+            (loc("dc1", "r1"), vec![0, 300]),
+            (loc("dc1", "r1"), vec![100]),
+            (loc("dc1", "r1"), vec![200]),
+        ]);
+        assert_eq!(ring.replicas(50, &Strategy::Simple { rf: 2 }), [1, 2]);
+        assert_eq!(ring.replicas(250, &Strategy::Simple { rf: 2 }), [0, 1]);
+        assert_eq!(ring.replicas(301, &Strategy::Simple { rf: 5 }), [0, 1, 2]);
+        assert_eq!(ring.replicas(300, &Strategy::Simple { rf: 1 }), [0]);
+        assert!(ring.replicas(1, &Strategy::Local).is_empty());
+    }
+
+    #[test]
+    fn network_topology_spreads_racks_then_repeats() {
+        // dc1: nodes 0 (r1), 1 (r1), 2 (r2); dc2: node 3.
+        let ring = Ring::new(&[
+            (loc("dc1", "r1"), vec![10]),
+            (loc("dc1", "r1"), vec![20]),
+            (loc("dc1", "r2"), vec![30]),
+            (loc("dc2", "r1"), vec![25]),
+        ]);
+        let nts = |a: usize, b: usize| Strategy::NetworkTopology {
+            dcs: vec![("dc1".into(), a), ("dc2".into(), b)],
+        };
+        // RF 2 in dc1 with two racks: node 1 (second r1) is skipped for node 2 (r2).
+        assert_eq!(ring.replicas(5, &nts(2, 1)), [0, 3, 2]);
+        // RF 3 with two racks: one rack repeat allowed, taken as soon as met.
+        assert_eq!(ring.replicas(5, &nts(3, 0)), [0, 1, 2]);
+        // RF above the node count is capped.
+        assert_eq!(ring.replicas(21, &nts(9, 9)), [3, 2, 0, 1]);
+        assert_eq!(
+            Strategy::from_replication([
+                ("class", "org.apache.cassandra.locator.NetworkTopologyStrategy"),
+                ("dc1", "3"),
+                ("dc2", "2/1")
+            ]),
+            Strategy::NetworkTopology {
+                dcs: vec![("dc1".into(), 3), ("dc2".into(), 2)]
+            }
+        );
+    }
+}

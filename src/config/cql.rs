@@ -1,0 +1,134 @@
+//! `[clusters.cql]`: the settings only CQL clusters have. Every key is optional, so the
+//! contract file (no such table) runs on the defaults.
+
+use std::time::Duration;
+
+use super::{Fields, Protocol};
+
+/// Backend connections per node and (protocol version, keyspace, user) by default.
+pub const DEFAULT_CONNECTIONS_PER_NODE: usize = 2;
+
+/// `[clusters.cql]`.
+#[derive(Clone, PartialEq)]
+pub struct CqlConfig {
+    /// The data center whose replicas are preferred; by default the cluster's `zone`, else the
+    /// data center of the first node sluice reaches.
+    pub local_datacenter: Option<String>,
+    /// Multiplexed backend connections per node and (protocol version, keyspace, user).
+    pub connections_per_node: usize,
+    /// Credentials sluice logs in with towards the cluster (PasswordAuthenticator). Without
+    /// them, clients' own credentials pass through.
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// How long a forwarded request may wait for its node's answer.
+    pub request_timeout: Duration,
+    /// Requests one client connection may have in flight before sluice stops reading from it.
+    pub max_requests_per_client: usize,
+}
+
+impl Default for CqlConfig {
+    fn default() -> Self {
+        CqlConfig {
+            local_datacenter: None,
+            connections_per_node: DEFAULT_CONNECTIONS_PER_NODE,
+            username: None,
+            password: None,
+            request_timeout: Duration::from_secs(12),
+            max_requests_per_client: 2048,
+        }
+    }
+}
+
+impl std::fmt::Debug for CqlConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CqlConfig")
+            .field("local_datacenter", &self.local_datacenter)
+            .field("connections_per_node", &self.connections_per_node)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("request_timeout", &self.request_timeout)
+            .field("max_requests_per_client", &self.max_requests_per_client)
+            .finish()
+    }
+}
+
+/// Takes the `cql` table out of a `[[clusters]]` entry. `None` means an error was recorded.
+pub(super) fn parse_cql(f: &mut Fields<'_>, protocol: Option<Protocol>) -> Option<CqlConfig> {
+    let Some(t) = f.take_table("cql") else {
+        return Some(CqlConfig::default());
+    };
+    if protocol == Some(Protocol::Postgres) {
+        f.error(
+            "cql",
+            "only clusters with protocol = \"cql\" take a [clusters.cql] table",
+        );
+        return None;
+    }
+    let path = f.key_path("cql");
+    let mut c = f.child(t, path);
+    let d = CqlConfig::default();
+    let local_datacenter = c.optional_string("local_datacenter");
+    let connections_per_node = c.integer("connections_per_node", d.connections_per_node, 1, 64);
+    let username = c.optional_string("username");
+    let password = c.optional_string("password");
+    let request_timeout = c.duration("request_timeout", "12s");
+    let max_requests_per_client = c.integer("max_requests_per_client", d.max_requests_per_client, 1, 32_768);
+    if username.is_some() != password.is_some() {
+        c.error("", "set both `username` and `password`, or neither");
+    }
+    let ok = username.is_some() == password.is_some();
+    c.finish();
+    let out = CqlConfig {
+        local_datacenter,
+        connections_per_node: connections_per_node?,
+        username,
+        password,
+        request_timeout: request_timeout?,
+        max_requests_per_client: max_requests_per_client?,
+    };
+    ok.then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Config;
+
+    const CONTRACT_CQL: &str = r#"
+[admin]
+listen = "127.0.0.1:9931"
+
+[[clusters]]
+name = "ring"
+protocol = "cql"
+listen = "127.0.0.1:19042"
+
+[clusters.discovery]
+static = ["127.0.0.1:9042", "127.0.0.2:9042", "127.0.0.3:9042"]
+"#;
+
+    #[test]
+    fn contract_runs_on_defaults() {
+        let c = Config::parse(CONTRACT_CQL).unwrap();
+        assert_eq!(c.clusters[0].cql.connections_per_node, 2);
+        assert!(c.unsupported().is_empty(), "{:?}", c.unsupported());
+    }
+
+    #[test]
+    fn keys_are_validated() {
+        let text = format!(
+            "{CONTRACT_CQL}\n[clusters.cql]\nlocal_datacenter = \"dc1\"\nconnections_per_node = 0\nusername = \"u\"\nbogus = 1\n"
+        );
+        let errs = Config::parse(&text).unwrap_err().0;
+        let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert!(
+            paths.contains(&"clusters[0].cql.connections_per_node"),
+            "{errs:?}"
+        );
+        assert!(paths.contains(&"clusters[0].cql.bogus"), "{errs:?}");
+        assert!(paths.contains(&"clusters[0].cql"), "{errs:?}");
+        let ok = format!("{CONTRACT_CQL}\n[clusters.cql]\nlocal_datacenter = \"dc1\"\nusername = \"u\"\npassword = \"p\"\n");
+        let c = Config::parse(&ok).unwrap();
+        assert_eq!(c.clusters[0].cql.local_datacenter.as_deref(), Some("dc1"));
+        assert!(!format!("{c:?}").contains("\"p\""));
+    }
+}

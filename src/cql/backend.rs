@@ -1,0 +1,440 @@
+//! One multiplexed connection to a node: the handshake (STARTUP, PasswordAuthenticator, USE),
+//! then any number of concurrent requests, each on a stream id of this connection (clients'
+//! stream ids are remapped here and restored on the way back).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use sluice_cql::codec::{Decoder, Encoder, Envelope, Framing};
+use sluice_cql::frame::Header;
+use sluice_cql::request::{Extensions, Query, QueryParams};
+use sluice_cql::response::ErrorBody;
+use sluice_cql::{Compression, Request, Response};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tracing::debug;
+
+/// Login credentials (PasswordAuthenticator, SASL PLAIN).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials({:?}, <redacted>)", self.user)
+    }
+}
+
+impl Credentials {
+    /// The SASL PLAIN token.
+    pub fn token(&self) -> Bytes {
+        let mut t = Vec::with_capacity(self.user.len() + self.password.len() + 2);
+        t.push(0);
+        t.extend_from_slice(self.user.as_bytes());
+        t.push(0);
+        t.extend_from_slice(self.password.as_bytes());
+        Bytes::from(t)
+    }
+
+    /// Credentials from a SASL PLAIN token (`[authzid] NUL user NUL password`).
+    pub fn from_token(token: &[u8]) -> Option<Credentials> {
+        let mut parts = token.split(|b| *b == 0);
+        let _authzid = parts.next()?;
+        let user = String::from_utf8(parts.next()?.to_vec()).ok()?;
+        let password = String::from_utf8(parts.next()?.to_vec()).ok()?;
+        Some(Credentials { user, password })
+    }
+}
+
+/// Why a connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// TCP connect (or the handshake) failed or timed out: the node is unreachable.
+    #[error("cannot connect to {addr}: {reason}")]
+    Unreachable { addr: SocketAddr, reason: String },
+    /// The node answered with an error (authentication, USE of a missing keyspace, version).
+    #[error("{addr} refused the connection: {}", .error.message)]
+    Refused { addr: SocketAddr, error: ErrorBody },
+    /// The node wants credentials and there are none.
+    #[error("{addr} requires authentication ({authenticator})")]
+    NeedsAuth { addr: SocketAddr, authenticator: String },
+}
+
+/// Why a request got no answer.
+#[derive(Debug, thiserror::Error, Clone, Copy, PartialEq, Eq)]
+pub enum RequestError {
+    /// The connection closed before the answer came.
+    #[error("connection to the node was lost")]
+    Lost,
+    /// No answer within the request timeout.
+    #[error("no answer within the request timeout")]
+    Timeout,
+    /// Every stream id of the connection is in use.
+    #[error("no free stream id on the connection")]
+    Busy,
+}
+
+type Waiter = oneshot::Sender<Envelope>;
+
+/// What the writer half is told.
+enum Outgoing {
+    Frame(Envelope),
+    Close,
+}
+
+struct Streams {
+    waiting: HashMap<i16, Waiter>,
+    free: Vec<i16>,
+}
+
+/// An open, multiplexed connection.
+pub struct BackendConn {
+    tx: mpsc::UnboundedSender<Outgoing>,
+    streams: Arc<Mutex<Streams>>,
+    closed: Arc<AtomicBool>,
+    inflight: AtomicUsize,
+}
+
+/// An opened connection.
+pub struct Opened {
+    pub conn: Arc<BackendConn>,
+}
+
+/// A raw framed connection used during the handshake.
+struct Raw {
+    stream: TcpStream,
+    dec: Decoder,
+    enc: Encoder,
+    buf: BytesMut,
+}
+
+impl Raw {
+    async fn send(&mut self, env: &Envelope) -> std::io::Result<()> {
+        let mut out = BytesMut::new();
+        self.enc.encode(env, &mut out);
+        self.stream.write_all(&out).await
+    }
+
+    async fn recv(&mut self) -> std::io::Result<Envelope> {
+        loop {
+            match self.dec.decode(&mut self.buf) {
+                Ok(Some(env)) if env.header.stream >= 0 => return Ok(env),
+                Ok(Some(_)) => continue,
+                Ok(None) => {}
+                Err(e) => return Err(std::io::Error::other(e.to_string())),
+            }
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "connection closed",
+                ));
+            }
+        }
+    }
+
+    async fn call(&mut self, version: u8, stream: i16, req: &Request) -> std::io::Result<Response> {
+        let env = Envelope::new(
+            Header::request(version, stream, req.opcode()),
+            req.to_body(version),
+        );
+        self.send(&env).await?;
+        let env = self.recv().await?;
+        decode_response(&env).map_err(|e| std::io::Error::other(e.to_string()))
+    }
+}
+
+/// Decodes a response envelope's message.
+pub fn decode_response(env: &Envelope) -> Result<Response, sluice_cql::DecodeError> {
+    let (_, body) = Extensions::split(&env.header, env.body.clone())?;
+    Response::decode(env.header.version, env.header.opcode, body)
+}
+
+/// Options of one connection to open.
+pub struct OpenOptions<'a> {
+    pub version: u8,
+    pub keyspace: Option<&'a str>,
+    pub credentials: Option<&'a Credentials>,
+    pub cql_version: &'a str,
+    pub timeout: Duration,
+    /// Ask OPTIONS first and return SUPPORTED.
+    pub options: bool,
+    /// Where EVENT messages go (the control connection); other connections drop them.
+    pub events: Option<mpsc::UnboundedSender<Envelope>>,
+}
+
+impl BackendConn {
+    /// Connects and runs the handshake; the connection is ready for requests.
+    pub async fn open(addr: SocketAddr, o: OpenOptions<'_>) -> Result<Opened, OpenError> {
+        let unreachable = |reason: String| OpenError::Unreachable { addr, reason };
+        let fut = Self::handshake(addr, &o);
+        match tokio::time::timeout(o.timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(unreachable(format!("no handshake within {:?}", o.timeout))),
+        }
+    }
+
+    async fn handshake(addr: SocketAddr, o: &OpenOptions<'_>) -> Result<Opened, OpenError> {
+        let io = |e: std::io::Error| OpenError::Unreachable {
+            addr,
+            reason: e.to_string(),
+        };
+        let stream = TcpStream::connect(addr).await.map_err(io)?;
+        let _ = stream.set_nodelay(true);
+        let mut raw = Raw {
+            stream,
+            dec: Decoder::default(),
+            enc: Encoder::new(),
+            buf: BytesMut::new(),
+        };
+        let v = o.version;
+        let refused = |error: ErrorBody| OpenError::Refused { addr, error };
+        if o.options {
+            match raw.call(v, 0, &Request::Options).await.map_err(io)? {
+                Response::Supported(_) => {}
+                Response::Error(e) => return Err(refused(e)),
+                other => {
+                    return Err(io(std::io::Error::other(format!(
+                        "unexpected {:?}",
+                        other.opcode()
+                    ))))
+                }
+            }
+        }
+        let startup = Request::Startup(vec![("CQL_VERSION".into(), o.cql_version.into())]);
+        let first = raw.call(v, 0, &startup).await.map_err(io)?;
+        match first {
+            Response::Ready => {
+                raw.dec.set_framing(Framing::after_startup(v, Compression::None));
+                raw.enc.set_framing(Framing::after_startup(v, Compression::None));
+            }
+            Response::Authenticate(authenticator) => {
+                raw.dec.set_framing(Framing::after_startup(v, Compression::None));
+                raw.enc.set_framing(Framing::after_startup(v, Compression::None));
+                let Some(c) = o.credentials else {
+                    return Err(OpenError::NeedsAuth { addr, authenticator });
+                };
+                match raw
+                    .call(v, 0, &Request::AuthResponse(Some(c.token())))
+                    .await
+                    .map_err(io)?
+                {
+                    Response::AuthSuccess(_) => {}
+                    Response::Error(e) => return Err(refused(e)),
+                    Response::AuthChallenge(_) => {
+                        return Err(refused(ErrorBody::new(
+                            sluice_cql::response::error_code::AUTH_ERROR,
+                            format!(
+                                "{authenticator} sent a challenge; only PasswordAuthenticator is supported"
+                            ),
+                        )))
+                    }
+                    other => {
+                        return Err(io(std::io::Error::other(format!(
+                            "unexpected {:?}",
+                            other.opcode()
+                        ))))
+                    }
+                }
+            }
+            Response::Error(e) => return Err(refused(e)),
+            other => {
+                return Err(io(std::io::Error::other(format!(
+                    "unexpected {:?}",
+                    other.opcode()
+                ))))
+            }
+        }
+        if let Some(ks) = o.keyspace {
+            let q = Request::Query(Query {
+                query: format!("USE \"{}\"", ks.replace('"', "\"\"")),
+                params: QueryParams::new(1),
+            });
+            if let Response::Error(e) = raw.call(v, 0, &q).await.map_err(io)? {
+                return Err(refused(e));
+            }
+        }
+        let Raw {
+            stream,
+            dec,
+            enc,
+            buf,
+            ..
+        } = raw;
+        let (rd, wr) = stream.into_split();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let streams = Arc::new(Mutex::new(Streams {
+            waiting: HashMap::new(),
+            free: (0..=i16::MAX).rev().collect(),
+        }));
+        let closed = Arc::new(AtomicBool::new(false));
+        tokio::spawn(write_loop(wr, enc, rx, closed.clone()));
+        tokio::spawn(read_loop(
+            addr,
+            rd,
+            dec,
+            buf,
+            streams.clone(),
+            closed.clone(),
+            o.events.clone(),
+        ));
+        Ok(Opened {
+            conn: Arc::new(BackendConn {
+                tx,
+                streams,
+                closed,
+                inflight: AtomicUsize::new(0),
+            }),
+        })
+    }
+
+    /// Whether the connection can no longer be used.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Requests waiting for an answer on this connection.
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    /// Sends `env` on a free stream id and waits for the answer, which comes back with the
+    /// original stream id restored.
+    pub async fn request(&self, env: &Envelope, timeout: Duration) -> Result<Envelope, RequestError> {
+        if self.is_closed() {
+            return Err(RequestError::Lost);
+        }
+        let (tx, rx) = oneshot::channel();
+        let stream = {
+            let mut s = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(id) = s.free.pop() else {
+                return Err(RequestError::Busy);
+            };
+            s.waiting.insert(id, tx);
+            id
+        };
+        let mut header = env.header;
+        header.stream = stream;
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        let sent = self
+            .tx
+            .send(Outgoing::Frame(Envelope::new(header, env.body.clone())))
+            .is_ok();
+        let out = if !sent {
+            Err(RequestError::Lost)
+        } else {
+            // On timeout the id stays reserved until its answer arrives (or the connection
+            // dies), so a late answer can never reach another request.
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(mut resp)) => {
+                    resp.header.stream = env.header.stream;
+                    Ok(resp)
+                }
+                Ok(Err(_)) => Err(RequestError::Lost),
+                Err(_) => Err(RequestError::Timeout),
+            }
+        };
+        self.inflight.fetch_sub(1, Ordering::Relaxed);
+        out
+    }
+
+    /// Closes the connection (pending requests fail with `Lost`).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let _ = self.tx.send(Outgoing::Close);
+    }
+}
+
+async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    enc: Encoder,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    closed: Arc<AtomicBool>,
+) {
+    let mut buf = BytesMut::new();
+    let mut batch = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut stop = false;
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Outgoing::Frame(e) => batch.push(e),
+                Outgoing::Close => {
+                    stop = true;
+                    break;
+                }
+            }
+            if batch.len() < 256 {
+                next = rx.try_recv().ok();
+            }
+        }
+        enc.encode_all(&batch, &mut buf);
+        batch.clear();
+        if wr.write_all(&buf).await.is_err() || stop || closed.load(Ordering::Acquire) {
+            break;
+        }
+        buf.clear();
+    }
+    closed.store(true, Ordering::Release);
+    let _ = wr.shutdown().await;
+}
+
+async fn read_loop(
+    addr: SocketAddr,
+    mut rd: OwnedReadHalf,
+    mut dec: Decoder,
+    mut buf: BytesMut,
+    streams: Arc<Mutex<Streams>>,
+    closed: Arc<AtomicBool>,
+    events: Option<mpsc::UnboundedSender<Envelope>>,
+) {
+    'outer: loop {
+        loop {
+            match dec.decode(&mut buf) {
+                Ok(Some(env)) => {
+                    let id = env.header.stream;
+                    if id < 0 {
+                        if let Some(tx) = &events {
+                            let _ = tx.send(env);
+                        }
+                        continue;
+                    }
+                    let waiter = {
+                        let mut s = streams.lock().unwrap_or_else(|e| e.into_inner());
+                        let w = s.waiting.remove(&id);
+                        if w.is_some() {
+                            s.free.push(id);
+                        }
+                        w
+                    };
+                    if let Some(w) = waiter {
+                        let _ = w.send(env);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    debug!(node = %addr, error = %e, "backend sent bytes that do not frame; closing");
+                    break 'outer;
+                }
+            }
+        }
+        match rd.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        if closed.load(Ordering::Acquire) {
+            break;
+        }
+    }
+    closed.store(true, Ordering::Release);
+    // Dropping the waiters fails every pending request with `Lost`.
+    let mut s = streams.lock().unwrap_or_else(|e| e.into_inner());
+    s.waiting.clear();
+}

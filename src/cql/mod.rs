@@ -1,0 +1,269 @@
+//! CQL clusters (Cassandra, ScyllaDB): sluice looks like a one-node cluster to clients and
+//! sends each request to a replica of its partition over a few multiplexed connections per
+//! node. One control connection per cluster reads the ring and schema and follows events.
+
+mod backend;
+mod control;
+mod forward;
+mod pool;
+mod prepared;
+mod route;
+mod session;
+mod snapshot;
+mod systables;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use serde_json::json;
+use sluice_cql::response::SchemaChange;
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::config::{ClusterConfig, Config, CqlConfig, Discovery, Protocol};
+use backend::Credentials;
+use snapshot::Snapshot;
+
+pub use session::serve_client;
+
+/// The CQL version sluice asks for in STARTUP (every 3.x server accepts it).
+const CQL_VERSION: &str = "3.0.0";
+
+/// Everything one CQL cluster's clients share.
+pub struct CqlCluster {
+    pub config: ClusterConfig,
+    pub cql: CqlConfig,
+    /// The configured seeds that resolved to socket addresses.
+    seeds: Vec<SocketAddr>,
+    snapshot: ArcSwap<Snapshot>,
+    pools: pool::Pools,
+    prepared: prepared::Cache,
+    /// SCHEMA_CHANGE events for clients that registered for them.
+    schema_events: broadcast::Sender<SchemaChange>,
+    /// Credentials towards the cluster: configured, or the first client's that worked.
+    credentials: Mutex<Option<Credentials>>,
+    /// Wakes the control connection when credentials arrive.
+    credentials_ready: tokio::sync::Notify,
+    pub clients: AtomicUsize,
+}
+
+impl CqlCluster {
+    /// A cluster that knows its seeds only; `spawn_background` starts learning the rest.
+    pub fn new(config: ClusterConfig) -> Arc<CqlCluster> {
+        let addrs: Vec<String> = match &config.discovery {
+            Discovery::Static(a) => a.clone(),
+            _ => Vec::new(),
+        };
+        let seeds: Vec<SocketAddr> = addrs
+            .iter()
+            .filter_map(|a| {
+                use std::net::ToSocketAddrs;
+                match a.to_socket_addrs() {
+                    Ok(mut it) => it.next(),
+                    Err(e) => {
+                        warn!(cluster = %config.name, seed = %a, error = %e, "cannot resolve a CQL seed");
+                        None
+                    }
+                }
+            })
+            .collect();
+        let cql = config.cql.clone();
+        let credentials = match (&cql.username, &cql.password) {
+            (Some(u), Some(p)) => Some(Credentials {
+                user: u.clone(),
+                password: p.clone(),
+            }),
+            _ => None,
+        };
+        Arc::new(CqlCluster {
+            pools: pool::Pools::new(cql.connections_per_node, config.connect_timeout),
+            snapshot: ArcSwap::from_pointee(Snapshot::seeds(&seeds)),
+            seeds,
+            prepared: prepared::Cache::default(),
+            schema_events: broadcast::channel(1024).0,
+            credentials: Mutex::new(credentials),
+            credentials_ready: tokio::sync::Notify::new(),
+            clients: AtomicUsize::new(0),
+            cql,
+            config,
+        })
+    }
+
+    /// Starts the control connection and the prober of down nodes.
+    fn spawn_background(self: &Arc<Self>) -> Vec<JoinHandle<()>> {
+        vec![
+            tokio::spawn(control::run(self.clone())),
+            tokio::spawn(control::probe_down_nodes(self.clone())),
+        ]
+    }
+
+    /// The current snapshot.
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Publishes a new snapshot built from the current one.
+    fn update(&self, f: impl Fn(&Snapshot) -> Option<Snapshot>) {
+        self.snapshot.rcu(|cur| match f(cur) {
+            Some(next) => Arc::new(next),
+            None => cur.clone(),
+        });
+    }
+
+    /// Marks a node down (an event, or a failed connection attempt) and drops its connections.
+    fn mark_down(&self, addr: SocketAddr, why: &str) {
+        let before = self.snapshot().nodes.iter().any(|n| n.addr == addr && n.up);
+        self.update(|s| s.with_status(addr, false, Some(why.to_string())));
+        self.pools.close_node(addr);
+        if before {
+            warn!(cluster = %self.config.name, node = %addr, reason = why, "CQL node is down; skipping it");
+        }
+    }
+
+    /// Marks a node up again.
+    fn mark_up(&self, addr: SocketAddr) {
+        let before = self.snapshot().nodes.iter().any(|n| n.addr == addr && !n.up);
+        self.update(|s| s.with_status(addr, true, None));
+        if before {
+            info!(cluster = %self.config.name, node = %addr, "CQL node is up");
+        }
+    }
+
+    /// Credentials towards the cluster, if any are known.
+    fn credentials(&self) -> Option<Credentials> {
+        self.credentials.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Remembers credentials a client proved valid, if none are known yet.
+    fn offer_credentials(&self, c: &Credentials) {
+        let mut cur = self.credentials.lock().unwrap_or_else(|e| e.into_inner());
+        if cur.is_none() {
+            *cur = Some(c.clone());
+            self.credentials_ready.notify_waiters();
+        }
+    }
+
+    /// The data center whose replicas are preferred.
+    fn local_datacenter(&self, snap: &Snapshot) -> Option<String> {
+        self.cql
+            .local_datacenter
+            .clone()
+            .or_else(|| self.config.zone.clone())
+            .or_else(|| snap.first_datacenter().map(str::to_string))
+    }
+
+    /// Why the cluster cannot take traffic yet, if it cannot.
+    pub fn not_ready(&self) -> Option<String> {
+        let s = self.snapshot();
+        if !s.ring_known && !s.auth_required {
+            return Some(format!(
+                "cluster {:?} has not read the CQL ring yet",
+                self.config.name
+            ));
+        }
+        if !s.any_up() {
+            return Some(format!(
+                "cluster {:?} has no reachable CQL node",
+                self.config.name
+            ));
+        }
+        None
+    }
+
+    /// The JSON view for /topology.
+    pub fn topology_json(&self) -> serde_json::Value {
+        let s = self.snapshot();
+        let nodes: Vec<_> = s
+            .nodes
+            .iter()
+            .map(|n| {
+                json!({
+                    "address": n.addr.to_string(),
+                    "role": "replica",
+                    "healthy": n.up,
+                    "datacenter": n.datacenter,
+                    "rack": n.rack,
+                    "tokens": n.tokens.len(),
+                    "error": n.last_error,
+                    "open_connections": self.pools.open_connections(n.addr),
+                    "inflight": self.pools.inflight(n.addr),
+                })
+            })
+            .collect();
+        let mut keyspaces: Vec<_> = s.keyspaces.keys().cloned().collect();
+        keyspaces.sort();
+        json!({
+            "name": self.config.name,
+            "protocol": "cql",
+            "listen": self.config.listen.to_string(),
+            "generation": s.generation,
+            "ring_known": s.ring_known,
+            "cluster_name": s.info.cluster_name,
+            "local_datacenter": self.local_datacenter(&s),
+            "keyspaces": keyspaces,
+            "prepared_statements": self.prepared.len(),
+            "clients": self.clients.load(Ordering::Relaxed),
+            "nodes": nodes,
+        })
+    }
+}
+
+/// A started CQL cluster; dropping it stops its control connection and its listener
+/// (connected clients keep their sessions).
+pub struct Running {
+    pub cluster: Arc<CqlCluster>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Separates the CQL clusters (run by this module) from the rest of a configuration.
+pub fn split(mut config: Config) -> (Config, Vec<ClusterConfig>) {
+    let (cql, rest): (Vec<_>, Vec<_>) = config
+        .clusters
+        .into_iter()
+        .partition(|c| c.protocol == Protocol::Cql);
+    config.clusters = rest;
+    (config, cql)
+}
+
+/// Binds the listeners of `configs` and starts each cluster.
+pub async fn start_all(configs: &[ClusterConfig]) -> anyhow::Result<Vec<Running>> {
+    let mut out = Vec::new();
+    for c in configs {
+        let listener = TcpListener::bind(c.listen)
+            .await
+            .with_context(|| format!("cluster {:?}: cannot listen on {}", c.name, c.listen))?;
+        let cluster = CqlCluster::new(c.clone());
+        let mut tasks = cluster.spawn_background();
+        tasks.push(tokio::spawn(accept_loop(listener, cluster.clone())));
+        info!(cluster = %c.name, listen = %c.listen, seeds = cluster.seeds.len(), "listening (CQL)");
+        out.push(Running { cluster, tasks });
+    }
+    Ok(out)
+}
+
+async fn accept_loop(listener: TcpListener, cluster: Arc<CqlCluster>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(serve_client(cluster.clone(), stream, peer));
+            }
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! What sluice remembers about each prepared statement, by id: enough to route its EXECUTEs
+//! (partition-key bind indexes and keyspace) and to prepare it again on a node that answers
+//! UNPREPARED.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use sluice_cql::response::Prepared;
+use sluice_cql::statement::{parse, Statement};
+
+/// Statements remembered at most; past this the cache starts over (clients re-prepare on
+/// UNPREPARED, so forgetting is safe, only slower).
+const MAX_ENTRIES: usize = 100_000;
+
+/// A prepared statement as sluice knows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreparedInfo {
+    pub query: String,
+    /// The keyspace the statement was prepared in (the client's USE or v5 keyspace): the
+    /// keyspace of the backend connection to prepare it again on.
+    pub prepare_keyspace: Option<String>,
+    /// v5 PREPARE flags and keyspace, to replay the PREPARE exactly.
+    pub v5_keyspace: Option<String>,
+    /// Bind indexes of the partition key components, in partition-key order.
+    pub pk_indexes: Vec<u16>,
+    /// The keyspace whose replication places the statement's partitions.
+    pub keyspace: Option<String>,
+    pub lwt: bool,
+    /// Reads only (safe to retry on another node).
+    pub read: bool,
+    /// The parsed text, for statements whose key is (partly) literal.
+    pub statement: Option<Statement>,
+    /// Set for statements on `system.local`/`peers`/`peers_v2`, which sluice answers itself.
+    pub virtual_table: Option<&'static str>,
+}
+
+impl PreparedInfo {
+    /// Builds the entry from a PREPARE and its result.
+    pub fn new(
+        query: &str,
+        prepare_keyspace: Option<String>,
+        v5_keyspace: Option<String>,
+        result: &Prepared,
+    ) -> PreparedInfo {
+        let stmt = parse(query).ok();
+        let meta = &result.metadata;
+        let keyspace = meta
+            .global_spec
+            .as_ref()
+            .map(|(k, _)| k.clone())
+            .or_else(|| meta.columns.first().map(|c| c.keyspace.clone()))
+            .or_else(|| {
+                stmt.as_ref()
+                    .and_then(|s| s.table())
+                    .and_then(|t| t.keyspace.clone())
+            })
+            .or_else(|| prepare_keyspace.clone());
+        PreparedInfo {
+            query: query.to_string(),
+            prepare_keyspace,
+            v5_keyspace,
+            pk_indexes: meta.pk_indexes.clone(),
+            keyspace,
+            lwt: stmt.as_ref().is_some_and(Statement::is_lwt),
+            read: stmt.as_ref().is_some_and(Statement::is_read),
+            statement: stmt,
+            virtual_table: None,
+        }
+    }
+}
+
+/// Prepared statements by id, shared by every client of a cluster.
+#[derive(Default)]
+pub struct Cache {
+    map: RwLock<HashMap<Bytes, Arc<PreparedInfo>>>,
+}
+
+impl Cache {
+    /// The entry for an id.
+    pub fn get(&self, id: &[u8]) -> Option<Arc<PreparedInfo>> {
+        self.map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Remembers an entry.
+    pub fn insert(&self, id: Bytes, info: PreparedInfo) {
+        let mut m = self.map.write().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= MAX_ENTRIES && !m.contains_key(&id) {
+            m.clear();
+        }
+        m.insert(id, Arc::new(info));
+    }
+
+    /// How many statements are remembered.
+    pub fn len(&self) -> usize {
+        self.map.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}

@@ -1,0 +1,331 @@
+//! Routing, as pure functions of the request, the client's keyspace and the cluster snapshot:
+//! the token of the partition a request addresses (EXECUTE bound values, literal or bound
+//! partition-key equality in simple statements, single-partition batches), then the nodes to
+//! try in order.
+
+use std::net::SocketAddr;
+
+use sluice_cql::murmur3::{composite_key, token};
+use sluice_cql::request::{Batch, BatchTarget, QueryParams};
+use sluice_cql::statement::{Bind, Statement, Term};
+use sluice_cql::value::serialize;
+use sluice_cql::wire::Value;
+
+use super::prepared::{Cache, PreparedInfo};
+use super::snapshot::Snapshot;
+
+/// Where a request should go.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Route {
+    /// Keyspace and token of the one partition the request addresses.
+    pub partition: Option<(String, i64)>,
+    /// A lightweight transaction: goes to the first replica in ring order.
+    pub lwt: bool,
+    /// Only reads: safe to send again to another node if a connection is lost.
+    pub read: bool,
+}
+
+fn bound<'a>(values: &'a [Value], names: Option<&[String]>, b: &Bind) -> Option<&'a [u8]> {
+    let i = match (b, names) {
+        (Bind::Named(n, _), Some(names)) => names.iter().position(|x| x.eq_ignore_ascii_case(n))?,
+        (Bind::Named(_, i), None) | (Bind::Positional(i), _) => *i,
+    };
+    values.get(i)?.as_bytes().map(|b| &b[..])
+}
+
+/// The keyspace and token of a simple statement's partition, if its key is fully bound.
+pub fn statement_partition(
+    snap: &Snapshot,
+    default_keyspace: Option<&str>,
+    stmt: &Statement,
+    values: &[Value],
+    names: Option<&[String]>,
+) -> Option<(String, i64)> {
+    let table = stmt.table()?;
+    let keyspace = table.keyspace.as_deref().or(default_keyspace)?;
+    let pk = snap.tables.get(&(keyspace.to_string(), table.table.clone()))?;
+    let pk_names: Vec<String> = pk.iter().map(|(n, _)| n.clone()).collect();
+    let terms = stmt.partition_key_terms(&pk_names)?;
+    let mut parts: Vec<Vec<u8>> = Vec::with_capacity(terms.len());
+    for (term, (_, typ)) in terms.iter().zip(pk) {
+        let bytes = match term {
+            Term::Literal(l) => serialize(l, typ)?,
+            Term::Bind(b) => bound(values, names, b)?.to_vec(),
+            _ => return None,
+        };
+        parts.push(bytes);
+    }
+    let key = composite_key(&parts);
+    // Cassandra refuses empty single-column keys; do not pretend to route them.
+    if key.is_empty() {
+        return None;
+    }
+    Some((keyspace.to_string(), token(&key)))
+}
+
+/// Route of a QUERY (`stmt` is `None` when the text does not parse).
+pub fn for_query(
+    snap: &Snapshot,
+    keyspace: Option<&str>,
+    stmt: Option<&Statement>,
+    params: &QueryParams,
+) -> Route {
+    let Some(stmt) = stmt else {
+        return Route::default();
+    };
+    let keyspace = params.keyspace.as_deref().or(keyspace);
+    let values = params.values.as_deref().unwrap_or(&[]);
+    Route {
+        partition: statement_partition(snap, keyspace, stmt, values, params.names.as_deref()),
+        lwt: stmt.is_lwt(),
+        read: stmt.is_read(),
+    }
+}
+
+/// The partition an EXECUTE addresses through its prepared statement's key indexes.
+fn prepared_partition(info: &PreparedInfo, values: &[Value]) -> Option<(String, i64)> {
+    if info.pk_indexes.is_empty() {
+        return None;
+    }
+    let parts: Option<Vec<&[u8]>> = info
+        .pk_indexes
+        .iter()
+        .map(|&i| values.get(i as usize)?.as_bytes().map(|b| &b[..]))
+        .collect();
+    let key = composite_key(&parts?);
+    if key.is_empty() {
+        return None;
+    }
+    Some((info.keyspace.clone()?, token(&key)))
+}
+
+/// Route of an EXECUTE of a statement sluice saw prepared (`None`: unknown id). When the
+/// node reported no partition-key indexes (a literal key component), the statement text is
+/// used with the bound values.
+pub fn for_execute(snap: &Snapshot, info: Option<&PreparedInfo>, params: &QueryParams) -> Route {
+    let Some(info) = info else {
+        return Route::default();
+    };
+    let values = params.values.as_deref().unwrap_or(&[]);
+    let partition = prepared_partition(info, values).or_else(|| {
+        let stmt = info.statement.as_ref()?;
+        statement_partition(
+            snap,
+            info.keyspace.as_deref(),
+            stmt,
+            values,
+            params.names.as_deref(),
+        )
+    });
+    Route {
+        partition,
+        lwt: info.lwt,
+        read: info.read,
+    }
+}
+
+/// Route of a BATCH: its partition when every statement addresses the same one.
+pub fn for_batch(snap: &Snapshot, keyspace: Option<&str>, cache: &Cache, b: &Batch) -> Route {
+    let keyspace = b.keyspace.as_deref().or(keyspace);
+    let mut lwt = false;
+    let mut partition: Option<(String, i64)> = None;
+    let mut routable = !b.statements.is_empty();
+    for s in &b.statements {
+        let p = match &s.target {
+            BatchTarget::Query(q) => match sluice_cql::statement::parse(q) {
+                Ok(stmt) => {
+                    lwt |= stmt.is_lwt();
+                    statement_partition(snap, keyspace, &stmt, &s.values, None)
+                }
+                Err(_) => None,
+            },
+            BatchTarget::Prepared(id) => match cache.get(id) {
+                Some(info) => {
+                    lwt |= info.lwt;
+                    prepared_partition(&info, &s.values).or_else(|| {
+                        let stmt = info.statement.as_ref()?;
+                        statement_partition(snap, info.keyspace.as_deref(), stmt, &s.values, None)
+                    })
+                }
+                None => None,
+            },
+        };
+        match (&partition, p) {
+            (_, None) => routable = false,
+            (None, Some(p)) => partition = Some(p),
+            (Some(cur), Some(p)) if *cur != p => routable = false,
+            _ => {}
+        }
+    }
+    Route {
+        partition: partition.filter(|_| routable),
+        lwt,
+        read: false,
+    }
+}
+
+/// The nodes to try, best first. Replicas of the request's token come first: for an LWT the
+/// first up replica in ring order; otherwise replicas in the local data center before the
+/// others, each group by fewest requests in flight. Every other up node follows as a fallback;
+/// down nodes come last, so a request still goes somewhere when everything looks down.
+pub fn candidates(
+    snap: &Snapshot,
+    route: &Route,
+    local_dc: Option<&str>,
+    inflight: impl Fn(SocketAddr) -> usize,
+) -> Vec<usize> {
+    let remote = |i: usize| local_dc.is_some_and(|dc| snap.nodes[i].datacenter != dc);
+    let key = |i: usize| (remote(i), inflight(snap.nodes[i].addr), i);
+    let replicas: Vec<usize> = match &route.partition {
+        Some((ks, t)) => snap
+            .replicas(ks, *t)
+            .into_iter()
+            .filter(|&i| snap.nodes[i].up)
+            .collect(),
+        None => Vec::new(),
+    };
+    let mut out: Vec<usize> = replicas.clone();
+    if !route.lwt {
+        out.sort_by_key(|&i| key(i));
+    }
+    let mut others: Vec<usize> = (0..snap.nodes.len())
+        .filter(|i| snap.nodes[*i].up && !replicas.contains(i))
+        .collect();
+    others.sort_by_key(|&i| key(i));
+    out.extend(others);
+    let mut down: Vec<usize> = (0..snap.nodes.len()).filter(|i| !snap.nodes[*i].up).collect();
+    down.sort_by_key(|&i| key(i));
+    out.extend(down);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use bytes::Bytes;
+    use sluice_cql::request::BatchStatement;
+    use sluice_cql::ring::Strategy;
+    use sluice_cql::types::ColumnType;
+
+    use super::super::snapshot::{ClusterInfo, NodeRow};
+    use super::*;
+
+    fn snap() -> Snapshot {
+        let rows: Vec<NodeRow> = [(1, "dc1", -100), (2, "dc1", 0), (3, "dc2", 100)]
+            .iter()
+            .map(|(n, dc, t)| NodeRow {
+                addr: format!("127.0.0.{n}:9042").parse().unwrap(),
+                host_id: None,
+                datacenter: dc.to_string(),
+                rack: "r".into(),
+                tokens: vec![*t],
+            })
+            .collect();
+        let s = Snapshot::seeds(&[]).with_ring(&rows, ClusterInfo::default(), &[]);
+        let mut ks = HashMap::new();
+        ks.insert("ks".to_string(), Strategy::Simple { rf: 2 });
+        let mut tables = HashMap::new();
+        tables.insert(
+            ("ks".to_string(), "kv".to_string()),
+            vec![("k".to_string(), ColumnType::Varchar)],
+        );
+        tables.insert(
+            ("ks".to_string(), "ev".to_string()),
+            vec![
+                ("tenant".to_string(), ColumnType::Varchar),
+                ("bucket".to_string(), ColumnType::Int),
+            ],
+        );
+        s.with_schema(ks, tables)
+    }
+
+    fn q(text: &str) -> Statement {
+        sluice_cql::statement::parse(text).unwrap()
+    }
+
+    #[test]
+    fn literal_and_bound_keys_route_alike() {
+        let s = snap();
+        let p = QueryParams::new(1);
+        let a = for_query(
+            &s,
+            Some("ks"),
+            Some(&q("SELECT * FROM kv WHERE k = 'user:1'")),
+            &p,
+        );
+        let mut p2 = QueryParams::new(1);
+        p2.values = Some(vec![Value::Set(Bytes::from_static(b"user:1"))]);
+        let b = for_query(&s, None, Some(&q("SELECT * FROM ks.kv WHERE k = ?")), &p2);
+        assert_eq!(a.partition, b.partition);
+        assert_eq!(a.partition, Some(("ks".into(), token(b"user:1"))));
+        assert!(a.read && !a.lwt);
+        let c = for_query(
+            &s,
+            Some("ks"),
+            Some(&q("INSERT INTO ev (tenant, bucket, x) VALUES ('t', 3, 1)")),
+            &p,
+        );
+        let key = composite_key(&[b"t".to_vec(), 3i32.to_be_bytes().to_vec()]);
+        assert_eq!(c.partition, Some(("ks".into(), token(&key))));
+        // Unknown table, missing component, function call: no token.
+        for text in [
+            "SELECT * FROM other WHERE k = 'a'",
+            "SELECT * FROM ev WHERE tenant = 't'",
+            "SELECT * FROM kv WHERE k = now()",
+        ] {
+            assert_eq!(
+                for_query(&s, Some("ks"), Some(&q(text)), &p).partition,
+                None,
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn lwt_goes_to_the_first_replica_and_others_by_load() {
+        let s = snap();
+        let t = 50; // owned by node 2 (token 100), then node 0 (wraps).
+        let route = Route {
+            partition: Some(("ks".into(), t)),
+            lwt: true,
+            read: false,
+        };
+        let busy = |a: SocketAddr| if a.ip().to_string() == "127.0.0.3" { 10 } else { 0 };
+        assert_eq!(candidates(&s, &route, None, busy), vec![2, 0, 1]);
+        let plain = Route { lwt: false, ..route };
+        assert_eq!(candidates(&s, &plain, None, busy), vec![0, 2, 1]);
+        assert_eq!(candidates(&s, &plain, Some("dc2"), busy), vec![2, 0, 1]);
+        let down = s
+            .with_status("127.0.0.3:9042".parse().unwrap(), false, None)
+            .unwrap();
+        assert_eq!(candidates(&down, &plain, None, |_| 0), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn batches_route_only_within_one_partition() {
+        let s = snap();
+        let cache = Cache::default();
+        let stmt = |k: &str| BatchStatement {
+            target: BatchTarget::Query(format!("INSERT INTO kv (k, v) VALUES ('{k}', 1)")),
+            values: vec![],
+            names: None,
+        };
+        let mut b = Batch {
+            kind: 0,
+            statements: vec![stmt("a"), stmt("a")],
+            consistency: 1,
+            flags: 0,
+            serial_consistency: None,
+            timestamp: None,
+            keyspace: None,
+            now_in_seconds: None,
+        };
+        assert_eq!(
+            for_batch(&s, Some("ks"), &cache, &b).partition,
+            Some(("ks".into(), token(b"a")))
+        );
+        b.statements.push(stmt("b"));
+        assert_eq!(for_batch(&s, Some("ks"), &cache, &b).partition, None);
+    }
+}

@@ -1,0 +1,704 @@
+//! One client connection: framing and version negotiation, OPTIONS/STARTUP/REGISTER and
+//! authentication answered by sluice, `USE` tracked per connection, `system.local`/`peers`
+//! answered with sluice's own topology, and everything else forwarded to a node chosen per
+//! request (see [`super::route`]), concurrently, with the answers going back in any order.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use sluice_cql::codec::{Decoder, Encoder, Envelope, Framing};
+use sluice_cql::frame::{Header, Opcode, DEFAULT_MAX_BODY};
+use sluice_cql::request::{Extensions, Prepare};
+use sluice_cql::response::{error_code as ec, ColumnSpec, ErrorBody, Event, ResultBody};
+use sluice_cql::statement::{parse, Bind, Statement};
+use sluice_cql::types::ColumnType;
+use sluice_cql::{Compression, Request, Response};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Semaphore};
+use tracing::{debug, info_span, warn, Instrument};
+
+use super::backend::{Credentials, OpenError};
+use super::forward::{envelope, RequestCtx, MAX_ATTEMPTS};
+use super::pool::PoolKey;
+use super::prepared::PreparedInfo;
+use super::route::{self, Route};
+use super::systables::{self, LocalView};
+use super::CqlCluster;
+
+const AUTHENTICATOR: &str = "org.apache.cassandra.auth.PasswordAuthenticator";
+
+/// What the writer half of a client connection is told.
+enum Out {
+    Envelope(Envelope),
+    Framing(Framing),
+    Raw(Bytes),
+    Close,
+}
+
+struct ClientCount(Arc<CqlCluster>);
+
+impl Drop for ClientCount {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Serves one client connection until it closes.
+pub async fn serve_client(cluster: Arc<CqlCluster>, stream: TcpStream, peer: SocketAddr) {
+    let n = cluster.clients.fetch_add(1, Ordering::AcqRel) + 1;
+    let _count = ClientCount(cluster.clone());
+    if n > cluster.config.max_client_connections {
+        warn!(cluster = %cluster.config.name, %peer, "too many CQL clients; closing the connection");
+        return;
+    }
+    let _ = stream.set_nodelay(true);
+    let local = stream.local_addr().unwrap_or(cluster.config.listen);
+    let span = info_span!("cql_client", cluster = %cluster.config.name, %peer);
+    async move {
+        let (mut rd, wr) = stream.into_split();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(write_loop(wr, rx));
+        let mut c = Client {
+            permits: Arc::new(Semaphore::new(cluster.cql.max_requests_per_client)),
+            cluster,
+            tx: tx.clone(),
+            local,
+            version: None,
+            started: false,
+            auth: Auth::NotNeeded,
+            credentials: None,
+            keyspace: None,
+            framing: None,
+        };
+        let mut dec = Decoder::new(DEFAULT_MAX_BODY);
+        let mut buf = BytesMut::with_capacity(16 * 1024);
+        let login_deadline = tokio::time::Instant::now() + c.cluster.config.login_timeout;
+        'outer: loop {
+            if c.version.is_none() && buf.len() >= 4 {
+                let v = buf[0] & 0x7f;
+                let max = c.cluster.snapshot().max_version.clamp(4, 5);
+                if !(4..=max).contains(&v) {
+                    debug!(version = v, "unsupported protocol version");
+                    let _ = tx.send(Out::Raw(version_error(&buf, max)));
+                    break;
+                }
+                c.version = Some(v);
+            }
+            loop {
+                match dec.decode(&mut buf) {
+                    Ok(Some(env)) => {
+                        if !c.handle(env).await {
+                            break 'outer;
+                        }
+                        if let Some(f) = c.framing.take() {
+                            dec.set_framing(f);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let h =
+                            e.header()
+                                .unwrap_or(Header::request(c.version.unwrap_or(4), 0, Opcode::Error));
+                        debug!(error = %e, "malformed frame from client");
+                        c.error(&h, ErrorBody::protocol(e.to_string()));
+                        if e.is_fatal() {
+                            break 'outer;
+                        }
+                    }
+                }
+            }
+            let read = if c.ready() {
+                rd.read_buf(&mut buf).await
+            } else {
+                match tokio::time::timeout_at(login_deadline, rd.read_buf(&mut buf)).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        debug!("client did not finish STARTUP within login_timeout");
+                        break;
+                    }
+                }
+            };
+            match read {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        let _ = tx.send(Out::Close);
+        drop(tx);
+        let _ = writer.await;
+    }
+    .instrument(span)
+    .await
+}
+
+async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Out>) {
+    let mut enc = Encoder::new();
+    let mut buf = BytesMut::new();
+    let mut pending: Vec<Envelope> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut close = false;
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Out::Envelope(e) => pending.push(e),
+                Out::Framing(f) => {
+                    enc.encode_all(&pending, &mut buf);
+                    pending.clear();
+                    enc.set_framing(f);
+                }
+                Out::Raw(b) => {
+                    enc.encode_all(&pending, &mut buf);
+                    pending.clear();
+                    buf.put_slice(&b);
+                }
+                Out::Close => {
+                    close = true;
+                    break;
+                }
+            }
+            if pending.len() < 512 {
+                next = rx.try_recv().ok();
+            }
+        }
+        enc.encode_all(&pending, &mut buf);
+        pending.clear();
+        if wr.write_all(&buf).await.is_err() {
+            return;
+        }
+        buf.clear();
+        if close {
+            let _ = wr.shutdown().await;
+            return;
+        }
+    }
+}
+
+/// The ERROR a client speaking an unsupported version gets, in a header it can read.
+fn version_error(first: &[u8], max: u8) -> Bytes {
+    let v = first[0] & 0x7f;
+    let supported = if max >= 5 { "4/v4, 5/v5" } else { "4/v4" };
+    let msg = format!("Invalid or unsupported protocol version ({v}); supported versions are ({supported})");
+    let body = Response::Error(ErrorBody::protocol(msg)).to_body(4);
+    let mut out = BytesMut::new();
+    if v <= 2 {
+        out.put_u8(0x80 | v);
+        out.put_u8(0);
+        out.put_u8(first.get(2).copied().unwrap_or(0));
+        out.put_u8(Opcode::Error as u8);
+        out.put_u32(body.len() as u32);
+    } else {
+        let stream = i16::from_be_bytes([first[2], first[3]]);
+        let reply = if v == 3 { 3 } else { max };
+        Header::response(reply, stream, Opcode::Error).encode(body.len(), &mut out);
+    }
+    out.put_slice(&body);
+    out.freeze()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Auth {
+    NotNeeded,
+    /// Clients log in with one of the configured users.
+    Local,
+    /// Clients' credentials are checked by a node.
+    Passthrough,
+    Done,
+}
+
+struct Client {
+    cluster: Arc<CqlCluster>,
+    tx: mpsc::UnboundedSender<Out>,
+    local: SocketAddr,
+    version: Option<u8>,
+    started: bool,
+    auth: Auth,
+    /// The client's own credentials, once accepted.
+    credentials: Option<Credentials>,
+    keyspace: Option<String>,
+    framing: Option<Framing>,
+    permits: Arc<Semaphore>,
+}
+
+impl Client {
+    fn v(&self) -> u8 {
+        self.version.unwrap_or(4)
+    }
+
+    fn ready(&self) -> bool {
+        self.started && matches!(self.auth, Auth::NotNeeded | Auth::Done)
+    }
+
+    fn send(&self, h: &Header, resp: &Response) {
+        let _ = self.tx.send(Out::Envelope(envelope(self.v(), h.stream, resp)));
+    }
+
+    fn error(&self, h: &Header, e: ErrorBody) {
+        self.send(h, &Response::Error(e));
+    }
+
+    /// Credentials towards the cluster for this client's requests.
+    fn backend_credentials(&self) -> Option<Credentials> {
+        if self.cluster.cql.username.is_some() {
+            self.cluster.credentials()
+        } else {
+            self.credentials.clone()
+        }
+    }
+
+    fn key(&self, keyspace: Option<String>) -> PoolKey {
+        PoolKey {
+            version: self.v(),
+            keyspace,
+            credentials: self.backend_credentials(),
+        }
+    }
+
+    /// Handles one envelope from the client; false closes the connection.
+    async fn handle(&mut self, env: Envelope) -> bool {
+        let h = env.header;
+        let v = self.v();
+        if h.version != v {
+            self.error(
+                &h,
+                ErrorBody::protocol(format!(
+                    "Invalid message version. Got {} but previous messages on this connection had version {v}",
+                    h.version
+                )),
+            );
+            return false;
+        }
+        if h.response {
+            self.error(
+                &h,
+                ErrorBody::protocol("Invalid request: the frame has the response direction bit"),
+            );
+            return true;
+        }
+        let (_, body) = match Extensions::split(&h, env.body.clone()) {
+            Ok(x) => x,
+            Err(e) => {
+                self.error(&h, ErrorBody::protocol(format!("Invalid frame body: {e}")));
+                return true;
+            }
+        };
+        let req = match Request::decode(v, h.opcode, body) {
+            Ok(r) => r,
+            Err(e) => {
+                self.error(
+                    &h,
+                    ErrorBody::protocol(format!("Invalid or corrupt message: {e}")),
+                );
+                return true;
+            }
+        };
+        match req {
+            Request::Options => {
+                let snap = self.cluster.snapshot();
+                let mut versions = vec!["4/v4".to_string()];
+                if snap.max_version >= 5 {
+                    versions.push("5/v5".into());
+                }
+                let cql = if snap.info.cql_version.is_empty() {
+                    "3.4.5".to_string()
+                } else {
+                    snap.info.cql_version.clone()
+                };
+                let supported = vec![
+                    ("PROTOCOL_VERSIONS".to_string(), versions),
+                    ("COMPRESSION".to_string(), vec!["snappy".into(), "lz4".into()]),
+                    ("CQL_VERSION".to_string(), vec![cql]),
+                ];
+                self.send(&h, &Response::Supported(supported));
+            }
+            Request::Startup(opts) => return self.startup(&h, &opts),
+            Request::AuthResponse(token) => self.auth_response(&h, token.as_deref()).await,
+            Request::Register(types) => {
+                if !self.ready() {
+                    self.error(
+                        &h,
+                        ErrorBody::protocol("Unexpected message REGISTER, expecting STARTUP or OPTIONS"),
+                    );
+                    return true;
+                }
+                if types.iter().any(|t| t == "SCHEMA_CHANGE") {
+                    tokio::spawn(relay_schema_events(self.cluster.clone(), self.tx.clone(), v));
+                }
+                self.send(&h, &Response::Ready);
+            }
+            req => {
+                if !self.ready() {
+                    let what = h.opcode().map_or("UNKNOWN", Opcode::name);
+                    let expecting = if self.started {
+                        "AUTH_RESPONSE"
+                    } else {
+                        "STARTUP or OPTIONS"
+                    };
+                    self.error(
+                        &h,
+                        ErrorBody::protocol(format!("Unexpected message {what}, expecting {expecting}")),
+                    );
+                    return true;
+                }
+                self.request(env, req).await;
+            }
+        }
+        true
+    }
+
+    fn startup(&mut self, h: &Header, opts: &[(String, String)]) -> bool {
+        if self.started {
+            self.error(
+                h,
+                ErrorBody::protocol("Unexpected message STARTUP: the connection is already initialised"),
+            );
+            return true;
+        }
+        let v = self.v();
+        let compression = match opts.iter().find(|(k, _)| k.eq_ignore_ascii_case("COMPRESSION")) {
+            None => Compression::None,
+            Some((_, name)) => match Compression::from_name(name) {
+                Some(Compression::Snappy) if v >= 5 => {
+                    self.error(
+                        h,
+                        ErrorBody::protocol("Snappy compression is not supported in protocol v5"),
+                    );
+                    return true;
+                }
+                Some(c) => c,
+                None => {
+                    self.error(
+                        h,
+                        ErrorBody::protocol(format!("Unknown compression algorithm: {name}")),
+                    );
+                    return true;
+                }
+            },
+        };
+        self.started = true;
+        self.auth = if !self.cluster.config.users.is_empty() {
+            Auth::Local
+        } else if self.cluster.cql.username.is_none() && self.cluster.snapshot().auth_required {
+            Auth::Passthrough
+        } else {
+            Auth::NotNeeded
+        };
+        let reply = match self.auth {
+            Auth::NotNeeded => Response::Ready,
+            _ => Response::Authenticate(AUTHENTICATOR.into()),
+        };
+        let framing = Framing::after_startup(v, compression);
+        self.framing = Some(framing);
+        if v < 5 {
+            // v4: READY is already compressed; v5 switches to segments after it.
+            let _ = self.tx.send(Out::Framing(framing));
+            self.send(h, &reply);
+        } else {
+            self.send(h, &reply);
+            let _ = self.tx.send(Out::Framing(framing));
+        }
+        true
+    }
+
+    async fn auth_response(&mut self, h: &Header, token: Option<&[u8]>) {
+        if !matches!(self.auth, Auth::Local | Auth::Passthrough) {
+            self.error(h, ErrorBody::protocol("Unexpected message AUTH_RESPONSE"));
+            return;
+        }
+        let bad = |user: &str| {
+            ErrorBody::new(
+                ec::AUTH_ERROR,
+                format!("Provided username {user} and/or password are incorrect"),
+            )
+        };
+        let Some(creds) = token.and_then(Credentials::from_token) else {
+            self.error(
+                h,
+                ErrorBody::new(
+                    ec::AUTH_ERROR,
+                    "expected a SASL PLAIN token (PasswordAuthenticator)",
+                ),
+            );
+            return;
+        };
+        if self.auth == Auth::Local {
+            let ok = self
+                .cluster
+                .config
+                .users
+                .iter()
+                .any(|u| u.name == creds.user && u.password == creds.password);
+            if !ok {
+                self.error(h, bad(&creds.user));
+                return;
+            }
+            self.credentials = Some(creds);
+            self.auth = Auth::Done;
+            self.send(h, &Response::AuthSuccess(None));
+            return;
+        }
+        // Passthrough: a node checks the credentials by accepting a connection with them.
+        self.credentials = Some(creds.clone());
+        let key = self.key(None);
+        let snap = self.cluster.snapshot();
+        let order = route::candidates(&snap, &Route::default(), None, |a| self.cluster.pools.inflight(a));
+        for i in order.into_iter().take(MAX_ATTEMPTS) {
+            let addr = snap.nodes[i].addr;
+            match self.cluster.pools.get(addr, &key, super::CQL_VERSION).await {
+                Ok(_) => {
+                    self.cluster.offer_credentials(&creds);
+                    self.auth = Auth::Done;
+                    self.send(h, &Response::AuthSuccess(None));
+                    return;
+                }
+                Err(OpenError::Refused { error, .. }) => {
+                    self.credentials = None;
+                    self.error(h, error);
+                    return;
+                }
+                Err(e) => {
+                    self.cluster.mark_down(addr, &e.to_string());
+                }
+            }
+        }
+        self.credentials = None;
+        self.error(
+            h,
+            ErrorBody::new(
+                ec::SERVER_ERROR,
+                "sluice: no node reachable to check the credentials",
+            ),
+        );
+    }
+
+    async fn request(&mut self, env: Envelope, req: Request) {
+        let h = env.header;
+        let snap = self.cluster.snapshot();
+        let route = match &req {
+            Request::Query(q) => {
+                let stmt = parse(&q.query).ok();
+                match &stmt {
+                    Some(Statement::Use(ks)) => {
+                        self.use_keyspace(&h, ks).await;
+                        return;
+                    }
+                    Some(Statement::Select(sel)) => {
+                        let ks = q.params.keyspace.as_deref().or(self.keyspace.as_deref());
+                        if let Some(table) = systables::virtual_table(sel, ks) {
+                            self.answer_virtual(&h, sel, table, &snap, false);
+                            return;
+                        }
+                    }
+                    _ => {}
+                }
+                route::for_query(&snap, self.keyspace.as_deref(), stmt.as_ref(), &q.params)
+            }
+            Request::Execute(e) => {
+                let info = self.cluster.prepared.get(&e.id);
+                if let Some(table) = info.as_ref().and_then(|i| i.virtual_table) {
+                    if let Some(Statement::Select(sel)) = info.as_ref().and_then(|i| i.statement.as_ref()) {
+                        let skip = e.params.flags & sluice_cql::request::query_flags::SKIP_METADATA != 0;
+                        self.answer_virtual(&h, sel, table, &snap, skip);
+                        return;
+                    }
+                }
+                route::for_execute(&snap, info.as_deref(), &e.params)
+            }
+            Request::Prepare(p) => {
+                let ks = p.keyspace.as_deref().or(self.keyspace.as_deref());
+                if let Ok(Statement::Select(sel)) = parse(&p.query) {
+                    if let Some(table) = systables::virtual_table(&sel, ks) {
+                        self.prepare_virtual(&h, p, sel, table, &snap);
+                        return;
+                    }
+                }
+                Route::default()
+            }
+            Request::Batch(b) => route::for_batch(&snap, self.keyspace.as_deref(), &self.cluster.prepared, b),
+            _ => Route::default(),
+        };
+        let prepare = match &req {
+            Request::Prepare(p) => Some(p.clone()),
+            _ => None,
+        };
+        let Ok(permit) = self.permits.clone().acquire_owned().await else {
+            return;
+        };
+        let ctx = RequestCtx {
+            cluster: self.cluster.clone(),
+            key: self.key(self.keyspace.clone()),
+            version: self.v(),
+        };
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let mut resp = ctx.forward(&env, &route).await;
+            ctx.await_schema(&resp).await;
+            resp.header.stream = h.stream;
+            resp.header.version = ctx.version;
+            if let Some(p) = prepare {
+                ctx.remember_prepared(&p, &resp);
+            }
+            let _ = tx.send(Out::Envelope(resp));
+            drop(permit);
+        });
+    }
+
+    /// `USE ks`: checked by opening (or reusing) a connection bound to that keyspace.
+    async fn use_keyspace(&mut self, h: &Header, ks: &str) {
+        let key = self.key(Some(ks.to_string()));
+        let snap = self.cluster.snapshot();
+        let order = route::candidates(&snap, &Route::default(), None, |a| self.cluster.pools.inflight(a));
+        for i in order.into_iter().take(MAX_ATTEMPTS) {
+            let addr = snap.nodes[i].addr;
+            match self.cluster.pools.get(addr, &key, super::CQL_VERSION).await {
+                Ok(_) => {
+                    self.keyspace = Some(ks.to_string());
+                    self.send(h, &Response::Result(ResultBody::SetKeyspace(ks.to_string())));
+                    return;
+                }
+                Err(OpenError::Refused { error, .. }) => {
+                    self.error(h, error);
+                    return;
+                }
+                Err(OpenError::NeedsAuth { authenticator, .. }) => {
+                    self.error(
+                        h,
+                        ErrorBody::new(ec::AUTH_ERROR, format!("the cluster requires {authenticator}")),
+                    );
+                    return;
+                }
+                Err(e) => self.cluster.mark_down(addr, &e.to_string()),
+            }
+        }
+        self.error(h, ErrorBody::new(ec::SERVER_ERROR, "sluice: no node reachable"));
+    }
+
+    /// PREPARE of a query on a virtual table: answered by sluice, remembered as virtual.
+    fn prepare_virtual(
+        &self,
+        h: &Header,
+        p: &Prepare,
+        sel: sluice_cql::statement::Select,
+        table: &'static str,
+        snap: &super::snapshot::Snapshot,
+    ) {
+        let rows = match systables::answer(&sel, table, &self.view(snap, &self.datacenter(snap))) {
+            Ok(r) => r,
+            Err(e) => return self.error(h, e),
+        };
+        let mut binds: Vec<(usize, ColumnSpec)> = Vec::new();
+        for r in &sel.relations {
+            for t in &r.terms {
+                if let sluice_cql::statement::Term::Bind(b) = t {
+                    let (i, name) = match b {
+                        Bind::Positional(i) => (*i, r.column.clone()),
+                        Bind::Named(n, i) => (*i, n.clone()),
+                    };
+                    let typ = systables::column_type(table, &r.column).unwrap_or(ColumnType::Varchar);
+                    binds.push((i, ColumnSpec::new("system", table, &name, typ)));
+                }
+            }
+        }
+        binds.sort_by_key(|b| b.0);
+        let columns: Vec<ColumnSpec> = binds.into_iter().map(|b| b.1).collect();
+        let ks = p.keyspace.as_deref().or(self.keyspace.as_deref());
+        let id = Bytes::copy_from_slice(&systables::prepared_id(ks, &p.query));
+        let prepared = sluice_cql::response::Prepared {
+            id: id.clone(),
+            result_metadata_id: (self.v() >= 5).then(|| id.clone()),
+            metadata: sluice_cql::response::PreparedMetadata {
+                flags: 0,
+                pk_indexes: Vec::new(),
+                global_spec: (!columns.is_empty()).then(|| ("system".to_string(), table.to_string())),
+                columns,
+            },
+            result_metadata: rows.metadata,
+        };
+        let mut info = PreparedInfo::new(&p.query, self.keyspace.clone(), p.keyspace.clone(), &prepared);
+        info.virtual_table = Some(table);
+        self.cluster.prepared.insert(id, info);
+        self.send(h, &Response::Result(ResultBody::Prepared(prepared)));
+    }
+
+    fn datacenter(&self, snap: &super::snapshot::Snapshot) -> String {
+        self.cluster
+            .local_datacenter(snap)
+            .unwrap_or_else(|| "datacenter1".into())
+    }
+
+    fn view<'a>(&'a self, snap: &'a super::snapshot::Snapshot, dc: &'a str) -> LocalView<'a> {
+        let info = &snap.info;
+        LocalView {
+            address: self.local,
+            cluster_name: if info.cluster_name.is_empty() {
+                &self.cluster.config.name
+            } else {
+                &info.cluster_name
+            },
+            cql_version: if info.cql_version.is_empty() {
+                "3.4.5"
+            } else {
+                &info.cql_version
+            },
+            release_version: if info.release_version.is_empty() {
+                "4.0.0"
+            } else {
+                &info.release_version
+            },
+            partitioner: if info.partitioner.is_empty() {
+                "org.apache.cassandra.dht.Murmur3Partitioner"
+            } else {
+                &info.partitioner
+            },
+            datacenter: dc,
+            schema_version: info.schema_version,
+            protocol_version: self.v(),
+        }
+    }
+
+    fn answer_virtual(
+        &self,
+        h: &Header,
+        sel: &sluice_cql::statement::Select,
+        table: &str,
+        snap: &super::snapshot::Snapshot,
+        skip_metadata: bool,
+    ) {
+        let dc = self.datacenter(snap);
+        let view = self.view(snap, &dc);
+        match systables::answer(sel, table, &view) {
+            Ok(mut rows) => {
+                if skip_metadata {
+                    rows.metadata.flags |= sluice_cql::result::rows_flags::NO_METADATA;
+                    rows.metadata.columns.clear();
+                    rows.metadata.global_spec = None;
+                }
+                self.send(h, &Response::Result(ResultBody::Rows(rows)))
+            }
+            Err(e) => self.error(h, e),
+        }
+    }
+}
+
+/// Forwards SCHEMA_CHANGE events of the cluster to a client that registered for them.
+async fn relay_schema_events(cluster: Arc<CqlCluster>, tx: mpsc::UnboundedSender<Out>, version: u8) {
+    let mut rx = cluster.schema_events.subscribe();
+    loop {
+        tokio::select! {
+            ev = rx.recv() => match ev {
+                Ok(sc) => {
+                    let resp = Response::Event(Event::SchemaChange(sc));
+                    if tx.send(Out::Envelope(envelope(version, -1, &resp))).is_err() {
+                        return;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return,
+            },
+            _ = tx.closed() => return,
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! An immutable view of one CQL cluster: its nodes (address, data center, rack, tokens, up or
+//! down), the token ring, each keyspace's replication and each table's partition key. The
+//! control connection builds a new one on every change; requests read the current one.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use sluice_cql::ring::{Location, Ring, Strategy};
+use sluice_cql::types::ColumnType;
+
+/// Partition key columns (name and type, in order) of each (keyspace, table).
+pub type PartitionKeys = HashMap<(String, String), Vec<(String, ColumnType)>>;
+
+/// One node as sluice last saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeInfo {
+    /// The native transport address, also the node's identity.
+    pub addr: SocketAddr,
+    pub host_id: Option<[u8; 16]>,
+    pub datacenter: String,
+    pub rack: String,
+    pub tokens: Vec<i64>,
+    pub up: bool,
+    /// Why the node is down, for /topology.
+    pub last_error: Option<String>,
+}
+
+impl NodeInfo {
+    /// A configured seed nothing is known about yet (assumed up until proven otherwise).
+    pub fn seed(addr: SocketAddr) -> NodeInfo {
+        NodeInfo {
+            addr,
+            host_id: None,
+            datacenter: String::new(),
+            rack: String::new(),
+            tokens: Vec::new(),
+            up: true,
+            last_error: None,
+        }
+    }
+}
+
+/// What `system.local` / `system.peers` say about a node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeRow {
+    pub addr: SocketAddr,
+    pub host_id: Option<[u8; 16]>,
+    pub datacenter: String,
+    pub rack: String,
+    pub tokens: Vec<i64>,
+}
+
+/// Cluster-wide facts from `system.local`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ClusterInfo {
+    pub cluster_name: String,
+    pub partitioner: String,
+    pub release_version: String,
+    pub cql_version: String,
+    pub schema_version: Option<[u8; 16]>,
+}
+
+/// The current view of a cluster.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub generation: u64,
+    pub nodes: Vec<NodeInfo>,
+    pub ring: Ring,
+    pub info: ClusterInfo,
+    /// Replication of each keyspace.
+    pub keyspaces: HashMap<String, Strategy>,
+    /// Partition key columns of each (keyspace, table), in order.
+    pub tables: PartitionKeys,
+    /// Whether the ring has been read at least once.
+    pub ring_known: bool,
+    /// The highest protocol version the cluster accepted.
+    pub max_version: u8,
+    /// The backend wants PasswordAuthenticator logins.
+    pub auth_required: bool,
+}
+
+impl Snapshot {
+    /// A snapshot of the configured seeds only.
+    pub fn seeds(addrs: &[SocketAddr]) -> Snapshot {
+        Snapshot {
+            nodes: addrs.iter().copied().map(NodeInfo::seed).collect(),
+            max_version: 5,
+            ..Snapshot::default()
+        }
+    }
+
+    /// The index of the node with this native address.
+    pub fn index_of(&self, addr: SocketAddr) -> Option<usize> {
+        self.nodes.iter().position(|n| n.addr == addr)
+    }
+
+    fn rebuild_ring(&mut self) {
+        let spec: Vec<(Location, Vec<i64>)> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                (
+                    Location {
+                        datacenter: n.datacenter.clone(),
+                        rack: n.rack.clone(),
+                    },
+                    n.tokens.clone(),
+                )
+            })
+            .collect();
+        self.ring = Ring::new(&spec);
+    }
+
+    /// The next snapshot after reading the ring: `rows` are every node (local + peers). Nodes
+    /// that are no longer listed go away unless they are seeds; up/down state is kept.
+    pub fn with_ring(&self, rows: &[NodeRow], info: ClusterInfo, seeds: &[SocketAddr]) -> Snapshot {
+        let mut next = self.clone();
+        let mut nodes: Vec<NodeInfo> = Vec::new();
+        for r in rows {
+            let old = self.nodes.iter().find(|n| n.addr == r.addr);
+            nodes.push(NodeInfo {
+                addr: r.addr,
+                host_id: r.host_id,
+                datacenter: r.datacenter.clone(),
+                rack: r.rack.clone(),
+                tokens: r.tokens.clone(),
+                up: old.is_none_or(|o| o.up),
+                last_error: old.and_then(|o| o.last_error.clone()),
+            });
+        }
+        for s in seeds {
+            if !nodes.iter().any(|n| n.addr == *s) {
+                let old = self.nodes.iter().find(|n| n.addr == *s).cloned();
+                let mut n = old.unwrap_or_else(|| NodeInfo::seed(*s));
+                n.tokens.clear();
+                nodes.push(n);
+            }
+        }
+        next.nodes = nodes;
+        next.info = info;
+        next.ring_known = true;
+        next.rebuild_ring();
+        if next.nodes != self.nodes || next.info != self.info || !self.ring_known {
+            next.generation = self.generation + 1;
+        }
+        next
+    }
+
+    /// The next snapshot after reading the schema.
+    pub fn with_schema(&self, keyspaces: HashMap<String, Strategy>, tables: PartitionKeys) -> Snapshot {
+        let mut next = self.clone();
+        next.keyspaces = keyspaces;
+        next.tables = tables;
+        next.generation = self.generation + 1;
+        next
+    }
+
+    /// The next snapshot with a node marked up or down; `None` if nothing changes.
+    pub fn with_status(&self, addr: SocketAddr, up: bool, error: Option<String>) -> Option<Snapshot> {
+        let i = self.index_of(addr)?;
+        if self.nodes[i].up == up && (up || self.nodes[i].last_error == error) {
+            return None;
+        }
+        let mut next = self.clone();
+        next.nodes[i].up = up;
+        next.nodes[i].last_error = if up { None } else { error };
+        next.generation = self.generation + 1;
+        Some(next)
+    }
+
+    /// Replicas (node indexes, ring order) of `token` in `keyspace`; empty when unknown.
+    pub fn replicas(&self, keyspace: &str, token: i64) -> Vec<usize> {
+        match self.keyspaces.get(keyspace) {
+            Some(s) => self.ring.replicas(token, s),
+            None => Vec::new(),
+        }
+    }
+
+    /// Whether any node is believed up.
+    pub fn any_up(&self) -> bool {
+        self.nodes.iter().any(|n| n.up)
+    }
+
+    /// The data center of the first up node that has one (used when none is configured).
+    pub fn first_datacenter(&self) -> Option<&str> {
+        self.nodes
+            .iter()
+            .filter(|n| !n.datacenter.is_empty())
+            .map(|n| n.datacenter.as_str())
+            .next()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(ip: &str, dc: &str, tokens: &[i64]) -> NodeRow {
+        NodeRow {
+            addr: format!("{ip}:9042").parse().unwrap(),
+            host_id: None,
+            datacenter: dc.into(),
+            rack: "r1".into(),
+            tokens: tokens.to_vec(),
+        }
+    }
+
+    #[test]
+    fn ring_keeps_status_and_seeds() {
+        let seed: SocketAddr = "127.0.0.1:9042".parse().unwrap();
+        let s = Snapshot::seeds(&[seed]);
+        let s = s.with_status(seed, false, Some("refused".into())).unwrap();
+        let s = s.with_ring(
+            &[row("127.0.0.1", "dc1", &[0]), row("127.0.0.2", "dc1", &[100])],
+            ClusterInfo::default(),
+            &[seed],
+        );
+        assert_eq!(s.nodes.len(), 2);
+        assert!(!s.nodes[0].up && s.nodes[1].up);
+        let mut ks = HashMap::new();
+        ks.insert("k".to_string(), Strategy::Simple { rf: 1 });
+        let s = s.with_schema(ks, HashMap::new());
+        assert_eq!(s.replicas("k", 50), vec![1]);
+        assert_eq!(s.replicas("k", 150), vec![0]);
+        assert!(s.replicas("unknown", 1).is_empty());
+        let g = s.generation;
+        assert!(s
+            .with_status("127.0.0.2:9042".parse().unwrap(), true, None)
+            .is_none());
+        let s2 = s
+            .with_status("127.0.0.2:9042".parse().unwrap(), false, None)
+            .unwrap();
+        assert_eq!(s2.generation, g + 1);
+    }
+}

@@ -1,0 +1,480 @@
+//! A CQL test cluster: N in-memory "Cassandra" nodes on 127.0.0.1, 127.0.0.2, ... (same port),
+//! with a configurable token ring, protocol v4/v5 with lz4/snappy, system tables, schema
+//! statements, key/value DML with lightweight transactions, paging, prepared statements (per
+//! node, lost on restart) and events. Every write reaches every replica at once (one shared
+//! store), but availability follows the ring: a request fails with UNAVAILABLE when too few
+//! replicas of its token are up for its consistency level.
+//!
+//! For every request the cluster records which node coordinated it and, when the request
+//! addresses one partition, its token and replicas: [`TestCluster::records`].
+//!
+//! The cluster runs on its own Tokio runtime, so its API is synchronous and usable from any
+//! test (async or not).
+
+mod engine;
+mod exec;
+mod prepare;
+mod schema;
+mod server;
+mod systables;
+mod values;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sluice_cql::frame::Opcode;
+use sluice_cql::response::Event;
+use sluice_cql::ring::{Location, Ring};
+use tokio::task::JoinHandle;
+
+pub use sluice_cql::ring::Strategy;
+
+/// `release_version` the nodes report.
+pub const RELEASE_VERSION: &str = "4.0-rc1";
+/// `cql_version` the nodes report.
+pub const CQL_VERSION: &str = "3.4.5";
+
+/// One node of a cluster to start.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    pub address: IpAddr,
+    pub datacenter: String,
+    pub rack: String,
+    pub tokens: Vec<i64>,
+    pub host_id: [u8; 16],
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    pub cluster_name: String,
+    pub nodes: Vec<NodeSpec>,
+    /// The native port every node listens on; 0 picks a free one.
+    pub port: u16,
+    /// PasswordAuthenticator credentials; `None` allows everyone.
+    pub credentials: Option<(String, String)>,
+}
+
+impl ClusterSpec {
+    /// `n` nodes on 127.0.0.1..=127.0.0.n in `datacenter1`/`rack1`, `num_tokens` random-looking
+    /// but reproducible tokens each.
+    pub fn new(n: usize, num_tokens: usize) -> ClusterSpec {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as i64
+        };
+        let nodes = (0..n)
+            .map(|i| {
+                let address = IpAddr::V4(Ipv4Addr::new(127, 0, 0, (i + 1) as u8));
+                NodeSpec {
+                    address,
+                    datacenter: "datacenter1".into(),
+                    rack: "rack1".into(),
+                    tokens: (0..num_tokens).map(|_| next()).collect(),
+                    host_id: values::name_uuid(&format!("node-{address}")),
+                }
+            })
+            .collect();
+        ClusterSpec {
+            cluster_name: "sluice-test".into(),
+            nodes,
+            port: 0,
+            credentials: None,
+        }
+    }
+
+    /// Requires PasswordAuthenticator logins with these credentials.
+    pub fn with_credentials(mut self, user: &str, password: &str) -> ClusterSpec {
+        self.credentials = Some((user.into(), password.into()));
+        self
+    }
+
+    /// Places node `i` in a data center and rack.
+    pub fn with_location(mut self, i: usize, datacenter: &str, rack: &str) -> ClusterSpec {
+        if let Some(n) = self.nodes.get_mut(i) {
+            n.datacenter = datacenter.into();
+            n.rack = rack.into();
+        }
+        self
+    }
+}
+
+/// One request as the coordinator saw it.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// Index of the coordinating node.
+    pub node: usize,
+    pub address: IpAddr,
+    /// Connection id (unique across the cluster).
+    pub conn: u64,
+    pub opcode: Opcode,
+    /// The statement text (for EXECUTE, the prepared statement's; "BATCH" for BATCH).
+    pub query: String,
+    pub keyspace: Option<String>,
+    pub table: Option<String>,
+    /// Token of the one partition the request addresses, if it addresses one.
+    pub token: Option<i64>,
+    /// Replicas of that token, in ring order (node indexes).
+    pub replicas: Vec<usize>,
+    /// A lightweight transaction.
+    pub lwt: bool,
+    /// The error code, if the request failed.
+    pub error: Option<i32>,
+}
+
+impl Record {
+    /// Whether the coordinator is a replica of the request's token (`None` without a token).
+    pub fn coordinator_is_replica(&self) -> Option<bool> {
+        self.token?;
+        Some(self.replicas.contains(&self.node))
+    }
+}
+
+pub(crate) struct NodeInfo {
+    pub address: IpAddr,
+    pub datacenter: String,
+    pub rack: String,
+    pub tokens: Vec<i64>,
+    pub host_id: [u8; 16],
+}
+
+/// An event subscription of one connection.
+pub(crate) struct Subscriber {
+    pub node: usize,
+    pub conn: u64,
+    pub types: Vec<String>,
+    pub tx: tokio::sync::mpsc::UnboundedSender<server::Out>,
+}
+
+#[derive(Default)]
+pub(crate) struct NodeTasks {
+    pub accept: Option<JoinHandle<()>>,
+    pub conns: HashMap<u64, JoinHandle<()>>,
+}
+
+/// State shared by every node.
+pub(crate) struct Shared {
+    pub cluster_name: String,
+    pub port: u16,
+    pub nodes: Vec<NodeInfo>,
+    pub ring: Ring,
+    pub credentials: Option<(String, String)>,
+    pub up: Vec<AtomicBool>,
+    pub db: Mutex<schema::Db>,
+    pub prepared: Vec<Mutex<HashMap<Bytes, Arc<prepare::PreparedStatement>>>>,
+    pub subscribers: Mutex<Vec<Subscriber>>,
+    pub records: Mutex<Vec<Record>>,
+    pub tasks: Vec<Mutex<NodeTasks>>,
+    pub next_conn: AtomicU64,
+}
+
+impl Shared {
+    pub fn is_up(&self, node: usize) -> bool {
+        self.up.get(node).is_some_and(|u| u.load(Ordering::Acquire))
+    }
+
+    pub fn record(&self, r: Record) {
+        self.records.lock().unwrap_or_else(|e| e.into_inner()).push(r);
+    }
+
+    /// Sends an event to every subscribed connection on up nodes (except `except`).
+    pub fn broadcast(&self, event: &Event, kind: &str, except: Option<usize>) {
+        let subs = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        for s in subs.iter() {
+            if Some(s.node) == except || !self.is_up(s.node) || !s.types.iter().any(|t| t == kind) {
+                continue;
+            }
+            let _ = s.tx.send(server::Out::Event(event.clone()));
+        }
+    }
+
+    fn native_address(&self, node: usize) -> SocketAddr {
+        SocketAddr::new(self.nodes[node].address, self.port)
+    }
+}
+
+/// A running test cluster. Dropping it stops every node.
+pub struct TestCluster {
+    shared: Arc<Shared>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+fn bind_all(spec: &ClusterSpec) -> std::io::Result<(u16, Vec<std::net::TcpListener>)> {
+    for _ in 0..50 {
+        let port = if spec.port != 0 {
+            spec.port
+        } else {
+            std::net::TcpListener::bind((spec.nodes[0].address, 0))?
+                .local_addr()?
+                .port()
+        };
+        let bound: std::io::Result<Vec<_>> = spec
+            .nodes
+            .iter()
+            .map(|n| std::net::TcpListener::bind((n.address, port)))
+            .collect();
+        match bound {
+            Ok(l) => return Ok((port, l)),
+            Err(e) if spec.port != 0 => return Err(e),
+            Err(_) => continue,
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no port free on every node address",
+    ))
+}
+
+impl TestCluster {
+    /// Starts every node of `spec`.
+    pub fn start(spec: ClusterSpec) -> std::io::Result<TestCluster> {
+        assert!(!spec.nodes.is_empty(), "a cluster needs at least one node");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("cql-testcluster")
+            .enable_all()
+            .build()?;
+        let (port, listeners) = bind_all(&spec)?;
+        let ring = Ring::new(
+            &spec
+                .nodes
+                .iter()
+                .map(|n| {
+                    (
+                        Location {
+                            datacenter: n.datacenter.clone(),
+                            rack: n.rack.clone(),
+                        },
+                        n.tokens.clone(),
+                    )
+                })
+                .collect::<Vec<_>>(),
+        );
+        let n = spec.nodes.len();
+        let shared = Arc::new(Shared {
+            cluster_name: spec.cluster_name.clone(),
+            port,
+            nodes: spec
+                .nodes
+                .iter()
+                .map(|s| NodeInfo {
+                    address: s.address,
+                    datacenter: s.datacenter.clone(),
+                    rack: s.rack.clone(),
+                    tokens: s.tokens.clone(),
+                    host_id: s.host_id,
+                })
+                .collect(),
+            ring,
+            credentials: spec.credentials.clone(),
+            up: (0..n).map(|_| AtomicBool::new(true)).collect(),
+            db: Mutex::new(schema::Db::default()),
+            prepared: (0..n).map(|_| Mutex::new(HashMap::new())).collect(),
+            subscribers: Mutex::new(Vec::new()),
+            records: Mutex::new(Vec::new()),
+            tasks: (0..n).map(|_| Mutex::new(NodeTasks::default())).collect(),
+            next_conn: AtomicU64::new(1),
+        });
+        let cluster = TestCluster {
+            shared,
+            runtime: Some(runtime),
+        };
+        for (i, l) in listeners.into_iter().enumerate() {
+            cluster.spawn_node(i, l)?;
+        }
+        Ok(cluster)
+    }
+
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("runtime present until drop")
+    }
+
+    fn spawn_node(&self, i: usize, listener: std::net::TcpListener) -> std::io::Result<()> {
+        listener.set_nonblocking(true)?;
+        let _guard = self.rt().enter();
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let handle = self
+            .rt()
+            .spawn(server::accept_loop(self.shared.clone(), i, listener));
+        self.shared.tasks[i]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .accept = Some(handle);
+        Ok(())
+    }
+
+    /// The native port every node listens on.
+    pub fn port(&self) -> u16 {
+        self.shared.port
+    }
+
+    /// The native address of node `i`.
+    pub fn address(&self, i: usize) -> SocketAddr {
+        self.shared.native_address(i)
+    }
+
+    /// Every node's native address, as `host:port` strings (e.g. for a sluice config).
+    pub fn contact_points(&self) -> Vec<String> {
+        (0..self.shared.nodes.len())
+            .map(|i| self.address(i).to_string())
+            .collect()
+    }
+
+    /// The number of nodes.
+    pub fn len(&self) -> usize {
+        self.shared.nodes.len()
+    }
+
+    /// Whether the cluster has no nodes (never: `start` needs one).
+    pub fn is_empty(&self) -> bool {
+        self.shared.nodes.is_empty()
+    }
+
+    /// The node index of an address.
+    pub fn node_of(&self, ip: IpAddr) -> Option<usize> {
+        self.shared.nodes.iter().position(|n| n.address == ip)
+    }
+
+    /// The replicas (node indexes, ring order) of `token` in `keyspace`.
+    pub fn replicas(&self, keyspace: &str, token: i64) -> Vec<usize> {
+        let db = self.shared.db.lock().unwrap_or_else(|e| e.into_inner());
+        match db.keyspaces.get(keyspace) {
+            Some(k) => self.shared.ring.replicas(token, &k.strategy),
+            None => Vec::new(),
+        }
+    }
+
+    /// Every request recorded so far.
+    pub fn records(&self) -> Vec<Record> {
+        self.shared
+            .records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Forgets the records so far.
+    pub fn clear_records(&self) {
+        self.shared
+            .records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// Whether node `i` is up.
+    pub fn is_up(&self, i: usize) -> bool {
+        self.shared.is_up(i)
+    }
+
+    /// Stops node `i` like a crash: its port closes, its connections drop, its prepared
+    /// statements are forgotten, and the other nodes announce STATUS_CHANGE DOWN.
+    pub fn kill(&self, i: usize) {
+        if !self.shared.up[i].swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let handles: Vec<JoinHandle<()>> = {
+            let mut t = self.shared.tasks[i].lock().unwrap_or_else(|e| e.into_inner());
+            let mut hs: Vec<_> = t.conns.drain().map(|(_, h)| h).collect();
+            hs.extend(t.accept.take());
+            hs
+        };
+        for h in &handles {
+            h.abort();
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline && !handles.iter().all(|h| h.is_finished()) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.shared
+            .subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|s| s.node != i);
+        self.shared.prepared[i]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        let ev = Event::StatusChange {
+            change: "DOWN".into(),
+            address: self.address(i),
+        };
+        self.shared.broadcast(&ev, "STATUS_CHANGE", Some(i));
+    }
+
+    /// Starts node `i` again (with an empty prepared statement cache) and announces
+    /// STATUS_CHANGE UP once it accepts connections.
+    pub fn restart(&self, i: usize) -> std::io::Result<()> {
+        if self.is_up(i) {
+            return Ok(());
+        }
+        let mut listener = None;
+        for _ in 0..100 {
+            match std::net::TcpListener::bind(self.address(i)) {
+                Ok(l) => {
+                    listener = Some(l);
+                    break;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        let listener =
+            listener.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::AddrInUse, "cannot rebind"))?;
+        self.shared.up[i].store(true, Ordering::Release);
+        self.spawn_node(i, listener)?;
+        let ev = Event::StatusChange {
+            change: "UP".into(),
+            address: self.address(i),
+        };
+        self.shared.broadcast(&ev, "STATUS_CHANGE", Some(i));
+        Ok(())
+    }
+
+    /// Runs CQL directly on the cluster (as node 0 would), e.g. to set a schema up.
+    pub fn execute(&self, cql: &str) -> Result<(), String> {
+        let q = sluice_cql::request::Query {
+            query: cql.to_string(),
+            params: sluice_cql::request::QueryParams::new(1),
+        };
+        let mut session = engine::Session {
+            keyspace: None,
+            version: 4,
+            conn: 0,
+        };
+        let reply = engine::handle(
+            &self.shared,
+            0,
+            &mut session,
+            Opcode::Query,
+            engine::Request::Query(&q),
+        );
+        self.shared
+            .records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop();
+        for ev in &reply.events {
+            self.shared
+                .broadcast(&Event::SchemaChange(ev.clone()), "SCHEMA_CHANGE", None);
+        }
+        match reply.response {
+            sluice_cql::Response::Error(e) => Err(format!("{:#06x}: {}", e.code, e.message)),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}

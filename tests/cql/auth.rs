@@ -1,0 +1,79 @@
+//! PasswordAuthenticator: clients' credentials pass through to the cluster, or sluice logs in
+//! with configured credentials.
+
+use sluice_cql::frame::Opcode;
+use sluice_cql::response::error_code;
+use sluice_cql::{Compression, Request, Response};
+use sluice_cql_testcluster::ClusterSpec;
+
+use crate::client::{error_of, Client};
+use crate::support::bounded;
+use crate::Env;
+
+fn plain(user: &str, password: &str) -> Request {
+    Request::AuthResponse(Some(format!("\0{user}\0{password}").into_bytes().into()))
+}
+
+/// STARTUP, expecting AUTHENTICATE.
+async fn startup(addr: std::net::SocketAddr) -> Client {
+    let mut c = Client::raw(addr).await;
+    c.version = 4;
+    let r = c
+        .call(Request::Startup(vec![("CQL_VERSION".into(), "3.0.0".into())]))
+        .await;
+    assert!(
+        matches!(&r, Response::Authenticate(a) if a.contains("PasswordAuthenticator")),
+        "{r:?}"
+    );
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_credentials_pass_through() {
+    let env = Env::with_spec(
+        ClusterSpec::new(3, 8).with_credentials("cassandra", "s3cret"),
+        "",
+        "",
+    );
+    bounded(60, async {
+        let mut bad = startup(env.addr()).await;
+        let r = bad.call(plain("cassandra", "wrong")).await;
+        assert_eq!(error_of(&r).code, error_code::AUTH_ERROR, "{r:?}");
+        // Nothing runs before a successful login.
+        let r = bad.query("SELECT * FROM system.local").await;
+        assert_eq!(error_of(&r).code, error_code::PROTOCOL_ERROR);
+
+        let mut c = startup(env.addr()).await;
+        let r = c.call(plain("cassandra", "s3cret")).await;
+        assert_eq!(r.opcode(), Opcode::AuthSuccess, "{r:?}");
+        c.ok("CREATE KEYSPACE a WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}")
+            .await;
+        c.ok("CREATE TABLE a.kv (k text PRIMARY KEY, v int)").await;
+        c.ok("INSERT INTO a.kv (k, v) VALUES ('x', 1)").await;
+        assert_eq!(c.rows("SELECT v FROM a.kv WHERE k = 'x'").await.rows_count, 1);
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_credentials_log_sluice_in() {
+    let env = Env::with_spec(
+        ClusterSpec::new(3, 8).with_credentials("cassandra", "s3cret"),
+        "",
+        "[clusters.cql]\nusername = \"cassandra\"\npassword = \"s3cret\"\n",
+    );
+    bounded(60, async {
+        // Clients are not asked to log in; sluice uses its own credentials.
+        let mut c = Client::connect(env.addr(), 5, Compression::None).await;
+        c.ok("CREATE KEYSPACE b WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}")
+            .await;
+        c.ok("USE b").await;
+        c.ok("CREATE TABLE kv (k text PRIMARY KEY, v int)").await;
+        c.ok("INSERT INTO kv (k, v) VALUES ('x', 1)").await;
+        let (_, topo) = env.sluice.http_get("/topology");
+        assert!(topo.contains("\"ring_known\":true"), "{topo}");
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[]);
+}

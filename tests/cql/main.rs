@@ -1,0 +1,81 @@
+//! End-to-end tests of the CQL side of sluice: the real binary in front of the CQL test
+//! cluster (`tests/cql-cluster`), which records which node coordinated every request and
+//! whether it is a replica of the request's token.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod auth;
+mod bad_input;
+mod client;
+mod drivers;
+mod failover;
+mod routing;
+mod topology;
+
+use std::net::SocketAddr;
+
+use sluice_cql_testcluster::{ClusterSpec, Record, TestCluster};
+use support::{free_port, Sluice};
+
+/// A test cluster and a sluice in front of it. Fields drop in order: sluice stops first.
+pub struct Env {
+    pub sluice: Sluice,
+    pub cluster: TestCluster,
+}
+
+impl Env {
+    /// `nodes` nodes with 8 tokens each behind sluice; `cluster_keys` go into `[[clusters]]`,
+    /// `tail` after the discovery table (e.g. a `[clusters.cql]` table).
+    pub fn start(nodes: usize, cluster_keys: &str, tail: &str) -> Env {
+        Env::with_spec(ClusterSpec::new(nodes, 8), cluster_keys, tail)
+    }
+
+    pub fn with_spec(spec: ClusterSpec, cluster_keys: &str, tail: &str) -> Env {
+        let cluster = TestCluster::start(spec).expect("test cluster starts");
+        let sluice = Sluice::start(&config(&cluster, cluster_keys, tail));
+        Env { sluice, cluster }
+    }
+
+    /// Where clients connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.sluice.listen_addr()
+    }
+}
+
+/// A sluice configuration for `cluster` on fresh ports.
+pub fn config(cluster: &TestCluster, cluster_keys: &str, tail: &str) -> String {
+    let seeds = cluster
+        .contact_points()
+        .iter()
+        .map(|a| format!("\"{a}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "[admin]\nlisten = \"127.0.0.1:{}\"\n\n[[clusters]]\nname = \"ring\"\nprotocol = \"cql\"\nlisten = \"127.0.0.1:{}\"\nprobe_interval = \"200ms\"\n{cluster_keys}\n\n[clusters.discovery]\nstatic = [{seeds}]\n{tail}\n",
+        free_port(),
+        free_port()
+    )
+}
+
+/// (requests coordinated by a replica, requests with a token) among `records`.
+pub fn replica_hits<'a>(records: impl IntoIterator<Item = &'a Record>) -> (usize, usize) {
+    let mut hits = 0;
+    let mut routable = 0;
+    for r in records {
+        if let Some(is) = r.coordinator_is_replica() {
+            routable += 1;
+            hits += usize::from(is);
+        }
+    }
+    (hits, routable)
+}
+
+/// Records of user keyspaces only (drivers' own system queries have no token anyway).
+pub fn user_records(cluster: &TestCluster, keyspace: &str) -> Vec<Record> {
+    cluster
+        .records()
+        .into_iter()
+        .filter(|r| r.keyspace.as_deref() == Some(keyspace))
+        .collect()
+}
