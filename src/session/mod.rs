@@ -159,6 +159,9 @@ impl Session {
         }
         self.detach_at_end().await;
         self.cluster.unregister_cancel(self.cancel_key);
+        // The error that ends the session (e.g. 08006 when the backend closed) is still in
+        // `out` when the backend read saw EOF: the client must get it before the close.
+        let _ = self.flush_client().await;
         let _ = self.wr.shutdown().await;
     }
 
@@ -175,6 +178,29 @@ impl Session {
             if self.flush_client().await.is_err() {
                 return End::ClientGone;
             }
+            // A request in flight on a node that sluice has marked down (probe timeout, refused
+            // connections) would wait as long as the node hangs: end it instead.
+            let in_flight_on = self
+                .attached
+                .as_ref()
+                .filter(|a| !a.units.is_empty() || a.in_batch || a.copy_in)
+                .map(|a| a.checkout.conn.node().to_string());
+            let topology = &self.cluster.topology;
+            let node_down = async {
+                let Some(node) = in_flight_on else {
+                    return std::future::pending().await;
+                };
+                let mut changes = topology.subscribe();
+                loop {
+                    let snap = topology.load();
+                    if let Some(n) = snap.nodes.iter().find(|n| n.address == node && !n.healthy) {
+                        return n.last_error.clone().unwrap_or_default();
+                    }
+                    if changes.changed().await.is_err() {
+                        return std::future::pending().await;
+                    }
+                }
+            };
             let Session {
                 rd, cbuf, attached, ..
             } = self;
@@ -192,6 +218,9 @@ impl Session {
                     Ok(0) | Err(_) => return End::ClientGone,
                     Ok(_) => {}
                 },
+                why = node_down => {
+                    return self.backend_lost(&format!("the node was marked down ({why})"));
+                }
                 r = backend_read => match r {
                     Ok(0) => return self.backend_lost("the server closed the connection"),
                     Err(e) => return self.backend_lost(&e.to_string()),
@@ -270,7 +299,6 @@ impl Session {
 
     async fn handle_client_message(&mut self, msg: Message) -> Result<(), End> {
         let tag = msg.tag();
-        tracing::trace!(tag = %char::from(tag), attached = self.attached.is_some(), "from client");
         if !matches!(
             tag,
             b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' | b'd' | b'c' | b'f' | b'F' | b'X'

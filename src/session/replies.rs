@@ -83,7 +83,6 @@ impl Session {
                 }
             };
             let tag = msg.tag();
-            tracing::trace!(tag = %char::from(tag), units = ?a.units, copy_in = a.copy_in, "from backend");
             match a.units.front_mut() {
                 None | Some(Unit::Client | Unit::ClientSync) => {
                     match tag {
