@@ -181,6 +181,7 @@ pub fn topology_json(state: &AdminState) -> serde_json::Value {
                         "labeled_role": n.labeled_role,
                         "role": role,
                         "healthy": n.healthy,
+                        "timeline": n.timeline,
                         "lsn": n.lsn.map(|l| format!("{:X}/{:X}", l >> 32, l & 0xffff_ffff)),
                         "error": n.last_error,
                         "idle_connections": idle.get(&n.address).copied().unwrap_or(0),

@@ -404,7 +404,7 @@ impl Cluster {
             };
             let result = tokio::time::timeout(self.config.probe_timeout, probe_once(&mut conn, opts)).await;
             let obs = match result {
-                Ok(Ok((role, lsn))) => Observation::Up { role, lsn },
+                Ok(Ok((role, lsn, timeline))) => Observation::Up { role, lsn, timeline },
                 Ok(Err(e)) => {
                     conn = None;
                     Observation::Down { error: e.to_string() }
@@ -505,14 +505,16 @@ impl Drop for ProbeTasks {
 async fn probe_once(
     conn: &mut Option<Backend>,
     opts: ConnectOptions<'_>,
-) -> Result<(Role, Option<u64>), BackendError> {
+) -> Result<(Role, Option<u64>, Option<u32>), BackendError> {
     if conn.is_none() {
         *conn = Some(Backend::connect(opts).await?);
     }
     let c = conn.as_mut().expect("just connected");
     let rows = c
         .simple_query(
-            "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END",
+            "SELECT pg_is_in_recovery(), \
+             CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, \
+             CASE WHEN pg_is_in_recovery() THEN NULL ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END",
         )
         .await?;
     let row = rows.first().ok_or_else(|| BackendError::Protocol {
@@ -525,7 +527,12 @@ async fn probe_once(
         _ => Role::Unknown,
     };
     let lsn = row.get(1).and_then(|v| v.as_deref()).and_then(parse_lsn);
-    Ok((role, lsn))
+    // The first 8 hex digits of a WAL file name are its timeline.
+    let timeline = row
+        .get(2)
+        .and_then(|v| v.as_deref())
+        .and_then(|t| u32::from_str_radix(t, 16).ok());
+    Ok((role, lsn, timeline))
 }
 
 /// Parses PostgreSQL's `XXXXXXXX/YYYYYYYY` LSN text.

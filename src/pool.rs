@@ -179,15 +179,17 @@ impl Pools {
         let reused = self.take_idle(&pool);
         let conn = match reused {
             Some(c) => c,
+            // Boxed: opening a connection is rare and its future (TCP, TLS, authentication)
+            // is ~2 KiB; inline it would make every session's relay future that much larger.
             None => {
-                Backend::connect(ConnectOptions {
+                Box::pin(Backend::connect(ConnectOptions {
                     addr: &key.node,
                     user: &key.user,
                     password,
                     database: &key.database,
                     timeout: self.settings.connect_timeout,
                     tls: &self.tls,
-                })
+                }))
                 .await?
             }
         };

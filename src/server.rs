@@ -80,11 +80,25 @@ pub struct Server {
     cql_configs: Vec<ClusterConfig>,
 }
 
+/// Pending connections the kernel may queue per listener: tokio's default (1024) makes bursts
+/// of new clients wait seconds in the kernel before sluice sees them.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A client listener on `addr` with a deep accept backlog.
+pub(crate) fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Binds `addr` for cluster `name`.
 async fn bind(name: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cluster {name:?}: cannot listen on {addr}"))
+    listen(addr).with_context(|| format!("cluster {name:?}: cannot listen on {addr}"))
 }
 
 /// Accepts clients and starts a session with the listener's current cluster for each.

@@ -60,7 +60,11 @@ pub struct Node {
     pub healthy: bool,
     /// WAL position: the current LSN on a primary, the replayed LSN on a replica.
     pub lsn: Option<u64>,
-    /// Increases each time any node becomes primary; the newest primary wins a split brain.
+    /// The primary's WAL timeline: every promotion starts a new, higher one, so of two nodes
+    /// that both say they are primary, the one on the higher timeline is the real one (an old
+    /// primary restarted after a failover is still on the old timeline).
+    pub timeline: Option<u32>,
+    /// Increases each time any node becomes primary; breaks ties between equal timelines.
     pub primary_epoch: u64,
     /// Why the node is unhealthy, for /topology.
     pub last_error: Option<String>,
@@ -79,6 +83,7 @@ impl Node {
             role: Role::Unknown,
             healthy: false,
             lsn: None,
+            timeline: None,
             primary_epoch: 0,
             last_error: None,
             load: Arc::default(),
@@ -94,13 +99,14 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// The healthy primary; with more than one (during a promotion), the most recent.
+    /// The healthy primary; with more than one (during a promotion, or an old primary
+    /// restarted after a failover), the one on the highest timeline, then the most recent.
     pub fn primary(&self) -> Option<usize> {
         self.nodes
             .iter()
             .enumerate()
             .filter(|(_, n)| n.healthy && n.role == Role::Primary)
-            .max_by_key(|(_, n)| n.primary_epoch)
+            .max_by_key(|(_, n)| (n.timeline, n.primary_epoch))
             .map(|(i, _)| i)
     }
 
@@ -118,8 +124,15 @@ impl Snapshot {
 /// What a probe learned about one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Observation {
-    Up { role: Role, lsn: Option<u64> },
-    Down { error: String },
+    Up {
+        role: Role,
+        lsn: Option<u64>,
+        /// A primary's WAL timeline.
+        timeline: Option<u32>,
+    },
+    Down {
+        error: String,
+    },
 }
 
 /// What changed for a node when an observation was applied.
@@ -223,10 +236,11 @@ fn apply(cur: &Snapshot, id: &str, obs: &Observation) -> (Arc<Snapshot>, Change)
     let node = &mut next.nodes[index];
     let before = node.clone();
     match obs {
-        Observation::Up { role, lsn } => {
+        Observation::Up { role, lsn, timeline } => {
             node.role = *role;
             node.healthy = true;
             node.lsn = *lsn;
+            node.timeline = *timeline;
             node.last_error = None;
         }
         Observation::Down { error } => {
@@ -297,7 +311,11 @@ mod tests {
     }
 
     fn up(role: Role) -> Observation {
-        Observation::Up { role, lsn: Some(1) }
+        Observation::Up {
+            role,
+            lsn: Some(1),
+            timeline: Some(1),
+        }
     }
 
     #[test]
@@ -316,6 +334,30 @@ mod tests {
     }
 
     #[test]
+    fn an_old_primary_restarted_after_failover_loses_to_the_higher_timeline() {
+        let t = topo();
+        let primary_on = |tl| Observation::Up {
+            role: Role::Primary,
+            lsn: Some(1),
+            timeline: Some(tl),
+        };
+        t.observe("a:1", &primary_on(1));
+        t.observe("b:2", &up(Role::Replica));
+        // b is promoted (timeline 2); a crashes.
+        t.observe("b:2", &primary_on(2));
+        t.observe(
+            "a:1",
+            &Observation::Down {
+                error: "killed".into(),
+            },
+        );
+        assert_eq!(t.load().primary(), Some(1));
+        // a comes back as a primary on its old timeline: observed last, but b stays primary.
+        t.observe("a:1", &primary_on(1));
+        assert_eq!(t.load().primary(), Some(1));
+    }
+
+    #[test]
     fn generation_moves_only_on_real_changes() {
         let t = topo();
         t.observe("a:1", &up(Role::Primary));
@@ -325,6 +367,7 @@ mod tests {
             &Observation::Up {
                 role: Role::Primary,
                 lsn: Some(99),
+                timeline: Some(1),
             },
         );
         assert_eq!(t.load().generation, g);

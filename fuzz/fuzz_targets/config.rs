@@ -29,7 +29,11 @@ fuzz_target!(|data: &[u8]| {
                     u.password = format!("not-{}", u.password);
                 }
             }
-            assert_eq!(format!("{c:?}"), format!("{other:?}"), "a password shows in Debug output");
+            assert_eq!(
+                format!("{c:?}"),
+                format!("{other:?}"),
+                "a password shows in Debug output"
+            );
         }
         Err(errors) => {
             assert!(!errors.0.is_empty(), "an error result names at least one error");

@@ -32,7 +32,11 @@ fuzz_target!(|data: &[u8]| {
     } else {
         Framing::Frames(compression)
     });
-    let chunk = if *chunk == 0 { stream.len().max(1) } else { usize::from(*chunk) };
+    let chunk = if *chunk == 0 {
+        stream.len().max(1)
+    } else {
+        usize::from(*chunk)
+    };
     let mut buf = BytesMut::new();
     for piece in stream.chunks(chunk) {
         buf.extend_from_slice(piece);
@@ -44,11 +48,14 @@ fuzz_target!(|data: &[u8]| {
                     message(h, env.body.clone());
                     let op = h.opcode;
                     if handshake_switch && (op == Opcode::Startup as u8 || op == Opcode::Ready as u8) {
-                        dec.set_framing(Framing::after_startup(5, if segments_lz4 {
-                            Compression::Lz4
-                        } else {
-                            Compression::None
-                        }));
+                        dec.set_framing(Framing::after_startup(
+                            5,
+                            if segments_lz4 {
+                                Compression::Lz4
+                            } else {
+                                Compression::None
+                            },
+                        ));
                     }
                 }
                 Ok(None) => break,
@@ -78,12 +85,20 @@ fn message(h: sluice_cql::Header, body: Bytes) {
         if let Ok(r) = Response::decode(v, op, msg) {
             let once = encode(|out| r.encode(v, out));
             let again = Response::decode(v, op, once.clone()).expect("re-encoded response decodes");
-            assert_eq!(encode(|out| again.encode(v, out)), once, "response re-encoding is stable");
+            assert_eq!(
+                encode(|out| again.encode(v, out)),
+                once,
+                "response re-encoding is stable"
+            );
         }
     } else if let Ok(r) = Request::decode(v, op, msg) {
         let once = encode(|out| r.encode(v, out));
         let again = Request::decode(v, op, once.clone()).expect("re-encoded request decodes");
-        assert_eq!(encode(|out| again.encode(v, out)), once, "request re-encoding is stable");
+        assert_eq!(
+            encode(|out| again.encode(v, out)),
+            once,
+            "request re-encoding is stable"
+        );
     }
 }
 

@@ -25,13 +25,21 @@ fuzz_target!(|sql: &[u8]| {
         assert_eq!(a, c.classify(sql), "classification is deterministic");
         // Without quotes, comments, dollar quotes, escapes or brackets, the lexer cannot still
         // be inside something when the input ends, so a following INSERT is its own statement.
-        let plain = !sql
-            .iter()
-            .any(|b| matches!(b, b'\'' | b'"' | b'$' | b'-' | b'/' | b'\\' | b'(' | b')' | b'[' | b']' | 0));
+        let plain = !sql.iter().any(|b| {
+            matches!(
+                b,
+                b'\'' | b'"' | b'$' | b'-' | b'/' | b'\\' | b'(' | b')' | b'[' | b']' | 0
+            )
+        });
         if plain {
             let mut more = sql.to_vec();
             more.extend_from_slice(b";INSERT INTO t VALUES (1)");
-            assert_eq!(c.classify(&more).class, Class::Write, "{:?}", String::from_utf8_lossy(&more));
+            assert_eq!(
+                c.classify(&more).class,
+                Class::Write,
+                "{:?}",
+                String::from_utf8_lossy(&more)
+            );
             assert_eq!(c.classify_with(&more, false).class, Class::Write);
         }
         let _ = b;

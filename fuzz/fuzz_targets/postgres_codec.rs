@@ -62,7 +62,11 @@ fn messages(mut buf: BytesMut, input_len: usize) {
             Ok(None) => {
                 // An incomplete message never makes the buffer hold what its length claims.
                 let bound = 2 * input_len.max(before) + 2 * 64 * 1024;
-                assert!(buf.capacity() <= bound, "over-reserved: {} > {bound}", buf.capacity());
+                assert!(
+                    buf.capacity() <= bound,
+                    "over-reserved: {} > {bound}",
+                    buf.capacity()
+                );
                 return;
             }
             Err(_) => return,

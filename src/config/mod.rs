@@ -127,6 +127,8 @@ pub struct ClusterConfig {
     pub checkout_timeout: Duration,
     pub connect_timeout: Duration,
     pub login_timeout: Duration,
+    /// Clients idle (no transaction open) longer than this are disconnected.
+    pub client_idle_timeout: Option<Duration>,
     pub idle_timeout: Duration,
     pub max_lifetime: Duration,
     /// PEM certificate chain and key presented to clients that send SSLRequest.
@@ -211,6 +213,7 @@ impl Config {
             }])
         })?;
         let mut errors = Vec::new();
+        let declared;
         let config = {
             let mut root = Fields::new(table, String::new(), &mut errors);
             let admin = match root.take_table("admin") {
@@ -230,6 +233,7 @@ impl Config {
             if tables.is_empty() {
                 root.error("clusters", "at least one [[clusters]] entry is required");
             }
+            declared = tables.len();
             let clusters = tables
                 .into_iter()
                 .enumerate()
@@ -246,7 +250,11 @@ impl Config {
                 clusters,
             }
         };
-        validate_whole(&config, &mut errors);
+        // Cross-cluster rules name clusters by position: only meaningful when every cluster
+        // parsed (the per-cluster errors come first; these follow once they are fixed).
+        if config.clusters.len() == declared {
+            validate_whole(&config, &mut errors);
+        }
         if errors.is_empty() {
             Ok(config)
         } else {
@@ -310,6 +318,11 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
     let checkout_timeout = f.duration("checkout_timeout", "5s");
     let connect_timeout = f.duration("connect_timeout", "3s");
     let login_timeout = f.duration("login_timeout", "10s");
+    let client_idle_timeout = if f.has("client_idle_timeout") {
+        f.duration("client_idle_timeout", "").map(Some)
+    } else {
+        Some(None)
+    };
     let idle_timeout = f.duration("idle_timeout", "10m");
     let max_lifetime = f.duration("max_lifetime", "1h");
     let tls_cert = f.optional_path("tls_cert");
@@ -401,6 +414,7 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
         checkout_timeout: checkout_timeout?,
         connect_timeout: connect_timeout?,
         login_timeout: login_timeout?,
+        client_idle_timeout: client_idle_timeout?,
         idle_timeout: idle_timeout?,
         max_lifetime: max_lifetime?,
         tls_cert,
@@ -1037,6 +1051,16 @@ static = ["127.0.0.1:9042"]
     fn debug_output_hides_passwords() {
         let c = Config::parse(CONTRACT_PG).unwrap();
         assert!(!format!("{c:?}").contains("app-secret"));
+    }
+
+    #[test]
+    fn admin_listens_on_localhost_by_default() {
+        let without = CONTRACT_PG.replace("[admin]\nlisten = \"127.0.0.1:9930\"\n", "");
+        let bare = CONTRACT_PG.replace("listen = \"127.0.0.1:9930\"\n", "");
+        for text in [without, bare, EMBEDDED_DEFAULT.to_string()] {
+            let c = Config::parse(&text).unwrap();
+            assert!(c.admin.listen.ip().is_loopback(), "{}", c.admin.listen);
+        }
     }
 
     fn with_password(line: &str) -> String {

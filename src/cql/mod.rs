@@ -242,8 +242,7 @@ pub fn split(mut config: Config) -> (Config, Vec<ClusterConfig>) {
 pub async fn start_all(configs: &[ClusterConfig]) -> anyhow::Result<Vec<Running>> {
     let mut out = Vec::new();
     for c in configs {
-        let listener = TcpListener::bind(c.listen)
-            .await
+        let listener = crate::server::listen(c.listen)
             .with_context(|| format!("cluster {:?}: cannot listen on {}", c.name, c.listen))?;
         let cluster = CqlCluster::new(c.clone());
         let mut tasks = cluster.spawn_background();

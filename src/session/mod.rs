@@ -49,7 +49,10 @@ pub async fn serve(cluster: Arc<Cluster>, stream: TcpStream, peer: SocketAddr) {
             let mut stream = stream;
             let _ = stream.write_all(&out).await;
         } else {
-            match login::login(&cluster, stream).await {
+            // Boxed: the login future (SCRAM, TLS accept, the first backend connection) is
+            // several KiB and only needed once; inline it would stay part of every idle
+            // client's task for the whole session.
+            match Box::pin(login::login(&cluster, stream)).await {
                 Ok(Some(session)) => session.run().await,
                 Ok(None) => {}
                 Err(e) => debug!(error = %e, "client i/o error during login"),
@@ -201,6 +204,17 @@ impl Session {
                     }
                 }
             };
+            // A client with no backend is between transactions: it may idle only so long.
+            let idle_limit = match (&self.attached, self.cluster.config.client_idle_timeout) {
+                (None, Some(limit)) => Some(limit),
+                _ => None,
+            };
+            let idle = async {
+                match idle_limit {
+                    Some(limit) => tokio::time::sleep(limit).await,
+                    None => std::future::pending().await,
+                }
+            };
             let Session {
                 rd, cbuf, attached, ..
             } = self;
@@ -214,6 +228,11 @@ impl Session {
                 }
             };
             tokio::select! {
+                () = idle => {
+                    info!("client idle past client_idle_timeout; disconnecting");
+                    fatal(&mut self.out, "57P05", "terminating connection due to idle-session timeout");
+                    return End::ClientGone;
+                }
                 r = rd.read_buf(cbuf) => match r {
                     Ok(0) | Err(_) => return End::ClientGone,
                     Ok(_) => {}

@@ -53,23 +53,36 @@ struct Write {
 /// Inserts numbered rows (`writer * 1_000_000 + n`) through sluice until `stop`, one at a time,
 /// reconnecting when the connection is lost; returns every attempt.
 async fn writer(addr: SocketAddr, w: i64, stop: Arc<AtomicBool>) -> Vec<Write> {
+    const INSERT: &str = "INSERT INTO w (id, writer) VALUES ($1, $2)";
     let mut log = Vec::new();
-    let mut client: Option<Client> = None;
+    // A connection and its prepared INSERT (prepared once: sluice prepares it again on
+    // whichever backend, old primary or new, runs it).
+    let mut session: Option<(Client, tokio_postgres::Statement)> = None;
     for n in 1..=20_000i64 {
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = connect_app(addr).await;
+        if session.as_ref().is_none_or(|(c, _)| c.is_closed()) {
+            session = None;
+            let Some(c) = connect_app(addr).await else { break };
+            match tokio::time::timeout(CLIENT_TIMEOUT, c.prepare(INSERT)).await {
+                Ok(Ok(statement)) => session = Some((c, statement)),
+                Ok(Err(e)) => {
+                    eprintln!("[faults] writer {w}: prepare failed: {}", describe(&e));
+                    continue;
+                }
+                Err(_) => {
+                    eprintln!("[faults] writer {w}: prepare timed out");
+                    continue;
+                }
+            }
         }
-        let Some(c) = client.as_ref() else { break };
+        let Some((c, statement)) = session.as_ref() else {
+            break;
+        };
         let id = w * 1_000_000 + n;
         let started = Instant::now();
-        let r = tokio::time::timeout(
-            CLIENT_TIMEOUT,
-            c.execute("INSERT INTO w (id, writer) VALUES ($1, $2)", &[&id, &(w as i32)]),
-        )
-        .await;
+        let r = tokio::time::timeout(CLIENT_TIMEOUT, c.execute(statement, &[&id, &(w as i32)])).await;
         let outcome = outcome(&r);
         if outcome != "ok" {
             eprintln!(
@@ -80,9 +93,9 @@ async fn writer(addr: SocketAddr, w: i64, stop: Arc<AtomicBool>) -> Vec<Write> {
                     _ => outcome.clone(),
                 }
             );
-            if outcome == "timeout" {
-                client = None;
-            }
+            // The session is over after a FATAL error or a timeout; is_closed() may not say
+            // so yet, and a request on it would fail without ever reaching sluice.
+            session = None;
         }
         log.push(Write {
             id,
@@ -191,9 +204,10 @@ pool_size = 8"#,
     let all_resumed = per_writer.iter().flatten().max().copied();
     // The longest a single write took (it may have waited in sluice through the failover).
     let slowest = all.iter().map(|w| w.ended - w.started).max().unwrap_or_default();
-    // Acknowledged between the kill and the promotion: committed by the old primary's
-    // backends, which outlive a SIGKILLed postmaster for a moment (and still replicate
-    // synchronously). They must be on the new primary like every other acknowledged write.
+    // Acknowledged between the kill and `pg_ctl promote` returning: committed by the old
+    // primary's backends, which outlive a SIGKILLed postmaster for a few milliseconds (and
+    // still replicate synchronously), or by the new primary before pg_ctl saw the promotion.
+    // They must be on the new primary like every other acknowledged write.
     let acked_in_gap: Vec<Duration> = all
         .iter()
         .filter(|w| w.outcome == "ok" && w.ended > t_kill && w.ended < t_promoted)
@@ -204,11 +218,14 @@ pool_size = 8"#,
     eprintln!(
         "[faults] failover: writers={WRITERS} attempted={} acknowledged={} (before kill {before_kill}) \
          lost={} failed={} by_code={failures_by_code:?} in_doubt_committed={in_doubt_committed} \
-         read_only_refusals={read_only_refusals} acknowledged_after_kill_by_old_backends={acked_in_gap:?}",
+         read_only_refusals={read_only_refusals} acknowledged_between_kill_and_promote={} \
+         (latest {:?} after the kill)",
         all.len(),
         acked.len(),
         lost.len(),
-        failed.len()
+        failed.len(),
+        acked_in_gap.len(),
+        acked_in_gap.iter().max(),
     );
     eprintln!(
         "[faults] failover: promotion {:?} after kill; first write acknowledged {:?} after the \
@@ -285,7 +302,7 @@ async fn reader(addr: SocketAddr, stop: Arc<AtomicBool>) -> Vec<Read> {
             }),
             _ => None,
         };
-        if outcome == "timeout" {
+        if outcome != "ok" {
             client = None;
         }
         log.push(Read {
@@ -372,12 +389,15 @@ pool_size = 8"#,
 
     let failed: Vec<&Read> = reads.iter().filter(|r| r.outcome != "ok").collect();
     let max_wait = reads.iter().map(|r| r.took).max().unwrap_or_default();
-    // Reads caught on the frozen node before sluice noticed (in flight, or sent before the
-    // probe timed out): they wait for the node, as they would connected to it directly.
+    // Reads caught on the frozen node before sluice noticed (in flight at the SIGSTOP, or sent
+    // before the probe timed out): sluice ends them with 08006 when it marks the node down,
+    // instead of letting them wait for a node that may never come back. A read that needed a
+    // new connection to the frozen node instead waits out connect_timeout, then succeeds on
+    // the other replica.
     let caught: Vec<&Read> = reads
         .iter()
-        .filter(|r| r.started < t_down && r.started + r.took > t_stop + Duration::from_millis(100))
-        .filter(|r| r.took > Duration::from_millis(500))
+        .filter(|r| r.started < t_down && r.started + r.took > t_stop)
+        .filter(|r| r.took > Duration::from_millis(300))
         .collect();
     // Reads that started once sluice knew: never on the frozen node, never slow.
     let after_down: Vec<&Read> = reads
@@ -394,13 +414,17 @@ pool_size = 8"#,
     for r in &reads {
         *ports.entry(r.port).or_default() += 1;
     }
+    let mut failures: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in &failed {
+        *failures.entry(r.outcome.as_str()).or_default() += 1;
+    }
     eprintln!(
-        "[faults] stall: reads={} failed={} by port {ports:?}; marked down {:?} after SIGSTOP; \
-         {} read(s) caught on the frozen node waited up to {:?} (until SIGCONT); reads after \
-         mark-down: {} (slowest {after_down_slowest:?}, {after_down_on_stalled} on the frozen \
-         node); healthy {:?} after SIGCONT, then {back_on_stalled} reads on it",
+        "[faults] stall: reads={} failed={failures:?} by port {ports:?}; marked down {:?} after \
+         SIGSTOP; {} read(s) caught on the frozen node, answered or ended after up to {:?}; longest any read \
+         waited {max_wait:?}; reads after mark-down: {} (slowest {after_down_slowest:?}, \
+         {after_down_on_stalled} on the frozen node); healthy {:?} after SIGCONT, then \
+         {back_on_stalled} reads on it",
         reads.len(),
-        failed.len(),
         t_down - t_stop,
         caught.len(),
         caught.iter().map(|r| r.took).max().unwrap_or_default(),
@@ -408,25 +432,39 @@ pool_size = 8"#,
         t_up - t_cont,
     );
 
-    assert!(
-        failed.is_empty(),
-        "reads failed: {:?}",
-        failed.iter().map(|r| &r.outcome).collect::<Vec<_>>()
-    );
+    for r in after_down.iter().filter(|r| r.took > Duration::from_millis(200)) {
+        eprintln!(
+            "[faults] stall: slow read after the mark-down: started {:?} after SIGSTOP, took {:?} on {:?}",
+            r.started - t_stop,
+            r.took,
+            r.port
+        );
+    }
+    // The only failures are reads caught on the frozen node, told 08006.
+    for r in &failed {
+        assert_eq!(r.outcome, "08006", "a read failed otherwise");
+        assert!(
+            r.started < t_down,
+            "a read that started after the mark-down failed"
+        );
+    }
     assert!(
         t_down - t_stop < Duration::from_millis(2000),
         "marked down only {:?} after SIGSTOP",
         t_down - t_stop
     );
+    // Nobody waits for the frozen node longer than sluice takes to notice, or than one
+    // connect_timeout (1 s) for a read that opened a new connection to it (the kernel still
+    // accepts; the startup answer never comes) and then went to the other replica.
+    assert!(
+        max_wait < (t_down - t_stop) + Duration::from_secs(2),
+        "a read waited {max_wait:?}"
+    );
     assert!(after_down.len() > 20, "too few reads while the node was frozen");
     assert_eq!(after_down_on_stalled, 0, "reads went to the frozen node");
     assert!(
-        after_down_slowest < Duration::from_millis(500),
+        after_down_slowest < Duration::from_secs(1),
         "reads slowed down after the mark-down: {after_down_slowest:?}"
-    );
-    assert!(
-        max_wait < STALL + Duration::from_secs(3),
-        "a read waited {max_wait:?}"
     );
     assert!(
         back_on_stalled > 0,
@@ -515,7 +553,10 @@ async fn terminated_backend_fails_only_its_query_and_the_pool_heals() {
         assert_eq!(rows, ["t"]);
         let (label, detail, _, victim) = running.await.expect("victim task");
         let error_after = t_term.elapsed();
-        eprintln!("[faults] terminate: the victim's query failed {error_after:?} after pg_terminate_backend: {detail}");
+        eprintln!(
+            "[faults] terminate: the victim's query failed {error_after:?} after \
+             pg_terminate_backend: {detail}"
+        );
         assert_ne!(label, "ok", "the terminated query succeeded");
         assert_ne!(label, "timeout", "the terminated query hung");
         assert!(error_after < Duration::from_secs(2), "error took {error_after:?}");
@@ -528,13 +569,28 @@ async fn terminated_backend_fails_only_its_query_and_the_pool_heals() {
         let again = env.app_client().await;
         let t_new = Instant::now();
         assert_eq!(simple_column(&again, "SELECT 1").await, ["1"]);
-        eprintln!("[faults] terminate: a new connection's first query took {:?}", t_new.elapsed());
+        eprintln!(
+            "[faults] terminate: a new connection's first query took {:?}",
+            t_new.elapsed()
+        );
 
-        // 2. Every idle pooled backend is terminated behind sluice's back: the next queries
-        // notice before using them and open new ones.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, Ordering::Relaxed);
+        let (done, failures) = bystanders.await.expect("bystanders");
+        eprintln!(
+            "[faults] terminate: bystanders ran {done} queries, {} failed",
+            failures.len()
+        );
+        assert!(done > 10, "bystanders barely ran ({done})");
+        assert!(failures.is_empty(), "bystanders saw errors: {failures:?}");
+
+        // 2. Every idle pooled backend (not the probe's) is terminated behind sluice's back
+        // (with nobody else running queries, or one could pick a backend up as it is
+        // terminated): the next queries notice before using them and open new ones.
         let idle: Vec<i32> = direct
             .query(
-                "SELECT pid FROM pg_stat_activity WHERE usename = 'app' AND state = 'idle'",
+                "SELECT pid FROM pg_stat_activity \
+                 WHERE usename = 'app' AND datname = 'app' AND state = 'idle'",
                 &[],
             )
             .await
@@ -566,15 +622,12 @@ async fn terminated_backend_fails_only_its_query_and_the_pool_heals() {
         }
         for _ in 0..10 {
             assert_eq!(simple_column(&again, "SELECT 1").await, ["1"]);
+            exec(&again, "INSERT INTO b VALUES (2)").await;
         }
-        eprintln!("[faults] terminate: {} idle pooled backends terminated; later queries fine", idle.len());
-
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        stop.store(true, Ordering::Relaxed);
-        let (done, failures) = bystanders.await.expect("bystanders");
-        eprintln!("[faults] terminate: bystanders ran {done} queries, {} failed", failures.len());
-        assert!(done > 10, "bystanders barely ran ({done})");
-        assert!(failures.is_empty(), "bystanders saw errors: {failures:?}");
+        eprintln!(
+            "[faults] terminate: {} idle pooled backends terminated; later queries fine",
+            idle.len()
+        );
     })
     .await;
     env.sluice.assert_no_unexpected_errors(&[]);
@@ -595,7 +648,11 @@ pool_size = 6"#,
     bounded(120, async {
         let setup = env.app_client().await;
         exec(&setup, "CREATE TABLE b (x int)").await;
-        exec(&setup, "CREATE TABLE w (id bigint PRIMARY KEY, writer int NOT NULL)").await;
+        exec(
+            &setup,
+            "CREATE TABLE w (id bigint PRIMARY KEY, writer int NOT NULL)",
+        )
+        .await;
         env.cluster.wait_replicated().await;
         // Idle clients that have used the pool, and readers that keep reading from the replica.
         let mut idle = Vec::new();
@@ -605,9 +662,7 @@ pool_size = 6"#,
             idle.push(c);
         }
         let stop = Arc::new(AtomicBool::new(false));
-        let readers: Vec<_> = (0..2)
-            .map(|_| tokio::spawn(reader(addr, stop.clone())))
-            .collect();
+        let readers: Vec<_> = (0..2).map(|_| tokio::spawn(reader(addr, stop.clone()))).collect();
         let stop_writer = Arc::new(AtomicBool::new(false));
         let writer_task = tokio::spawn(writer(addr, 7, stop_writer.clone()));
         let victim = env.app_client().await;
@@ -627,17 +682,28 @@ pool_size = 6"#,
         env.cluster.restart_node(primary);
         let restarted = t_restart.elapsed();
         let victim_saw = running.await.expect("victim task");
-        eprintln!("[faults] restart: pg_ctl restart took {restarted:?}; the query in flight got: {victim_saw}");
+        eprintln!(
+            "[faults] restart: pg_ctl restart took {restarted:?}; the query in flight got: \
+             {victim_saw}"
+        );
         assert!(victim_saw != "ok" && victim_saw != "timeout", "{victim_saw}");
 
         // Clients that were idle during the restart see nothing: their next queries work.
         let t_after = Instant::now();
         for c in &idle {
             let r = tokio::time::timeout(CLIENT_TIMEOUT, c.simple_query("INSERT INTO b VALUES (1)")).await;
-            assert_eq!(outcome(&r), "ok", "an idle client's write after the restart: {:?}", r.map(|x| x.map_err(|e| describe(&e))));
+            let detail = r.as_ref().map(|x| x.as_ref().map(|_| ()).map_err(describe));
+            assert_eq!(
+                outcome(&r),
+                "ok",
+                "an idle client's write after the restart: {detail:?}"
+            );
             assert_eq!(simple_rows(c, "SELECT 1").await, [["1"]]);
         }
-        eprintln!("[faults] restart: idle clients' first writes after the restart took {:?} in all", t_after.elapsed());
+        eprintln!(
+            "[faults] restart: idle clients' first writes after the restart took {:?} in all",
+            t_after.elapsed()
+        );
 
         tokio::time::sleep(Duration::from_millis(500)).await;
         stop.store(true, Ordering::Relaxed);
@@ -648,11 +714,16 @@ pool_size = 6"#,
             reads.extend(r.await.expect("reader"));
         }
         let write_failures: Vec<&String> = writes.iter().map(|w| &w.outcome).filter(|o| *o != "ok").collect();
-        let slowest_write = writes.iter().map(|w| w.ended - w.started).max().unwrap_or_default();
+        let slowest_write = writes
+            .iter()
+            .map(|w| w.ended - w.started)
+            .max()
+            .unwrap_or_default();
         let read_failures = reads.iter().filter(|r| r.outcome != "ok").count();
         let reads_on_replica = reads.iter().filter(|r| r.port == Some(replica)).count();
         eprintln!(
-            "[faults] restart: continuous writer {} writes, {} failed {write_failures:?}, slowest {slowest_write:?}; \
+            "[faults] restart: continuous writer {} writes, {} failed {write_failures:?}, \
+             slowest {slowest_write:?}; \
              readers {} reads ({reads_on_replica} on the replica), {read_failures} failed",
             writes.len(),
             write_failures.len(),
@@ -660,10 +731,45 @@ pool_size = 6"#,
         );
         // Only a write in flight at the shutdown may fail; later ones wait for the primary.
         assert!(write_failures.len() <= 1, "{write_failures:?}");
-        assert!(writes.iter().any(|w| w.outcome == "ok" && w.started > t_restart + restarted));
-        assert_eq!(read_failures, 0, "reads on the replica failed during the primary's restart");
+        assert!(writes
+            .iter()
+            .any(|w| w.outcome == "ok" && w.started > t_restart + restarted));
+        assert_eq!(
+            read_failures, 0,
+            "reads on the replica failed during the primary's restart"
+        );
     })
     .await;
     env.sluice
         .assert_no_unexpected_errors(&[&format!("127.0.0.1:{primary}")]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_primary_restarted_after_failover_gets_no_writes() {
+    let env = Env::start(1, r#"probe_interval = "200ms""#);
+    let old_primary = env.cluster.primary_port();
+    let new_primary = env.cluster.replica_ports()[0];
+    bounded(90, async {
+        let client = env.app_client().await;
+        exec(&client, "CREATE TABLE s (port int)").await;
+        env.cluster.wait_replicated().await;
+        env.cluster.kill9(old_primary);
+        env.cluster.promote(0);
+        let insert = "INSERT INTO s VALUES (inet_server_port()) RETURNING port";
+        let c = crate::support::connect(env.sluice.listen_addr(), "app", "app-secret", "app").await;
+        assert_eq!(simple_column(&c, insert).await, [new_primary.to_string()]);
+        // The old primary comes back (a restarted machine, not rewound into a replica): it says
+        // it is a primary too, but on the old timeline.
+        env.cluster.start_stopped(old_primary);
+        wait_health(&env, old_primary, true, Duration::from_secs(10)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let ports = simple_column(&c, insert).await;
+        eprintln!("[faults] split brain: after the old primary's restart a write ran on {ports:?}");
+        assert_eq!(
+            ports,
+            [new_primary.to_string()],
+            "writes went back to the old primary"
+        );
+    })
+    .await;
 }

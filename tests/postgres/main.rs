@@ -4,6 +4,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod abuse;
 mod admin;
 mod auth;
 mod bad_input;

@@ -242,3 +242,23 @@ async fn serializable_sessions_stay_off_replicas_and_never_poison_the_pool() {
     .await;
     env.sluice.assert_no_unexpected_errors(&[]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_clients_are_disconnected_but_open_transactions_are_not() {
+    let env = Env::start(1, "client_idle_timeout = \"400ms\"");
+    bounded(30, async {
+        let idle = env.app_client().await;
+        let in_tx = env.app_client().await;
+        exec(&in_tx, "BEGIN").await;
+        exec(&idle, "SELECT 1").await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert!(idle.is_closed(), "an idle client must be disconnected");
+        // A transaction holds its backend: its client is not idle in sluice's sense.
+        assert_eq!(simple_column(&in_tx, "SELECT 'still here'").await, ["still here"]);
+        exec(&in_tx, "COMMIT").await;
+    })
+    .await;
+    let logs = env.sluice.logs().join("\n");
+    assert!(logs.contains("client_idle_timeout"), "{logs}");
+    env.sluice.assert_no_unexpected_errors(&[]);
+}

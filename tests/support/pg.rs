@@ -490,17 +490,31 @@ impl PgCluster {
         }
     }
 
-    /// Starts a node again that was stopped or killed (crash recovery runs first).
+    /// Starts a node again that was stopped or killed (crash recovery runs first). After a
+    /// SIGKILL the old postmaster's children hold its shared memory until they notice and
+    /// exit, so a start is retried for up to 10 s.
     pub fn start_stopped(&self, port: u16) {
         let node = self.node(port);
-        run(
-            server_cmd("pg_ctl", self.dir.path())
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = server_cmd("pg_ctl", self.dir.path())
                 .args(["start", "-w", "-t", "60", "-D"])
                 .arg(&node.data)
                 .arg("-l")
-                .arg(&node.log),
-            "pg_ctl start",
-        );
+                .arg(&node.log)
+                .output()
+                .expect("run pg_ctl start");
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pg_ctl start failed: {}\n--- log tail ---\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                tail(&node.log, 20)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// Restarts a node (`pg_ctl restart -m fast`): every connection to it is closed.
