@@ -179,7 +179,7 @@ impl Server {
             metrics: metrics.clone(),
             accepting: AtomicBool::new(true),
         });
-        let cql = crate::cql::start_all(&cql_configs).await?;
+        let cql = crate::cql::start_all(&cql_configs, &metrics).await?;
         let running: Vec<_> = cql.iter().map(|r| r.cluster.clone()).collect();
         admin.cql.store(Arc::new(running));
         let admin_task = Task(tokio::spawn(admin::serve(admin_listener, admin.clone())));

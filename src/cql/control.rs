@@ -34,9 +34,9 @@ pub async fn run(cluster: Arc<CqlCluster>) {
         let snap = cluster.snapshot();
         let mut order: Vec<SocketAddr> = snap.nodes.iter().filter(|n| n.up).map(|n| n.addr).collect();
         order.extend(snap.nodes.iter().filter(|n| !n.up).map(|n| n.addr));
-        for s in &cluster.seeds {
-            if !order.contains(s) {
-                order.push(*s);
+        for s in cluster.current_seeds().await {
+            if !order.contains(&s) {
+                order.push(s);
             }
         }
         let mut needs_auth = false;
@@ -382,11 +382,12 @@ async fn refresh_ring(
             }
         }
     }
-    let seeds = cluster.seeds.clone();
+    let seeds = cluster.pinned_seeds();
     cluster.update(|s| {
-        let next = s.with_ring(&rows, info.clone(), &seeds);
+        let next = s.with_ring(&rows, info.clone(), seeds);
         (next.generation != s.generation).then_some(next)
     });
+    cluster.map_pods();
     Ok(())
 }
 

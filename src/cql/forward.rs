@@ -49,7 +49,10 @@ impl RequestCtx {
         let cluster = &self.cluster;
         let snap = cluster.snapshot();
         let local_dc = cluster.local_datacenter(&snap);
-        let order = route::candidates(&snap, route, local_dc.as_deref(), |a| cluster.pools.inflight(a));
+        let zone = cluster.config.zone.as_deref();
+        let order = route::candidates(&snap, route, local_dc.as_deref(), zone, |a| {
+            cluster.pools.inflight(a)
+        });
         let timeout = cluster.cql.request_timeout;
         let mut last = ErrorBody::new(ec::SERVER_ERROR, "sluice: no CQL node is known");
         for i in order.into_iter().take(MAX_ATTEMPTS) {

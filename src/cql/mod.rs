@@ -26,6 +26,8 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::config::{ClusterConfig, Config, CqlConfig, Discovery, Protocol};
+use crate::discovery::Feed;
+use crate::metrics::Metrics;
 use backend::Credentials;
 use snapshot::Snapshot;
 
@@ -38,8 +40,11 @@ const CQL_VERSION: &str = "3.0.0";
 pub struct CqlCluster {
     pub config: ClusterConfig,
     pub cql: CqlConfig,
-    /// The configured seeds that resolved to socket addresses.
+    /// The configured seeds that resolved to socket addresses (static discovery).
     seeds: Vec<SocketAddr>,
+    /// Kubernetes or DNS discovery: the members (pods) are the seeds, and each ring node is
+    /// mapped to the pod at its IP.
+    feed: Option<Feed>,
     snapshot: ArcSwap<Snapshot>,
     pools: pool::Pools,
     prepared: prepared::Cache,
@@ -53,8 +58,9 @@ pub struct CqlCluster {
 }
 
 impl CqlCluster {
-    /// A cluster that knows its seeds only; `spawn_background` starts learning the rest.
-    pub fn new(config: ClusterConfig) -> Arc<CqlCluster> {
+    /// A cluster that knows its seeds only (the static ones, or those `feed` discovers);
+    /// `spawn_background` starts learning the rest.
+    pub fn new(config: ClusterConfig, feed: Option<Feed>) -> Arc<CqlCluster> {
         let addrs: Vec<String> = match &config.discovery {
             Discovery::Static(a) => a.clone(),
             _ => Vec::new(),
@@ -84,6 +90,7 @@ impl CqlCluster {
             pools: pool::Pools::new(cql.connections_per_node, config.connect_timeout),
             snapshot: ArcSwap::from_pointee(Snapshot::seeds(&seeds)),
             seeds,
+            feed,
             prepared: prepared::Cache::default(),
             schema_events: broadcast::channel(1024).0,
             credentials: Mutex::new(credentials),
@@ -94,12 +101,57 @@ impl CqlCluster {
         })
     }
 
-    /// Starts the control connection and the prober of down nodes.
+    /// Starts the control connection and the prober of down nodes (and, with discovery, the
+    /// follower of the member list).
     fn spawn_background(self: &Arc<Self>) -> Vec<JoinHandle<()>> {
-        vec![
+        let mut tasks = vec![
             tokio::spawn(control::run(self.clone())),
             tokio::spawn(control::probe_down_nodes(self.clone())),
-        ]
+        ];
+        if let Some(feed) = &self.feed {
+            tasks.push(tokio::spawn(follow_members(
+                Arc::downgrade(self),
+                feed.members.clone(),
+            )));
+        }
+        tasks
+    }
+
+    /// Where the control connection may start: the static seeds, or the addresses of the
+    /// currently discovered members.
+    async fn current_seeds(&self) -> Vec<SocketAddr> {
+        let Some(feed) = &self.feed else {
+            return self.seeds.clone();
+        };
+        let addrs: Vec<String> = feed
+            .members
+            .borrow()
+            .iter()
+            .flatten()
+            .map(|m| m.address.clone())
+            .collect();
+        let mut out = Vec::new();
+        for a in addrs {
+            match tokio::net::lookup_host(a.as_str()).await {
+                Ok(mut it) => out.extend(it.next()),
+                Err(e) => {
+                    warn!(cluster = %self.config.name, member = %a, error = %e, "cannot resolve a discovered CQL node")
+                }
+            }
+        }
+        out
+    }
+
+    /// Seeds that stay in the ring even when the nodes do not list them: the static ones only
+    /// (discovered members are only where to start).
+    fn pinned_seeds(&self) -> &[SocketAddr] {
+        &self.seeds
+    }
+
+    /// Maps each ring node to the discovered pod at its IP (pod name and zone).
+    fn map_pods(&self) {
+        let Some(feed) = &self.feed else { return };
+        self.update(|s| s.with_pods(|ip| feed.member_for_ip(ip).map(|m| (m.id, m.zone))));
     }
 
     /// The current snapshot.
@@ -148,12 +200,17 @@ impl CqlCluster {
         }
     }
 
-    /// The data center whose replicas are preferred.
+    /// The data center whose replicas are preferred. With Kubernetes or DNS discovery `zone`
+    /// is the pods' zone, not a data center, so it is not the default there.
     fn local_datacenter(&self, snap: &Snapshot) -> Option<String> {
+        let zone = match self.feed {
+            None => self.config.zone.clone(),
+            Some(_) => None,
+        };
         self.cql
             .local_datacenter
             .clone()
-            .or_else(|| self.config.zone.clone())
+            .or(zone)
             .or_else(|| snap.first_datacenter().map(str::to_string))
     }
 
@@ -184,6 +241,8 @@ impl CqlCluster {
             .map(|n| {
                 json!({
                     "address": n.addr.to_string(),
+                    "id": n.pod,
+                    "zone": n.zone,
                     "role": "replica",
                     "healthy": n.up,
                     "datacenter": n.datacenter,
@@ -205,6 +264,8 @@ impl CqlCluster {
             "ring_known": s.ring_known,
             "cluster_name": s.info.cluster_name,
             "local_datacenter": self.local_datacenter(&s),
+            "zone": self.config.zone,
+            "discovery": self.feed.as_ref().map_or("static", |f| f.status.source),
             "keyspaces": keyspaces,
             "prepared_statements": self.prepared.len(),
             "clients": self.clients.load(Ordering::Relaxed),
@@ -238,19 +299,45 @@ pub fn split(mut config: Config) -> (Config, Vec<ClusterConfig>) {
     (config, cql)
 }
 
-/// Binds the listeners of `configs` and starts each cluster.
-pub async fn start_all(configs: &[ClusterConfig]) -> anyhow::Result<Vec<Running>> {
+/// How long start-up waits for discovery's first member list before going on without it (the
+/// control connection starts as soon as members arrive).
+const FIRST_MEMBERS_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Binds the listeners of `configs` and starts each cluster. Kubernetes and DNS discovery
+/// start here; their start-up errors (credentials, RBAC) are returned.
+pub async fn start_all(configs: &[ClusterConfig], metrics: &Arc<Metrics>) -> anyhow::Result<Vec<Running>> {
     let mut out = Vec::new();
     for c in configs {
         let listener = crate::server::listen(c.listen)
             .with_context(|| format!("cluster {:?}: cannot listen on {}", c.name, c.listen))?;
-        let cluster = CqlCluster::new(c.clone());
+        let feed = match &c.discovery {
+            Discovery::Static(_) => None,
+            d => {
+                let mut feed = crate::discovery::start(&c.name, d, metrics).await?;
+                if feed.synced(FIRST_MEMBERS_WAIT).await.is_none() {
+                    warn!(cluster = %c.name, source = feed.status.source, "no CQL nodes discovered yet; waiting for them");
+                }
+                Some(feed)
+            }
+        };
+        let cluster = CqlCluster::new(c.clone(), feed);
         let mut tasks = cluster.spawn_background();
         tasks.push(tokio::spawn(accept_loop(listener, cluster.clone())));
-        info!(cluster = %c.name, listen = %c.listen, seeds = cluster.seeds.len(), "listening (CQL)");
+        info!(cluster = %c.name, listen = %c.listen, seeds = cluster.current_seeds().await.len(), "listening (CQL)");
         out.push(Running { cluster, tasks });
     }
     Ok(out)
+}
+
+/// Maps ring nodes to pods again whenever the discovered members change.
+async fn follow_members(
+    cluster: std::sync::Weak<CqlCluster>,
+    mut members: tokio::sync::watch::Receiver<Option<Vec<crate::topology::Member>>>,
+) {
+    while members.changed().await.is_ok() {
+        let Some(cluster) = cluster.upgrade() else { return };
+        cluster.map_pods();
+    }
 }
 
 async fn accept_loop(listener: TcpListener, cluster: Arc<CqlCluster>) {

@@ -166,16 +166,20 @@ pub fn for_batch(snap: &Snapshot, keyspace: Option<&str>, cache: &Cache, b: &Bat
 
 /// The nodes to try, best first. Replicas of the request's token come first: for an LWT the
 /// first up replica in ring order; otherwise replicas in the local data center before the
-/// others, each group by fewest requests in flight. Every other up node follows as a fallback;
-/// down nodes come last, so a request still goes somewhere when everything looks down.
+/// others, then those whose pod is in `local_zone` (the cluster's `zone`, matched against the
+/// zones discovery found), each group by fewest requests in flight. Every other up node
+/// follows as a fallback; down nodes come last, so a request still goes somewhere when
+/// everything looks down. A zone no node is in changes nothing.
 pub fn candidates(
     snap: &Snapshot,
     route: &Route,
     local_dc: Option<&str>,
+    local_zone: Option<&str>,
     inflight: impl Fn(SocketAddr) -> usize,
 ) -> Vec<usize> {
     let remote = |i: usize| local_dc.is_some_and(|dc| snap.nodes[i].datacenter != dc);
-    let key = |i: usize| (remote(i), inflight(snap.nodes[i].addr), i);
+    let other_zone = |i: usize| local_zone.is_some_and(|z| snap.nodes[i].zone.as_deref() != Some(z));
+    let key = |i: usize| (remote(i), other_zone(i), inflight(snap.nodes[i].addr), i);
     let replicas: Vec<usize> = match &route.partition {
         Some((ks, t)) => snap
             .replicas(ks, *t)
@@ -292,14 +296,61 @@ mod tests {
             read: false,
         };
         let busy = |a: SocketAddr| if a.ip().to_string() == "127.0.0.3" { 10 } else { 0 };
-        assert_eq!(candidates(&s, &route, None, busy), vec![2, 0, 1]);
+        assert_eq!(candidates(&s, &route, None, None, busy), vec![2, 0, 1]);
         let plain = Route { lwt: false, ..route };
-        assert_eq!(candidates(&s, &plain, None, busy), vec![0, 2, 1]);
-        assert_eq!(candidates(&s, &plain, Some("dc2"), busy), vec![2, 0, 1]);
+        assert_eq!(candidates(&s, &plain, None, None, busy), vec![0, 2, 1]);
+        assert_eq!(candidates(&s, &plain, Some("dc2"), None, busy), vec![2, 0, 1]);
         let down = s
             .with_status("127.0.0.3:9042".parse().unwrap(), false, None)
             .unwrap();
-        assert_eq!(candidates(&down, &plain, None, |_| 0), vec![0, 1, 2]);
+        assert_eq!(candidates(&down, &plain, None, None, |_| 0), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn replicas_in_the_clients_zone_come_first_after_the_local_dc() {
+        // Pods: node 0 in zone-a, node 1 in zone-b, node 2 in zone-b (but in dc2).
+        let zones = |ip: std::net::IpAddr| match ip.to_string().as_str() {
+            "127.0.0.1" => Some(("cass-0".to_string(), Some("zone-a".to_string()))),
+            "127.0.0.2" => Some(("cass-1".to_string(), Some("zone-b".to_string()))),
+            "127.0.0.3" => Some(("cass-2".to_string(), Some("zone-b".to_string()))),
+            _ => None,
+        };
+        let s = snap().with_pods(zones).unwrap();
+        assert_eq!(s.nodes[1].pod.as_deref(), Some("cass-1"));
+        let mut ks = s.keyspaces.clone();
+        ks.insert("ks3".to_string(), Strategy::Simple { rf: 3 });
+        let s = s.with_schema(ks, s.tables.clone());
+        let route = Route {
+            partition: Some(("ks3".into(), -150)), // replicas in ring order: 0, 1, 2
+            lwt: false,
+            read: true,
+        };
+        let busy_b = |a: SocketAddr| usize::from(a.ip().to_string() == "127.0.0.2") * 5;
+        // No zone: fewest in flight.
+        assert_eq!(candidates(&s, &route, None, None, busy_b), vec![0, 2, 1]);
+        // zone-b: its replicas first, even when busier, by load among them.
+        assert_eq!(
+            candidates(&s, &route, None, Some("zone-b"), busy_b),
+            vec![2, 1, 0]
+        );
+        // The local data center still comes before the zone.
+        assert_eq!(
+            candidates(&s, &route, Some("dc1"), Some("zone-b"), busy_b),
+            vec![1, 0, 2]
+        );
+        // A zone no pod is in, or nodes without pods: unchanged.
+        assert_eq!(
+            candidates(&s, &route, None, Some("zone-x"), busy_b),
+            vec![0, 2, 1]
+        );
+        let no_pods = snap().with_schema(s.keyspaces.clone(), s.tables.clone());
+        assert_eq!(
+            candidates(&no_pods, &route, None, Some("zone-b"), busy_b),
+            vec![0, 2, 1]
+        );
+        // An LWT keeps ring order.
+        let lwt = Route { lwt: true, ..route };
+        assert_eq!(candidates(&s, &lwt, None, Some("zone-b"), busy_b), vec![0, 1, 2]);
     }
 
     #[test]

@@ -444,7 +444,9 @@ impl Client {
         self.credentials = Some(creds.clone());
         let key = self.key(None);
         let snap = self.cluster.snapshot();
-        let order = route::candidates(&snap, &Route::default(), None, |a| self.cluster.pools.inflight(a));
+        let order = route::candidates(&snap, &Route::default(), None, None, |a| {
+            self.cluster.pools.inflight(a)
+        });
         for i in order.into_iter().take(MAX_ATTEMPTS) {
             let addr = snap.nodes[i].addr;
             match self.cluster.pools.get(addr, &key, super::CQL_VERSION).await {
@@ -550,7 +552,9 @@ impl Client {
     async fn use_keyspace(&mut self, h: &Header, ks: &str) {
         let key = self.key(Some(ks.to_string()));
         let snap = self.cluster.snapshot();
-        let order = route::candidates(&snap, &Route::default(), None, |a| self.cluster.pools.inflight(a));
+        let order = route::candidates(&snap, &Route::default(), None, None, |a| {
+            self.cluster.pools.inflight(a)
+        });
         for i in order.into_iter().take(MAX_ATTEMPTS) {
             let addr = snap.nodes[i].addr;
             match self.cluster.pools.get(addr, &key, super::CQL_VERSION).await {

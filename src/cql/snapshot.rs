@@ -23,6 +23,9 @@ pub struct NodeInfo {
     pub up: bool,
     /// Why the node is down, for /topology.
     pub last_error: Option<String>,
+    /// The pod (discovered member) at this node's IP, and its zone, when discovery knows it.
+    pub pod: Option<String>,
+    pub zone: Option<String>,
 }
 
 impl NodeInfo {
@@ -36,6 +39,8 @@ impl NodeInfo {
             tokens: Vec::new(),
             up: true,
             last_error: None,
+            pod: None,
+            zone: None,
         }
     }
 }
@@ -126,6 +131,8 @@ impl Snapshot {
                 tokens: r.tokens.clone(),
                 up: old.is_none_or(|o| o.up),
                 last_error: old.and_then(|o| o.last_error.clone()),
+                pod: old.and_then(|o| o.pod.clone()),
+                zone: old.and_then(|o| o.zone.clone()),
             });
         }
         for s in seeds {
@@ -144,6 +151,28 @@ impl Snapshot {
             next.generation = self.generation + 1;
         }
         next
+    }
+
+    /// The next snapshot with each node's pod and zone looked up by its IP (`None` if nothing
+    /// changes).
+    pub fn with_pods(
+        &self,
+        lookup: impl Fn(std::net::IpAddr) -> Option<(String, Option<String>)>,
+    ) -> Option<Snapshot> {
+        let mut next = self.clone();
+        for n in &mut next.nodes {
+            let (pod, zone) = match lookup(n.addr.ip()) {
+                Some((pod, zone)) => (Some(pod), zone),
+                None => (None, None),
+            };
+            n.pod = pod;
+            n.zone = zone;
+        }
+        if next.nodes == self.nodes {
+            return None;
+        }
+        next.generation = self.generation + 1;
+        Some(next)
     }
 
     /// The next snapshot after reading the schema.

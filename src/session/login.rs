@@ -27,7 +27,9 @@ const AUTH_FAILURE_DELAY: Duration = Duration::from_millis(250);
 
 /// Runs the startup phase. `Ok(None)` means the connection ended (cancel request, refusal,
 /// client gone); the client has been told why where it could be.
-pub async fn login(cluster: &Arc<Cluster>, tcp: TcpStream) -> std::io::Result<Option<Session>> {
+/// The session is boxed: moved by value, its ~600 bytes would be stored several times over in
+/// the connection's task (each async frame that holds it keeps its own copy).
+pub async fn login(cluster: &Arc<Cluster>, tcp: TcpStream) -> std::io::Result<Option<Box<Session>>> {
     // The stream may turn into a TLS stream half-way through the handshake.
     let mut slot: Option<ClientStream> = Some(MaybeTls::Plain(tcp));
     let mut buf = BytesMut::with_capacity(1024);
@@ -62,7 +64,7 @@ pub async fn login(cluster: &Arc<Cluster>, tcp: TcpStream) -> std::io::Result<Op
     let mut greeting = BytesMut::new();
     server::backend_key_data(&mut greeting, cancel_key.0, cancel_key.1);
     server::ready_for_query(&mut greeting, b'I');
-    let mut session = Session {
+    let mut session = Box::new(Session {
         cluster: cluster.clone(),
         user,
         database,
@@ -79,7 +81,7 @@ pub async fn login(cluster: &Arc<Cluster>, tcp: TcpStream) -> std::io::Result<Op
         skip_until_sync: false,
         cancel_key,
         cancel_slot,
-    };
+    });
     session.flush_client().await?;
     Ok(Some(session))
 }

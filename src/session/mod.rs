@@ -153,7 +153,7 @@ pub struct Session {
 }
 
 impl Session {
-    async fn run(mut self) {
+    async fn run(mut self: Box<Self>) {
         let end = self.relay().await;
         match &end {
             End::ClientGone => debug!("client left"),

@@ -10,6 +10,7 @@ mod bad_input;
 mod client;
 mod drivers;
 mod failover;
+mod kubernetes;
 mod routing;
 mod topology;
 
