@@ -36,17 +36,8 @@ pub(super) fn parse_reload(root: &mut Fields<'_>) -> ReloadConfig {
         return ReloadConfig::default();
     };
     let mut f = root.child(t, "reload".into());
-    let watch = match f.take("watch") {
-        None => false,
-        Some(Value::Boolean(b)) => b,
-        Some(other) => {
-            f.error(
-                "watch",
-                &format!("must be true or false, found {}", other.type_str()),
-            );
-            false
-        }
-    };
+    // An invalid value is reported by `boolean`; the default stands in for it meanwhile.
+    let watch = f.boolean("watch", false).unwrap_or(false);
     f.finish();
     ReloadConfig { watch }
 }
