@@ -14,26 +14,33 @@ pgbench (the default command)
      on the primary, then waits until the replica has replayed it;
   2. starts PgBouncer (Debian package; installed with apt-get if missing) in front of the primary:
      pool_mode = transaction, default_pool_size = POOL, auth_type = scram-sha-256 with the
-     password in userlist.txt, log_connections/log_disconnections off (sluice logs neither);
-  3. starts two target/release/sluice processes (built with `cargo build --release` unless
-     --no-build): "sluice" with consistency = "eventual" (select-only goes to the REPLICA) and
+     role's SCRAM verifier in userlist.txt (copied from pg_authid: no key derivation per login,
+     as sluice; --pgbouncer-auth plain puts the password there instead), log_connections and
+     log_disconnections off (sluice logs neither);
+  3. starts three target/release/sluice processes (built with `cargo build --release` unless
+     --no-build): "sluice" with consistency = "eventual" (select-only goes to the REPLICA),
      "sluice-primary" with consistency = "primary" (everything to the primary, like PgBouncer:
-     the fair CPU comparison); both pool_mode = transaction, pool_size = POOL, SCRAM clients;
+     the fair CPU comparison), and "sluice-primary-1t", the same with TOKIO_WORKER_THREADS=1
+     (one runtime thread, like PgBouncer's one process); all pool_mode = transaction,
+     pool_size = POOL, SCRAM clients;
   4. runs pgbench against every target, interleaved (for each repetition, for each case: direct,
-     pgbouncer, sluice, sluice-primary), each run bounded by -T DURATION, and records TPS, mean
+     pgbouncer, sluice, sluice-primary, sluice-primary-1t), each run bounded by -T DURATION
+     (default 7 s), and records TPS, mean
      latency (pgbench), p50/p99 latency (from pgbench --log, sampled), the proxy process's CPU
      seconds (utime+stime from /proc/PID/stat before/after), pgbench's own CPU and the machine's
      busy fraction;
+     The proxies are restarted before every repetition (a process instance can be a few per
+     cent faster or slower than another of the same binary);
   5. prints medians per case and the ratios, writes runs.csv, summary.csv, results.json and
      tps-vs-clients.png (matplotlib; skipped with a note if it cannot be imported) to --out.
 
 memory
   starts the same servers (no pgbench data), then for sluice and PgBouncer: opens N (10,000)
   authenticated clients (SCRAM; a small asyncio client in this file), holds them idle for a few
-  seconds and reports RSS before/after and per connection; then one client sends a query with a
-  large result and never reads it, and the proxy's RSS is sampled over time (it must stay
-  bounded); finally a single 64 MiB row is fetched by a slow reader (sluice frames whole
-  messages, so this one is buffered whole). Writes memory.json to --out.
+  seconds and reports RSS before/after and per connection. Before that (on the fresh processes),
+  one client sends a query with a ~2 GB result of 1 kB rows and does not read for a few seconds,
+  and the proxy's RSS is sampled over time (it must stay bounded); then the same with a single
+  64 MiB row, read afterwards. Writes memory.json to --out.
 """
 
 import argparse
@@ -124,17 +131,16 @@ def free_port():
 
 
 def raise_nofile(n=65536):
+    """Raises the open-file limit to n, or as far as the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(n, soft)
     try:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        want = max(n, soft)
-        if hard != resource.RLIM_INFINITY and hard < want:
-            if IS_ROOT:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
-                return
-            want = hard
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    except (ValueError, OSError) as e:
-        log(f"could not raise RLIMIT_NOFILE: {e}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard)))
+    except (ValueError, OSError):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
 
 
 def cpu_seconds(pid):
@@ -195,7 +201,7 @@ class Env:
         a = self.args
         self.ports["primary"] = free_port()
         self.ports["replica"] = free_port()
-        ver = run([f"{self.pgbin}/postgres", "--version"]).split()[-1]
+        ver = re.search(r"\(PostgreSQL\) (\S+)", run([f"{self.pgbin}/postgres", "--version"])).group(1)
         self.pg_version = ver
         log(f"PostgreSQL {ver}: primary 127.0.0.1:{self.ports['primary']}, "
             f"replica 127.0.0.1:{self.ports['replica']}")
@@ -266,8 +272,16 @@ log_line_prefix = '%m [%p] %q%u@%d '
         port = self.ports["pgbouncer"] = free_port()
         d = f"{self.work}/pgbouncer"
         os.makedirs(d, exist_ok=True)
+        # The role's SCRAM verifier, as PostgreSQL stores it: PgBouncer then checks clients
+        # without deriving a key per login (as sluice, which derives its secret once at start),
+        # and logs in to the server with the client's proof (SCRAM pass-through). A plaintext
+        # password here costs PgBouncer a 4096-round PBKDF2 per client login.
+        secret = PASSWORD
+        if self.args.pgbouncer_auth == "verifier":
+            secret = self.psql(self.ports["primary"],
+                               f"SELECT rolpassword FROM pg_authid WHERE rolname = '{USER}'")
         with open(f"{d}/userlist.txt", "w") as f:
-            f.write(f'"{USER}" "{PASSWORD}"\n')
+            f.write(f'"{USER}" "{secret}"\n')
         with open(f"{d}/pgbouncer.ini", "w") as f:
             f.write(f"""[databases]
 {DB} = host=127.0.0.1 port={self.ports['primary']} dbname={DB}
@@ -303,7 +317,7 @@ ignore_startup_parameters = extra_float_digits
         log(f"PgBouncer {self.pgbouncer_version} on 127.0.0.1:{port} (pid {proc.pid})")
 
     # sluice ----------------------------------------------------------------------------------
-    def start_sluice(self, name, consistency, pool_size):
+    def start_sluice(self, name, consistency, pool_size, threads=None):
         port = self.ports[name] = free_port()
         admin = self.ports[name + "-admin"] = free_port()
         cfg = f"{self.work}/{name}.toml"
@@ -330,6 +344,9 @@ password = "{PASSWORD}"
 """)
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "info")
+        if threads:
+            # tokio's multi-thread runtime reads this (default: one worker per core).
+            env["TOKIO_WORKER_THREADS"] = str(threads)
         proc = subprocess.Popen([self.args.sluice, "--config", cfg], stdout=subprocess.DEVNULL,
                                 stderr=open(f"{self.work}/{name}.log", "w"),
                                 preexec_fn=raise_nofile, env=env)
@@ -347,7 +364,9 @@ password = "{PASSWORD}"
             if time.time() > deadline or proc.poll() is not None:
                 die(f"{name} did not see a primary and a replica in 30 s")
             time.sleep(0.2)
-        log(f"{name} (consistency = {consistency}) on 127.0.0.1:{port} (pid {proc.pid})")
+        log(f"{name} (consistency = {consistency}, "
+            f"{f'{threads} worker thread' if threads else 'one worker thread per core'}) "
+            f"on 127.0.0.1:{port} (pid {proc.pid})")
 
     def wait_port(self, port, proc, logfile):
         deadline = time.time() + 30
@@ -364,6 +383,22 @@ password = "{PASSWORD}"
                     pass
                 die(f"process on port {port} did not come up")
             time.sleep(0.1)
+
+    def restart(self, name):
+        """Stops a proxy and starts a fresh one (same settings, new ports): memory figures are
+        taken on a process whose heap has not already grown."""
+        p = self.procs.pop(name)
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=5)
+        if name == "pgbouncer":
+            self.start_pgbouncer(self.args.pool_size)
+        else:
+            self.start_sluice(name, "eventual" if name == "sluice" else "primary",
+                              self.args.pool_size, 1 if name.endswith("-1t") else None)
 
     def close(self):
         for name, p in self.procs.items():
@@ -399,7 +434,8 @@ def http_get(host, port, path):
 
 # --- pgbench -------------------------------------------------------------------------------------
 
-TARGETS = ["direct", "pgbouncer", "sluice", "sluice-primary"]
+TARGETS = ["direct", "pgbouncer", "sluice", "sluice-primary", "sluice-primary-1t"]
+SLUICES = ["sluice", "sluice-primary", "sluice-primary-1t"]
 
 
 class Case:
@@ -473,13 +509,13 @@ def log_percentiles(prefix_dir):
                 if len(p) >= 3 and p[2].isdigit():
                     lat.append(int(p[2]))
     if not lat:
-        return None, None, 0
+        return None, None, None, 0
     lat.sort()
 
     def q(x):
         return lat[min(len(lat) - 1, int(x * len(lat)))] / 1000.0
 
-    return q(0.50), q(0.99), len(lat)
+    return q(0.50), q(0.99), sum(lat) / len(lat) / 1000.0, len(lat)
 
 
 def run_pgbench(env, case, target, rep, args):
@@ -512,13 +548,14 @@ def run_pgbench(env, case, target, rep, args):
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu1 = cpu_seconds(proxy.pid) if proxy else None
     r = parse_pgbench(out)
-    p50, p99, samples = log_percentiles(d)
+    p50, p99, logmean, samples = log_percentiles(d)
     shutil.rmtree(d, ignore_errors=True)
     r.update({
         "case": case.key, "workload": case.workload, "mode": case.mode,
         "clients": case.clients, "churn": case.churn, "target": target, "rep": rep,
         "rc": rc, "wall_s": round(wall, 2),
-        "lat_p50_ms": p50, "lat_p99_ms": p99, "log_samples": samples,
+        "lat_p50_ms": p50, "lat_p99_ms": p99, "lat_log_mean_ms": logmean,
+        "log_samples": samples,
         "proxy_cpu_s": round(cpu1 - cpu0, 3) if proxy else None,
         "pgbench_cpu_s": round((ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime), 3),
         "machine_busy": round((m1[0] - m0[0]) / max(1, m1[1] - m0[1]), 3),
@@ -580,7 +617,7 @@ def ratios(rows):
     for c in cases:
         b = get.get((c, "pgbouncer"))
         d = get.get((c, "direct"))
-        for s in ("sluice", "sluice-primary"):
+        for s in SLUICES:
             x = get.get((c, s))
             if not x:
                 continue
@@ -652,9 +689,10 @@ def plot(rows, path):
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
     style = {"direct": ("k", "o"), "pgbouncer": ("tab:blue", "s"), "sluice": ("tab:red", "^"),
-             "sluice-primary": ("tab:orange", "v")}
+             "sluice-primary": ("tab:orange", "v"), "sluice-primary-1t": ("tab:green", "D")}
     label = {"direct": "direct", "pgbouncer": "PgBouncer", "sluice": "sluice (reads→replica)",
-             "sluice-primary": "sluice (consistency=primary)"}
+             "sluice-primary": "sluice (consistency=primary)",
+             "sluice-primary-1t": "sluice (primary, 1 worker thread)"}
     for ax, (w, m, pts) in zip(axes[0], panels):
         for t in TARGETS:
             p = sorted((r["clients"], r["tps"]) for r in pts if r["target"] == t and r["tps"])
@@ -720,11 +758,18 @@ def cmd_pgbench(args):
         env.start_pgbouncer(args.pool_size)
         env.start_sluice("sluice", "eventual", args.pool_size)
         env.start_sluice("sluice-primary", "primary", args.pool_size)
+        env.start_sluice("sluice-primary-1t", "primary", args.pool_size, threads=1)
         total = sum(len([t for t in c.targets() if t in targets]) for c in cases) * args.reps
         log(f"{total} runs of {args.duration} s (+ connection setup) in {args.reps} interleaved "
             f"repetitions; uptime load: {open('/proc/loadavg').read().split()[:3]}")
         n = 0
         for rep in range(args.reps):
+            if rep:
+                # Fresh proxy processes for every repetition: one process instance can be a few
+                # per cent faster or slower than another of the same binary (memory layout,
+                # its backend connections), and that must not bias every run of a target.
+                for name in ["pgbouncer"] + SLUICES:
+                    env.restart(name)
             for case in cases:
                 for t in case.targets():
                     if t not in targets:
@@ -854,14 +899,26 @@ async def pg_login(port, password=PASSWORD, user=USER, db=DB):
             return reader, writer
 
 
-async def open_idle(port, n, concurrency):
+async def simple_query(reader, writer, sql):
+    q = sql.encode() + b"\0"
+    writer.write(b"Q" + struct.pack("!i", len(q) + 4) + q)
+    while True:
+        tag, _ = await read_msg(reader)
+        if tag == b"Z":
+            return
+
+
+async def open_idle(port, n, concurrency, query=None):
     sem = asyncio.Semaphore(concurrency)
     conns, errors = [], []
 
     async def one():
         async with sem:
             try:
-                conns.append(await asyncio.wait_for(pg_login(port), 30))
+                r, w = await asyncio.wait_for(pg_login(port), 30)
+                if query:
+                    await asyncio.wait_for(simple_query(r, w, query), 30)
+                conns.append((r, w))
             except Exception as e:  # noqa: BLE001 - counted and reported
                 errors.append(repr(e))
 
@@ -869,7 +926,7 @@ async def open_idle(port, n, concurrency):
     return conns, errors
 
 
-async def memory_idle(env, name, n, hold, concurrency):
+async def memory_idle(env, name, n, hold, concurrency, query=None):
     pid = env.procs[name].pid
     port = env.ports[name]
     # One login first so the proxy has its backend/server params cached.
@@ -878,7 +935,7 @@ async def memory_idle(env, name, n, hold, concurrency):
     await asyncio.sleep(1)
     base = rss_kib(pid)
     t0 = time.time()
-    conns, errors = await open_idle(port, n, concurrency)
+    conns, errors = await open_idle(port, n, concurrency, query)
     opened = time.time() - t0
     samples = []
     for _ in range(max(1, int(hold))):
@@ -890,13 +947,14 @@ async def memory_idle(env, name, n, hold, concurrency):
         w.close()
     await asyncio.sleep(2)
     after = rss_kib(pid)
-    res = {"target": name, "clients": len(conns), "errors": len(errors),
+    res = {"target": name, "query": query, "clients": len(conns), "errors": len(errors),
            "error_examples": errors[:3], "open_s": round(opened, 1),
            "rss_base_kib": base, "rss_idle_kib": peak, "rss_after_close_kib": after,
            "rss_idle_mib": round(peak / 1024, 1),
            "per_client_bytes": round((peak - base) * 1024 / max(1, len(conns))),
            "cpu_s_total": cpu}
-    log(f"{name}: {len(conns)} idle clients ({len(errors)} failed) in {opened:.1f} s: RSS "
+    log(f"{name}: {len(conns)} idle clients ({len(errors)} failed; first ran {query!r}) in "
+        f"{opened:.1f} s: RSS "
         f"{base / 1024:.1f} MiB -> {peak / 1024:.1f} MiB "
         f"({res['per_client_bytes']} B per client), {after / 1024:.1f} MiB after they left")
     return res
@@ -906,9 +964,6 @@ async def memory_slow_reader(env, name, sql, seconds, read_after):
     """One client sends `sql` and does not read for `seconds`; the proxy's RSS is sampled."""
     pid = env.procs[name].pid
     reader, writer = await pg_login(env.ports[name])
-    # A small receive buffer so the client's kernel buffer does not absorb the result.
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     base = rss_kib(pid)
     q = sql.encode() + b"\0"
     writer.write(b"Q" + struct.pack("!i", len(q) + 4) + q)
@@ -953,10 +1008,8 @@ def cmd_memory(args):
         env.start_pgbouncer(args.pool_size)
         env.start_sluice("sluice", "eventual", args.pool_size)
         out["versions"] = versions(env)
-        out["idle"] = []
-        for name in ("sluice", "pgbouncer"):
-            out["idle"].append(asyncio.run(asyncio.wait_for(
-                memory_idle(env, name, args.clients, args.hold, args.concurrency), 600)))
+        # The slow readers first, while the proxies' heaps are small: growth is not hidden
+        # by memory freed after the idle clients left.
         out["slow"] = []
         big_rows = "SELECT repeat('x', 1000) FROM generate_series(1, 2000000)"  # ~2 GB of rows
         one_row = "SELECT repeat('x', 64 * 1024 * 1024)"  # one 64 MiB DataRow
@@ -966,15 +1019,25 @@ def cmd_memory(args):
         for name in ("sluice", "pgbouncer"):
             out["slow"].append(asyncio.run(asyncio.wait_for(
                 memory_slow_reader(env, name, one_row, args.slow_seconds, True), 300)))
+        # Idle right after logging in, then idle after one query each (the usual state of an
+        # application's pooled connections: buffers have been used once).
+        out["idle"] = []
+        for query in (None, "SELECT 1"):
+            for name in ("sluice", "pgbouncer"):
+                env.restart(name)
+                out["idle"].append(asyncio.run(asyncio.wait_for(
+                    memory_idle(env, name, args.clients, args.hold, args.concurrency, query),
+                    600)))
     finally:
         env.close()
     with open(os.path.join(args.out, "memory.json"), "w") as f:
         json.dump(out, f, indent=1)
     print()
-    print("| proxy | idle clients | RSS before | RSS with clients | per client |")
-    print("|---|---|---|---|---|")
+    print("| proxy | idle clients | each ran first | RSS before | RSS with clients | per client |")
+    print("|---|---|---|---|---|---|")
     for r in out["idle"]:
         print(f"| {r['target']} | {r['clients']} ({r['errors']} failed) | "
+              f"{r['query'] or '(nothing)'} | "
               f"{r['rss_base_kib'] / 1024:.1f} MiB | {r['rss_idle_mib']:.1f} MiB | "
               f"{r['per_client_bytes']} B |")
     print()
@@ -987,12 +1050,34 @@ def cmd_memory(args):
     return 0
 
 
+def cmd_hold(args):
+    """Starts everything and waits (for profiling by hand)."""
+    raise_nofile()
+    env = Env(args)
+    try:
+        env.start_postgres(args.scale)
+        env.start_pgbouncer(args.pool_size)
+        env.start_sluice("sluice", "eventual", args.pool_size)
+        env.start_sluice("sluice-primary", "primary", args.pool_size)
+        env.start_sluice("sluice-primary-1t", "primary", args.pool_size, threads=1)
+        info = {"ports": env.ports, "pids": {k: p.pid for k, p in env.procs.items()},
+                "work": env.work, "password": PASSWORD, "user": USER, "db": DB}
+        with open(os.path.join(args.out, "hold.json") if os.path.isdir(args.out)
+                  else "/tmp/pg-e2e-hold.json", "w") as f:
+            json.dump(info, f)
+        print(json.dumps(info), flush=True)
+        time.sleep(args.hold)
+    finally:
+        env.close()
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("command", nargs="?", default="pgbench", choices=["pgbench", "memory"])
+    ap.add_argument("command", nargs="?", default="pgbench", choices=["pgbench", "memory", "hold"])
     ap.add_argument("--full", action="store_true", help="every combination (long)")
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default 3)")
-    ap.add_argument("--duration", type=int, default=8, help="pgbench -T seconds (default 8)")
+    ap.add_argument("--duration", type=int, default=7, help="pgbench -T seconds (default 7)")
     ap.add_argument("--scale", type=int, default=10, help="pgbench -i -s (default 10)")
     ap.add_argument("--pool-size", type=int, default=20,
                     help="sluice pool_size = PgBouncer default_pool_size (default 20)")
@@ -1010,6 +1095,8 @@ def main():
     ap.add_argument("--sluice", default=os.path.join(ROOT, "target", "release", "sluice"))
     ap.add_argument("--no-build", action="store_true", help="do not run cargo build --release")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, data)")
+    ap.add_argument("--pgbouncer-auth", choices=["verifier", "plain"], default="verifier",
+                    help="userlist.txt holds the SCRAM verifier (default) or the plaintext password")
     ap.add_argument("--clients", type=int, default=10000, help="memory: idle clients")
     ap.add_argument("--hold", type=float, default=5, help="memory: seconds to hold them")
     ap.add_argument("--concurrency", type=int, default=200, help="memory: logins in flight")
@@ -1027,6 +1114,8 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.command == "memory":
         return cmd_memory(args)
+    if args.command == "hold":
+        return cmd_hold(args)
     return cmd_pgbench(args)
 
 

@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 use crate::backend::{Backend, BackendError, ConnectOptions};
 use crate::config::{ClusterConfig, Consistency, Discovery, TopologyKind};
 use crate::metrics::{ClusterLabels, Metrics, NodeLabels, ResultLabels, RouteLabels};
-use crate::pool::{PoolError, PoolKey, PoolSettings, Pooled, Pools};
+use crate::pool::{PoolError, PoolSettings, Pooled, Pools};
 use crate::router::{self, Intent, NoRoute, Policy};
 use crate::topology::{Member, Observation, Role, Topology};
 
@@ -81,7 +81,10 @@ pub struct Cluster {
     /// Used for unknown users so that they go through the same exchange and fail the same way.
     pub dummy_secret: ScramSecret,
     tiebreak: AtomicUsize,
-    server_params: Mutex<HashMap<(String, String), ServerParams>>,
+    /// By user, then database (looked up with `&str` on every checkout, without allocating).
+    server_params: Mutex<HashMap<String, HashMap<String, ServerParams>>>,
+    /// `sluice_queries_total` for `Intent::Primary` and `Intent::Replica`, resolved once.
+    routed: [prometheus_client::metrics::counter::Counter; 2],
     cancels: Mutex<HashMap<(i32, i32), CancelSlot>>,
     /// Connected clients, for `max_client_connections`.
     pub clients: AtomicUsize,
@@ -147,6 +150,15 @@ impl Cluster {
             dummy_secret: ScramSecret::new(&String::from_utf8_lossy(&dummy), &salt, SCRAM_ITERATIONS),
             tiebreak: AtomicUsize::new(0),
             server_params: Mutex::new(HashMap::new()),
+            routed: [Intent::Primary, Intent::Replica].map(|intent| {
+                metrics
+                    .queries
+                    .get_or_create(&RouteLabels {
+                        cluster: config.name.clone(),
+                        route: intent.label(),
+                    })
+                    .clone()
+            }),
             cancels: Mutex::new(HashMap::new()),
             clients: AtomicUsize::new(0),
             metrics,
@@ -244,31 +256,35 @@ impl Cluster {
             .unwrap_or_default();
         loop {
             let snap = self.topology.load();
-            let loads: Vec<u32> = snap
-                .nodes
-                .iter()
-                .map(|n| n.load.load(Ordering::Relaxed))
-                .collect();
-            let tiebreak = self.tiebreak.fetch_add(1, Ordering::Relaxed);
-            let choice = router::choose(intent, &snap, &loads, tiebreak, &policy);
+            let choice = {
+                // Each node's requests in flight, on the stack for up to 16 nodes (this runs
+                // for every transaction).
+                let mut stack = [0u32; 16];
+                let heap: Vec<u32>;
+                let loads: &[u32] = if snap.nodes.len() <= stack.len() {
+                    for (l, n) in stack.iter_mut().zip(&snap.nodes) {
+                        *l = n.load.load(Ordering::Relaxed);
+                    }
+                    &stack[..snap.nodes.len()]
+                } else {
+                    heap = snap
+                        .nodes
+                        .iter()
+                        .map(|n| n.load.load(Ordering::Relaxed))
+                        .collect();
+                    &heap
+                };
+                let tiebreak = self.tiebreak.fetch_add(1, Ordering::Relaxed);
+                router::choose(intent, &snap, loads, tiebreak, &policy)
+            };
             match choice {
                 Ok(node) => {
-                    let key = PoolKey {
-                        node: snap.nodes[node].address.clone(),
-                        user: user.to_string(),
-                        database: database.to_string(),
-                    };
-                    match self.pools.checkout(&key, password).await {
+                    let address = &snap.nodes[node].address;
+                    match self.pools.checkout(address, user, database, password).await {
                         Ok(mut conn) => {
                             let load = snap.nodes[node].load.clone();
                             load.fetch_add(1, Ordering::Relaxed);
-                            self.metrics
-                                .queries
-                                .get_or_create(&RouteLabels {
-                                    cluster: self.config.name.clone(),
-                                    route: intent.label(),
-                                })
-                                .inc();
+                            self.routed[usize::from(intent == Intent::Replica)].inc();
                             self.remember_params(user, database, &conn.conn().params);
                             return Ok(Checkout {
                                 conn,
@@ -279,7 +295,7 @@ impl Cluster {
                         Err(PoolError::Connect(e))
                             if e.is_node_failure() && tokio::time::Instant::now() < deadline =>
                         {
-                            warn!(node = %key.node, error = %e, "backend connection failed; marking the node down");
+                            warn!(node = %address, error = %e, "backend connection failed; marking the node down");
                             self.observe(&snap.nodes[node].id, &Observation::Down { error: e.to_string() });
                         }
                         Err(e) => return Err(e.into()),
@@ -304,26 +320,39 @@ impl Cluster {
     }
 
     fn remember_params(&self, user: &str, database: &str, params: &[(String, String)]) {
-        let mut map = self.server_params.lock().expect("params lock");
-        let key = (user.to_string(), database.to_string());
-        if !map.contains_key(&key) && !params.is_empty() {
-            map.insert(key, Arc::new(params.to_vec()));
+        if params.is_empty() {
+            return;
         }
+        let mut map = self.server_params.lock().expect("params lock");
+        if map.get(user).is_some_and(|dbs| dbs.contains_key(database)) {
+            return; // the usual case, on every checkout: nothing allocated
+        }
+        map.entry(user.to_string())
+            .or_default()
+            .insert(database.to_string(), Arc::new(params.to_vec()));
     }
 
     /// The ParameterStatus values to announce to a client logging in as (user, database),
     /// learnt from a real backend connection (one is opened if none has been yet).
     pub async fn server_params(&self, user: &str, database: &str) -> Result<ServerParams, AttachError> {
-        let key = (user.to_string(), database.to_string());
-        if let Some(p) = self.server_params.lock().expect("params lock").get(&key) {
-            return Ok(p.clone());
+        let known = self
+            .server_params
+            .lock()
+            .expect("params lock")
+            .get(user)
+            .and_then(|dbs| dbs.get(database))
+            .cloned();
+        if let Some(p) = known {
+            return Ok(p);
         }
         let mut c = self.attach(Intent::Replica, user, database, None).await?;
         let params = Arc::new(c.conn.conn().params.clone());
         self.server_params
             .lock()
             .expect("params lock")
-            .insert(key, params.clone());
+            .entry(user.to_string())
+            .or_default()
+            .insert(database.to_string(), params.clone());
         Ok(params)
     }
 

@@ -25,11 +25,67 @@ pub struct PoolSettings {
 }
 
 /// Identifies one pool.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone)]
 pub struct PoolKey {
     pub node: String,
     pub user: String,
     pub database: String,
+}
+
+/// A pool's identity as three borrowed strings: the pool map is searched with one on every
+/// checkout, so a transaction allocates no `PoolKey`. `PoolKey` hashes and compares through
+/// this view, which keeps `Borrow` consistent.
+#[derive(PartialEq, Eq, Hash)]
+struct KeyRef<'a>(&'a str, &'a str, &'a str);
+
+trait AsKeyRef {
+    fn key_ref(&self) -> KeyRef<'_>;
+}
+
+impl AsKeyRef for PoolKey {
+    fn key_ref(&self) -> KeyRef<'_> {
+        KeyRef(&self.node, &self.user, &self.database)
+    }
+}
+
+impl AsKeyRef for KeyRef<'_> {
+    fn key_ref(&self) -> KeyRef<'_> {
+        KeyRef(self.0, self.1, self.2)
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn AsKeyRef + 'a> for PoolKey {
+    fn borrow(&self) -> &(dyn AsKeyRef + 'a) {
+        self
+    }
+}
+
+impl PartialEq for dyn AsKeyRef + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.key_ref() == other.key_ref()
+    }
+}
+
+impl Eq for dyn AsKeyRef + '_ {}
+
+impl std::hash::Hash for dyn AsKeyRef + '_ {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key_ref().hash(state);
+    }
+}
+
+impl PartialEq for PoolKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.key_ref() == other.key_ref()
+    }
+}
+
+impl Eq for PoolKey {}
+
+impl std::hash::Hash for PoolKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key_ref().hash(state);
+    }
 }
 
 /// Why no connection could be handed out.
@@ -54,6 +110,8 @@ pub struct Pools {
     tls: crate::tls::BackendTls,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     metrics: Arc<Metrics>,
+    /// `sluice_checkout_wait_seconds` for this cluster, resolved once (observed per checkout).
+    checkout_wait: prometheus_client::metrics::histogram::Histogram,
 }
 
 struct Pool {
@@ -111,20 +169,32 @@ impl Pools {
         tls: crate::tls::BackendTls,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let checkout_wait = metrics
+            .checkout_wait
+            .get_or_create(&ClusterLabels {
+                cluster: cluster.to_string(),
+            })
+            .clone();
         Pools {
             cluster: cluster.to_string(),
             settings,
             tls,
             pools: Mutex::new(HashMap::new()),
             metrics,
+            checkout_wait,
         }
     }
 
-    fn pool(&self, key: &PoolKey) -> Arc<Pool> {
+    fn pool(&self, node: &str, user: &str, database: &str) -> Arc<Pool> {
         let mut pools = self.pools.lock().expect("pools lock");
-        if let Some(p) = pools.get(key) {
+        if let Some(p) = pools.get(&KeyRef(node, user, database) as &dyn AsKeyRef) {
             return p.clone();
         }
+        let key = &PoolKey {
+            node: node.to_string(),
+            user: user.to_string(),
+            database: database.to_string(),
+        };
         let gauge = |state| {
             self.metrics
                 .backend_connections
@@ -147,10 +217,17 @@ impl Pools {
         p
     }
 
-    /// Hands out a connection: an idle one if it is still good, else a new one; waits up to
-    /// `checkout_timeout` for a free slot.
-    pub async fn checkout(&self, key: &PoolKey, password: &str) -> Result<Pooled, PoolError> {
-        let pool = self.pool(key);
+    /// Hands out a connection to `node` as (`user`, `database`): an idle one if it is still
+    /// good, else a new one; waits up to `checkout_timeout` for a free slot.
+    pub async fn checkout(
+        &self,
+        node: &str,
+        user: &str,
+        database: &str,
+        password: &str,
+    ) -> Result<Pooled, PoolError> {
+        let pool = self.pool(node, user, database);
+        let key = &pool.key;
         let start = Instant::now();
         let permit = match tokio::time::timeout(
             self.settings.checkout_timeout,
@@ -169,12 +246,7 @@ impl Pools {
                 })
             }
         };
-        self.metrics
-            .checkout_wait
-            .get_or_create(&ClusterLabels {
-                cluster: self.cluster.clone(),
-            })
-            .observe(start.elapsed().as_secs_f64());
+        self.checkout_wait.observe(start.elapsed().as_secs_f64());
         let epoch = pool.epoch.load(Ordering::Acquire);
         let reused = self.take_idle(&pool);
         let conn = match reused {

@@ -30,13 +30,20 @@ pub struct Statement {
 
 impl Statement {
     /// The name this statement has on every backend.
-    fn backend_name(&self) -> Vec<u8> {
+    fn backend_name(&self) -> BackendName {
         backend_name(self.hash)
     }
 }
 
-fn backend_name(hash: u64) -> Vec<u8> {
-    format!("sluice_{hash:016x}").into_bytes()
+/// `sluice_` and 16 hex digits: built on the stack, as it is for every Bind of a named statement.
+type BackendName = [u8; 23];
+
+fn backend_name(hash: u64) -> BackendName {
+    let mut name = *b"sluice_0000000000000000";
+    for (i, d) in name[7..].iter_mut().enumerate() {
+        *d = b"0123456789abcdef"[(hash >> (60 - 4 * i)) as usize & 0xf];
+    }
+    name
 }
 
 /// A ParseComplete or CloseComplete still to come from the backend.
@@ -197,7 +204,7 @@ impl Session {
         Ok(())
     }
 
-    fn ensure_prepared_if_statement(&mut self, kind: u8, name: &[u8]) -> Option<Vec<u8>> {
+    fn ensure_prepared_if_statement(&mut self, kind: u8, name: &[u8]) -> Option<BackendName> {
         if kind == b'S' {
             self.ensure_prepared(name)
         } else {
@@ -209,7 +216,7 @@ impl Session {
     /// whose response is swallowed if not), and returns the backend's name for it. `None` means
     /// "forward as is": the unnamed statement, or a name the client never prepared (the server
     /// then reports it missing, in order).
-    fn ensure_prepared(&mut self, name: &[u8]) -> Option<Vec<u8>> {
+    fn ensure_prepared(&mut self, name: &[u8]) -> Option<BackendName> {
         let stmt = self.statements.get(name)?.clone();
         let a = self.attached.as_mut().expect("attached");
         if name.is_empty() {
@@ -334,7 +341,11 @@ mod tests {
             statement_hash(b"select $1", b"\0\x01\0\0\0\x17"),
             statement_hash(b"select $1", b"\0\x01\0\0\0\x19")
         );
-        assert!(backend_name(1).starts_with(b"sluice_"));
+        assert_eq!(&backend_name(1), b"sluice_0000000000000001");
+        assert_eq!(
+            backend_name(0xfedc_ba98_7654_3210).as_slice(),
+            format!("sluice_{:016x}", 0xfedc_ba98_7654_3210_u64).as_bytes()
+        );
     }
 
     #[test]
