@@ -683,11 +683,11 @@ def plot(rows, path):
     for w, m in (("select", "simple"), ("select", "extended"), ("select", "prepared"),
                  ("tpcb", "simple"), ("tpcb", "extended"), ("tpcb", "prepared")):
         pts = [r for r in rows if r["workload"] == w and r["mode"] == m and not r["churn"]]
-        if pts:
+        if len({r["clients"] for r in pts}) >= 2:  # a curve needs two client counts
             panels.append((w, m, pts))
     if not panels:
         return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
     style = {"direct": ("k", "o"), "pgbouncer": ("tab:blue", "s"), "sluice": ("tab:red", "^"),
              "sluice-primary": ("tab:orange", "v"), "sluice-primary-1t": ("tab:green", "D")}
     label = {"direct": "direct", "pgbouncer": "PgBouncer", "sluice": "sluice (reads→replica)",
@@ -702,6 +702,8 @@ def plot(rows, path):
         ax.set_xscale("log")
         ax.set_xticks(sorted({r["clients"] for r in pts}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.minorticks_off()
         ax.set_xlabel("clients")
         ax.set_ylabel("TPS (median)")
         ax.set_title(f"{'select-only' if w == 'select' else 'TPC-B'}, -M {m}")
@@ -1050,6 +1052,16 @@ def cmd_memory(args):
     return 0
 
 
+def cmd_replot(args):
+    """Table and plot again from --out/results.json (e.g. after changing the plot)."""
+    with open(os.path.join(args.out, "results.json")) as f:
+        result = json.load(f)
+    rows = summarize(result["runs"])
+    print_table(rows, ratios(rows))
+    plot(rows, os.path.join(args.out, "tps-vs-clients.png"))
+    return 0
+
+
 def cmd_hold(args):
     """Starts everything and waits (for profiling by hand)."""
     raise_nofile()
@@ -1074,7 +1086,7 @@ def cmd_hold(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("command", nargs="?", default="pgbench", choices=["pgbench", "memory", "hold"])
+    ap.add_argument("command", nargs="?", default="pgbench", choices=["pgbench", "memory", "hold", "replot"])
     ap.add_argument("--full", action="store_true", help="every combination (long)")
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default 3)")
     ap.add_argument("--duration", type=int, default=7, help="pgbench -T seconds (default 7)")
@@ -1103,6 +1115,8 @@ def main():
     ap.add_argument("--slow-seconds", type=float, default=8,
                     help="memory: seconds the slow client does not read")
     args = ap.parse_args()
+    if args.command == "replot":
+        return cmd_replot(args)
     if not args.no_build and args.sluice == os.path.join(ROOT, "target", "release", "sluice"):
         log("cargo build --release --bin sluice")
         r = subprocess.run(["cargo", "build", "--release", "--bin", "sluice"], cwd=ROOT,
