@@ -20,25 +20,12 @@ async fn srv_records_find_the_nodes_and_follow_changes() {
     dns.set_srv(SRV, &[(pg0, ports[0]), (pg1, ports[1])], 1);
     dns.set_a(pg0, &[Ipv4Addr::LOCALHOST], 1);
     dns.set_a(pg1, &[Ipv4Addr::LOCALHOST], 1);
-    let (listen, admin) = (crate::support::free_port(), crate::support::free_port());
-    let toml = format!(
-        r#"
-[admin]
-listen = "127.0.0.1:{admin}"
-
-[[clusters]]
-name = "pg"
-protocol = "postgres"
-listen = "127.0.0.1:{listen}"
-
-[clusters.discovery]
-dns = {{ srv = "{SRV}", nameservers = ["{}"], min_refresh = "200ms" }}
-
-[[clusters.users]]
-name = "app"
-password = "app-secret"
-"#,
-        dns.addr()
+    let toml = crate::pg_config(
+        "",
+        &format!(
+            "[clusters.discovery]\ndns = {{ srv = \"{SRV}\", nameservers = [\"{}\"], min_refresh = \"200ms\" }}",
+            dns.addr()
+        ),
     );
     let sluice = blocking(|| Sluice::start(&toml));
     bounded(60, async {

@@ -99,27 +99,13 @@ async fn patroni_switchover_moves_writes_to_the_new_leader() {
         ("10.244.3.21", a2, ports[2]),
     ];
     let mut env = K8sEnv::start(Scenario::patroni_switchover(), &pods, 5432, cluster).await;
-    let (listen, admin) = (crate::support::free_port(), crate::support::free_port());
-    let toml = format!(
-        r#"
-[admin]
-listen = "127.0.0.1:{admin}"
-
-[[clusters]]
-name = "pg"
-protocol = "postgres"
-listen = "127.0.0.1:{listen}"
-
-[clusters.discovery.kubernetes]
+    let toml = crate::pg_config(
+        "",
+        r#"[clusters.discovery.kubernetes]
 namespace = "db"
 service = ["acid-pg", "acid-pg-repl"]    # the leader's Service and the replicas'
 port = "postgresql"
-roles = "patroni"
-
-[[clusters.users]]
-name = "app"
-password = "app-secret"
-"#
+roles = "patroni""#,
     );
     env.start_sluice(&toml);
     bounded(120, async {

@@ -133,6 +133,18 @@ pub fn contract_config() -> (String, u16, u16) {
     (text, listen, admin)
 }
 
+/// A config for one postgres cluster `pg` (user app/app-secret) on free ports, with
+/// `cluster_keys` added to its table and `discovery` as its discovery table.
+pub fn pg_config(cluster_keys: &str, discovery: &str) -> String {
+    let (listen, admin) = (support::free_port(), support::free_port());
+    format!(
+        "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
+         [[clusters]]\nname = \"pg\"\nprotocol = \"postgres\"\nlisten = \"127.0.0.1:{listen}\"\n{cluster_keys}\n\n\
+         {discovery}\n\n\
+         [[clusters.users]]\nname = \"app\"\npassword = \"app-secret\"\n"
+    )
+}
+
 /// (in recovery, server port) of a statement run through sluice.
 pub async fn where_runs(client: &Client, sql: &str) -> (bool, u16) {
     let rows = simple_rows(client, sql).await;

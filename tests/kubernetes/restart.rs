@@ -25,27 +25,12 @@ async fn pod_restart_with_a_new_ip_keeps_routing() {
         ("10.244.2.32", ip(12), ports[1]),
     ];
     let mut env = K8sEnv::start(Scenario::cassandra_ring(), &pods, 9042, cluster).await;
-    let (listen, admin) = (crate::support::free_port(), crate::support::free_port());
-    let toml = format!(
-        r#"
-[admin]
-listen = "127.0.0.1:{admin}"
-
-[[clusters]]
-name = "pg"
-protocol = "postgres"
-listen = "127.0.0.1:{listen}"
-probe_interval = "500ms"
-
-[clusters.discovery.kubernetes]
+    let toml = crate::pg_config(
+        r#"probe_interval = "500ms""#,
+        r#"[clusters.discovery.kubernetes]
 namespace = "db"
 service = "cass"
-port = "cql"
-
-[[clusters.users]]
-name = "app"
-password = "app-secret"
-"#
+port = "cql""#,
     );
     env.start_sluice(&toml);
     bounded(120, async {
