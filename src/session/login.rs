@@ -81,6 +81,7 @@ pub async fn login(cluster: &Arc<Cluster>, tcp: TcpStream) -> std::io::Result<Op
         skip_until_sync: false,
         cancel_key,
         cancel_slot,
+        topology_changes: cluster.topology.subscribe(),
     });
     session.flush_client().await?;
     Ok(Some(session))

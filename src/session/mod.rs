@@ -150,6 +150,9 @@ pub struct Session {
     skip_until_sync: bool,
     cancel_key: (i32, i32),
     cancel_slot: CancelSlot,
+    /// Topology generations, subscribed once per session: the relay watches for the node of a
+    /// request in flight being marked down.
+    topology_changes: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Session {
@@ -189,11 +192,11 @@ impl Session {
                 .filter(|a| !a.units.is_empty() || a.in_batch || a.copy_in)
                 .map(|a| a.checkout.conn.node().to_string());
             let topology = &self.cluster.topology;
+            let changes = &mut self.topology_changes;
             let node_down = async {
                 let Some(node) = in_flight_on else {
                     return std::future::pending().await;
                 };
-                let mut changes = topology.subscribe();
                 loop {
                     let snap = topology.load();
                     if let Some(n) = snap.nodes.iter().find(|n| n.address == node && !n.healthy) {
