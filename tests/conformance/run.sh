@@ -221,16 +221,16 @@ for i in $(seq 1 300); do
 done
 
 # --- sluice in transaction mode ------------------------------------------------------------------
-cat >"$OUT/sluice.toml" <<EOF
-[admin]
-listen = "127.0.0.1:$ADMIN_PORT"
+# One [[clusters]] table: cluster_table NAME PORT CONSISTENCY.
+cluster_table() {
+    cat <<EOF
 
 [[clusters]]
-name = "conformance"
+name = "$1"
 protocol = "postgres"
-listen = "127.0.0.1:$SLUICE_PORT"
+listen = "127.0.0.1:$2"
 pool_mode = "transaction"
-consistency = "eventual"
+consistency = "$3"
 pool_size = 20
 
 [clusters.discovery]
@@ -240,25 +240,14 @@ static = ["127.0.0.1:$PRIMARY_PORT", "127.0.0.1:$REPLICA_PORT"]
 name = "psycopg2"
 password = "psycopg2-secret"
 EOF
-if [ "$PRIMARY_RUN" -eq 1 ]; then
-    cat >>"$OUT/sluice.toml" <<EOF
-
-[[clusters]]
-name = "conformance-primary"
-protocol = "postgres"
-listen = "127.0.0.1:$SLUICE_PRIMARY_PORT"
-pool_mode = "transaction"
-consistency = "primary"
-pool_size = 20
-
-[clusters.discovery]
-static = ["127.0.0.1:$PRIMARY_PORT", "127.0.0.1:$REPLICA_PORT"]
-
-[[clusters.users]]
-name = "psycopg2"
-password = "psycopg2-secret"
-EOF
-fi
+}
+{
+    printf '[admin]\nlisten = "127.0.0.1:%s"\n' "$ADMIN_PORT"
+    cluster_table conformance "$SLUICE_PORT" eventual
+    if [ "$PRIMARY_RUN" -eq 1 ]; then
+        cluster_table conformance-primary "$SLUICE_PRIMARY_PORT" primary
+    fi
+} >"$OUT/sluice.toml"
 RUST_LOG="${RUST_LOG:-sluice=info}" "$SLUICE_BIN" --config "$OUT/sluice.toml" \
     >"$OUT/sluice.log" 2>&1 &
 SLUICE_PID=$!
