@@ -15,7 +15,7 @@ use crate::config::{ClusterConfig, Consistency, Discovery, TopologyKind};
 use crate::metrics::{ClusterLabels, Metrics, NodeLabels, ResultLabels, RouteLabels};
 use crate::pool::{PoolError, PoolSettings, Pooled, Pools};
 use crate::router::{self, Intent, NoRoute, Policy};
-use crate::topology::{Member, Observation, Role, Topology};
+use crate::topology::{Member, Node, Observation, Role, Topology};
 
 /// SCRAM iteration count for the secrets sluice derives from configured passwords.
 const SCRAM_ITERATIONS: u32 = 4096;
@@ -52,17 +52,49 @@ pub enum AttachError {
     Pool(#[from] PoolError),
 }
 
-/// A backend checked out for one client, with the node's load counted while it is held.
+/// A backend checked out for one client, with the node's load counted while it serves
+/// requests (not while parked between transactions).
 pub struct Checkout {
     pub conn: Pooled,
     /// The node's role when it was chosen.
     pub role: Role,
     load: Arc<AtomicU32>,
+    parked: bool,
+}
+
+impl Checkout {
+    /// The client's transaction is over and its session keeps this backend for the next one
+    /// while nobody else needs it: the node's load no longer counts it.
+    pub fn park(&mut self) {
+        if !self.parked {
+            self.parked = true;
+            self.load.fetch_sub(1, Ordering::Relaxed);
+            self.conn.park();
+        }
+    }
+
+    /// A parked backend back in service, if it is a connection to `node` (the router's choice)
+    /// that is still good.
+    fn resume(mut self, node: &Node) -> Result<Checkout, Checkout> {
+        if !self.parked || !Arc::ptr_eq(&self.load, &node.load) || *self.conn.node() != *node.address {
+            return Err(self);
+        }
+        if !self.conn.still_good() {
+            self.conn.discard();
+            return Err(self);
+        }
+        self.parked = false;
+        self.load.fetch_add(1, Ordering::Relaxed);
+        self.role = node.role;
+        Ok(self)
+    }
 }
 
 impl Drop for Checkout {
     fn drop(&mut self) {
-        self.load.fetch_sub(1, Ordering::Relaxed);
+        if !self.parked {
+            self.load.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -229,13 +261,16 @@ impl Cluster {
 
     /// Finds a node for `intent` and checks out a connection to it as (user, database).
     /// Waits up to `failover_wait` while no suitable node is known; a node that refuses
-    /// connections is marked down and another one is tried.
+    /// connections is marked down and another one is tried. The client's `parked` backend
+    /// (see `Session::park`) serves the request if the router chose its node; otherwise it
+    /// goes back to the pool first. `parked` is empty when this returns.
     pub async fn attach(
         &self,
         intent: Intent,
         user: &str,
         database: &str,
         min_lsn: Option<u64>,
+        parked: &mut Option<Checkout>,
     ) -> Result<Checkout, AttachError> {
         let policy = Policy {
             multi_active: self.config.topology == TopologyKind::MultiActive,
@@ -279,6 +314,15 @@ impl Cluster {
             };
             match choice {
                 Ok(node) => {
+                    if let Some(p) = parked.take() {
+                        match p.resume(&snap.nodes[node]) {
+                            Ok(p) => {
+                                self.routed[usize::from(intent == Intent::Replica)].inc();
+                                return Ok(p);
+                            }
+                            Err(p) => drop(p), // back to the pool before checking out
+                        }
+                    }
                     let address = &snap.nodes[node].address;
                     match self.pools.checkout(address, user, database, password).await {
                         Ok(mut conn) => {
@@ -290,6 +334,7 @@ impl Cluster {
                                 conn,
                                 role: snap.nodes[node].role,
                                 load,
+                                parked: false,
                             });
                         }
                         Err(PoolError::Connect(e))
@@ -302,6 +347,7 @@ impl Cluster {
                     }
                 }
                 Err(why) => {
+                    drop(parked.take());
                     let waited = start.elapsed();
                     let ready =
                         |s: &crate::topology::Snapshot| router::choose(intent, s, &[], 0, &policy).is_ok();
@@ -345,7 +391,9 @@ impl Cluster {
         if let Some(p) = known {
             return Ok(p);
         }
-        let mut c = self.attach(Intent::Replica, user, database, None).await?;
+        let mut c = self
+            .attach(Intent::Replica, user, database, None, &mut None)
+            .await?;
         let params = Arc::new(c.conn.conn().params.clone());
         self.server_params
             .lock()

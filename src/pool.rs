@@ -3,13 +3,18 @@
 //! A checked-out connection is a [`Pooled`] guard that goes back to its pool when dropped,
 //! unless it was marked unusable (mid-transaction, broken) or its node was drained meanwhile
 //! (for example demoted from primary): those are closed, never reused.
+//!
+//! A session whose transaction is over may keep its connection parked instead of returning it
+//! (see `Session::park`): a checkout that finds no free slot asks one parked holder to give its
+//! connection back ([`Pooled::reclaimed`]), and the reaper wakes parked holders so that
+//! `idle_timeout` and `max_lifetime` apply to parked connections too.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::{Backend, BackendError, ConnectOptions};
 use crate::metrics::{ClusterLabels, Metrics, NodeStateLabels};
@@ -116,17 +121,28 @@ pub struct Pools {
 
 struct Pool {
     key: PoolKey,
-    idle: Mutex<Vec<Backend>>,
+    /// `key.node`, shared: a session watching its node clones this instead of the string.
+    node: Arc<str>,
+    /// Boxes, as handed out: returning and taking a connection moves a pointer, not a box.
+    #[allow(clippy::vec_box)]
+    idle: Mutex<Vec<Box<Backend>>>,
     permits: Arc<Semaphore>,
     /// Bumped by `drain`; connections from an older epoch are closed when they come back.
     epoch: AtomicU64,
+    /// Checkouts waiting for a slot: parked connections must come back.
+    waiting: AtomicUsize,
+    /// Wakes parked holders: one per waiting checkout, all of them on each reaper pass.
+    reclaim: Notify,
+    settings: PoolSettings,
     idle_gauge: prometheus_client::metrics::gauge::Gauge,
     active_gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
 /// A checked-out backend connection; returns to its pool on drop.
 pub struct Pooled {
-    conn: Option<Backend>,
+    /// Boxed: a checkout moves between a session's attached and parked slots, and idle
+    /// sessions should not carry a whole connection's state inline.
+    conn: Option<Box<Backend>>,
     pool: Arc<Pool>,
     epoch: u64,
     reusable: bool,
@@ -147,6 +163,61 @@ impl Pooled {
     /// The node this connection goes to.
     pub fn node(&self) -> &str {
         &self.pool.key.node
+    }
+
+    /// The node this connection goes to, shared (no allocation).
+    pub fn node_shared(&self) -> Arc<str> {
+        self.pool.node.clone()
+    }
+
+    /// The client's transaction is over and the session keeps the connection for its next
+    /// one: from now on it counts as idle for `idle_timeout`.
+    pub fn park(&mut self) {
+        if let Some(c) = self.conn.as_mut() {
+            c.last_used = Instant::now();
+        }
+    }
+
+    /// Whether a parked connection may serve its session again: its node was not drained, the
+    /// server has not closed it, and it is within `idle_timeout` and `max_lifetime`.
+    pub fn still_good(&self) -> bool {
+        let Some(c) = self.conn.as_ref() else { return false };
+        self.epoch == self.pool.epoch.load(Ordering::Acquire)
+            && !self.pool.expired(c, Instant::now())
+            && c.looks_alive()
+    }
+
+    /// Resolves when a parked connection should go back to the pool: a checkout is waiting
+    /// for a slot, or the connection outlived `idle_timeout`/`max_lifetime` (checked when the
+    /// reaper passes).
+    pub async fn reclaimed(&self) {
+        loop {
+            let notified = self.pool.reclaim.notified();
+            tokio::pin!(notified);
+            // Registered before looking, so that a checkout starting to wait after the look
+            // still wakes this holder.
+            notified.as_mut().enable();
+            let expired = self
+                .conn
+                .as_ref()
+                .is_none_or(|c| self.pool.expired(c, Instant::now()));
+            if self.pool.waiting.load(Ordering::SeqCst) > 0 || expired {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Whether checkouts are waiting for this connection's pool.
+    pub fn contended(&self) -> bool {
+        self.pool.waiting.load(Ordering::SeqCst) > 0
+    }
+}
+
+impl Pool {
+    fn expired(&self, c: &Backend, now: Instant) -> bool {
+        now.duration_since(c.last_used) > self.settings.idle_timeout
+            || now.duration_since(c.created) > self.settings.max_lifetime
     }
 }
 
@@ -207,9 +278,13 @@ impl Pools {
         };
         let p = Arc::new(Pool {
             key: key.clone(),
+            node: Arc::from(node),
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(self.settings.size)),
             epoch: AtomicU64::new(0),
+            waiting: AtomicUsize::new(0),
+            reclaim: Notify::new(),
+            settings: self.settings,
             idle_gauge: gauge("idle"),
             active_gauge: gauge("active"),
         });
@@ -229,21 +304,31 @@ impl Pools {
         let pool = self.pool(node, user, database);
         let key = &pool.key;
         let start = Instant::now();
-        let permit = match tokio::time::timeout(
-            self.settings.checkout_timeout,
-            pool.permits.clone().acquire_owned(),
-        )
-        .await
-        {
-            Ok(Ok(p)) => p,
-            _ => {
-                return Err(PoolError::Exhausted {
-                    node: key.node.clone(),
-                    user: key.user.clone(),
-                    database: key.database.clone(),
-                    size: self.settings.size,
-                    waited: start.elapsed(),
-                })
+        let permit = match pool.permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // No free slot: ask a session holding a parked connection of this pool to give
+                // it back, then wait in line.
+                pool.waiting.fetch_add(1, Ordering::SeqCst);
+                pool.reclaim.notify_one();
+                let acquired = tokio::time::timeout(
+                    self.settings.checkout_timeout,
+                    pool.permits.clone().acquire_owned(),
+                )
+                .await;
+                pool.waiting.fetch_sub(1, Ordering::SeqCst);
+                match acquired {
+                    Ok(Ok(p)) => p,
+                    _ => {
+                        return Err(PoolError::Exhausted {
+                            node: key.node.clone(),
+                            user: key.user.clone(),
+                            database: key.database.clone(),
+                            size: self.settings.size,
+                            waited: start.elapsed(),
+                        })
+                    }
+                }
             }
         };
         self.checkout_wait.observe(start.elapsed().as_secs_f64());
@@ -253,7 +338,7 @@ impl Pools {
             Some(c) => c,
             // Boxed: opening a connection is rare and its future (TCP, TLS, authentication)
             // is ~2 KiB; inline it would make every session's relay future that much larger.
-            None => {
+            None => Box::new(
                 Box::pin(Backend::connect(ConnectOptions {
                     addr: &key.node,
                     user: &key.user,
@@ -262,8 +347,8 @@ impl Pools {
                     timeout: self.settings.connect_timeout,
                     tls: &self.tls,
                 }))
-                .await?
-            }
+                .await?,
+            ),
         };
         pool.active_gauge.inc();
         Ok(Pooled {
@@ -275,20 +360,15 @@ impl Pools {
         })
     }
 
-    fn take_idle(&self, pool: &Pool) -> Option<Backend> {
+    fn take_idle(&self, pool: &Pool) -> Option<Box<Backend>> {
         let mut idle = pool.idle.lock().expect("pool lock");
         while let Some(c) = idle.pop() {
             pool.idle_gauge.dec();
-            if !self.expired(&c, Instant::now()) && c.looks_alive() {
+            if !pool.expired(&c, Instant::now()) && c.looks_alive() {
                 return Some(c);
             }
         }
         None
-    }
-
-    fn expired(&self, c: &Backend, now: Instant) -> bool {
-        now.duration_since(c.last_used) > self.settings.idle_timeout
-            || now.duration_since(c.created) > self.settings.max_lifetime
     }
 
     /// Closes every idle connection to `node`, and makes connections to it that are checked out
@@ -309,15 +389,18 @@ impl Pools {
         }
     }
 
-    /// Closes idle connections past `idle_timeout` or `max_lifetime`.
+    /// Closes idle connections past `idle_timeout` or `max_lifetime`, and has parked ones
+    /// checked for the same.
     pub fn reap(&self) {
         let now = Instant::now();
         let pools: Vec<_> = self.pools.lock().expect("pools lock").values().cloned().collect();
         for p in pools {
             let mut idle = p.idle.lock().expect("pool lock");
             let before = idle.len();
-            idle.retain(|c| !self.expired(c, now));
+            idle.retain(|c| !p.expired(c, now));
             p.idle_gauge.dec_by((before - idle.len()) as i64);
+            drop(idle);
+            p.reclaim.notify_waiters();
         }
     }
 

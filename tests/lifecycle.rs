@@ -58,7 +58,10 @@ async fn sighup_applies_a_new_config_and_keeps_unchanged_pools() {
         admin,
         pg,
         "",
-        &[("keep", keep, ""), ("change", change, "pool_size = 5")],
+        &[
+            ("keep", keep, "pool_size = 1"),
+            ("change", change, "pool_size = 5"),
+        ],
     );
     let sluice = Sluice::start(&before);
     bounded(60, async {
@@ -75,7 +78,7 @@ async fn sighup_applies_a_new_config_and_keeps_unchanged_pools() {
             pg,
             "",
             &[
-                ("keep", keep, ""),
+                ("keep", keep, "pool_size = 1"),
                 ("change", change, "pool_size = 3"),
                 ("extra", extra, ""),
             ],
@@ -84,7 +87,8 @@ async fn sighup_applies_a_new_config_and_keeps_unchanged_pools() {
         sluice.signal("HUP");
         wait_log(&sluice, "configuration reloaded", Duration::from_secs(10));
 
-        // Unchanged: a new client gets the pooled backend the first one used.
+        // Unchanged: a new client gets the backend the first one used (its pool has one
+        // connection, which the first client keeps parked until someone else needs it).
         let kept2 = connect(addr(keep), "app", "app-secret", "app").await;
         assert_eq!(
             backend_pid(&kept2).await,
@@ -115,7 +119,10 @@ async fn sighup_applies_a_new_config_and_keeps_unchanged_pools() {
             admin,
             pg,
             "",
-            &[("keep", keep, ""), ("change", change, "pool_size = 3")],
+            &[
+                ("keep", keep, "pool_size = 1"),
+                ("change", change, "pool_size = 3"),
+            ],
         );
         std::fs::write(sluice.config_path(), fewer).unwrap();
         sluice.signal("HUP");

@@ -29,7 +29,11 @@ const AUTH_FAILURE_DELAY: Duration = Duration::from_millis(250);
 /// client gone); the client has been told why where it could be.
 /// The session is boxed: moved by value, its ~600 bytes would be stored several times over in
 /// the connection's task (each async frame that holds it keeps its own copy).
-pub async fn login(cluster: &Arc<Cluster>, tcp: TcpStream) -> std::io::Result<Option<Box<Session>>> {
+pub async fn login(
+    cluster: &Arc<Cluster>,
+    tcp: TcpStream,
+    span: tracing::Span,
+) -> std::io::Result<Option<Box<Session>>> {
     // The stream may turn into a TLS stream half-way through the handshake.
     let mut slot: Option<ClientStream> = Some(MaybeTls::Plain(tcp));
     let mut buf = BytesMut::with_capacity(1024);
@@ -74,6 +78,7 @@ pub async fn login(cluster: &Arc<Cluster>, tcp: TcpStream) -> std::io::Result<Op
         out: greeting,
         to_backend: BytesMut::new(),
         attached: None,
+        parked: None,
         statements: Default::default(),
         settings,
         pinned: None,
@@ -81,6 +86,7 @@ pub async fn login(cluster: &Arc<Cluster>, tcp: TcpStream) -> std::io::Result<Op
         skip_until_sync: false,
         cancel_key,
         cancel_slot,
+        span,
         topology_changes: cluster.topology.subscribe(),
     });
     session.flush_client().await?;

@@ -4,9 +4,11 @@
 //! rewritten (named prepared statements live per backend; see `statements.rs`). A backend is
 //! attached when a request arrives and, in transaction mode, returned to its pool as soon as
 //! ReadyForQuery says idle with nothing left in flight — unless session state (LISTEN, temp
-//! tables, ...) pins the client to it. Sluice's own queries on the attached backend (settings
-//! replay and capture, WAL position for read-your-writes) are answered to sluice, never relayed;
-//! see `replies.rs`.
+//! tables, ...) pins the client to it. While no other client waits for that pool, the session
+//! keeps the finished backend parked and reuses it when the router sends the client's next
+//! request to the same node: the common case then costs no pool checkout and return. Sluice's
+//! own queries on the attached backend (settings replay and capture, WAL position for
+//! read-your-writes) are answered to sluice, never relayed; see `replies.rs`.
 
 mod login;
 mod replies;
@@ -39,29 +41,32 @@ pub const MAX_CLIENT_MESSAGE: usize = 64 * 1024 * 1024;
 
 /// Serves one client connection to the end.
 pub async fn serve(cluster: Arc<Cluster>, stream: TcpStream, peer: SocketAddr) {
+    // The span names the client in every log line about it. Only login runs inside it; the
+    // session logs with it as parent, so the relay does not enter and leave a span on every
+    // poll (measurable per transaction).
     let span = tracing::info_span!("client", %peer, cluster = %cluster.config.name);
-    async move {
-        let admitted = cluster.client_connected();
-        let _ = stream.set_nodelay(true);
-        if !admitted {
-            let mut out = BytesMut::new();
-            fatal(&mut out, "53300", "sorry, too many clients already");
-            let mut stream = stream;
-            let _ = stream.write_all(&out).await;
-        } else {
-            // Boxed: the login future (SCRAM, TLS accept, the first backend connection) is
-            // several KiB and only needed once; inline it would stay part of every idle
-            // client's task for the whole session.
-            match Box::pin(login::login(&cluster, stream)).await {
-                Ok(Some(session)) => session.run().await,
-                Ok(None) => {}
-                Err(e) => debug!(error = %e, "client i/o error during login"),
+    let admitted = cluster.client_connected();
+    let _ = stream.set_nodelay(true);
+    if !admitted {
+        let mut out = BytesMut::new();
+        fatal(&mut out, "53300", "sorry, too many clients already");
+        let mut stream = stream;
+        let _ = stream.write_all(&out).await;
+    } else {
+        // Boxed: the login future (SCRAM, TLS accept, the first backend connection) is
+        // several KiB and only needed once; inline it would stay part of every idle
+        // client's task for the whole session.
+        let login = Box::pin(login::login(&cluster, stream, span.clone()).instrument(span.clone()));
+        match login.await {
+            Ok(Some(session)) => {
+                drop(span);
+                session.run().await
             }
+            Ok(None) => {}
+            Err(e) => debug!(parent: &span, error = %e, "client i/o error during login"),
         }
-        cluster.client_disconnected();
     }
-    .instrument(span)
-    .await
+    cluster.client_disconnected();
 }
 
 /// Appends an ErrorResponse with this severity.
@@ -138,6 +143,8 @@ pub struct Session {
     /// Bytes for the backend.
     to_backend: BytesMut,
     attached: Option<Attached>,
+    /// The backend of the client's last transaction, kept while nobody else needs it.
+    parked: Option<Checkout>,
     /// The client's prepared statements by the client's name ("" is the unnamed one).
     statements: HashMap<Bytes, Arc<Statement>>,
     /// The client's session settings, replayed on each backend it gets.
@@ -150,6 +157,8 @@ pub struct Session {
     skip_until_sync: bool,
     cancel_key: (i32, i32),
     cancel_slot: CancelSlot,
+    /// Names the client in log lines (see `serve`).
+    span: tracing::Span,
     /// Topology generations, subscribed once per session: the relay watches for the node of a
     /// request in flight being marked down.
     topology_changes: tokio::sync::watch::Receiver<u64>,
@@ -159,9 +168,13 @@ impl Session {
     async fn run(mut self: Box<Self>) {
         let end = self.relay().await;
         match &end {
-            End::ClientGone => debug!("client left"),
-            End::ClientFault(why) => info!(reason = %why, "client disconnected for a protocol violation"),
-            End::BackendFault(why) => warn!(reason = %why, "client disconnected after a backend failure"),
+            End::ClientGone => debug!(parent: &self.span, "client left"),
+            End::ClientFault(why) => {
+                info!(parent: &self.span, reason = %why, "client disconnected for a protocol violation")
+            }
+            End::BackendFault(why) => {
+                warn!(parent: &self.span, reason = %why, "client disconnected after a backend failure")
+            }
         }
         self.detach_at_end().await;
         self.cluster.unregister_cancel(self.cancel_key);
@@ -190,7 +203,7 @@ impl Session {
                 .attached
                 .as_ref()
                 .filter(|a| !a.units.is_empty() || a.in_batch || a.copy_in)
-                .map(|a| a.checkout.conn.node().to_string());
+                .map(|a| a.checkout.conn.node_shared());
             let topology = &self.cluster.topology;
             let changes = &mut self.topology_changes;
             let node_down = async {
@@ -199,7 +212,7 @@ impl Session {
                 };
                 loop {
                     let snap = topology.load();
-                    if let Some(n) = snap.nodes.iter().find(|n| n.address == node && !n.healthy) {
+                    if let Some(n) = snap.nodes.iter().find(|n| *n.address == *node && !n.healthy) {
                         return n.last_error.clone().unwrap_or_default();
                     }
                     if changes.changed().await.is_err() {
@@ -219,8 +232,18 @@ impl Session {
                 }
             };
             let Session {
-                rd, cbuf, attached, ..
+                rd,
+                cbuf,
+                attached,
+                parked,
+                ..
             } = self;
+            let reclaim = async {
+                match parked {
+                    Some(c) => c.conn.reclaimed().await,
+                    None => std::future::pending().await,
+                }
+            };
             let backend_read = async {
                 match attached {
                     Some(a) => {
@@ -232,7 +255,7 @@ impl Session {
             };
             tokio::select! {
                 () = idle => {
-                    info!("client idle past client_idle_timeout; disconnecting");
+                    info!(parent: &self.span, "client idle past client_idle_timeout; disconnecting");
                     fatal(&mut self.out, "57P05", "terminating connection due to idle-session timeout");
                     return End::ClientGone;
                 }
@@ -240,6 +263,10 @@ impl Session {
                     Ok(0) | Err(_) => return End::ClientGone,
                     Ok(_) => {}
                 },
+                () = reclaim => {
+                    // Another client needs a connection of that pool, or it idled out.
+                    self.release_parked();
+                }
                 why = node_down => {
                     return self.backend_lost(&format!("the node was marked down ({why})"));
                 }
@@ -368,13 +395,19 @@ impl Session {
                 PoolMode::Transaction if settings::serializable(&self.settings) => Intent::Primary,
                 PoolMode::Transaction => Intent::of(class, self.cluster.config.consistency),
             };
-            match self
+            let had_parked = self.parked.is_some();
+            let attached = self
                 .cluster
-                .attach(intent, &self.user, &self.database, self.min_lsn)
-                .await
-            {
+                .attach(intent, &self.user, &self.database, self.min_lsn, &mut self.parked)
+                .await;
+            match attached {
                 Ok(checkout) => self.attach(checkout),
-                Err(e) => return self.attach_failed(tag, e),
+                Err(e) => {
+                    if had_parked {
+                        *self.cancel_slot.lock().expect("cancel slot lock") = None;
+                    }
+                    return self.attach_failed(tag, e);
+                }
             }
         }
         self.forward(msg, query_class)
@@ -385,7 +418,9 @@ impl Session {
         let c = &self.cluster.classifier;
         Ok(match msg.tag() {
             b'P' => match peek::parse(msg.body()) {
-                Ok(p) => c.classify(p.query),
+                Ok(p) => self
+                    .known_statement(&p)
+                    .map_or_else(|| c.classify(p.query), |s| s.class),
                 Err(e) => return Err(self.violation(&e.to_string())),
             },
             b'B' => match peek::bind(msg.body()) {
@@ -414,7 +449,7 @@ impl Session {
             pid: be.pid,
             secret: be.secret,
         });
-        debug!(node = %be.addr, "attached backend");
+        debug!(parent: &self.span, node = %be.addr, "attached backend");
         let mut units = VecDeque::new();
         if be.settings != self.settings {
             // The backend carries someone else's settings (or none): make them the client's.
@@ -442,9 +477,30 @@ impl Session {
     /// Ties the client to its backend for the rest of the session.
     fn pin(&mut self, reason: PinReason) {
         if self.pinned.is_none() && self.cluster.config.pool_mode == PoolMode::Transaction {
-            info!(reason = reason.label(), "client pinned to its backend connection");
+            info!(parent: &self.span, reason = reason.label(), "client pinned to its backend connection");
             self.cluster.pinned(reason.label());
             self.pinned = Some(reason);
+        }
+    }
+
+    /// The client's transaction is over: keeps the backend parked for the client's next
+    /// request while no other client waits for its pool, else returns it.
+    fn park(&mut self) {
+        let Some(a) = self.attached.as_ref() else { return };
+        if !a.is_clean() || self.pinned.is_some() || a.checkout.conn.contended() {
+            return self.detach();
+        }
+        // The cancel target stays: a cancel request while parked reaches an idle backend,
+        // which ignores it; it is cleared when the parked backend is let go.
+        let mut a = self.attached.take().expect("checked above");
+        a.checkout.park();
+        self.parked = Some(a.checkout);
+    }
+
+    /// Lets go of the parked backend (back to its pool).
+    fn release_parked(&mut self) {
+        if self.parked.take().is_some() {
+            *self.cancel_slot.lock().expect("cancel slot lock") = None;
         }
     }
 
@@ -462,6 +518,7 @@ impl Session {
     /// or pinned session state, closes the connection (the server rolls back and forgets);
     /// in session mode a clean connection is reset with DISCARD ALL before anyone else gets it.
     async fn detach_at_end(&mut self) {
+        self.release_parked();
         let Some(a) = self.attached.as_mut() else { return };
         if a.is_clean() && self.cluster.config.pool_mode == PoolMode::Session {
             let be = a.checkout.conn.conn();
@@ -493,7 +550,7 @@ impl Session {
                 return Err(End::BackendFault(e.to_string()));
             }
         } else {
-            warn!(error = %e, "request failed");
+            warn!(parent: &self.span, error = %e, "request failed");
             error_with(&mut self.out, "ERROR", code, &e.to_string());
         }
         if tag == b'Q' {

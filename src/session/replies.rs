@@ -3,7 +3,8 @@
 
 use std::sync::Arc;
 
-use sluice_postgres::{peek, split_message};
+use bytes::Buf;
+use sluice_postgres::{peek, peek_message, split_message};
 use tracing::{debug, warn};
 
 use super::settings::{self, Settings};
@@ -44,11 +45,30 @@ fn large_relayed_message(buf: &[u8]) -> Option<usize> {
     ((4..=MAX_BACKEND_MESSAGE).contains(&len) && total > STREAM_ABOVE && buf.len() < total).then_some(total)
 }
 
+/// The length of the run of complete messages at the front of `buf` that go to the client
+/// untouched, and the transaction status if the run ends with a ReadyForQuery. It stops before
+/// a message that needs a closer look: CopyInResponse, a ParseComplete/CloseComplete while
+/// some may be sluice's own (`fixups_pending`), anything malformed.
+fn relayable_run(buf: &[u8], fixups_pending: bool) -> (usize, Option<u8>) {
+    let mut at = 0;
+    while let Some((tag, total)) = peek_message(&buf[at..], MAX_BACKEND_MESSAGE) {
+        match tag {
+            b'G' => break,
+            b'1' | b'3' if fixups_pending => break,
+            b'Z' if total == 6 => return (at + total, Some(buf[at + 5])),
+            b'Z' => break,
+            _ => at += total,
+        }
+    }
+    (at, None)
+}
+
 impl Session {
     /// Handles every complete backend message: relays the client's, consumes sluice's own,
-    /// and returns the backend when the client's transaction is over.
+    /// and lets go of the backend when the client's transaction is over.
     pub(super) fn process_backend_messages(&mut self) -> Result<(), End> {
         loop {
+            let span = &self.span;
             let Some(a) = self.attached.as_mut() else {
                 return Ok(());
             };
@@ -64,9 +84,25 @@ impl Session {
                 a.streaming -= n;
                 continue;
             }
-            // A large DataRow or CopyData for the client is relayed as its bytes arrive rather
-            // than buffered whole: a session holds at most about STREAM_ABOVE bytes of it.
             if !own_unit {
+                // The usual case: complete replies for the client, relayed in one copy up to
+                // and including the ReadyForQuery that ends them.
+                let (n, ready) = relayable_run(rbuf, !a.fixups.is_empty());
+                if n > 0 {
+                    self.out.extend_from_slice(&rbuf[..n]);
+                    rbuf.advance(n);
+                    if let Some(status) = ready {
+                        a.status = status;
+                        a.units.pop_front();
+                        if a.units.is_empty() {
+                            self.request_done();
+                        }
+                    }
+                    continue;
+                }
+                // A large DataRow or CopyData for the client is relayed as its bytes arrive
+                // rather than buffered whole: a session holds at most about STREAM_ABOVE bytes
+                // of it.
                 if let Some(total) = large_relayed_message(rbuf) {
                     let n = rbuf.len();
                     self.out.extend_from_slice(&rbuf.split_to(n));
@@ -121,7 +157,7 @@ impl Session {
                         }
                         (b'E', own) => {
                             let (code, message) = peek::error_code_and_message(msg.body());
-                            warn!(%code, %message, "sluice's own query on the backend failed");
+                            warn!(parent: span, %code, %message, "sluice's own query on the backend failed");
                             if matches!(own, Unit::ReadSettings(_)) {
                                 *own = Unit::Failed;
                             } else if matches!(own, Unit::Replay) {
@@ -156,7 +192,7 @@ impl Session {
         match unit {
             Unit::ReadSettings(rows) => {
                 let s: Settings = Arc::new(rows);
-                debug!(settings = s.len(), "session settings captured");
+                debug!(parent: &self.span, settings = s.len(), "session settings captured");
                 if let Some(a) = self.attached.as_mut() {
                     a.checkout.conn.conn().settings = s.clone();
                 }
@@ -195,7 +231,7 @@ impl Session {
             return;
         }
         if self.cluster.config.pool_mode == PoolMode::Transaction && self.pinned.is_none() {
-            self.detach();
+            self.park();
         }
     }
 }
@@ -203,6 +239,47 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn relayed_runs_end_at_ready_for_query_and_stop_before_special_messages() {
+        let (t, d, c, z) = (
+            msg(b'T', b"desc"),
+            msg(b'D', b"row"),
+            msg(b'C', b"SELECT 1\0"),
+            msg(b'Z', b"T"),
+        );
+        let reply = [t.clone(), d.clone(), c.clone(), z.clone()].concat();
+        let next = [reply.clone(), d.clone()].concat();
+        assert_eq!(relayable_run(&next, false), (reply.len(), Some(b'T')));
+        let partial = [t.clone(), d[..4].to_vec()].concat();
+        assert_eq!(
+            relayable_run(&partial, false),
+            (t.len(), None),
+            "incomplete: stops before"
+        );
+        let parsed = [msg(b'1', b""), z.clone()].concat();
+        assert_eq!(relayable_run(&parsed, true), (0, None), "may be sluice's own");
+        assert_eq!(relayable_run(&parsed, false), (parsed.len(), Some(b'T')));
+        let copy_in = [d.clone(), msg(b'G', b"\0\0\0")].concat();
+        assert_eq!(relayable_run(&copy_in, false), (d.len(), None));
+        assert_eq!(
+            relayable_run(&msg(b'Z', b"II"), false),
+            (0, None),
+            "malformed: slow path"
+        );
+        assert_eq!(
+            relayable_run(&[b'D', 0, 0, 0, 1, 0], false),
+            (0, None),
+            "bad length"
+        );
+    }
 
     #[test]
     fn only_large_incomplete_rows_and_copy_data_stream() {

@@ -73,6 +73,28 @@ fn statement_hash(query: &[u8], rest: &[u8]) -> u64 {
 }
 
 impl Session {
+    /// The statement a Parse defines: the one the client already has under that name when the
+    /// text and parameter types are the same (a client re-parsing its unnamed statement for
+    /// every execution, as drivers do in the extended protocol, costs no allocation and no
+    /// classification), else a new one.
+    fn statement_for(&self, p: &peek::Parse<'_>) -> Arc<Statement> {
+        self.known_statement(p).cloned().unwrap_or_else(|| {
+            Arc::new(Statement {
+                query: Bytes::copy_from_slice(p.query),
+                rest: Bytes::copy_from_slice(p.rest),
+                hash: statement_hash(p.query, p.rest),
+                class: self.cluster.classifier.classify(p.query),
+            })
+        })
+    }
+
+    /// The client's statement of this Parse's name, if it has the same text and types.
+    pub(super) fn known_statement(&self, p: &peek::Parse<'_>) -> Option<&Arc<Statement>> {
+        self.statements
+            .get(p.name)
+            .filter(|s| s.query == p.query && s.rest == p.rest)
+    }
+
     /// Sends one client message to the attached backend, rewriting statement names.
     /// `query_class` is the classification of a simple query.
     pub(super) fn forward(&mut self, msg: Message, query_class: Option<Classification>) -> Result<(), End> {
@@ -112,12 +134,7 @@ impl Session {
             }
             b'P' => {
                 let p = peek::parse(msg.body()).map_err(|e| self.violation(&e.to_string()))?;
-                let stmt = Arc::new(Statement {
-                    query: Bytes::copy_from_slice(p.query),
-                    rest: Bytes::copy_from_slice(p.rest),
-                    hash: statement_hash(p.query, p.rest),
-                    class: self.cluster.classifier.classify(p.query),
-                });
+                let stmt = self.statement_for(&p);
                 let name = Bytes::copy_from_slice(p.name);
                 let a = self.attached.as_mut().expect("attached");
                 a.in_batch = true;

@@ -172,3 +172,65 @@ async fn client_killed_mid_transaction_leaves_nothing_open() {
     .await;
     env.sluice.assert_no_unexpected_errors(&[]);
 }
+
+/// A finished transaction leaves the client's backend parked: its next transaction reuses it
+/// without a pool checkout, and another client needing the pool's only connection gets it at
+/// once rather than after checkout_timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_backend_is_reused_and_handed_over_on_demand() {
+    let env = Env::start(
+        1,
+        "pool_size = 1\ncheckout_timeout = \"5s\"\nconsistency = \"primary\"",
+    );
+    let checkouts = || {
+        env.sluice
+            .metric("sluice_checkout_wait_seconds_count{cluster=\"app\"}")
+            .expect("checkout count")
+    };
+    bounded(60, async {
+        let a = env.app_client().await;
+        let b = env.app_client().await;
+        let first = simple_column(&a, "SELECT pg_backend_pid()").await;
+        let before = checkouts();
+        for _ in 0..20 {
+            assert_eq!(simple_column(&a, "SELECT pg_backend_pid()").await, first);
+        }
+        assert_eq!(
+            checkouts(),
+            before,
+            "A's next 20 transactions went through the pool"
+        );
+
+        for round in 0..10 {
+            let started = Instant::now();
+            assert_eq!(simple_column(&b, "SELECT pg_backend_pid()").await, first);
+            assert_eq!(simple_column(&a, "SELECT pg_backend_pid()").await, first);
+            let took = started.elapsed();
+            assert!(
+                took < Duration::from_secs(2),
+                "round {round}: the parked connection was not handed over ({took:?})"
+            );
+        }
+
+        // Three clients taking turns on one connection as fast as they can: nobody fails.
+        let c = env.app_client().await;
+        let clients = [a, b, c].map(std::sync::Arc::new);
+        let tasks: Vec<_> = clients
+            .iter()
+            .map(|client| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    for i in 0..30 {
+                        let got = simple_column(&client, &format!("SELECT {i}")).await;
+                        assert_eq!(got, [i.to_string()]);
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("client task");
+        }
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[]);
+}

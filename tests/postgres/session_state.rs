@@ -23,19 +23,24 @@ async fn show(client: &tokio_postgres::Client, name: &str) -> (String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_follow_the_client_to_every_backend() {
     // Everything on the primary, so both clients share one pool of backends.
-    let env = Env::start(1, "consistency = \"primary\"\npool_size = 4");
+    // Two backends: a client keeps its backend parked between transactions until another
+    // client needs it, which is how the steps below move clients between backends.
+    let env = Env::start(1, "consistency = \"primary\"\npool_size = 2");
     bounded(60, async {
         let a = env.app_client().await;
         let b = env.app_client().await;
+        let f = env.app_client().await;
         exec(&a, "SET statement_timeout = '4242ms'").await;
         let (_, pid_a) = show(&a, "statement_timeout").await;
 
-        // B takes the backend A just used (the pool hands out the most recent idle one) and
-        // holds it in a transaction, so A must get another one.
+        // F holds the second backend in a transaction; B then needs A's parked one and holds
+        // it in a transaction too. When F finishes, A gets F's backend.
+        exec(&f, "BEGIN").await;
         exec(&b, "BEGIN").await;
         let (b_value, pid_b) = show(&b, "statement_timeout").await;
-        assert_eq!(pid_b, pid_a, "expected B to reuse A's backend");
+        assert_eq!(pid_b, pid_a, "expected B to take A's parked backend");
         assert_eq!(b_value, "0", "A's setting leaked to B on a shared backend");
+        exec(&f, "COMMIT").await;
         let (a_value, pid_a2) = show(&a, "statement_timeout").await;
         assert_ne!(
             pid_a2, pid_a,
@@ -52,7 +57,10 @@ async fn settings_follow_the_client_to_every_backend() {
         assert_eq!(show(&a, "statement_timeout").await.0, "4242ms");
         exec(&a, "SET search_path = pg_catalog, public").await;
         exec(&a, "RESET statement_timeout").await;
-        exec(&b, "BEGIN").await; // move A again
+        // B holds its backend in a transaction, F takes A's and leaves its own settings
+        // there; A's next request gets a backend F used, with A's settings replayed.
+        exec(&b, "BEGIN").await;
+        exec(&f, "BEGIN; SET LOCAL statement_timeout = '9s'; COMMIT").await;
         assert_eq!(show(&a, "statement_timeout").await.0, "0");
         assert_eq!(show(&a, "search_path").await.0, "pg_catalog, public");
         assert_eq!(show(&b, "search_path").await.0, "\"$user\", public");
@@ -166,10 +174,11 @@ async fn temp_tables_and_session_locks_pin_the_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepared_statements_work_on_every_backend() {
-    let env = Env::start(1, "consistency = \"primary\"\npool_size = 4");
+    let env = Env::start(1, "consistency = \"primary\"\npool_size = 2");
     bounded(60, async {
         let a = env.app_client().await;
         let b = env.app_client().await;
+        let c = env.app_client().await;
         let stmt = a
             .prepare("SELECT $1::int + 1, pg_backend_pid()")
             .await
@@ -177,7 +186,11 @@ async fn prepared_statements_work_on_every_backend() {
         let mut pids = HashSet::new();
         for i in 0..8 {
             if i % 2 == 1 {
-                exec(&b, "BEGIN; SELECT 1").await; // push A onto another backend
+                // B and C take both backends (C by reclaiming the one A keeps parked); B
+                // finishes, so A goes on on B's.
+                exec(&b, "BEGIN; SELECT 1").await;
+                exec(&c, "BEGIN; SELECT 1").await;
+                exec(&b, "COMMIT").await;
             }
             let row = a
                 .query_one(&stmt, &[&i])
@@ -186,7 +199,7 @@ async fn prepared_statements_work_on_every_backend() {
             assert_eq!(row.get::<_, i32>(0), i + 1);
             pids.insert(row.get::<_, i32>(1));
             if i % 2 == 1 {
-                exec(&b, "COMMIT").await;
+                exec(&c, "COMMIT").await;
             }
         }
         assert!(

@@ -105,6 +105,20 @@ pub fn split_message(buf: &mut BytesMut, max_len: usize) -> Result<Option<Messag
     Ok(Some(Message { tag, raw }))
 }
 
+/// The tag and total length (tag included) of the complete, well-formed message at the front
+/// of `buf`, leaving it there; `None` if it is incomplete or its length is out of bounds
+/// ([`split_message`] reports those). For relaying runs of messages without splitting each.
+pub fn peek_message(buf: &[u8], max_len: usize) -> Option<(u8, usize)> {
+    if buf.len() < HEADER_LEN {
+        return None;
+    }
+    let declared = read_i32(buf, 1);
+    let len = usize::try_from(declared)
+        .ok()
+        .filter(|l| (4..=max_len).contains(l))?;
+    (buf.len() > len).then_some((buf[0], 1 + len))
+}
+
 /// One complete untagged startup-phase packet (length includes itself, capped at
 /// [`MAX_STARTUP_LEN`], minimum 8 — reported as [`FrameError::TooShort`]); `Ok(None)` if
 /// incomplete. The returned bytes include the length prefix, ready for
@@ -252,6 +266,22 @@ mod tests {
         fn split_message_never_panics(data in proptest::collection::vec(any::<u8>(), 0..256), max in 0usize..512) {
             let mut buf = BytesMut::from(&data[..]);
             while let Ok(Some(_)) = split_message(&mut buf, max) {}
+        }
+
+        /// `peek_message` sees exactly the messages `split_message` takes.
+        #[test]
+        fn peek_agrees_with_split(data in proptest::collection::vec(any::<u8>(), 0..256), max in 0usize..512) {
+            let mut buf = BytesMut::from(&data[..]);
+            loop {
+                let peeked = peek_message(&buf, max);
+                match split_message(&mut buf, max) {
+                    Ok(Some(m)) => prop_assert_eq!(peeked, Some((m.tag(), m.raw().len()))),
+                    _ => {
+                        prop_assert_eq!(peeked, None);
+                        break;
+                    }
+                }
+            }
         }
 
         #[test]

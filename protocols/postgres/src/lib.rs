@@ -13,4 +13,4 @@ pub mod server;
 pub mod startup;
 
 pub use classify::{Class, Classification, Classifier, Effects, Hint, PinReason};
-pub use frame::{split_message, split_startup, FrameError, Message, MAX_STARTUP_LEN};
+pub use frame::{peek_message, split_message, split_startup, FrameError, Message, MAX_STARTUP_LEN};
