@@ -20,7 +20,7 @@ pgbench (the default command)
   3. starts three target/release/sluice processes (built with `cargo build --release` unless
      --no-build): "sluice" with consistency = "eventual" (select-only goes to the REPLICA),
      "sluice-primary" with consistency = "primary" (everything to the primary, like PgBouncer:
-     the fair CPU comparison), and "sluice-primary-1t", the same with TOKIO_WORKER_THREADS=1
+     the fair CPU comparison), and "sluice-primary-1t", the same with [runtime] threads = 1
      (one runtime thread, like PgBouncer's one process); all pool_mode = transaction,
      pool_size = POOL, SCRAM clients;
   4. runs pgbench against every target, interleaved (for each repetition, for each case: direct,
@@ -321,8 +321,9 @@ ignore_startup_parameters = extra_float_digits
         port = self.ports[name] = free_port()
         admin = self.ports[name + "-admin"] = free_port()
         cfg = f"{self.work}/{name}.toml"
+        runtime = f"[runtime]\nthreads = {threads}\n\n" if threads else ""
         with open(cfg, "w") as f:
-            f.write(f"""[admin]
+            f.write(f"""{runtime}[admin]
 listen = "127.0.0.1:{admin}"
 
 [[clusters]]
@@ -344,9 +345,6 @@ password = "{PASSWORD}"
 """)
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "info")
-        if threads:
-            # tokio's multi-thread runtime reads this (default: one worker per core).
-            env["TOKIO_WORKER_THREADS"] = str(threads)
         proc = subprocess.Popen([self.args.sluice, "--config", cfg], stdout=subprocess.DEVNULL,
                                 stderr=open(f"{self.work}/{name}.log", "w"),
                                 preexec_fn=raise_nofile, env=env)

@@ -19,7 +19,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tracing::error;
+use tracing::{error, info};
 
 use crate::config::Config;
 
@@ -134,13 +134,18 @@ fn run(path: Option<PathBuf>) -> ExitCode {
         }
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = config.runtime.threads {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             error!("cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
+    info!(threads = runtime.metrics().num_workers(), "runtime started");
     let source = server::Source { path, name, text };
     match runtime.block_on(server::run(source, config)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -357,6 +357,9 @@ impl Server {
         if let Some(l) = admin_listener {
             self.admin_task = Task(tokio::spawn(admin::serve(l, self.admin.clone())));
         }
+        if config.runtime != self.config.runtime {
+            warn!("runtime.threads changed: it applies when sluice restarts");
+        }
         self.config = config;
         self.source.text = text;
         self.publish_admin_view();

@@ -49,6 +49,7 @@ password = "postgres"
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub admin: AdminConfig,
+    pub runtime: RuntimeConfig,
     pub reload: ReloadConfig,
     pub shutdown: ShutdownConfig,
     pub clusters: Vec<ClusterConfig>,
@@ -58,6 +59,13 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+}
+
+/// `[runtime]`: the async runtime sluice runs on (read at start; a reload cannot change it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RuntimeConfig {
+    /// Worker threads; `None`: one per CPU sluice may use.
+    pub threads: Option<usize>,
 }
 
 /// The wire protocol a cluster speaks.
@@ -227,6 +235,19 @@ impl Config {
                     listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
                 },
             };
+            let runtime = match root.take_table("runtime") {
+                Some(t) => {
+                    let mut f = root.child(t, "runtime".into());
+                    let threads = if f.has("threads") {
+                        f.integer("threads", 1, 1, 1024)
+                    } else {
+                        None
+                    };
+                    f.finish();
+                    RuntimeConfig { threads }
+                }
+                None => RuntimeConfig::default(),
+            };
             let reload = lifecycle::parse_reload(&mut root);
             let shutdown = lifecycle::parse_shutdown(&mut root);
             let tables = root.take_array_of_tables("clusters");
@@ -245,6 +266,7 @@ impl Config {
             root.finish();
             Config {
                 admin,
+                runtime,
                 reload,
                 shutdown,
                 clusters,
@@ -933,6 +955,25 @@ password = "app-secret"
             Discovery::Static(vec!["127.0.0.1:55432".into(), "127.0.0.1:55433".into()])
         );
         assert!(c.unsupported().is_empty());
+    }
+
+    #[test]
+    fn runtime_threads() {
+        assert_eq!(Config::parse(CONTRACT_PG).unwrap().runtime.threads, None);
+        let one = format!("[runtime]\nthreads = 1\n{CONTRACT_PG}");
+        assert_eq!(Config::parse(&one).unwrap().runtime.threads, Some(1));
+        for (bad, why) in [
+            ("threads = 0", "runtime.threads: 0 is out of range 1..=1024"),
+            (
+                "threads = \"2\"",
+                "runtime.threads: must be an integer, found string",
+            ),
+            ("workers = 2", "runtime.workers"),
+        ] {
+            let text = format!("[runtime]\n{bad}\n{CONTRACT_PG}");
+            let errors = errors_of(&text);
+            assert!(errors.iter().any(|e| e.starts_with(why)), "{bad}: {errors:?}");
+        }
     }
 
     #[test]

@@ -76,3 +76,36 @@ async fn pgbench_runs_cleanly_through_sluice() {
     .await;
     env.sluice.assert_no_unexpected_errors(&[]);
 }
+
+/// `[runtime] threads = 1` runs sluice on one worker thread (as measured best on small shared
+/// machines in benches/README.md), and pgbench runs through it cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_on_one_runtime_thread() {
+    let env = Env::start_with(0, "", "\n[runtime]\nthreads = 1\n");
+    let started = env
+        .sluice
+        .logs()
+        .into_iter()
+        .find(|l| l.contains("runtime started"));
+    assert!(
+        started.as_deref().is_some_and(|l| l.contains("threads=1")),
+        "{started:?}"
+    );
+    bounded(120, async {
+        let init = pgbench(env.cluster.primary_port(), &["-i", "-s", "1"]).await;
+        assert!(init.status.success(), "pgbench -i: {}", text(&init));
+        let args = ["-S", "-c", "8", "-j", "2", "-T", "2", "-M", "extended"];
+        let out = pgbench(env.sluice.listen_addr().port(), &args).await;
+        let report = text(&out);
+        assert!(out.status.success(), "pgbench {args:?}:\n{report}");
+        let processed = number_after(&report, "number of transactions actually processed:");
+        assert!(processed.is_some_and(|n| n > 0), "{report}");
+        assert_eq!(
+            number_after(&report, "number of failed transactions:"),
+            Some(0),
+            "{report}"
+        );
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[]);
+}
