@@ -185,6 +185,7 @@ pub fn topology_json(state: &AdminState) -> serde_json::Value {
                         "lsn": n.lsn.map(|l| format!("{:X}/{:X}", l >> 32, l & 0xffff_ffff)),
                         "error": n.last_error,
                         "idle_connections": idle.get(&n.address).copied().unwrap_or(0),
+                        "in_flight": n.load.load(Ordering::Relaxed),
                     })
                 })
                 .collect();

@@ -301,10 +301,28 @@ impl Session {
         End::BackendFault(msg)
     }
 
+    /// Writes `out` to the client. A client slow to read must not keep a parked backend from
+    /// others: while writing, the parked backend still goes back when its pool needs it.
     async fn flush_client(&mut self) -> std::io::Result<()> {
-        if !self.out.is_empty() {
-            self.wr.write_all(&self.out).await?;
-            self.out.clear();
+        while !self.out.is_empty() {
+            let Session { wr, out, parked, .. } = self;
+            let reclaim = async {
+                match parked {
+                    Some(c) => c.conn.reclaimed().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                // The write first: it usually completes at once, and then the parked backend's
+                // watch is never even set up.
+                biased;
+                n = wr.write_buf(out) => {
+                    if n? == 0 {
+                        return Err(std::io::ErrorKind::WriteZero.into());
+                    }
+                }
+                () = reclaim => self.release_parked(),
+            }
         }
         Ok(())
     }

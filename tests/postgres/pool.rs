@@ -234,3 +234,74 @@ async fn parked_backend_is_reused_and_handed_over_on_demand() {
     .await;
     env.sluice.assert_no_unexpected_errors(&[]);
 }
+
+/// The requests in flight on the only node, from /topology.
+fn in_flight(env: &Env) -> u64 {
+    let (_, body) = env.sluice.http_get("/topology");
+    let topo: serde_json::Value = serde_json::from_str(&body).expect("topology JSON");
+    topo["clusters"][0]["nodes"][0]["in_flight"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no in_flight in {body}"))
+}
+
+/// A client slow to read the end of its result does not keep the backend of its finished
+/// transaction from another client that needs it: sluice parks the backend once the server's
+/// ReadyForQuery is in, while it is still writing the last of the result to the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_does_not_keep_its_parked_backend_from_others() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const ROWS: usize = 8000;
+    let env = Env::start(
+        0,
+        "pool_size = 1\ncheckout_timeout = \"2s\"\nconsistency = \"primary\"",
+    );
+    bounded(60, async {
+        // A small receive buffer: what sluice cannot write stays in its own buffers.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = socket.connect(env.sluice.listen_addr()).await.expect("connect");
+        let mut slow = crate::raw::raw_login_on(stream).await;
+        let mut query = bytes::BytesMut::new();
+        let sql = format!("SELECT repeat('x', 1000) FROM generate_series(1, {ROWS})");
+        postgres_protocol::message::frontend::query(&sql, &mut query).unwrap();
+        slow.write_all(&query).await.unwrap();
+        // ~8 MB, read slowly until sluice has the server's whole answer (nothing in flight on
+        // the node any more); the socket buffers still hold megabytes of it.
+        let mut got = Vec::new();
+        let mut chunk = vec![0u8; 4096];
+        while in_flight(&env) > 0 {
+            let n = slow.read(&mut chunk).await.expect("slow read");
+            assert!(n > 0, "EOF");
+            got.extend_from_slice(&chunk[..n]);
+        }
+        let total = ROWS * 1011;
+        assert!(
+            got.len() + 256 * 1024 < total,
+            "read {} of ~{total} bytes before sluice had the answer: nothing left to test",
+            got.len()
+        );
+        eprintln!(
+            "slow reader: {} of ~{total} bytes read when sluice had the answer",
+            got.len()
+        );
+
+        let b = env.app_client().await;
+        let started = Instant::now();
+        assert_eq!(simple_column(&b, "SELECT 1").await, ["1"]);
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(1),
+            "B waited {took:?} for the backend the slow reader had finished with"
+        );
+
+        // The slow reader still gets all of its result.
+        while !got.ends_with(&[b'Z', 0, 0, 0, 5, b'I']) {
+            let n = slow.read(&mut chunk).await.expect("rest of the result");
+            assert!(n > 0, "EOF before the end of the result");
+            got.extend_from_slice(&chunk[..n]);
+        }
+        assert!(got.len() > total, "{} bytes", got.len());
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[]);
+}

@@ -12,7 +12,11 @@ use tokio::net::TcpStream;
 
 /// Logs in as `app` over a raw socket (SCRAM-SHA-256) and waits for ReadyForQuery.
 pub async fn raw_login(addr: SocketAddr) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    raw_login_on(TcpStream::connect(addr).await.expect("connect")).await
+}
+
+/// [`raw_login`] on a connected stream.
+pub async fn raw_login_on(mut stream: TcpStream) -> TcpStream {
     stream.write_all(&startup_message("app", "app")).await.unwrap();
     let mut buf = BytesMut::new();
     let mut scram = ScramSha256::new(b"app-secret", ChannelBinding::unsupported());
