@@ -178,33 +178,38 @@ impl Pooled {
         }
     }
 
-    /// Whether a parked connection may serve its session again: its node was not drained, the
-    /// server has not closed it, and it is within `idle_timeout` and `max_lifetime`.
+    /// Whether a parked connection may serve its session again: its node was not drained and
+    /// the server has not closed it. (`idle_timeout` and `max_lifetime` are checked when the
+    /// reaper wakes parked holders, not here: no clock read per request.)
     pub fn still_good(&self) -> bool {
         let Some(c) = self.conn.as_ref() else { return false };
-        self.epoch == self.pool.epoch.load(Ordering::Acquire)
-            && !self.pool.expired(c, Instant::now())
-            && c.looks_alive()
+        self.epoch == self.pool.epoch.load(Ordering::Acquire) && c.looks_alive()
     }
 
     /// Resolves when a parked connection should go back to the pool: a checkout is waiting
     /// for a slot, or the connection outlived `idle_timeout`/`max_lifetime` (checked when the
     /// reaper passes).
     pub async fn reclaimed(&self) {
+        let mut woken = false;
         loop {
             let notified = self.pool.reclaim.notified();
             tokio::pin!(notified);
             // Registered before looking, so that a checkout starting to wait after the look
             // still wakes this holder.
             notified.as_mut().enable();
-            let expired = self
-                .conn
-                .as_ref()
-                .is_none_or(|c| self.pool.expired(c, Instant::now()));
-            if self.pool.waiting.load(Ordering::SeqCst) > 0 || expired {
+            if self.pool.waiting.load(Ordering::SeqCst) > 0 {
+                return;
+            }
+            if woken
+                && self
+                    .conn
+                    .as_ref()
+                    .is_none_or(|c| self.pool.expired(c, Instant::now()))
+            {
                 return;
             }
             notified.await;
+            woken = true;
         }
     }
 
