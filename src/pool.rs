@@ -219,6 +219,22 @@ impl Pooled {
     }
 }
 
+/// Counts one checkout in `Pool::waiting` while it lives (also if the checkout is dropped).
+struct Waiting<'a>(&'a Pool);
+
+impl<'a> Waiting<'a> {
+    fn new(pool: &'a Pool) -> Self {
+        pool.waiting.fetch_add(1, Ordering::SeqCst);
+        Waiting(pool)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Pool {
     fn expired(&self, c: &Backend, now: Instant) -> bool {
         now.duration_since(c.last_used) > self.settings.idle_timeout
@@ -314,14 +330,13 @@ impl Pools {
             Err(_) => {
                 // No free slot: ask a session holding a parked connection of this pool to give
                 // it back, then wait in line.
-                pool.waiting.fetch_add(1, Ordering::SeqCst);
+                let _waiting = Waiting::new(&pool);
                 pool.reclaim.notify_one();
                 let acquired = tokio::time::timeout(
                     self.settings.checkout_timeout,
                     pool.permits.clone().acquire_owned(),
                 )
                 .await;
-                pool.waiting.fetch_sub(1, Ordering::SeqCst);
                 match acquired {
                     Ok(Ok(p)) => p,
                     _ => {
