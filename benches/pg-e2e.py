@@ -392,11 +392,15 @@ password = "{PASSWORD}"
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait(timeout=5)
+        self.start_proxy(name)
+
+    def start_proxy(self, name):
+        """Starts PgBouncer or one of the SLUICES with its settings."""
         if name == "pgbouncer":
             self.start_pgbouncer(self.args.pool_size)
         else:
-            self.start_sluice(name, "eventual" if name == "sluice" else "primary",
-                              self.args.pool_size, 1 if name.endswith("-1t") else None)
+            consistency, threads = SLUICE_SETTINGS[name]
+            self.start_sluice(name, consistency, self.args.pool_size, threads)
 
     def close(self):
         for name, p in self.procs.items():
@@ -433,7 +437,13 @@ def http_get(host, port, path):
 # --- pgbench -------------------------------------------------------------------------------------
 
 TARGETS = ["direct", "pgbouncer", "sluice", "sluice-primary", "sluice-primary-1t"]
-SLUICES = ["sluice", "sluice-primary", "sluice-primary-1t"]
+# Each sluice target's (consistency, runtime threads; None = one per core).
+SLUICE_SETTINGS = {
+    "sluice": ("eventual", None),
+    "sluice-primary": ("primary", None),
+    "sluice-primary-1t": ("primary", 1),
+}
+SLUICES = list(SLUICE_SETTINGS)
 
 
 class Case:
@@ -755,10 +765,8 @@ def cmd_pgbench(args):
     runs = []
     try:
         env.start_postgres(args.scale)
-        env.start_pgbouncer(args.pool_size)
-        env.start_sluice("sluice", "eventual", args.pool_size)
-        env.start_sluice("sluice-primary", "primary", args.pool_size)
-        env.start_sluice("sluice-primary-1t", "primary", args.pool_size, threads=1)
+        for name in ["pgbouncer"] + SLUICES:
+            env.start_proxy(name)
         total = sum(len([t for t in c.targets() if t in targets]) for c in cases) * args.reps
         log(f"{total} runs of {args.duration} s (+ connection setup) in {args.reps} interleaved "
             f"repetitions; uptime load: {open('/proc/loadavg').read().split()[:3]}")
@@ -1005,8 +1013,8 @@ def cmd_memory(args):
            "machine": machine()}
     try:
         env.start_postgres(0)
-        env.start_pgbouncer(args.pool_size)
-        env.start_sluice("sluice", "eventual", args.pool_size)
+        env.start_proxy("pgbouncer")
+        env.start_proxy("sluice")
         out["versions"] = versions(env)
         # The slow readers first, while the proxies' heaps are small: growth is not hidden
         # by memory freed after the idle clients left.
@@ -1066,10 +1074,8 @@ def cmd_hold(args):
     env = Env(args)
     try:
         env.start_postgres(args.scale)
-        env.start_pgbouncer(args.pool_size)
-        env.start_sluice("sluice", "eventual", args.pool_size)
-        env.start_sluice("sluice-primary", "primary", args.pool_size)
-        env.start_sluice("sluice-primary-1t", "primary", args.pool_size, threads=1)
+        for name in ["pgbouncer"] + SLUICES:
+            env.start_proxy(name)
         info = {"ports": env.ports, "pids": {k: p.pid for k, p in env.procs.items()},
                 "work": env.work, "password": PASSWORD, "user": USER, "db": DB}
         with open(os.path.join(args.out, "hold.json") if os.path.isdir(args.out)
