@@ -300,6 +300,7 @@ pub(super) fn check_host_port(s: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    use crate::config::tests::errors_of;
     use crate::config::Config;
 
     use super::*;
@@ -318,15 +319,6 @@ mod tests {
             .clusters
             .remove(0)
             .discovery
-    }
-
-    fn errors_of(text: &str) -> Vec<String> {
-        Config::parse(text)
-            .unwrap_err()
-            .0
-            .iter()
-            .map(|e| e.to_string())
-            .collect()
     }
 
     #[test]

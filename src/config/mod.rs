@@ -1099,7 +1099,8 @@ static = ["127.0.0.1:9042"]
         CONTRACT_PG.replace("password = \"app-secret\"", line)
     }
 
-    fn errors_of(text: &str) -> Vec<String> {
+    /// Every error message of a configuration that must not parse.
+    pub(super) fn errors_of(text: &str) -> Vec<String> {
         Config::parse(text)
             .unwrap_err()
             .0

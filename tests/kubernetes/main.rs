@@ -175,13 +175,7 @@ pub async fn read_port(client: &Client) -> u16 {
 pub fn wait_for_node(sluice: &Sluice, address: &str, role: &str, wait: Duration) -> serde_json::Value {
     let deadline = Instant::now() + wait;
     loop {
-        let (status, body) = sluice.http_get("/topology");
-        assert_eq!(status, 200, "/topology: {body}");
-        let topo: serde_json::Value = serde_json::from_str(&body).expect("topology JSON");
-        let nodes = topo["clusters"][0]["nodes"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
+        let (nodes, body) = sluice.topology_nodes();
         if let Some(n) = nodes
             .iter()
             .find(|n| n["address"] == address && n["role"] == role && n["healthy"] == true)

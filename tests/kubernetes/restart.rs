@@ -64,11 +64,8 @@ port = "cql""#,
         let want: HashSet<String> = [ip(8), ip(10), ip(12)].iter().map(|i| env.pod_addr(*i)).collect();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
-            let (_, topo) = env.sluice().http_get("/topology");
-            let addrs: HashSet<String> = serde_json::from_str::<serde_json::Value>(&topo).unwrap()
-                ["clusters"][0]["nodes"]
-                .as_array()
-                .unwrap()
+            let (nodes, topo) = env.sluice().topology_nodes();
+            let addrs: HashSet<String> = nodes
                 .iter()
                 .map(|n| n["address"].as_str().unwrap().to_string())
                 .collect();

@@ -29,14 +29,7 @@ async fn admin_endpoints_describe_the_cluster() {
         // Roles come from probes; give them a few intervals to settle.
         let deadline = Instant::now() + Duration::from_secs(5);
         let nodes = loop {
-            let (status, body) = env.sluice.http_get("/topology");
-            assert_eq!(status, 200, "/topology: {body}");
-            let topo: serde_json::Value =
-                serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
-            let nodes = topo["clusters"][0]["nodes"]
-                .as_array()
-                .unwrap_or_else(|| panic!("no clusters[0].nodes: {body}"))
-                .clone();
+            let (nodes, body) = env.sluice.topology_nodes();
             let settled = nodes.len() == want.len()
                 && nodes
                     .iter()

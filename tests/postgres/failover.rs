@@ -43,13 +43,7 @@ async fn writes_follow_a_promoted_replica() {
         let want = format!("127.0.0.1:{new_primary}");
         let deadline = Instant::now() + Duration::from_secs(3);
         loop {
-            let (status, body) = env.sluice.http_get("/topology");
-            assert_eq!(status, 200, "/topology: {body}");
-            let topo: serde_json::Value = serde_json::from_str(&body).expect("topology JSON");
-            let nodes = topo["clusters"][0]["nodes"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
+            let (nodes, body) = env.sluice.topology_nodes();
             let promoted = nodes.iter().find(|n| n["address"] == want.as_str());
             if promoted.is_some_and(|n| n["role"] == "primary") {
                 break;

@@ -321,12 +321,9 @@ async fn wait_health(env: &Env, port: u16, want: bool, limit: Duration) -> Insta
     let address = format!("127.0.0.1:{port}");
     let deadline = Instant::now() + limit;
     loop {
-        let (_, body) = env.sluice.http_get("/topology");
-        let topo: serde_json::Value = serde_json::from_str(&body).expect("topology JSON");
-        let healthy = topo["clusters"][0]["nodes"]
-            .as_array()
-            .into_iter()
-            .flatten()
+        let (nodes, body) = env.sluice.topology_nodes();
+        let healthy = nodes
+            .iter()
             .find(|n| n["address"] == address.as_str())
             .map(|n| n["healthy"] == true);
         if healthy == Some(want) {

@@ -237,10 +237,10 @@ async fn parked_backend_is_reused_and_handed_over_on_demand() {
 
 /// The requests in flight on the only node, from /topology.
 fn in_flight(env: &Env) -> u64 {
-    let (_, body) = env.sluice.http_get("/topology");
-    let topo: serde_json::Value = serde_json::from_str(&body).expect("topology JSON");
-    topo["clusters"][0]["nodes"][0]["in_flight"]
-        .as_u64()
+    let (nodes, body) = env.sluice.topology_nodes();
+    nodes
+        .first()
+        .and_then(|n| n["in_flight"].as_u64())
         .unwrap_or_else(|| panic!("no in_flight in {body}"))
 }
 

@@ -259,6 +259,19 @@ impl Sluice {
         http_get(self.admin, path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 
+    /// The first cluster's nodes in `GET /topology` (which must answer 200), with the body
+    /// for failure messages.
+    pub fn topology_nodes(&self) -> (Vec<serde_json::Value>, String) {
+        let (status, body) = self.http_get("/topology");
+        assert_eq!(status, 200, "/topology: {body}");
+        let topo: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        let nodes = topo["clusters"][0]["nodes"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no clusters[0].nodes: {body}"))
+            .clone();
+        (nodes, body)
+    }
+
     /// Fails the test if sluice logged an ERROR line or a panic that contains none of
     /// `allowed`.
     pub fn assert_no_unexpected_errors(&self, allowed: &[&str]) {
