@@ -104,14 +104,9 @@ fn start_sluice(o: &Opts, cluster: &TestCluster) -> SluiceProc {
     );
     let dir = tempfile::tempdir().expect("temp dir");
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("address");
-    let seeds = cluster
-        .contact_points()
-        .iter()
-        .map(|a| format!("\"{a}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let seeds = cluster.contact_points_toml();
     let config = format!(
-        "[admin]\nlisten = \"127.0.0.1:{}\"\n\n[[clusters]]\nname = \"ring\"\nprotocol = \"cql\"\nlisten = \"{listen}\"\n\n[clusters.discovery]\nstatic = [{seeds}]\n",
+        "[admin]\nlisten = \"127.0.0.1:{}\"\n\n[[clusters]]\nname = \"ring\"\nprotocol = \"cql\"\nlisten = \"{listen}\"\n\n[clusters.discovery]\nstatic = {seeds}\n",
         free_port()
     );
     let path = dir.path().join("sluice.toml");

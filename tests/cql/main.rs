@@ -46,14 +46,9 @@ impl Env {
 
 /// A sluice configuration for `cluster` on fresh ports.
 pub fn config(cluster: &TestCluster, cluster_keys: &str, tail: &str) -> String {
-    let seeds = cluster
-        .contact_points()
-        .iter()
-        .map(|a| format!("\"{a}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let seeds = cluster.contact_points_toml();
     format!(
-        "[admin]\nlisten = \"127.0.0.1:{}\"\n\n[[clusters]]\nname = \"ring\"\nprotocol = \"cql\"\nlisten = \"127.0.0.1:{}\"\nprobe_interval = \"200ms\"\n{cluster_keys}\n\n[clusters.discovery]\nstatic = [{seeds}]\n{tail}\n",
+        "[admin]\nlisten = \"127.0.0.1:{}\"\n\n[[clusters]]\nname = \"ring\"\nprotocol = \"cql\"\nlisten = \"127.0.0.1:{}\"\nprobe_interval = \"200ms\"\n{cluster_keys}\n\n[clusters.discovery]\nstatic = {seeds}\n{tail}\n",
         free_port(),
         free_port()
     )

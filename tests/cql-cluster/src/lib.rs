@@ -327,6 +327,12 @@ impl TestCluster {
             .collect()
     }
 
+    /// The contact points as a TOML array, for a sluice `discovery.static` key.
+    pub fn contact_points_toml(&self) -> String {
+        let quoted: Vec<String> = self.contact_points().iter().map(|a| format!("\"{a}\"")).collect();
+        format!("[{}]", quoted.join(", "))
+    }
+
     /// The number of nodes.
     pub fn len(&self) -> usize {
         self.shared.nodes.len()
