@@ -6,6 +6,7 @@
 
 use std::collections::HashSet;
 use std::io;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -50,6 +51,25 @@ impl BackendError {
     }
 }
 
+/// Startup parameters a connection is opened with besides `user` and `database`: a client's
+/// own (application_name, client_encoding, DateStyle, options, ...), so that the server treats
+/// them exactly as it would from a direct connection — they are what `RESET` and `DISCARD ALL`
+/// return to, and what the server reports in ParameterStatus.
+pub type StartupParams = Arc<Vec<(String, String)>>;
+
+/// The startup parameters of sluice's own connections (probes, lookups).
+pub fn own_startup_params() -> StartupParams {
+    Arc::new(vec![
+        ("client_encoding".to_string(), "UTF8".to_string()),
+        ("application_name".to_string(), "sluice".to_string()),
+    ])
+}
+
+/// Whether two parameter sets are the same (usually the same allocation).
+pub fn same_startup(a: &StartupParams, b: &StartupParams) -> bool {
+    Arc::ptr_eq(a, b) || a == b
+}
+
 /// What a connection is opened with.
 #[derive(Clone, Copy)]
 pub struct ConnectOptions<'a> {
@@ -57,6 +77,7 @@ pub struct ConnectOptions<'a> {
     pub user: &'a str,
     pub password: &'a str,
     pub database: &'a str,
+    pub params: &'a StartupParams,
     pub timeout: Duration,
     pub tls: &'a BackendTls,
 }
@@ -77,7 +98,15 @@ pub struct Backend {
     /// Names (as hashes) of the statements sluice prepared on this connection.
     pub prepared: HashSet<u64>,
     /// The session settings this connection carries (see `session::settings`).
-    pub settings: std::sync::Arc<Vec<(String, String)>>,
+    pub settings: Arc<Vec<(String, String)>>,
+    /// The startup parameters it was opened with (pooled connections serve only clients that
+    /// sent the same ones).
+    pub startup: StartupParams,
+    /// The session (client) that used it last; 0 for none.
+    pub owner: u64,
+    /// The last owner ran something that may have left session state sluice does not track
+    /// (a write, SET, set_config): the next different owner gets it reset first.
+    pub tainted: bool,
 }
 
 impl Backend {
@@ -113,15 +142,15 @@ impl Backend {
             last_used: now,
             prepared: HashSet::new(),
             settings: Default::default(),
+            startup: opts.params.clone(),
+            owner: 0,
+            tainted: false,
         };
         let mut out = BytesMut::new();
-        let params = [
-            ("user", opts.user),
-            ("database", opts.database),
-            ("client_encoding", "UTF8"),
-            ("application_name", "sluice"),
-        ];
-        frontend::startup_message(params.iter().copied(), &mut out).map_err(io_err)?;
+        let params = [("user", opts.user), ("database", opts.database)]
+            .into_iter()
+            .chain(opts.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        frontend::startup_message(params, &mut out).map_err(io_err)?;
         be.send(&out).await?;
         let mut scram: Option<ScramSha256> = None;
         loop {

@@ -10,7 +10,9 @@ use sluice_postgres::scram::ScramSecret;
 use sluice_postgres::Classifier;
 use tracing::{error, info, warn};
 
-use crate::backend::{Backend, BackendError, ConnectOptions};
+use crate::backend::{
+    own_startup_params, same_startup, Backend, BackendError, ConnectOptions, StartupParams,
+};
 use crate::config::{ClusterConfig, Consistency, Discovery, TopologyKind};
 use crate::metrics::{ClusterLabels, Metrics, NodeLabels, ResultLabels, RouteLabels};
 use crate::pool::{PoolError, PoolSettings, Pooled, Pools};
@@ -20,8 +22,20 @@ use crate::topology::{Member, Node, Observation, Role, Topology};
 /// SCRAM iteration count for the secrets sluice derives from configured passwords.
 const SCRAM_ITERATIONS: u32 = 4096;
 
-/// ParameterStatus values a backend announced, shared by every client of (user, database).
+/// ParameterStatus values a backend announced.
 pub type ServerParams = Arc<Vec<(String, String)>>;
+
+/// What a primary announced to a connection opened as (user, database) with these startup
+/// parameters: what the next such client is told at login while that node is the primary.
+struct KnownParams {
+    node: Arc<str>,
+    startup: StartupParams,
+    params: ServerParams,
+}
+
+/// Parameter sets remembered per (user, database); clients with more distinct startup
+/// parameters than this still log in, with a backend connection each time.
+const KNOWN_PARAMS_PER_DATABASE: usize = 32;
 
 /// A configured user with its SCRAM secret derived once at start.
 pub struct User {
@@ -37,9 +51,42 @@ pub struct CancelTarget {
     pub secret: i32,
 }
 
-/// The cancel keys sluice handed to its clients, each pointing at the backend running that
-/// client's query (if any).
-pub type CancelSlot = Arc<Mutex<Option<CancelTarget>>>;
+/// Where a cancel request with one client's key goes: the backend running its query, or —
+/// while the query still waits for a backend — the session itself, which then gives up the
+/// wait and answers 57014 as PostgreSQL would.
+#[derive(Default)]
+pub struct CancelState {
+    target: Mutex<Option<CancelTarget>>,
+    /// The client's request waits for a backend.
+    queued: std::sync::atomic::AtomicBool,
+    /// Wakes that wait.
+    pub wake: tokio::sync::Notify,
+}
+
+impl CancelState {
+    /// Points cancel requests at this backend (or at none).
+    pub fn set(&self, target: Option<CancelTarget>) {
+        *self.target.lock().expect("cancel slot lock") = target;
+    }
+
+    /// The backend running the client's query, if any.
+    pub fn target(&self) -> Option<CancelTarget> {
+        self.target.lock().expect("cancel slot lock").clone()
+    }
+
+    /// Marks the client's request as waiting for a backend (or not any more).
+    pub fn set_queued(&self, queued: bool) {
+        self.queued.store(queued, Ordering::SeqCst);
+    }
+
+    /// Whether the client's request waits for a backend.
+    pub fn queued(&self) -> bool {
+        self.queued.load(Ordering::SeqCst)
+    }
+}
+
+/// The cancel keys sluice handed to its clients.
+pub type CancelSlot = Arc<CancelState>;
 
 /// Why a request could not get a backend.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +97,9 @@ pub enum AttachError {
     NoNode { cluster: String, waited: Duration },
     #[error("sluice: {0}")]
     Pool(#[from] PoolError),
+    /// The client cancelled the request while it waited (CancelRequest).
+    #[error("canceling statement due to user request")]
+    Cancelled,
 }
 
 /// A backend checked out for one client, with the node's load counted while it serves
@@ -113,13 +163,15 @@ pub struct Cluster {
     /// Used for unknown users so that they go through the same exchange and fail the same way.
     pub dummy_secret: ScramSecret,
     tiebreak: AtomicUsize,
-    /// By user, then database (looked up with `&str` on every checkout, without allocating).
-    server_params: Mutex<HashMap<String, HashMap<String, ServerParams>>>,
+    /// By (user, database): what primaries announced, looked up at login.
+    server_params: Mutex<HashMap<(String, String), Vec<KnownParams>>>,
     /// `sluice_queries_total` for `Intent::Primary` and `Intent::Replica`, resolved once.
     routed: [prometheus_client::metrics::counter::Counter; 2],
     cancels: Mutex<HashMap<(i32, i32), CancelSlot>>,
     /// Connected clients, for `max_client_connections`.
     pub clients: AtomicUsize,
+    /// Sessions started, for session ids.
+    sessions: std::sync::atomic::AtomicU64,
 }
 
 impl Cluster {
@@ -193,6 +245,7 @@ impl Cluster {
             }),
             cancels: Mutex::new(HashMap::new()),
             clients: AtomicUsize::new(0),
+            sessions: std::sync::atomic::AtomicU64::new(0),
             metrics,
             config,
         });
@@ -269,6 +322,7 @@ impl Cluster {
         intent: Intent,
         user: &str,
         database: &str,
+        startup: &StartupParams,
         min_lsn: Option<u64>,
         parked: &mut Option<Checkout>,
     ) -> Result<Checkout, AttachError> {
@@ -324,12 +378,15 @@ impl Cluster {
                         }
                     }
                     let address = &snap.nodes[node].address;
-                    match self.pools.checkout(address, user, database, password).await {
-                        Ok(mut conn) => {
+                    match self
+                        .pools
+                        .checkout(address, user, database, password, startup)
+                        .await
+                    {
+                        Ok(conn) => {
                             let load = snap.nodes[node].load.clone();
                             load.fetch_add(1, Ordering::Relaxed);
                             self.routed[usize::from(intent == Intent::Replica)].inc();
-                            self.remember_params(user, database, &conn.conn().params);
                             return Ok(Checkout {
                                 conn,
                                 role: snap.nodes[node].role,
@@ -365,43 +422,66 @@ impl Cluster {
         }
     }
 
-    fn remember_params(&self, user: &str, database: &str, params: &[(String, String)]) {
-        if params.is_empty() {
-            return;
+    /// The ParameterStatus values to announce to a client logging in as (user, database) with
+    /// these startup parameters: those of the node that serves its writes, as a direct
+    /// connection to the primary would announce them. Remembered per primary; when they are not
+    /// known (or `fresh`), a connection is checked out and returned with them, for the session
+    /// to keep. With no primary at all, a replica's values are announced as a primary's
+    /// (`in_hot_standby = off`): the listener takes writes, which wait for a primary.
+    pub async fn login_params(
+        &self,
+        user: &str,
+        database: &str,
+        startup: &StartupParams,
+        fresh: bool,
+    ) -> Result<(ServerParams, Option<Checkout>), AttachError> {
+        let multi_active = self.config.topology == TopologyKind::MultiActive;
+        let primary = {
+            let snap = self.topology.load();
+            snap.primary().map(|i| snap.nodes[i].address.clone())
+        };
+        let key = (user.to_string(), database.to_string());
+        if let (Some(node), false) = (&primary, fresh) {
+            let map = self.server_params.lock().expect("params lock");
+            let known = map.get(&key).and_then(|v| {
+                v.iter()
+                    .find(|k| *k.node == **node && same_startup(&k.startup, startup))
+            });
+            if let Some(k) = known {
+                return Ok((k.params.clone(), None));
+            }
         }
-        let mut map = self.server_params.lock().expect("params lock");
-        if map.get(user).is_some_and(|dbs| dbs.contains_key(database)) {
-            return; // the usual case, on every checkout: nothing allocated
-        }
-        map.entry(user.to_string())
-            .or_default()
-            .insert(database.to_string(), Arc::new(params.to_vec()));
-    }
-
-    /// The ParameterStatus values to announce to a client logging in as (user, database),
-    /// learnt from a real backend connection (one is opened if none has been yet).
-    pub async fn server_params(&self, user: &str, database: &str) -> Result<ServerParams, AttachError> {
-        let known = self
-            .server_params
-            .lock()
-            .expect("params lock")
-            .get(user)
-            .and_then(|dbs| dbs.get(database))
-            .cloned();
-        if let Some(p) = known {
-            return Ok(p);
-        }
-        let mut c = self
-            .attach(Intent::Replica, user, database, None, &mut None)
+        let intent = if primary.is_some() || multi_active || fresh {
+            Intent::Primary
+        } else {
+            Intent::Replica
+        };
+        let mut checkout = self
+            .attach(intent, user, database, startup, None, &mut None)
             .await?;
-        let params = Arc::new(c.conn.conn().params.clone());
-        self.server_params
-            .lock()
-            .expect("params lock")
-            .entry(user.to_string())
-            .or_default()
-            .insert(database.to_string(), params.clone());
-        Ok(params)
+        let mut params = checkout.conn.conn().params.clone();
+        if checkout.role != Role::Primary && !multi_active {
+            for (k, v) in params.iter_mut() {
+                if k == "in_hot_standby" || k == "default_transaction_read_only" {
+                    *v = "off".to_string();
+                }
+            }
+        }
+        let params = Arc::new(params);
+        if checkout.role == Role::Primary {
+            let mut map = self.server_params.lock().expect("params lock");
+            let known = map.entry(key).or_default();
+            known.retain(|k| !same_startup(&k.startup, startup));
+            if known.len() >= KNOWN_PARAMS_PER_DATABASE {
+                known.remove(0);
+            }
+            known.push(KnownParams {
+                node: Arc::from(checkout.conn.node()),
+                startup: startup.clone(),
+                params: params.clone(),
+            });
+        }
+        Ok((params, Some(checkout)))
     }
 
     /// Applies an observation to the topology and reacts to what changed.
@@ -461,6 +541,7 @@ impl Cluster {
             .map(|u| u.password.clone())
             .unwrap_or_default();
         let mut conn: Option<Backend> = None;
+        let startup = own_startup_params();
         let mut ticker = tokio::time::interval(self.config.probe_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -476,6 +557,7 @@ impl Cluster {
                 user: &probe_user,
                 password: &password,
                 database: &self.config.probe_database,
+                params: &startup,
                 timeout: self.config.connect_timeout,
                 tls: &self.backend_tls,
             };
@@ -524,11 +606,14 @@ impl Cluster {
         self.cancels.lock().expect("cancel lock").remove(&key);
     }
 
-    /// Where a cancel request with this key must go, if anywhere.
-    pub fn cancel_target(&self, key: (i32, i32)) -> Option<CancelTarget> {
-        let slot = self.cancels.lock().expect("cancel lock").get(&key).cloned()?;
-        let target = slot.lock().expect("cancel slot lock").clone();
-        target
+    /// The cancel state of the client with this key, if it is connected.
+    pub fn cancel_slot(&self, key: (i32, i32)) -> Option<CancelSlot> {
+        self.cancels.lock().expect("cancel lock").get(&key).cloned()
+    }
+
+    /// A number for a new client session, unique in this cluster (never 0).
+    pub fn next_session_id(&self) -> u64 {
+        self.sessions.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// Counts a client pinned to its backend.

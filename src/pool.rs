@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::backend::{Backend, BackendError, ConnectOptions};
+use crate::backend::{same_startup, Backend, BackendError, ConnectOptions, StartupParams};
 use crate::metrics::{ClusterLabels, Metrics, NodeStateLabels};
 
 /// Pool limits, from the cluster configuration.
@@ -197,7 +197,9 @@ impl Pooled {
             // Registered before looking, so that a checkout starting to wait after the look
             // still wakes this holder.
             notified.as_mut().enable();
-            if self.pool.waiting.load(Ordering::SeqCst) > 0 {
+            if self.pool.waiting.load(Ordering::SeqCst) > 0
+                || self.epoch != self.pool.epoch.load(Ordering::Acquire)
+            {
                 return;
             }
             if woken
@@ -313,14 +315,18 @@ impl Pools {
         p
     }
 
-    /// Hands out a connection to `node` as (`user`, `database`): an idle one if it is still
-    /// good, else a new one; waits up to `checkout_timeout` for a free slot.
+    /// Hands out a connection to `node` as (`user`, `database`) opened with `startup`: an idle
+    /// one if it is still good, else a new one; waits up to `checkout_timeout` for a free slot.
+    /// Idle connections opened with other startup parameters count against `pool_size`: when
+    /// they fill it, the oldest is closed to make room (a checkout never waits while a
+    /// connection sits unused).
     pub async fn checkout(
         &self,
         node: &str,
         user: &str,
         database: &str,
         password: &str,
+        startup: &StartupParams,
     ) -> Result<Pooled, PoolError> {
         let pool = self.pool(node, user, database);
         let key = &pool.key;
@@ -353,7 +359,7 @@ impl Pools {
         };
         self.checkout_wait.observe(start.elapsed().as_secs_f64());
         let epoch = pool.epoch.load(Ordering::Acquire);
-        let reused = self.take_idle(&pool);
+        let reused = self.take_idle(&pool, startup);
         let conn = match reused {
             Some(c) => c,
             // Boxed: opening a connection is rare and its future (TCP, TLS, authentication)
@@ -364,6 +370,7 @@ impl Pools {
                     user: &key.user,
                     password,
                     database: &key.database,
+                    params: startup,
                     timeout: self.settings.connect_timeout,
                     tls: &self.tls,
                 }))
@@ -380,32 +387,61 @@ impl Pools {
         })
     }
 
-    fn take_idle(&self, pool: &Pool) -> Option<Box<Backend>> {
+    /// The most recently used idle connection opened with `startup` that is still good. When
+    /// there is none, idle connections of other parameters are closed, oldest first, until a
+    /// new one fits in `pool_size` (the caller holds a permit).
+    fn take_idle(&self, pool: &Pool, startup: &StartupParams) -> Option<Box<Backend>> {
         let mut idle = pool.idle.lock().expect("pool lock");
-        while let Some(c) = idle.pop() {
+        let now = Instant::now();
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            if !same_startup(&idle[i].startup, startup) {
+                continue;
+            }
+            let c = idle.remove(i);
             pool.idle_gauge.dec();
-            if !pool.expired(&c, Instant::now()) && c.looks_alive() {
+            if !pool.expired(&c, now) && c.looks_alive() {
                 return Some(c);
             }
+        }
+        let in_use = self.settings.size - pool.permits.available_permits();
+        let excess = (in_use + idle.len()).saturating_sub(self.settings.size);
+        let closed = excess.min(idle.len());
+        if closed > 0 {
+            idle.drain(..closed);
+            pool.idle_gauge.dec_by(closed as i64);
         }
         None
     }
 
     /// Closes every idle connection to `node`, and makes connections to it that are checked out
-    /// now close when they come back.
+    /// or parked now close when they come back.
     pub fn drain(&self, node: &str) {
+        self.drain_where(|k| k.node == node);
+    }
+
+    /// The same for every connection to `database` on any node: `DROP DATABASE` and friends
+    /// fail while any session is connected to the database.
+    pub fn drain_database(&self, database: &str) {
+        self.drain_where(|k| k.database == database);
+    }
+
+    fn drain_where(&self, matches: impl Fn(&PoolKey) -> bool) {
         let pools: Vec<_> = self
             .pools
             .lock()
             .expect("pools lock")
             .values()
-            .filter(|p| p.key.node == node)
+            .filter(|p| matches(&p.key))
             .cloned()
             .collect();
         for p in pools {
             p.epoch.fetch_add(1, Ordering::AcqRel);
             let drained = std::mem::take(&mut *p.idle.lock().expect("pool lock"));
             p.idle_gauge.dec_by(drained.len() as i64);
+            // Parked holders give their connections back now (see `Pooled::reclaimed`).
+            p.reclaim.notify_waiters();
         }
     }
 

@@ -15,9 +15,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use super::settings::{self, Settings};
+use super::settings;
 use super::{fatal, Session};
-use crate::cluster::{AttachError, Cluster};
+use crate::backend::StartupParams;
+use crate::cluster::{AttachError, Checkout, Cluster};
+use crate::config::PoolMode;
 use crate::tls::{ClientStream, MaybeTls};
 
 /// Longest password/SASL message a client may send.
@@ -56,7 +58,14 @@ pub async fn login(
     if !out.is_empty() {
         stream.write_all(&out).await?;
     }
-    let Some((user, database, settings)) = greeted else {
+    let Some(Greeted {
+        user,
+        database,
+        startup,
+        startup_serializable,
+        checkout,
+    }) = greeted
+    else {
         return Ok(None);
     };
     let (rd, wr) = tokio::io::split(stream);
@@ -70,8 +79,11 @@ pub async fn login(
     server::ready_for_query(&mut greeting, b'I');
     let mut session = Box::new(Session {
         cluster: cluster.clone(),
+        id: cluster.next_session_id(),
         user,
         database,
+        startup,
+        startup_serializable,
         rd,
         wr,
         cbuf: buf,
@@ -80,7 +92,8 @@ pub async fn login(
         attached: None,
         parked: None,
         statements: Default::default(),
-        settings,
+        settings: Default::default(),
+        custom_settings: Vec::new(),
         pinned: None,
         min_lsn: None,
         skip_until_sync: false,
@@ -89,22 +102,52 @@ pub async fn login(
         span,
         topology_changes: cluster.topology.subscribe(),
     });
+    // The connection that answered the login serves the client's first request (session
+    // mode: every request) without another checkout.
+    if let Some(mut checkout) = checkout {
+        if cluster.config.pool_mode == PoolMode::Session {
+            session.attach(checkout);
+        } else {
+            checkout.park();
+            session.cancel_slot.set(None);
+            session.parked = Some(checkout);
+        }
+    }
     session.flush_client().await?;
     Ok(Some(session))
 }
 
-/// Reads the startup packet and authenticates. Returns (user, database) once AuthenticationOk
-/// and the parameters are in `out`.
+/// A client that has logged in.
+struct Greeted {
+    user: String,
+    database: String,
+    startup: StartupParams,
+    startup_serializable: bool,
+    /// The backend whose parameters the client was told, if one was checked out for it.
+    checkout: Option<Checkout>,
+}
+
+/// Reads the startup packet and authenticates. Returns the client once AuthenticationOk and
+/// the parameters are in `out`.
 async fn handshake(
     cluster: &Arc<Cluster>,
     slot: &mut Option<ClientStream>,
     buf: &mut BytesMut,
     out: &mut BytesMut,
-) -> std::io::Result<Option<(String, String, Settings)>> {
+) -> std::io::Result<Option<Greeted>> {
     let mut negotiations = 0;
     let mut stream = slot.as_mut().expect("present until a TLS upgrade");
     let params = loop {
         let packet = loop {
+            if buf.starts_with(TERMINATE) {
+                // A driver that connects and changes its mind sends Terminate first: PostgreSQL
+                // closes without a word, and so does sluice.
+                debug!("client sent Terminate before its startup packet");
+                cluster
+                    .metrics
+                    .error(&cluster.config.name, "terminate_before_startup");
+                return Ok(None);
+            }
             match split_startup(buf) {
                 Ok(Some(p)) => break p,
                 Ok(None) => {
@@ -198,18 +241,16 @@ async fn handshake(
     else {
         unreachable!("the loop above only breaks with a Startup packet")
     };
-    let wanted = settings::from_startup(startup_params);
-    match cluster.server_params(&user, &database).await {
-        Ok(p) => {
-            // What the client asked for at startup is what it gets (sluice replays it on every
-            // backend), so announce those values.
-            for (k, v) in p.iter() {
-                let asked = wanted
-                    .iter()
-                    .find(|(n, _)| n.eq_ignore_ascii_case(k))
-                    .map(|(_, v)| v.as_str());
-                server::parameter_status(out, k, asked.unwrap_or(v));
+    let startup = settings::startup_params(startup_params);
+    let fresh = cluster.config.pool_mode == PoolMode::Session;
+    let checkout = match cluster.login_params(&user, &database, &startup, fresh).await {
+        Ok((params, checkout)) => {
+            // What the primary announced to a connection opened with the client's own startup
+            // parameters: what a direct connection would have been told.
+            for (k, v) in params.iter() {
+                server::parameter_status(out, k, v);
             }
+            checkout
         }
         Err(AttachError::Pool(crate::pool::PoolError::Connect(crate::backend::BackendError::Server {
             raw,
@@ -220,13 +261,27 @@ async fn handshake(
         }
         Err(e) => {
             warn!(error = %e, "login failed: no backend");
-            fatal(out, "57P03", &e.to_string());
+            let code = match e {
+                AttachError::Pool(crate::pool::PoolError::Exhausted { .. }) => "53300",
+                _ => "57P03",
+            };
+            fatal(out, code, &e.to_string());
             return Ok(None);
         }
-    }
+    };
     debug!(%user, %database, "client logged in");
-    Ok(Some((user, database, wanted)))
+    Ok(Some(Greeted {
+        startup_serializable: settings::startup_serializable(startup_params),
+        user,
+        database,
+        startup,
+        checkout,
+    }))
 }
+
+/// A Terminate message, which some drivers send before anything else when they give up on a
+/// connection at once.
+const TERMINATE: &[u8] = b"X\0\0\0\x04";
 
 /// SCRAM-SHA-256 against the configured password. Unknown users run the same exchange
 /// against a random secret and fail the same way.
@@ -340,8 +395,18 @@ async fn forward_cancel(cluster: &Cluster, pid: i32, secret: &[u8]) {
     let Ok(secret) = <[u8; 4]>::try_from(secret) else {
         return;
     };
-    let Some(target) = cluster.cancel_target((pid, i32::from_be_bytes(secret))) else {
+    let Some(slot) = cluster.cancel_slot((pid, i32::from_be_bytes(secret))) else {
         debug!("cancel request for an unknown key");
+        return;
+    };
+    let Some(target) = slot.target() else {
+        if slot.queued() {
+            // The query still waits for a backend: it is given up, with 57014.
+            slot.wake.notify_waiters();
+            debug!("cancel request for a query waiting for a backend");
+        } else {
+            debug!("cancel request for an idle client");
+        }
         return;
     };
     let mut msg = BytesMut::new();

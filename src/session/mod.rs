@@ -10,6 +10,7 @@
 //! own queries on the attached backend (settings replay and capture, WAL position for
 //! read-your-writes) are answered to sluice, never relayed; see `replies.rs`.
 
+mod commands;
 mod login;
 mod replies;
 mod settings;
@@ -27,6 +28,7 @@ use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::backend::StartupParams;
 use crate::cluster::{AttachError, CancelSlot, CancelTarget, Checkout, Cluster};
 use crate::config::PoolMode;
 use crate::router::Intent;
@@ -34,7 +36,7 @@ use crate::tls::ClientStream;
 use crate::topology::Role;
 use replies::Unit;
 use settings::Settings;
-use statements::{Pending, Statement};
+use statements::{BackendName, Pending, Statement};
 
 /// The largest message a client may send (a Bind or CopyData with a large value).
 pub const MAX_CLIENT_MESSAGE: usize = 64 * 1024 * 1024;
@@ -120,9 +122,45 @@ struct Attached {
     copy_in: bool,
     /// Bytes of a large message still to relay as they arrive (see `replies.rs`).
     streaming: usize,
+    /// Units ever queued and answered: a Parse or Close belongs to the batch that the next
+    /// unit queued after it ends (see `Pending::batch`).
+    units_pushed: u64,
+    units_done: u64,
+    /// Backend statement names to show as the client's names in 42P05 errors of this batch.
+    renames: Vec<(BackendName, Bytes)>,
+    /// The server sent a FATAL error: it ends the session, and the client has it.
+    server_fatal: bool,
 }
 
 impl Attached {
+    /// Queues the owner of the next ReadyForQuery still to come.
+    fn push_unit(&mut self, unit: Unit) {
+        self.units.push_back(unit);
+        self.units_pushed += 1;
+    }
+
+    /// A ReadyForQuery arrived (or, for a Sync sent during COPY FROM STDIN, will not): whose it is.
+    fn pop_unit(&mut self) -> Option<Unit> {
+        let unit = self.units.pop_front();
+        self.units_done += u64::from(unit.is_some());
+        unit
+    }
+
+    /// Expects a ParseComplete or CloseComplete for a Parse or Close sent now.
+    fn push_fixup(
+        &mut self,
+        swallow: bool,
+        backend: statements::BackendChange,
+        client: statements::ClientChange,
+    ) {
+        self.fixups.push_back(Pending {
+            swallow,
+            backend,
+            client,
+            batch: self.units_pushed,
+        });
+    }
+
     /// Nothing in flight and no transaction open: the connection may serve someone else.
     fn is_clean(&self) -> bool {
         self.units.is_empty() && !self.in_batch && !self.copy_in && self.streaming == 0 && self.status == b'I'
@@ -132,8 +170,14 @@ impl Attached {
 /// A logged-in client.
 pub struct Session {
     cluster: Arc<Cluster>,
+    /// Unique in the cluster: marks the backends this session used last.
+    id: u64,
     user: String,
     database: String,
+    /// What the client's backends are opened with (its own startup parameters).
+    startup: StartupParams,
+    /// The startup parameters make every transaction serializable.
+    startup_serializable: bool,
     rd: ReadHalf<ClientStream>,
     wr: WriteHalf<ClientStream>,
     /// Client bytes not yet framed.
@@ -149,6 +193,8 @@ pub struct Session {
     statements: HashMap<Bytes, Arc<Statement>>,
     /// The client's session settings, replayed on each backend it gets.
     settings: Settings,
+    /// Custom (`a.b`) settings the client has set, read back with the others.
+    custom_settings: Vec<String>,
     /// Session state ties the client to its current backend for good.
     pinned: Option<PinReason>,
     /// The WAL position of the client's last write (read-your-writes).
@@ -288,12 +334,15 @@ impl Session {
         }
     }
 
+    /// The backend connection ended or broke. The client is told once: by the server's own
+    /// FATAL error when it sent one (a terminated backend, a shutdown), else by sluice's 08006.
     fn backend_lost(&mut self, why: &str) -> End {
         let node = self
             .attached
             .as_mut()
             .map(|a| a.checkout.conn.node().to_string())
             .unwrap_or_default();
+        let told = self.attached.as_ref().is_some_and(|a| a.server_fatal);
         if let Some(a) = self.attached.as_mut() {
             a.checkout.conn.discard();
         }
@@ -301,7 +350,9 @@ impl Session {
             .metrics
             .error(&self.cluster.config.name, "backend_lost");
         let msg = format!("sluice: lost the connection to database node {node}: {why}");
-        fatal(&mut self.out, "08006", &msg);
+        if !told {
+            fatal(&mut self.out, "08006", &msg);
+        }
         End::BackendFault(msg)
     }
 
@@ -387,6 +438,14 @@ impl Session {
         } else {
             None
         };
+        if let Some(sql) = (tag == b'Q').then(|| peek::query(msg.body()).ok()).flatten() {
+            if let Some(database) = commands::database_to_release(sql) {
+                // DROP DATABASE and friends need the database unused: sluice's idle (and
+                // parked) connections to it go first.
+                debug!(parent: &self.span, %database, "closing pooled connections to the database");
+                self.cluster.pools.drain_database(&database);
+            }
+        }
         if self.attached.is_none() {
             if self.skip_until_sync {
                 if tag == b'S' {
@@ -413,25 +472,60 @@ impl Session {
             let intent = match self.cluster.config.pool_mode {
                 PoolMode::Session => Intent::Primary,
                 // A hot standby refuses serializable transactions.
-                PoolMode::Transaction if settings::serializable(&self.settings) => Intent::Primary,
+                PoolMode::Transaction if self.serializable() => Intent::Primary,
                 PoolMode::Transaction => Intent::of(class, self.cluster.config.consistency),
             };
             let had_parked = self.parked.is_some();
-            let attached = self
-                .cluster
-                .attach(intent, &self.user, &self.database, self.min_lsn, &mut self.parked)
-                .await;
-            match attached {
+            match self.attach_cancellable(intent).await {
                 Ok(checkout) => self.attach(checkout),
                 Err(e) => {
                     if had_parked {
-                        *self.cancel_slot.lock().expect("cancel slot lock") = None;
+                        self.cancel_slot.set(None);
                     }
                     return self.attach_failed(tag, e);
                 }
             }
         }
         self.forward(msg, query_class)
+    }
+
+    /// Whether the client's transactions are serializable by default (a hot standby refuses
+    /// them): its own SET decides, else its startup parameters.
+    fn serializable(&self) -> bool {
+        match self
+            .settings
+            .iter()
+            .find(|(n, _)| n == "default_transaction_isolation")
+        {
+            Some(_) => settings::serializable(&self.settings),
+            None => self.startup_serializable,
+        }
+    }
+
+    /// `Cluster::attach` for the client's next request, given up when the client sends a
+    /// CancelRequest meanwhile (waiting for a pool slot or for a primary).
+    async fn attach_cancellable(&mut self, intent: Intent) -> Result<Checkout, AttachError> {
+        let slot = self.cancel_slot.clone();
+        // Registered before the request is marked as waiting, so that no cancel is missed.
+        let woken = slot.wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        slot.set_queued(true);
+        let attach = self.cluster.attach(
+            intent,
+            &self.user,
+            &self.database,
+            &self.startup,
+            self.min_lsn,
+            &mut self.parked,
+        );
+        let result = tokio::select! {
+            biased;
+            r = attach => r,
+            () = woken => Err(AttachError::Cancelled),
+        };
+        slot.set_queued(false);
+        result
     }
 
     /// The class of an extended-protocol request that starts with `msg`.
@@ -465,25 +559,30 @@ impl Session {
 
     fn attach(&mut self, mut checkout: Checkout) {
         let be = checkout.conn.conn();
-        *self.cancel_slot.lock().expect("cancel slot lock") = Some(CancelTarget {
+        self.cancel_slot.set(Some(CancelTarget {
             addr: be.addr.clone(),
             pid: be.pid,
             secret: be.secret,
-        });
+        }));
         debug!(parent: &self.span, node = %be.addr, "attached backend");
-        let mut units = VecDeque::new();
-        if be.settings != self.settings {
-            // The backend carries someone else's settings (or none): make them the client's.
-            for sql in settings::replay_sql(&self.settings) {
+        let mut replays = 0;
+        let foreign = be.owner != self.id && be.tainted;
+        if self.cluster.config.pool_mode == PoolMode::Transaction && (foreign || be.settings != self.settings)
+        {
+            // The backend carries someone else's settings (or may: another client wrote or
+            // set something there): make them the client's.
+            for sql in settings::replay_sql(&self.settings, foreign) {
                 self.to_backend.extend_from_slice(&simple_query(&sql));
-                units.push_back(Unit::Replay);
+                replays += 1;
             }
             be.settings = self.settings.clone();
+            be.tainted = false;
             self.cluster.settings_replayed();
         }
-        self.attached = Some(Attached {
+        be.owner = self.id;
+        let mut attached = Attached {
             checkout,
-            units,
+            units: VecDeque::new(),
             in_batch: false,
             fixups: VecDeque::new(),
             unnamed_ready: false,
@@ -492,7 +591,15 @@ impl Session {
             wrote: false,
             copy_in: false,
             streaming: 0,
-        });
+            units_pushed: 0,
+            units_done: 0,
+            renames: Vec::new(),
+            server_fatal: false,
+        };
+        for _ in 0..replays {
+            attached.push_unit(Unit::Replay);
+        }
+        self.attached = Some(attached);
     }
 
     /// Ties the client to its backend for the rest of the session.
@@ -521,7 +628,7 @@ impl Session {
     /// Lets go of the parked backend (back to its pool).
     fn release_parked(&mut self) {
         if self.parked.take().is_some() {
-            *self.cancel_slot.lock().expect("cancel slot lock") = None;
+            self.cancel_slot.set(None);
         }
     }
 
@@ -531,7 +638,7 @@ impl Session {
             if !a.is_clean() || self.pinned.is_some() {
                 a.checkout.conn.discard();
             }
-            *self.cancel_slot.lock().expect("cancel slot lock") = None;
+            self.cancel_slot.set(None);
         }
     }
 
@@ -547,6 +654,8 @@ impl Session {
                 tokio::time::timeout(std::time::Duration::from_secs(2), be.simple_query("DISCARD ALL")).await;
             be.prepared.clear();
             be.settings = Default::default();
+            be.owner = 0;
+            be.tainted = false;
             if !matches!(reset, Ok(Ok(_))) {
                 a.checkout.conn.discard();
             }
@@ -562,6 +671,7 @@ impl Session {
             AttachError::NoNode { .. } => ("57P03", "no_node"),
             AttachError::Pool(PoolError::Exhausted { .. }) => ("53300", "pool_exhausted"),
             AttachError::Pool(PoolError::Connect(_)) => ("08006", "backend_connect"),
+            AttachError::Cancelled => ("57014", "cancelled"),
         };
         self.cluster.metrics.error(&self.cluster.config.name, reason);
         if let AttachError::Pool(PoolError::Connect(BackendError::Server { raw, .. })) = &e {
@@ -571,7 +681,11 @@ impl Session {
                 return Err(End::BackendFault(e.to_string()));
             }
         } else {
-            warn!(parent: &self.span, error = %e, "request failed");
+            if matches!(e, AttachError::Cancelled) {
+                debug!(parent: &self.span, "request cancelled while it waited for a backend");
+            } else {
+                warn!(parent: &self.span, error = %e, "request failed");
+            }
             error_with(&mut self.out, "ERROR", code, &e.to_string());
         }
         if tag == b'Q' {
@@ -599,6 +713,5 @@ fn simple_query(sql: &str) -> BytesMut {
 
 /// Whether a raw ErrorResponse ends the server session (its first field is the severity).
 fn raw_is_fatal(raw: &[u8]) -> bool {
-    let body = raw.get(5..).unwrap_or_default();
-    body.starts_with(b"SFATAL") || body.starts_with(b"SPANIC")
+    peek::error_is_fatal(raw.get(5..).unwrap_or_default())
 }

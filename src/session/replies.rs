@@ -8,7 +8,7 @@ use sluice_postgres::{peek, peek_message, split_message};
 use tracing::{debug, warn};
 
 use super::settings::{self, Settings};
-use super::{simple_query, statements, End, Session};
+use super::{simple_query, End, Session};
 use crate::backend::MAX_BACKEND_MESSAGE;
 use crate::config::{Consistency, PoolMode};
 
@@ -47,13 +47,14 @@ fn large_relayed_message(buf: &[u8]) -> Option<usize> {
 
 /// The length of the run of complete messages at the front of `buf` that go to the client
 /// untouched, and the transaction status if the run ends with a ReadyForQuery. It stops before
-/// a message that needs a closer look: CopyInResponse, a ParseComplete/CloseComplete while
-/// some may be sluice's own (`fixups_pending`), anything malformed.
+/// a message that needs a closer look: CopyInResponse, an ErrorResponse (it may end the
+/// session or name sluice's statement), a ParseComplete/CloseComplete while some may be
+/// sluice's own (`fixups_pending`), anything malformed.
 fn relayable_run(buf: &[u8], fixups_pending: bool) -> (usize, Option<u8>) {
     let mut at = 0;
     while let Some((tag, total)) = peek_message(&buf[at..], MAX_BACKEND_MESSAGE) {
         match tag {
-            b'G' => break,
+            b'G' | b'E' => break,
             b'1' | b'3' if fixups_pending => break,
             b'Z' if total == 6 => return (at + total, Some(buf[at + 5])),
             b'Z' => break,
@@ -93,8 +94,9 @@ impl Session {
                     rbuf.advance(n);
                     if let Some(status) = ready {
                         a.status = status;
-                        a.units.pop_front();
-                        if a.units.is_empty() {
+                        a.pop_unit();
+                        self.settle();
+                        if self.attached.as_ref().is_some_and(|a| a.units.is_empty()) {
                             self.request_done();
                         }
                     }
@@ -127,7 +129,7 @@ impl Session {
                         b'G' => {
                             a.copy_in = true;
                             if matches!(a.units.front(), Some(Unit::ClientSync)) {
-                                a.units.pop_front();
+                                a.pop_unit();
                             }
                         }
                         // Every ParseComplete/CloseComplete pops its entry; sluice's own are
@@ -135,7 +137,30 @@ impl Session {
                         b'1' | b'3' if a.fixups.pop_front().is_some_and(|p| p.swallow) => continue,
                         b'Z' => {
                             a.status = peek::ready_status(msg.body()).unwrap_or(b'I');
-                            a.units.pop_front();
+                            a.pop_unit();
+                            self.out.extend_from_slice(msg.raw());
+                            self.settle();
+                            if self.attached.as_ref().is_some_and(|a| a.units.is_empty()) {
+                                self.request_done();
+                            }
+                            continue;
+                        }
+                        b'E' => {
+                            a.server_fatal |= peek::error_is_fatal(msg.body());
+                            let renamed = a.renames.iter().find(|(from, _)| {
+                                msg.body().windows(from.len()).any(|w| w == from.as_slice())
+                            });
+                            if let Some((from, to)) = renamed {
+                                let quoted = |n: &[u8]| [&b"\""[..], n, b"\""].concat();
+                                peek::encode_error_renamed(
+                                    &mut self.out,
+                                    b'E',
+                                    msg.body(),
+                                    &quoted(from),
+                                    &quoted(to),
+                                );
+                                continue;
+                            }
                         }
                         _ => {}
                     }
@@ -173,16 +198,14 @@ impl Session {
                         }
                         (b'Z', _) => {
                             a.status = peek::ready_status(msg.body()).unwrap_or(b'I');
-                            let done = a.units.pop_front().expect("front exists");
+                            let done = a.pop_unit().expect("front exists");
+                            self.settle();
                             self.finish_own_query(done);
                         }
                         _ => {}
                     }
                     continue;
                 }
-            }
-            if tag == b'Z' && self.attached.as_ref().is_some_and(|a| a.units.is_empty()) {
-                self.request_done();
             }
         }
     }
@@ -209,28 +232,33 @@ impl Session {
     /// Everything sent has been answered. Reads settings or the WAL position if the request
     /// needs it, else returns the backend to the pool (transaction mode, nothing pinned).
     fn request_done(&mut self) {
+        if self.cluster.config.pool_mode == PoolMode::Session {
+            return; // the backend is the client's for the whole session: nothing to carry over
+        }
         let ryw = self.cluster.config.consistency == Consistency::ReadYourWrites;
         let on_primary = self.attached_to_primary();
         let Some(a) = self.attached.as_mut() else { return };
-        statements::settle(&mut a.fixups, &mut a.checkout.conn.conn().prepared);
         if a.status != b'I' || a.in_batch {
             return; // a transaction or an extended-protocol batch is still open
         }
+        a.renames.clear();
         if a.settings_dirty {
             a.settings_dirty = false;
             self.to_backend
-                .extend_from_slice(&simple_query(settings::READ_SETTINGS));
-            a.units.push_back(Unit::ReadSettings(Vec::new()));
+                .extend_from_slice(&simple_query(&settings::read_settings_sql(&self.custom_settings)));
+            a.push_unit(Unit::ReadSettings(Vec::new()));
             return;
         }
         if a.wrote && ryw && on_primary {
             a.wrote = false;
+            // The insert position: with synchronous_commit = off the commit record may not be
+            // written yet, so pg_current_wal_lsn() can be behind it.
             self.to_backend
-                .extend_from_slice(&simple_query("SELECT pg_catalog.pg_current_wal_lsn()"));
-            a.units.push_back(Unit::WalPosition(None));
+                .extend_from_slice(&simple_query("SELECT pg_catalog.pg_current_wal_insert_lsn()"));
+            a.push_unit(Unit::WalPosition(None));
             return;
         }
-        if self.cluster.config.pool_mode == PoolMode::Transaction && self.pinned.is_none() {
+        if self.pinned.is_none() {
             self.park();
         }
     }

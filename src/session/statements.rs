@@ -1,14 +1,21 @@
 //! Forwarding client messages to the attached backend, with named prepared statements that
 //! survive transaction pooling.
 //!
-//! A client's named statement `s1` becomes `sluice_<hash of query and parameter types>` on the
-//! backends, so every backend connection can hold it once, whoever prepared it. When a Bind or
-//! Describe names a statement the attached backend lacks, sluice sends the Parse first and
-//! swallows its ParseComplete. Each Parse/Close sent (by the client or by sluice) leaves a
-//! [`Pending`] entry so the matching ParseComplete/CloseComplete can be told apart.
+//! Session mode needs none of this: the client keeps one backend, so every message goes through
+//! unchanged and the server keeps the client's statements under the client's own names.
+//!
+//! In transaction mode a client's named statement `s1` becomes `sluice_<hash of query and
+//! parameter types>` on the backends, so every backend connection can hold it once, whoever
+//! prepared it. When a Bind or Describe names a statement the attached backend lacks, sluice
+//! sends the Parse first and swallows its ParseComplete. sluice keeps the client's namespace as
+//! PostgreSQL would: a Parse of a name the client already has fails with 42P05 naming the
+//! client's name (the backend is made to refuse it the same way, so it also skips to Sync and
+//! rolls back the implicit transaction). Each Parse/Close sent (by the client or by sluice)
+//! leaves a [`Pending`] entry so the matching ParseComplete/CloseComplete can be told apart; its
+//! changes to the client's namespace and to the backend's statements are undone when the
+//! server never answers it (an earlier error in the batch made it skip to Sync).
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
@@ -17,6 +24,7 @@ use sluice_postgres::{peek, Class, Classification, Message};
 
 use super::replies::Unit;
 use super::{End, Session};
+use crate::config::PoolMode;
 
 /// A statement a client prepared.
 #[derive(Debug)]
@@ -36,7 +44,7 @@ impl Statement {
 }
 
 /// `sluice_` and 16 hex digits: built on the stack, as it is for every Bind of a named statement.
-type BackendName = [u8; 23];
+pub type BackendName = [u8; 23];
 
 fn backend_name(hash: u64) -> BackendName {
     let mut name = *b"sluice_0000000000000000";
@@ -46,23 +54,30 @@ fn backend_name(hash: u64) -> BackendName {
     name
 }
 
+/// What a Parse or Close did to the backend's statements, undone if it is never answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendChange {
+    None,
+    /// The backend holds this statement since this Parse.
+    Prepared(u64),
+    /// This Close dropped the statement from the backend.
+    Closed(u64),
+}
+
+/// What a client's Parse or Close did to its namespace: the statement that name had before
+/// (`None`: it had none), put back if it is never answered.
+pub type ClientChange = Option<(Bytes, Option<Arc<Statement>>)>;
+
 /// A ParseComplete or CloseComplete still to come from the backend.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct Pending {
     /// Sent by sluice, not the client: the response is not relayed.
     pub swallow: bool,
-    /// A Parse that made the backend hold this statement.
-    pub prepared: Option<u64>,
-}
-
-/// At ReadyForQuery: entries never answered were skipped after an error, so those Parses did
-/// not happen.
-pub fn settle(fixups: &mut VecDeque<Pending>, prepared: &mut HashSet<u64>) {
-    for p in fixups.drain(..) {
-        if let Some(h) = p.prepared {
-            prepared.remove(&h);
-        }
-    }
+    pub backend: BackendChange,
+    pub client: ClientChange,
+    /// The number of the unit whose ReadyForQuery ends this message's batch: if that arrives
+    /// first, the server skipped the message after an error.
+    pub batch: u64,
 }
 
 fn statement_hash(query: &[u8], rest: &[u8]) -> u64 {
@@ -95,15 +110,31 @@ impl Session {
             .filter(|s| s.query == p.query && s.rest == p.rest)
     }
 
-    /// Sends one client message to the attached backend, rewriting statement names.
-    /// `query_class` is the classification of a simple query.
+    /// Sends one client message to the attached backend, rewriting statement names in
+    /// transaction mode. `query_class` is the classification of a simple query.
     pub(super) fn forward(&mut self, msg: Message, query_class: Option<Classification>) -> Result<(), End> {
+        let a = self.attached.as_mut().expect("forward needs a backend");
+        match msg.tag() {
+            b'Q' | b'F' => a.push_unit(Unit::Client),
+            b'S' => {
+                a.in_batch = false;
+                if !a.copy_in {
+                    a.push_unit(Unit::ClientSync);
+                }
+            }
+            // CopyDone and CopyFail end COPY FROM STDIN.
+            b'c' | b'f' => a.copy_in = false,
+            b'P' | b'B' | b'D' | b'E' | b'H' | b'C' => a.in_batch = true,
+            _ => {}
+        }
+        if self.cluster.config.pool_mode == PoolMode::Session {
+            self.to_backend.extend_from_slice(msg.raw());
+            return Ok(());
+        }
         match msg.tag() {
             b'Q' => {
-                let a = self.attached.as_mut().expect("forward needs a backend");
-                a.units.push_back(Unit::Client);
-                if let Some(c) = query_class {
-                    self.note_effects(c);
+                if let (Some(c), Ok(sql)) = (query_class, peek::query(msg.body())) {
+                    self.note_effects(c, sql);
                 }
                 let rewritten = peek::query(msg.body())
                     .ok()
@@ -113,69 +144,19 @@ impl Session {
                     None => self.to_backend.extend_from_slice(msg.raw()),
                 }
             }
-            b'S' => {
-                let a = self.attached.as_mut().expect("attached");
-                a.in_batch = false;
-                if !a.copy_in {
-                    a.units.push_back(Unit::ClientSync);
-                }
-                self.to_backend.extend_from_slice(msg.raw());
-            }
             b'F' => {
-                let a = self.attached.as_mut().expect("attached");
-                a.units.push_back(Unit::Client);
-                a.wrote = true;
-                self.to_backend.extend_from_slice(msg.raw());
-            }
-            // CopyDone and CopyFail end COPY FROM STDIN.
-            b'c' | b'f' => {
-                self.attached.as_mut().expect("attached").copy_in = false;
+                self.taint();
                 self.to_backend.extend_from_slice(msg.raw());
             }
             b'P' => {
                 let p = peek::parse(msg.body()).map_err(|e| self.violation(&e.to_string()))?;
-                let stmt = self.statement_for(&p);
-                let name = Bytes::copy_from_slice(p.name);
-                let a = self.attached.as_mut().expect("attached");
-                a.in_batch = true;
-                if name.is_empty() {
-                    a.unnamed_ready = true;
-                    a.fixups.push_back(Pending {
-                        swallow: false,
-                        prepared: None,
-                    });
-                    self.to_backend.extend_from_slice(msg.raw());
-                } else {
-                    let prepared = &mut a.checkout.conn.conn().prepared;
-                    if !prepared.insert(stmt.hash) {
-                        // The backend holds a statement of that name already (same text): close
-                        // it so the client's Parse behaves exactly as on a fresh server.
-                        peek::encode_target(&mut self.to_backend, b'C', b'S', &stmt.backend_name());
-                        a.fixups.push_back(Pending {
-                            swallow: true,
-                            prepared: None,
-                        });
-                    }
-                    peek::encode_parse(
-                        &mut self.to_backend,
-                        &stmt.backend_name(),
-                        &stmt.query,
-                        &stmt.rest,
-                    );
-                    a.fixups.push_back(Pending {
-                        swallow: false,
-                        prepared: Some(stmt.hash),
-                    });
-                }
-                self.statements.insert(name, stmt);
+                self.forward_parse(&msg, &p);
             }
             b'B' => {
                 let b = peek::bind(msg.body()).map_err(|e| self.violation(&e.to_string()))?;
-                self.attached.as_mut().expect("attached").in_batch = true;
-                if let Some(stmt) = self.statements.get(b.statement) {
+                if let Some(stmt) = self.statements.get(b.statement).cloned() {
                     // The statement runs now: its session effects happen now.
-                    let c = stmt.class;
-                    self.note_effects(c);
+                    self.note_effects(stmt.class, &stmt.query);
                 }
                 match self.ensure_prepared(b.statement) {
                     Some(name) => peek::encode_bind(&mut self.to_backend, b.portal, &name, b.rest),
@@ -184,48 +165,126 @@ impl Session {
             }
             b'D' => {
                 let t = peek::target(msg.body()).map_err(|e| self.violation(&e.to_string()))?;
-                self.attached.as_mut().expect("attached").in_batch = true;
-                match (t.kind, self.ensure_prepared_if_statement(t.kind, t.name)) {
-                    (b'S', Some(name)) => peek::encode_target(&mut self.to_backend, b'D', b'S', &name),
-                    _ => self.to_backend.extend_from_slice(msg.raw()),
+                let renamed = if t.kind == b'S' {
+                    self.ensure_prepared(t.name)
+                } else {
+                    None
+                };
+                match renamed {
+                    Some(name) => peek::encode_target(&mut self.to_backend, b'D', b'S', &name),
+                    None => self.to_backend.extend_from_slice(msg.raw()),
                 }
             }
             b'C' => {
                 let t = peek::target(msg.body()).map_err(|e| self.violation(&e.to_string()))?;
-                let closed = if t.kind == b'S' && !t.name.is_empty() {
-                    self.statements.remove(t.name)
-                } else {
-                    None
-                };
-                let a = self.attached.as_mut().expect("attached");
-                a.in_batch = true;
-                a.fixups.push_back(Pending {
-                    swallow: false,
-                    prepared: None,
-                });
-                match closed {
-                    Some(stmt) => {
-                        a.checkout.conn.conn().prepared.remove(&stmt.hash);
-                        peek::encode_target(&mut self.to_backend, b'C', b'S', &stmt.backend_name());
-                    }
-                    None => self.to_backend.extend_from_slice(msg.raw()),
-                }
+                self.forward_close(&msg, &t);
             }
-            b'E' | b'H' => {
-                self.attached.as_mut().expect("attached").in_batch = true;
-                self.to_backend.extend_from_slice(msg.raw());
-            }
-            // CopyData.
+            // Execute, Flush, CopyData, Sync, CopyDone, CopyFail.
             _ => self.to_backend.extend_from_slice(msg.raw()),
         }
         Ok(())
     }
 
-    fn ensure_prepared_if_statement(&mut self, kind: u8, name: &[u8]) -> Option<BackendName> {
-        if kind == b'S' {
-            self.ensure_prepared(name)
-        } else {
-            None
+    /// A client's Parse. A name the client already has is refused as PostgreSQL refuses it.
+    fn forward_parse(&mut self, msg: &Message, p: &peek::Parse<'_>) {
+        let name = Bytes::copy_from_slice(p.name);
+        if !name.is_empty() && self.statements.contains_key(&name) {
+            // The backend refuses a Parse of a name it holds with 42P05 — after parsing the
+            // text, so a syntax error is reported first, as for the client's own name — and
+            // skips to Sync. The error names sluice's statement: renamed when relayed.
+            let backend_name = self.ensure_prepared(&name).expect("a named statement");
+            let a = self.attached.as_mut().expect("attached");
+            peek::encode_parse(&mut self.to_backend, &backend_name, p.query, p.rest);
+            a.push_fixup(false, BackendChange::None, None);
+            a.renames.push((backend_name, name));
+            return;
+        }
+        let stmt = self.statement_for(p);
+        let a = self.attached.as_mut().expect("attached");
+        if name.is_empty() {
+            a.unnamed_ready = true;
+            self.to_backend.extend_from_slice(msg.raw());
+            let before = self.statements.insert(name.clone(), stmt);
+            a.push_fixup(false, BackendChange::None, Some((name, before)));
+            return;
+        }
+        let prepared = &mut a.checkout.conn.conn().prepared;
+        if !prepared.insert(stmt.hash) {
+            // The backend holds a statement of that text already (the client's other name for
+            // it, or another client's): close it so the client's Parse behaves exactly as on a
+            // fresh server.
+            peek::encode_target(&mut self.to_backend, b'C', b'S', &stmt.backend_name());
+            a.push_fixup(true, BackendChange::Closed(stmt.hash), None);
+        }
+        peek::encode_parse(
+            &mut self.to_backend,
+            &stmt.backend_name(),
+            &stmt.query,
+            &stmt.rest,
+        );
+        let hash = stmt.hash;
+        let before = self.statements.insert(name.clone(), stmt);
+        a.push_fixup(false, BackendChange::Prepared(hash), Some((name, before)));
+    }
+
+    /// A client's Close. Closing a statement the client does not have is not an error.
+    fn forward_close(&mut self, msg: &Message, t: &peek::Target<'_>) {
+        let a = self.attached.as_mut().expect("attached");
+        if t.kind != b'S' {
+            a.push_fixup(false, BackendChange::None, None);
+            self.to_backend.extend_from_slice(msg.raw());
+            return;
+        }
+        let name = Bytes::copy_from_slice(t.name);
+        let before = self.statements.remove(&name);
+        let backend = match &before {
+            Some(stmt) if !name.is_empty() => {
+                peek::encode_target(&mut self.to_backend, b'C', b'S', &stmt.backend_name());
+                if a.checkout.conn.conn().prepared.remove(&stmt.hash) {
+                    BackendChange::Closed(stmt.hash)
+                } else {
+                    BackendChange::None
+                }
+            }
+            _ => {
+                if name.is_empty() {
+                    a.unnamed_ready = false;
+                }
+                self.to_backend.extend_from_slice(msg.raw());
+                BackendChange::None
+            }
+        };
+        let client = before.map(|b| (name, Some(b)));
+        a.push_fixup(false, backend, client);
+    }
+
+    /// After each ReadyForQuery: every Parse or Close of a batch that has now ended without an
+    /// answer was skipped after an error, so what it did did not happen (undone newest first).
+    pub(super) fn settle(&mut self) {
+        let Some(a) = self.attached.as_mut() else { return };
+        let ended = a.units_done;
+        let skipped = a.fixups.iter().take_while(|p| p.batch < ended).count();
+        if skipped == 0 {
+            return;
+        }
+        let skipped: Vec<Pending> = a.fixups.drain(..skipped).collect();
+        let prepared = &mut a.checkout.conn.conn().prepared;
+        for p in skipped.into_iter().rev() {
+            match p.backend {
+                BackendChange::None => {}
+                BackendChange::Prepared(h) => {
+                    prepared.remove(&h);
+                }
+                BackendChange::Closed(h) => {
+                    prepared.insert(h);
+                }
+            }
+            if let Some((name, before)) = p.client {
+                match before {
+                    Some(stmt) => self.statements.insert(name, stmt),
+                    None => self.statements.remove(&name),
+                };
+            }
         }
     }
 
@@ -239,10 +298,7 @@ impl Session {
         if name.is_empty() {
             if !a.unnamed_ready {
                 peek::encode_parse(&mut self.to_backend, b"", &stmt.query, &stmt.rest);
-                a.fixups.push_back(Pending {
-                    swallow: true,
-                    prepared: None,
-                });
+                a.push_fixup(true, BackendChange::None, None);
                 a.unnamed_ready = true;
             }
             return None;
@@ -250,22 +306,41 @@ impl Session {
         let backend_name = stmt.backend_name();
         if a.checkout.conn.conn().prepared.insert(stmt.hash) {
             peek::encode_parse(&mut self.to_backend, &backend_name, &stmt.query, &stmt.rest);
-            a.fixups.push_back(Pending {
-                swallow: true,
-                prepared: Some(stmt.hash),
-            });
+            a.push_fixup(true, BackendChange::Prepared(stmt.hash), None);
         }
         Some(backend_name)
     }
 
     /// Records what a statement about to run does to the session.
-    fn note_effects(&mut self, c: Classification) {
+    fn note_effects(&mut self, c: Classification, sql: &[u8]) {
         if let Some(reason) = c.effects.pin {
             self.pin(reason);
+        }
+        if c.effects.settings {
+            match sluice_postgres::custom_setting_names(sql) {
+                Some(names) => {
+                    for n in names {
+                        if !self.custom_settings.contains(&n) {
+                            self.custom_settings.push(n);
+                        }
+                    }
+                }
+                None => self.pin(sluice_postgres::PinReason::UntrackedSetting),
+            }
         }
         let a = self.attached.as_mut().expect("attached");
         a.settings_dirty |= c.effects.settings;
         a.wrote |= c.class == Class::Write;
+        if c.class == Class::Write || c.effects.settings {
+            self.taint();
+        }
+    }
+
+    /// The backend may now carry session state of this client that sluice does not track.
+    fn taint(&mut self) {
+        if let Some(a) = self.attached.as_mut() {
+            a.checkout.conn.conn().tainted = true;
+        }
     }
 
     /// `DEALLOCATE name` names the client's statement, which the backend knows by another name:
@@ -291,6 +366,7 @@ impl Session {
                     peek::encode_parse(&mut self.to_backend, &backend_name, &stmt.query, &stmt.rest);
                     self.to_backend.extend_from_slice(&[b'S', 0, 0, 0, 4]);
                     a.units.insert(a.units.len() - 1, Unit::Replay);
+                    a.units_pushed += 1;
                 }
                 let sql = format!("DEALLOCATE {}", String::from_utf8_lossy(&backend_name));
                 Some(super::simple_query(&sql))
@@ -379,25 +455,5 @@ mod tests {
         assert_eq!(d("DISCARD PLANS"), None);
         assert_eq!(d("DEALLOCATE a; SELECT 1"), None);
         assert_eq!(d("SELECT 1"), None);
-    }
-
-    #[test]
-    fn unanswered_parses_are_forgotten() {
-        let mut prepared: HashSet<u64> = [1, 2].into_iter().collect();
-        let mut fixups: VecDeque<Pending> = [
-            Pending {
-                swallow: true,
-                prepared: Some(2),
-            },
-            Pending {
-                swallow: false,
-                prepared: None,
-            },
-        ]
-        .into_iter()
-        .collect();
-        settle(&mut fixups, &mut prepared);
-        assert!(fixups.is_empty());
-        assert_eq!(prepared, [1].into_iter().collect());
     }
 }

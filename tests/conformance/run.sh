@@ -29,12 +29,10 @@
 # listed in psycopg2-known-failures.txt (with its cause); 1 otherwise.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
-HERE="$ROOT/tests/conformance"
 PSYCOPG2_VERSION=2.9.13
 OUT=""
 BUILD=1
-SLUICE_BIN="$ROOT/target/debug/sluice"
+SLUICE_BIN=""
 FAST=0
 PER_TEST_TIMEOUT=60
 SUITE_TIMEOUT=900
@@ -56,37 +54,14 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-log() { printf '[conformance %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-[ -n "$OUT" ] || OUT="$(mktemp -d /tmp/sluice-conformance-XXXXXX)"
-mkdir -p "$OUT"
-OUT="$(cd "$OUT" && pwd)"
-
-# --- PostgreSQL binaries and the OS user that runs them ----------------------------------------
-pg_bindir() {
-    if [ -n "${SLUICE_PG_BINDIR:-}" ]; then echo "$SLUICE_PG_BINDIR"; return; fi
-    local best
-    best="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k4 -n | tail -1 || true)"
-    if [ -n "$best" ] && [ -x "$best/initdb" ]; then echo "$best"; return; fi
-    if command -v pg_config >/dev/null && [ -x "$(pg_config --bindir)/initdb" ]; then
-        pg_config --bindir; return
-    fi
-    die "no PostgreSQL server binaries (install the postgresql package, or run .ci/run)"
-}
-PGBIN="$(pg_bindir)"
-if [ "$(id -u)" -eq 0 ]; then
-    id postgres >/dev/null 2>&1 || die "running as root needs an OS user 'postgres'"
-    as_pg() { runuser -u postgres -- env LC_ALL=C "$@"; }
-else
-    as_pg() { env LC_ALL=C "$@"; }
-fi
+CONF_NAME=conformance
+# shellcheck source=tests/conformance/lib.sh
+source "$(dirname "$0")/lib.sh"
+[ -n "$SLUICE_BIN" ] || SLUICE_BIN="$ROOT/target/debug/sluice"
 
 # --- the driver and the suite, cached ------------------------------------------------------------
-CACHE="${SLUICE_CONFORMANCE_CACHE:-$HOME/.cache/sluice-conformance}"
 VENV="$CACHE/venv-psycopg2-$PSYCOPG2_VERSION"
 SDIST="$CACHE/psycopg2-$PSYCOPG2_VERSION"
-mkdir -p "$CACHE"
 if ! "$VENV/bin/python" -c "import psycopg2" >/dev/null 2>&1; then
     log "creating $VENV with psycopg2-binary==$PSYCOPG2_VERSION"
     rm -rf "$VENV"
@@ -115,92 +90,14 @@ if [ "$BUILD" -eq 1 ]; then
 fi
 [ -x "$SLUICE_BIN" ] || die "no sluice binary at $SLUICE_BIN"
 
-# --- cleanup ---------------------------------------------------------------------------------------
-WORK="$(mktemp -d /tmp/sluice-conformance-pg-XXXXXX)"
-chmod 755 "$WORK"
-[ "$(id -u)" -eq 0 ] && chown postgres: "$WORK"
-SLUICE_PID=""
-HOLD_PID=""
-NODES=()
-cleanup() {
-    local rc=$?
-    set +e
-    [ -n "$HOLD_PID" ] && kill "$HOLD_PID" 2>/dev/null
-    if [ -n "$SLUICE_PID" ] && kill -0 "$SLUICE_PID" 2>/dev/null; then
-        kill -TERM "$SLUICE_PID" 2>/dev/null
-        for _ in $(seq 1 30); do kill -0 "$SLUICE_PID" 2>/dev/null || break; sleep 0.2; done
-        kill -KILL "$SLUICE_PID" 2>/dev/null
-        wait "$SLUICE_PID" 2>/dev/null
-    fi
-    for node in "${NODES[@]}"; do
-        local pid
-        pid="$(head -1 "$WORK/$node/postmaster.pid" 2>/dev/null)"
-        as_pg timeout 30 "$PGBIN/pg_ctl" stop -w -t 20 -m immediate -D "$WORK/$node" >/dev/null 2>&1
-        if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-            kill -QUIT "$pid" 2>/dev/null; sleep 1; kill -KILL "$pid" 2>/dev/null
-        fi
-        cp "$WORK/$node.log" "$OUT/$node.log" 2>/dev/null
-    done
-    rm -rf "$WORK"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-free_port() {
-    python3 - <<'EOF'
-import socket
-s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()
-EOF
-}
-
-psql_su() { # port db sql...
-    local port="$1" db="$2"; shift 2
-    local args=()
-    for sql in "$@"; do args+=(-c "$sql"); done
-    timeout 60 "$PGBIN/psql" -X -q -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres \
-        -d "$db" "${args[@]}"
-}
-
-start_node() { # name port
-    local name="$1" port="$2"
-    echo "port = $port" | as_pg tee -a "$WORK/$name/postgresql.conf" >/dev/null
-    NODES+=("$name")
-    as_pg timeout 90 "$PGBIN/pg_ctl" -w -t 60 -D "$WORK/$name" -l "$WORK/$name.log" start \
-        >/dev/null || { tail -30 "$WORK/$name.log" >&2; die "$name did not start"; }
-}
-
 # --- PostgreSQL primary + streaming replica ------------------------------------------------------
 PRIMARY_PORT="$(free_port)"
 REPLICA_PORT="$(free_port)"
 SLUICE_PORT="$(free_port)"
 ADMIN_PORT="$(free_port)"
 SLUICE_PRIMARY_PORT="$(free_port)"
-log "PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}'): primary 127.0.0.1:$PRIMARY_PORT, replica 127.0.0.1:$REPLICA_PORT"
-as_pg timeout 120 "$PGBIN/initdb" -D "$WORK/node0" -U postgres -N -E UTF8 --locale=C \
-    --auth=trust >"$OUT/initdb.log" 2>&1 || { cat "$OUT/initdb.log" >&2; die "initdb failed"; }
-as_pg tee "$WORK/node0/pg_hba.conf" >/dev/null <<'EOF'
-local all all trust
-host all postgres 127.0.0.1/32 trust
-host replication all 127.0.0.1/32 trust
-host all all 127.0.0.1/32 scram-sha-256
-EOF
-as_pg tee -a "$WORK/node0/postgresql.conf" >/dev/null <<EOF
-
-# sluice conformance run
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$WORK'
-wal_level = replica
-max_wal_senders = 10
-hot_standby = on
-fsync = off
-shared_buffers = 32MB
-max_connections = 100
-max_prepared_transactions = 10
-log_line_prefix = '%m [%p] %q%u@%d '
-EOF
-start_node node0 "$PRIMARY_PORT"
+log "PostgreSQL $PG_VERSION: primary 127.0.0.1:$PRIMARY_PORT, replica 127.0.0.1:$REPLICA_PORT"
+pg_init_primary "$PRIMARY_PORT" <<<"max_prepared_transactions = 10"
 psql_su "$PRIMARY_PORT" postgres \
     "SET password_encryption = 'scram-sha-256'; CREATE ROLE psycopg2 LOGIN PASSWORD 'psycopg2-secret'" \
     "CREATE DATABASE psycopg2_test OWNER psycopg2"
@@ -208,38 +105,12 @@ psql_su "$PRIMARY_PORT" psycopg2_test \
     "CREATE EXTENSION hstore" "CREATE EXTENSION citext" \
     "GRANT ALL ON SCHEMA public TO psycopg2"
 
-as_pg timeout 120 "$PGBIN/pg_basebackup" -h 127.0.0.1 -p "$PRIMARY_PORT" -U postgres \
-    -D "$WORK/node1" -R -X stream -c fast >"$OUT/basebackup.log" 2>&1 \
-    || { cat "$OUT/basebackup.log" >&2; die "pg_basebackup failed"; }
-start_node node1 "$REPLICA_PORT"
-for i in $(seq 1 300); do
-    n="$(psql_su "$PRIMARY_PORT" postgres \
-        "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'")"
-    [ "$n" -ge 1 ] && break
-    [ "$i" -eq 300 ] && { tail -30 "$WORK/node1.log" >&2; die "replica not streaming after 30 s"; }
-    sleep 0.1
-done
+pg_start_replica "$REPLICA_PORT"
 
 # --- sluice in transaction mode ------------------------------------------------------------------
 # One [[clusters]] table: cluster_table NAME PORT CONSISTENCY.
 cluster_table() {
-    cat <<EOF
-
-[[clusters]]
-name = "$1"
-protocol = "postgres"
-listen = "127.0.0.1:$2"
-pool_mode = "transaction"
-consistency = "$3"
-pool_size = 20
-
-[clusters.discovery]
-static = ["127.0.0.1:$PRIMARY_PORT", "127.0.0.1:$REPLICA_PORT"]
-
-[[clusters.users]]
-name = "psycopg2"
-password = "psycopg2-secret"
-EOF
+    sluice_cluster_table "$1" "$2" transaction "$3" 20 psycopg2 psycopg2-secret
 }
 {
     printf '[admin]\nlisten = "127.0.0.1:%s"\n' "$ADMIN_PORT"
@@ -248,20 +119,7 @@ EOF
         cluster_table conformance-primary "$SLUICE_PRIMARY_PORT" primary
     fi
 } >"$OUT/sluice.toml"
-RUST_LOG="${RUST_LOG:-sluice=info}" "$SLUICE_BIN" --config "$OUT/sluice.toml" \
-    >"$OUT/sluice.log" 2>&1 &
-SLUICE_PID=$!
-for i in $(seq 1 150); do
-    topo="$(curl -s --max-time 2 "http://127.0.0.1:$ADMIN_PORT/topology" || true)"
-    if [ "$(grep -o '"replica"' <<<"$topo" | wc -l)" -ge 1 ] \
-        && [ "$(grep -o '"primary"' <<<"$topo" | wc -l)" -ge 1 ]; then
-        break
-    fi
-    kill -0 "$SLUICE_PID" 2>/dev/null || { tail -30 "$OUT/sluice.log" >&2; die "sluice exited"; }
-    [ "$i" -eq 150 ] && { echo "$topo" >&2; die "sluice did not see a primary and a replica in 30 s"; }
-    sleep 0.2
-done
-echo "$topo" >"$OUT/topology.json"
+sluice_start "$SLUICE_BIN" "$OUT/sluice.toml" "$ADMIN_PORT" "$OUT/sluice.log"
 log "sluice $("$SLUICE_BIN" --version 2>/dev/null | awk '{print $NF}') on 127.0.0.1:$SLUICE_PORT (admin $ADMIN_PORT), transaction mode"
 
 if [ -n "$HOLD" ]; then
@@ -274,8 +132,7 @@ holding for $HOLD s (Ctrl-C stops everything):
   sluice with consistency = "primary" (only with --primary-run): port $SLUICE_PRIMARY_PORT
   python : $PY
 EOF
-    sleep "$HOLD" & HOLD_PID=$!
-    wait "$HOLD_PID" || true
+    hold_for "$HOLD"
     exit 0
 fi
 

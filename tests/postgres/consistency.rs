@@ -23,7 +23,12 @@ async fn read_your_writes_never_reads_stale_data() {
         exec(&p, "SELECT pg_wal_replay_pause()").await;
 
         let mut ports: HashMap<u16, usize> = HashMap::new();
-        for i in 0..20 {
+        for i in 0..30 {
+            // Half of the writes with asynchronous commit: the commit record may still be in
+            // the WAL buffers when the write is acknowledged.
+            if i == 15 {
+                exec(&c, "SET synchronous_commit = off").await;
+            }
             exec(&c, &format!("INSERT INTO ryw VALUES ({i})")).await;
             // Immediately, and again once the probes have seen the live replica catch up.
             for _ in 0..2 {

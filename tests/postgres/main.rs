@@ -19,6 +19,7 @@ mod raw;
 mod routing;
 mod session_state;
 mod tls;
+mod transparency;
 
 use support::{simple_rows, PgCluster, Sluice};
 use tokio_postgres::Client;

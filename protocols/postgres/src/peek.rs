@@ -167,10 +167,66 @@ pub fn error_code_and_message(body: &[u8]) -> (String, String) {
     (code, message)
 }
 
+/// Whether the body of an ErrorResponse says the session is over (severity FATAL or PANIC).
+pub fn error_is_fatal(body: &[u8]) -> bool {
+    body.starts_with(b"SFATAL\0") || body.starts_with(b"SPANIC\0")
+}
+
+/// Appends the ErrorResponse/NoticeResponse (`tag`, `body`) with every occurrence of `from` in
+/// its message and detail fields replaced by `to`; other fields are copied untouched. Used to
+/// show a client its own statement name where the server named sluice's.
+pub fn encode_error_renamed(buf: &mut BytesMut, tag: u8, body: &[u8], from: &[u8], to: &[u8]) {
+    let mut out = Vec::with_capacity(body.len() + to.len());
+    let mut rest = body;
+    while let Some((&field, after)) = rest.split_first() {
+        if field == 0 {
+            break;
+        }
+        let Ok((value, after)) = cstr(after, "ErrorResponse") else {
+            break;
+        };
+        out.push(field);
+        if matches!(field, b'M' | b'D') && !from.is_empty() {
+            let mut v = value;
+            while let Some(at) = v.windows(from.len()).position(|w| w == from) {
+                out.extend_from_slice(&v[..at]);
+                out.extend_from_slice(to);
+                v = &v[at + from.len()..];
+            }
+            out.extend_from_slice(v);
+        } else {
+            out.extend_from_slice(value);
+        }
+        out.push(0);
+        rest = after;
+    }
+    out.push(0);
+    header(buf, tag, out.len());
+    buf.put_slice(&out);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::frame::split_message;
+
+    #[test]
+    fn errors_are_renamed_field_by_field() {
+        let body = b"SERROR\0VERROR\0C42P05\0Mprepared statement \"sluice_1\" already exists\0Fprepare.c\0\0";
+        let mut out = BytesMut::new();
+        encode_error_renamed(&mut out, b'E', body, b"\"sluice_1\"", b"\"s1\"");
+        let m = one(out);
+        assert_eq!(
+            error_code_and_message(m.body()),
+            (
+                "42P05".to_string(),
+                "prepared statement \"s1\" already exists".to_string()
+            )
+        );
+        assert!(m.body().ends_with(b"Fprepare.c\0\0"));
+        assert!(!error_is_fatal(m.body()));
+        assert!(error_is_fatal(b"SFATAL\0C57P01\0\0"));
+    }
     use proptest::prelude::*;
 
     fn one(buf: BytesMut) -> crate::Message {

@@ -33,12 +33,13 @@ impl ScramSecret {
     /// is PostgreSQL's default): compute it once per user when loading configuration. An
     /// `iterations` of 0 is treated as 1.
     ///
-    /// No SASLprep: the password is used as given. ASCII passwords are unaffected; a non-ASCII
-    /// password only works if the client sends it in the same normalisation.
+    /// The password is normalised with SASLprep as PostgreSQL does (and as clients such as libpq
+    /// do before hashing): when SASLprep rejects it, its bytes are used as they are.
     pub fn new(password: &str, salt: &[u8], iterations: u32) -> Self {
         let iterations = iterations.max(1);
+        let prepared = stringprep::saslprep(password).unwrap_or(std::borrow::Cow::Borrowed(password));
         let mut salted = [0u8; 32];
-        pbkdf2::pbkdf2_hmac::<Sha256>(password.as_bytes(), salt, iterations, &mut salted);
+        pbkdf2::pbkdf2_hmac::<Sha256>(prepared.as_bytes(), salt, iterations, &mut salted);
         let client_key = hmac(&salted, &[b"Client Key"]);
         ScramSecret {
             salt: salt.to_vec(),

@@ -29,6 +29,9 @@ pub(super) struct Lexer<'a> {
     /// A string, identifier or comment ran to the end of input: PostgreSQL will reject the query,
     /// and our view of where statements start may differ from its, so the caller plays safe.
     pub(super) unterminated: bool,
+    /// Where the content of the last '...' string token lies (quotes excluded, escapes as
+    /// written).
+    str_span: (usize, usize),
 }
 
 fn is_ident_start(b: u8) -> bool {
@@ -68,7 +71,13 @@ impl<'a> Lexer<'a> {
             backslash_quotes,
             hint: None,
             unterminated: false,
+            str_span: (0, 0),
         }
+    }
+
+    /// The content of the last '...' or E'...' string token, as written between the quotes.
+    pub(super) fn last_str(&self) -> &'a [u8] {
+        &self.s[self.str_span.0..self.str_span.1]
     }
 
     fn peek_at(&self, i: usize) -> Option<u8> {
@@ -154,12 +163,14 @@ impl<'a> Lexer<'a> {
                 b'\\' if backslash => i += 2,
                 b'\'' if self.peek_at(i + 1) == Some(b'\'') => i += 2,
                 b'\'' => {
+                    self.str_span = (self.pos, i);
                     self.pos = i + 1;
                     return;
                 }
                 _ => i += 1,
             }
         }
+        self.str_span = (self.pos, self.s.len());
         self.pos = self.s.len();
         self.unterminated = true;
     }
@@ -211,11 +222,13 @@ impl<'a> Lexer<'a> {
         let mut j = i + 1;
         while j < s.len() {
             if s[j] == b'$' && s[j..].starts_with(delim) {
+                self.str_span = (i + 1, j);
                 self.pos = j + delim.len();
                 return Tok::Str;
             }
             j += 1;
         }
+        self.str_span = (i + 1, s.len());
         self.pos = s.len();
         self.unterminated = true;
         Tok::Str

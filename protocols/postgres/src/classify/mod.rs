@@ -46,6 +46,9 @@ pub enum PinReason {
     Role,
     /// LOAD of a shared library.
     Load,
+    /// `set_config` with a setting name that is not a literal: sluice cannot know which custom
+    /// setting to carry to the client's next connection.
+    UntrackedSetting,
 }
 
 impl PinReason {
@@ -59,6 +62,7 @@ impl PinReason {
             PinReason::Prepare => "prepare",
             PinReason::Role => "role",
             PinReason::Load => "load",
+            PinReason::UntrackedSetting => "untracked_setting",
         }
     }
 }
@@ -66,7 +70,7 @@ impl PinReason {
 /// What a query string does to the session beyond its own transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Effects {
-    /// SET, RESET or DISCARD: session settings may have changed.
+    /// SET, RESET, DISCARD or a `set_config` call: session settings may have changed.
     pub settings: bool,
     /// Session state that pins the client to this server connection.
     pub pin: Option<PinReason>,
@@ -176,6 +180,8 @@ struct Stmt<'a, 'l> {
     prev: Option<Tok<'a>>,
     /// A session-level advisory lock function is called somewhere in the statement.
     session_lock: bool,
+    /// `set_config` is called somewhere in the statement.
+    set_config: bool,
 }
 
 impl<'a, 'l> Stmt<'a, 'l> {
@@ -189,6 +195,7 @@ impl<'a, 'l> Stmt<'a, 'l> {
             nested_end: false,
             prev: None,
             session_lock: false,
+            set_config: false,
         }
     }
 
@@ -207,6 +214,7 @@ impl<'a, 'l> Stmt<'a, 'l> {
                 self.depth = self.depth.saturating_add(1);
                 if let Some(Tok::Word(w)) = prev {
                     self.session_lock |= SESSION_LOCK_FUNCTIONS.iter().any(|f| kw(w, f));
+                    self.set_config |= kw(w, b"set_config");
                 }
             }
             Tok::Punct(b')') if self.base > 0 && self.depth == self.base => {
@@ -271,6 +279,7 @@ impl Classifier {
             if st.session_lock {
                 effects.pin = effects.pin.or(Some(PinReason::AdvisoryLock));
             }
+            effects.settings |= st.set_config;
             if st.eof {
                 break;
             }
@@ -489,6 +498,54 @@ fn session_effects(word: &[u8], st: &mut Stmt<'_, '_>, effects: &mut Effects) {
     } else if kw(word, b"LOAD") {
         effects.pin = Some(PinReason::Load);
     }
+}
+
+/// The custom (dotted, `app.tenant_id`-style) setting names a query string may set: after
+/// `SET [SESSION]` and as the first argument of `set_config`. PostgreSQL lists such settings
+/// nowhere (`pg_settings` hides placeholders), so sluice must know their names to carry them
+/// to a client's next connection. `None` when `set_config` is called with a name that is not a
+/// string literal. Names are lower-cased, as PostgreSQL compares them. Allocates: call it only
+/// for statements whose [`Effects::settings`] is set.
+pub fn custom_setting_names(sql: &[u8]) -> Option<Vec<String>> {
+    let mut lx = Lexer::new(sql, false);
+    let mut names: Vec<String> = Vec::new();
+    let mut add = |name: String| {
+        if name.contains('.') && !names.contains(&name) {
+            names.push(name);
+        }
+    };
+    let mut prev: Option<Tok<'_>> = None;
+    while let Some(t) = lx.next_tok() {
+        match (prev, t) {
+            // A statement starts: SET [SESSION] name[.name...]
+            (None | Some(Tok::Punct(b';')), Tok::Word(w)) if kw(w, b"SET") => {
+                let mut next = lx.next_tok();
+                if is_word(next, b"SESSION") {
+                    next = lx.next_tok();
+                }
+                let mut name = String::new();
+                while let Some(Tok::Word(part) | Tok::QuotedIdent(part)) = next {
+                    name.push_str(&String::from_utf8_lossy(part).to_ascii_lowercase());
+                    next = lx.next_tok();
+                    if next != Some(Tok::Punct(b'.')) {
+                        break;
+                    }
+                    name.push('.');
+                    next = lx.next_tok();
+                }
+                add(name);
+                prev = next;
+                continue;
+            }
+            (Some(Tok::Word(w)), Tok::Punct(b'(')) if kw(w, b"set_config") => match lx.next_tok() {
+                Some(Tok::Str) => add(String::from_utf8_lossy(lx.last_str()).to_ascii_lowercase()),
+                _ => return None,
+            },
+            _ => {}
+        }
+        prev = Some(t);
+    }
+    Some(names)
 }
 
 /// BEGIN / START TRANSACTION modes: Read iff READ ONLY is given and READ WRITE is not, and the

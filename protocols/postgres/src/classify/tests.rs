@@ -329,3 +329,44 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn set_config_changes_settings() {
+    let c = Classifier::default();
+    let r = c.classify(b"SELECT set_config('app.tenant_id', 'a', false)");
+    assert_eq!(r.class, Class::Read, "set_config runs on a standby");
+    assert!(r.effects.settings);
+    assert!(
+        c.classify(b"SELECT pg_catalog.set_config($1, $2, false)")
+            .effects
+            .settings
+    );
+    assert!(
+        !c.classify(b"SELECT current_setting('app.tenant_id')")
+            .effects
+            .settings
+    );
+}
+
+#[test]
+fn custom_setting_names_are_found() {
+    let names = |s: &str| crate::custom_setting_names(s.as_bytes());
+    assert_eq!(
+        names("SET app.tenant_id = 'a'"),
+        Some(vec!["app.tenant_id".to_string()])
+    );
+    assert_eq!(
+        names("set session \"App\".X to 1; SET search_path = x; SET LOCAL a.b = 1"),
+        Some(vec!["app.x".to_string()])
+    );
+    assert_eq!(
+        names("SELECT set_config('my.a', '1', false), pg_catalog.set_config(E'my.b', '2', false), set_config('work_mem', '1MB', false)"),
+        Some(vec!["my.a".to_string(), "my.b".to_string()])
+    );
+    assert_eq!(
+        names("SELECT set_config($$x.y$$, '1', false)"),
+        Some(vec!["x.y".to_string()])
+    );
+    assert_eq!(names("SELECT set_config($1, $2, false)"), None);
+    assert_eq!(names("RESET ALL"), Some(vec![]));
+}

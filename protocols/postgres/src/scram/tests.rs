@@ -179,3 +179,23 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn passwords_are_saslprepped_like_postgres() {
+    // U+2168 ROMAN NUMERAL NINE normalises (NFKC) to "IX": either form logs in, as directly.
+    let secret = ScramSecret::new("IX-\u{2168}", b"salt", 16);
+    assert_eq!(
+        exchange(&secret, "IX-\u{2168}", ChannelBinding::unsupported()),
+        (Ok(()), true)
+    );
+    assert_eq!(
+        exchange(&secret, "IX-IX", ChannelBinding::unsupported()),
+        (Ok(()), true)
+    );
+    // A password SASLprep rejects (a prohibited control character) is used as it is.
+    let raw = ScramSecret::new("a\u{7}b", b"salt", 16);
+    assert_eq!(
+        exchange(&raw, "a\u{7}b", ChannelBinding::unsupported()),
+        (Ok(()), true)
+    );
+}

@@ -1,0 +1,253 @@
+# Shared by the conformance scripts (run.sh, pg_regress.sh, asyncpg.sh); sourced, not run.
+#
+# The caller sets CONF_NAME (the log prefix) and OUT (may be empty: a temp dir is made), then
+# sources this file, which gives it:
+#   ROOT HERE CACHE OUT       the checkout, this directory, the download cache, the output dir
+#   log / die                 timestamped messages on stderr; die exits 1 (cleanup runs)
+#   PGBIN, as_pg CMD...       the PostgreSQL server binaries, and CMD as the `postgres` OS user
+#                             when run as root
+#   WORK                      a scratch dir owned by that user, removed on exit
+#   free_port                 an unused TCP port on 127.0.0.1
+#   ensure_apt PKG...         apt-get install (as root, with timeouts) the packages not installed
+#   pg_init_primary PORT      initdb + start node0 (extra postgresql.conf lines on stdin)
+#   pg_start_replica PORT     pg_basebackup node1 from node0, start it, wait for streaming
+#   pg_wait_replica_caught_up the replica has replayed everything the primary has written
+#   psql_su PORT DB SQL...    psql as the superuser `postgres` (trust on 127.0.0.1)
+#   sluice_cluster_table NAME PORT POOL_MODE CONSISTENCY POOL_SIZE USER PASSWORD
+#                             one [[clusters]] table in front of node0 + node1
+#   sluice_start BIN CONFIG ADMIN_PORT [LOG]
+#                             start sluice, wait until /topology shows a primary and a replica
+#   sluice_stop               stop it (SIGTERM, then SIGKILL after 6 s)
+#   hold_for S                sleep S seconds or until Ctrl-C (for --hold)
+# Everything started here (sluice, PostgreSQL nodes, a --hold sleep) is stopped on exit, and the
+# server logs are copied to $OUT. Extra cleanup: define conformance_cleanup_hook.
+# shellcheck shell=bash
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+HERE="$ROOT/tests/conformance"
+CONF_NAME="${CONF_NAME:-conformance}"
+
+log() { printf '[%s %s] %s\n' "$CONF_NAME" "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+[ -n "${OUT:-}" ] || OUT="$(mktemp -d "/tmp/sluice-$CONF_NAME-XXXXXX")"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+
+CACHE="${SLUICE_CONFORMANCE_CACHE:-$HOME/.cache/sluice-conformance}"
+mkdir -p "$CACHE"
+
+# --- packages ------------------------------------------------------------------------------------
+APT_UPDATED=0
+ensure_apt() { # PKG... (the ones not installed yet)
+    local missing=() p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "${p%%=*}" 2>/dev/null | grep -q 'install ok installed' \
+            || missing+=("$p")
+    done
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    [ "$(id -u)" -eq 0 ] || die "missing packages ${missing[*]} (run as root, or install them)"
+    if [ "$APT_UPDATED" -eq 0 ]; then
+        log "apt-get update"
+        timeout 300 apt-get update -q >/dev/null || die "apt-get update failed"
+        APT_UPDATED=1
+    fi
+    log "apt-get install ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -q --no-install-recommends \
+        "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
+}
+
+# --- PostgreSQL binaries and the OS user that runs them ----------------------------------------
+pg_bindir() {
+    if [ -n "${SLUICE_PG_BINDIR:-}" ]; then echo "$SLUICE_PG_BINDIR"; return; fi
+    local best
+    best="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k4 -n | tail -1 || true)"
+    if [ -n "$best" ] && [ -x "$best/initdb" ]; then echo "$best"; return; fi
+    if command -v pg_config >/dev/null && [ -x "$(pg_config --bindir)/initdb" ]; then
+        pg_config --bindir; return
+    fi
+    die "no PostgreSQL server binaries (install the postgresql package, or run .ci/run)"
+}
+PGBIN="$(pg_bindir)"
+PG_VERSION="$("$PGBIN/postgres" --version | awk '{print $3}')"
+if [ "$(id -u)" -eq 0 ]; then
+    id postgres >/dev/null 2>&1 || die "running as root needs an OS user 'postgres'"
+    as_pg() { runuser -u postgres -- env LC_ALL=C "$@"; }
+else
+    as_pg() { env LC_ALL=C "$@"; }
+fi
+
+# --- scratch dir and cleanup -------------------------------------------------------------------------
+WORK="$(mktemp -d "/tmp/sluice-$CONF_NAME-pg-XXXXXX")"
+chmod 755 "$WORK"
+if [ "$(id -u)" -eq 0 ]; then chown postgres: "$WORK"; fi
+SLUICE_PID=""
+HOLD_PID=""
+NODES=()
+sluice_stop() {
+    if [ -n "$SLUICE_PID" ] && kill -0 "$SLUICE_PID" 2>/dev/null; then
+        kill -TERM "$SLUICE_PID" 2>/dev/null
+        for _ in $(seq 1 30); do kill -0 "$SLUICE_PID" 2>/dev/null || break; sleep 0.2; done
+        kill -KILL "$SLUICE_PID" 2>/dev/null
+        wait "$SLUICE_PID" 2>/dev/null
+    fi
+    SLUICE_PID=""
+    return 0
+}
+cleanup() {
+    local rc=$?
+    set +e
+    if declare -F conformance_cleanup_hook >/dev/null; then conformance_cleanup_hook; fi
+    [ -n "$HOLD_PID" ] && kill "$HOLD_PID" 2>/dev/null
+    sluice_stop
+    for node in "${NODES[@]}"; do
+        local pid
+        pid="$(head -1 "$WORK/$node/postmaster.pid" 2>/dev/null)"
+        as_pg timeout 30 "$PGBIN/pg_ctl" stop -w -t 20 -m immediate -D "$WORK/$node" >/dev/null 2>&1
+        if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+            kill -QUIT "$pid" 2>/dev/null; sleep 1; kill -KILL "$pid" 2>/dev/null
+        fi
+        cp "$WORK/$node.log" "$OUT/$node.log" 2>/dev/null
+    done
+    rm -rf "$WORK"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+free_port() {
+    python3 - <<'EOF'
+import socket
+s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()
+EOF
+}
+
+psql_su() { # port db sql...
+    local port="$1" db="$2"; shift 2
+    local args=()
+    for sql in "$@"; do args+=(-c "$sql"); done
+    timeout 60 "$PGBIN/psql" -X -q -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres \
+        -d "$db" "${args[@]}"
+}
+
+start_node() { # name port
+    local name="$1" port="$2"
+    echo "port = $port" | as_pg tee -a "$WORK/$name/postgresql.conf" >/dev/null
+    NODES+=("$name")
+    as_pg timeout 90 "$PGBIN/pg_ctl" -w -t 60 -D "$WORK/$name" -l "$WORK/$name.log" start \
+        >/dev/null || { tail -30 "$WORK/$name.log" >&2; die "$name did not start"; }
+}
+
+# --- PostgreSQL primary + streaming replica ------------------------------------------------------
+# pg_init_primary PORT: initdb (C locale, UTF8) and start node0. pg_hba: trust for `postgres`
+# and replication on 127.0.0.1, scram-sha-256 for every other user. Extra postgresql.conf lines
+# come on stdin (may be empty). PRIMARY_PORT is set.
+pg_init_primary() {
+    PRIMARY_PORT="$1"
+    local extra
+    extra="$(cat)"
+    as_pg timeout 120 "$PGBIN/initdb" -D "$WORK/node0" -U postgres -N -E UTF8 --locale=C \
+        --auth=trust >"$OUT/initdb.log" 2>&1 || { cat "$OUT/initdb.log" >&2; die "initdb failed"; }
+    as_pg tee "$WORK/node0/pg_hba.conf" >/dev/null <<'EOF'
+local all all trust
+host all postgres 127.0.0.1/32 trust
+host replication all 127.0.0.1/32 trust
+host all all 127.0.0.1/32 scram-sha-256
+EOF
+    as_pg tee -a "$WORK/node0/postgresql.conf" >/dev/null <<EOF
+
+# sluice conformance run
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$WORK'
+wal_level = replica
+max_wal_senders = 10
+hot_standby = on
+fsync = off
+shared_buffers = 32MB
+max_connections = 100
+log_line_prefix = '%m [%p] %q%u@%d '
+$extra
+EOF
+    start_node node0 "$PRIMARY_PORT"
+}
+
+# pg_start_replica PORT: a streaming replica of node0 (node1); waits until it streams.
+pg_start_replica() {
+    REPLICA_PORT="$1"
+    as_pg timeout 120 "$PGBIN/pg_basebackup" -h 127.0.0.1 -p "$PRIMARY_PORT" -U postgres \
+        -D "$WORK/node1" -R -X stream -c fast >"$OUT/basebackup.log" 2>&1 \
+        || { cat "$OUT/basebackup.log" >&2; die "pg_basebackup failed"; }
+    start_node node1 "$REPLICA_PORT"
+    local i n
+    for i in $(seq 1 300); do
+        n="$(psql_su "$PRIMARY_PORT" postgres \
+            "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'")"
+        [ "$n" -ge 1 ] && break
+        [ "$i" -eq 300 ] && { tail -30 "$WORK/node1.log" >&2; die "replica not streaming after 30 s"; }
+        sleep 0.1
+    done
+    return 0
+}
+
+# pg_wait_replica_caught_up [SECONDS]: replay position of node1 >= insert position of node0.
+pg_wait_replica_caught_up() {
+    local limit="${1:-60}" lsn i
+    lsn="$(psql_su "$PRIMARY_PORT" postgres "SELECT pg_current_wal_insert_lsn()")"
+    for i in $(seq 1 "$((limit * 10))"); do
+        [ "$(psql_su "$REPLICA_PORT" postgres \
+            "SELECT pg_last_wal_replay_lsn() >= '$lsn'::pg_lsn")" = t ] && return 0
+        sleep 0.1
+    done
+    die "the replica did not replay up to $lsn within $limit s"
+}
+
+# --- sluice ----------------------------------------------------------------------------------------
+# sluice_cluster_table NAME PORT POOL_MODE CONSISTENCY POOL_SIZE USER PASSWORD [USER PASSWORD...]
+sluice_cluster_table() {
+    local name="$1" port="$2" mode="$3" consistency="$4" size="$5"
+    shift 5
+    cat <<EOF
+
+[[clusters]]
+name = "$name"
+protocol = "postgres"
+listen = "127.0.0.1:$port"
+pool_mode = "$mode"
+consistency = "$consistency"
+pool_size = $size
+
+[clusters.discovery]
+static = ["127.0.0.1:$PRIMARY_PORT", "127.0.0.1:$REPLICA_PORT"]
+EOF
+    while [ $# -ge 2 ]; do
+        printf '\n[[clusters.users]]\nname = "%s"\npassword = "%s"\n' "$1" "$2"
+        shift 2
+    done
+}
+
+# sluice_start BIN CONFIG ADMIN_PORT [LOG]: waits (30 s) until every cluster of CONFIG has a
+# primary and a replica in /topology (saved next to the log as topology.json).
+sluice_start() {
+    local bin="$1" config="$2" admin="$3" logf="${4:-$OUT/sluice.log}" clusters i topo
+    clusters="$(grep -c '^\[\[clusters\]\]' "$config")"
+    RUST_LOG="${RUST_LOG:-sluice=info}" "$bin" --config "$config" >>"$logf" 2>&1 &
+    SLUICE_PID=$!
+    for i in $(seq 1 150); do
+        topo="$(curl -s --max-time 2 "http://127.0.0.1:$admin/topology" || true)"
+        if [ "$(grep -o '"replica"' <<<"$topo" | wc -l)" -ge "$clusters" ] \
+            && [ "$(grep -o '"primary"' <<<"$topo" | wc -l)" -ge "$clusters" ]; then
+            break
+        fi
+        kill -0 "$SLUICE_PID" 2>/dev/null || { tail -30 "$logf" >&2; die "sluice exited"; }
+        [ "$i" -eq 150 ] && { echo "$topo" >&2; die "sluice did not see a primary and a replica in 30 s"; }
+        sleep 0.2
+    done
+    echo "$topo" >"$(dirname "$logf")/topology.json"
+}
+
+hold_for() { # seconds
+    sleep "$1" & HOLD_PID=$!
+    wait "$HOLD_PID" || true
+    HOLD_PID=""
+}
