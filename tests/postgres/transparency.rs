@@ -90,6 +90,14 @@ fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
     params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
+/// A Bind of `statement` to the unnamed portal, without parameters.
+fn bind_no_params(statement: &str, out: &mut BytesMut) {
+    let body = [b"\0", statement.as_bytes(), b"\0\0\0\0\0\0\0"].concat();
+    out.extend_from_slice(b"B");
+    out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+    out.extend_from_slice(&body);
+}
+
 async fn query(stream: &mut TcpStream, sql: &str) -> Vec<Reply> {
     let mut out = BytesMut::new();
     frontend::query(sql, &mut out).unwrap();
@@ -189,7 +197,7 @@ async fn reset_and_discard_restore_the_startup_values() {
                 "America/Los_Angeles",
                 "myapp",
                 "SQL, DMY",
-                "pg_catalog, public",
+                "pg_catalog,public",
                 "startup",
             ];
             assert_eq!(row(&query(&mut s, show).await), startup, "{mode}: at login");
@@ -329,16 +337,7 @@ async fn prepared_statement_names_follow_postgres_rules() {
                 }
                 assert_eq!(got, b"1tT", "{mode}");
                 out.clear();
-                frontend::bind(
-                    "",
-                    "stmt_1",
-                    [],
-                    [],
-                    |_: &i32, _: &mut BytesMut| Ok::<_, std::io::Error>(postgres_protocol::IsNull::No),
-                    [],
-                    &mut out,
-                )
-                .unwrap();
+                bind_no_params("stmt_1", &mut out);
                 frontend::execute("", 0, &mut out).unwrap();
                 frontend::sync(&mut out);
                 // The same name again: 42P05 naming the client's name; the same text under a
@@ -346,16 +345,7 @@ async fn prepared_statement_names_follow_postgres_rules() {
                 frontend::parse("stmt_1", "SELECT 1", None, &mut out).unwrap();
                 frontend::sync(&mut out);
                 frontend::parse("stmt_2", "SELECT 1", None, &mut out).unwrap();
-                frontend::bind(
-                    "",
-                    "stmt_2",
-                    [],
-                    [],
-                    |_: &i32, _: &mut BytesMut| Ok::<_, std::io::Error>(postgres_protocol::IsNull::No),
-                    [],
-                    &mut out,
-                )
-                .unwrap();
+                bind_no_params("stmt_2", &mut out);
                 frontend::execute("", 0, &mut out).unwrap();
                 frontend::sync(&mut out);
                 s.write_all(&out).await.unwrap();
