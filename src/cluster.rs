@@ -14,6 +14,7 @@ use crate::backend::{
     own_startup_params, same_startup, Backend, BackendError, ConnectOptions, StartupParams,
 };
 use crate::config::{ClusterConfig, Consistency, Discovery, TopologyKind};
+use crate::functions::CatalogSlot;
 use crate::metrics::{ClusterLabels, Metrics, NodeLabels, ResultLabels, RouteLabels};
 use crate::pool::{PoolError, PoolSettings, Pooled, Pools};
 use crate::router::{self, Intent, NoRoute, Policy};
@@ -172,6 +173,8 @@ pub struct Cluster {
     pub clients: AtomicUsize,
     /// Sessions started, for session ids.
     sessions: std::sync::atomic::AtomicU64,
+    /// Each database's functions, for classification.
+    pub functions: crate::functions::Catalogs,
 }
 
 impl Cluster {
@@ -246,6 +249,7 @@ impl Cluster {
             cancels: Mutex::new(HashMap::new()),
             clients: AtomicUsize::new(0),
             sessions: std::sync::atomic::AtomicU64::new(0),
+            functions: Default::default(),
             metrics,
             config,
         });
@@ -482,6 +486,56 @@ impl Cluster {
             });
         }
         Ok((params, Some(checkout)))
+    }
+
+    /// The function catalog of `database` (see `functions.rs`): loaded now if it never was
+    /// (the caller waits), reloaded in the background if stale.
+    pub async fn function_catalog(self: &Arc<Self>, user: &str, database: &str) -> Arc<CatalogSlot> {
+        let slot = self.functions.slot(database);
+        if crate::functions::due(&slot) {
+            let first = slot.get().is_none();
+            let load = {
+                let (cluster, slot, user, database) =
+                    (self.clone(), slot.clone(), user.to_string(), database.to_string());
+                async move { cluster.load_functions(&slot, &user, &database).await }
+            };
+            if first {
+                load.await;
+            } else {
+                tokio::spawn(load);
+            }
+        }
+        slot
+    }
+
+    /// Reloads the function catalog of `database` in the background (a client changed its
+    /// functions).
+    pub fn refresh_functions(self: &Arc<Self>, user: &str, database: &str) {
+        let slot = self.functions.slot(database);
+        slot.invalidate();
+        let (cluster, user, database) = (self.clone(), user.to_string(), database.to_string());
+        tokio::spawn(async move { cluster.function_catalog(&user, &database).await });
+    }
+
+    async fn load_functions(&self, slot: &CatalogSlot, user: &str, database: &str) {
+        let addr = {
+            let snap = self.topology.load();
+            let node = snap.primary().or_else(|| snap.nodes.iter().position(|n| n.healthy));
+            match node {
+                Some(i) => snap.nodes[i].address.to_string(),
+                None => return,
+            }
+        };
+        let password = self.users.get(user).map(|u| u.password.as_str()).unwrap_or_default();
+        let source = crate::functions::Source {
+            addr: &addr,
+            user,
+            password,
+            database,
+            timeout: self.config.connect_timeout,
+            tls: &self.backend_tls,
+        };
+        crate::functions::load(slot, &self.classifier, source).await;
     }
 
     /// Applies an observation to the topology and reacts to what changed.

@@ -6,6 +6,7 @@ mod cluster;
 mod config;
 mod cql;
 mod discovery;
+mod functions;
 mod metrics;
 mod pool;
 mod router;

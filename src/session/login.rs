@@ -64,6 +64,7 @@ pub async fn login(
         startup,
         startup_serializable,
         checkout,
+        functions,
     }) = greeted
     else {
         return Ok(None);
@@ -94,6 +95,7 @@ pub async fn login(
         statements: Default::default(),
         settings: Default::default(),
         custom_settings: Vec::new(),
+        functions,
         pinned: None,
         min_lsn: None,
         skip_until_sync: false,
@@ -125,6 +127,7 @@ struct Greeted {
     startup_serializable: bool,
     /// The backend whose parameters the client was told, if one was checked out for it.
     checkout: Option<Checkout>,
+    functions: Arc<crate::functions::CatalogSlot>,
 }
 
 /// Reads the startup packet and authenticates. Returns the client once AuthenticationOk and
@@ -269,8 +272,10 @@ async fn handshake(
             return Ok(None);
         }
     };
+    let functions = cluster.function_catalog(&user, &database).await;
     debug!(%user, %database, "client logged in");
     Ok(Some(Greeted {
+        functions,
         startup_serializable: settings::startup_serializable(startup_params),
         user,
         database,

@@ -195,6 +195,8 @@ pub struct Session {
     settings: Settings,
     /// Custom (`a.b`) settings the client has set, read back with the others.
     custom_settings: Vec<String>,
+    /// The functions of the client's database, for classification.
+    functions: Arc<crate::functions::CatalogSlot>,
     /// Session state ties the client to its current backend for good.
     pinned: Option<PinReason>,
     /// The WAL position of the client's last write (read-your-writes).
@@ -432,7 +434,11 @@ impl Session {
         // A simple query is classified once, for routing and for its session effects.
         let query_class = if tag == b'Q' {
             match peek::query(msg.body()) {
-                Ok(sql) => Some(self.cluster.classifier.classify(sql)),
+                Ok(sql) => Some(
+                    self.cluster
+                        .classifier
+                        .classify_in(sql, self.functions.get().as_deref()),
+                ),
                 Err(e) => return Err(self.violation(&e.to_string())),
             }
         } else {

@@ -98,7 +98,10 @@ impl Session {
                 query: Bytes::copy_from_slice(p.query),
                 rest: Bytes::copy_from_slice(p.rest),
                 hash: statement_hash(p.query, p.rest),
-                class: self.cluster.classifier.classify(p.query),
+                class: self
+                    .cluster
+                    .classifier
+                    .classify_in(p.query, self.functions.get().as_deref()),
             })
         })
     }
@@ -135,6 +138,9 @@ impl Session {
             b'Q' => {
                 if let (Some(c), Ok(sql)) = (query_class, peek::query(msg.body())) {
                     self.note_effects(c, sql);
+                    if c.class == Class::Write && crate::functions::changes_functions(sql) {
+                        self.cluster.refresh_functions(&self.user, &self.database);
+                    }
                 }
                 let rewritten = peek::query(msg.body())
                     .ok()
@@ -346,7 +352,28 @@ impl Session {
     /// `DEALLOCATE name` names the client's statement, which the backend knows by another name:
     /// returns the Query to send instead. `DEALLOCATE ALL` and `DISCARD ALL` drop every
     /// statement on the backend: forget them so they are prepared again when needed.
+    /// `EXECUTE name` of a statement the client prepared with Parse runs the backend's copy of
+    /// it (prepared first if needed), as SQL `EXECUTE` of a protocol-level statement does on a
+    /// plain server.
     fn rewrite_session_commands(&mut self, sql: &[u8]) -> Option<bytes::BytesMut> {
+        if let Some((name, rest)) = parse_execute(sql) {
+            let stmt = self.statements.get(name.as_slice())?.clone();
+            let backend_name = stmt.backend_name();
+            let a = self.attached.as_mut().expect("attached");
+            if a.checkout.conn.conn().prepared.insert(stmt.hash) {
+                peek::encode_parse(&mut self.to_backend, &backend_name, &stmt.query, &stmt.rest);
+                self.to_backend.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+                a.units.insert(a.units.len() - 1, Unit::Replay);
+                a.units_pushed += 1;
+            }
+            let sql = [&b"EXECUTE "[..], &backend_name, rest].concat();
+            let mut q = bytes::BytesMut::with_capacity(sql.len() + 6);
+            q.extend_from_slice(b"Q");
+            q.extend_from_slice(&(sql.len() as u32 + 5).to_be_bytes());
+            q.extend_from_slice(&sql);
+            q.extend_from_slice(b"\0");
+            return Some(q);
+        }
         match parse_deallocate(sql)? {
             Deallocate::All => {
                 let a = self.attached.as_mut().expect("attached");
@@ -380,6 +407,32 @@ impl Session {
 enum Deallocate {
     All,
     Name(Vec<u8>),
+}
+
+/// Recognises `EXECUTE name ...`: the name (folded to lower case unless quoted) and the rest of
+/// the text after it (parameters, further statements), verbatim.
+fn parse_execute(sql: &[u8]) -> Option<(Vec<u8>, &[u8])> {
+    let sql = sql.trim_ascii_start();
+    let keyword = sql.get(..7)?;
+    if !keyword.eq_ignore_ascii_case(b"EXECUTE") || !sql.get(7)?.is_ascii_whitespace() {
+        return None;
+    }
+    let after = sql[7..].trim_ascii_start();
+    if let Some(quoted) = after.strip_prefix(b"\"") {
+        let end = quoted.iter().position(|&b| b == b'"')?;
+        if quoted.get(end + 1) == Some(&b'"') {
+            return None; // a doubled quote inside: leave it to the server
+        }
+        return Some((quoted[..end].to_vec(), &quoted[end + 1..]));
+    }
+    let end = after
+        .iter()
+        .position(|&b| !(b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80))
+        .unwrap_or(after.len());
+    if end == 0 || after[0].is_ascii_digit() {
+        return None;
+    }
+    Some((after[..end].to_ascii_lowercase(), &after[end..]))
 }
 
 /// Recognises `DEALLOCATE [PREPARE] name|ALL` and `DISCARD ALL` (a single statement, any case,
@@ -439,6 +492,17 @@ mod tests {
             backend_name(0xfedc_ba98_7654_3210).as_slice(),
             format!("sluice_{:016x}", 0xfedc_ba98_7654_3210_u64).as_bytes()
         );
+    }
+
+    #[test]
+    fn execute_statements() {
+        let e = |s: &'static str| parse_execute(s.as_bytes()).map(|(n, r)| (String::from_utf8(n).unwrap(), r));
+        assert_eq!(e("EXECUTE foo"), Some(("foo".into(), &b""[..])));
+        assert_eq!(e(" execute Foo(1, 'a;b');"), Some(("foo".into(), &b"(1, 'a;b');"[..])));
+        assert_eq!(e("EXECUTE \"Foo\" (1)"), Some(("Foo".into(), &b" (1)"[..])));
+        assert_eq!(e("EXECUTED"), None);
+        assert_eq!(e("EXECUTE 1"), None);
+        assert_eq!(e("SELECT 1"), None);
     }
 
     #[test]

@@ -12,7 +12,7 @@
 #   pg_init_primary PORT      initdb + start node0 (extra postgresql.conf lines on stdin)
 #   pg_start_replica PORT     pg_basebackup node1 from node0, start it, wait for streaming
 #   pg_wait_replica_caught_up the replica has replayed everything the primary has written
-#   psql_su PORT DB SQL...    psql as the superuser `postgres` (trust on 127.0.0.1)
+#   psql_su PORT DB SQL...    psql as the superuser `postgres` (unix socket in $WORK, trust)
 #   sluice_cluster_table NAME PORT POOL_MODE CONSISTENCY POOL_SIZE USER PASSWORD
 #                             one [[clusters]] table in front of node0 + node1
 #   sluice_start BIN CONFIG ADMIN_PORT [LOG]
@@ -56,6 +56,9 @@ ensure_apt() { # PKG... (the ones not installed yet)
     DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -q --no-install-recommends \
         "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
 }
+
+command -v curl >/dev/null || ensure_apt curl ca-certificates
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || ensure_apt python3 python3-venv
 
 # --- PostgreSQL binaries and the OS user that runs them ----------------------------------------
 pg_bindir() {
@@ -127,7 +130,7 @@ psql_su() { # port db sql...
     local port="$1" db="$2"; shift 2
     local args=()
     for sql in "$@"; do args+=(-c "$sql"); done
-    timeout 60 "$PGBIN/psql" -X -q -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres \
+    timeout 60 "$PGBIN/psql" -X -q -At -v ON_ERROR_STOP=1 -h "$WORK" -p "$port" -U postgres \
         -d "$db" "${args[@]}"
 }
 
@@ -140,18 +143,20 @@ start_node() { # name port
 }
 
 # --- PostgreSQL primary + streaming replica ------------------------------------------------------
-# pg_init_primary PORT: initdb (C locale, UTF8) and start node0. pg_hba: trust for `postgres`
-# and replication on 127.0.0.1, scram-sha-256 for every other user. Extra postgresql.conf lines
-# come on stdin (may be empty). PRIMARY_PORT is set.
+# pg_init_primary PORT: initdb (C locale, UTF8) and start node0. pg_hba: trust on the unix
+# socket and for replication on 127.0.0.1, scram-sha-256 for users on 127.0.0.1 except
+# `postgres`, which is trusted there too unless PG_SCRAM_POSTGRES=1 (then give it a password).
+# Extra postgresql.conf lines come on stdin (may be empty). PRIMARY_PORT is set.
 pg_init_primary() {
     PRIMARY_PORT="$1"
-    local extra
+    local extra trust_postgres="host all postgres 127.0.0.1/32 trust"
     extra="$(cat)"
+    if [ "${PG_SCRAM_POSTGRES:-0}" = 1 ]; then trust_postgres=""; fi
     as_pg timeout 120 "$PGBIN/initdb" -D "$WORK/node0" -U postgres -N -E UTF8 --locale=C \
         --auth=trust >"$OUT/initdb.log" 2>&1 || { cat "$OUT/initdb.log" >&2; die "initdb failed"; }
-    as_pg tee "$WORK/node0/pg_hba.conf" >/dev/null <<'EOF'
+    as_pg tee "$WORK/node0/pg_hba.conf" >/dev/null <<EOF
 local all all trust
-host all postgres 127.0.0.1/32 trust
+$trust_postgres
 host replication all 127.0.0.1/32 trust
 host all all 127.0.0.1/32 scram-sha-256
 EOF

@@ -20,8 +20,8 @@
 #      so no bison/flex; ~40 s. The modules are built from the same version's headers, so the
 #      installed server loads them (checked). Source and build are cached in
 #      $SLUICE_CONFORMANCE_CACHE (default ~/.cache/sluice-conformance);
-#   2. starts a primary + streaming replica (max_prepared_transactions = 10), a SCRAM superuser
-#      `regress`, and one sluice (--sluice BIN, default target/debug/sluice, never built here)
+#   2. starts a primary + streaming replica (max_prepared_transactions = 10), gives the bootstrap
+#      superuser `postgres` a SCRAM password (it logs in over TCP with it), and one sluice (--sluice BIN, default target/debug/sluice, never built here)
 #      with one listener per variant;
 #   3. for each variant: drops and recreates database `regression` (as pg_regress itself would,
 #      with its ALTER DATABASE ... SET lc_messages/...; plus leftover regress_* roles and
@@ -101,26 +101,29 @@ ensure_deb_src() {
         return 0
     fi
     [ "$(id -u)" -eq 0 ] || die "no deb-src entry in the apt sources (run as root to add one)"
-    local f
-    {
-        for f in /etc/apt/sources.list.d/*.sources; do
-            [ -f "$f" ] || continue
-            # every stanza with Types: deb and a Debian archive URI, as deb-src
-            awk 'BEGIN { RS = ""; ORS = "\n\n" }
-                 /(^|\n)Types:[^\n]*deb/ && /(^|\n)URIs:[^\n]*debian/ {
-                     sub(/Types:[^\n]*/, "Types: deb-src"); print }' "$f"
-        done
-    } >/etc/apt/sources.list.d/sluice-conformance-src.sources
-    {
-        for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-            [ -f "$f" ] || continue
-            grep -E '^[[:space:]]*deb[[:space:]].*debian' "$f" | sed -E 's/^[[:space:]]*deb[[:space:]]/deb-src /' || true
-        done
-    } >/etc/apt/sources.list.d/sluice-conformance-src.list
-    [ -s /etc/apt/sources.list.d/sluice-conformance-src.sources ] \
-        || rm -f /etc/apt/sources.list.d/sluice-conformance-src.sources
-    [ -s /etc/apt/sources.list.d/sluice-conformance-src.list ] \
-        || rm -f /etc/apt/sources.list.d/sluice-conformance-src.list
+    local f tmp_sources tmp_list
+    tmp_sources="$(mktemp)"; tmp_list="$(mktemp)"
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -f "$f" ] || continue
+        case "$f" in */sluice-conformance-src.*) continue ;; esac
+        # every stanza with Types: deb and a Debian archive URI, as deb-src
+        awk 'BEGIN { RS = ""; ORS = "\n\n" }
+             /(^|\n)Types:[^\n]*deb/ && /(^|\n)URIs:[^\n]*debian/ {
+                 sub(/Types:[^\n]*/, "Types: deb-src"); print }' "$f" >>"$tmp_sources"
+    done
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [ -f "$f" ] || continue
+        case "$f" in */sluice-conformance-src.*) continue ;; esac
+        grep -E '^[[:space:]]*deb[[:space:]].*debian' "$f" \
+            | sed -E 's/^[[:space:]]*deb[[:space:]]/deb-src /' >>"$tmp_list" || true
+    done
+    if [ -s "$tmp_sources" ]; then
+        install -m 644 "$tmp_sources" /etc/apt/sources.list.d/sluice-conformance-src.sources
+    fi
+    if [ -s "$tmp_list" ]; then
+        install -m 644 "$tmp_list" /etc/apt/sources.list.d/sluice-conformance-src.list
+    fi
+    rm -f "$tmp_sources" "$tmp_list"
     log "added deb-src entries: $(ls /etc/apt/sources.list.d/sluice-conformance-src.* 2>/dev/null | tr '\n' ' ')"
     APT_UPDATED=0
 }
@@ -173,13 +176,16 @@ PRIMARY_PORT="$(free_port)"
 REPLICA_PORT="$(free_port)"
 ADMIN_PORT="$(free_port)"
 log "PostgreSQL $PG_VERSION: primary 127.0.0.1:$PRIMARY_PORT, replica 127.0.0.1:$REPLICA_PORT"
+PG_SCRAM_POSTGRES=1
 pg_init_primary "$PRIMARY_PORT" <<'EOF'
 max_connections = 200
 max_prepared_transactions = 10
 EOF
-# pg_regress's tests create roles, tablespaces, C functions, event triggers, ...: superuser.
+# pg_regress's tests create roles, tablespaces, C functions, event triggers, ...: a superuser,
+# and the bootstrap one (sequence.out expects the test user to own pg_class). It logs in over
+# TCP with SCRAM, directly and through sluice.
 psql_su "$PRIMARY_PORT" postgres \
-    "SET password_encryption = 'scram-sha-256'; CREATE ROLE regress SUPERUSER LOGIN PASSWORD 'regress-secret'"
+    "SET password_encryption = 'scram-sha-256'; ALTER ROLE postgres PASSWORD 'regress-secret'"
 psql_su "$PRIMARY_PORT" postgres "LOAD '$RDIR/regress.so'" "LOAD '$RDIR/refint.so'" \
     "LOAD '$RDIR/autoinc.so'" || die "the server cannot load the modules built in $REGRESS"
 pg_start_replica "$REPLICA_PORT"
@@ -193,7 +199,7 @@ PORT_OF[direct]="$PRIMARY_PORT"
         PORT_OF[$v]="$(free_port)"
         read -r mode consistency <<<"$(variant_settings "$v")"
         # pool_size above the largest parallel group (20 tests), so session mode never waits
-        sluice_cluster_table "$v" "${PORT_OF[$v]}" "$mode" "$consistency" 30 regress regress-secret
+        sluice_cluster_table "$v" "${PORT_OF[$v]}" "$mode" "$consistency" 30 postgres regress-secret
     done
 } >"$OUT/sluice.toml"
 if [ "${#SELECTED[@]}" -gt 0 ]; then
@@ -204,6 +210,12 @@ fi
 # The database as pg_regress creates it without --use-existing, after removing what a previous
 # run may have left: roles and tablespaces the tests create are cluster-wide.
 recreate_regression_db() {
+    # a run through a pooler may leave a prepared transaction (temp.sql's twophase_search)
+    local xact
+    for xact in $(psql_su "$PRIMARY_PORT" postgres \
+        "SELECT database || '/' || gid FROM pg_prepared_xacts"); do
+        psql_su "$PRIMARY_PORT" "${xact%%/*}" "ROLLBACK PREPARED '${xact#*/}'" || true
+    done
     psql_su "$PRIMARY_PORT" postgres "DROP DATABASE IF EXISTS regression WITH (FORCE)"
     local stale
     stale="$(psql_su "$PRIMARY_PORT" postgres \
@@ -227,13 +239,13 @@ if [ -n "$HOLD" ]; then
     recreate_regression_db
     {
         echo "holding for $HOLD s (Ctrl-C stops everything):"
-        echo "  direct : psql \"host=127.0.0.1 port=$PRIMARY_PORT dbname=regression user=regress password=regress-secret\""
+        echo "  direct : psql \"host=127.0.0.1 port=$PRIMARY_PORT dbname=regression user=postgres password=regress-secret\""
         echo "  replica: psql \"host=127.0.0.1 port=$REPLICA_PORT dbname=regression user=postgres\""
         for v in "${SELECTED[@]}"; do
-            echo "  $v: psql \"host=127.0.0.1 port=${PORT_OF[$v]} dbname=regression user=regress password=regress-secret\""
+            echo "  $v: psql \"host=127.0.0.1 port=${PORT_OF[$v]} dbname=regression user=postgres password=regress-secret\""
         done
         echo "  admin  : curl http://127.0.0.1:$ADMIN_PORT/topology"
-        echo "  pg_regress: $RDIR/pg_regress --use-existing --host 127.0.0.1 --port PORT --user regress --bindir $PGBIN --dlpath $RDIR --inputdir $RDIR --outputdir DIR TEST... (as postgres, PGPASSWORD=regress-secret)"
+        echo "  pg_regress: $RDIR/pg_regress --use-existing --host 127.0.0.1 --port PORT --user postgres --bindir $PGBIN --dlpath $RDIR --inputdir $RDIR --outputdir DIR TEST... (as postgres, PGPASSWORD=regress-secret)"
     } >&2
     hold_for "$HOLD"
     exit 0
@@ -250,7 +262,7 @@ run_variant() { # variant
     started="$(date +%s)"
     as_pg env PGPASSWORD=regress-secret PGCONNECT_TIMEOUT=10 \
         timeout -k 10 "$RUN_TIMEOUT" "$RDIR/pg_regress" --use-existing \
-        --host 127.0.0.1 --port "$port" --user regress --bindir "$PGBIN" \
+        --host 127.0.0.1 --port "$port" --user postgres --bindir "$PGBIN" \
         --dlpath "$RDIR" --inputdir "$RDIR" --outputdir "$odir" \
         --schedule "$RDIR/$SCHEDULE" >"$OUT/$v/pg_regress.out" 2>&1 || rc=$?
     # pg_regress exits 1 when a test failed; anything else (timeout: 124) means an incomplete run

@@ -1,12 +1,19 @@
 #!/usr/bin/env python3
-"""Runs psycopg2's own test suite (from its sdist) and records one outcome per test.
+"""Runs a driver's own unittest suite (psycopg2's or asyncpg's, from its sdist) and records
+one outcome per test.
 
     psycopg2_suite.py run --tests-dir SDIST --out DIR [--per-test-timeout S] [--total-timeout S]
+                          [--suite psycopg2|asyncpg] [--per-file-timeout S] [--exclude ID=WHY]
     psycopg2_suite.py compare DIRECT_DIR SLUICE_DIR [MORE_RUN_DIRS...] [--known FILE]
+                          [--variant NAME]
 
-`run` starts a worker process that executes the suite (tests.test_suite(), exactly what
-`python -m tests` runs) and appends one JSON line per finished test to DIR/results.jsonl; the
-unittest verbose output goes to DIR/unittest.log. A test that runs longer than the per-test
+`run` starts a worker process that executes the suite (psycopg2: tests.test_suite(), exactly
+what `python -m tests` runs; asyncpg: tests.suite(), what `python -m unittest tests` runs, with
+the installed asyncpg, so SDIST must hold only tests/) and appends one JSON line per finished
+test to DIR/results.jsonl; the unittest verbose output goes to DIR/unittest.log. --exclude
+(repeatable; an id, or a prefix ending in `.`/`*`) records tests as skipped with the reason
+given, without running them. --per-file-timeout bounds the time of one test module: when it
+runs out, the running test is recorded as `timeout` and the module's other unfinished tests too. A test that runs longer than the per-test
 timeout is recorded as `timeout` and the worker exits; a worker that dies (segfault, ...)
 leaves its current test recorded as `crash`. Either way a new worker continues with the tests
 not run yet, so one hanging test never hides the rest. The database is configured the way the
@@ -71,8 +78,8 @@ def worker(args):
             else:
                 yield item
 
-    todo = [t for t in flatten(tests.test_suite()) if t.id() not in done]
-    suite = unittest.TestSuite(todo)
+    loaded = tests.suite() if args.suite == "asyncpg" else tests.test_suite()
+    todo = [t for t in flatten(loaded) if t.id() not in done]
 
     out = open(args.results, "a", buffering=1)
     lock = threading.Lock()
@@ -82,7 +89,30 @@ def worker(args):
             out.write(json.dumps(rec) + "\n")
             out.flush()
 
-    state = {"id": None, "since": 0.0}
+    excluded = [x.split("=", 1) + [""] for x in args.exclude or []]
+
+    def exclusion(tid):
+        for pattern, why, *_ in excluded:
+            p = pattern.rstrip("*")
+            if tid == pattern or (pattern.endswith(("*", ".")) and tid.startswith(p)):
+                return why or "excluded"
+        return None
+
+    kept = []
+    for t in todo:
+        why = exclusion(t.id())
+        if why is None:
+            kept.append(t)
+        else:
+            emit({"event": "end", "id": t.id(), "outcome": "skip", "reason": "excluded: " + why,
+                  "seconds": 0.0})
+    todo = kept
+    suite = unittest.TestSuite(todo)
+
+    def module_of(tid):
+        return tid.rsplit(".", 2)[0]
+
+    state = {"id": None, "since": 0.0, "module": None, "module_since": 0.0}
 
     class Recorder(unittest.TextTestResult):
         def __init__(self, *a, **kw):
@@ -103,6 +133,9 @@ def worker(args):
             super().startTest(test)
             state["id"] = test.id()
             state["since"] = time.monotonic()
+            if module_of(test.id()) != state["module"]:
+                state["module"] = module_of(test.id())
+                state["module_since"] = state["since"]
             emit({"event": "start", "id": test.id()})
 
         def stopTest(self, test):
@@ -154,6 +187,24 @@ def worker(args):
                 sys.stderr.write(f"\n*** {tid}: timed out after {args.per_test_timeout} s\n")
                 sys.stderr.flush()
                 os._exit(3)
+            mod, msince = state["module"], state["module_since"]
+            if (tid is not None and args.per_file_timeout
+                    and time.monotonic() - msince > args.per_file_timeout):
+                ended = set()
+                with open(args.results) as f:
+                    for line in f:
+                        rec = json.loads(line)
+                        if rec.get("event") == "end":
+                            ended.add(rec["id"])
+                for t in [tid] + [t.id() for t in todo]:
+                    if module_of(t) == mod and t not in ended:
+                        ended.add(t)
+                        emit({"event": "end", "id": t, "outcome": "timeout",
+                              "reason": f"{mod}: file time limit {args.per_file_timeout} s",
+                              "seconds": round(time.monotonic() - since, 3) if t == tid else 0})
+                sys.stderr.write(f"\n*** {mod}: file time limit {args.per_file_timeout} s\n")
+                sys.stderr.flush()
+                os._exit(3)
 
     threading.Thread(target=watchdog, daemon=True).start()
     runner = unittest.TextTestRunner(stream=sys.stderr, verbosity=2, resultclass=Recorder)
@@ -200,7 +251,10 @@ def run(args):
             break
         cmd = [sys.executable, os.path.abspath(__file__), "worker",
                "--tests-dir", args.tests_dir, "--results", results,
-               "--per-test-timeout", str(args.per_test_timeout)]
+               "--per-test-timeout", str(args.per_test_timeout),
+               "--per-file-timeout", str(args.per_file_timeout), "--suite", args.suite]
+        for x in args.exclude or []:
+            cmd += ["--exclude", x]
         with open(log_path, "a") as log:
             try:
                 code = subprocess.run(cmd, stdout=log, stderr=log, timeout=left,
@@ -252,7 +306,8 @@ def counts(outcomes):
 # compare
 
 def compare(args):
-    runs = [("direct", args.direct), ("sluice", args.sluice)] + \
+    sluice_label = args.variant or "sluice"
+    runs = [("direct", args.direct), (sluice_label, args.sluice)] + \
         [(os.path.basename(os.path.normpath(d)), d) for d in args.extra]
     results = {name: load(os.path.join(d, "results.jsonl"))[0] for name, d in runs}
 
@@ -275,7 +330,7 @@ def compare(args):
             return "missing"
         return "pass" if o in PASS else "skip" if o in SKIP else "fail"
 
-    direct, sluice = results["direct"], results["sluice"]
+    direct, sluice = results["direct"], results[sluice_label]
     extra = [name for name, _ in runs[2:]]
     only_sluice, other = [], []
     for tid in sorted(set(direct) | set(sluice)):
@@ -289,7 +344,8 @@ def compare(args):
         else:
             other.append((tid, d, s))
     print()
-    print(f"tests that pass directly and fail through sluice: {len(only_sluice)}")
+    print(f"tests that pass directly and fail through sluice"
+          f"{' (' + args.variant + ')' if args.variant else ''}: {len(only_sluice)}")
     for tid, (outcome, reason) in only_sluice:
         also = "".join(f" ({name}: {results[name].get(tid, ('missing',))[0]})" for name in extra)
         print(f"  {tid}  [{outcome}]{also} {reason}")
@@ -304,6 +360,12 @@ def compare(args):
         with open(args.known) as f:
             for line in f:
                 line = line.split("#", 1)[0].split()
+                # `<test id> <cause>`, or `<variant,...> <test id> <cause>` (the first field has
+                # no dot) for one --variant only
+                if line and "." not in line[0]:
+                    if args.variant not in line[0].split(","):
+                        continue
+                    line = line[1:]
                 if line:
                     known[line[0]] = line[1] if len(line) > 1 else "?"
         failing = {tid for tid, _ in only_sluice}
@@ -354,12 +416,20 @@ def main():
     w.add_argument("--tests-dir", required=True)
     w.add_argument("--results", required=True)
     w.add_argument("--per-test-timeout", type=float, default=60)
+    for q in (r, w):
+        q.add_argument("--suite", choices=("psycopg2", "asyncpg"), default="psycopg2")
+        q.add_argument("--per-file-timeout", type=float, default=0,
+                       help="seconds one test module may take (0: no limit)")
+        q.add_argument("--exclude", action="append", metavar="ID=WHY",
+                       help="record the test (or prefix ending in . or *) as skipped")
     c = sub.add_parser("compare")
     c.add_argument("direct")
     c.add_argument("sluice")
     c.add_argument("extra", nargs="*", help="more run directories to show (e.g. sluice-primary)")
     c.add_argument("--known", help="file listing the accepted sluice-only failures; "
                    "exit 1 when another test fails only through sluice")
+    c.add_argument("--variant", help="name of the sluice run (its label, and the variant whose "
+                   "lines of --known apply)")
     args = p.parse_args()
     try:
         return {"run": run, "worker": worker, "compare": compare}[args.cmd](args)

@@ -163,3 +163,48 @@ async fn consistency_primary_sends_reads_to_the_primary() {
     .await;
     env.sluice.assert_no_unexpected_errors(&[]);
 }
+
+/// Functions that write — built-in ones the classifier's list does not name, and user-defined
+/// ones created directly on the server — route as writes; read-safe ones stay on replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volatile_functions_learnt_from_pg_proc_are_writes() {
+    let env = Env::start(1, "");
+    let primary = env.cluster.primary_port();
+    let su = bounded(30, env.cluster.superuser_client(primary)).await;
+    bounded(30, async {
+        exec(&su, "CREATE TABLE vol_log (v int)").await;
+        exec(&su, "GRANT ALL ON vol_log TO app").await;
+        exec(&su, "CREATE FUNCTION log_it(x int) RETURNS int LANGUAGE sql VOLATILE AS 'INSERT INTO vol_log VALUES (x) RETURNING x'").await;
+        exec(&su, "CREATE FUNCTION twice(x int) RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT 2 * x'").await;
+        exec(&su, "CREATE TABLE brin_t (a int); CREATE INDEX brin_i ON brin_t USING brin (a)").await;
+        exec(&su, "ALTER TABLE brin_t OWNER TO app").await;
+        env.cluster.wait_replicated().await;
+    })
+    .await;
+    bounded(60, async {
+        let client = env.app_client().await;
+        for sql in [
+            "SELECT log_it(7)",
+            "SELECT lo_from_bytea(0, 'x')",
+            "SELECT brin_summarize_new_values('brin_i')",
+        ] {
+            let r = client.simple_query(sql).await;
+            assert!(r.is_ok(), "{sql}: {:?}", r.err().map(|e| describe(&e)));
+        }
+        assert_eq!(simple_column(&client, "SELECT count(*) FROM vol_log /* sluice: primary */").await, ["1"]);
+        // Read-safe calls still go to the replica.
+        for prefix in ["SELECT twice(2), random(), lower('X'), now() FROM (", "SELECT * FROM ("] {
+            let rows = simple_rows(
+                &client,
+                &format!("{prefix}SELECT 1) x, LATERAL (SELECT pg_is_in_recovery()::text r) y"),
+            )
+            .await;
+            assert_eq!(rows[0].last().map(String::as_str), Some("true"), "{prefix}: {rows:?}");
+        }
+        // A function created a moment ago through sluice is unknown: a write until learnt.
+        exec(&client, "CREATE FUNCTION fresh_fn() RETURNS boolean LANGUAGE sql STABLE AS 'SELECT pg_is_in_recovery()'").await;
+        assert_eq!(simple_column(&client, "SELECT fresh_fn()").await, ["f"], "new function: primary");
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[]);
+}

@@ -359,6 +359,16 @@ async fn prepared_statement_names_follow_postgres_rules() {
                     "{mode}: {text}"
                 );
                 assert!(!text.contains("sluice_"), "{text}");
+                // SQL EXECUTE sees the protocol-level statement, as directly.
+                out.clear();
+                frontend::parse("plus_one", "SELECT $1::int + 1", None, &mut out).unwrap();
+                frontend::sync(&mut out);
+                s.write_all(&out).await.unwrap();
+                read_until_ready(&mut s, 1).await;
+                let r = query(&mut s, "EXECUTE plus_one(41)").await;
+                assert_eq!(first_column(&r), [Some("42".to_string())], "{mode}: {r:?}");
+                let r = query(&mut s, "DEALLOCATE plus_one").await;
+                assert_eq!(tags(&r), "CZ", "{mode}: {r:?}");
             }
         })
         .await;

@@ -12,5 +12,7 @@ pub mod scram;
 pub mod server;
 pub mod startup;
 
-pub use classify::{custom_setting_names, Class, Classification, Classifier, Effects, Hint, PinReason};
+pub use classify::{
+    custom_setting_names, Class, Classification, Classifier, Effects, FunctionCatalog, Hint, PinReason,
+};
 pub use frame::{peek_message, split_message, split_startup, FrameError, Message, MAX_STARTUP_LEN};

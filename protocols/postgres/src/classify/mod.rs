@@ -4,10 +4,12 @@
 //! anything the rules below cannot decide is a write. Runs in one linear pass over the bytes and
 //! allocates nothing.
 
+mod functions;
 mod lexer;
 #[cfg(test)]
 mod tests;
 
+pub use functions::{FunctionCatalog, READ_SAFE_VOLATILE};
 use lexer::{Lexer, Tok};
 
 /// Whether a statement may run on a hot standby.
@@ -260,16 +262,33 @@ impl Classifier {
         self.classify_with(sql, true)
     }
 
+    /// Classify knowing the database's functions: a call of anything but a function the
+    /// catalog knows to be safe is a write (see [`FunctionCatalog`]). Without a catalog, only
+    /// the built-in write functions and `write_functions` make a read a write.
+    pub fn classify_in(&self, sql: &[u8], catalog: Option<&FunctionCatalog>) -> Classification {
+        self.run(sql, true, catalog)
+    }
+
+    /// A catalog of the database's functions from `(proname, any overload volatile)` rows,
+    /// with this classifier's `write_functions` never safe.
+    pub fn catalog<'a>(&self, rows: impl IntoIterator<Item = (&'a str, bool)>) -> FunctionCatalog {
+        FunctionCatalog::new(rows, &self.extra_write_functions)
+    }
+
     /// Classify with an explicit `standard_conforming_strings` setting (as reported by the
     /// backend's ParameterStatus): when off, backslash escapes quotes in plain '...' strings,
     /// which changes where statements start.
     pub fn classify_with(&self, sql: &[u8], standard_conforming_strings: bool) -> Classification {
+        self.run(sql, standard_conforming_strings, None)
+    }
+
+    fn run(&self, sql: &[u8], standard_conforming_strings: bool, cat: Option<&FunctionCatalog>) -> Classification {
         let mut lx = Lexer::new(sql, !standard_conforming_strings);
         let mut write = false;
         let mut effects = Effects::default();
         loop {
             let mut st = Stmt::new(&mut lx);
-            let (verdict, e) = self.statement(&mut st, false);
+            let (verdict, e) = self.statement(&mut st, false, cat);
             if verdict == Verdict::Write {
                 write = true;
             }
@@ -314,13 +333,19 @@ impl Classifier {
 
     /// Classifies one statement (read/write and session effects). `nested` is true inside
     /// `COPY (...)`.
-    fn statement(&self, st: &mut Stmt<'_, '_>, nested: bool) -> (Verdict, Effects) {
+    fn statement(&self, st: &mut Stmt<'_, '_>, nested: bool, cat: Option<&FunctionCatalog>) -> (Verdict, Effects) {
         let mut effects = Effects::default();
-        let verdict = self.verdict(st, nested, &mut effects);
+        let verdict = self.verdict(st, nested, &mut effects, cat);
         (verdict, effects)
     }
 
-    fn verdict(&self, st: &mut Stmt<'_, '_>, nested: bool, effects: &mut Effects) -> Verdict {
+    fn verdict(
+        &self,
+        st: &mut Stmt<'_, '_>,
+        nested: bool,
+        effects: &mut Effects,
+        cat: Option<&FunctionCatalog>,
+    ) -> Verdict {
         let mut tok = st.next();
         while matches!(tok, Some(Tok::Punct(b'('))) {
             tok = st.next();
@@ -357,9 +382,9 @@ impl Classifier {
         }
 
         if kw(word, b"SELECT") || kw(word, b"VALUES") || kw(word, b"TABLE") || kw(word, b"SHOW") {
-            self.scan(st, false)
+            self.scan(st, Tok::Word(word), false, cat)
         } else if kw(word, b"WITH") {
-            self.scan(st, true)
+            self.scan(st, Tok::Word(word), true, cat)
         } else if kw(word, b"BEGIN") {
             transaction_modes(st)
         } else if kw(word, b"START") {
@@ -382,7 +407,7 @@ impl Classifier {
         } else if kw(word, b"END") || kw(word, b"ABORT") || kw(word, b"SAVEPOINT") || kw(word, b"RELEASE") {
             Verdict::Neutral
         } else if kw(word, b"COPY") && !nested {
-            self.copy(st)
+            self.copy(st, cat)
         } else {
             session_effects(word, st, effects);
             Verdict::Write
@@ -391,11 +416,26 @@ impl Classifier {
 
     /// Read unless FOR UPDATE/SHARE, INTO, a write-function call, or (for WITH, `dml`) a
     /// data-modifying keyword appears.
-    fn scan(&self, st: &mut Stmt<'_, '_>, dml: bool) -> Verdict {
-        let mut prev: Option<Tok<'_>> = None;
+    /// `first` is the statement's keyword, already consumed.
+    fn scan<'a>(&self, st: &mut Stmt<'a, '_>, first: Tok<'a>, dml: bool, cat: Option<&FunctionCatalog>) -> Verdict {
+        let mut prev: Option<Tok<'_>> = Some(first);
+        let mut before_prev: Option<Tok<'_>> = None;
         while let Some(t) = st.next() {
             let write = match t {
-                Tok::Punct(b'(') => prev.is_some_and(|p| self.is_write_function(p)),
+                Tok::Punct(b'(') => {
+                    prev.is_some_and(|p| self.is_write_function(p))
+                        || match (cat, prev) {
+                            (Some(c), Some(Tok::Word(w))) => {
+                                !functions::not_a_call(w, before_prev) && !c.is_safe(w, false)
+                            }
+                            (Some(c), Some(Tok::QuotedIdent(q))) => {
+                                !matches!(before_prev, Some(Tok::Punct(b')' | b':')))
+                                    && !is_word(before_prev, b"AS")
+                                    && !c.is_safe(q, true)
+                            }
+                            _ => false,
+                        }
+                }
                 Tok::Word(w) => {
                     kw(w, b"INTO")
                         || PRIMARY_ONLY_RELATIONS.iter().any(|r| kw(w, r))
@@ -409,13 +449,14 @@ impl Classifier {
             if write {
                 return Verdict::Write;
             }
+            before_prev = prev;
             prev = Some(t);
         }
         Verdict::Read
     }
 
     /// `COPY (query) TO ...` / `COPY table TO ...` read; `COPY ... FROM` writes.
-    fn copy(&self, st: &mut Stmt<'_, '_>) -> Verdict {
+    fn copy(&self, st: &mut Stmt<'_, '_>, cat: Option<&FunctionCatalog>) -> Verdict {
         let mut inner = Verdict::Read;
         let mut first = true;
         loop {
@@ -424,7 +465,7 @@ impl Classifier {
             };
             if first && t == Tok::Punct(b'(') {
                 st.base = st.depth;
-                inner = self.statement(st, true).0;
+                inner = self.statement(st, true, cat).0;
                 st.drain();
                 if !st.nested_end {
                     return Verdict::Write;

@@ -370,3 +370,45 @@ fn custom_setting_names_are_found() {
     assert_eq!(names("SELECT set_config($1, $2, false)"), None);
     assert_eq!(names("RESET ALL"), Some(vec![]));
 }
+
+#[test]
+fn with_a_catalog_only_known_safe_calls_are_reads() {
+    let c = Classifier::new(["audit"]);
+    let cat = c.catalog([
+        ("lower", false),
+        ("now", false),
+        ("count", false),
+        ("generate_series", false),
+        ("random", true),
+        ("lo_put", true),
+        ("brin_summarize_new_values", true),
+        ("my_writer", true),
+        ("my_reader", false),
+        ("audit", false),
+        ("numeric", false),
+    ]);
+    let class = |sql: &str| c.classify_in(sql.as_bytes(), Some(&cat)).class;
+    for read in [
+        "SELECT lower(name), count(*), now(), random() FROM t WHERE id IN (1, 2) GROUP BY 1",
+        "SELECT my_reader(1), pg_catalog.lower('x')",
+        "SELECT x::numeric(10, 2), CAST(y AS varchar(3)), COALESCE(a, b), EXISTS (SELECT 1)",
+        "SELECT * FROM generate_series(1, 3) AS g(n) JOIN generate_series(1, 2) h(m) ON (n = m)",
+        "WITH w(a) AS (SELECT 1) SELECT a FROM w WHERE a = ANY (ARRAY[1])",
+        "SELECT count(*) FILTER (WHERE a > 0) OVER (PARTITION BY b) FROM t",
+    ] {
+        assert_eq!(class(read), R, "{read}");
+    }
+    for write in [
+        "SELECT lo_put(1, 0, 'x')",
+        "SELECT brin_summarize_new_values('idx')",
+        "SELECT my_writer()",
+        "SELECT just_created_fn()",
+        "SELECT \"lower\"(x), \"MyFunc\"(y)",
+        "SELECT audit(1)",
+        "COPY (SELECT my_writer()) TO STDOUT",
+    ] {
+        assert_eq!(class(write), W, "{write}");
+    }
+    // Without a catalog, only the built-in and configured lists make writes.
+    assert_eq!(c.classify_in(b"SELECT my_writer()", None).class, R);
+}
