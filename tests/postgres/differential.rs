@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sequence::{generate, listing, Msg, Text, BEGIN, COMMIT, SELECT_1, SELECT_PARAM, SERIES, TABLE_SQL};
+use sequence::{
+    generate, listing, Msg, Text, BEGIN, COMMIT, SELECT_1, SELECT_PARAM, SERIES, SYNTAX_ERROR, TABLE_SQL,
+};
 use transcript::{run, sluice_name, Transcript};
 
 use crate::support::{self, bounded, PgCluster, Sluice};
@@ -23,8 +25,9 @@ use crate::support::{self, bounded, PgCluster, Sluice};
 const FAST_SCRAM: &str = "SCRAM-SHA-256$16:c2x1aWNlLWRpZmYtc2FsdA==$\
     JT30wnPMLxuqQNsMZmoOmDaL0OZz6ZrRWFl1D44fZ14=:dz9gIrdSfkQWetLN6kWHpaQTp1vMjcb/bafnmrR1hMM=";
 
-/// Seeds that once failed, run before the others.
-const REGRESSIONS: &[u64] = &[];
+/// Seeds that once failed, run before the others (found against sluice before its statement
+/// bookkeeping followed PostgreSQL's rules; each a distinct first difference).
+const REGRESSIONS: &[u64] = &[1, 13, 14, 15, 26, 27, 39, 44, 46, 64, 69, 73, 87, 95, 184];
 
 /// One sequence to run, with the label failure reports use.
 struct Case {
@@ -76,10 +79,66 @@ fn hand_written() -> Vec<Case> {
         vec![parse("", COMMIT), bind("", 0), execute(0), Sync],
     ]
     .concat();
+    let run = |name| vec![bind(name, 0), execute(0), Sync];
+    let close = |name| Msg::Close { kind: b'S', name };
+    let fails = bind("never", 0); // 26000: the rest of its batch is skipped
     vec![
         case("asyncpg prepare and execute", asyncpg),
         case("two prepare('SELECT 1') on one connection", prepare_twice),
         case("asyncpg prepare inside a transaction", in_transaction),
+        case(
+            "a second Parse of a name fails with 42P05 and keeps the first statement",
+            [
+                vec![parse("s1", SELECT_1), parse("s1", SELECT_1), Sync],
+                run("s1"),
+            ]
+            .concat(),
+        ),
+        case(
+            "a Parse skipped after an error prepares nothing",
+            [vec![fails.clone(), parse("s1", SELECT_1), Sync], run("s1")].concat(),
+        ),
+        case(
+            "a second Parse skipped after an error leaves the first statement",
+            [
+                vec![
+                    parse("s1", SELECT_1),
+                    Sync,
+                    fails.clone(),
+                    parse("s1", SELECT_1),
+                    Sync,
+                ],
+                run("s1"),
+            ]
+            .concat(),
+        ),
+        case(
+            "a statement that fails to parse does not exist",
+            [
+                vec![parse("S1", SYNTAX_ERROR), Sync],
+                run("S1"),
+                vec![parse("", SYNTAX_ERROR), Sync],
+                run(""),
+            ]
+            .concat(),
+        ),
+        case(
+            "Close of the unnamed statement",
+            [vec![parse("", SELECT_1), close(""), Sync], run("")].concat(),
+        ),
+        case(
+            "Close then Parse of the same name, asyncpg style",
+            [
+                vec![parse("s1", SELECT_1), Sync, close("s1")],
+                prepare("s1", SELECT_1),
+                run("s1"),
+            ]
+            .concat(),
+        ),
+        case(
+            "a Bind with too few parameters names the client's statement",
+            vec![parse("s1", SELECT_PARAM), bind("s1", 0), Sync],
+        ),
     ]
 }
 
