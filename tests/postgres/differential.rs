@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sequence::{
-    generate, listing, Msg, Text, BEGIN, COMMIT, SELECT_1, SELECT_PARAM, SERIES, SYNTAX_ERROR, TABLE_SQL,
+    generate, listing, Msg, Text, BEGIN, COMMIT, INSERT, SELECT_1, SELECT_PARAM, SERIES, SYNTAX_ERROR,
+    TABLE_SQL,
 };
 use transcript::{run, sluice_name, Transcript};
 
@@ -134,6 +135,24 @@ fn hand_written() -> Vec<Case> {
                 run("s1"),
             ]
             .concat(),
+        ),
+        case(
+            "a Close skipped after an error closes nothing",
+            [
+                vec![parse("s1", SELECT_1), Sync, fails.clone(), close("s1"), Sync],
+                run("s1"),
+            ]
+            .concat(),
+        ),
+        case(
+            "a batch that writes after an unnamed read runs on the primary",
+            vec![
+                parse("", SELECT_1),
+                parse("S1", INSERT),
+                bind("S1", 1),
+                execute(0),
+                Sync,
+            ],
         ),
         case(
             "a Bind with too few parameters names the client's statement",
@@ -397,7 +416,7 @@ async fn check_variant(
         let case = &cases[i];
         let mut text = report(v.name, case, &case.msgs, want, got, &d);
         if shrinking && distinct.len() < 12 {
-            let small = shrink(primary, addr, &case.msgs, &d.signature(), Duration::from_secs(20)).await;
+            let small = shrink(primary, addr, &case.msgs, &d.signature(), Duration::from_secs(10)).await;
             let (w, g) = (run(primary, &small).await, run(addr, &small).await);
             match first_difference(&w, &g) {
                 Some(sd) if small.len() < case.msgs.len() => {
