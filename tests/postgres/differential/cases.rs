@@ -93,6 +93,21 @@ fn hand_written() -> Vec<Case> {
             .concat(),
         ),
         case(
+            "asyncpg prepare of a text whose re-Parse was skipped after an error",
+            [
+                vec![
+                    parse("s1", SELECT_1),
+                    Sync,
+                    fails.clone(),
+                    parse("s1", SELECT_1),
+                    Sync,
+                ],
+                prepare("s2", SELECT_1),
+                run("s2"),
+            ]
+            .concat(),
+        ),
+        case(
             "a statement that fails to parse does not exist",
             [
                 vec![parse("S1", SYNTAX_ERROR), Sync],
