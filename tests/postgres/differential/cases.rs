@@ -1,0 +1,179 @@
+//! The sequences the differential test runs: seeds that once failed, sequences written by
+//! hand for what drivers send and for each of PostgreSQL's statement rules, generated ones.
+
+use super::sequence::{
+    generate, Msg, Text, BEGIN, COMMIT, INSERT, SELECT_1, SELECT_PARAM, SERIES, SYNTAX_ERROR,
+};
+
+/// Seeds that once failed, run before the others (found against sluice before its statement
+/// bookkeeping followed PostgreSQL's rules; each a distinct first difference).
+const REGRESSIONS: &[u64] = &[1, 13, 14, 15, 26, 27, 39, 44, 46, 64, 69, 73, 87, 95, 184];
+
+/// One sequence to run, with the label failure reports use.
+pub struct Case {
+    pub label: String,
+    pub msgs: Vec<Msg>,
+}
+
+fn parse(name: &'static str, text: Text) -> Msg {
+    Msg::Parse { name, text }
+}
+
+fn describe_s(name: &'static str) -> Msg {
+    Msg::Describe { kind: b'S', name }
+}
+
+fn bind(statement: &'static str, params: usize) -> Msg {
+    Msg::Bind {
+        portal: "",
+        statement,
+        params,
+    }
+}
+
+fn execute(max_rows: i32) -> Msg {
+    Msg::Execute { portal: "", max_rows }
+}
+
+/// Sequences written by hand for what drivers are known to send.
+fn hand_written() -> Vec<Case> {
+    use Msg::{Flush, Sync};
+    let case = |label: &str, msgs: Vec<Msg>| Case {
+        label: label.to_string(),
+        msgs,
+    };
+    // asyncpg's prepare: Parse, Describe, Flush; then Bind, Execute, Sync.
+    let prepare = |name, text: Text| vec![parse(name, text), describe_s(name), Flush];
+    let asyncpg = [prepare("s1", SELECT_PARAM), vec![bind("s1", 1), execute(0), Sync]].concat();
+    let prepare_twice = [
+        prepare("s1", SELECT_1),
+        vec![Sync],
+        prepare("s2", SELECT_1),
+        vec![Sync, bind("s1", 0), execute(0), bind("s2", 0), execute(0), Sync],
+    ]
+    .concat();
+    let in_transaction = [
+        vec![parse("", BEGIN), bind("", 0), execute(0), Sync],
+        prepare("s1", SERIES),
+        vec![bind("s1", 0), execute(2), Flush, execute(0), Sync],
+        vec![parse("", COMMIT), bind("", 0), execute(0), Sync],
+    ]
+    .concat();
+    let run = |name| vec![bind(name, 0), execute(0), Sync];
+    let close = |name| Msg::Close { kind: b'S', name };
+    let fails = bind("never", 0); // 26000: the rest of its batch is skipped
+    vec![
+        case("asyncpg prepare and execute", asyncpg),
+        case("two prepare('SELECT 1') on one connection", prepare_twice),
+        case("asyncpg prepare inside a transaction", in_transaction),
+        case(
+            "a second Parse of a name fails with 42P05 and keeps the first statement",
+            [
+                vec![parse("s1", SELECT_1), parse("s1", SELECT_1), Sync],
+                run("s1"),
+            ]
+            .concat(),
+        ),
+        case(
+            "a Parse skipped after an error prepares nothing",
+            [vec![fails.clone(), parse("s1", SELECT_1), Sync], run("s1")].concat(),
+        ),
+        case(
+            "a second Parse skipped after an error leaves the first statement",
+            [
+                vec![
+                    parse("s1", SELECT_1),
+                    Sync,
+                    fails.clone(),
+                    parse("s1", SELECT_1),
+                    Sync,
+                ],
+                run("s1"),
+            ]
+            .concat(),
+        ),
+        case(
+            "asyncpg prepare of a text whose re-Parse was skipped after an error",
+            [
+                vec![
+                    parse("s1", SELECT_1),
+                    Sync,
+                    fails.clone(),
+                    parse("s1", SELECT_1),
+                    Sync,
+                ],
+                prepare("s2", SELECT_1),
+                run("s2"),
+            ]
+            .concat(),
+        ),
+        case(
+            "a statement that fails to parse does not exist",
+            [
+                vec![parse("S1", SYNTAX_ERROR), Sync],
+                run("S1"),
+                vec![parse("", SYNTAX_ERROR), Sync],
+                run(""),
+            ]
+            .concat(),
+        ),
+        case(
+            "Close of the unnamed statement",
+            [vec![parse("", SELECT_1), close(""), Sync], run("")].concat(),
+        ),
+        case(
+            "Close then Parse of the same name, asyncpg style",
+            [
+                vec![parse("s1", SELECT_1), Sync, close("s1")],
+                prepare("s1", SELECT_1),
+                run("s1"),
+            ]
+            .concat(),
+        ),
+        case(
+            "a Close skipped after an error closes nothing",
+            [
+                vec![parse("s1", SELECT_1), Sync, fails.clone(), close("s1"), Sync],
+                run("s1"),
+            ]
+            .concat(),
+        ),
+        case(
+            "a batch that writes after an unnamed read runs on the primary",
+            vec![
+                parse("", SELECT_1),
+                parse("S1", INSERT),
+                bind("S1", 1),
+                execute(0),
+                Sync,
+            ],
+        ),
+        case(
+            "a Bind with too few parameters names the client's statement",
+            vec![parse("s1", SELECT_PARAM), bind("s1", 0), Sync],
+        ),
+    ]
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().map(|v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number"))
+    })
+}
+
+/// The regression seeds and hand-written sequences, then the generated ones.
+pub fn cases() -> Vec<Case> {
+    let seeded = |seed: u64| Case {
+        label: format!("seed {seed}"),
+        msgs: generate(seed),
+    };
+    if let Some(seed) = env_u64("SLUICE_DIFF_SEED") {
+        return vec![seeded(seed)];
+    }
+    let n = env_u64("SLUICE_DIFF_SEEDS").unwrap_or(200);
+    let mut cases: Vec<Case> = REGRESSIONS.iter().map(|&s| seeded(s)).collect();
+    cases.extend(hand_written());
+    cases.extend((0..n).filter(|s| !REGRESSIONS.contains(s)).map(seeded));
+    cases
+}
