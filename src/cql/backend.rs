@@ -286,8 +286,7 @@ impl BackendConn {
             dec,
             buf,
             streams.clone(),
-            closed.clone(),
-            lost.clone(),
+            (closed.clone(), lost.clone()),
             o.events.clone(),
         ));
         Ok(Opened {
@@ -407,8 +406,8 @@ async fn read_loop(
     mut dec: Decoder,
     mut buf: BytesMut,
     streams: Arc<Mutex<Streams>>,
-    closed: Arc<AtomicBool>,
-    lost: CancellationToken,
+    // Set and cancelled when the connection ends.
+    (closed, lost): (Arc<AtomicBool>, CancellationToken),
     events: Option<mpsc::UnboundedSender<Envelope>>,
 ) {
     'outer: loop {

@@ -156,11 +156,12 @@ fn control_node(env: &Env, skip: usize) -> Option<String> {
         .logs()
         .iter()
         .skip(skip)
+        .rev()
         .filter(|l| l.contains("CQL control connection ready"))
         .filter_map(|l| l.split(" node=").nth(1))
         .filter_map(|rest| rest.split_whitespace().next())
         .map(str::to_string)
-        .last()
+        .next()
 }
 
 /// Waits until the control connection is ready somewhere, and returns the node's index.

@@ -220,8 +220,9 @@ pub(super) async fn run(
                 };
                 if changed && slice_view.synced && pod_view.synced {
                     let all = slice_view.items.values().map(|s| &**s);
-                    publisher.publish(members(all.clone(), &pod_view.items, &cfg.port, &rules));
-                    status.set_problems(diagnose::problems(&cfg, all));
+                    // Problems first: whoever waits for the members finds them said.
+                    status.set_problems(diagnose::problems(&cfg, all.clone()));
+                    publisher.publish(members(all, &pod_view.items, &cfg.port, &rules));
                 }
             }
             _ = tokio::time::sleep_until(next_probe) => {
