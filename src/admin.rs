@@ -122,7 +122,14 @@ fn not_ready(state: &AdminState) -> Option<String> {
                     s.source,
                     s.failing().map(|(e, _)| format!(" ({e})")).unwrap_or_default()
                 ),
-                None => format!("cluster {:?} has no healthy node yet", c.config.name),
+                None => match status.map(|s| s.problems()).filter(|p| !p.is_empty()) {
+                    Some(problems) => format!(
+                        "cluster {:?} has no healthy node: {}",
+                        c.config.name,
+                        problems.join("; ")
+                    ),
+                    None => format!("cluster {:?} has no healthy node yet", c.config.name),
+                },
             });
         }
     }
@@ -178,6 +185,7 @@ pub fn topology_json(state: &AdminState) -> serde_json::Value {
                         "id": n.id,
                         "address": n.address,
                         "zone": n.zone,
+                        "node": n.node,
                         "labeled_role": n.labeled_role,
                         "role": role,
                         "healthy": n.healthy,
@@ -202,6 +210,7 @@ pub fn topology_json(state: &AdminState) -> serde_json::Value {
                         "healthy": failing.is_none(),
                         "error": failing.as_ref().map(|(e, _)| e.clone()),
                         "failing_seconds": failing.map(|(_, d)| d.as_secs()),
+                        "problems": s.problems(),
                     })
                 }),
                 "nodes": nodes,

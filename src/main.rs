@@ -2,6 +2,7 @@
 
 mod admin;
 mod backend;
+mod check;
 mod cluster;
 mod config;
 mod cql;
@@ -41,7 +42,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Validate a configuration file, print every error, exit non-zero if there is one.
-    Check,
+    Check {
+        /// Also connect to each cluster's discovery source and to every node it finds, and
+        /// report what was found (and what is wrong, by name).
+        #[arg(long)]
+        online: bool,
+    },
     /// Print the embedded default configuration.
     DefaultConfig,
 }
@@ -49,7 +55,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Check) => check(cli.config),
+        Some(Command::Check { online }) => check(cli.config, online),
         Some(Command::DefaultConfig) => {
             print!("{}", config::EMBEDDED_DEFAULT.trim_start());
             ExitCode::SUCCESS
@@ -68,7 +74,7 @@ fn load(path: Option<&PathBuf>) -> anyhow::Result<(String, String)> {
     }
 }
 
-fn check(path: Option<PathBuf>) -> ExitCode {
+fn check(path: Option<PathBuf>, online: bool) -> ExitCode {
     let (name, text) = match load(path.as_ref()) {
         Ok(t) => t,
         Err(e) => {
@@ -83,6 +89,10 @@ fn check(path: Option<PathBuf>) -> ExitCode {
                 println!("{name}: note: {u}");
             }
             println!("{name}: ok ({} cluster(s))", c.clusters.len());
+            if online && !check::online(&c) {
+                println!("{name}: the online check found problems");
+                return ExitCode::FAILURE;
+            }
             ExitCode::SUCCESS
         }
         Err(errors) => {
@@ -101,11 +111,16 @@ fn run(path: Option<PathBuf>) -> ExitCode {
     if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("kube")) {
         // sluice reports Kubernetes API failures itself (a warning, metrics, /readyz); kube's
         // ERROR line per failed request would repeat them on every retry of an outage.
-        filter = filter.add_directive(
-            "kube_client::client::builder=off"
-                .parse()
-                .expect("valid directive"),
-        );
+        // Routine disconnects are no news either: kube logs "eof in poll ... without sending
+        // TLS close_notify" at WARN on every one, and its watcher a WARN per 403 retry; sluice
+        // says what matters once, at a bounded rate. RUST_LOG=kube=... shows them again.
+        for directive in [
+            "kube_client::client::builder=off",
+            "kube_client::client=error",
+            "kube_runtime::watcher=error",
+        ] {
+            filter = filter.add_directive(directive.parse().expect("valid directive"));
+        }
     }
     tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -29,8 +29,10 @@ pub struct Member {
     pub id: String,
     /// `host:port` to connect to.
     pub address: String,
-    /// Zone (topology.kubernetes.io/zone, or the node name) when known.
+    /// Zone (topology.kubernetes.io/zone, from the EndpointSlice) when known.
     pub zone: Option<String>,
+    /// The Kubernetes node the pod runs on, when known.
+    pub node: Option<String>,
     /// The role a label claims. Only the probe decides routing; disagreements are counted.
     pub labeled_role: Option<Role>,
 }
@@ -42,6 +44,7 @@ impl Member {
             id: address.to_string(),
             address: address.to_string(),
             zone: None,
+            node: None,
             labeled_role: None,
         }
     }
@@ -54,6 +57,8 @@ pub struct Node {
     /// `host:port`.
     pub address: String,
     pub zone: Option<String>,
+    /// The Kubernetes node the pod runs on, when known.
+    pub node: Option<String>,
     pub labeled_role: Option<Role>,
     pub role: Role,
     /// The last probe (or connection attempt) succeeded.
@@ -79,6 +84,7 @@ impl Node {
             id: member.id,
             address: member.address,
             zone: member.zone,
+            node: member.node,
             labeled_role: member.labeled_role,
             role: Role::Unknown,
             healthy: false,
@@ -276,6 +282,7 @@ fn merge_members(cur: &Snapshot, members: &[Member]) -> (Arc<Snapshot>, Vec<Stri
             Some(old) if old.address == m.address => {
                 let mut n = old.clone();
                 n.zone = m.zone.clone();
+                n.node = m.node.clone();
                 n.labeled_role = m.labeled_role;
                 nodes.push(n);
             }
@@ -296,7 +303,11 @@ fn merge_members(cur: &Snapshot, members: &[Member]) -> (Arc<Snapshot>, Vec<Stri
     }
     let same = nodes.len() == cur.nodes.len()
         && nodes.iter().zip(&cur.nodes).all(|(a, b)| {
-            a.id == b.id && a.address == b.address && a.zone == b.zone && a.labeled_role == b.labeled_role
+            a.id == b.id
+                && a.address == b.address
+                && a.zone == b.zone
+                && a.node == b.node
+                && a.labeled_role == b.labeled_role
         });
     let generation = if same { cur.generation } else { cur.generation + 1 };
     (Arc::new(Snapshot { generation, nodes }), gone, !same)
@@ -388,6 +399,7 @@ mod tests {
             id: "p".into(),
             address: addr.into(),
             zone: Some("z1".into()),
+            node: None,
             labeled_role: Some(Role::Replica),
         };
         let gone = t.set_members(&[Member::at("a:1"), Member::at("c:3"), pod("10.0.0.1:5432")]);

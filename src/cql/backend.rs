@@ -18,6 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 /// Login credentials (PasswordAuthenticator, SASL PLAIN).
@@ -100,6 +101,8 @@ pub struct BackendConn {
     tx: mpsc::UnboundedSender<Outgoing>,
     streams: Arc<Mutex<Streams>>,
     closed: Arc<AtomicBool>,
+    /// Cancelled when the connection ends (EOF, reset, a write error, or `close`).
+    lost: CancellationToken,
     inflight: AtomicUsize,
 }
 
@@ -275,14 +278,15 @@ impl BackendConn {
             free: (0..=i16::MAX).rev().collect(),
         }));
         let closed = Arc::new(AtomicBool::new(false));
-        tokio::spawn(write_loop(wr, enc, rx, closed.clone()));
+        let lost = CancellationToken::new();
+        tokio::spawn(write_loop(wr, enc, rx, closed.clone(), lost.clone()));
         tokio::spawn(read_loop(
             addr,
             rd,
             dec,
             buf,
             streams.clone(),
-            closed.clone(),
+            (closed.clone(), lost.clone()),
             o.events.clone(),
         ));
         Ok(Opened {
@@ -290,6 +294,7 @@ impl BackendConn {
                 tx,
                 streams,
                 closed,
+                lost,
                 inflight: AtomicUsize::new(0),
             }),
         })
@@ -298,6 +303,12 @@ impl BackendConn {
     /// Whether the connection can no longer be used.
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// Resolves when the connection has ended (the node closed or reset it, a write failed,
+    /// or it was closed here).
+    pub async fn lost(&self) {
+        self.lost.cancelled().await
     }
 
     /// Requests waiting for an answer on this connection.
@@ -349,6 +360,7 @@ impl BackendConn {
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
         let _ = self.tx.send(Outgoing::Close);
+        self.lost.cancel();
     }
 }
 
@@ -357,6 +369,7 @@ async fn write_loop(
     enc: Encoder,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     closed: Arc<AtomicBool>,
+    lost: CancellationToken,
 ) {
     let mut buf = BytesMut::new();
     let mut batch = Vec::new();
@@ -383,6 +396,7 @@ async fn write_loop(
         buf.clear();
     }
     closed.store(true, Ordering::Release);
+    lost.cancel();
     let _ = wr.shutdown().await;
 }
 
@@ -392,7 +406,8 @@ async fn read_loop(
     mut dec: Decoder,
     mut buf: BytesMut,
     streams: Arc<Mutex<Streams>>,
-    closed: Arc<AtomicBool>,
+    // Set and cancelled when the connection ends.
+    (closed, lost): (Arc<AtomicBool>, CancellationToken),
     events: Option<mpsc::UnboundedSender<Envelope>>,
 ) {
     'outer: loop {
@@ -434,6 +449,7 @@ async fn read_loop(
         }
     }
     closed.store(true, Ordering::Release);
+    lost.cancel();
     // Dropping the waiters fails every pending request with `Lost`.
     let mut s = streams.lock().unwrap_or_else(|e| e.into_inner());
     s.waiting.clear();

@@ -26,6 +26,20 @@ use super::CqlCluster;
 const SCHEMA_DEBOUNCE: Duration = Duration::from_millis(20);
 /// A full refresh even without events, in case one was missed.
 const REFRESH_EVERY: Duration = Duration::from_secs(60);
+/// The control connection sends OPTIONS this often: a node that stops answering (a hung
+/// process, a dropped network path) sends no EOF, and events would stop without a word.
+const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
+/// A heartbeat unanswered for this long ends the control connection, which moves to another
+/// node: with HEARTBEAT_EVERY, a silent node is left within 2 s.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How a control session ended.
+enum Ended {
+    /// It was ready (ring read, events registered) and then lost: move on at once.
+    Lost,
+    /// It never got ready.
+    NotReady,
+}
 
 /// Runs the control connection forever, moving to another node whenever its node fails.
 pub async fn run(cluster: Arc<CqlCluster>) {
@@ -40,9 +54,15 @@ pub async fn run(cluster: Arc<CqlCluster>) {
             }
         }
         let mut needs_auth = false;
+        let mut moved = false;
         for addr in order {
             match session(&cluster, addr).await {
-                Ok(()) => {}
+                Ok(Ended::Lost) => {
+                    // Start over at once with a fresh order: the lost node is down (or last).
+                    moved = true;
+                    break;
+                }
+                Ok(Ended::NotReady) => {}
                 Err(OpenError::NeedsAuth { .. }) => {
                     needs_auth = true;
                     break;
@@ -70,6 +90,9 @@ pub async fn run(cluster: Arc<CqlCluster>) {
                 logged_waiting = true;
             }
             let _ = tokio::time::timeout(Duration::from_secs(5), cluster.credentials_ready.notified()).await;
+            continue;
+        }
+        if moved {
             continue;
         }
         tokio::time::sleep(cluster.config.probe_interval).await;
@@ -100,9 +123,10 @@ async fn open(
 }
 
 /// One control session on `addr`; returns when the connection is lost.
-async fn session(cluster: &Arc<CqlCluster>, addr: SocketAddr) -> Result<(), OpenError> {
+async fn session(cluster: &Arc<CqlCluster>, addr: SocketAddr) -> Result<Ended, OpenError> {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    // Prefer v5; a node that refuses it gets v4.
+    // Prefer v5; a node that refuses it gets v4. Only the connection's reader keeps a sender,
+    // so the event channel closes when the connection ends.
     let (opened, version) = match open(cluster, addr, 5, Some(tx.clone()), true).await {
         Ok(o) => (o, 5),
         Err(OpenError::Refused { error, .. }) if error.code == error_code::PROTOCOL_ERROR => {
@@ -147,22 +171,41 @@ async fn session(cluster: &Arc<CqlCluster>, addr: SocketAddr) -> Result<(), Open
     if let Err(e) = refresh_ring(cluster, addr, version, &conn).await {
         warn!(cluster = %cluster.config.name, node = %addr, error = %e, "cannot read the ring");
         conn.close();
-        return Ok(());
+        return Ok(Ended::NotReady);
     }
     if let Err(e) = refresh_schema(cluster, version, &conn).await {
         warn!(cluster = %cluster.config.name, node = %addr, error = %e, "cannot read the schema");
     }
     info!(cluster = %cluster.config.name, node = %addr, version, nodes = cluster.snapshot().nodes.len(), "CQL control connection ready");
-    let _ = call;
+    let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + REFRESH_EVERY, REFRESH_EVERY);
+    let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut why = "closed by the node";
     loop {
         let ev = tokio::select! {
             ev = rx.recv() => ev,
-            _ = tokio::time::sleep(REFRESH_EVERY) => {
+            _ = conn.lost() => break,
+            _ = refresh.tick() => {
                 if refresh_ring(cluster, addr, version, &conn).await.is_err() {
                     break;
                 }
                 let _ = refresh_schema(cluster, version, &conn).await;
                 continue;
+            }
+            _ = heartbeat.tick() => {
+                let beat = Envelope::new(
+                    Header::request(version, 0, Opcode::Options),
+                    Request::Options.to_body(version),
+                );
+                match conn.request(&beat, HEARTBEAT_TIMEOUT).await {
+                    Ok(_) => continue,
+                    Err(super::backend::RequestError::Timeout) => {
+                        why = "no answer to a heartbeat";
+                        break;
+                    }
+                    Err(super::backend::RequestError::Busy) => continue,
+                    Err(super::backend::RequestError::Lost) => break,
+                }
             }
         };
         let Some(env) = ev else { break };
@@ -205,10 +248,16 @@ async fn session(cluster: &Arc<CqlCluster>, addr: SocketAddr) -> Result<(), Open
         }
     }
     conn.close();
-    if !cluster.pools_reachable(addr).await {
+    let _ = call;
+    if why == "no answer to a heartbeat" {
+        // The node keeps its socket but answers nothing: it is down until a probe's
+        // handshake completes.
+        cluster.mark_down(addr, "control connection: no answer to a heartbeat");
+    } else if !cluster.pools_reachable(addr).await {
         cluster.mark_down(addr, "control connection lost");
     }
-    Ok(())
+    warn!(cluster = %cluster.config.name, node = %addr, reason = why, "CQL control connection lost; moving to another node");
+    Ok(Ended::Lost)
 }
 
 /// The native address sluice uses for an address a node reports (events carry the native

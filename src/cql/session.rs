@@ -659,7 +659,8 @@ impl Client {
             },
             datacenter: dc,
             schema_version: info.schema_version,
-            protocol_version: self.v(),
+            // A node reports the highest version it speaks, not the connection's.
+            protocol_version: snap.max_version.clamp(4, 5),
         }
     }
 

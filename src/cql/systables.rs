@@ -22,6 +22,8 @@ pub struct LocalView<'a> {
     pub partitioner: &'a str,
     pub datacenter: &'a str,
     pub schema_version: Option<[u8; 16]>,
+    /// The highest native protocol version sluice speaks to clients (what a Cassandra node
+    /// reports in `native_protocol_version`, whatever version the connection uses).
     pub protocol_version: u8,
 }
 
@@ -294,7 +296,7 @@ mod tests {
             partitioner: "org.apache.cassandra.dht.Murmur3Partitioner",
             datacenter: "dc1",
             schema_version: Some([7; 16]),
-            protocol_version: 4,
+            protocol_version: 5,
         }
     }
 
@@ -318,6 +320,17 @@ mod tests {
         let all = answer(&select("SELECT * FROM system.local"), "local", &view()).unwrap();
         assert_eq!(all.metadata.columns.len(), 20);
         assert!(answer(&select("SELECT nope FROM system.local"), "local", &view()).is_err());
+        let v = answer(
+            &select("SELECT native_protocol_version FROM system.local"),
+            "local",
+            &view(),
+        )
+        .unwrap();
+        assert_eq!(
+            v.rows().unwrap()[0][0].as_deref(),
+            Some(&b"5"[..]),
+            "the highest version, as Cassandra 4.0 reports"
+        );
     }
 
     #[test]

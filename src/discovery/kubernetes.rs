@@ -10,15 +10,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, ListParams};
-use kube::runtime::utils::Backoff;
-use kube::runtime::watcher::{self, Event};
-use kube::runtime::WatchStreamExt;
+use kube::api::Api;
+use kube::runtime::watcher::Event;
 use tokio::task::JoinHandle;
-use tracing::debug;
 
 use super::{Publisher, StartError};
 use crate::config::{KubernetesDiscovery, PortRef, RoleLabels};
@@ -158,7 +154,8 @@ pub fn members<'a>(
                 member: Member {
                     id: id.clone(),
                     address: join_host_port(addr, port),
-                    zone: ep.zone.clone().or_else(|| ep.node_name.clone()),
+                    zone: ep.zone.clone(),
+                    node: ep.node_name.clone(),
                     labeled_role: pod
                         .and_then(|p| pods.get(&p))
                         .and_then(|l| labeled_role(rules, l)),
@@ -237,37 +234,6 @@ fn map_event<K, T>(event: Event<K>, f: impl Fn(K) -> (String, T)) -> Event<(Stri
     }
 }
 
-/// Retries a failed watch after 250 ms, doubling up to 5 s: quick to resume after a blip,
-/// gentle on an API server that is down.
-struct Retry {
-    next: Duration,
-}
-
-impl Retry {
-    const FIRST: Duration = Duration::from_millis(250);
-    const MAX: Duration = Duration::from_secs(5);
-
-    fn new() -> Retry {
-        Retry { next: Retry::FIRST }
-    }
-}
-
-impl Iterator for Retry {
-    type Item = Duration;
-
-    fn next(&mut self) -> Option<Duration> {
-        let now = self.next;
-        self.next = (self.next * 2).min(Retry::MAX);
-        Some(now)
-    }
-}
-
-impl Backoff for Retry {
-    fn reset(&mut self) {
-        self.next = Retry::FIRST;
-    }
-}
-
 /// The HTTP status and message of an API error, if it is one.
 fn api_status(e: &kube::Error) -> Option<(u16, String)> {
     match e {
@@ -276,8 +242,9 @@ fn api_status(e: &kube::Error) -> Option<(u16, String)> {
     }
 }
 
-/// One LIST of each resource with `limit=1`: credentials and RBAC problems become start-up
-/// errors; an unreachable API server only a warning (the watchers keep trying).
+/// One LIST (with `limit=1`) and one WATCH of each resource, as the watchers will make them:
+/// credentials and RBAC problems (a missing `list` or `watch` verb) become start-up errors;
+/// an unreachable API server only a warning (the watchers keep trying).
 async fn preflight(
     cluster: &str,
     cfg: &KubernetesDiscovery,
@@ -285,26 +252,25 @@ async fn preflight(
     pods: &Api<Pod>,
     slice_sel: &str,
 ) -> Result<(), StartError> {
-    let slice_params = ListParams::default().labels(slice_sel).limit(1);
-    let slice_check = slices.list_metadata(&slice_params);
-    let mut pod_params = ListParams::default().limit(1);
-    if let Some(sel) = &cfg.pod_selector {
-        pod_params = pod_params.labels(sel);
-    }
-    let pod_check = pods.list_metadata(&pod_params);
-    let (slice_result, pod_result) = match tokio::time::timeout(PREFLIGHT_TIMEOUT, async {
-        (slice_check.await.map(drop), pod_check.await.map(drop))
-    })
-    .await
-    {
+    let checks = async {
+        [
+            ("endpointslices", follow::probe(slices, Some(slice_sel)).await),
+            ("pods", follow::probe(pods, cfg.pod_selector.as_deref()).await),
+        ]
+    };
+    let results = match tokio::time::timeout(PREFLIGHT_TIMEOUT, checks).await {
         Ok(r) => r,
         Err(_) => {
             tracing::warn!(cluster, "the Kubernetes API did not answer within {PREFLIGHT_TIMEOUT:?}; starting anyway and retrying");
             return Ok(());
         }
     };
-    for (what, result) in [("EndpointSlice list", slice_result), ("Pod list", pod_result)] {
-        let Err(e) = result else { continue };
+    for (resource, result) in results {
+        let Err((verb, e)) = result else { continue };
+        let verb = match verb {
+            follow::Verb::List => "list",
+            follow::Verb::Watch => "watch",
+        };
         match api_status(&e) {
             Some((401, message)) => {
                 return Err(StartError::Unauthorized {
@@ -317,13 +283,16 @@ async fn preflight(
                 return Err(StartError::Forbidden {
                     cluster: cluster.into(),
                     namespace: cfg.namespace.clone(),
+                    verb,
+                    resource,
                     message,
                 })
             }
             Some((status @ (400 | 404), message)) => {
                 return Err(StartError::Rejected {
                     cluster: cluster.into(),
-                    what,
+                    verb,
+                    resource,
                     status,
                     message,
                 })
@@ -335,11 +304,6 @@ async fn preflight(
         }
     }
     Ok(())
-}
-
-enum Update {
-    Slices(Event<(String, Box<EndpointSlice>)>),
-    Pods(Event<(String, BTreeMap<String, String>)>),
 }
 
 /// Connects to the API server (KUBECONFIG, ~/.kube/config or in-cluster), checks access,
@@ -371,74 +335,17 @@ pub(super) async fn start_with_client(
     let pods: Api<Pod> = Api::namespaced(client, &cfg.namespace);
     let slice_sel = slice_selector(&cfg.services);
     preflight(cluster, cfg, &slices, &pods, &slice_sel).await?;
-
-    let slice_events = kube::runtime::watcher(slices.clone(), watcher::Config::default().labels(&slice_sel))
-        .backoff(Retry::new())
-        .map(|r| {
-            r.map(|e| {
-                Update::Slices(map_event(e, |s: EndpointSlice| {
-                    (s.metadata.name.clone().unwrap_or_default(), Box::new(s))
-                }))
-            })
-        });
-    let mut pod_config = watcher::Config::default();
-    if let Some(sel) = &cfg.pod_selector {
-        pod_config = pod_config.labels(sel);
-    }
-    let pod_events = kube::runtime::watcher(pods, pod_config)
-        .backoff(Retry::new())
-        .map(|r| {
-            r.map(|e| {
-                // Only names and labels are kept: a namespace's Pods can be many and large.
-                Update::Pods(map_event(e, |p: Pod| {
-                    (
-                        p.metadata.name.unwrap_or_default(),
-                        p.metadata.labels.unwrap_or_default(),
-                    )
-                }))
-            })
-        });
-    let rules = role_rules(&cfg.roles);
-    let port = cfg.port.clone();
-    let cluster = cluster.to_string();
-    Ok(tokio::spawn(async move {
-        let mut events = std::pin::pin!(futures_util::stream::select(slice_events, pod_events));
-        let mut slice_view: Mirror<Box<EndpointSlice>> = Mirror::default();
-        let mut pod_view: Mirror<BTreeMap<String, String>> = Mirror::default();
-        let mut health = tokio::time::interval(Duration::from_secs(1));
-        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                next = events.next() => {
-                    let changed = match next {
-                        None => return,
-                        Some(Err(e)) => {
-                            publisher.status.failed(&e.to_string());
-                            continue;
-                        }
-                        Some(Ok(Update::Slices(e))) => slice_view.apply(e),
-                        Some(Ok(Update::Pods(e))) => pod_view.apply(e),
-                    };
-                    publisher.status.ok();
-                    if changed && slice_view.synced && pod_view.synced {
-                        let slices = slice_view.items.values().map(|s| &**s);
-                        publisher.publish(members(slices, &pod_view.items, &port, &rules));
-                    }
-                }
-                _ = health.tick() => {
-                    // The watcher says nothing when it resumes a watch, so while the source is
-                    // failing a cheap LIST tells when the API server is back.
-                    if publisher.status.failing().is_some() {
-                        match slices.list_metadata(&ListParams::default().labels(&slice_sel).limit(1)).await {
-                            Ok(_) => publisher.status.ok(),
-                            Err(e) => debug!(cluster = %cluster, error = %e, "Kubernetes API still unreachable"),
-                        }
-                    }
-                }
-            }
-        }
-    }))
+    Ok(tokio::spawn(follow::run(
+        cluster.to_string(),
+        cfg.clone(),
+        slices,
+        pods,
+        publisher,
+    )))
 }
+
+mod diagnose;
+mod follow;
 
 #[cfg(test)]
 mod tests;

@@ -11,10 +11,11 @@ pub mod dns;
 pub mod kubernetes;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::config::Discovery;
@@ -32,16 +33,23 @@ pub enum StartError {
         status: u16,
         message: String,
     },
-    #[error("cluster {cluster:?}: RBAC denies sluice: {message}. Grant get, list and watch on `pods` and on `endpointslices` (group discovery.k8s.io) in namespace {namespace:?} (see deploy/kubernetes/rbac.yaml)")]
+    #[error("cluster {cluster:?}: RBAC denies sluice the `{verb}` verb on `{resource}` in namespace {namespace:?}: {message}. Grant get, list and watch on `pods` and on `endpointslices` (group discovery.k8s.io) in namespace {namespace:?} (see deploy/kubernetes/rbac.yaml)")]
     Forbidden {
         cluster: String,
         namespace: String,
+        /// `list` or `watch`.
+        verb: &'static str,
+        /// `endpointslices` or `pods`.
+        resource: &'static str,
         message: String,
     },
-    #[error("cluster {cluster:?}: the Kubernetes API rejected the {what} request ({status}): {message}")]
+    #[error(
+        "cluster {cluster:?}: the Kubernetes API rejected the {verb} of `{resource}` ({status}): {message}"
+    )]
     Rejected {
         cluster: String,
-        what: &'static str,
+        verb: &'static str,
+        resource: &'static str,
         status: u16,
         message: String,
     },
@@ -63,7 +71,15 @@ struct State {
     synced: bool,
     /// The last error, and since when the source has been failing.
     failing: Option<(String, Instant)>,
+    /// When the failure was last logged at WARN.
+    warned: Option<Instant>,
+    /// What is wrong with the view the source gives (a Service with no EndpointSlice, a
+    /// port the slices do not have), each naming the thing: empty when nothing is.
+    problems: Vec<String>,
 }
+
+/// While a source keeps failing, a WARN line repeats it this often (once at first).
+const REMIND_EVERY: Duration = Duration::from_secs(60);
 
 impl Status {
     fn new(source: &'static str, cluster: &str, metrics: Arc<Metrics>) -> Status {
@@ -92,10 +108,11 @@ impl Status {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The source answered.
+    /// The source answered (a complete list, a watch event, or an accepted watch).
     pub fn ok(&self) {
         let recovered = {
             let mut s = self.lock();
+            s.warned = None;
             s.failing.take()
         };
         if let Some((_, since)) = recovered {
@@ -110,24 +127,67 @@ impl Status {
         self.ok();
     }
 
-    /// The source failed; the last member list stays in place.
+    /// The source failed; the last member list stays in place. The first failure is logged
+    /// at WARN, then a reminder every [`REMIND_EVERY`] while it lasts; retries in between
+    /// only at DEBUG.
     pub fn failed(&self, error: &str) {
-        let first = {
+        let (first, remind) = {
             let mut s = self.lock();
+            let now = Instant::now();
             let first = s.failing.is_none();
             match &mut s.failing {
                 Some((e, _)) => *e = error.to_string(),
-                None => s.failing = Some((error.to_string(), Instant::now())),
+                None => s.failing = Some((error.to_string(), now)),
             }
-            first
+            let remind = s.warned.is_none_or(|w| now.duration_since(w) >= REMIND_EVERY);
+            if remind {
+                s.warned = Some(now);
+            }
+            let since = s.failing.as_ref().map(|(_, t)| *t).unwrap_or(now);
+            (first, remind.then(|| now.duration_since(since)))
         };
         self.metrics.discovery_errors.get_or_create(&self.labels()).inc();
         self.gauge(0);
-        if first {
-            warn!(cluster = %self.cluster, source = self.source, error, "discovery source failing; keeping the last known topology");
-        } else {
-            tracing::debug!(cluster = %self.cluster, source = self.source, error, "discovery source still failing");
+        match remind {
+            Some(_) if first => {
+                warn!(cluster = %self.cluster, source = self.source, error, "discovery source failing; keeping the last known topology")
+            }
+            Some(for_) => {
+                warn!(cluster = %self.cluster, source = self.source, error, failing_for = ?Duration::from_secs(for_.as_secs()), "discovery source still failing; keeping the last known topology")
+            }
+            None => {
+                tracing::debug!(cluster = %self.cluster, source = self.source, error, "discovery source still failing")
+            }
         }
+    }
+
+    /// Replaces the list of problems with the source's view; new ones are logged at WARN.
+    pub(crate) fn set_problems(&self, problems: Vec<String>) {
+        let (new, resolved): (Vec<String>, bool) = {
+            let mut s = self.lock();
+            if s.problems == problems {
+                return;
+            }
+            let new = problems
+                .iter()
+                .filter(|p| !s.problems.contains(p))
+                .cloned()
+                .collect();
+            let resolved = problems.is_empty();
+            s.problems = problems;
+            (new, resolved)
+        };
+        for problem in &new {
+            warn!(cluster = %self.cluster, source = self.source, "discovery: {problem}");
+        }
+        if resolved {
+            info!(cluster = %self.cluster, source = self.source, "discovery problems resolved");
+        }
+    }
+
+    /// What is wrong with the source's view, each naming the thing (empty when nothing is).
+    pub fn problems(&self) -> Vec<String> {
+        self.lock().problems.clone()
     }
 
     /// Whether a complete view has been published at least once.

@@ -12,6 +12,7 @@ mod support;
 mod dns;
 mod failover;
 mod forward;
+mod mistakes;
 mod outage;
 mod restart;
 

@@ -121,6 +121,23 @@ async fn cloudnative_pg_failover_follows_the_recording() {
             Some("zone-c".into())
         ]
     );
+    let nodes: Vec<_> = feed
+        .members
+        .borrow()
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.node)
+        .collect();
+    assert_eq!(
+        nodes,
+        [
+            Some("worker-1".into()),
+            Some("worker-2".into()),
+            Some("worker-3".into())
+        ],
+        "zone and node are reported separately"
+    );
     fake.advance_to(247);
     expect(
         &mut feed,
@@ -169,11 +186,11 @@ async fn patroni_switchover_follows_the_recording() {
         "RV 319",
     )
     .await;
-    // The mirrored master slice carries no zone: the node name stands in.
-    assert_eq!(
-        feed.members.borrow().clone().unwrap()[0].zone.as_deref(),
-        Some("worker-1")
-    );
+    // The mirrored master slice carries no zone: the zone stays unknown (the node name is
+    // not a zone), and the node is reported on its own.
+    let first = feed.members.borrow().clone().unwrap()[0].clone();
+    assert_eq!(first.zone, None);
+    assert_eq!(first.node.as_deref(), Some("worker-1"));
     fake.advance_to(326);
     expect(
         &mut feed,
@@ -554,4 +571,320 @@ fn role_presets_and_custom_labels() {
         slice_selector(&["a".into(), "b".into()]),
         "kubernetes.io/service-name in (a,b)"
     );
+}
+
+/// A client for a kubeconfig whose server is `url`.
+async fn client_for(url: &str) -> kube::Client {
+    let yaml = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {url}\n\
+         users:\n- name: u\n  user:\n    token: {ADMIN_TOKEN}\n\
+         contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\n    namespace: db\n\
+         current-context: c\n"
+    );
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(&yaml).expect("kubeconfig");
+    let config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+            .await
+            .expect("config");
+    kube::Client::try_from(config).expect("client")
+}
+
+fn errors_counted(metrics: &Metrics) -> u64 {
+    metrics
+        .discovery_errors
+        .get_or_create(&crate::metrics::DiscoveryLabels {
+            cluster: "test".into(),
+            source: "kubernetes",
+        })
+        .get()
+}
+
+/// Item 1 of issue 12: an API server that cannot be reached (a closed port) makes the source
+/// fail once and stay failing, with retries that back off to tens of seconds instead of a
+/// storm of "failing" / "reachable again" every 250 ms.
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_api_server_is_retried_with_backoff_and_stays_failing() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let metrics = Arc::new(Metrics::new());
+    let cfg = k8s(&["pg-r"], PortRef::Name("postgres".into()), "cloudnative-pg");
+    let feed = kubernetes_feed(&cfg, client_for(&url).await, &metrics)
+        .await
+        .expect("an unreachable API server is not a start error");
+    let started = tokio::time::Instant::now();
+    let deadline = started + Duration::from_secs(600);
+    while feed.status.failing().is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the failure is never reported"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Five minutes of (paused-clock) outage: failing all along, since the first failure.
+    let mut longest = Duration::ZERO;
+    while started.elapsed() < Duration::from_secs(300) {
+        let (_, failing_for) = feed.status.failing().expect("the source never looks healthy");
+        assert!(
+            failing_for >= longest,
+            "failing_seconds went back: {failing_for:?} < {longest:?}"
+        );
+        longest = failing_for;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(longest >= Duration::from_secs(290), "{longest:?}");
+    assert!(!feed.status.is_synced());
+    // Two watchers and the probe, each backing off to 30 s: a few dozen attempts in five
+    // minutes, not the 1200 of a 250 ms retry loop.
+    let errors = errors_counted(&metrics);
+    assert!(
+        (3..=60).contains(&errors),
+        "{errors} failed attempts in 5 minutes"
+    );
+}
+
+/// Item 2: an API server that keeps its connections but stops answering is reported within
+/// 30 s (paused clock), the members stay, and the source recovers by itself.
+#[tokio::test]
+async fn a_hung_api_server_is_reported_within_30s_and_recovers() {
+    let fake = FakeApiServer::start(Scenario::cnpg_failover()).await.unwrap();
+    let mut feed = feed(
+        &fake,
+        &k8s(&["pg-r"], PortRef::Name("postgres".into()), "cloudnative-pg"),
+    )
+    .await;
+    let all = [
+        ("pg-1", "10.244.1.11:5432", P),
+        ("pg-2", "10.244.2.11:5432", R),
+        ("pg-3", "10.244.3.11:5432", R),
+    ];
+    expect(&mut feed, &all, "initial").await;
+    // Nothing moves on a hung server, so the clock can be paused: the time it takes to notice
+    // is the time sluice waits, not the test machine's speed.
+    tokio::time::pause();
+    fake.set_hung(true);
+    let hung_at = tokio::time::Instant::now();
+    while feed.status.failing().is_none() {
+        assert!(
+            hung_at.elapsed() <= Duration::from_secs(30),
+            "the hang is not reported within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (error, _) = feed.status.failing().unwrap();
+    assert!(error.contains("did not answer"), "{error}");
+    assert!(same(&feed.members.borrow(), &all), "members kept while hung");
+    tokio::time::resume();
+    fake.set_hung(false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while feed.status.failing().is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no recovery after the hang"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    fake.advance_to(247);
+    expect(
+        &mut feed,
+        &[("pg-2", "10.244.2.11:5432", R), ("pg-3", "10.244.3.11:5432", R)],
+        "watching again after the hang",
+    )
+    .await;
+}
+
+/// Item 3: a token that may list but not watch is refused at start, naming the verb.
+#[tokio::test]
+async fn a_forbidden_watch_is_a_start_error_naming_the_verb() {
+    let fake = FakeApiServer::start(Scenario::cnpg_failover()).await.unwrap();
+    let cfg = k8s(&["pg-r"], PortRef::Name("postgres".into()), "cloudnative-pg");
+    let metrics = Arc::new(Metrics::new());
+    fake.add_token(
+        "list-only",
+        "system:serviceaccount:db:list-only",
+        Some("db"),
+        Some(&[("endpointslices", "list"), ("pods", "list")]),
+    );
+    let err = kubernetes_feed(&cfg, client(&fake, "list-only").await, &metrics)
+        .await
+        .err()
+        .expect("a watch that is forbidden is refused at start");
+    let text = err.to_string();
+    assert!(
+        matches!(
+            err,
+            StartError::Forbidden {
+                verb: "watch",
+                resource: "endpointslices",
+                ..
+            }
+        ),
+        "{text}"
+    );
+    assert!(text.contains("`watch` verb"), "{text}");
+    assert!(
+        text.contains("cannot watch resource \"endpointslices\""),
+        "{text}"
+    );
+    // Slices complete, pods without watch: the pods are named.
+    fake.add_token(
+        "pods-no-watch",
+        "system:serviceaccount:db:pods-no-watch",
+        Some("db"),
+        Some(&[
+            ("endpointslices", "list"),
+            ("endpointslices", "watch"),
+            ("pods", "list"),
+        ]),
+    );
+    let err = kubernetes_feed(&cfg, client(&fake, "pods-no-watch").await, &metrics)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(
+            err,
+            StartError::Forbidden {
+                verb: "watch",
+                resource: "pods",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+/// Item 3, at run time: when the watch becomes forbidden after start, the source reports it
+/// and stays failing (no "reachable again" from a list that still works).
+#[tokio::test]
+async fn a_watch_forbidden_after_start_keeps_the_source_failing() {
+    let fake = FakeApiServer::start(Scenario::cnpg_failover()).await.unwrap();
+    fake.add_token("t", "system:serviceaccount:db:t", Some("db"), None);
+    let cfg = k8s(&["pg-r"], PortRef::Name("postgres".into()), "cloudnative-pg");
+    let metrics = Arc::new(Metrics::new());
+    let mut feed = kubernetes_feed(&cfg, client(&fake, "t").await, &metrics)
+        .await
+        .expect("starts");
+    feed.synced(Duration::from_secs(5)).await.expect("synced");
+    // RBAC changes: list stays, watch goes. Ending the watches makes kube watch again.
+    fake.add_token(
+        "t",
+        "system:serviceaccount:db:t",
+        Some("db"),
+        Some(&[("endpointslices", "list"), ("pods", "list")]),
+    );
+    fake.end_watches();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while feed.status.failing().is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the forbidden watch is not reported"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // It stays failing: sample for a few seconds of probes and retries.
+    let until = tokio::time::Instant::now() + Duration::from_secs(4);
+    while tokio::time::Instant::now() < until {
+        let (error, _) = feed
+            .status
+            .failing()
+            .expect("a forbidden watch never looks healthy");
+        assert!(error.contains("watch") || error.contains("forbidden"), "{error}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Item 4: a wrong Service name, namespace or port name is named, not silently empty.
+#[tokio::test]
+async fn configuration_mistakes_are_named() {
+    let fake = FakeApiServer::start(Scenario::cnpg_failover()).await.unwrap();
+    let problems_of = |cfg: KubernetesDiscovery| {
+        let fake = &fake;
+        async move {
+            let mut feed = feed(fake, &cfg).await;
+            let members = feed.synced(Duration::from_secs(5)).await.expect("synced");
+            assert!(members.is_empty(), "{members:?}");
+            assert!(feed.status.failing().is_none(), "the API server answered");
+            feed.status.problems()
+        }
+    };
+    let problems = problems_of(k8s(
+        &["pg-nope"],
+        PortRef::Name("postgres".into()),
+        "cloudnative-pg",
+    ))
+    .await;
+    assert_eq!(
+        problems,
+        ["no EndpointSlice labelled kubernetes.io/service-name=pg-nope in namespace db"]
+    );
+    let mut other_ns = k8s(&["pg-r"], PortRef::Name("postgres".into()), "cloudnative-pg");
+    other_ns.namespace = "nope".into();
+    assert_eq!(
+        problems_of(other_ns).await,
+        ["no EndpointSlice labelled kubernetes.io/service-name=pg-r in namespace nope"]
+    );
+    assert_eq!(
+        problems_of(k8s(&["pg-r"], PortRef::Name("pg".into()), "cloudnative-pg")).await,
+        ["slices of pg-r have ports [postgres], not pg"]
+    );
+    // A right configuration has none.
+    let mut ok = feed(
+        &fake,
+        &k8s(
+            &["pg-r", "pg-nope"],
+            PortRef::Name("postgres".into()),
+            "cloudnative-pg",
+        ),
+    )
+    .await;
+    assert_eq!(ok.synced(Duration::from_secs(5)).await.unwrap().len(), 3);
+    assert_eq!(
+        ok.status.problems(),
+        ["no EndpointSlice labelled kubernetes.io/service-name=pg-nope in namespace db"],
+        "one Service of two missing is named too"
+    );
+}
+
+/// Item 5: `410 Expired` is routine (kube lists again), not a failure.
+#[tokio::test]
+async fn an_expired_watch_is_not_a_failure() {
+    let fake = FakeApiServer::start(Scenario::cnpg_failover()).await.unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let cfg = k8s(&["pg-r"], PortRef::Name("postgres".into()), "cloudnative-pg");
+    let mut feed = kubernetes_feed(&cfg, client(&fake, ADMIN_TOKEN).await, &metrics)
+        .await
+        .unwrap();
+    feed.synced(Duration::from_secs(5)).await.expect("synced");
+    fake.advance_to(247);
+    expect(
+        &mut feed,
+        &[("pg-2", "10.244.2.11:5432", R), ("pg-3", "10.244.3.11:5432", R)],
+        "247",
+    )
+    .await;
+    let lists = |fake: &FakeApiServer| {
+        fake.requests()
+            .iter()
+            .filter(|r| r.is_list_of("endpointslices") && r.query.get("limit").is_some_and(|l| l == "500"))
+            .count()
+    };
+    let before = lists(&fake);
+    // Compacted past the watch's resourceVersion: the resumed watch gets 410 and kube lists.
+    fake.advance_to(248);
+    fake.compact(fake.rv() + 1);
+    fake.end_watches();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while lists(&fake) <= before {
+        assert!(tokio::time::Instant::now() < deadline, "no relist after 410");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    expect(
+        &mut feed,
+        &[("pg-2", "10.244.2.11:5432", P), ("pg-3", "10.244.3.11:5432", R)],
+        "after the relist",
+    )
+    .await;
+    assert!(feed.status.failing().is_none());
+    assert_eq!(errors_counted(&metrics), 0, "410 Expired counted as a failure");
 }

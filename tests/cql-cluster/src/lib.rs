@@ -173,6 +173,8 @@ pub(crate) struct Shared {
     pub records: Mutex<Vec<Record>>,
     pub tasks: Vec<Mutex<NodeTasks>>,
     pub next_conn: AtomicU64,
+    /// Per node: true while the node is frozen (a SIGSTOPped process).
+    pub frozen: Vec<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Shared {
@@ -193,6 +195,12 @@ impl Shared {
             }
             let _ = s.tx.send(server::Out::Event(event.clone()));
         }
+    }
+
+    /// Waits while node `node` is frozen.
+    pub async fn while_frozen(&self, node: usize) {
+        let mut rx = self.frozen[node].subscribe();
+        let _ = rx.wait_for(|f| !*f).await;
     }
 
     fn native_address(&self, node: usize) -> SocketAddr {
@@ -280,6 +288,7 @@ impl TestCluster {
             subscribers: Mutex::new(Vec::new()),
             records: Mutex::new(Vec::new()),
             tasks: (0..n).map(|_| Mutex::new(NodeTasks::default())).collect(),
+            frozen: (0..n).map(|_| tokio::sync::watch::channel(false).0).collect(),
             next_conn: AtomicU64::new(1),
         });
         let cluster = TestCluster {
@@ -413,6 +422,20 @@ impl TestCluster {
             address: self.address(i),
         };
         self.shared.broadcast(&ev, "STATUS_CHANGE", Some(i));
+    }
+
+    /// Freezes node `i` like SIGSTOP: its port still accepts TCP connections (the kernel
+    /// does that) and every connection stays open, but the node reads, answers and sends
+    /// nothing, and announces nothing, until [`TestCluster::thaw`]. The other nodes see
+    /// nothing either (no STATUS_CHANGE), as with a real stopped process before gossip
+    /// convicts it.
+    pub fn freeze(&self, i: usize) {
+        self.shared.frozen[i].send_replace(true);
+    }
+
+    /// Resumes a frozen node: what waited is read and answered.
+    pub fn thaw(&self, i: usize) {
+        self.shared.frozen[i].send_replace(false);
     }
 
     /// Starts node `i` again (with an empty prepared statement cache) and announces

@@ -62,7 +62,7 @@ async fn connection(shared: Arc<Shared>, node: usize, conn: u64, stream: TcpStre
     let (tx, rx) = mpsc::unbounded_channel();
     let version = Arc::new(std::sync::atomic::AtomicU8::new(4));
     let reader = read_loop(shared.clone(), node, conn, rd, tx, version.clone());
-    let writer = write_loop(wr, rx, version);
+    let writer = write_loop(shared.clone(), node, wr, rx, version);
     tokio::join!(reader, writer);
     shared
         .subscribers
@@ -72,6 +72,8 @@ async fn connection(shared: Arc<Shared>, node: usize, conn: u64, stream: TcpStre
 }
 
 async fn write_loop(
+    shared: Arc<Shared>,
+    node: usize,
     mut wr: OwnedWriteHalf,
     mut rx: mpsc::UnboundedReceiver<Out>,
     version: Arc<std::sync::atomic::AtomicU8>,
@@ -80,6 +82,7 @@ async fn write_loop(
     let mut buf = BytesMut::new();
     let mut pending: Vec<Envelope> = Vec::new();
     while let Some(first) = rx.recv().await {
+        shared.while_frozen(node).await;
         let mut close = false;
         let mut next = Some(first);
         while let Some(msg) = next.take() {
@@ -413,6 +416,7 @@ async fn read_loop(
                 }
             }
         }
+        c.shared.while_frozen(node).await;
         match rd.read_buf(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(_) => {}

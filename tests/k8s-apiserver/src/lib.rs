@@ -4,7 +4,8 @@
 //! chunked JSON event streams with resourceVersions, BOOKMARKs, `410 Expired` after compaction,
 //! `403 Forbidden` from RBAC, pagination with continue tokens — from recorded scenarios in
 //! `../shared/fixtures/k8s/`. A test steps through a scenario (`advance_to(rv)`), and can cut
-//! the server off (`set_down`), compact it (`expire`) or deny a token (`add_token`).
+//! the server off (`set_down`), hang it (`set_hung`, like a SIGSTOPped kube-apiserver), compact
+//! it (`expire`) or deny a token (`add_token`).
 //! [`dns::FakeDns`] is a tiny DNS server for the DNS discovery tests.
 //! Recorded pod addresses are data: tests rewrite them to loopback addresses with
 //! [`Scenario::rewrite`] before anything connects to them.

@@ -69,6 +69,9 @@ struct Shared {
     end_watches: watch::Sender<u64>,
     /// True while the server plays dead: connections are dropped and watches cut.
     down: watch::Sender<bool>,
+    /// True while the server hangs (a SIGSTOPped kube-apiserver): connections are accepted
+    /// (the kernel does that) but nothing is read or answered, and open watches send nothing.
+    hung: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -117,6 +120,7 @@ impl FakeApiServer {
             changed: watch::channel(0).0,
             end_watches: watch::channel(0).0,
             down: watch::channel(false).0,
+            hung: watch::channel(false).0,
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone()));
         Ok(FakeApiServer { addr, shared, task })
@@ -249,6 +253,13 @@ impl FakeApiServer {
         self.shared.down.send_replace(down);
     }
 
+    /// An API server that hangs (SIGSTOP) while `hung`: it keeps every TCP connection and
+    /// accepts new ones, but answers nothing and sends nothing on open watches until it is
+    /// resumed, when everything waiting is served as if nothing happened.
+    pub fn set_hung(&self, hung: bool) {
+        self.shared.hung.send_replace(hung);
+    }
+
     /// Every request answered so far.
     pub fn requests(&self) -> Vec<RequestLog> {
         self.shared.lock().requests.clone()
@@ -276,6 +287,11 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         let shared = shared.clone();
         tokio::spawn(async move {
             let mut down = shared.down.subscribe();
+            let mut hung = shared.hung.subscribe();
+            tokio::select! {
+                _ = while_hung(&mut hung) => {}
+                _ = went_down(&mut down) => return,
+            }
             let svc_shared = shared.clone();
             let svc = service_fn(move |req| {
                 let shared = svc_shared.clone();
@@ -384,6 +400,7 @@ fn route(path: &str) -> Option<(Kind, Option<String>, Option<String>)> {
 }
 
 async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    while_hung(&mut shared.hung.subscribe()).await;
     let path = req.uri().path().to_string();
     let query = parse_query(req.uri().query().unwrap_or_default());
     let token = req
@@ -703,7 +720,15 @@ async fn run_watch(shared: Arc<Shared>, spec: WatchSpec, tx: mpsc::Sender<Result
         }
     };
     let mut last = false;
+    let mut hung = shared.hung.subscribe();
     loop {
+        tokio::select! {
+            _ = while_hung(&mut hung) => {}
+            _ = went_down(&mut down) => {
+                let _ = tx.send(Err(std::io::Error::other("API server went down"))).await;
+                return;
+            }
+        }
         let (mut lines, next) = {
             let c = shared.lock();
             c.store
@@ -733,6 +758,11 @@ async fn run_watch(shared: Arc<Shared>, spec: WatchSpec, tx: mpsc::Sender<Result
             _ = tokio::time::sleep_until(deadline) => last = true,
         }
     }
+}
+
+/// Resolves once the server is not (or no longer) hung.
+async fn while_hung(hung: &mut watch::Receiver<bool>) {
+    let _ = hung.wait_for(|h| !*h).await;
 }
 
 /// Resolves once the server is (or goes) down.

@@ -316,3 +316,35 @@ async fn rbac_grants_follow_the_minimal_role() {
     .unwrap();
     assert_eq!(r.status, 200);
 }
+
+#[tokio::test]
+async fn a_hung_server_keeps_connections_and_answers_nothing_until_resumed() {
+    let fake = FakeApiServer::start(Scenario::cnpg_failover()).await.unwrap();
+    let watch_path = "/apis/discovery.k8s.io/v1/namespaces/db/endpointslices?&watch=true&timeoutSeconds=290&allowWatchBookmarks=true&resourceVersion=244";
+    let mut watch = get(&fake, watch_path).await;
+    assert_eq!(watch.status, 200);
+    fake.set_hung(true);
+    fake.advance_to(247);
+    // The open watch sends nothing, and a new request is connected but not answered.
+    assert!(watch.next_chunk(Duration::from_millis(300)).await.is_err());
+    let addr = fake.addr();
+    let list = tokio::spawn(async move {
+        client::get(addr, "/api/v1/namespaces/db/pods?&limit=500", Some(ADMIN_TOKEN)).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!list.is_finished(), "a hung server answered");
+    // Resumed: the waiting request is answered and the watch delivers what happened meanwhile.
+    fake.set_hung(false);
+    let r = tokio::time::timeout(Duration::from_secs(5), list)
+        .await
+        .expect("answered once resumed")
+        .unwrap()
+        .expect("GET");
+    assert_eq!(r.status, 200);
+    let chunk = watch
+        .next_chunk(Duration::from_secs(5))
+        .await
+        .expect("the watch resumes")
+        .expect("a chunk");
+    assert!(String::from_utf8_lossy(&chunk).contains("\"type\":\"MODIFIED\""));
+}
