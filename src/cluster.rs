@@ -520,13 +520,19 @@ impl Cluster {
     async fn load_functions(&self, slot: &CatalogSlot, user: &str, database: &str) {
         let addr = {
             let snap = self.topology.load();
-            let node = snap.primary().or_else(|| snap.nodes.iter().position(|n| n.healthy));
+            let node = snap
+                .primary()
+                .or_else(|| snap.nodes.iter().position(|n| n.healthy));
             match node {
                 Some(i) => snap.nodes[i].address.to_string(),
                 None => return,
             }
         };
-        let password = self.users.get(user).map(|u| u.password.as_str()).unwrap_or_default();
+        let password = self
+            .users
+            .get(user)
+            .map(|u| u.password.as_str())
+            .unwrap_or_default();
         let source = crate::functions::Source {
             addr: &addr,
             user,

@@ -96,7 +96,9 @@ pub async fn load(slot: &CatalogSlot, classifier: &Classifier, source: Source<'_
             debug!(database = %source.database, safe = catalog.len(), "function catalog loaded");
             slot.current.store(Some(Arc::new(catalog)));
         }
-        Err(e) => warn!(database = %source.database, error = %e, "could not read the database's functions; reads calling functions are routed by the built-in list"),
+        Err(e) => {
+            warn!(database = %source.database, error = %e, "could not read the database's functions; reads calling functions are routed by the built-in list")
+        }
     }
     *slot.loaded.lock().expect("catalog lock") = Some(Instant::now());
     slot.loading.store(false, Ordering::Release);
@@ -148,7 +150,9 @@ mod tests {
 
     #[test]
     fn function_ddl_is_noticed() {
-        assert!(changes_functions(b"CREATE OR REPLACE FUNCTION f() RETURNS int ..."));
+        assert!(changes_functions(
+            b"CREATE OR REPLACE FUNCTION f() RETURNS int ..."
+        ));
         assert!(changes_functions(b"  alter function f() volatile"));
         assert!(changes_functions(b"DROP EXTENSION lo"));
         assert!(!changes_functions(b"SELECT 'create function'"));

@@ -111,6 +111,8 @@ struct Attached {
     fixups: VecDeque<Pending>,
     /// The client's unnamed statement is known to this backend (parsed since attaching).
     unnamed_ready: bool,
+    /// A Bind was sent since the last Sync: the batch has started running something.
+    bound: bool,
     /// The transaction status of the last ReadyForQuery (b'I' idle, b'T' in a transaction,
     /// b'E' in a failed transaction).
     status: u8,
@@ -126,8 +128,10 @@ struct Attached {
     /// unit queued after it ends (see `Pending::batch`).
     units_pushed: u64,
     units_done: u64,
-    /// Backend statement names to show as the client's names in 42P05 errors of this batch.
-    renames: Vec<(BackendName, Bytes)>,
+    /// Backend statement names to show as the client's names in errors of this batch, and
+    /// whether each came from a Parse of an existing name (a 42P05 error is about that Parse,
+    /// whatever Binds of the same statement were sent before it).
+    renames: Vec<(BackendName, Bytes, bool)>,
     /// The server sent a FATAL error: it ends the session, and the client has it.
     server_fatal: bool,
 }
@@ -452,6 +456,20 @@ impl Session {
                 self.cluster.pools.drain_database(&database);
             }
         }
+        if matches!(tag, b'P' | b'B') && self.batch_may_move() {
+            let class = self.classify(&msg)?;
+            if class.class == sluice_postgres::Class::Write {
+                // A batch that has only parsed so far (a driver's Parse/Describe/Flush) on a
+                // replica now writes: it moves to the primary, where its statements are
+                // prepared again as needed. The replica connection is closed (its implicit
+                // transaction is open).
+                debug!(parent: &self.span, "extended-protocol batch moves to the primary for a write");
+                if let Some(mut a) = self.attached.take() {
+                    a.checkout.conn.discard();
+                }
+                self.cancel_slot.set(None);
+            }
+        }
         if self.attached.is_none() {
             if self.skip_until_sync {
                 if tag == b'S' {
@@ -473,7 +491,10 @@ impl Session {
             }
             let class = match query_class {
                 Some(c) => c,
-                None => self.classify(&msg)?,
+                None => {
+                    let first = self.classify(&msg)?;
+                    self.batch_class(first)
+                }
             };
             let intent = match self.cluster.config.pool_mode {
                 PoolMode::Session => Intent::Primary,
@@ -493,6 +514,22 @@ impl Session {
             }
         }
         self.forward(msg, query_class)
+    }
+
+    /// Whether the open batch runs on a replica and has only parsed and described so far, with
+    /// every answer in: nothing on that connection would be lost by moving elsewhere.
+    fn batch_may_move(&self) -> bool {
+        self.cluster.config.pool_mode == PoolMode::Transaction
+            && self.cluster.config.topology != crate::config::TopologyKind::MultiActive
+            && self.pinned.is_none()
+            && self.attached.as_ref().is_some_and(|a| {
+                a.in_batch
+                    && !a.bound
+                    && a.status == b'I'
+                    && a.checkout.role != Role::Primary
+                    && a.units.is_empty()
+                    && a.fixups.is_empty()
+            })
     }
 
     /// Whether the client's transactions are serializable by default (a hot standby refuses
@@ -532,6 +569,42 @@ impl Session {
         };
         slot.set_queued(false);
         result
+    }
+
+    /// The class of an extended-protocol batch that starts with a message of class `first`: a
+    /// write if any Parse or Bind already buffered before its Sync is one (the whole batch
+    /// runs on the node chosen for its first message).
+    fn batch_class(&self, first: Classification) -> Classification {
+        if first.class == sluice_postgres::Class::Write {
+            return first;
+        }
+        let mut at = 0;
+        while let Some((tag, total)) = sluice_postgres::peek_message(&self.cbuf[at..], MAX_CLIENT_MESSAGE) {
+            let body = &self.cbuf[at + 5..at + total];
+            let class = match tag {
+                b'S' => break,
+                b'P' => peek::parse(body).ok().map(|p| {
+                    self.known_statement(&p).map_or_else(
+                        || {
+                            self.cluster
+                                .classifier
+                                .classify_in(p.query, self.functions.get().as_deref())
+                        },
+                        |s| s.class,
+                    )
+                }),
+                b'B' => peek::bind(body)
+                    .ok()
+                    .and_then(|b| self.statements.get(b.statement))
+                    .map(|s| s.class),
+                _ => None,
+            };
+            if class.is_some_and(|c| c.class == sluice_postgres::Class::Write) {
+                return Classification::WRITE;
+            }
+            at += total;
+        }
+        first
     }
 
     /// The class of an extended-protocol request that starts with `msg`.
@@ -592,6 +665,7 @@ impl Session {
             in_batch: false,
             fixups: VecDeque::new(),
             unnamed_ready: false,
+            bound: false,
             status: b'I',
             settings_dirty: false,
             wrote: false,

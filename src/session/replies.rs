@@ -8,7 +8,7 @@ use sluice_postgres::{peek, peek_message, split_message};
 use tracing::{debug, warn};
 
 use super::settings::{self, Settings};
-use super::{simple_query, End, Session};
+use super::{simple_query, statements, End, Session};
 use crate::backend::MAX_BACKEND_MESSAGE;
 use crate::config::{Consistency, PoolMode};
 
@@ -147,19 +147,33 @@ impl Session {
                         }
                         b'E' => {
                             a.server_fatal |= peek::error_is_fatal(msg.body());
-                            let renamed = a.renames.iter().find(|(from, _)| {
-                                msg.body().windows(from.len()).any(|w| w == from.as_slice())
-                            });
-                            if let Some((from, to)) = renamed {
-                                let quoted = |n: &[u8]| [&b"\""[..], n, b"\""].concat();
-                                peek::encode_error_renamed(
-                                    &mut self.out,
-                                    b'E',
-                                    msg.body(),
-                                    &quoted(from),
-                                    &quoted(to),
-                                );
-                                continue;
+                            // An error that names sluice's statement (a duplicate Parse, a
+                            // Bind with the wrong parameter count, ...) names the client's.
+                            if let Some(from) = statements::backend_name_in(msg.body()) {
+                                let duplicate = peek::error_code_and_message(msg.body()).0 == "42P05";
+                                let to = a
+                                    .renames
+                                    .iter()
+                                    .find(|(f, _, dup)| *f == from && *dup == duplicate)
+                                    .or_else(|| a.renames.iter().find(|(f, _, _)| *f == from))
+                                    .map(|(_, to, _)| to.clone())
+                                    .or_else(|| {
+                                        self.statements
+                                            .iter()
+                                            .find(|(_, st)| st.backend_name() == from)
+                                            .map(|(name, _)| name.clone())
+                                    });
+                                if let Some(to) = to {
+                                    let quoted = |n: &[u8]| [&b"\""[..], n, b"\""].concat();
+                                    peek::encode_error_renamed(
+                                        &mut self.out,
+                                        b'E',
+                                        msg.body(),
+                                        &quoted(&from),
+                                        &quoted(&to),
+                                    );
+                                    continue;
+                                }
                             }
                         }
                         _ => {}

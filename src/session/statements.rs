@@ -38,7 +38,7 @@ pub struct Statement {
 
 impl Statement {
     /// The name this statement has on every backend.
-    fn backend_name(&self) -> BackendName {
+    pub(super) fn backend_name(&self) -> BackendName {
         backend_name(self.hash)
     }
 }
@@ -54,6 +54,25 @@ fn backend_name(hash: u64) -> BackendName {
     name
 }
 
+/// The first backend statement name (`sluice_` and 16 hex digits) in `text`, e.g. an error
+/// message that quotes the statement a Bind named.
+pub fn backend_name_in(text: &[u8]) -> Option<BackendName> {
+    let mut at = 0;
+    while let Some(i) = text[at..].windows(7).position(|w| w == b"sluice_") {
+        let start = at + i;
+        if let Some(candidate) = text.get(start..start + 23) {
+            if candidate[7..]
+                .iter()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            {
+                return candidate.try_into().ok();
+            }
+        }
+        at = start + 7;
+    }
+    None
+}
+
 /// What a Parse or Close did to the backend's statements, undone if it is never answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendChange {
@@ -62,6 +81,8 @@ pub enum BackendChange {
     Prepared(u64),
     /// This Close dropped the statement from the backend.
     Closed(u64),
+    /// This Close dropped the client's unnamed statement from the backend.
+    UnnamedClosed,
 }
 
 /// What a client's Parse or Close did to its namespace: the statement that name had before
@@ -121,13 +142,18 @@ impl Session {
             b'Q' | b'F' => a.push_unit(Unit::Client),
             b'S' => {
                 a.in_batch = false;
+                a.bound = false;
                 if !a.copy_in {
                     a.push_unit(Unit::ClientSync);
                 }
             }
             // CopyDone and CopyFail end COPY FROM STDIN.
             b'c' | b'f' => a.copy_in = false,
-            b'P' | b'B' | b'D' | b'E' | b'H' | b'C' => a.in_batch = true,
+            b'B' => {
+                a.in_batch = true;
+                a.bound = true;
+            }
+            b'P' | b'D' | b'E' | b'H' | b'C' => a.in_batch = true,
             _ => {}
         }
         if self.cluster.config.pool_mode == PoolMode::Session {
@@ -165,7 +191,14 @@ impl Session {
                     self.note_effects(stmt.class, &stmt.query);
                 }
                 match self.ensure_prepared(b.statement) {
-                    Some(name) => peek::encode_bind(&mut self.to_backend, b.portal, &name, b.rest),
+                    Some(name) => {
+                        peek::encode_bind(&mut self.to_backend, b.portal, &name, b.rest);
+                        // A Bind the server refuses (wrong parameter count) names the statement.
+                        if let Some((client_name, _)) = self.statements.get_key_value(b.statement) {
+                            let a = self.attached.as_mut().expect("attached");
+                            a.renames.push((name, client_name.clone(), false));
+                        }
+                    }
                     None => self.to_backend.extend_from_slice(msg.raw()),
                 }
             }
@@ -202,7 +235,7 @@ impl Session {
             let a = self.attached.as_mut().expect("attached");
             peek::encode_parse(&mut self.to_backend, &backend_name, p.query, p.rest);
             a.push_fixup(false, BackendChange::None, None);
-            a.renames.push((backend_name, name));
+            a.renames.push((backend_name, name, true));
             return;
         }
         let stmt = self.statement_for(p);
@@ -253,11 +286,12 @@ impl Session {
                 }
             }
             _ => {
-                if name.is_empty() {
-                    a.unnamed_ready = false;
-                }
                 self.to_backend.extend_from_slice(msg.raw());
-                BackendChange::None
+                if name.is_empty() && std::mem::take(&mut a.unnamed_ready) {
+                    BackendChange::UnnamedClosed
+                } else {
+                    BackendChange::None
+                }
             }
         };
         let client = before.map(|b| (name, Some(b)));
@@ -284,6 +318,7 @@ impl Session {
                 BackendChange::Closed(h) => {
                     prepared.insert(h);
                 }
+                BackendChange::UnnamedClosed => a.unnamed_ready = true,
             }
             if let Some((name, before)) = p.client {
                 match before {
@@ -299,8 +334,18 @@ impl Session {
     /// "forward as is": the unnamed statement, or a name the client never prepared (the server
     /// then reports it missing, in order).
     fn ensure_prepared(&mut self, name: &[u8]) -> Option<BackendName> {
-        let stmt = self.statements.get(name)?.clone();
         let a = self.attached.as_mut().expect("attached");
+        let Some(stmt) = self.statements.get(name).cloned() else {
+            if name.is_empty() && !a.unnamed_ready {
+                // The client has no unnamed statement, but the backend may hold another
+                // client's: drop it, so the server says it does not exist, as it would to
+                // this client directly.
+                peek::encode_target(&mut self.to_backend, b'C', b'S', b"");
+                a.push_fixup(true, BackendChange::None, None);
+                a.unnamed_ready = true;
+            }
+            return None;
+        };
         if name.is_empty() {
             if !a.unnamed_ready {
                 peek::encode_parse(&mut self.to_backend, b"", &stmt.query, &stmt.rest);
@@ -495,10 +540,27 @@ mod tests {
     }
 
     #[test]
+    fn backend_names_are_found_in_messages() {
+        let name = backend_name(0xabc);
+        let text = [
+            &b"bind message supplies 0 parameters, but prepared statement \"sluice_x\" or \""[..],
+            &name,
+            b"\" requires 1",
+        ]
+        .concat();
+        assert_eq!(backend_name_in(&text), Some(name));
+        assert_eq!(backend_name_in(b"no sluice_ here"), None);
+    }
+
+    #[test]
     fn execute_statements() {
-        let e = |s: &'static str| parse_execute(s.as_bytes()).map(|(n, r)| (String::from_utf8(n).unwrap(), r));
+        let e =
+            |s: &'static str| parse_execute(s.as_bytes()).map(|(n, r)| (String::from_utf8(n).unwrap(), r));
         assert_eq!(e("EXECUTE foo"), Some(("foo".into(), &b""[..])));
-        assert_eq!(e(" execute Foo(1, 'a;b');"), Some(("foo".into(), &b"(1, 'a;b');"[..])));
+        assert_eq!(
+            e(" execute Foo(1, 'a;b');"),
+            Some(("foo".into(), &b"(1, 'a;b');"[..]))
+        );
         assert_eq!(e("EXECUTE \"Foo\" (1)"), Some(("Foo".into(), &b" (1)"[..])));
         assert_eq!(e("EXECUTED"), None);
         assert_eq!(e("EXECUTE 1"), None);

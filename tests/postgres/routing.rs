@@ -191,19 +191,37 @@ async fn volatile_functions_learnt_from_pg_proc_are_writes() {
             let r = client.simple_query(sql).await;
             assert!(r.is_ok(), "{sql}: {:?}", r.err().map(|e| describe(&e)));
         }
-        assert_eq!(simple_column(&client, "SELECT count(*) FROM vol_log /* sluice: primary */").await, ["1"]);
+        assert_eq!(
+            simple_column(&client, "SELECT count(*) FROM vol_log /* sluice: primary */").await,
+            ["1"]
+        );
         // Read-safe calls still go to the replica.
-        for prefix in ["SELECT twice(2), random(), lower('X'), now() FROM (", "SELECT * FROM ("] {
+        for prefix in [
+            "SELECT twice(2), random(), lower('X'), now() FROM (",
+            "SELECT * FROM (",
+        ] {
             let rows = simple_rows(
                 &client,
                 &format!("{prefix}SELECT 1) x, LATERAL (SELECT pg_is_in_recovery()::text r) y"),
             )
             .await;
-            assert_eq!(rows[0].last().map(String::as_str), Some("true"), "{prefix}: {rows:?}");
+            assert_eq!(
+                rows[0].last().map(String::as_str),
+                Some("true"),
+                "{prefix}: {rows:?}"
+            );
         }
         // A function created a moment ago through sluice is unknown: a write until learnt.
-        exec(&client, "CREATE FUNCTION fresh_fn() RETURNS boolean LANGUAGE sql STABLE AS 'SELECT pg_is_in_recovery()'").await;
-        assert_eq!(simple_column(&client, "SELECT fresh_fn()").await, ["f"], "new function: primary");
+        exec(
+            &client,
+            "CREATE FUNCTION fresh_fn() RETURNS boolean LANGUAGE sql STABLE AS 'SELECT pg_is_in_recovery()'",
+        )
+        .await;
+        assert_eq!(
+            simple_column(&client, "SELECT fresh_fn()").await,
+            ["f"],
+            "new function: primary"
+        );
     })
     .await;
     env.sluice.assert_no_unexpected_errors(&[]);

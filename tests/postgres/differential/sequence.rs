@@ -57,6 +57,35 @@ const TEXTS: &[(Text, u32)] = &[
 /// Statement names: the unnamed one, two named ones and one that differs only in case.
 const NAMES: &[&str] = &["", "s1", "s2", "S1"];
 
+/// Whether a batch of `msgs` writes after it has executed something (no Sync between): such
+/// a batch may have started on a replica.
+pub fn write_after_executed_read(msgs: &[Msg]) -> bool {
+    let mut texts: HashMap<&str, Text> = HashMap::new();
+    let mut executed = false;
+    for m in msgs {
+        let writes = match m {
+            Msg::Parse { name, text } => {
+                texts.insert(name, *text);
+                *text == INSERT
+            }
+            Msg::Bind { statement, .. } => texts.get(statement) == Some(&INSERT),
+            Msg::Execute { .. } => {
+                executed = true;
+                false
+            }
+            Msg::Sync => {
+                executed = false;
+                false
+            }
+            _ => false,
+        };
+        if writes && executed {
+            return true;
+        }
+    }
+    false
+}
+
 /// One frontend message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Msg {

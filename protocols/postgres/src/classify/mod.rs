@@ -282,7 +282,12 @@ impl Classifier {
         self.run(sql, standard_conforming_strings, None)
     }
 
-    fn run(&self, sql: &[u8], standard_conforming_strings: bool, cat: Option<&FunctionCatalog>) -> Classification {
+    fn run(
+        &self,
+        sql: &[u8],
+        standard_conforming_strings: bool,
+        cat: Option<&FunctionCatalog>,
+    ) -> Classification {
         let mut lx = Lexer::new(sql, !standard_conforming_strings);
         let mut write = false;
         let mut effects = Effects::default();
@@ -333,7 +338,12 @@ impl Classifier {
 
     /// Classifies one statement (read/write and session effects). `nested` is true inside
     /// `COPY (...)`.
-    fn statement(&self, st: &mut Stmt<'_, '_>, nested: bool, cat: Option<&FunctionCatalog>) -> (Verdict, Effects) {
+    fn statement(
+        &self,
+        st: &mut Stmt<'_, '_>,
+        nested: bool,
+        cat: Option<&FunctionCatalog>,
+    ) -> (Verdict, Effects) {
         let mut effects = Effects::default();
         let verdict = self.verdict(st, nested, &mut effects, cat);
         (verdict, effects)
@@ -417,7 +427,13 @@ impl Classifier {
     /// Read unless FOR UPDATE/SHARE, INTO, a write-function call, or (for WITH, `dml`) a
     /// data-modifying keyword appears.
     /// `first` is the statement's keyword, already consumed.
-    fn scan<'a>(&self, st: &mut Stmt<'a, '_>, first: Tok<'a>, dml: bool, cat: Option<&FunctionCatalog>) -> Verdict {
+    fn scan<'a>(
+        &self,
+        st: &mut Stmt<'a, '_>,
+        first: Tok<'a>,
+        dml: bool,
+        cat: Option<&FunctionCatalog>,
+    ) -> Verdict {
         let mut prev: Option<Tok<'_>> = Some(first);
         let mut before_prev: Option<Tok<'_>> = None;
         while let Some(t) = st.next() {
