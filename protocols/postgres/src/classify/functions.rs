@@ -139,7 +139,6 @@ const NOT_CALLS: &[&str] = &[
     "row",
     "search",
     "select",
-    "set",
     "sets",
     "similar",
     "some",
