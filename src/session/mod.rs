@@ -111,8 +111,6 @@ struct Attached {
     fixups: VecDeque<Pending>,
     /// The client's unnamed statement is known to this backend (parsed since attaching).
     unnamed_ready: bool,
-    /// A Bind was sent since the last Sync: the batch has started running something.
-    bound: bool,
     /// The transaction status of the last ReadyForQuery (b'I' idle, b'T' in a transaction,
     /// b'E' in a failed transaction).
     status: u8,
@@ -456,20 +454,6 @@ impl Session {
                 self.cluster.pools.drain_database(&database);
             }
         }
-        if matches!(tag, b'P' | b'B') && self.batch_may_move() {
-            let class = self.classify(&msg)?;
-            if class.class == sluice_postgres::Class::Write {
-                // A batch that has only parsed so far (a driver's Parse/Describe/Flush) on a
-                // replica now writes: it moves to the primary, where its statements are
-                // prepared again as needed. The replica connection is closed (its implicit
-                // transaction is open).
-                debug!(parent: &self.span, "extended-protocol batch moves to the primary for a write");
-                if let Some(mut a) = self.attached.take() {
-                    a.checkout.conn.discard();
-                }
-                self.cancel_slot.set(None);
-            }
-        }
         if self.attached.is_none() {
             if self.skip_until_sync {
                 if tag == b'S' {
@@ -514,22 +498,6 @@ impl Session {
             }
         }
         self.forward(msg, query_class)
-    }
-
-    /// Whether the open batch runs on a replica and has only parsed and described so far, with
-    /// every answer in: nothing on that connection would be lost by moving elsewhere.
-    fn batch_may_move(&self) -> bool {
-        self.cluster.config.pool_mode == PoolMode::Transaction
-            && self.cluster.config.topology != crate::config::TopologyKind::MultiActive
-            && self.pinned.is_none()
-            && self.attached.as_ref().is_some_and(|a| {
-                a.in_batch
-                    && !a.bound
-                    && a.status == b'I'
-                    && a.checkout.role != Role::Primary
-                    && a.units.is_empty()
-                    && a.fixups.is_empty()
-            })
     }
 
     /// Whether the client's transactions are serializable by default (a hot standby refuses
@@ -665,7 +633,6 @@ impl Session {
             in_batch: false,
             fixups: VecDeque::new(),
             unnamed_ready: false,
-            bound: false,
             status: b'I',
             settings_dirty: false,
             wrote: false,

@@ -142,18 +142,13 @@ impl Session {
             b'Q' | b'F' => a.push_unit(Unit::Client),
             b'S' => {
                 a.in_batch = false;
-                a.bound = false;
                 if !a.copy_in {
                     a.push_unit(Unit::ClientSync);
                 }
             }
             // CopyDone and CopyFail end COPY FROM STDIN.
             b'c' | b'f' => a.copy_in = false,
-            b'B' => {
-                a.in_batch = true;
-                a.bound = true;
-            }
-            b'P' | b'D' | b'E' | b'H' | b'C' => a.in_batch = true,
+            b'P' | b'B' | b'D' | b'E' | b'H' | b'C' => a.in_batch = true,
             _ => {}
         }
         if self.cluster.config.pool_mode == PoolMode::Session {

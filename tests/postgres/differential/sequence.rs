@@ -57,11 +57,11 @@ const TEXTS: &[(Text, u32)] = &[
 /// Statement names: the unnamed one, two named ones and one that differs only in case.
 const NAMES: &[&str] = &["", "s1", "s2", "S1"];
 
-/// Whether a batch of `msgs` writes after it has executed something (no Sync between): such
-/// a batch may have started on a replica.
-pub fn write_after_executed_read(msgs: &[Msg]) -> bool {
+/// Whether a batch of `msgs` writes after a Flush (no Sync between): such a batch may have
+/// started on a replica, where sluice routed it by the messages it had when it started.
+pub fn write_after_flush(msgs: &[Msg]) -> bool {
     let mut texts: HashMap<&str, Text> = HashMap::new();
-    let mut executed = false;
+    let mut flushed = false;
     for m in msgs {
         let writes = match m {
             Msg::Parse { name, text } => {
@@ -69,17 +69,17 @@ pub fn write_after_executed_read(msgs: &[Msg]) -> bool {
                 *text == INSERT
             }
             Msg::Bind { statement, .. } => texts.get(statement) == Some(&INSERT),
-            Msg::Execute { .. } => {
-                executed = true;
+            Msg::Flush => {
+                flushed = true;
                 false
             }
             Msg::Sync => {
-                executed = false;
+                flushed = false;
                 false
             }
             _ => false,
         };
-        if writes && executed {
+        if writes && flushed {
             return true;
         }
     }
