@@ -533,11 +533,13 @@ impl Cluster {
             .get(user)
             .map(|u| u.password.as_str())
             .unwrap_or_default();
-        let source = crate::functions::Source {
+        let params = own_startup_params();
+        let source = ConnectOptions {
             addr: &addr,
             user,
             password,
             database,
+            params: &params,
             timeout: self.config.connect_timeout,
             tls: &self.backend_tls,
         };

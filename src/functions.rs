@@ -18,8 +18,7 @@ use arc_swap::ArcSwapOption;
 use sluice_postgres::{Classifier, FunctionCatalog};
 use tracing::{debug, warn};
 
-use crate::backend::{own_startup_params, Backend, BackendError, ConnectOptions};
-use crate::tls::BackendTls;
+use crate::backend::{Backend, BackendError, ConnectOptions};
 
 /// A catalog older than this is reloaded in the background at the next login.
 pub const REFRESH: Duration = Duration::from_secs(30);
@@ -62,16 +61,6 @@ pub struct Catalogs {
     slots: Mutex<HashMap<String, Arc<CatalogSlot>>>,
 }
 
-/// Where and as whom a catalog is read.
-pub struct Source<'a> {
-    pub addr: &'a str,
-    pub user: &'a str,
-    pub password: &'a str,
-    pub database: &'a str,
-    pub timeout: Duration,
-    pub tls: &'a BackendTls,
-}
-
 impl Catalogs {
     /// The slot of `database`.
     pub fn slot(&self, database: &str) -> Arc<CatalogSlot> {
@@ -84,9 +73,10 @@ impl Catalogs {
     }
 }
 
-/// Loads `slot` from `source` unless another load is running; a failure keeps the previous
-/// catalog (without one, classification uses the built-in write functions only).
-pub async fn load(slot: &CatalogSlot, classifier: &Classifier, source: Source<'_>) {
+/// Loads `slot` over a connection opened with `source` (sluice's own startup parameters)
+/// unless another load is running; a failure keeps the previous catalog (without one,
+/// classification uses the built-in write functions only).
+pub async fn load(slot: &CatalogSlot, classifier: &Classifier, source: ConnectOptions<'_>) {
     if slot.loading.swap(true, Ordering::AcqRel) {
         return;
     }
@@ -109,18 +99,8 @@ pub fn due(slot: &CatalogSlot) -> bool {
     slot.needs_load() && !slot.loading.load(Ordering::Acquire)
 }
 
-async fn read(classifier: &Classifier, s: &Source<'_>) -> Result<FunctionCatalog, BackendError> {
-    let params = own_startup_params();
-    let mut conn = Backend::connect(ConnectOptions {
-        addr: s.addr,
-        user: s.user,
-        password: s.password,
-        database: s.database,
-        params: &params,
-        timeout: s.timeout,
-        tls: s.tls,
-    })
-    .await?;
+async fn read(classifier: &Classifier, s: &ConnectOptions<'_>) -> Result<FunctionCatalog, BackendError> {
+    let mut conn = Backend::connect(*s).await?;
     let rows = tokio::time::timeout(s.timeout, conn.simple_query(FUNCTIONS_SQL))
         .await
         .map_err(|_| BackendError::Timeout {

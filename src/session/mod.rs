@@ -436,11 +436,7 @@ impl Session {
         // A simple query is classified once, for routing and for its session effects.
         let query_class = if tag == b'Q' {
             match peek::query(msg.body()) {
-                Ok(sql) => Some(
-                    self.cluster
-                        .classifier
-                        .classify_in(sql, self.functions.get().as_deref()),
-                ),
+                Ok(sql) => Some(self.classify_sql(sql)),
                 Err(e) => return Err(self.violation(&e.to_string())),
             }
         } else {
@@ -552,14 +548,8 @@ impl Session {
             let class = match tag {
                 b'S' => break,
                 b'P' => peek::parse(body).ok().map(|p| {
-                    self.known_statement(&p).map_or_else(
-                        || {
-                            self.cluster
-                                .classifier
-                                .classify_in(p.query, self.functions.get().as_deref())
-                        },
-                        |s| s.class,
-                    )
+                    self.known_statement(&p)
+                        .map_or_else(|| self.classify_sql(p.query), |s| s.class)
                 }),
                 b'B' => peek::bind(body)
                     .ok()
@@ -573,6 +563,13 @@ impl Session {
             at += total;
         }
         first
+    }
+
+    /// Classifies SQL knowing the functions of the client's database.
+    fn classify_sql(&self, sql: &[u8]) -> Classification {
+        self.cluster
+            .classifier
+            .classify_in(sql, self.functions.get().as_deref())
     }
 
     /// The class of an extended-protocol request that starts with `msg`.

@@ -119,10 +119,7 @@ impl Session {
                 query: Bytes::copy_from_slice(p.query),
                 rest: Bytes::copy_from_slice(p.rest),
                 hash: statement_hash(p.query, p.rest),
-                class: self
-                    .cluster
-                    .classifier
-                    .classify_in(p.query, self.functions.get().as_deref()),
+                class: self.classify_sql(p.query),
             })
         })
     }
@@ -392,6 +389,21 @@ impl Session {
     /// `DEALLOCATE name` names the client's statement, which the backend knows by another name:
     /// returns the Query to send instead. `DEALLOCATE ALL` and `DISCARD ALL` drop every
     /// statement on the backend: forget them so they are prepared again when needed.
+    /// Prepares `stmt` on the attached backend ahead of the client's Query just queued (Parse
+    /// and Sync, answers swallowed).
+    fn prepare_before_query(&mut self, stmt: &Statement) {
+        peek::encode_parse(
+            &mut self.to_backend,
+            &stmt.backend_name(),
+            &stmt.query,
+            &stmt.rest,
+        );
+        self.to_backend.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+        let a = self.attached.as_mut().expect("attached");
+        a.units.insert(a.units.len() - 1, Unit::Replay);
+        a.units_pushed += 1;
+    }
+
     /// `EXECUTE name` of a statement the client prepared with Parse runs the backend's copy of
     /// it (prepared first if needed), as SQL `EXECUTE` of a protocol-level statement does on a
     /// plain server.
@@ -399,12 +411,17 @@ impl Session {
         if let Some((name, rest)) = parse_execute(sql) {
             let stmt = self.statements.get(name.as_slice())?.clone();
             let backend_name = stmt.backend_name();
-            let a = self.attached.as_mut().expect("attached");
-            if a.checkout.conn.conn().prepared.insert(stmt.hash) {
-                peek::encode_parse(&mut self.to_backend, &backend_name, &stmt.query, &stmt.rest);
-                self.to_backend.extend_from_slice(&[b'S', 0, 0, 0, 4]);
-                a.units.insert(a.units.len() - 1, Unit::Replay);
-                a.units_pushed += 1;
+            if self
+                .attached
+                .as_mut()
+                .expect("attached")
+                .checkout
+                .conn
+                .conn()
+                .prepared
+                .insert(stmt.hash)
+            {
+                self.prepare_before_query(&stmt);
             }
             let sql = [&b"EXECUTE "[..], &backend_name, rest].concat();
             let mut q = bytes::BytesMut::with_capacity(sql.len() + 6);
@@ -430,10 +447,7 @@ impl Session {
                 if !prepared.remove(&stmt.hash) {
                     // The backend never saw it: prepare it (answers swallowed) so the
                     // DEALLOCATE below succeeds exactly as the client expects.
-                    peek::encode_parse(&mut self.to_backend, &backend_name, &stmt.query, &stmt.rest);
-                    self.to_backend.extend_from_slice(&[b'S', 0, 0, 0, 4]);
-                    a.units.insert(a.units.len() - 1, Unit::Replay);
-                    a.units_pushed += 1;
+                    self.prepare_before_query(&stmt);
                 }
                 let sql = format!("DEALLOCATE {}", String::from_utf8_lossy(&backend_name));
                 Some(super::simple_query(&sql))

@@ -145,24 +145,31 @@ pub fn ready_status(body: &[u8]) -> Option<u8> {
     }
 }
 
+/// The (field type, value) pairs of an ErrorResponse/NoticeResponse body, up to its terminator
+/// or the first malformed field.
+fn error_fields(body: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    let mut rest = body;
+    std::iter::from_fn(move || {
+        let (&field, after) = rest.split_first()?;
+        if field == 0 {
+            return None;
+        }
+        let (value, after) = cstr(after, "ErrorResponse").ok()?;
+        rest = after;
+        Some((field, value))
+    })
+}
+
 /// Body of ErrorResponse/NoticeResponse -> (SQLSTATE code, message); missing fields -> empty
 /// strings. Text is converted lossily (for logs and metrics only, never forwarded).
 pub fn error_code_and_message(body: &[u8]) -> (String, String) {
     let (mut code, mut message) = (String::new(), String::new());
-    let mut rest = body;
-    while let Some((&field, after)) = rest.split_first() {
-        if field == 0 {
-            break;
-        }
-        let Ok((value, after)) = cstr(after, "ErrorResponse") else {
-            break;
-        };
+    for (field, value) in error_fields(body) {
         match field {
             b'C' => code = String::from_utf8_lossy(value).into_owned(),
             b'M' => message = String::from_utf8_lossy(value).into_owned(),
             _ => {}
         }
-        rest = after;
     }
     (code, message)
 }
@@ -177,14 +184,7 @@ pub fn error_is_fatal(body: &[u8]) -> bool {
 /// show a client its own statement name where the server named sluice's.
 pub fn encode_error_renamed(buf: &mut BytesMut, tag: u8, body: &[u8], from: &[u8], to: &[u8]) {
     let mut out = Vec::with_capacity(body.len() + to.len());
-    let mut rest = body;
-    while let Some((&field, after)) = rest.split_first() {
-        if field == 0 {
-            break;
-        }
-        let Ok((value, after)) = cstr(after, "ErrorResponse") else {
-            break;
-        };
+    for (field, value) in error_fields(body) {
         out.push(field);
         if matches!(field, b'M' | b'D') && !from.is_empty() {
             let mut v = value;
@@ -198,7 +198,6 @@ pub fn encode_error_renamed(buf: &mut BytesMut, tag: u8, body: &[u8], from: &[u8
             out.extend_from_slice(value);
         }
         out.push(0);
-        rest = after;
     }
     out.push(0);
     header(buf, tag, out.len());
