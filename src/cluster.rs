@@ -653,14 +653,32 @@ impl Cluster {
         }
     }
 
-    /// Registers a cancel key for a new client.
-    pub fn register_cancel(&self, key: (i32, i32)) -> CancelSlot {
-        let slot = CancelSlot::default();
-        self.cancels
-            .lock()
-            .expect("cancel lock")
-            .insert(key, slot.clone());
-        slot
+    /// Registers `key` for a new client, unless another client holds it (keys of backends
+    /// on different servers may coincide).
+    pub fn try_register_cancel(&self, key: (i32, i32)) -> Option<((i32, i32), CancelSlot)> {
+        let mut cancels = self.cancels.lock().expect("cancel lock");
+        match cancels.entry(key) {
+            std::collections::hash_map::Entry::Occupied(_) => None,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let slot = CancelSlot::default();
+                v.insert(slot.clone());
+                Some((key, slot))
+            }
+        }
+    }
+
+    /// Registers a new random cancel key for a new client.
+    pub fn register_random_cancel(&self) -> ((i32, i32), CancelSlot) {
+        use rand::Rng;
+        loop {
+            let key = {
+                let mut rng = rand::rng();
+                (rng.random::<i32>() & 0x7fff_ffff, rng.random::<i32>())
+            };
+            if let Some(registered) = self.try_register_cancel(key) {
+                return registered;
+            }
+        }
     }
 
     /// Forgets a client's cancel key.

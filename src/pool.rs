@@ -155,6 +155,12 @@ impl Pooled {
         self.conn.as_mut().expect("present until drop")
     }
 
+    /// The server's BackendKeyData (pid, secret) of the connection.
+    pub fn key(&self) -> (i32, i32) {
+        let be = self.conn.as_ref().expect("present until drop");
+        (be.pid, be.secret)
+    }
+
     /// Marks the connection as not reusable: it is closed instead of returned.
     pub fn discard(&mut self) {
         self.reusable = false;

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use postgres_protocol::message::frontend;
-use rand::Rng;
 use sluice_postgres::scram::{ScramError, ScramServer};
 use sluice_postgres::server;
 use sluice_postgres::startup::StartupPacket;
@@ -70,11 +69,18 @@ pub async fn login(
         return Ok(None);
     };
     let (rd, wr) = tokio::io::split(stream);
-    let cancel_key = {
-        let mut rng = rand::rng();
-        (rng.random::<i32>() & 0x7fff_ffff, rng.random::<i32>())
+    // Session mode: the client keeps the backend that answered its login for its whole
+    // session, so it is told that backend's own key, and `pg_backend_pid()`, NOTIFY pids and
+    // `pg_terminate_backend` agree with BackendKeyData as on a direct connection. Transaction
+    // mode: the client has no server process of its own; sluice issues a key.
+    let session_key = checkout
+        .as_ref()
+        .filter(|_| cluster.config.pool_mode == PoolMode::Session)
+        .map(|c| c.conn.key());
+    let (cancel_key, cancel_slot) = match session_key.and_then(|k| cluster.try_register_cancel(k)) {
+        Some(registered) => registered,
+        None => cluster.register_random_cancel(),
     };
-    let cancel_slot = cluster.register_cancel(cancel_key);
     let mut greeting = BytesMut::new();
     server::backend_key_data(&mut greeting, cancel_key.0, cancel_key.1);
     server::ready_for_query(&mut greeting, b'I');

@@ -40,6 +40,44 @@ use statements::{BackendName, Pending, Statement};
 
 /// The largest message a client may send (a Bind or CopyData with a large value).
 pub const MAX_CLIENT_MESSAGE: usize = 64 * 1024 * 1024;
+/// Bytes of client messages waiting to be written to the backend before sluice stops reading
+/// the client.
+const BACKEND_BACKLOG: usize = 256 * 1024;
+
+/// What one step of backend I/O did.
+enum BackendIo {
+    /// Some of the pending bytes went to the server.
+    Wrote,
+    /// Bytes read from the server (0: it closed the connection).
+    Read(usize),
+}
+
+/// Writes pending bytes to the backend and reads its replies, whichever is ready first
+/// (writing first: it usually completes at once).
+async fn backend_io(
+    stream: &mut crate::tls::BackendStream,
+    rbuf: &mut BytesMut,
+    pending: &mut BytesMut,
+) -> std::io::Result<BackendIo> {
+    use std::pin::Pin;
+    use std::task::Poll;
+    use tokio::io::AsyncWrite;
+    std::future::poll_fn(|cx| {
+        if !pending.is_empty() {
+            match Pin::new(&mut *stream).poll_write(cx, pending) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    pending.advance(n);
+                    return Poll::Ready(Ok(BackendIo::Wrote));
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {}
+            }
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, rbuf).map_ok(BackendIo::Read)
+    })
+    .await
+}
 
 /// Serves one client connection to the end.
 pub async fn serve(cluster: Arc<Cluster>, stream: TcpStream, peer: SocketAddr) {
@@ -240,10 +278,6 @@ impl Session {
                 let _ = self.flush_client().await;
                 return end;
             }
-            if let Err(end) = self.flush_backend().await {
-                let _ = self.flush_client().await;
-                return end;
-            }
             if self.flush_client().await.is_err() {
                 return End::ClientGone;
             }
@@ -286,21 +320,38 @@ impl Session {
                 cbuf,
                 attached,
                 parked,
+                to_backend,
                 ..
             } = self;
+            // Past this much unsent to the backend, the client waits (TCP backpressure), as it
+            // would on a direct connection to a server that is slow to read.
+            let backlogged = to_backend.len() >= BACKEND_BACKLOG;
+            let client_read = async {
+                if backlogged {
+                    return std::future::pending().await;
+                }
+                rd.read_buf(cbuf).await
+            };
             let reclaim = async {
                 match parked {
                     Some(c) => c.conn.reclaimed().await,
                     None => std::future::pending().await,
                 }
             };
-            let backend_read = async {
+            // Reads the backend's replies while writing the client's messages to it: a server
+            // blocked on sending replies stops reading, so a proxy that only wrote would
+            // deadlock on a long pipeline, and an error would reach the client only after it
+            // had sent everything (asyncpg's executemany stops early on a server error).
+            let backend_io = async {
                 match attached {
                     Some(a) => {
                         let be = a.checkout.conn.conn();
-                        be.stream.read_buf(&mut be.rbuf).await
+                        backend_io(&mut be.stream, &mut be.rbuf, to_backend).await
                     }
-                    None => std::future::pending().await,
+                    None => {
+                        to_backend.clear();
+                        std::future::pending().await
+                    }
                 }
             };
             tokio::select! {
@@ -308,10 +359,11 @@ impl Session {
                 // While a backend streams without pause, client messages wait in the socket;
                 // they are read as soon as it pauses.
                 biased;
-                r = backend_read => match r {
-                    Ok(0) => return self.backend_lost("the server closed the connection"),
+                r = backend_io => match r {
+                    Ok(BackendIo::Wrote) => {}
+                    Ok(BackendIo::Read(0)) => return self.backend_lost("the server closed the connection"),
                     Err(e) => return self.backend_lost(&e.to_string()),
-                    Ok(_) => {
+                    Ok(BackendIo::Read(_)) => {
                         if let Err(end) = self.process_backend_messages() {
                             let _ = self.flush_client().await;
                             return end;
@@ -323,7 +375,7 @@ impl Session {
                     fatal(&mut self.out, "57P05", "terminating connection due to idle-session timeout");
                     return End::ClientGone;
                 }
-                r = rd.read_buf(cbuf) => match r {
+                r = client_read => match r {
                     Ok(0) | Err(_) => return End::ClientGone,
                     Ok(_) => {}
                 },
@@ -383,22 +435,6 @@ impl Session {
             }
         }
         Ok(())
-    }
-
-    async fn flush_backend(&mut self) -> Result<(), End> {
-        if self.to_backend.is_empty() {
-            return Ok(());
-        }
-        let Some(a) = self.attached.as_mut() else {
-            self.to_backend.clear();
-            return Ok(());
-        };
-        let r = a.checkout.conn.conn().stream.write_all(&self.to_backend).await;
-        self.to_backend.clear();
-        match r {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.backend_lost(&e.to_string())),
-        }
     }
 
     /// Handles every complete client message in the buffer.

@@ -218,6 +218,17 @@ impl Session {
 
     /// A client's Parse. A name the client already has is refused as PostgreSQL refuses it.
     fn forward_parse(&mut self, msg: &Message, p: &peek::Parse<'_>) {
+        // SQL `EXECUTE name` prepared through the extended protocol (asyncpg's `fetchval('EXECUTE
+        // foobar')`): the text names the backend's copy of the client's statement.
+        let executed = self.execute_target(p.query);
+        let rewritten;
+        let p = match &executed {
+            Some(sql) => {
+                rewritten = peek::Parse { query: sql, ..*p };
+                &rewritten
+            }
+            None => p,
+        };
         let name = Bytes::copy_from_slice(p.name);
         if !name.is_empty() && self.statements.contains_key(&name) {
             // The backend refuses a Parse of a name it holds with 42P05 — after parsing the
@@ -234,7 +245,11 @@ impl Session {
         let a = self.attached.as_mut().expect("attached");
         if name.is_empty() {
             a.unnamed_ready = true;
-            self.to_backend.extend_from_slice(msg.raw());
+            if executed.is_some() {
+                peek::encode_parse(&mut self.to_backend, b"", p.query, p.rest);
+            } else {
+                self.to_backend.extend_from_slice(msg.raw());
+            }
             let before = self.statements.insert(name.clone(), stmt);
             a.push_fixup(false, BackendChange::None, Some((name, before)));
             return;
@@ -340,6 +355,8 @@ impl Session {
         };
         if name.is_empty() {
             if !a.unnamed_ready {
+                self.prepare_executed(&stmt.query);
+                let a = self.attached.as_mut().expect("attached");
                 peek::encode_parse(&mut self.to_backend, b"", &stmt.query, &stmt.rest);
                 a.push_fixup(true, BackendChange::None, None);
                 a.unnamed_ready = true;
@@ -347,11 +364,41 @@ impl Session {
             return None;
         }
         let backend_name = stmt.backend_name();
-        if a.checkout.conn.conn().prepared.insert(stmt.hash) {
+        if !a.checkout.conn.conn().prepared.contains(&stmt.hash) {
+            self.prepare_executed(&stmt.query);
+            let a = self.attached.as_mut().expect("attached");
+            a.checkout.conn.conn().prepared.insert(stmt.hash);
             peek::encode_parse(&mut self.to_backend, &backend_name, &stmt.query, &stmt.rest);
             a.push_fixup(true, BackendChange::Prepared(stmt.hash), None);
         }
         Some(backend_name)
+    }
+
+    /// For `EXECUTE name ...` of a statement the client has: the same text naming the
+    /// backend's copy, prepared on the attached backend (ahead, answers swallowed) if needed.
+    fn execute_target(&mut self, sql: &[u8]) -> Option<Vec<u8>> {
+        let (name, rest) = parse_execute(sql)?;
+        if name.is_empty() || !self.statements.contains_key(name.as_slice()) {
+            return None;
+        }
+        let backend_name = self.ensure_prepared(&name)?;
+        Some([&b"EXECUTE "[..], &backend_name, rest].concat())
+    }
+
+    /// A statement whose text is `EXECUTE sluice_…` (rewritten by `execute_target`) needs
+    /// that statement on the backend before it can be prepared on another one.
+    fn prepare_executed(&mut self, sql: &[u8]) {
+        let Some((target, _)) = parse_execute(sql) else {
+            return;
+        };
+        let client_name = self
+            .statements
+            .iter()
+            .find(|(n, s)| !n.is_empty() && s.backend_name()[..] == target[..])
+            .map(|(n, _)| n.clone());
+        if let Some(n) = client_name {
+            self.ensure_prepared(&n);
+        }
     }
 
     /// Records what a statement about to run does to the session.

@@ -104,6 +104,64 @@ async fn pipelined_batches_and_protocol_errors_behave_like_postgres() {
     env.sluice.assert_no_unexpected_errors(&[]);
 }
 
+/// A client that pipelines more than the sockets hold, reading as it writes (libpq's pipeline
+/// mode, asyncpg's executemany): the server stops reading while its replies are not read, so
+/// sluice must relay replies while it still writes requests, or both sides wait forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_pipeline_streams_both_ways() {
+    use tokio::io::AsyncReadExt;
+    const QUERIES: usize = 2000;
+    for mode in ["session", "transaction"] {
+        let env = Env::start(0, &format!("pool_mode = \"{mode}\""));
+        bounded(120, async {
+            let stream = raw_login(env.sluice.listen_addr()).await;
+            let (mut rd, mut wr) = stream.into_split();
+            // 8 KiB per request, 16 KiB per reply: 16 MB each way, beyond any socket buffer.
+            let padding = "x".repeat(8192);
+            let mut requests = BytesMut::new();
+            for _ in 0..QUERIES {
+                frontend::query(
+                    &format!("SELECT repeat('y', 16384) /* {padding} */"),
+                    &mut requests,
+                )
+                .unwrap();
+            }
+            let writer = tokio::spawn(async move {
+                wr.write_all(&requests).await.expect("write the pipeline");
+                wr
+            });
+            let (mut ready, mut rows, mut buf) = (0, 0, BytesMut::new());
+            loop {
+                while buf.len() >= 5 {
+                    let len = u32::from_be_bytes(buf[1..5].try_into().unwrap()) as usize;
+                    if buf.len() < 1 + len {
+                        break;
+                    }
+                    let m = buf.split_to(1 + len);
+                    match m[0] {
+                        b'Z' => ready += 1,
+                        b'D' => rows += 1,
+                        b'E' => panic!("{mode}: error {:?}", String::from_utf8_lossy(&m)),
+                        _ => {}
+                    }
+                }
+                if ready == QUERIES {
+                    break;
+                }
+                let n = tokio::time::timeout(Duration::from_secs(20), rd.read_buf(&mut buf))
+                    .await
+                    .unwrap_or_else(|_| panic!("{mode}: stalled after {ready} of {QUERIES} replies"))
+                    .expect("read");
+                assert!(n > 0, "{mode}: EOF after {ready} replies");
+            }
+            assert_eq!(rows, QUERIES, "{mode}");
+            writer.await.expect("writer");
+        })
+        .await;
+        env.sluice.assert_no_unexpected_errors(&[]);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_reaches_only_the_right_query() {
     let env = Env::start(1, "consistency = \"primary\"");

@@ -367,6 +367,19 @@ async fn prepared_statement_names_follow_postgres_rules() {
                 read_until_ready(&mut s, 1).await;
                 let r = query(&mut s, "EXECUTE plus_one(41)").await;
                 assert_eq!(first_column(&r), [Some("42".to_string())], "{mode}: {r:?}");
+                // ... through the extended protocol too (asyncpg's fetchval('EXECUTE name')),
+                // unnamed and under a name of its own.
+                for name in ["", "exec_plus_one"] {
+                    out.clear();
+                    frontend::parse(name, "EXECUTE plus_one(41)", None, &mut out).unwrap();
+                    bind_no_params(name, &mut out);
+                    frontend::execute("", 0, &mut out).unwrap();
+                    frontend::sync(&mut out);
+                    s.write_all(&out).await.unwrap();
+                    let r = read_until_ready(&mut s, 1).await;
+                    assert_eq!(tags(&r), "12DCZ", "{mode} {name:?}: {r:?}");
+                    assert_eq!(first_column(&r), [Some("42".to_string())], "{mode}: {r:?}");
+                }
                 let r = query(&mut s, "DEALLOCATE plus_one").await;
                 assert_eq!(tags(&r), "CZ", "{mode}: {r:?}");
             }
@@ -374,6 +387,39 @@ async fn prepared_statement_names_follow_postgres_rules() {
         .await;
         env.sluice.assert_no_unexpected_errors(&[]);
     }
+}
+
+/// Session mode: the client keeps one server process, so BackendKeyData is that process's own
+/// key, as directly: `pg_backend_pid()`, the pid of its own NOTIFY, and `pg_terminate_backend`
+/// of it all agree (asyncpg's listener tests, psycopg2's `backend_pid`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_clients_know_their_server_process() {
+    let env = Env::start(1, "pool_mode = \"session\"\npool_size = 4");
+    let addr = env.sluice.listen_addr();
+    bounded(60, async {
+        for _ in 0..3 {
+            let (mut s, msgs) = raw_login_with(addr, "app", "app-secret", "app", &[]).await;
+            let (_, key) = msgs.iter().find(|(t, _)| *t == b'K').expect("BackendKeyData");
+            let pid = i32::from_be_bytes(key[..4].try_into().unwrap());
+            let r = query(&mut s, "SELECT pg_backend_pid()").await;
+            assert_eq!(first_column(&r), [Some(pid.to_string())]);
+            let r = query(&mut s, "LISTEN sess_chan; NOTIFY sess_chan, 'hi'").await;
+            let (_, note) = r.iter().find(|(t, _)| *t == b'A').expect("own notification");
+            assert_eq!(i32::from_be_bytes(note[..4].try_into().unwrap()), pid);
+            // Another client terminates this one by the pid it was told.
+            let other = crate::support::connect(addr, "app", "app-secret", "app").await;
+            let killed = simple_column(&other, &format!("SELECT pg_terminate_backend({pid})")).await;
+            assert_eq!(killed, ["t"]);
+            let mut all = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut all))
+                .await
+                .expect("closed")
+                .ok();
+            let text = String::from_utf8_lossy(&all);
+            assert!(text.contains("57P01"), "{text}");
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
