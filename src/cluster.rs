@@ -401,8 +401,18 @@ impl Cluster {
                         Err(PoolError::Connect(e))
                             if e.is_node_failure() && tokio::time::Instant::now() < deadline =>
                         {
-                            warn!(node = %address, error = %e, "backend connection failed; marking the node down");
-                            self.observe(&snap.nodes[node].id, &Observation::Down { error: e.to_string() });
+                            if matches!(e, crate::backend::BackendError::Timeout { .. }) {
+                                // Slow is not dead: a loaded server can take seconds to fork and
+                                // authenticate, and marking it down would end every request in
+                                // flight on it. Its probe (probe_timeout) decides; retry meanwhile.
+                                warn!(node = %address, error = %e, "backend connection timed out; retrying");
+                            } else {
+                                warn!(node = %address, error = %e, "backend connection failed; marking the node down");
+                                self.observe(
+                                    &snap.nodes[node].id,
+                                    &Observation::Down { error: e.to_string() },
+                                );
+                            }
                         }
                         Err(e) => return Err(e.into()),
                     }

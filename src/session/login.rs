@@ -105,6 +105,7 @@ pub async fn login(
         pinned: None,
         min_lsn: None,
         skip_until_sync: false,
+        held: None,
         cancel_key,
         cancel_slot,
         span,

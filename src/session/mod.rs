@@ -198,7 +198,23 @@ impl Attached {
             backend,
             client,
             batch: self.units_pushed,
+            alone: false,
+            marker: false,
         });
+    }
+
+    /// A ParseComplete or CloseComplete arrived: its entry is done. Returns whether sluice sent
+    /// the message (the reply is not relayed).
+    fn complete_fixup(&mut self) -> bool {
+        let Some(p) = self.fixups.pop_front() else {
+            return false;
+        };
+        if p.marker {
+            if let Some(next) = self.fixups.front_mut() {
+                next.alone = true;
+            }
+        }
+        p.swallow
     }
 
     /// Nothing in flight and no transaction open: the connection may serve someone else.
@@ -243,6 +259,10 @@ pub struct Session {
     min_lsn: Option<u64>,
     /// After a failed extended-protocol request: drop messages until Sync.
     skip_until_sync: bool,
+    /// A client message that starts a write while the replica backend it is attached to still
+    /// answers earlier requests (the client's pipelined reads, or sluice's settings capture):
+    /// it waits, with everything after it, until that backend is done and can be let go.
+    held: Option<Message>,
     cancel_key: (i32, i32),
     cancel_slot: CancelSlot,
     /// Names the client in log lines (see `serve`).
@@ -325,7 +345,7 @@ impl Session {
             } = self;
             // Past this much unsent to the backend, the client waits (TCP backpressure), as it
             // would on a direct connection to a server that is slow to read.
-            let backlogged = to_backend.len() >= BACKEND_BACKLOG;
+            let backlogged = to_backend.len() >= BACKEND_BACKLOG || self.held.is_some();
             let client_read = async {
                 if backlogged {
                     return std::future::pending().await;
@@ -440,6 +460,14 @@ impl Session {
     /// Handles every complete client message in the buffer.
     async fn process_client_messages(&mut self) -> Result<(), End> {
         loop {
+            if let Some(msg) = self.held.take() {
+                if self.attached.as_ref().is_some_and(|a| !a.units.is_empty()) {
+                    self.held = Some(msg);
+                    return Ok(());
+                }
+                self.handle_client_message(msg).await?;
+                continue;
+            }
             let msg = match split_message(&mut self.cbuf, MAX_CLIENT_MESSAGE) {
                 Ok(Some(m)) => m,
                 Ok(None) => return Ok(()),
@@ -486,6 +514,10 @@ impl Session {
                 self.cluster.pools.drain_database(&database);
             }
         }
+        if self.must_wait_for_replica(&msg, query_class)? {
+            self.held = Some(msg);
+            return Ok(());
+        }
         if self.attached.is_none() {
             if self.skip_until_sync {
                 if tag == b'S' {
@@ -530,6 +562,39 @@ impl Session {
             }
         }
         self.forward(msg, query_class)
+    }
+
+    /// Whether `msg` starts a request that needs the primary while the attached backend is a
+    /// replica with replies still to come. Until they arrive, sluice cannot know whether they
+    /// leave a transaction open (then the request belongs on that backend) or not (then the
+    /// backend is let go and the request routed anew): it waits.
+    fn must_wait_for_replica(
+        &mut self,
+        msg: &Message,
+        query_class: Option<Classification>,
+    ) -> Result<bool, End> {
+        let Some(a) = self.attached.as_ref() else {
+            return Ok(false);
+        };
+        let starts_request = msg.tag() == b'Q'
+            || (!a.in_batch && matches!(msg.tag(), b'P' | b'B' | b'D' | b'E' | b'C' | b'F'));
+        if !starts_request
+            || a.units.is_empty()
+            || a.copy_in
+            || a.checkout.role == Role::Primary
+            || self.pinned.is_some()
+            || self.cluster.config.pool_mode == PoolMode::Session
+        {
+            return Ok(false);
+        }
+        let class = match query_class {
+            Some(c) => c,
+            None => {
+                let first = self.classify(msg)?;
+                self.batch_class(first)
+            }
+        };
+        Ok(self.serializable() || Intent::of(class, self.cluster.config.consistency) == Intent::Primary)
     }
 
     /// Whether the client's transactions are serializable by default (a hot standby refuses

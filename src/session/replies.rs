@@ -134,7 +134,7 @@ impl Session {
                         }
                         // Every ParseComplete/CloseComplete pops its entry; sluice's own are
                         // not relayed.
-                        b'1' | b'3' if a.fixups.pop_front().is_some_and(|p| p.swallow) => continue,
+                        b'1' | b'3' if a.complete_fixup() => continue,
                         b'Z' => {
                             a.status = peek::ready_status(msg.body()).unwrap_or(b'I');
                             a.pop_unit();

@@ -54,10 +54,15 @@ pub fn startup_serializable(params: &[(String, String)]) -> bool {
 /// custom settings in `custom` (never-set ones read as NULL and are left out). Its own
 /// isolation level, because the session's default may be serializable, which a hot standby
 /// refuses.
+///
+/// The `transaction_*` settings show as set in the session inside the capture's own
+/// `BEGIN ... READ ONLY`: they belong to that transaction, not to the client. Replayed, they
+/// made the client's next write fail with "read-only transaction" (pg_regress `namespace`).
 pub fn read_settings_sql(custom: &[String]) -> String {
     let mut sql = String::from(
         "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY; \
-         SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session'",
+         SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' \
+         AND name NOT IN ('transaction_isolation', 'transaction_read_only', 'transaction_deferrable')",
     );
     if !custom.is_empty() {
         let names: Vec<String> = custom.iter().map(|n| literal(n)).collect();

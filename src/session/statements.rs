@@ -99,6 +99,13 @@ pub struct Pending {
     /// The number of the unit whose ReadyForQuery ends this message's batch: if that arrives
     /// first, the server skipped the message after an error.
     pub batch: u64,
+    /// Nothing before this message in its batch can have failed: unanswered, it failed itself
+    /// rather than being skipped (a failed Parse of the unnamed statement has still dropped
+    /// the old one, as PostgreSQL drops it before parsing).
+    pub alone: bool,
+    /// Answered, it makes the next message `alone` (a Close of the unnamed statement sent just
+    /// before a Parse of it).
+    pub marker: bool,
 }
 
 fn statement_hash(query: &[u8], rest: &[u8]) -> u64 {
@@ -135,6 +142,7 @@ impl Session {
     /// transaction mode. `query_class` is the classification of a simple query.
     pub(super) fn forward(&mut self, msg: Message, query_class: Option<Classification>) -> Result<(), End> {
         let a = self.attached.as_mut().expect("forward needs a backend");
+        let batch_start = !a.in_batch;
         match msg.tag() {
             b'Q' | b'F' => a.push_unit(Unit::Client),
             b'S' => {
@@ -174,7 +182,7 @@ impl Session {
             }
             b'P' => {
                 let p = peek::parse(msg.body()).map_err(|e| self.violation(&e.to_string()))?;
-                self.forward_parse(&msg, &p);
+                self.forward_parse(&msg, &p, batch_start);
             }
             b'B' => {
                 let b = peek::bind(msg.body()).map_err(|e| self.violation(&e.to_string()))?;
@@ -217,7 +225,7 @@ impl Session {
     }
 
     /// A client's Parse. A name the client already has is refused as PostgreSQL refuses it.
-    fn forward_parse(&mut self, msg: &Message, p: &peek::Parse<'_>) {
+    fn forward_parse(&mut self, msg: &Message, p: &peek::Parse<'_>, batch_start: bool) {
         // SQL `EXECUTE name` prepared through the extended protocol (asyncpg's `fetchval('EXECUTE
         // foobar')`): the text names the backend's copy of the client's statement.
         let executed = self.execute_target(p.query);
@@ -244,6 +252,16 @@ impl Session {
         let stmt = self.statement_for(p);
         let a = self.attached.as_mut().expect("attached");
         if name.is_empty() {
+            // Whether this Parse failed or was skipped after an earlier error decides whether
+            // the client still has its old unnamed statement. First in its batch, it can only
+            // have failed; later, a Close of the unnamed statement just before it tells.
+            let replaces = self.statements.contains_key(&name);
+            let alone = batch_start && executed.is_none();
+            if replaces && !alone {
+                peek::encode_target(&mut self.to_backend, b'C', b'S', b"");
+                a.push_fixup(true, BackendChange::None, None);
+                a.fixups.back_mut().expect("just pushed").marker = true;
+            }
             a.unnamed_ready = true;
             if executed.is_some() {
                 peek::encode_parse(&mut self.to_backend, b"", p.query, p.rest);
@@ -252,6 +270,7 @@ impl Session {
             }
             let before = self.statements.insert(name.clone(), stmt);
             a.push_fixup(false, BackendChange::None, Some((name, before)));
+            a.fixups.back_mut().expect("just pushed").alone = alone;
             return;
         }
         let prepared = &mut a.checkout.conn.conn().prepared;
@@ -328,6 +347,12 @@ impl Session {
                 BackendChange::UnnamedClosed => a.unnamed_ready = true,
             }
             if let Some((name, before)) = p.client {
+                if p.alone && name.is_empty() {
+                    // A Parse of the unnamed statement that failed: the old one is gone.
+                    self.statements.remove(&name);
+                    a.unnamed_ready = false;
+                    continue;
+                }
                 match before {
                     Some(stmt) => self.statements.insert(name, stmt),
                     None => self.statements.remove(&name),

@@ -380,7 +380,7 @@ def compare(args):
         for cause, n in sorted(by_cause.items()):
             print(f"  {cause}: {n}")
         if fixed:
-            print(f"listed but passing through sluice now (remove them from the list): {len(fixed)}")
+            print(f"listed but passing through sluice this run (a racy cause, or fixed: check): {len(fixed)}")
             for tid in fixed:
                 print(f"  {tid}")
         if unexpected:

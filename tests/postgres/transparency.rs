@@ -389,6 +389,47 @@ async fn prepared_statement_names_follow_postgres_rules() {
     }
 }
 
+/// A setting changed by a read (`set_config` in a SELECT, sent to a replica) moves with the
+/// client to the primary for its next write, and only that setting: the capture's own
+/// `BEGIN READ ONLY` once travelled along as `transaction_read_only = on` and made the write
+/// fail (pg_regress `namespace`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setting_made_by_a_read_does_not_make_the_next_write_read_only() {
+    for consistency in ["eventual", "primary"] {
+        let env = Env::start(1, &format!("consistency = \"{consistency}\"\npool_size = 2"));
+        let addr = env.sluice.listen_addr();
+        bounded(60, async {
+            for i in 0..10 {
+                let c = crate::support::connect(addr, "app", "app-secret", "app").await;
+                exec(&c, "SELECT pg_catalog.set_config('search_path', 'public', false)").await;
+                exec(
+                    &c,
+                    &format!("CREATE SCHEMA set_then_write_{i} CREATE TABLE t (a int)"),
+                )
+                .await;
+                assert_eq!(simple_column(&c, "SHOW search_path").await, ["public"]);
+                exec(&c, &format!("DROP SCHEMA set_then_write_{i} CASCADE")).await;
+                // A read and writes pipelined without waiting: the writes wait for the read's
+                // replica to answer, then go to the primary.
+                let (mut s, _) = raw_login_with(addr, "app", "app-secret", "app", &[]).await;
+                let mut out = BytesMut::new();
+                for sql in [
+                    "SELECT 1".to_string(),
+                    format!("CREATE TABLE piped_{i} (a int)"),
+                    format!("DROP TABLE piped_{i}"),
+                ] {
+                    frontend::query(&sql, &mut out).unwrap();
+                }
+                s.write_all(&out).await.unwrap();
+                let r = read_until_ready(&mut s, 3).await;
+                assert_eq!(tags(&r), "TDCZCZCZ", "{consistency}: {r:?}");
+            }
+        })
+        .await;
+        env.sluice.assert_no_unexpected_errors(&[]);
+    }
+}
+
 /// Session mode: the client keeps one server process, so BackendKeyData is that process's own
 /// key, as directly: `pg_backend_pid()`, the pid of its own NOTIFY, and `pg_terminate_backend`
 /// of it all agree (asyncpg's listener tests, psycopg2's `backend_pid`).

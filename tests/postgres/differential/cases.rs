@@ -7,7 +7,7 @@ use super::sequence::{
 
 /// Seeds that once failed, run before the others (found against sluice before its statement
 /// bookkeeping followed PostgreSQL's rules; each a distinct first difference).
-const REGRESSIONS: &[u64] = &[1, 13, 14, 15, 26, 27, 39, 44, 46, 64, 69, 73, 87, 95, 184];
+const REGRESSIONS: &[u64] = &[1, 13, 14, 15, 26, 27, 39, 44, 46, 64, 69, 73, 87, 95, 184, 1018];
 
 /// One sequence to run, with the label failure reports use.
 pub struct Case {
@@ -113,6 +113,30 @@ fn hand_written() -> Vec<Case> {
                 vec![parse("S1", SYNTAX_ERROR), Sync],
                 run("S1"),
                 vec![parse("", SYNTAX_ERROR), Sync],
+                run(""),
+            ]
+            .concat(),
+        ),
+        case(
+            "a failed Parse of the unnamed statement drops the old one, a skipped one does not",
+            [
+                vec![parse("", SELECT_1), Sync, parse("", SYNTAX_ERROR), Sync],
+                vec![describe_s(""), Sync],
+                vec![
+                    parse("", SELECT_1),
+                    Sync,
+                    parse("s1", SELECT_1),
+                    parse("", SYNTAX_ERROR),
+                    Sync,
+                ],
+                vec![describe_s(""), Sync],
+                vec![
+                    parse("", SELECT_1),
+                    Sync,
+                    fails.clone(),
+                    parse("", SYNTAX_ERROR),
+                    Sync,
+                ],
                 run(""),
             ]
             .concat(),

@@ -24,6 +24,7 @@ const CASES: &[(&str, Class)] = &[
     ("SELECT update FROM t", R),
     // Keywords hidden in strings, identifiers and comments.
     ("SELECT 'insert'", R),
+    ("CREATE SCHEMA test_ns_schema_1\n       CREATE UNIQUE INDEX abc_a_idx ON abc (a)\n       CREATE VIEW abc_view AS\n              SELECT a+1 AS a, b+1 AS b FROM abc\n       CREATE TABLE abc ( a serial, b int UNIQUE );", W),
     ("SELECT 'x'';DELETE FROM t;--'", R),
     ("SELECT E'\\';DELETE FROM t' AS x", R),
     ("SELECT \"update\" FROM t", R),
