@@ -158,6 +158,11 @@ struct Attached {
     wrote: bool,
     /// The server is in COPY FROM STDIN mode (until the client's CopyDone or CopyFail).
     copy_in: bool,
+    /// A CopyDone/CopyFail the client sent before the server's CopyInResponse arrived (drivers
+    /// send the data right behind the COPY): the number of the unit whose reply the COPY is part
+    /// of, and whether the batch's Sync came after it. That COPY is over when the response
+    /// arrives; a COPY that failed before copying never answers, and its entry goes stale.
+    copy_ended_early: Option<(u64, bool)>,
     /// Bytes of a large message still to relay as they arrive (see `replies.rs`).
     streaming: usize,
     /// Units ever queued and answered: a Parse or Close belongs to the batch that the next
@@ -735,6 +740,7 @@ impl Session {
             settings_dirty: false,
             wrote: false,
             copy_in: false,
+            copy_ended_early: None,
             streaming: 0,
             units_pushed: 0,
             units_done: 0,

@@ -127,8 +127,14 @@ impl Session {
                         // COPY FROM STDIN started by Execute: the Sync sent with it is ignored
                         // by the server, as is any Sync until CopyDone/CopyFail.
                         b'G' => {
-                            a.copy_in = true;
-                            if matches!(a.units.front(), Some(Unit::ClientSync)) {
+                            let ended = a.copy_ended_early.take();
+                            let (ended_early, sync_after) = match ended {
+                                Some((unit, sync_after)) if unit == a.units_done + 1 => (true, sync_after),
+                                _ => (false, false),
+                            };
+                            a.copy_in = !ended_early;
+                            // A Sync sent before the CopyDone arrived in COPY mode: ignored.
+                            if !sync_after && matches!(a.units.front(), Some(Unit::ClientSync)) {
                                 a.pop_unit();
                             }
                         }

@@ -152,7 +152,8 @@ impl Session {
                 }
             }
             // CopyDone and CopyFail end COPY FROM STDIN.
-            b'c' | b'f' => a.copy_in = false,
+            b'c' | b'f' if a.copy_in => a.copy_in = false,
+            b'c' | b'f' => a.copy_ended_early = Some((a.units_pushed + u64::from(a.in_batch), a.in_batch)),
             b'P' | b'B' | b'D' | b'E' | b'H' | b'C' => a.in_batch = true,
             _ => {}
         }

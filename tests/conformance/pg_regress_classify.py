@@ -84,7 +84,8 @@ stale read of the same test):
                       ORDER BY position N is not in select list, cannot subscript type,
                       could not find array type, could not identify an operator/function for
                       type, column ... is of type ... but expression is of type, operator/function
-                      is not unique, could not determine polymorphic type.
+                      is not unique, could not determine polymorphic type, invalid input
+                      value for enum (a label ALTER TYPE ... ADD VALUE just added).
   error-of-older-state a read of something the test changed whose added error occurs verbatim
                       in the test's expected output (an error the test provokes itself at
                       another step: the replica is still in that state, e.g. a domain
@@ -166,7 +167,8 @@ STALE_CATALOG_RE = re.compile(
     r"populated|ORDER BY position \d+ is not in select list|cannot subscript type .*|could not "
     r"find array type for data type .*|could not identify an? .*(operator|function) for type .*|"
     r"column .* is of type .* but expression is of type .*|operator is not unique: .*|"
-    r"function .* is not unique|could not determine polymorphic type .*)$")
+    r"function .* is not unique|could not determine polymorphic type .*|"
+    r"invalid input value for enum .*)$")
 NAME = r"(?:\"[^\"]+\"|[\w$]+)(?:\.(?:\"[^\"]+\"|[\w$]+))?"  # an SQL name, maybe qualified
 DDL_FIRST = {"create", "alter", "grant", "revoke", "comment", "security", "import", "reindex"}
 STATS_RE = re.compile(r"\bpg_stat|\bpg_statio_|\bpg_stat_get_", re.I)

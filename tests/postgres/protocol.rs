@@ -208,6 +208,58 @@ async fn cancel_reaches_only_the_right_query() {
     env.sluice.assert_no_unexpected_errors(&[]);
 }
 
+/// Drivers send COPY data and CopyDone right behind the COPY, before the server's
+/// CopyInResponse (asyncpg's copy_to_table): the COPY is over when that response arrives, and
+/// the client's next request is answered (it once hung: sluice thought COPY was still on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_data_sent_before_the_servers_response() {
+    for mode in ["session", "transaction"] {
+        let env = Env::start(
+            1,
+            &format!("pool_mode = \"{mode}\"\nconsistency = \"read-your-writes\""),
+        );
+        bounded(60, async {
+            let mut s = raw_login(env.sluice.listen_addr()).await;
+            let mut out = BytesMut::new();
+            frontend::query("CREATE TABLE IF NOT EXISTS cp_early (a int)", &mut out).unwrap();
+            s.write_all(&out).await.unwrap();
+            read_until_ready(&mut s, 1).await;
+            let copy = |table: &str| {
+                let mut out = BytesMut::new();
+                frontend::query(&format!("COPY {table} FROM STDIN"), &mut out).unwrap();
+                frontend::CopyData::new(&b"1\n"[..]).unwrap().write(&mut out);
+                frontend::copy_done(&mut out);
+                out
+            };
+            for (table, want) in [("cp_early", "GCZ"), ("cp_missing", "EZ"), ("cp_early", "GCZ")] {
+                s.write_all(&copy(table)).await.unwrap();
+                let r = read_until_ready(&mut s, 1).await;
+                assert_eq!(tags(&r), want, "{mode} {table}: {r:?}");
+            }
+            for _ in 0..3 {
+                let mut out = BytesMut::new();
+                parse(&mut out, "", "SELECT count(*)::text FROM cp_early");
+                bind(&mut out, "", "");
+                frontend::execute("", 0, &mut out).unwrap();
+                frontend::sync(&mut out);
+                s.write_all(&out).await.unwrap();
+                let r = read_until_ready(&mut s, 1).await;
+                assert_eq!(tags(&r), "12DCZ", "{mode}: {r:?}");
+            }
+            let r = read_until_ready_after(&mut s, "DROP TABLE cp_early").await;
+            assert_eq!(tags(&r), "CZ", "{mode}: {r:?}");
+        })
+        .await;
+    }
+}
+
+async fn read_until_ready_after(s: &mut TcpStream, sql: &str) -> Vec<crate::raw::Reply> {
+    let mut out = BytesMut::new();
+    frontend::query(sql, &mut out).unwrap();
+    s.write_all(&out).await.unwrap();
+    read_until_ready(s, 1).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copy_errors_leave_the_connection_usable() {
     let env = Env::start(1, "");
