@@ -107,6 +107,8 @@ pub struct Backend {
     /// The last owner ran something that may have left session state sluice does not track
     /// (a write, SET, set_config): the next different owner gets it reset first.
     pub tainted: bool,
+    /// Lists the connection in its pool's server list (`SHOW SERVERS`) while it lives.
+    pub registration: Option<crate::pool::Registration>,
 }
 
 impl Backend {
@@ -145,6 +147,7 @@ impl Backend {
             startup: opts.params.clone(),
             owner: 0,
             tainted: false,
+            registration: None,
         };
         let mut out = BytesMut::new();
         let params = [("user", opts.user), ("database", opts.database)]

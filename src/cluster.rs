@@ -175,11 +175,19 @@ pub struct Cluster {
     sessions: std::sync::atomic::AtomicU64,
     /// Each database's functions, for classification.
     pub functions: crate::functions::Catalogs,
+    /// The admin console (shared by every cluster): who may use it, and what is paused.
+    pub console: Arc<crate::console::Console>,
+    /// Logged-in clients and per-database activity, for the console.
+    pub activity: crate::activity::Activity,
 }
 
 impl Cluster {
     /// Builds the run-time state (derives SCRAM secrets: slow on purpose, done once).
-    pub fn new(config: ClusterConfig, metrics: Arc<Metrics>) -> Arc<Cluster> {
+    pub fn new(
+        config: ClusterConfig,
+        metrics: Arc<Metrics>,
+        console: Arc<crate::console::Console>,
+    ) -> Arc<Cluster> {
         let members = match &config.discovery {
             Discovery::Static(a) => a.iter().map(|a| Member::at(a)).collect(),
             // Dynamic discovery fills the member list once it has looked.
@@ -250,6 +258,8 @@ impl Cluster {
             clients: AtomicUsize::new(0),
             sessions: std::sync::atomic::AtomicU64::new(0),
             functions: Default::default(),
+            console,
+            activity: Default::default(),
             metrics,
             config,
         });

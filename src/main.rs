@@ -1,10 +1,12 @@
 //! sluice: a database-aware L4 ingress proxy. This file is the command line and start-up.
 
+mod activity;
 mod admin;
 mod backend;
 mod check;
 mod cluster;
 mod config;
+mod console;
 mod cql;
 mod discovery;
 mod functions;

@@ -55,11 +55,32 @@ pub struct Config {
     pub clusters: Vec<ClusterConfig>,
 }
 
-/// `[admin]`: the HTTP listener for metrics, health and topology.
+/// `[admin]`: the HTTP listener for metrics, health and topology, and who may use the admin
+/// console (the virtual database `sluice` on the PostgreSQL listeners).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// Users (of a PostgreSQL cluster) with full console access.
+    pub admin_users: Vec<String>,
+    /// Users (of a PostgreSQL cluster) that may run the console's SHOW commands.
+    pub stats_users: Vec<String>,
+    /// How long `PAUSE` holds a client's new transaction before failing it with 57P03.
+    pub pause_timeout: Duration,
 }
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
+            admin_users: Vec::new(),
+            stats_users: Vec::new(),
+            pause_timeout: DEFAULT_PAUSE_TIMEOUT,
+        }
+    }
+}
+
+/// `[admin] pause_timeout` when not set.
+pub const DEFAULT_PAUSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `[runtime]`: the async runtime sluice runs on (read at start; a reload cannot change it).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -228,12 +249,18 @@ impl Config {
                 Some(t) => {
                     let mut f = root.child(t, "admin".into());
                     let listen = f.socket_addr("listen", DEFAULT_ADMIN_LISTEN);
+                    let admin_users = f.string_array("admin_users");
+                    let stats_users = f.string_array("stats_users");
+                    let pause_timeout = f.duration("pause_timeout", "30s");
                     f.finish();
-                    AdminConfig { listen }
+                    AdminConfig {
+                        listen,
+                        admin_users: admin_users.unwrap_or_default(),
+                        stats_users: stats_users.unwrap_or_default(),
+                        pause_timeout: pause_timeout.unwrap_or(DEFAULT_PAUSE_TIMEOUT),
+                    }
                 }
-                None => AdminConfig {
-                    listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
-                },
+                None => AdminConfig::default(),
             };
             let runtime = match root.take_table("runtime") {
                 Some(t) => {
@@ -541,8 +568,25 @@ fn read_secret_file(path: &str) -> Result<String, String> {
 }
 
 /// Checks the whole-file rules that no single key can: unique names and listen addresses,
-/// users present where probes need them.
+/// users present where probes need them, console users that exist.
 fn validate_whole(config: &Config, errors: &mut Vec<ConfigError>) {
+    for (key, names) in [
+        ("admin_users", &config.admin.admin_users),
+        ("stats_users", &config.admin.stats_users),
+    ] {
+        for (i, name) in names.iter().enumerate() {
+            let known = config
+                .clusters
+                .iter()
+                .any(|c| c.protocol == Protocol::Postgres && c.users.iter().any(|u| &u.name == name));
+            if !known {
+                errors.push(ConfigError {
+                    path: format!("admin.{key}[{i}]"),
+                    reason: format!("{name:?} is not a user of any postgres cluster ([[clusters.users]])"),
+                });
+            }
+        }
+    }
     let mut names = HashSet::new();
     let mut listens = HashSet::new();
     listens.insert(config.admin.listen);
