@@ -35,6 +35,7 @@ pub struct AdminState {
     pub accepting: AtomicBool,
 }
 
+#[cfg(test)]
 impl AdminState {
     /// A state with nothing running yet.
     pub fn empty() -> AdminState {

@@ -101,6 +101,9 @@ pub enum AttachError {
     /// The client cancelled the request while it waited (CancelRequest).
     #[error("canceling statement due to user request")]
     Cancelled,
+    /// The database stayed paused (console `PAUSE`) past `pause_timeout`.
+    #[error(transparent)]
+    Paused(#[from] crate::console::PausedError),
 }
 
 /// A backend checked out for one client, with the node's load counted while it serves

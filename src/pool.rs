@@ -192,8 +192,6 @@ pub struct PoolStats {
     pub idle: usize,
     /// Being opened.
     pub connecting: usize,
-    /// Checkouts waiting for a free slot.
-    pub waiting: usize,
     pub servers: Vec<ServerRow>,
 }
 
@@ -554,7 +552,6 @@ impl Pools {
                     active: in_use.saturating_sub(connecting),
                     idle: idle.len(),
                     connecting,
-                    waiting: p.waiting.load(Ordering::Relaxed),
                     servers,
                 }
             })

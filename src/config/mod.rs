@@ -986,6 +986,30 @@ password = "app-secret"
 "#;
 
     #[test]
+    fn console_users_must_exist_and_timeouts_parse() {
+        let with = |admin: &str| {
+            CONTRACT_PG.replace(
+                "[admin]\nlisten = \"127.0.0.1:9930\"\n",
+                &format!("[admin]\nlisten = \"127.0.0.1:9930\"\n{admin}\n"),
+            )
+        };
+        let c = Config::parse(&with("admin_users = [\"app\"]\npause_timeout = \"2s\"")).unwrap();
+        assert_eq!(c.admin.admin_users, ["app"]);
+        assert!(c.admin.stats_users.is_empty());
+        assert_eq!(c.admin.pause_timeout, Duration::from_secs(2));
+        assert_eq!(Config::parse(CONTRACT_PG).unwrap().admin.pause_timeout, DEFAULT_PAUSE_TIMEOUT);
+        let errs = errors_of(&with(
+            "stats_users = [\"app\", \"ghost\"]\nadmin_users = [3]\npause_timeout = \"soon\"",
+        ));
+        assert!(
+            errs.iter().any(|e| e.starts_with("admin.stats_users[1]: \"ghost\" is not a user")),
+            "{errs:?}"
+        );
+        assert!(errs.iter().any(|e| e.starts_with("admin.admin_users[0]:")), "{errs:?}");
+        assert!(errs.iter().any(|e| e.starts_with("admin.pause_timeout:")), "{errs:?}");
+    }
+
+    #[test]
     fn contract_shape_parses_with_defaults() {
         let c = Config::parse(CONTRACT_PG).unwrap();
         let cl = &c.clusters[0];

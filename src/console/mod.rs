@@ -17,7 +17,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub use session::serve;
+pub use session::{serve, Login};
 
 use crate::activity::{Busy, DbActivity};
 use crate::admin::AdminState;
@@ -147,6 +147,12 @@ impl Console {
         }
     }
 
+    /// Starts a transaction on `db` if it is not paused (the fast path of [`Console::enter`]).
+    pub fn try_enter(&self, db: &Arc<DbActivity>) -> Option<Busy> {
+        let busy = Busy::start(db);
+        (!self.is_paused(&db.name)).then_some(busy)
+    }
+
     /// Starts a transaction on `db`: at once unless the database is paused, else once it is
     /// resumed (up to `pause_timeout`). The transaction counts as in flight (what `PAUSE`
     /// waits for) until the returned guard drops.
@@ -155,11 +161,9 @@ impl Console {
         loop {
             // Counted first, then the flag read (both SeqCst), while `pause` sets the flag first
             // and then reads the count: either PAUSE sees this transaction or it sees the flag.
-            let busy = Busy::start(db);
-            if !self.is_paused(&db.name) {
+            if let Some(busy) = self.try_enter(db) {
                 return Ok(busy);
             }
-            drop(busy);
             self.wait_while_paused(&db.name, start).await?;
         }
     }

@@ -34,15 +34,17 @@ const AUTH_FAILURE_DELAY: Duration = Duration::from_millis(250);
 pub async fn login(
     cluster: &Arc<Cluster>,
     tcp: TcpStream,
+    peer: std::net::SocketAddr,
     span: tracing::Span,
 ) -> std::io::Result<Option<Box<Session>>> {
+    let local = tcp.local_addr().ok();
     // The stream may turn into a TLS stream half-way through the handshake.
     let mut slot: Option<ClientStream> = Some(MaybeTls::Plain(tcp));
     let mut buf = BytesMut::with_capacity(1024);
     let mut out = BytesMut::new();
     let result = tokio::time::timeout(
         cluster.config.login_timeout,
-        handshake(cluster, &mut slot, &mut buf, &mut out),
+        handshake(cluster, peer, &mut slot, &mut buf, &mut out),
     )
     .await;
     // Gone only if the login timed out in the middle of a TLS handshake.
@@ -58,17 +60,44 @@ pub async fn login(
     if !out.is_empty() {
         stream.write_all(&out).await?;
     }
-    let Some(Greeted {
+    let greeted = match greeted {
+        Some(Outcome::Client(g)) => g,
+        Some(Outcome::Console(login)) => {
+            crate::console::serve(cluster, stream, buf, BytesMut::new(), login).await?;
+            return Ok(None);
+        }
+        None => return Ok(None),
+    };
+    let Greeted {
         user,
         database,
         startup,
         startup_serializable,
         checkout,
         functions,
-    }) = greeted
-    else {
-        return Ok(None);
-    };
+    } = greeted;
+    let tls = matches!(stream, MaybeTls::Tls(_));
+    let client = crate::activity::Activity::register(
+        cluster,
+        crate::activity::ClientInfo {
+            id: cluster.next_session_id(),
+            user: user.clone(),
+            database: database.clone(),
+            addr: peer,
+            local,
+            tls,
+            application_name: startup
+                .iter()
+                .find(|(k, _)| k == "application_name")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default(),
+            connect_time: crate::activity::now_micros(),
+            wait_since: 0.into(),
+            request_time: 0.into(),
+            active: 0.into(),
+        },
+    );
+    let db = cluster.activity.database(&database);
     let (rd, wr) = tokio::io::split(stream);
     let cancel_key = {
         let mut rng = rand::rng();
@@ -80,7 +109,10 @@ pub async fn login(
     server::ready_for_query(&mut greeting, b'I');
     let mut session = Box::new(Session {
         cluster: cluster.clone(),
-        id: cluster.next_session_id(),
+        id: client.info.id,
+        client,
+        db,
+        busy: None,
         user,
         database,
         startup,
@@ -119,6 +151,14 @@ pub async fn login(
     Ok(Some(session))
 }
 
+/// How a login ended well.
+enum Outcome {
+    /// A client of the cluster.
+    Client(Greeted),
+    /// A user of the admin console.
+    Console(crate::console::Login),
+}
+
 /// A client that has logged in.
 struct Greeted {
     user: String,
@@ -134,10 +174,11 @@ struct Greeted {
 /// the parameters are in `out`.
 async fn handshake(
     cluster: &Arc<Cluster>,
+    peer: std::net::SocketAddr,
     slot: &mut Option<ClientStream>,
     buf: &mut BytesMut,
     out: &mut BytesMut,
-) -> std::io::Result<Option<Greeted>> {
+) -> std::io::Result<Option<Outcome>> {
     let mut negotiations = 0;
     let mut stream = slot.as_mut().expect("present until a TLS upgrade");
     let params = loop {
@@ -235,7 +276,6 @@ async fn handshake(
     if !authenticate(cluster, stream, buf, out, &user).await? {
         return Ok(None);
     }
-    server::authentication_ok(out);
 
     let StartupPacket::Startup {
         params: ref startup_params,
@@ -244,7 +284,36 @@ async fn handshake(
     else {
         unreachable!("the loop above only breaks with a Startup packet")
     };
+    if cluster.console.is_console_database(&database) {
+        let Some(access) = cluster.console.access(&user) else {
+            info!(%user, %database, "admin console refused: not an admin or stats user");
+            fatal(
+                out,
+                "28000",
+                &format!("sluice: user \"{user}\" may not use the admin console (not in [admin] admin_users or stats_users)"),
+            );
+            return Ok(None);
+        };
+        server::authentication_ok(out);
+        return Ok(Some(Outcome::Console(crate::console::Login {
+            user,
+            access,
+            peer,
+            application_name: params.param("application_name").unwrap_or_default().to_string(),
+        })));
+    }
+    server::authentication_ok(out);
     let startup = settings::startup_params(startup_params);
+    // A new client of a paused database waits for RESUME, like its transactions.
+    if let Err(e) = cluster
+        .console
+        .wait_while_paused(&database, tokio::time::Instant::now())
+        .await
+    {
+        info!(%user, %database, "login refused: {e}");
+        fatal(out, "57P03", &e.to_string());
+        return Ok(None);
+    }
     let fresh = cluster.config.pool_mode == PoolMode::Session;
     let checkout = match cluster.login_params(&user, &database, &startup, fresh).await {
         Ok((params, checkout)) => {
@@ -274,14 +343,14 @@ async fn handshake(
     };
     let functions = cluster.function_catalog(&user, &database).await;
     debug!(%user, %database, "client logged in");
-    Ok(Some(Greeted {
+    Ok(Some(Outcome::Client(Greeted {
         functions,
         startup_serializable: settings::startup_serializable(startup_params),
         user,
         database,
         startup,
         checkout,
-    }))
+    })))
 }
 
 /// A Terminate message, which some drivers send before anything else when they give up on a

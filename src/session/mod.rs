@@ -58,7 +58,7 @@ pub async fn serve(cluster: Arc<Cluster>, stream: TcpStream, peer: SocketAddr) {
         // Boxed: the login future (SCRAM, TLS accept, the first backend connection) is
         // several KiB and only needed once; inline it would stay part of every idle
         // client's task for the whole session.
-        let login = Box::pin(login::login(&cluster, stream, span.clone()).instrument(span.clone()));
+        let login = Box::pin(login::login(&cluster, stream, peer, span.clone()).instrument(span.clone()));
         match login.await {
             Ok(Some(session)) => {
                 drop(span);
@@ -174,6 +174,13 @@ pub struct Session {
     cluster: Arc<Cluster>,
     /// Unique in the cluster: marks the backends this session used last.
     id: u64,
+    /// The client as the admin console lists it (`SHOW CLIENTS`, `SHOW POOLS`).
+    client: crate::activity::Registered,
+    /// Its database's activity (transactions in flight, totals).
+    db: Arc<crate::activity::DbActivity>,
+    /// The client's transaction in flight (from its first message to the ReadyForQuery that
+    /// ends it): what a console `PAUSE` waits for.
+    busy: Option<crate::activity::Busy>,
     user: String,
     database: String,
     /// What the client's backends are opened with (its own startup parameters).
@@ -236,6 +243,7 @@ impl Session {
 
     async fn relay(&mut self) -> End {
         loop {
+            self.end_transaction_if_done();
             if let Err(end) = self.process_client_messages().await {
                 let _ = self.flush_client().await;
                 return end;
@@ -325,7 +333,9 @@ impl Session {
                 }
                 r = rd.read_buf(cbuf) => match r {
                     Ok(0) | Err(_) => return End::ClientGone,
-                    Ok(_) => {}
+                    Ok(n) => {
+                        self.db.totals.received.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
                 },
                 () = reclaim => {
                     // Another client needs a connection of that pool, or it idled out.
@@ -363,6 +373,10 @@ impl Session {
     /// Writes `out` to the client. A client slow to read must not keep a parked backend from
     /// others: while writing, the parked backend still goes back when its pool needs it.
     async fn flush_client(&mut self) -> std::io::Result<()> {
+        self.db
+            .totals
+            .sent
+            .fetch_add(self.out.len() as u64, std::sync::atomic::Ordering::Relaxed);
         while !self.out.is_empty() {
             let Session { wr, out, parked, .. } = self;
             let reclaim = async {
@@ -433,6 +447,20 @@ impl Session {
         if tag == b'X' {
             return Err(End::ClientGone);
         }
+        if matches!(tag, b'Q' | b'E') {
+            self.db.totals.queries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        // A message that starts a transaction passes the console's pause gate first.
+        let answered_locally = self.attached.is_none()
+            && (self.skip_until_sync || matches!(tag, b'S' | b'H' | b'd' | b'c' | b'f'));
+        if !answered_locally {
+            self.end_transaction_if_done();
+            if self.busy.is_none() {
+                if let Err(e) = self.start_transaction().await {
+                    return self.attach_failed(tag, e);
+                }
+            }
+        }
         // A simple query is classified once, for routing and for its session effects.
         let query_class = if tag == b'Q' {
             match peek::query(msg.body()) {
@@ -483,8 +511,19 @@ impl Session {
                 PoolMode::Transaction => Intent::of(class, self.cluster.config.consistency),
             };
             let had_parked = self.parked.is_some();
-            match self.attach_cancellable(intent).await {
-                Ok(checkout) => self.attach(checkout),
+            let waited = std::time::Instant::now();
+            let info = &self.client.info;
+            info.wait_since.store(crate::activity::now_micros(), std::sync::atomic::Ordering::Relaxed);
+            let attached = self.attach_cancellable(intent).await;
+            self.client.info.wait_since.store(0, std::sync::atomic::Ordering::Relaxed);
+            let totals = &self.db.totals;
+            let waited = u64::try_from(waited.elapsed().as_micros()).unwrap_or(u64::MAX);
+            totals.wait_us.fetch_add(waited, std::sync::atomic::Ordering::Relaxed);
+            match attached {
+                Ok(checkout) => {
+                    totals.assignments.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.attach(checkout)
+                }
                 Err(e) => {
                     if had_parked {
                         self.cancel_slot.set(None);
@@ -494,6 +533,50 @@ impl Session {
             }
         }
         self.forward(msg, query_class)
+    }
+
+    /// Marks the client's next transaction in flight, holding it while the console has its
+    /// database paused (up to `pause_timeout`; a CancelRequest gives up the wait).
+    async fn start_transaction(&mut self) -> Result<(), AttachError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let info = &self.client.info;
+        let now = crate::activity::now_micros();
+        info.request_time.store(now, Relaxed);
+        if let Some(busy) = self.cluster.console.try_enter(&self.db) {
+            info.active.store(1, Relaxed);
+            self.busy = Some(busy);
+            return Ok(());
+        }
+        debug!(parent: &self.span, database = %self.db.name, "transaction held: the database is paused");
+        info.wait_since.store(now, Relaxed);
+        let slot = self.cancel_slot.clone();
+        let woken = slot.wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        slot.set_queued(true);
+        let started = std::time::Instant::now();
+        let result = tokio::select! {
+            biased;
+            r = self.cluster.console.enter(&self.db) => r.map_err(AttachError::from),
+            () = woken => Err(AttachError::Cancelled),
+        };
+        slot.set_queued(false);
+        info.wait_since.store(0, Relaxed);
+        let waited = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.db.totals.wait_us.fetch_add(waited, Relaxed);
+        let busy = result?;
+        info.active.store(1, Relaxed);
+        self.busy = Some(busy);
+        Ok(())
+    }
+
+    /// Ends the client's transaction in flight once it is over: no backend held, or the held
+    /// one idle with nothing in flight.
+    fn end_transaction_if_done(&mut self) {
+        if self.busy.is_some() && self.attached.as_ref().is_none_or(Attached::is_clean) {
+            self.busy = None;
+            self.client.info.active.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Whether the client's transactions are serializable by default (a hot standby refuses
@@ -716,6 +799,7 @@ impl Session {
             AttachError::Pool(PoolError::Exhausted { .. }) => ("53300", "pool_exhausted"),
             AttachError::Pool(PoolError::Connect(_)) => ("08006", "backend_connect"),
             AttachError::Cancelled => ("57014", "cancelled"),
+            AttachError::Paused(_) => ("57P03", "paused"),
         };
         self.cluster.metrics.error(&self.cluster.config.name, reason);
         if let AttachError::Pool(PoolError::Connect(BackendError::Server { raw, .. })) = &e {
