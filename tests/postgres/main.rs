@@ -9,6 +9,7 @@ mod admin;
 mod auth;
 mod bad_input;
 mod consistency;
+mod console;
 mod differential;
 mod failover;
 mod faults;
