@@ -130,7 +130,10 @@ async fn build(
     console: &Arc<Console>,
 ) -> anyhow::Result<(Arc<Cluster>, Feed)> {
     let feed = discovery::start(&config.name, &config.discovery, metrics).await?;
-    Ok((Cluster::new(config.clone(), metrics.clone(), console.clone()), feed))
+    Ok((
+        Cluster::new(config.clone(), metrics.clone(), console.clone()),
+        feed,
+    ))
 }
 
 /// Starts the probes, the pool reaper and the task that feeds discovery into the topology.

@@ -997,16 +997,26 @@ password = "app-secret"
         assert_eq!(c.admin.admin_users, ["app"]);
         assert!(c.admin.stats_users.is_empty());
         assert_eq!(c.admin.pause_timeout, Duration::from_secs(2));
-        assert_eq!(Config::parse(CONTRACT_PG).unwrap().admin.pause_timeout, DEFAULT_PAUSE_TIMEOUT);
+        assert_eq!(
+            Config::parse(CONTRACT_PG).unwrap().admin.pause_timeout,
+            DEFAULT_PAUSE_TIMEOUT
+        );
         let errs = errors_of(&with(
             "stats_users = [\"app\", \"ghost\"]\nadmin_users = [3]\npause_timeout = \"soon\"",
         ));
         assert!(
-            errs.iter().any(|e| e.starts_with("admin.stats_users[1]: \"ghost\" is not a user")),
+            errs.iter()
+                .any(|e| e.starts_with("admin.stats_users[1]: \"ghost\" is not a user")),
             "{errs:?}"
         );
-        assert!(errs.iter().any(|e| e.starts_with("admin.admin_users[0]:")), "{errs:?}");
-        assert!(errs.iter().any(|e| e.starts_with("admin.pause_timeout:")), "{errs:?}");
+        assert!(
+            errs.iter().any(|e| e.starts_with("admin.admin_users[0]:")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter().any(|e| e.starts_with("admin.pause_timeout:")),
+            "{errs:?}"
+        );
     }
 
     #[test]

@@ -90,7 +90,9 @@ fn parse(sql: &str) -> Result<Command, ()> {
             _ => Err(()),
         }
     };
-    let Some(first) = w.first() else { return Ok(Command::Empty) };
+    let Some(first) = w.first() else {
+        return Ok(Command::Empty);
+    };
     Ok(match first.as_str() {
         "show" if w.len() == 2 => Command::Show(w[1].clone()),
         "pause" => Command::Pause(arg(&w)?),
@@ -179,12 +181,18 @@ pub async fn run(console: &Console, user: &str, access: Access, sql: &str, out: 
             notice(out, "SET ignored", None);
             server::command_complete(out, "SET");
         }
-        Command::Set(key) => error(out, &format!("unknown setting '{key}' (the console sets nothing)")),
+        Command::Set(key) => error(
+            out,
+            &format!("unknown setting '{key}' (the console sets nothing)"),
+        ),
         Command::Pause(db) => {
             info!(%user, database = db.as_deref().unwrap_or("(all)"), "console: PAUSE");
             match console.pause(db.as_deref()).await {
                 Ok(()) => {
-                    info!(database = db.as_deref().unwrap_or("(all)"), "paused: no transaction in flight");
+                    info!(
+                        database = db.as_deref().unwrap_or("(all)"),
+                        "paused: no transaction in flight"
+                    );
                     server::command_complete(out, "PAUSE");
                 }
                 Err(e) => {
@@ -214,12 +222,20 @@ pub async fn run(console: &Console, user: &str, access: Access, sql: &str, out: 
             info!(%user, "console: RELOAD");
             let (tx, rx) = tokio::sync::oneshot::channel();
             let result = match console.send(ServerCommand::Reload(tx)) {
-                Ok(()) => rx.await.unwrap_or_else(|_| Err(vec!["sluice is shutting down".into()])),
+                Ok(()) => rx
+                    .await
+                    .unwrap_or_else(|_| Err(vec!["sluice is shutting down".into()])),
                 Err(e) => Err(vec![e]),
             };
             match result {
                 Ok(()) => server::command_complete(out, "RELOAD"),
-                Err(errors) => error(out, &format!("RELOAD failed, the running configuration stays: {}", errors.join("; "))),
+                Err(errors) => error(
+                    out,
+                    &format!(
+                        "RELOAD failed, the running configuration stays: {}",
+                        errors.join("; ")
+                    ),
+                ),
             }
         }
         Command::Shutdown => {
@@ -249,13 +265,19 @@ mod tests {
         assert_eq!(parse("  show\tStats  ; "), Ok(Command::Show("stats".into())));
         assert_eq!(parse("PAUSE"), Ok(Command::Pause(None)));
         assert_eq!(parse("pause app"), Ok(Command::Pause(Some("app".into()))));
-        assert_eq!(parse("RESUME \"My\"\"Db\""), Ok(Command::Resume(Some("My\"Db".into()))));
+        assert_eq!(
+            parse("RESUME \"My\"\"Db\""),
+            Ok(Command::Resume(Some("My\"Db".into())))
+        );
         assert_eq!(parse("reconnect"), Ok(Command::Reconnect(None)));
         assert_eq!(parse("RELOAD;"), Ok(Command::Reload));
         assert_eq!(parse("SHUTDOWN"), Ok(Command::Shutdown));
         assert_eq!(parse(""), Ok(Command::Empty));
         assert_eq!(parse(";"), Ok(Command::Empty));
-        assert_eq!(parse("SET client_encoding = 'UTF8'"), Ok(Command::Set("client_encoding".into())));
+        assert_eq!(
+            parse("SET client_encoding = 'UTF8'"),
+            Ok(Command::Set("client_encoding".into()))
+        );
         assert_eq!(parse("set DateStyle='ISO'"), Ok(Command::Set("datestyle".into())));
         assert_eq!(parse("SELECT 1"), Err(()));
         assert_eq!(parse("PAUSE a b"), Err(()));

@@ -128,7 +128,11 @@ impl Console {
     }
 
     /// Waits while `database` is paused, up to `pause_timeout` from `start`.
-    pub async fn wait_while_paused(&self, database: &str, start: tokio::time::Instant) -> Result<(), PausedError> {
+    pub async fn wait_while_paused(
+        &self,
+        database: &str,
+        start: tokio::time::Instant,
+    ) -> Result<(), PausedError> {
         loop {
             // Subscribed before looking, so that a RESUME right after the look is not missed.
             let mut changes = self.changes.subscribe();
@@ -282,7 +286,10 @@ mod tests {
         assert!(c.is_console_database("sluice") && c.is_console_database("pgbouncer"));
         assert!(!c.is_console_database("app"));
         c.configure(AdminConfig::default());
-        assert!(!c.is_console_database("sluice"), "no console users: an ordinary name");
+        assert!(
+            !c.is_console_database("sluice"),
+            "no console users: an ordinary name"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -302,7 +309,11 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(!held.is_finished());
-        assert_eq!(db.busy.load(Ordering::SeqCst), 0, "a held transaction is not in flight");
+        assert_eq!(
+            db.busy.load(Ordering::SeqCst),
+            0,
+            "a held transaction is not in flight"
+        );
         c.resume(Some("app")).unwrap();
         held.await.unwrap().expect("released by RESUME");
         assert!(c.resume(Some("app")).is_err(), "not paused any more");

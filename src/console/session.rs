@@ -139,7 +139,10 @@ pub async fn serve(
                 error(
                     &mut out,
                     "FATAL",
-                    &format!("sluice: protocol violation: unexpected message type {:?}", char::from(other)),
+                    &format!(
+                        "sluice: protocol violation: unexpected message type {:?}",
+                        char::from(other)
+                    ),
                 );
                 return stream.write_all(&out).await;
             }

@@ -404,10 +404,30 @@ pub fn config(console: &Console) -> Table {
     let d = |v: Duration| humantime::format_duration(v).to_string();
     let a = console.settings();
     let list = |v: &[String]| v.join(",");
-    t.push(vec![s("admin.listen"), s(a.listen), s(crate::config::DEFAULT_ADMIN_LISTEN), s("yes")]);
-    t.push(vec![s("admin.admin_users"), s(list(&a.admin_users)), s(""), s("yes")]);
-    t.push(vec![s("admin.stats_users"), s(list(&a.stats_users)), s(""), s("yes")]);
-    t.push(vec![s("admin.pause_timeout"), s(d(a.pause_timeout)), s("30s"), s("yes")]);
+    t.push(vec![
+        s("admin.listen"),
+        s(a.listen),
+        s(crate::config::DEFAULT_ADMIN_LISTEN),
+        s("yes"),
+    ]);
+    t.push(vec![
+        s("admin.admin_users"),
+        s(list(&a.admin_users)),
+        s(""),
+        s("yes"),
+    ]);
+    t.push(vec![
+        s("admin.stats_users"),
+        s(list(&a.stats_users)),
+        s(""),
+        s("yes"),
+    ]);
+    t.push(vec![
+        s("admin.pause_timeout"),
+        s(d(a.pause_timeout)),
+        s("30s"),
+        s("yes"),
+    ]);
     for c in console.view.clusters.load().iter() {
         let k = &c.config;
         let consistency = match k.consistency {
@@ -420,7 +440,11 @@ pub fn config(console: &Console) -> Table {
             ("pool_mode", pool_mode(k.pool_mode).into(), "transaction"),
             ("consistency", consistency.into(), "eventual"),
             ("pool_size", k.pool_size.to_string(), "20"),
-            ("max_client_connections", k.max_client_connections.to_string(), "10000"),
+            (
+                "max_client_connections",
+                k.max_client_connections.to_string(),
+                "10000",
+            ),
             ("checkout_timeout", d(k.checkout_timeout), "5s"),
             ("connect_timeout", d(k.connect_timeout), "3s"),
             ("login_timeout", d(k.login_timeout), "10s"),
@@ -431,7 +455,12 @@ pub fn config(console: &Console) -> Table {
         ];
         for (key, value, default) in entries {
             // A changed cluster setting takes effect by RELOAD (the cluster is rebuilt).
-            t.push(vec![s(format!("{}.{key}", k.name)), s(value), s(default), s("yes")]);
+            t.push(vec![
+                s(format!("{}.{key}", k.name)),
+                s(value),
+                s(default),
+                s("yes"),
+            ]);
         }
     }
     t
@@ -594,10 +623,18 @@ fn ownership<'a>(nodes: impl Iterator<Item = &'a [i64]>) -> Vec<f64> {
     }
     let whole = 2f64.powi(64);
     for (k, (token, node)) in all.iter().enumerate() {
-        let prev = if k == 0 { all[all.len() - 1].0 } else { all[k - 1].0 };
+        let prev = if k == 0 {
+            all[all.len() - 1].0
+        } else {
+            all[k - 1].0
+        };
         // Wrapping: the first token owns the range from the last token around the ring.
         let width = token.wrapping_sub(prev) as u64;
-        let width = if width == 0 && all.len() == 1 { whole } else { width as f64 };
+        let width = if width == 0 && all.len() == 1 {
+            whole
+        } else {
+            width as f64
+        };
         share[*node] += width / whole;
     }
     share
@@ -612,7 +649,10 @@ mod tests {
         let a = [0i64];
         let b = [i64::MIN];
         let shares = ownership([&a[..], &b[..]].into_iter());
-        assert!((shares[0] - 0.5).abs() < 1e-9 && (shares[1] - 0.5).abs() < 1e-9, "{shares:?}");
+        assert!(
+            (shares[0] - 0.5).abs() < 1e-9 && (shares[1] - 0.5).abs() < 1e-9,
+            "{shares:?}"
+        );
         let one = ownership([&a[..]].into_iter());
         assert!((one[0] - 1.0).abs() < 1e-9);
         assert_eq!(ownership([&[][..]].into_iter()), vec![0.0]);

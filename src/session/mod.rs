@@ -448,7 +448,10 @@ impl Session {
             return Err(End::ClientGone);
         }
         if matches!(tag, b'Q' | b'E') {
-            self.db.totals.queries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.db
+                .totals
+                .queries
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         // A message that starts a transaction passes the console's pause gate first.
         let answered_locally = self.attached.is_none()
@@ -513,15 +516,25 @@ impl Session {
             let had_parked = self.parked.is_some();
             let waited = std::time::Instant::now();
             let info = &self.client.info;
-            info.wait_since.store(crate::activity::now_micros(), std::sync::atomic::Ordering::Relaxed);
+            info.wait_since.store(
+                crate::activity::now_micros(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             let attached = self.attach_cancellable(intent).await;
-            self.client.info.wait_since.store(0, std::sync::atomic::Ordering::Relaxed);
+            self.client
+                .info
+                .wait_since
+                .store(0, std::sync::atomic::Ordering::Relaxed);
             let totals = &self.db.totals;
             let waited = u64::try_from(waited.elapsed().as_micros()).unwrap_or(u64::MAX);
-            totals.wait_us.fetch_add(waited, std::sync::atomic::Ordering::Relaxed);
+            totals
+                .wait_us
+                .fetch_add(waited, std::sync::atomic::Ordering::Relaxed);
             match attached {
                 Ok(checkout) => {
-                    totals.assignments.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    totals
+                        .assignments
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     self.attach(checkout)
                 }
                 Err(e) => {
@@ -575,7 +588,10 @@ impl Session {
     fn end_transaction_if_done(&mut self) {
         if self.busy.is_some() && self.attached.as_ref().is_none_or(Attached::is_clean) {
             self.busy = None;
-            self.client.info.active.store(0, std::sync::atomic::Ordering::Relaxed);
+            self.client
+                .info
+                .active
+                .store(0, std::sync::atomic::Ordering::Relaxed);
         }
     }
 

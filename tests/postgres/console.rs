@@ -36,7 +36,13 @@ fn start(replicas: usize, extra: &str, admin: &str) -> Env {
 }
 
 async fn console(env: &Env, user: &str) -> Client {
-    support::connect(env.sluice.listen_addr(), user, &format!("{user}-secret"), "sluice").await
+    support::connect(
+        env.sluice.listen_addr(),
+        user,
+        &format!("{user}-secret"),
+        "sluice",
+    )
+    .await
 }
 
 /// A console result set: column names, and rows of text values ("NULL" for NULL).
@@ -64,7 +70,12 @@ async fn show(client: &Client, command: &str) -> (Vec<String>, Vec<Vec<String>>)
 }
 
 /// The value of `column` in the first row whose `key_column` is `key`.
-fn cell(result: &(Vec<String>, Vec<Vec<String>>), key_column: &str, key: &str, column: &str) -> Option<String> {
+fn cell(
+    result: &(Vec<String>, Vec<Vec<String>>),
+    key_column: &str,
+    key: &str,
+    column: &str,
+) -> Option<String> {
     let (columns, rows) = result;
     let k = columns.iter().position(|c| c == key_column)?;
     let c = columns.iter().position(|c| c == column)?;
@@ -85,7 +96,10 @@ async fn wait_for_waiting(admin: &Client, waiting: usize) {
         if now == waiting {
             return;
         }
-        assert!(Instant::now() < deadline, "cl_waiting never reached {waiting}: {pools:?}");
+        assert!(
+            Instant::now() < deadline,
+            "cl_waiting never reached {waiting}: {pools:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -93,7 +107,17 @@ async fn wait_for_waiting(admin: &Client, waiting: usize) {
 /// Runs psql against the console; blocking, so callers run it on the blocking pool.
 fn psql_console(port: u16, user: &str, command: &str) -> std::process::Output {
     Command::new(pg_bin("psql"))
-        .args(["-X", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", user, "-d", "pgbouncer"])
+        .args([
+            "-X",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            user,
+            "-d",
+            "pgbouncer",
+        ])
         .args(["-c", command])
         .env("PGPASSWORD", format!("{user}-secret"))
         .env("PGCONNECT_TIMEOUT", "5")
@@ -118,10 +142,26 @@ async fn show_commands_answer_with_pgbouncer_columns() {
             .await
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "psql: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "psql: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let header = stdout.lines().next().unwrap_or_default();
-        for column in ["database", "user", "cl_active", "cl_waiting", "sv_active", "sv_idle", "maxwait", "pool_mode"] {
-            assert!(header.contains(column), "SHOW POOLS header {header:?} lacks {column}");
+        for column in [
+            "database",
+            "user",
+            "cl_active",
+            "cl_waiting",
+            "sv_active",
+            "sv_idle",
+            "maxwait",
+            "pool_mode",
+        ] {
+            assert!(
+                header.contains(column),
+                "SHOW POOLS header {header:?} lacks {column}"
+            );
         }
 
         let admin = console(&env, "boss").await;
@@ -129,32 +169,76 @@ async fn show_commands_answer_with_pgbouncer_columns() {
         assert_eq!(
             pools.0[..17],
             [
-                "database", "user", "cl_active", "cl_waiting", "cl_active_cancel_req",
-                "cl_waiting_cancel_req", "sv_active", "sv_active_cancel", "sv_being_canceled",
-                "sv_idle", "sv_used", "sv_tested", "sv_login", "maxwait", "maxwait_us",
-                "pool_mode", "load_balance_hosts"
+                "database",
+                "user",
+                "cl_active",
+                "cl_waiting",
+                "cl_active_cancel_req",
+                "cl_waiting_cancel_req",
+                "sv_active",
+                "sv_active_cancel",
+                "sv_being_canceled",
+                "sv_idle",
+                "sv_used",
+                "sv_tested",
+                "sv_login",
+                "maxwait",
+                "maxwait_us",
+                "pool_mode",
+                "load_balance_hosts"
             ]
         );
-        let app_pool = pools.1.iter().find(|r| r[0] == "app" && r[1] == "app").expect("pool app/app");
+        let app_pool = pools
+            .1
+            .iter()
+            .find(|r| r[0] == "app" && r[1] == "app")
+            .expect("pool app/app");
         assert_eq!(app_pool[2], "1", "cl_active: the one app client: {pools:?}");
         assert_eq!(app_pool[3], "0", "cl_waiting: {pools:?}");
         assert_eq!(app_pool[15], "transaction");
 
         let clients = show(&admin, "SHOW CLIENTS").await;
-        assert_eq!(clients.0[..5], ["type", "user", "database", "replication", "state"]);
-        assert!(clients.1.iter().any(|r| r[1] == "app" && r[2] == "app" && r[0] == "C"), "{clients:?}");
-        assert!(clients.1.iter().any(|r| r[1] == "boss" && r[2] == "sluice"), "{clients:?}");
+        assert_eq!(
+            clients.0[..5],
+            ["type", "user", "database", "replication", "state"]
+        );
+        assert!(
+            clients
+                .1
+                .iter()
+                .any(|r| r[1] == "app" && r[2] == "app" && r[0] == "C"),
+            "{clients:?}"
+        );
+        assert!(
+            clients.1.iter().any(|r| r[1] == "boss" && r[2] == "sluice"),
+            "{clients:?}"
+        );
 
         let servers = show(&admin, "SHOW SERVERS").await;
-        assert!(servers.1.iter().any(|r| r[0] == "S" && r[1] == "app"), "{servers:?}");
+        assert!(
+            servers.1.iter().any(|r| r[0] == "S" && r[1] == "app"),
+            "{servers:?}"
+        );
         let pids: Vec<&String> = servers.1.iter().map(|r| &r[16]).collect();
-        assert!(pids.iter().all(|p| p.parse::<i32>().unwrap() > 0), "remote_pid: {servers:?}");
+        assert!(
+            pids.iter().all(|p| p.parse::<i32>().unwrap() > 0),
+            "remote_pid: {servers:?}"
+        );
 
         let stats = show(&admin, "SHOW STATS").await;
-        let xacts: u64 = cell(&stats, "database", "app", "total_xact_count").unwrap().parse().unwrap();
-        let queries: u64 = cell(&stats, "database", "app", "total_query_count").unwrap().parse().unwrap();
+        let xacts: u64 = cell(&stats, "database", "app", "total_xact_count")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let queries: u64 = cell(&stats, "database", "app", "total_query_count")
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!(xacts >= 4 && queries >= 4, "{stats:?}");
-        let received: u64 = cell(&stats, "database", "app", "total_received").unwrap().parse().unwrap();
+        let received: u64 = cell(&stats, "database", "app", "total_received")
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!(received > 0, "{stats:?}");
 
         let dbs = show(&admin, "SHOW DATABASES").await;
@@ -166,27 +250,51 @@ async fn show_commands_answer_with_pgbouncer_columns() {
         );
 
         let users = show(&admin, "SHOW USERS").await;
-        assert_eq!(cell(&users, "name", "app", "current_client_connections").as_deref(), Some("1"));
+        assert_eq!(
+            cell(&users, "name", "app", "current_client_connections").as_deref(),
+            Some("1")
+        );
 
         let config = show(&admin, "SHOW CONFIG").await;
         assert_eq!(config.0, ["key", "value", "default", "changeable"]);
-        assert_eq!(cell(&config, "key", "app.pool_mode", "value").as_deref(), Some("transaction"));
-        assert_eq!(cell(&config, "key", "admin.pause_timeout", "value").as_deref(), Some("30s"));
+        assert_eq!(
+            cell(&config, "key", "app.pool_mode", "value").as_deref(),
+            Some("transaction")
+        );
+        assert_eq!(
+            cell(&config, "key", "admin.pause_timeout", "value").as_deref(),
+            Some("30s")
+        );
 
         let version = show(&admin, "SHOW VERSION").await;
         assert!(version.1[0][0].starts_with("sluice "), "{version:?}");
 
         let lists = show(&admin, "show lists;").await;
-        let used: u64 = cell(&lists, "list", "used_clients", "items").unwrap().parse().unwrap();
+        let used: u64 = cell(&lists, "list", "used_clients", "items")
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!(used >= 2, "{lists:?}");
 
         let nodes = show(&admin, "SHOW NODES").await;
         let primary = format!("127.0.0.1:{}", env.cluster.primary_port());
         let replica = format!("127.0.0.1:{}", env.cluster.replica_ports()[0]);
-        assert_eq!(cell(&nodes, "address", &primary, "role").as_deref(), Some("primary"));
-        assert_eq!(cell(&nodes, "address", &replica, "role").as_deref(), Some("replica"));
-        assert_eq!(cell(&nodes, "address", &replica, "healthy").as_deref(), Some("yes"));
-        let lag: u64 = cell(&nodes, "address", &replica, "lag_bytes").unwrap().parse().unwrap();
+        assert_eq!(
+            cell(&nodes, "address", &primary, "role").as_deref(),
+            Some("primary")
+        );
+        assert_eq!(
+            cell(&nodes, "address", &replica, "role").as_deref(),
+            Some("replica")
+        );
+        assert_eq!(
+            cell(&nodes, "address", &replica, "healthy").as_deref(),
+            Some("yes")
+        );
+        let lag: u64 = cell(&nodes, "address", &replica, "lag_bytes")
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!(lag < 16 * 1024 * 1024, "{nodes:?}");
         // No CQL cluster here: an empty ring.
         assert!(show(&admin, "SHOW RING").await.1.is_empty());
@@ -201,36 +309,80 @@ async fn console_refuses_what_it_must() {
     let addr = env.sluice.listen_addr();
     bounded(60, async {
         // A user that is not a console user: refused after authenticating.
-        let err = try_connect(addr, "app", "app-secret", "sluice").await.err().expect("app let in");
-        assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("28000"), "{err:?}");
+        let err = try_connect(addr, "app", "app-secret", "sluice")
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("app let in"));
+        assert_eq!(
+            err.as_db_error().map(|e| e.code().code()),
+            Some("28000"),
+            "{err:?}"
+        );
         // A console user with a wrong password: the usual 28P01.
-        let err = try_connect(addr, "boss", "nope", "sluice").await.err().expect("wrong password let in");
-        assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("28P01"), "{err:?}");
+        let err = try_connect(addr, "boss", "nope", "sluice")
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("wrong password let in"));
+        assert_eq!(
+            err.as_db_error().map(|e| e.code().code()),
+            Some("28P01"),
+            "{err:?}"
+        );
 
         let viewer = console(&env, "viewer").await;
         for command in ["PAUSE", "RESUME app", "RECONNECT", "RELOAD", "SHUTDOWN"] {
-            let err = viewer.simple_query(command).await.err().unwrap_or_else(|| panic!("{command} allowed"));
+            let err = viewer
+                .simple_query(command)
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("{command} allowed"));
             let db = err.as_db_error().unwrap_or_else(|| panic!("{err:?}"));
-            assert_eq!((db.code().code(), db.message()), ("08P01", "admin access needed"), "{command}");
+            assert_eq!(
+                (db.code().code(), db.message()),
+                ("08P01", "admin access needed"),
+                "{command}"
+            );
         }
         // The viewer still reads, and the connection goes on after errors.
         assert!(!show(&viewer, "SHOW POOLS").await.0.is_empty());
 
         let admin = console(&env, "boss").await;
-        let err = admin.simple_query("SELECT 1").await.err().expect("SELECT on the console");
+        let err = admin
+            .simple_query("SELECT 1")
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("SELECT on the console"));
         let db = err.as_db_error().unwrap();
         assert_eq!(db.code().code(), "08P01");
-        assert!(db.message().contains("invalid command 'SELECT 1'"), "{}", db.message());
-        let err = admin.simple_query("SHOW NOTHING").await.err().expect("SHOW NOTHING");
+        assert!(
+            db.message().contains("invalid command 'SELECT 1'"),
+            "{}",
+            db.message()
+        );
+        let err = admin
+            .simple_query("SHOW NOTHING")
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("SHOW NOTHING"));
         assert_eq!(err.as_db_error().unwrap().code().code(), "08P01");
         // Extended protocol: an error, and the connection stays usable.
-        let err = admin.query("SHOW POOLS", &[]).await.err().expect("extended protocol");
+        let err = admin
+            .query("SHOW POOLS", &[])
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("extended protocol"));
         assert!(
-            err.as_db_error().unwrap().message().contains("only the simple query protocol"),
+            err.as_db_error()
+                .unwrap()
+                .message()
+                .contains("only the simple query protocol"),
             "{err:?}"
         );
         assert!(!show(&admin, "SHOW VERSION").await.1.is_empty());
-        assert!(admin.simple_query("RESUME").await.is_err(), "RESUME while nothing is paused");
+        assert!(
+            admin.simple_query("RESUME").await.is_err(),
+            "RESUME while nothing is paused"
+        );
     })
     .await;
     env.sluice.assert_no_unexpected_errors(&[]);
@@ -247,9 +399,7 @@ async fn pause_waits_for_transactions_holds_new_ones_and_resume_releases_them() 
         support::exec(&in_tx, "BEGIN; INSERT INTO t VALUES (1)").await;
 
         // PAUSE waits for the open transaction.
-        let pause = tokio::spawn(async move {
-            admin.simple_query("PAUSE app").await.map(|_| admin)
-        });
+        let pause = tokio::spawn(async move { admin.simple_query("PAUSE app").await.map(|_| admin) });
         let deadline = Instant::now() + Duration::from_secs(10);
         while cell(&show(&watcher, "SHOW DATABASES").await, "name", "app", "paused").as_deref() != Some("1") {
             assert!(Instant::now() < deadline, "app never paused");
@@ -287,11 +437,19 @@ async fn a_transaction_held_past_pause_timeout_fails_with_57p03() {
         let app = env.app_client().await;
         show(&admin, "PAUSE").await;
         let started = Instant::now();
-        let err = app.simple_query("SELECT 1").await.err().expect("a paused query ran");
+        let err = app
+            .simple_query("SELECT 1")
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("a paused query ran"));
         let db = err.as_db_error().unwrap_or_else(|| panic!("{err:?}"));
         assert_eq!(db.code().code(), "57P03", "{}", db.message());
         assert!(db.message().contains("paused"), "{}", db.message());
-        assert!(started.elapsed() >= Duration::from_millis(900), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "{:?}",
+            started.elapsed()
+        );
         show(&admin, "RESUME").await;
         // The client's connection is still good.
         assert_eq!(simple_column(&app, "SELECT 1").await, ["1"]);
@@ -365,25 +523,54 @@ async fn reconnect_reload_and_shutdown() {
         assert_eq!(simple_column(&app, "SELECT 1").await, ["1"]);
         let admin = console(&env, "boss").await;
         let before = show(&admin, "SHOW SERVERS").await;
-        let pids: Vec<String> = before.1.iter().filter(|r| r[1] == "app").map(|r| r[16].clone()).collect();
+        let pids: Vec<String> = before
+            .1
+            .iter()
+            .filter(|r| r[1] == "app")
+            .map(|r| r[16].clone())
+            .collect();
         assert!(!pids.is_empty(), "{before:?}");
 
         // RECONNECT: the app's next transaction runs on a new server connection.
         show(&admin, "RECONNECT app").await;
         let pid = simple_column(&app, "SELECT pg_backend_pid()").await.remove(0);
-        assert!(!pids.contains(&pid), "still on an old server connection {pid} ({pids:?})");
+        assert!(
+            !pids.contains(&pid),
+            "still on an old server connection {pid} ({pids:?})"
+        );
 
         // RELOAD: the file's new pause_timeout is in force.
         let path = env.sluice.config_path();
         let text = std::fs::read_to_string(&path).unwrap();
-        std::fs::write(&path, text.replacen("[admin]\n", "[admin]\npause_timeout = \"7s\"\n", 1)).unwrap();
+        std::fs::write(
+            &path,
+            text.replacen("[admin]\n", "[admin]\npause_timeout = \"7s\"\n", 1),
+        )
+        .unwrap();
         show(&admin, "RELOAD").await;
         let config = show(&admin, "SHOW CONFIG").await;
-        assert_eq!(cell(&config, "key", "admin.pause_timeout", "value").as_deref(), Some("7s"));
+        assert_eq!(
+            cell(&config, "key", "admin.pause_timeout", "value").as_deref(),
+            Some("7s")
+        );
         // A bad file: RELOAD says why, and nothing changes.
-        std::fs::write(&path, text.replacen("[admin]\n", "[admin]\npause_timeout = \"never\"\n", 1)).unwrap();
-        let err = admin.simple_query("RELOAD").await.err().expect("bad RELOAD succeeded");
-        assert!(err.as_db_error().unwrap().message().contains("admin.pause_timeout"), "{err:?}");
+        std::fs::write(
+            &path,
+            text.replacen("[admin]\n", "[admin]\npause_timeout = \"never\"\n", 1),
+        )
+        .unwrap();
+        let err = admin
+            .simple_query("RELOAD")
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("bad RELOAD succeeded"));
+        assert!(
+            err.as_db_error()
+                .unwrap()
+                .message()
+                .contains("admin.pause_timeout"),
+            "{err:?}"
+        );
         assert_eq!(simple_column(&app, "SELECT 2").await, ["2"]);
 
         // SHUTDOWN: graceful, as on SIGTERM.
@@ -393,5 +580,8 @@ async fn reconnect_reload_and_shutdown() {
     })
     .await;
     let logs = env.sluice.logs();
-    assert!(logs.iter().any(|l| l.contains("console SHUTDOWN")), "no shutdown log");
+    assert!(
+        logs.iter().any(|l| l.contains("console SHUTDOWN")),
+        "no shutdown log"
+    );
 }

@@ -244,7 +244,10 @@ mod tests {
             built(|b| data_row(b, &[Some("hi"), None])),
             b"D\x00\x00\x00\x10\x00\x02\x00\x00\x00\x02hi\xff\xff\xff\xff"
         );
-        assert_eq!(built(|b| command_complete(b, "SHOW")), b"C\x00\x00\x00\x09SHOW\x00");
+        assert_eq!(
+            built(|b| command_complete(b, "SHOW")),
+            b"C\x00\x00\x00\x09SHOW\x00"
+        );
         assert_eq!(built(empty_query_response), [b'I', 0, 0, 0, 4]);
     }
 
