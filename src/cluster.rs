@@ -11,7 +11,8 @@ use sluice_postgres::Classifier;
 use tracing::{error, info, warn};
 
 use crate::backend::{
-    own_startup_params, same_startup, Backend, BackendError, ConnectOptions, StartupParams,
+    own_startup_params, same_startup, Backend, BackendError, ConnectOptions, Credential, PassThrough,
+    StartupParams, NO_CREDENTIAL,
 };
 use crate::config::{ClusterConfig, Consistency, Discovery, TopologyKind};
 use crate::functions::CatalogSlot;
@@ -38,9 +39,11 @@ struct KnownParams {
 /// parameters than this still log in, with a backend connection each time.
 const KNOWN_PARAMS_PER_DATABASE: usize = 32;
 
-/// A configured user with its SCRAM secret derived once at start.
+/// A configured user with its SCRAM secret derived once at start (or read from the stored
+/// verifier it is configured with).
 pub struct User {
-    pub password: String,
+    /// How sluice logs in to the servers as this user.
+    pub credential: Credential,
     pub secret: ScramSecret,
 }
 
@@ -201,15 +204,21 @@ impl Cluster {
             .users
             .iter()
             .map(|u| {
-                let salt: [u8; 16] = rng.random();
-                let secret = ScramSecret::new(&u.password, &salt, SCRAM_ITERATIONS);
-                (
-                    u.name.clone(),
-                    User {
-                        password: u.password.clone(),
+                let user = match ScramSecret::parse(&u.password) {
+                    // A stored verifier (validated with the configuration): pass-through.
+                    Some(secret) => User {
+                        credential: Credential::PassThrough(Arc::new(PassThrough::new(secret.server_key()))),
                         secret,
                     },
-                )
+                    None => {
+                        let salt: [u8; 16] = rng.random();
+                        User {
+                            secret: ScramSecret::new(&u.password, &salt, SCRAM_ITERATIONS),
+                            credential: Credential::Password(u.password.clone()),
+                        }
+                    }
+                };
+                (u.name.clone(), user)
             })
             .collect();
         let dummy: [u8; 16] = rng.random();
@@ -355,11 +364,7 @@ impl Cluster {
         };
         let start = tokio::time::Instant::now();
         let deadline = start + self.config.failover_wait;
-        let password = self
-            .users
-            .get(user)
-            .map(|u| u.password.as_str())
-            .unwrap_or_default();
+        let credential = self.users.get(user).map_or(&NO_CREDENTIAL, |u| &u.credential);
         loop {
             let snap = self.topology.load();
             let choice = {
@@ -397,7 +402,7 @@ impl Cluster {
                     let address = &snap.nodes[node].address;
                     match self
                         .pools
-                        .checkout(address, user, database, password, startup)
+                        .checkout(address, user, database, credential, startup)
                         .await
                     {
                         Ok(conn) => {
@@ -541,16 +546,12 @@ impl Cluster {
                 None => return,
             }
         };
-        let password = self
-            .users
-            .get(user)
-            .map(|u| u.password.as_str())
-            .unwrap_or_default();
+        let credential = self.users.get(user).map_or(&NO_CREDENTIAL, |u| &u.credential);
         let params = own_startup_params();
         let source = ConnectOptions {
             addr: &addr,
             user,
-            password,
+            credential,
             database,
             params: &params,
             timeout: self.config.connect_timeout,
@@ -610,11 +611,10 @@ impl Cluster {
             .clone()
             .or_else(|| self.config.users.first().map(|u| u.name.clone()))
             .unwrap_or_default();
-        let password = self
+        let credential = self
             .users
             .get(&probe_user)
-            .map(|u| u.password.clone())
-            .unwrap_or_default();
+            .map_or(&NO_CREDENTIAL, |u| &u.credential);
         let mut conn: Option<Backend> = None;
         let startup = own_startup_params();
         let mut ticker = tokio::time::interval(self.config.probe_interval);
@@ -630,7 +630,7 @@ impl Cluster {
             let opts = ConnectOptions {
                 addr: &address,
                 user: &probe_user,
-                password: &password,
+                credential,
                 database: &self.config.probe_database,
                 params: &startup,
                 timeout: self.config.connect_timeout,

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::backend::{same_startup, Backend, BackendError, ConnectOptions, StartupParams};
+use crate::backend::{same_startup, Backend, BackendError, ConnectOptions, Credential, StartupParams};
 use crate::metrics::{ClusterLabels, Metrics, NodeStateLabels};
 
 /// Pool limits, from the cluster configuration.
@@ -401,7 +401,7 @@ impl Pools {
         node: &str,
         user: &str,
         database: &str,
-        password: &str,
+        credential: &Credential,
         startup: &StartupParams,
     ) -> Result<Pooled, PoolError> {
         let pool = self.pool(node, user, database);
@@ -446,7 +446,7 @@ impl Pools {
                     Box::pin(Backend::connect(ConnectOptions {
                         addr: &key.node,
                         user: &key.user,
-                        password,
+                        credential,
                         database: &key.database,
                         params: startup,
                         timeout: self.settings.connect_timeout,

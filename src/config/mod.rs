@@ -431,6 +431,16 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
             let mut u = f.child(t, path);
             let name = u.string("name", None);
             let password = user_password(&mut u);
+            if let Some(p) = password.as_deref().filter(|p| p.starts_with("SCRAM-SHA-256$")) {
+                if protocol == Some(Protocol::Cql) {
+                    u.error("password", "a SCRAM verifier works only for postgres clusters");
+                } else if sluice_postgres::scram::ScramSecret::parse(p).is_none() {
+                    u.error(
+                        "password",
+                        "is not a valid SCRAM-SHA-256 verifier (SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>, as pg_authid holds it)",
+                    );
+                }
+            }
             u.finish();
             Some(UserConfig {
                 name: name?,
@@ -984,6 +994,23 @@ static = ["127.0.0.1:55432", "127.0.0.1:55433"]
 name = "app"
 password = "app-secret"
 "#;
+
+    #[test]
+    fn scram_verifiers_are_checked() {
+        let verifier =
+            sluice_postgres::scram::ScramSecret::new("app-secret", b"0123456789abcdef", 4096).verifier();
+        let c = Config::parse(&CONTRACT_PG.replace("app-secret", &verifier)).unwrap();
+        assert_eq!(c.clusters[0].users[0].password, verifier);
+        let errs = errors_of(&CONTRACT_PG.replace("app-secret", "SCRAM-SHA-256$4096:nope"));
+        assert!(
+            errs.iter().any(
+                |e| e.starts_with("clusters[0].users[0].password: is not a valid SCRAM-SHA-256 verifier")
+            ),
+            "{errs:?}"
+        );
+        // The error never quotes the secret.
+        assert!(errs.iter().all(|e| !e.contains("nope")), "{errs:?}");
+    }
 
     #[test]
     fn console_users_must_exist_and_timeouts_parse() {

@@ -406,6 +406,12 @@ async fn authenticate(
     };
     match scram.client_final(last.body()) {
         Ok(server_final) if cluster.users.contains_key(user) => {
+            if let (Some(crate::backend::Credential::PassThrough(keys)), Some(key)) =
+                (cluster.users.get(user).map(|u| &u.credential), scram.client_key())
+            {
+                // Kept in memory only: what sluice logs in to the servers with from now on.
+                keys.remember(key);
+            }
             server::authentication_sasl_final(out, &server_final);
             Ok(true)
         }

@@ -357,7 +357,12 @@ impl ScramKeyClient {
         let auth_message = [&self.client_first_bare[..], b",", message, b",", &without_proof].concat();
         let stored_key: [u8; 32] = Sha256::digest(self.client_key).into();
         let signature = hmac(&stored_key, &[&auth_message]);
-        let proof: Vec<u8> = self.client_key.iter().zip(signature).map(|(k, s)| k ^ s).collect();
+        let proof: Vec<u8> = self
+            .client_key
+            .iter()
+            .zip(signature)
+            .map(|(k, s)| k ^ s)
+            .collect();
         self.auth_message = Some(auth_message);
         let mut out = without_proof;
         out.extend_from_slice(b",p=");

@@ -204,7 +204,10 @@ fn passwords_are_saslprepped_like_postgres() {
 fn verifiers_parse_and_print() {
     let secret = rfc_secret();
     let text = secret.verifier();
-    assert!(text.starts_with("SCRAM-SHA-256$4096:W22ZaJ0SNY7soEsUEjb6gQ==$"), "{text}");
+    assert!(
+        text.starts_with("SCRAM-SHA-256$4096:W22ZaJ0SNY7soEsUEjb6gQ==$"),
+        "{text}"
+    );
     let back = ScramSecret::parse(&text).expect("parses");
     assert_eq!(back.verifier(), text);
     assert_eq!(back.stored_key(), secret.stored_key());
@@ -243,8 +246,11 @@ fn pass_through_with_the_recovered_client_key() {
     let mut keys = ScramKeyClient::new(client_key, secret.server_key(), "keynonce");
     let server_first = server.client_first(&keys.client_first(), "servernonce").unwrap();
     let client_final = keys.server_first(&server_first).unwrap();
-    let server_final = server.client_final(&client_final).expect("the server accepts the key");
-    keys.server_final(&server_final).expect("the client accepts the server");
+    let server_final = server
+        .client_final(&client_final)
+        .expect("the server accepts the key");
+    keys.server_final(&server_final)
+        .expect("the client accepts the server");
     // A server with another verifier refuses, and a forged server signature is refused.
     let other = ScramSecret::new("other", b"0123456789abcdef", 4096);
     let mut server = ScramServer::new(other);
@@ -255,7 +261,10 @@ fn pass_through_with_the_recovered_client_key() {
     assert_eq!(keys.server_final(b"v=AAAA"), Err(ScramError::BadProof));
     // A nonce that does not extend the client's is refused.
     let mut keys = ScramKeyClient::new(client_key, secret.server_key(), "keynonce");
-    assert_eq!(keys.server_first(b"r=other,s=c2FsdA==,i=4096"), Err(ScramError::Nonce));
+    assert_eq!(
+        keys.server_first(b"r=other,s=c2FsdA==,i=4096"),
+        Err(ScramError::Nonce)
+    );
     // A wrong password recovers nothing.
     let mut front = ScramServer::new(secret);
     let mut client = ScramSha256::new(b"wrong", ChannelBinding::unsupported());
