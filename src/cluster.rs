@@ -185,6 +185,8 @@ pub struct Cluster {
     pub console: Arc<crate::console::Console>,
     /// Logged-in clients and per-database activity, for the console.
     pub activity: crate::activity::Activity,
+    /// Roles found by `auth_query` (not in the configuration).
+    pub dynamic: crate::auth_query::DynamicUsers,
 }
 
 impl Cluster {
@@ -272,6 +274,7 @@ impl Cluster {
             functions: Default::default(),
             console,
             activity: Default::default(),
+            dynamic: Default::default(),
             metrics,
             config,
         });
@@ -364,7 +367,15 @@ impl Cluster {
         };
         let start = tokio::time::Instant::now();
         let deadline = start + self.config.failover_wait;
-        let credential = self.users.get(user).map_or(&NO_CREDENTIAL, |u| &u.credential);
+        let dynamic;
+        let credential = match self.users.get(user) {
+            Some(u) => &u.credential,
+            None => {
+                // A role found by auth_query: its current verifier and key.
+                dynamic = self.dynamic.get(user);
+                dynamic.as_ref().map_or(&NO_CREDENTIAL, |u| &u.credential)
+            }
+        };
         loop {
             let snap = self.topology.load();
             let choice = {
@@ -546,7 +557,14 @@ impl Cluster {
                 None => return,
             }
         };
-        let credential = self.users.get(user).map_or(&NO_CREDENTIAL, |u| &u.credential);
+        let dynamic;
+        let credential = match self.users.get(user) {
+            Some(u) => &u.credential,
+            None => {
+                dynamic = self.dynamic.get(user);
+                dynamic.as_ref().map_or(&NO_CREDENTIAL, |u| &u.credential)
+            }
+        };
         let params = own_startup_params();
         let source = ConnectOptions {
             addr: &addr,

@@ -2,6 +2,7 @@
 
 mod activity;
 mod admin;
+mod auth_query;
 mod backend;
 mod check;
 mod cluster;

@@ -20,6 +20,10 @@ pub use cql::CqlConfig;
 pub use discovery::{Discovery, DnsDiscovery, DnsLookup, KubernetesDiscovery, PortRef, RoleLabels};
 pub use lifecycle::{ReloadConfig, ShutdownConfig};
 
+/// `auth_query` when not set: the role's verifier from `pg_shadow` (readable by superusers; a
+/// SECURITY DEFINER function is the least-privilege alternative).
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT usename, passwd FROM pg_shadow WHERE usename = $1";
+
 /// The listen address of the admin listener when `[admin]` is absent: localhost only.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9930";
 
@@ -176,6 +180,13 @@ pub struct ClusterConfig {
     pub write_functions: Vec<String>,
     pub discovery: Discovery,
     pub users: Vec<UserConfig>,
+    /// `auth_user`: a configured user that sluice logs in as to look up the verifiers of roles
+    /// that are not configured (PgBouncer's auth_user).
+    pub auth_user: Option<String>,
+    /// `auth_query`: returns (name, verifier) of the role named by `$1`.
+    pub auth_query: String,
+    /// `auth_dbname`: the database the lookups run in (default: the client's database).
+    pub auth_dbname: Option<String>,
     /// `[clusters.cql]` (defaults for every cluster; only CQL clusters may set it).
     pub cql: CqlConfig,
 }
@@ -409,6 +420,22 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
     let probe_user = f.optional_string("probe_user");
     let probe_database = f.string("probe_database", Some("postgres"));
     let write_functions = f.string_array("write_functions");
+    let auth_user = f.optional_string("auth_user");
+    let custom_query = f.has("auth_query");
+    let auth_query = f.string("auth_query", Some(DEFAULT_AUTH_QUERY));
+    let auth_dbname = f.optional_string("auth_dbname");
+    if auth_user.is_none() && (custom_query || auth_dbname.is_some()) {
+        f.error("auth_user", "is required when auth_query or auth_dbname is set");
+    }
+    if auth_query.as_deref().is_some_and(|q| !q.contains("$1")) {
+        f.error(
+            "auth_query",
+            "must name the role as $1 (e.g. ... WHERE usename = $1)",
+        );
+    }
+    if auth_user.is_some() && protocol == Some(Protocol::Cql) {
+        f.error("auth_user", "works only for postgres clusters");
+    }
     let discovery = match f.take_table("discovery") {
         Some(t) => {
             let path = f.key_path("discovery");
@@ -480,6 +507,9 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
         write_functions: write_functions?,
         discovery: discovery?,
         users,
+        auth_user,
+        auth_query: auth_query?,
+        auth_dbname,
         cql: cql?,
     };
     Some(cluster)
@@ -630,6 +660,14 @@ fn validate_whole(config: &Config, errors: &mut Vec<ConfigError>) {
                 path: users_path,
                 reason: "a postgres cluster needs at least one [[clusters.users]] entry".into(),
             });
+        }
+        if let Some(a) = &c.auth_user {
+            if !c.users.iter().any(|u| &u.name == a) {
+                errors.push(ConfigError {
+                    path: format!("clusters[{i}].auth_user"),
+                    reason: format!("{a:?} is not one of this cluster's users"),
+                });
+            }
         }
         if let Some(p) = &c.probe_user {
             if !c.users.iter().any(|u| &u.name == p) {
@@ -994,6 +1032,33 @@ static = ["127.0.0.1:55432", "127.0.0.1:55433"]
 name = "app"
 password = "app-secret"
 "#;
+
+    #[test]
+    fn auth_query_settings() {
+        let with = |keys: &str| CONTRACT_PG.replace("pool_size = 20\n", &format!("pool_size = 20\n{keys}\n"));
+        let c = Config::parse(&with("auth_user = \"app\"")).unwrap();
+        assert_eq!(c.clusters[0].auth_user.as_deref(), Some("app"));
+        assert_eq!(c.clusters[0].auth_query, DEFAULT_AUTH_QUERY);
+        assert_eq!(c.clusters[0].auth_dbname, None);
+        assert_eq!(Config::parse(CONTRACT_PG).unwrap().clusters[0].auth_user, None);
+        let errs = errors_of(&with("auth_user = \"ghost\"\nauth_query = \"SELECT 1\""));
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("clusters[0].auth_user: \"ghost\" is not")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("clusters[0].auth_query: must name the role as $1")),
+            "{errs:?}"
+        );
+        let errs = errors_of(&with("auth_dbname = \"postgres\""));
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("clusters[0].auth_user: is required")),
+            "{errs:?}"
+        );
+    }
 
     #[test]
     fn scram_verifiers_are_checked() {

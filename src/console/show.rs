@@ -354,7 +354,8 @@ pub fn databases(console: &Console) -> Table {
     t
 }
 
-/// `SHOW USERS`: the configured users of each PostgreSQL cluster.
+/// `SHOW USERS`: the configured users of each PostgreSQL cluster, and the roles found by
+/// `auth_query`.
 pub fn users(console: &Console) -> Table {
     let mut t = Table::new(&[
         ("name", Text),
@@ -370,15 +371,22 @@ pub fn users(console: &Console) -> Table {
     for c in console.view.clusters.load().iter() {
         let pools = c.pools.stats();
         let clients = c.activity.clients();
-        for u in &c.config.users {
+        // Configured users, then the roles auth_query found.
+        let names = c
+            .config
+            .users
+            .iter()
+            .map(|u| u.name.clone())
+            .chain(c.dynamic.names());
+        for name in names {
             let servers: usize = pools
                 .iter()
-                .filter(|p| p.user == u.name)
+                .filter(|p| p.user == name)
                 .map(|p| p.active + p.idle + p.connecting)
                 .sum();
-            let connected = clients.iter().filter(|cl| cl.user == u.name).count();
+            let connected = clients.iter().filter(|cl| cl.user == name).count();
             t.push(vec![
-                s(&u.name),
+                s(&name),
                 s(""),
                 s(""),
                 None,

@@ -273,7 +273,7 @@ async fn handshake(
         return Ok(None);
     }
 
-    if !authenticate(cluster, stream, buf, out, &user).await? {
+    if !authenticate(cluster, stream, buf, out, &user, &database).await? {
         return Ok(None);
     }
 
@@ -357,19 +357,24 @@ async fn handshake(
 /// connection at once.
 const TERMINATE: &[u8] = b"X\0\0\0\x04";
 
-/// SCRAM-SHA-256 against the configured password. Unknown users run the same exchange
-/// against a random secret and fail the same way.
+/// SCRAM-SHA-256 against the configured password or verifier, or the verifier `auth_query`
+/// found. Unknown users run the same exchange against a random secret and fail the same way.
 async fn authenticate(
     cluster: &Arc<Cluster>,
     stream: &mut ClientStream,
     buf: &mut BytesMut,
     out: &mut BytesMut,
     user: &str,
+    database: &str,
 ) -> std::io::Result<bool> {
-    let secret = cluster
-        .users
-        .get(user)
-        .map_or_else(|| cluster.dummy_secret.clone(), |u| u.secret.clone());
+    // A role that is not configured may be found by auth_query; whatever the lookup says, the
+    // exchange below runs the same way (against a random secret when there is no such role).
+    let found = match cluster.users.contains_key(user) {
+        true => None,
+        false => cluster.lookup_user(user, database).await,
+    };
+    let known = cluster.users.get(user).or(found.as_deref());
+    let secret = known.map_or_else(|| cluster.dummy_secret.clone(), |u| u.secret.clone());
     let mut scram = ScramServer::new(secret);
     server::authentication_sasl(out, &["SCRAM-SHA-256"]);
     stream.write_all(out).await?;
@@ -405,9 +410,9 @@ async fn authenticate(
         return Ok(false);
     };
     match scram.client_final(last.body()) {
-        Ok(server_final) if cluster.users.contains_key(user) => {
+        Ok(server_final) if known.is_some() => {
             if let (Some(crate::backend::Credential::PassThrough(keys)), Some(key)) =
-                (cluster.users.get(user).map(|u| &u.credential), scram.client_key())
+                (known.map(|u| &u.credential), scram.client_key())
             {
                 // Kept in memory only: what sluice logs in to the servers with from now on.
                 keys.remember(key);

@@ -7,6 +7,7 @@ mod support;
 mod abuse;
 mod admin;
 mod auth;
+mod auth_query;
 mod bad_input;
 mod consistency;
 mod console;
