@@ -459,6 +459,39 @@ async fn a_transaction_held_past_pause_timeout_fails_with_57p03() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_request_gives_up_a_held_transaction() {
+    let env = start(0, "", "");
+    bounded(60, async {
+        let admin = console(&env, "boss").await;
+        let app = env.app_client().await;
+        let cancel = app.cancel_token();
+        show(&admin, "PAUSE app").await;
+        let held = tokio::spawn(async move {
+            let r = app.simple_query("SELECT 1").await.map(drop);
+            (r, app)
+        });
+        wait_for_waiting(&admin, 1).await;
+        cancel
+            .cancel_query(tokio_postgres::NoTls)
+            .await
+            .expect("cancel request sent");
+        let (result, app) = held.await.unwrap();
+        let err = result
+            .err()
+            .unwrap_or_else(|| panic!("the held query ran while paused"));
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+            "{err:?}"
+        );
+        show(&admin, "RESUME app").await;
+        assert_eq!(simple_column(&app, "SELECT 1").await, ["1"]);
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_across_pause_and_resume_has_no_errors() {
     let env = start(1, "", "");
     let port = env.sluice.listen_addr().port();
