@@ -562,6 +562,10 @@ impl Session {
         }
         debug!(parent: &self.span, database = %self.db.name, "transaction held: the database is paused");
         info.wait_since.store(now, Relaxed);
+        // A parked backend goes back while the client waits: PAUSE closes the database's
+        // connections, and other clients may need the slot.
+        self.release_parked();
+        let info = &self.client.info;
         let slot = self.cancel_slot.clone();
         let woken = slot.wake.notified();
         tokio::pin!(woken);
