@@ -11,6 +11,7 @@
 //! read-your-writes) are answered to sluice, never relayed; see `replies.rs`.
 
 mod commands;
+mod gate;
 mod login;
 mod replies;
 mod settings;
@@ -514,29 +515,8 @@ impl Session {
                 PoolMode::Transaction => Intent::of(class, self.cluster.config.consistency),
             };
             let had_parked = self.parked.is_some();
-            let waited = std::time::Instant::now();
-            let info = &self.client.info;
-            info.wait_since.store(
-                crate::activity::now_micros(),
-                std::sync::atomic::Ordering::Relaxed,
-            );
-            let attached = self.attach_cancellable(intent).await;
-            self.client
-                .info
-                .wait_since
-                .store(0, std::sync::atomic::Ordering::Relaxed);
-            let totals = &self.db.totals;
-            let waited = u64::try_from(waited.elapsed().as_micros()).unwrap_or(u64::MAX);
-            totals
-                .wait_us
-                .fetch_add(waited, std::sync::atomic::Ordering::Relaxed);
-            match attached {
-                Ok(checkout) => {
-                    totals
-                        .assignments
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    self.attach(checkout)
-                }
+            match self.attach_counted(intent).await {
+                Ok(checkout) => self.attach(checkout),
                 Err(e) => {
                     if had_parked {
                         self.cancel_slot.set(None);
@@ -546,57 +526,6 @@ impl Session {
             }
         }
         self.forward(msg, query_class)
-    }
-
-    /// Marks the client's next transaction in flight, holding it while the console has its
-    /// database paused (up to `pause_timeout`; a CancelRequest gives up the wait).
-    async fn start_transaction(&mut self) -> Result<(), AttachError> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let info = &self.client.info;
-        let now = crate::activity::now_micros();
-        info.request_time.store(now, Relaxed);
-        if let Some(busy) = self.cluster.console.try_enter(&self.db) {
-            info.active.store(1, Relaxed);
-            self.busy = Some(busy);
-            return Ok(());
-        }
-        debug!(parent: &self.span, database = %self.db.name, "transaction held: the database is paused");
-        info.wait_since.store(now, Relaxed);
-        // A parked backend goes back while the client waits: PAUSE closes the database's
-        // connections, and other clients may need the slot.
-        self.release_parked();
-        let info = &self.client.info;
-        let slot = self.cancel_slot.clone();
-        let woken = slot.wake.notified();
-        tokio::pin!(woken);
-        woken.as_mut().enable();
-        slot.set_queued(true);
-        let started = std::time::Instant::now();
-        let result = tokio::select! {
-            biased;
-            r = self.cluster.console.enter(&self.db) => r.map_err(AttachError::from),
-            () = woken => Err(AttachError::Cancelled),
-        };
-        slot.set_queued(false);
-        info.wait_since.store(0, Relaxed);
-        let waited = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.db.totals.wait_us.fetch_add(waited, Relaxed);
-        let busy = result?;
-        info.active.store(1, Relaxed);
-        self.busy = Some(busy);
-        Ok(())
-    }
-
-    /// Ends the client's transaction in flight once it is over: no backend held, or the held
-    /// one idle with nothing in flight.
-    fn end_transaction_if_done(&mut self) {
-        if self.busy.is_some() && self.attached.as_ref().is_none_or(Attached::is_clean) {
-            self.busy = None;
-            self.client
-                .info
-                .active
-                .store(0, std::sync::atomic::Ordering::Relaxed);
-        }
     }
 
     /// Whether the client's transactions are serializable by default (a hot standby refuses
