@@ -35,6 +35,36 @@ pub struct AdminState {
     pub accepting: AtomicBool,
 }
 
+#[cfg(test)]
+impl AdminState {
+    /// A state with nothing running yet.
+    pub fn empty() -> AdminState {
+        AdminState {
+            clusters: ArcSwap::from_pointee(Vec::new()),
+            discovery: ArcSwap::from_pointee(HashMap::new()),
+            cql: ArcSwap::from_pointee(Vec::new()),
+            metrics: Arc::new(Metrics::new()),
+            accepting: AtomicBool::new(true),
+        }
+    }
+}
+
+/// The role `/topology` and `SHOW NODES` give node `i`: `primary`, `replica`, `unknown`, or
+/// `stale-primary` for a node that claims primary while another one gets the writes (during a
+/// promotion).
+pub fn role_label(snap: &crate::topology::Snapshot, i: usize) -> &'static str {
+    let n = &snap.nodes[i];
+    if n.role == Role::Primary && snap.primary() != Some(i) && n.healthy {
+        "stale-primary"
+    } else {
+        match n.role {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+            Role::Unknown => "unknown",
+        }
+    }
+}
+
 /// Serves the admin endpoints until the process ends.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     loop {
@@ -165,22 +195,12 @@ pub fn topology_json(state: &AdminState) -> serde_json::Value {
         .map(|c| {
             let snap = c.topology.load();
             let idle = c.pools.idle_counts();
-            let primary = snap.primary();
             let nodes: Vec<_> = snap
                 .nodes
                 .iter()
                 .enumerate()
                 .map(|(i, n)| {
-                    let role = if n.role == Role::Primary && primary != Some(i) && n.healthy {
-                        // Two nodes claim primary (during a promotion): only the newest gets writes.
-                        "stale-primary"
-                    } else {
-                        match n.role {
-                            Role::Primary => "primary",
-                            Role::Replica => "replica",
-                            Role::Unknown => "unknown",
-                        }
-                    };
+                    let role = role_label(&snap, i);
                     json!({
                         "id": n.id,
                         "address": n.address,

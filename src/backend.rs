@@ -41,6 +41,11 @@ pub enum BackendError {
     /// The server spoke something sluice does not understand.
     #[error("protocol error from {addr}: {reason}")]
     Protocol { addr: String, reason: String },
+    /// A verifier-only user has not logged in through sluice since it started, so sluice has
+    /// no key to answer the server's SCRAM challenge with (sluice's fault; a client login fixes
+    /// it).
+    #[error("cannot log in to {addr} as {user:?} yet: sluice holds only a SCRAM verifier for it and no client has logged in as {user:?} since sluice started (SCRAM pass-through)")]
+    NoClientKey { addr: String, user: String },
 }
 
 impl BackendError {
@@ -70,12 +75,56 @@ pub fn same_startup(a: &StartupParams, b: &StartupParams) -> bool {
     Arc::ptr_eq(a, b) || a == b
 }
 
+/// How sluice proves a user to the servers.
+pub enum Credential {
+    /// A password: cleartext, md5 and SCRAM-SHA-256 servers all accept it.
+    Password(String),
+    /// Only a stored SCRAM-SHA-256 verifier: sluice answers a server's SCRAM challenge with the
+    /// ClientKey recovered from the user's last successful client login (SCRAM pass-through).
+    PassThrough(Arc<PassThrough>),
+}
+
+/// No credential: what an unknown user gets (trust servers still let it in).
+pub static NO_CREDENTIAL: Credential = Credential::Password(String::new());
+
+/// The keys of a verifier-only user; the ClientKey lives in memory only.
+pub struct PassThrough {
+    /// ServerKey from the verifier: checks the server's signature.
+    pub server_key: [u8; 32],
+    client_key: std::sync::Mutex<Option<[u8; 32]>>,
+}
+
+impl PassThrough {
+    pub fn new(server_key: [u8; 32]) -> PassThrough {
+        PassThrough {
+            server_key,
+            client_key: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Keeps the ClientKey a client just proved (replacing the previous one).
+    pub fn remember(&self, client_key: [u8; 32]) {
+        *self.client_key.lock().expect("client key lock") = Some(client_key);
+    }
+
+    /// The ClientKey of the last successful client login, if any since sluice started.
+    pub fn client_key(&self) -> Option<[u8; 32]> {
+        *self.client_key.lock().expect("client key lock")
+    }
+}
+
+/// A SCRAM exchange towards a server, with a password or with the keys.
+enum SaslClient {
+    Password(ScramSha256),
+    Keys(sluice_postgres::scram::ScramKeyClient),
+}
+
 /// What a connection is opened with.
 #[derive(Clone, Copy)]
 pub struct ConnectOptions<'a> {
     pub addr: &'a str,
     pub user: &'a str,
-    pub password: &'a str,
+    pub credential: &'a Credential,
     pub database: &'a str,
     pub params: &'a StartupParams,
     pub timeout: Duration,
@@ -107,6 +156,8 @@ pub struct Backend {
     /// The last owner ran something that may have left session state sluice does not track
     /// (a write, SET, set_config): the next different owner gets it reset first.
     pub tainted: bool,
+    /// Lists the connection in its pool's server list (`SHOW SERVERS`) while it lives.
+    pub registration: Option<crate::pool::Registration>,
 }
 
 impl Backend {
@@ -145,6 +196,7 @@ impl Backend {
             startup: opts.params.clone(),
             owner: 0,
             tainted: false,
+            registration: None,
         };
         let mut out = BytesMut::new();
         let params = [("user", opts.user), ("database", opts.database)]
@@ -152,7 +204,17 @@ impl Backend {
             .chain(opts.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         frontend::startup_message(params, &mut out).map_err(io_err)?;
         be.send(&out).await?;
-        let mut scram: Option<ScramSha256> = None;
+        let mut scram: Option<SaslClient> = None;
+        let password = match opts.credential {
+            Credential::Password(p) => Some(p.as_str()),
+            Credential::PassThrough(_) => None,
+        };
+        let no_password = |be: &Backend, method: &str| {
+            be.protocol(&format!(
+                "the server asks for {method} but user {:?} has only a SCRAM verifier in sluice's configuration (pass-through needs SCRAM-SHA-256 on the server)",
+                opts.user
+            ))
+        };
         loop {
             let msg = be.read_message().await?;
             match msg.tag() {
@@ -163,16 +225,19 @@ impl Backend {
                     match code {
                         0 => {}
                         3 => {
-                            frontend::password_message(opts.password.as_bytes(), &mut out).map_err(io_err)?
+                            let password =
+                                password.ok_or_else(|| no_password(&be, "a cleartext password"))?;
+                            frontend::password_message(password.as_bytes(), &mut out).map_err(io_err)?
                         }
                         5 => {
                             let salt: [u8; 4] = rest
                                 .get(..4)
                                 .and_then(|s| s.try_into().ok())
                                 .ok_or_else(|| be.protocol("short md5 salt"))?;
+                            let password = password.ok_or_else(|| no_password(&be, "an md5 password"))?;
                             let hash = postgres_protocol::authentication::md5_hash(
                                 opts.user.as_bytes(),
-                                opts.password.as_bytes(),
+                                password.as_bytes(),
                                 salt,
                             );
                             frontend::password_message(hash.as_bytes(), &mut out).map_err(io_err)?;
@@ -184,24 +249,56 @@ impl Backend {
                                     "server offers no SASL mechanism sluice supports (SCRAM-SHA-256)",
                                 ));
                             }
-                            let s = ScramSha256::new(opts.password.as_bytes(), ChannelBinding::unsupported());
-                            frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)
-                                .map_err(io_err)?;
-                            scram = Some(s);
+                            let client = match opts.credential {
+                                Credential::Password(p) => {
+                                    let s = ScramSha256::new(p.as_bytes(), ChannelBinding::unsupported());
+                                    frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)
+                                        .map_err(io_err)?;
+                                    SaslClient::Password(s)
+                                }
+                                Credential::PassThrough(keys) => {
+                                    let Some(client_key) = keys.client_key() else {
+                                        return Err(BackendError::NoClientKey {
+                                            addr: be.addr.clone(),
+                                            user: opts.user.to_string(),
+                                        });
+                                    };
+                                    let s = sluice_postgres::scram::ScramKeyClient::new(
+                                        client_key,
+                                        keys.server_key,
+                                        &crate::cluster::random_nonce(),
+                                    );
+                                    frontend::sasl_initial_response(
+                                        "SCRAM-SHA-256",
+                                        &s.client_first(),
+                                        &mut out,
+                                    )
+                                    .map_err(io_err)?;
+                                    SaslClient::Keys(s)
+                                }
+                            };
+                            scram = Some(client);
                         }
-                        11 => {
-                            let s = scram
-                                .as_mut()
-                                .ok_or_else(|| be.protocol("SASLContinue without SASL"))?;
-                            s.update(rest).map_err(|e| be.protocol(&format!("SCRAM: {e}")))?;
-                            frontend::sasl_response(s.message(), &mut out).map_err(io_err)?;
-                        }
+                        11 => match scram.as_mut() {
+                            Some(SaslClient::Password(s)) => {
+                                s.update(rest).map_err(|e| be.protocol(&format!("SCRAM: {e}")))?;
+                                frontend::sasl_response(s.message(), &mut out).map_err(io_err)?;
+                            }
+                            Some(SaslClient::Keys(s)) => {
+                                let m = s
+                                    .server_first(rest)
+                                    .map_err(|e| be.protocol(&format!("SCRAM: {e}")))?;
+                                frontend::sasl_response(&m, &mut out).map_err(io_err)?;
+                            }
+                            None => return Err(be.protocol("SASLContinue without SASL")),
+                        },
                         12 => {
-                            let s = scram
-                                .as_mut()
-                                .ok_or_else(|| be.protocol("SASLFinal without SASL"))?;
-                            s.finish(rest)
-                                .map_err(|e| be.protocol(&format!("SCRAM server signature: {e}")))?;
+                            let checked = match scram.as_mut() {
+                                Some(SaslClient::Password(s)) => s.finish(rest).map_err(|e| e.to_string()),
+                                Some(SaslClient::Keys(s)) => s.server_final(rest).map_err(|e| e.to_string()),
+                                None => return Err(be.protocol("SASLFinal without SASL")),
+                            };
+                            checked.map_err(|e| be.protocol(&format!("SCRAM server signature: {e}")))?;
                         }
                         other => {
                             return Err(be.protocol(&format!("unsupported authentication method {other}")))

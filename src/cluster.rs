@@ -11,7 +11,8 @@ use sluice_postgres::Classifier;
 use tracing::{error, info, warn};
 
 use crate::backend::{
-    own_startup_params, same_startup, Backend, BackendError, ConnectOptions, StartupParams,
+    own_startup_params, same_startup, Backend, BackendError, ConnectOptions, Credential, PassThrough,
+    StartupParams, NO_CREDENTIAL,
 };
 use crate::config::{ClusterConfig, Consistency, Discovery, TopologyKind};
 use crate::functions::CatalogSlot;
@@ -38,9 +39,11 @@ struct KnownParams {
 /// parameters than this still log in, with a backend connection each time.
 const KNOWN_PARAMS_PER_DATABASE: usize = 32;
 
-/// A configured user with its SCRAM secret derived once at start.
+/// A configured user with its SCRAM secret derived once at start (or read from the stored
+/// verifier it is configured with).
 pub struct User {
-    pub password: String,
+    /// How sluice logs in to the servers as this user.
+    pub credential: Credential,
     pub secret: ScramSecret,
 }
 
@@ -101,6 +104,9 @@ pub enum AttachError {
     /// The client cancelled the request while it waited (CancelRequest).
     #[error("canceling statement due to user request")]
     Cancelled,
+    /// The database stayed paused (console `PAUSE`) past `pause_timeout`.
+    #[error(transparent)]
+    Paused(#[from] crate::console::PausedError),
 }
 
 /// A backend checked out for one client, with the node's load counted while it serves
@@ -175,11 +181,21 @@ pub struct Cluster {
     sessions: std::sync::atomic::AtomicU64,
     /// Each database's functions, for classification.
     pub functions: crate::functions::Catalogs,
+    /// The admin console (shared by every cluster): who may use it, and what is paused.
+    pub console: Arc<crate::console::Console>,
+    /// Logged-in clients and per-database activity, for the console.
+    pub activity: crate::activity::Activity,
+    /// Roles found by `auth_query` (not in the configuration).
+    pub dynamic: crate::auth_query::DynamicUsers,
 }
 
 impl Cluster {
     /// Builds the run-time state (derives SCRAM secrets: slow on purpose, done once).
-    pub fn new(config: ClusterConfig, metrics: Arc<Metrics>) -> Arc<Cluster> {
+    pub fn new(
+        config: ClusterConfig,
+        metrics: Arc<Metrics>,
+        console: Arc<crate::console::Console>,
+    ) -> Arc<Cluster> {
         let members = match &config.discovery {
             Discovery::Static(a) => a.iter().map(|a| Member::at(a)).collect(),
             // Dynamic discovery fills the member list once it has looked.
@@ -190,15 +206,21 @@ impl Cluster {
             .users
             .iter()
             .map(|u| {
-                let salt: [u8; 16] = rng.random();
-                let secret = ScramSecret::new(&u.password, &salt, SCRAM_ITERATIONS);
-                (
-                    u.name.clone(),
-                    User {
-                        password: u.password.clone(),
+                let user = match ScramSecret::parse(&u.password) {
+                    // A stored verifier (validated with the configuration): pass-through.
+                    Some(secret) => User {
+                        credential: Credential::PassThrough(Arc::new(PassThrough::new(secret.server_key()))),
                         secret,
                     },
-                )
+                    None => {
+                        let salt: [u8; 16] = rng.random();
+                        User {
+                            secret: ScramSecret::new(&u.password, &salt, SCRAM_ITERATIONS),
+                            credential: Credential::Password(u.password.clone()),
+                        }
+                    }
+                };
+                (u.name.clone(), user)
             })
             .collect();
         let dummy: [u8; 16] = rng.random();
@@ -250,6 +272,9 @@ impl Cluster {
             clients: AtomicUsize::new(0),
             sessions: std::sync::atomic::AtomicU64::new(0),
             functions: Default::default(),
+            console,
+            activity: Default::default(),
+            dynamic: Default::default(),
             metrics,
             config,
         });
@@ -342,11 +367,15 @@ impl Cluster {
         };
         let start = tokio::time::Instant::now();
         let deadline = start + self.config.failover_wait;
-        let password = self
-            .users
-            .get(user)
-            .map(|u| u.password.as_str())
-            .unwrap_or_default();
+        let dynamic;
+        let credential = match self.users.get(user) {
+            Some(u) => &u.credential,
+            None => {
+                // A role found by auth_query: its current verifier and key.
+                dynamic = self.dynamic.get(user);
+                dynamic.as_ref().map_or(&NO_CREDENTIAL, |u| &u.credential)
+            }
+        };
         loop {
             let snap = self.topology.load();
             let choice = {
@@ -384,7 +413,7 @@ impl Cluster {
                     let address = &snap.nodes[node].address;
                     match self
                         .pools
-                        .checkout(address, user, database, password, startup)
+                        .checkout(address, user, database, credential, startup)
                         .await
                     {
                         Ok(conn) => {
@@ -538,16 +567,19 @@ impl Cluster {
                 None => return,
             }
         };
-        let password = self
-            .users
-            .get(user)
-            .map(|u| u.password.as_str())
-            .unwrap_or_default();
+        let dynamic;
+        let credential = match self.users.get(user) {
+            Some(u) => &u.credential,
+            None => {
+                dynamic = self.dynamic.get(user);
+                dynamic.as_ref().map_or(&NO_CREDENTIAL, |u| &u.credential)
+            }
+        };
         let params = own_startup_params();
         let source = ConnectOptions {
             addr: &addr,
             user,
-            password,
+            credential,
             database,
             params: &params,
             timeout: self.config.connect_timeout,
@@ -607,11 +639,10 @@ impl Cluster {
             .clone()
             .or_else(|| self.config.users.first().map(|u| u.name.clone()))
             .unwrap_or_default();
-        let password = self
+        let credential = self
             .users
             .get(&probe_user)
-            .map(|u| u.password.clone())
-            .unwrap_or_default();
+            .map_or(&NO_CREDENTIAL, |u| &u.credential);
         let mut conn: Option<Backend> = None;
         let startup = own_startup_params();
         let mut ticker = tokio::time::interval(self.config.probe_interval);
@@ -627,7 +658,7 @@ impl Cluster {
             let opts = ConnectOptions {
                 addr: &address,
                 user: &probe_user,
-                password: &password,
+                credential,
                 database: &self.config.probe_database,
                 params: &startup,
                 timeout: self.config.connect_timeout,

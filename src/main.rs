@@ -1,10 +1,13 @@
 //! sluice: a database-aware L4 ingress proxy. This file is the command line and start-up.
 
+mod activity;
 mod admin;
+mod auth_query;
 mod backend;
 mod check;
 mod cluster;
 mod config;
+mod console;
 mod cql;
 mod discovery;
 mod functions;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::backend::{same_startup, Backend, BackendError, ConnectOptions, StartupParams};
+use crate::backend::{same_startup, Backend, BackendError, ConnectOptions, Credential, StartupParams};
 use crate::metrics::{ClusterLabels, Metrics, NodeStateLabels};
 
 /// Pool limits, from the cluster configuration.
@@ -111,6 +111,8 @@ pub enum PoolError {
 /// All pools of one cluster.
 pub struct Pools {
     cluster: String,
+    /// Ids for server connections (`SHOW SERVERS`).
+    next_server: AtomicU64,
     settings: PoolSettings,
     tls: crate::tls::BackendTls,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
@@ -121,6 +123,10 @@ pub struct Pools {
 
 struct Pool {
     key: PoolKey,
+    /// Every open connection of this pool, by id (`SHOW SERVERS`).
+    servers: Arc<Mutex<HashMap<u64, ServerInfo>>>,
+    /// Connections being opened now.
+    connecting: AtomicUsize,
     /// `key.node`, shared: a session watching its node clones this instead of the string.
     node: Arc<str>,
     /// Boxes, as handed out: returning and taking a connection moves a pointer, not a box.
@@ -136,6 +142,73 @@ struct Pool {
     settings: PoolSettings,
     idle_gauge: prometheus_client::metrics::gauge::Gauge,
     active_gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+/// What `SHOW SERVERS` says about one server connection.
+#[derive(Debug, Clone)]
+pub struct ServerInfo {
+    pub id: u64,
+    pub pid: i32,
+    /// When it was opened, in microseconds since the Unix epoch.
+    pub connect_time: u64,
+    pub local: Option<std::net::SocketAddr>,
+    pub tls: bool,
+}
+
+/// Keeps a connection in its pool's server list until the connection is dropped.
+pub struct Registration {
+    id: u64,
+    servers: Arc<Mutex<HashMap<u64, ServerInfo>>>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.servers.lock().expect("servers lock").remove(&self.id);
+    }
+}
+
+/// One server connection in [`PoolStats`].
+#[derive(Debug, Clone)]
+pub struct ServerRow {
+    pub id: u64,
+    pub pid: i32,
+    pub connect_time: u64,
+    pub local: Option<std::net::SocketAddr>,
+    pub tls: bool,
+    /// In the pool (not with a client).
+    pub idle: bool,
+    /// Statements sluice prepared on it (known for idle connections only).
+    pub prepared: usize,
+}
+
+/// One pool as the admin console shows it.
+#[derive(Debug, Clone)]
+pub struct PoolStats {
+    pub node: String,
+    pub user: String,
+    pub database: String,
+    /// Checked out (serving a client, or parked with one between its transactions).
+    pub active: usize,
+    pub idle: usize,
+    /// Being opened.
+    pub connecting: usize,
+    pub servers: Vec<ServerRow>,
+}
+
+/// Counts one connection being opened while it lives.
+struct Connecting<'a>(&'a AtomicUsize);
+
+impl<'a> Connecting<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Connecting(n)
+    }
+}
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A checked-out backend connection; returns to its pool on drop.
@@ -277,6 +350,7 @@ impl Pools {
             .clone();
         Pools {
             cluster: cluster.to_string(),
+            next_server: AtomicU64::new(1),
             settings,
             tls,
             pools: Mutex::new(HashMap::new()),
@@ -307,6 +381,8 @@ impl Pools {
         };
         let p = Arc::new(Pool {
             key: key.clone(),
+            servers: Default::default(),
+            connecting: AtomicUsize::new(0),
             node: Arc::from(node),
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(self.settings.size)),
@@ -331,7 +407,7 @@ impl Pools {
         node: &str,
         user: &str,
         database: &str,
-        password: &str,
+        credential: &Credential,
         startup: &StartupParams,
     ) -> Result<Pooled, PoolError> {
         let pool = self.pool(node, user, database);
@@ -370,18 +446,24 @@ impl Pools {
             Some(c) => c,
             // Boxed: opening a connection is rare and its future (TCP, TLS, authentication)
             // is ~2 KiB; inline it would make every session's relay future that much larger.
-            None => Box::new(
-                Box::pin(Backend::connect(ConnectOptions {
-                    addr: &key.node,
-                    user: &key.user,
-                    password,
-                    database: &key.database,
-                    params: startup,
-                    timeout: self.settings.connect_timeout,
-                    tls: &self.tls,
-                }))
-                .await?,
-            ),
+            None => {
+                let opening = Connecting::new(&pool.connecting);
+                let mut conn = Box::new(
+                    Box::pin(Backend::connect(ConnectOptions {
+                        addr: &key.node,
+                        user: &key.user,
+                        credential,
+                        database: &key.database,
+                        params: startup,
+                        timeout: self.settings.connect_timeout,
+                        tls: &self.tls,
+                    }))
+                    .await?,
+                );
+                drop(opening);
+                self.register(&pool, &mut conn);
+                conn
+            }
         };
         pool.active_gauge.inc();
         Ok(Pooled {
@@ -419,6 +501,75 @@ impl Pools {
             pool.idle_gauge.dec_by(closed as i64);
         }
         None
+    }
+
+    /// Lists a new connection in its pool's server list.
+    fn register(&self, pool: &Pool, conn: &mut Backend) {
+        let id = self.next_server.fetch_add(1, Ordering::Relaxed);
+        let info = ServerInfo {
+            id,
+            pid: conn.pid,
+            connect_time: crate::activity::now_micros(),
+            local: conn.stream.tcp().local_addr().ok(),
+            tls: matches!(conn.stream, crate::tls::MaybeTls::Tls(_)),
+        };
+        pool.servers.lock().expect("servers lock").insert(id, info);
+        conn.registration = Some(Registration {
+            id,
+            servers: pool.servers.clone(),
+        });
+    }
+
+    /// Every pool with its counts and connections, for the admin console.
+    pub fn stats(&self) -> Vec<PoolStats> {
+        let pools: Vec<_> = self.pools.lock().expect("pools lock").values().cloned().collect();
+        let mut out: Vec<PoolStats> = pools
+            .iter()
+            .map(|p| {
+                let idle: HashMap<u64, usize> = p
+                    .idle
+                    .lock()
+                    .expect("pool lock")
+                    .iter()
+                    .filter_map(|c| c.registration.as_ref().map(|r| (r.id, c.prepared.len())))
+                    .collect();
+                let connecting = p.connecting.load(Ordering::Relaxed);
+                let in_use = self.settings.size - p.permits.available_permits();
+                let mut servers: Vec<ServerRow> = p
+                    .servers
+                    .lock()
+                    .expect("servers lock")
+                    .values()
+                    .map(|s| ServerRow {
+                        id: s.id,
+                        pid: s.pid,
+                        connect_time: s.connect_time,
+                        local: s.local,
+                        tls: s.tls,
+                        idle: idle.contains_key(&s.id),
+                        prepared: idle.get(&s.id).copied().unwrap_or(0),
+                    })
+                    .collect();
+                servers.sort_by_key(|s| s.id);
+                PoolStats {
+                    node: p.key.node.clone(),
+                    user: p.key.user.clone(),
+                    database: p.key.database.clone(),
+                    active: in_use.saturating_sub(connecting),
+                    idle: idle.len(),
+                    connecting,
+                    servers,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.database, &a.user, &a.node).cmp(&(&b.database, &b.user, &b.node)));
+        out
+    }
+
+    /// Closes every idle connection of every pool, and makes the checked-out and parked ones
+    /// close when they come back (console `RECONNECT` and `PAUSE` without a database).
+    pub fn drain_all(&self) {
+        self.drain_where(|_| true);
     }
 
     /// Closes every idle connection to `node`, and makes connections to it that are checked out

@@ -26,6 +26,7 @@ use tracing::{error, info, warn};
 use crate::admin::{self, AdminState};
 use crate::cluster::Cluster;
 use crate::config::{ClusterConfig, Config};
+use crate::console::{Console, ServerCommand};
 use crate::discovery::{self, Feed};
 use crate::metrics::{Metrics, ReloadLabels};
 use crate::session;
@@ -71,6 +72,10 @@ pub struct Server {
     metrics: Arc<Metrics>,
     admin: Arc<AdminState>,
     admin_task: Task,
+    /// The admin console on the PostgreSQL listeners.
+    console: Arc<Console>,
+    /// What the console asks of the main loop (RELOAD, SHUTDOWN); taken by `run`.
+    commands: Option<mpsc::UnboundedReceiver<ServerCommand>>,
     clusters: BTreeMap<String, Running>,
     listeners: HashMap<SocketAddr, Listener>,
     /// Replaced clusters whose clients have not all left yet (for the shutdown drain).
@@ -119,9 +124,16 @@ async fn accept_loop(listener: TcpListener, target: Arc<ArcSwap<Cluster>>) {
 
 /// Builds a cluster and starts its discovery (which checks credentials and RBAC). Nothing
 /// runs for it yet: see [`launch`].
-async fn build(config: &ClusterConfig, metrics: &Arc<Metrics>) -> anyhow::Result<(Arc<Cluster>, Feed)> {
+async fn build(
+    config: &ClusterConfig,
+    metrics: &Arc<Metrics>,
+    console: &Arc<Console>,
+) -> anyhow::Result<(Arc<Cluster>, Feed)> {
     let feed = discovery::start(&config.name, &config.discovery, metrics).await?;
-    Ok((Cluster::new(config.clone(), metrics.clone()), feed))
+    Ok((
+        Cluster::new(config.clone(), metrics.clone(), console.clone()),
+        feed,
+    ))
 }
 
 /// Starts the probes, the pool reaper and the task that feeds discovery into the topology.
@@ -179,6 +191,8 @@ impl Server {
             metrics: metrics.clone(),
             accepting: AtomicBool::new(true),
         });
+        let (commands_tx, commands) = mpsc::unbounded_channel();
+        let console = Console::new(config.admin.clone(), admin.clone(), commands_tx);
         let cql = crate::cql::start_all(&cql_configs, &metrics).await?;
         let running: Vec<_> = cql.iter().map(|r| r.cluster.clone()).collect();
         admin.cql.store(Arc::new(running));
@@ -186,7 +200,7 @@ impl Server {
         let mut clusters = BTreeMap::new();
         let mut listeners = HashMap::new();
         for (c, listener) in config.clusters.iter().zip(bound) {
-            let (cluster, feed) = build(c, &metrics).await?;
+            let (cluster, feed) = build(c, &metrics, &console).await?;
             let running = launch(c.clone(), cluster.clone(), feed);
             let target = Arc::new(ArcSwap::new(cluster));
             listeners.insert(
@@ -205,6 +219,8 @@ impl Server {
             metrics,
             admin,
             admin_task,
+            console,
+            commands: Some(commands),
             clusters,
             listeners,
             retiring: Vec::new(),
@@ -241,16 +257,19 @@ impl Server {
         };
         match std::fs::read_to_string(&path) {
             Ok(text) if text == self.source.text => {}
-            _ => self.reload("the file changed").await,
+            _ => {
+                // Errors are logged by `reload`.
+                let _ = self.reload("the file changed").await;
+            }
         }
     }
 
     /// Reads, validates and applies the configuration file; on any error the running
-    /// configuration stays and every error is logged.
-    pub async fn reload(&mut self, why: &str) {
+    /// configuration stays and every error is logged (and returned).
+    pub async fn reload(&mut self, why: &str) -> Result<(), Vec<String>> {
         let Some(path) = self.source.path.clone() else {
             info!("{why}: running on the embedded default configuration; nothing to reload");
-            return;
+            return Ok(());
         };
         info!(config = %self.source.name, "{why}: reloading the configuration");
         let result = match std::fs::read_to_string(&path) {
@@ -273,12 +292,13 @@ impl Server {
             .config_reloads
             .get_or_create(&ReloadLabels { result: outcome })
             .inc();
-        if let Err(errors) = result {
-            for e in &errors {
+        if let Err(errors) = &result {
+            for e in errors {
                 error!(config = %self.source.name, "reload: {e}");
             }
             error!(config = %self.source.name, errors = errors.len(), "configuration reload failed; the running configuration stays in place");
         }
+        result
     }
 
     /// Applies a validated configuration: everything that can fail happens before the first
@@ -310,7 +330,7 @@ impl Server {
             if self.clusters.get(&c.name).is_some_and(|r| r.config == *c) {
                 continue;
             }
-            let (cluster, feed) = build(c, &self.metrics).await?;
+            let (cluster, feed) = build(c, &self.metrics, &self.console).await?;
             built.push((c.clone(), cluster, feed));
         }
         // 3. Commit: nothing below can fail.
@@ -360,6 +380,7 @@ impl Server {
         if config.runtime != self.config.runtime {
             warn!("runtime.threads changed: it applies when sluice restarts");
         }
+        self.console.configure(config.admin.clone());
         self.config = config;
         self.source.text = text;
         self.publish_admin_view();
@@ -459,6 +480,7 @@ pub async fn run(source: Source, config: Config) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut server = Server::start(source, config).await?;
+    let mut commands = server.commands.take().expect("taken once, here");
     let (file_tx, mut file_rx) = mpsc::unbounded_channel();
     let mut watcher: Option<(PathBuf, notify::RecommendedWatcher)> = None;
     loop {
@@ -477,7 +499,19 @@ pub async fn run(source: Source, config: Config) -> anyhow::Result<()> {
             });
         }
         tokio::select! {
-            _ = hup.recv() => server.reload("SIGHUP").await,
+            _ = hup.recv() => {
+                // Errors are logged by `reload`.
+                let _ = server.reload("SIGHUP").await;
+            }
+            Some(command) = commands.recv() => match command {
+                ServerCommand::Reload(reply) => {
+                    let _ = reply.send(server.reload("console RELOAD").await);
+                }
+                ServerCommand::Shutdown => {
+                    info!("console SHUTDOWN");
+                    break;
+                }
+            },
             Some(()) = file_rx.recv() => {
                 // Writes come in bursts: wait for the last one.
                 tokio::time::sleep(Duration::from_millis(200)).await;

@@ -20,6 +20,10 @@ pub use cql::CqlConfig;
 pub use discovery::{Discovery, DnsDiscovery, DnsLookup, KubernetesDiscovery, PortRef, RoleLabels};
 pub use lifecycle::{ReloadConfig, ShutdownConfig};
 
+/// `auth_query` when not set: the role's verifier from `pg_shadow` (readable by superusers; a
+/// SECURITY DEFINER function is the least-privilege alternative).
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT usename, passwd FROM pg_shadow WHERE usename = $1";
+
 /// The listen address of the admin listener when `[admin]` is absent: localhost only.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9930";
 
@@ -55,11 +59,32 @@ pub struct Config {
     pub clusters: Vec<ClusterConfig>,
 }
 
-/// `[admin]`: the HTTP listener for metrics, health and topology.
+/// `[admin]`: the HTTP listener for metrics, health and topology, and who may use the admin
+/// console (the virtual database `sluice` on the PostgreSQL listeners).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// Users (of a PostgreSQL cluster) with full console access.
+    pub admin_users: Vec<String>,
+    /// Users (of a PostgreSQL cluster) that may run the console's SHOW commands.
+    pub stats_users: Vec<String>,
+    /// How long `PAUSE` holds a client's new transaction before failing it with 57P03.
+    pub pause_timeout: Duration,
 }
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
+            admin_users: Vec::new(),
+            stats_users: Vec::new(),
+            pause_timeout: DEFAULT_PAUSE_TIMEOUT,
+        }
+    }
+}
+
+/// `[admin] pause_timeout` when not set.
+pub const DEFAULT_PAUSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `[runtime]`: the async runtime sluice runs on (read at start; a reload cannot change it).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -155,6 +180,13 @@ pub struct ClusterConfig {
     pub write_functions: Vec<String>,
     pub discovery: Discovery,
     pub users: Vec<UserConfig>,
+    /// `auth_user`: a configured user that sluice logs in as to look up the verifiers of roles
+    /// that are not configured (PgBouncer's auth_user).
+    pub auth_user: Option<String>,
+    /// `auth_query`: returns (name, verifier) of the role named by `$1`.
+    pub auth_query: String,
+    /// `auth_dbname`: the database the lookups run in (default: the client's database).
+    pub auth_dbname: Option<String>,
     /// `[clusters.cql]` (defaults for every cluster; only CQL clusters may set it).
     pub cql: CqlConfig,
 }
@@ -228,12 +260,18 @@ impl Config {
                 Some(t) => {
                     let mut f = root.child(t, "admin".into());
                     let listen = f.socket_addr("listen", DEFAULT_ADMIN_LISTEN);
+                    let admin_users = f.string_array("admin_users");
+                    let stats_users = f.string_array("stats_users");
+                    let pause_timeout = f.duration("pause_timeout", "30s");
                     f.finish();
-                    AdminConfig { listen }
+                    AdminConfig {
+                        listen,
+                        admin_users: admin_users.unwrap_or_default(),
+                        stats_users: stats_users.unwrap_or_default(),
+                        pause_timeout: pause_timeout.unwrap_or(DEFAULT_PAUSE_TIMEOUT),
+                    }
                 }
-                None => AdminConfig {
-                    listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
-                },
+                None => AdminConfig::default(),
             };
             let runtime = match root.take_table("runtime") {
                 Some(t) => {
@@ -382,6 +420,22 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
     let probe_user = f.optional_string("probe_user");
     let probe_database = f.string("probe_database", Some("postgres"));
     let write_functions = f.string_array("write_functions");
+    let auth_user = f.optional_string("auth_user");
+    let custom_query = f.has("auth_query");
+    let auth_query = f.string("auth_query", Some(DEFAULT_AUTH_QUERY));
+    let auth_dbname = f.optional_string("auth_dbname");
+    if auth_user.is_none() && (custom_query || auth_dbname.is_some()) {
+        f.error("auth_user", "is required when auth_query or auth_dbname is set");
+    }
+    if auth_query.as_deref().is_some_and(|q| !q.contains("$1")) {
+        f.error(
+            "auth_query",
+            "must name the role as $1 (e.g. ... WHERE usename = $1)",
+        );
+    }
+    if auth_user.is_some() && protocol == Some(Protocol::Cql) {
+        f.error("auth_user", "works only for postgres clusters");
+    }
     let discovery = match f.take_table("discovery") {
         Some(t) => {
             let path = f.key_path("discovery");
@@ -404,6 +458,16 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
             let mut u = f.child(t, path);
             let name = u.string("name", None);
             let password = user_password(&mut u);
+            if let Some(p) = password.as_deref().filter(|p| p.starts_with("SCRAM-SHA-256$")) {
+                if protocol == Some(Protocol::Cql) {
+                    u.error("password", "a SCRAM verifier works only for postgres clusters");
+                } else if sluice_postgres::scram::ScramSecret::parse(p).is_none() {
+                    u.error(
+                        "password",
+                        "is not a valid SCRAM-SHA-256 verifier (SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>, as pg_authid holds it)",
+                    );
+                }
+            }
             u.finish();
             Some(UserConfig {
                 name: name?,
@@ -443,6 +507,9 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
         write_functions: write_functions?,
         discovery: discovery?,
         users,
+        auth_user,
+        auth_query: auth_query?,
+        auth_dbname,
         cql: cql?,
     };
     Some(cluster)
@@ -541,8 +608,25 @@ fn read_secret_file(path: &str) -> Result<String, String> {
 }
 
 /// Checks the whole-file rules that no single key can: unique names and listen addresses,
-/// users present where probes need them.
+/// users present where probes need them, console users that exist.
 fn validate_whole(config: &Config, errors: &mut Vec<ConfigError>) {
+    for (key, names) in [
+        ("admin_users", &config.admin.admin_users),
+        ("stats_users", &config.admin.stats_users),
+    ] {
+        for (i, name) in names.iter().enumerate() {
+            let known = config
+                .clusters
+                .iter()
+                .any(|c| c.protocol == Protocol::Postgres && c.users.iter().any(|u| &u.name == name));
+            if !known {
+                errors.push(ConfigError {
+                    path: format!("admin.{key}[{i}]"),
+                    reason: format!("{name:?} is not a user of any postgres cluster ([[clusters.users]])"),
+                });
+            }
+        }
+    }
     let mut names = HashSet::new();
     let mut listens = HashSet::new();
     listens.insert(config.admin.listen);
@@ -576,6 +660,14 @@ fn validate_whole(config: &Config, errors: &mut Vec<ConfigError>) {
                 path: users_path,
                 reason: "a postgres cluster needs at least one [[clusters.users]] entry".into(),
             });
+        }
+        if let Some(a) = &c.auth_user {
+            if !c.users.iter().any(|u| &u.name == a) {
+                errors.push(ConfigError {
+                    path: format!("clusters[{i}].auth_user"),
+                    reason: format!("{a:?} is not one of this cluster's users"),
+                });
+            }
         }
         if let Some(p) = &c.probe_user {
             if !c.users.iter().any(|u| &u.name == p) {
@@ -940,6 +1032,84 @@ static = ["127.0.0.1:55432", "127.0.0.1:55433"]
 name = "app"
 password = "app-secret"
 "#;
+
+    #[test]
+    fn auth_query_settings() {
+        let with = |keys: &str| CONTRACT_PG.replace("pool_size = 20\n", &format!("pool_size = 20\n{keys}\n"));
+        let c = Config::parse(&with("auth_user = \"app\"")).unwrap();
+        assert_eq!(c.clusters[0].auth_user.as_deref(), Some("app"));
+        assert_eq!(c.clusters[0].auth_query, DEFAULT_AUTH_QUERY);
+        assert_eq!(c.clusters[0].auth_dbname, None);
+        assert_eq!(Config::parse(CONTRACT_PG).unwrap().clusters[0].auth_user, None);
+        let errs = errors_of(&with("auth_user = \"ghost\"\nauth_query = \"SELECT 1\""));
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("clusters[0].auth_user: \"ghost\" is not")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("clusters[0].auth_query: must name the role as $1")),
+            "{errs:?}"
+        );
+        let errs = errors_of(&with("auth_dbname = \"postgres\""));
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("clusters[0].auth_user: is required")),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn scram_verifiers_are_checked() {
+        let verifier =
+            sluice_postgres::scram::ScramSecret::new("app-secret", b"0123456789abcdef", 4096).verifier();
+        let c = Config::parse(&CONTRACT_PG.replace("app-secret", &verifier)).unwrap();
+        assert_eq!(c.clusters[0].users[0].password, verifier);
+        let errs = errors_of(&CONTRACT_PG.replace("app-secret", "SCRAM-SHA-256$4096:nope"));
+        assert!(
+            errs.iter().any(
+                |e| e.starts_with("clusters[0].users[0].password: is not a valid SCRAM-SHA-256 verifier")
+            ),
+            "{errs:?}"
+        );
+        // The error never quotes the secret.
+        assert!(errs.iter().all(|e| !e.contains("nope")), "{errs:?}");
+    }
+
+    #[test]
+    fn console_users_must_exist_and_timeouts_parse() {
+        let with = |admin: &str| {
+            CONTRACT_PG.replace(
+                "[admin]\nlisten = \"127.0.0.1:9930\"\n",
+                &format!("[admin]\nlisten = \"127.0.0.1:9930\"\n{admin}\n"),
+            )
+        };
+        let c = Config::parse(&with("admin_users = [\"app\"]\npause_timeout = \"2s\"")).unwrap();
+        assert_eq!(c.admin.admin_users, ["app"]);
+        assert!(c.admin.stats_users.is_empty());
+        assert_eq!(c.admin.pause_timeout, Duration::from_secs(2));
+        assert_eq!(
+            Config::parse(CONTRACT_PG).unwrap().admin.pause_timeout,
+            DEFAULT_PAUSE_TIMEOUT
+        );
+        let errs = errors_of(&with(
+            "stats_users = [\"app\", \"ghost\"]\nadmin_users = [3]\npause_timeout = \"soon\"",
+        ));
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("admin.stats_users[1]: \"ghost\" is not a user")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter().any(|e| e.starts_with("admin.admin_users[0]:")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter().any(|e| e.starts_with("admin.pause_timeout:")),
+            "{errs:?}"
+        );
+    }
 
     #[test]
     fn contract_shape_parses_with_defaults() {

@@ -46,7 +46,7 @@ pub struct CqlCluster {
     /// mapped to the pod at its IP.
     feed: Option<Feed>,
     snapshot: ArcSwap<Snapshot>,
-    pools: pool::Pools,
+    pub(crate) pools: pool::Pools,
     prepared: prepared::Cache,
     /// SCHEMA_CHANGE events for clients that registered for them.
     schema_events: broadcast::Sender<SchemaChange>,
@@ -155,7 +155,7 @@ impl CqlCluster {
     }
 
     /// The current snapshot.
-    fn snapshot(&self) -> Arc<Snapshot> {
+    pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()
     }
 

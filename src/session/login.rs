@@ -33,15 +33,17 @@ const AUTH_FAILURE_DELAY: Duration = Duration::from_millis(250);
 pub async fn login(
     cluster: &Arc<Cluster>,
     tcp: TcpStream,
+    peer: std::net::SocketAddr,
     span: tracing::Span,
 ) -> std::io::Result<Option<Box<Session>>> {
+    let local = tcp.local_addr().ok();
     // The stream may turn into a TLS stream half-way through the handshake.
     let mut slot: Option<ClientStream> = Some(MaybeTls::Plain(tcp));
     let mut buf = BytesMut::with_capacity(1024);
     let mut out = BytesMut::new();
     let result = tokio::time::timeout(
         cluster.config.login_timeout,
-        handshake(cluster, &mut slot, &mut buf, &mut out),
+        handshake(cluster, peer, &mut slot, &mut buf, &mut out),
     )
     .await;
     // Gone only if the login timed out in the middle of a TLS handshake.
@@ -57,17 +59,44 @@ pub async fn login(
     if !out.is_empty() {
         stream.write_all(&out).await?;
     }
-    let Some(Greeted {
+    let greeted = match greeted {
+        Some(Outcome::Client(g)) => g,
+        Some(Outcome::Console(login)) => {
+            crate::console::serve(cluster, stream, buf, BytesMut::new(), login).await?;
+            return Ok(None);
+        }
+        None => return Ok(None),
+    };
+    let Greeted {
         user,
         database,
         startup,
         startup_serializable,
         checkout,
         functions,
-    }) = greeted
-    else {
-        return Ok(None);
-    };
+    } = greeted;
+    let tls = matches!(stream, MaybeTls::Tls(_));
+    let client = crate::activity::Activity::register(
+        cluster,
+        crate::activity::ClientInfo {
+            id: cluster.next_session_id(),
+            user: user.clone(),
+            database: database.clone(),
+            addr: peer,
+            local,
+            tls,
+            application_name: startup
+                .iter()
+                .find(|(k, _)| k == "application_name")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default(),
+            connect_time: crate::activity::now_micros(),
+            wait_since: 0.into(),
+            request_time: 0.into(),
+            active: 0.into(),
+        },
+    );
+    let db = cluster.activity.database(&database);
     let (rd, wr) = tokio::io::split(stream);
     // Session mode: the client keeps the backend that answered its login for its whole
     // session, so it is told that backend's own key, and `pg_backend_pid()`, NOTIFY pids and
@@ -86,7 +115,10 @@ pub async fn login(
     server::ready_for_query(&mut greeting, b'I');
     let mut session = Box::new(Session {
         cluster: cluster.clone(),
-        id: cluster.next_session_id(),
+        id: client.info.id,
+        client,
+        db,
+        busy: None,
         user,
         database,
         startup,
@@ -126,6 +158,14 @@ pub async fn login(
     Ok(Some(session))
 }
 
+/// How a login ended well.
+enum Outcome {
+    /// A client of the cluster.
+    Client(Greeted),
+    /// A user of the admin console.
+    Console(crate::console::Login),
+}
+
 /// A client that has logged in.
 struct Greeted {
     user: String,
@@ -141,10 +181,11 @@ struct Greeted {
 /// the parameters are in `out`.
 async fn handshake(
     cluster: &Arc<Cluster>,
+    peer: std::net::SocketAddr,
     slot: &mut Option<ClientStream>,
     buf: &mut BytesMut,
     out: &mut BytesMut,
-) -> std::io::Result<Option<Greeted>> {
+) -> std::io::Result<Option<Outcome>> {
     let mut negotiations = 0;
     let mut stream = slot.as_mut().expect("present until a TLS upgrade");
     let params = loop {
@@ -239,10 +280,9 @@ async fn handshake(
         return Ok(None);
     }
 
-    if !authenticate(cluster, stream, buf, out, &user).await? {
+    if !authenticate(cluster, stream, buf, out, &user, &database).await? {
         return Ok(None);
     }
-    server::authentication_ok(out);
 
     let StartupPacket::Startup {
         params: ref startup_params,
@@ -251,7 +291,36 @@ async fn handshake(
     else {
         unreachable!("the loop above only breaks with a Startup packet")
     };
+    if cluster.console.is_console_database(&database) {
+        let Some(access) = cluster.console.access(&user) else {
+            info!(%user, %database, "admin console refused: not an admin or stats user");
+            fatal(
+                out,
+                "28000",
+                &format!("sluice: user \"{user}\" may not use the admin console (not in [admin] admin_users or stats_users)"),
+            );
+            return Ok(None);
+        };
+        server::authentication_ok(out);
+        return Ok(Some(Outcome::Console(crate::console::Login {
+            user,
+            access,
+            peer,
+            application_name: params.param("application_name").unwrap_or_default().to_string(),
+        })));
+    }
+    server::authentication_ok(out);
     let startup = settings::startup_params(startup_params);
+    // A new client of a paused database waits for RESUME, like its transactions.
+    if let Err(e) = cluster
+        .console
+        .wait_while_paused(&database, tokio::time::Instant::now())
+        .await
+    {
+        info!(%user, %database, "login refused: {e}");
+        fatal(out, "57P03", &e.to_string());
+        return Ok(None);
+    }
     let fresh = cluster.config.pool_mode == PoolMode::Session;
     let checkout = match cluster.login_params(&user, &database, &startup, fresh).await {
         Ok((params, checkout)) => {
@@ -281,33 +350,38 @@ async fn handshake(
     };
     let functions = cluster.function_catalog(&user, &database).await;
     debug!(%user, %database, "client logged in");
-    Ok(Some(Greeted {
+    Ok(Some(Outcome::Client(Greeted {
         functions,
         startup_serializable: settings::startup_serializable(startup_params),
         user,
         database,
         startup,
         checkout,
-    }))
+    })))
 }
 
 /// A Terminate message, which some drivers send before anything else when they give up on a
 /// connection at once.
 const TERMINATE: &[u8] = b"X\0\0\0\x04";
 
-/// SCRAM-SHA-256 against the configured password. Unknown users run the same exchange
-/// against a random secret and fail the same way.
+/// SCRAM-SHA-256 against the configured password or verifier, or the verifier `auth_query`
+/// found. Unknown users run the same exchange against a random secret and fail the same way.
 async fn authenticate(
     cluster: &Arc<Cluster>,
     stream: &mut ClientStream,
     buf: &mut BytesMut,
     out: &mut BytesMut,
     user: &str,
+    database: &str,
 ) -> std::io::Result<bool> {
-    let secret = cluster
-        .users
-        .get(user)
-        .map_or_else(|| cluster.dummy_secret.clone(), |u| u.secret.clone());
+    // A role that is not configured may be found by auth_query; whatever the lookup says, the
+    // exchange below runs the same way (against a random secret when there is no such role).
+    let found = match cluster.users.contains_key(user) {
+        true => None,
+        false => cluster.lookup_user(user, database).await,
+    };
+    let known = cluster.users.get(user).or(found.as_deref());
+    let secret = known.map_or_else(|| cluster.dummy_secret.clone(), |u| u.secret.clone());
     let mut scram = ScramServer::new(secret);
     server::authentication_sasl(out, &["SCRAM-SHA-256"]);
     stream.write_all(out).await?;
@@ -343,7 +417,13 @@ async fn authenticate(
         return Ok(false);
     };
     match scram.client_final(last.body()) {
-        Ok(server_final) if cluster.users.contains_key(user) => {
+        Ok(server_final) if known.is_some() => {
+            if let (Some(crate::backend::Credential::PassThrough(keys)), Some(key)) =
+                (known.map(|u| &u.credential), scram.client_key())
+            {
+                // Kept in memory only: what sluice logs in to the servers with from now on.
+                keys.remember(key);
+            }
             server::authentication_sasl_final(out, &server_final);
             Ok(true)
         }

@@ -11,6 +11,7 @@
 //! read-your-writes) are answered to sluice, never relayed; see `replies.rs`.
 
 mod commands;
+mod gate;
 mod login;
 mod replies;
 mod settings;
@@ -96,7 +97,7 @@ pub async fn serve(cluster: Arc<Cluster>, stream: TcpStream, peer: SocketAddr) {
         // Boxed: the login future (SCRAM, TLS accept, the first backend connection) is
         // several KiB and only needed once; inline it would stay part of every idle
         // client's task for the whole session.
-        let login = Box::pin(login::login(&cluster, stream, span.clone()).instrument(span.clone()));
+        let login = Box::pin(login::login(&cluster, stream, peer, span.clone()).instrument(span.clone()));
         match login.await {
             Ok(Some(session)) => {
                 drop(span);
@@ -233,6 +234,13 @@ pub struct Session {
     cluster: Arc<Cluster>,
     /// Unique in the cluster: marks the backends this session used last.
     id: u64,
+    /// The client as the admin console lists it (`SHOW CLIENTS`, `SHOW POOLS`).
+    client: crate::activity::Registered,
+    /// Its database's activity (transactions in flight, totals).
+    db: Arc<crate::activity::DbActivity>,
+    /// The client's transaction in flight (from its first message to the ReadyForQuery that
+    /// ends it): what a console `PAUSE` waits for.
+    busy: Option<crate::activity::Busy>,
     user: String,
     database: String,
     /// What the client's backends are opened with (its own startup parameters).
@@ -299,6 +307,7 @@ impl Session {
 
     async fn relay(&mut self) -> End {
         loop {
+            self.end_transaction_if_done();
             if let Err(end) = self.process_client_messages().await {
                 let _ = self.flush_client().await;
                 return end;
@@ -402,7 +411,9 @@ impl Session {
                 }
                 r = client_read => match r {
                     Ok(0) | Err(_) => return End::ClientGone,
-                    Ok(_) => {}
+                    Ok(n) => {
+                        self.db.totals.received.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
                 },
                 () = reclaim => {
                     // Another client needs a connection of that pool, or it idled out.
@@ -440,6 +451,10 @@ impl Session {
     /// Writes `out` to the client. A client slow to read must not keep a parked backend from
     /// others: while writing, the parked backend still goes back when its pool needs it.
     async fn flush_client(&mut self) -> std::io::Result<()> {
+        self.db
+            .totals
+            .sent
+            .fetch_add(self.out.len() as u64, std::sync::atomic::Ordering::Relaxed);
         while !self.out.is_empty() {
             let Session { wr, out, parked, .. } = self;
             let reclaim = async {
@@ -502,6 +517,23 @@ impl Session {
         if tag == b'X' {
             return Err(End::ClientGone);
         }
+        if matches!(tag, b'Q' | b'E') {
+            self.db
+                .totals
+                .queries
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        // A message that starts a transaction passes the console's pause gate first.
+        let answered_locally = self.attached.is_none()
+            && (self.skip_until_sync || matches!(tag, b'S' | b'H' | b'd' | b'c' | b'f'));
+        if !answered_locally {
+            self.end_transaction_if_done();
+            if self.busy.is_none() {
+                if let Err(e) = self.start_transaction().await {
+                    return self.attach_failed(tag, e);
+                }
+            }
+        }
         // A simple query is classified once, for routing and for its session effects.
         let query_class = if tag == b'Q' {
             match peek::query(msg.body()) {
@@ -556,7 +588,7 @@ impl Session {
                 PoolMode::Transaction => Intent::of(class, self.cluster.config.consistency),
             };
             let had_parked = self.parked.is_some();
-            match self.attach_cancellable(intent).await {
+            match self.attach_counted(intent).await {
                 Ok(checkout) => self.attach(checkout),
                 Err(e) => {
                     if had_parked {
@@ -823,6 +855,7 @@ impl Session {
             AttachError::Pool(PoolError::Exhausted { .. }) => ("53300", "pool_exhausted"),
             AttachError::Pool(PoolError::Connect(_)) => ("08006", "backend_connect"),
             AttachError::Cancelled => ("57014", "cancelled"),
+            AttachError::Paused(_) => ("57P03", "paused"),
         };
         self.cluster.metrics.error(&self.cluster.config.name, reason);
         if let AttachError::Pool(PoolError::Connect(BackendError::Server { raw, .. })) = &e {

@@ -8,6 +8,7 @@ mod support;
 mod auth;
 mod bad_input;
 mod client;
+mod console;
 mod drivers;
 mod failover;
 mod kubernetes;

@@ -73,3 +73,133 @@ async fn md5_and_trust_backends_work() {
     .await;
     env.sluice.assert_no_unexpected_errors(&[]);
 }
+
+/// `password` as the SCRAM verifier copied from `pg_authid`: clients log in with the real
+/// password, and sluice logs in to the servers with the ClientKey recovered from the client's
+/// proof (SCRAM pass-through), on every node and for every pooled connection opened later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_scram_verifier_logs_in_by_pass_through() {
+    let cluster = crate::support::PgCluster::start(1);
+    let verifier = cluster
+        .psql(
+            cluster.primary_port(),
+            "postgres",
+            "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'",
+        )
+        .trim()
+        .to_string();
+    assert!(verifier.starts_with("SCRAM-SHA-256$"), "{verifier}");
+    // The probes log in as postgres (trusted): a verifier-only user has no key until a client
+    // of it logs in.
+    let (toml, _, _) = crate::support::sluice_config(&cluster, "probe_user = \"postgres\"\npool_size = 2");
+    let toml = toml.replace("password = \"app-secret\"", &format!("password = \"{verifier}\""))
+        + "\n[[clusters.users]]\nname = \"postgres\"\npassword = \"pw\"\n";
+    assert!(!toml.contains("app-secret"));
+    let sluice = crate::support::Sluice::start(&toml);
+    crate::wait_all_probed(&sluice, 2);
+    let env = Env { sluice, cluster };
+    let addr = env.sluice.listen_addr();
+    bounded(60, async {
+        let Err(err) = try_connect(addr, "app", "wrong", "app").await else {
+            panic!("a wrong password was let in");
+        };
+        assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD), "{err:?}");
+
+        let client = env.app_client().await;
+        assert_eq!(simple_column(&client, "SELECT current_user").await, ["app"]);
+        // A write on the primary and reads on the replica: connections to both nodes.
+        crate::support::exec(&client, "CREATE TABLE pt (x int); INSERT INTO pt VALUES (1)").await;
+        env.cluster.wait_replicated().await;
+        let (on_replica, _) = crate::where_simple(&client, "").await;
+        assert!(on_replica, "reads go to the replica");
+        // Several clients at once: more pooled connections, opened with the remembered key.
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            clients.push(env.app_client().await);
+        }
+        let runs = clients.iter().map(|c| async move {
+            crate::support::exec(
+                c,
+                "BEGIN; INSERT INTO pt VALUES (2); SELECT pg_sleep(0.1); COMMIT",
+            )
+            .await
+        });
+        futures_util::future::join_all(runs).await;
+        let n = simple_column(&client, "/* sluice: primary */ SELECT count(*) FROM pt").await;
+        assert_eq!(n, ["5"]);
+    })
+    .await;
+    // psql (libpq) logs in the same way.
+    let port = env.sluice.listen_addr().port();
+    let out = std::process::Command::new(crate::support::pg_bin("psql"))
+        .args([
+            "-X",
+            "-At",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "app",
+            "-d",
+            "app",
+        ])
+        .args(["-c", "SELECT current_user"])
+        .env("PGPASSWORD", "app-secret")
+        .output()
+        .expect("psql");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "app\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let logs = env.sluice.logs().join("\n");
+    assert!(
+        !logs.contains(&verifier[verifier.len() - 20..]),
+        "a key reached the logs"
+    );
+    env.sluice.assert_no_unexpected_errors(&[]);
+}
+
+/// A verifier-only user is also the probe user: until a client of it logs in, sluice has no key
+/// and says so (node errors in /topology); the first client login brings the nodes up and is
+/// served (its login waits up to `failover_wait` for them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_of_a_verifier_only_user_start_with_the_first_client_login() {
+    let cluster = crate::support::PgCluster::start(0);
+    let verifier = cluster
+        .psql(
+            cluster.primary_port(),
+            "postgres",
+            "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'",
+        )
+        .trim()
+        .to_string();
+    let (toml, _, _) = crate::support::sluice_config(&cluster, "probe_interval = \"200ms\"");
+    let toml = toml.replace("password = \"app-secret\"", &format!("password = \"{verifier}\""));
+    let sluice = crate::support::Sluice::spawn_with_env(&toml, &[]);
+    bounded(60, async {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let body = crate::support::http_get(sluice.admin_addr(), "/topology")
+                .map(|r| r.1)
+                .unwrap_or_default();
+            if body.contains("no client has logged in as") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no pass-through error shown: {body}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let client = connect(sluice.listen_addr(), "app", "app-secret", "app").await;
+        assert_eq!(simple_column(&client, "SELECT current_user").await, ["app"]);
+        crate::wait_all_probed(&sluice, 1);
+    })
+    .await;
+    sluice.assert_no_unexpected_errors(&[]);
+    drop(sluice);
+    drop(cluster);
+}

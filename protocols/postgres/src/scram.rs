@@ -50,6 +50,48 @@ impl ScramSecret {
     }
 }
 
+impl ScramSecret {
+    /// Reads a stored verifier as PostgreSQL keeps it in `pg_authid.rolpassword`:
+    /// `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>` (base64 parts). `None` if
+    /// the text is not one.
+    pub fn parse(verifier: &str) -> Option<ScramSecret> {
+        let rest = verifier.strip_prefix("SCRAM-SHA-256$")?;
+        let (params, keys) = rest.split_once('$')?;
+        let (iterations, salt) = params.split_once(':')?;
+        let (stored, server) = keys.split_once(':')?;
+        let iterations: u32 = iterations.parse().ok().filter(|i| *i > 0)?;
+        let salt = STANDARD.decode(salt).ok().filter(|s| !s.is_empty())?;
+        let key = |b64: &str| -> Option<[u8; 32]> { STANDARD.decode(b64).ok()?.try_into().ok() };
+        Some(ScramSecret {
+            salt,
+            iterations,
+            stored_key: key(stored)?,
+            server_key: key(server)?,
+        })
+    }
+
+    /// The verifier text of this secret (the inverse of [`ScramSecret::parse`]).
+    pub fn verifier(&self) -> String {
+        format!(
+            "SCRAM-SHA-256${}:{}${}:{}",
+            self.iterations,
+            STANDARD.encode(&self.salt),
+            STANDARD.encode(self.stored_key),
+            STANDARD.encode(self.server_key)
+        )
+    }
+
+    /// StoredKey = H(ClientKey).
+    pub fn stored_key(&self) -> [u8; 32] {
+        self.stored_key
+    }
+
+    /// ServerKey, which proves the server to a client.
+    pub fn server_key(&self) -> [u8; 32] {
+        self.server_key
+    }
+}
+
 impl std::fmt::Debug for ScramSecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ScramSecret")
@@ -96,6 +138,8 @@ enum State {
 pub struct ScramServer {
     secret: ScramSecret,
     state: State,
+    /// The client's ClientKey, recovered from its proof once the exchange succeeded.
+    client_key: Option<[u8; 32]>,
 }
 
 impl std::fmt::Debug for ScramServer {
@@ -131,7 +175,15 @@ impl ScramServer {
         ScramServer {
             secret,
             state: State::Initial,
+            client_key: None,
         }
+    }
+
+    /// The client's ClientKey (ClientProof XOR HMAC(StoredKey, AuthMessage)), known once
+    /// [`ScramServer::client_final`] accepted the proof. With it, sluice can answer another
+    /// server's challenge for the same verifier (SCRAM pass-through) without the password.
+    pub fn client_key(&self) -> Option<[u8; 32]> {
+        self.client_key
     }
 
     /// client-first-message (from SASLInitialResponse data) -> server-first-message.
@@ -244,10 +296,99 @@ impl ScramServer {
         if !constant_time_eq(&stored_key, &self.secret.stored_key) {
             return Err(ScramError::BadProof);
         }
+        self.client_key = Some(client_key);
         let server_signature = hmac(&self.secret.server_key, &auth_message);
         let mut out = b"v=".to_vec();
         out.extend_from_slice(STANDARD.encode(server_signature).as_bytes());
         Ok(out)
+    }
+}
+
+/// Client side of SCRAM-SHA-256 with the keys instead of the password: ClientKey proves the
+/// client, ServerKey checks the server (SCRAM pass-through). It works with any server whose
+/// verifier holds the same keys, whatever salt and iteration count it announces.
+pub struct ScramKeyClient {
+    client_key: [u8; 32],
+    server_key: [u8; 32],
+    client_first_bare: Vec<u8>,
+    nonce: Vec<u8>,
+    /// The AuthMessage once the client-final message was built.
+    auth_message: Option<Vec<u8>>,
+}
+
+impl ScramKeyClient {
+    /// Starts an exchange; `nonce` is caller-supplied random printable ASCII (no ',').
+    pub fn new(client_key: [u8; 32], server_key: [u8; 32], nonce: &str) -> Self {
+        ScramKeyClient {
+            client_key,
+            server_key,
+            client_first_bare: format!("n=,r={nonce}").into_bytes(),
+            nonce: nonce.as_bytes().to_vec(),
+            auth_message: None,
+        }
+    }
+
+    /// The client-first-message (SASLInitialResponse data).
+    pub fn client_first(&self) -> Vec<u8> {
+        let mut m = b"n,,".to_vec();
+        m.extend_from_slice(&self.client_first_bare);
+        m
+    }
+
+    /// server-first-message (SASLContinue data) -> client-final-message (SASLResponse data).
+    pub fn server_first(&mut self, message: &[u8]) -> Result<Vec<u8>, ScramError> {
+        if self.auth_message.is_some() {
+            return Err(ScramError::OutOfOrder);
+        }
+        let mut attrs = message.split(|&b| b == b',');
+        let nonce = match attrs.next() {
+            Some(a) if a.starts_with(b"r=") => &a[2..],
+            _ => return Err(ScramError::Malformed("expected nonce attribute")),
+        };
+        if !nonce.starts_with(&self.nonce) || nonce.len() == self.nonce.len() || !printable(nonce) {
+            return Err(ScramError::Nonce);
+        }
+        match (attrs.next(), attrs.next()) {
+            (Some(s), Some(i)) if s.starts_with(b"s=") && i.starts_with(b"i=") => {}
+            _ => return Err(ScramError::Malformed("expected salt and iteration count")),
+        }
+        let mut without_proof = b"c=biws,r=".to_vec();
+        without_proof.extend_from_slice(nonce);
+        let auth_message = [&self.client_first_bare[..], b",", message, b",", &without_proof].concat();
+        let stored_key: [u8; 32] = Sha256::digest(self.client_key).into();
+        let signature = hmac(&stored_key, &[&auth_message]);
+        let proof: Vec<u8> = self
+            .client_key
+            .iter()
+            .zip(signature)
+            .map(|(k, s)| k ^ s)
+            .collect();
+        self.auth_message = Some(auth_message);
+        let mut out = without_proof;
+        out.extend_from_slice(b",p=");
+        out.extend_from_slice(STANDARD.encode(proof).as_bytes());
+        Ok(out)
+    }
+
+    /// server-final-message (SASLFinal data): checks the server's signature.
+    pub fn server_final(&self, message: &[u8]) -> Result<(), ScramError> {
+        let auth_message = self.auth_message.as_ref().ok_or(ScramError::OutOfOrder)?;
+        let v = message
+            .strip_prefix(b"v=")
+            .ok_or(ScramError::Malformed("expected verifier attribute"))?;
+        let v = v.split(|&b| b == b',').next().unwrap_or_default();
+        let expected = hmac(&self.server_key, &[auth_message]);
+        if constant_time_eq(STANDARD.encode(expected).as_bytes(), v) {
+            Ok(())
+        } else {
+            Err(ScramError::BadProof)
+        }
+    }
+}
+
+impl std::fmt::Debug for ScramKeyClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScramKeyClient").finish_non_exhaustive()
     }
 }
 

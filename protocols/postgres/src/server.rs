@@ -4,8 +4,11 @@
 //! code that its tests compare against; the only hand-written parts are noted below.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use pgwire::messages::data::{DataRow, FieldDescription, RowDescription};
 use pgwire::messages::extendedquery::{CloseComplete, ParseComplete};
-use pgwire::messages::response::{ErrorResponse, NoticeResponse, ReadyForQuery, TransactionStatus};
+use pgwire::messages::response::{
+    CommandComplete, EmptyQueryResponse, ErrorResponse, NoticeResponse, ReadyForQuery, TransactionStatus,
+};
 use pgwire::messages::startup::{Authentication, BackendKeyData, ParameterStatus, SecretKey};
 
 use crate::peek::PeekError;
@@ -92,6 +95,57 @@ pub fn close_complete(buf: &mut BytesMut) {
     put(buf, &CloseComplete::new(), "CloseComplete");
 }
 
+/// The type of a result column sluice produces itself (the admin console).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnType {
+    /// `text` (OID 25).
+    Text,
+    /// `int8` (OID 20).
+    Int8,
+}
+
+/// RowDescription of text-format columns of these names and types.
+pub fn row_description(buf: &mut BytesMut, columns: &[(&str, ColumnType)]) {
+    let fields = columns
+        .iter()
+        .map(|(name, ty)| {
+            let (type_id, type_size) = match ty {
+                ColumnType::Text => (25, -1),
+                ColumnType::Int8 => (20, 8),
+            };
+            FieldDescription::new((*name).to_owned(), 0, 0, type_id, type_size, -1, 0)
+        })
+        .collect();
+    put(buf, &RowDescription::new(fields), "RowDescription");
+}
+
+/// DataRow of text values (`None` is NULL).
+pub fn data_row<S: AsRef<str>>(buf: &mut BytesMut, values: &[Option<S>]) {
+    let mut data = BytesMut::new();
+    for v in values {
+        match v {
+            Some(v) => {
+                let v = v.as_ref().as_bytes();
+                data.put_i32(i32::try_from(v.len()).expect("a console value fits in an i32 length"));
+                data.put_slice(v);
+            }
+            None => data.put_i32(-1),
+        }
+    }
+    let count = i16::try_from(values.len()).expect("a console row has few columns");
+    put(buf, &DataRow::new(data, count), "DataRow");
+}
+
+/// CommandComplete with this tag (`"SHOW"`, `"PAUSE"`, ...).
+pub fn command_complete(buf: &mut BytesMut, tag: &str) {
+    put(buf, &CommandComplete::new(tag.to_owned()), "CommandComplete");
+}
+
+/// EmptyQueryResponse (the answer to a query of only whitespace).
+pub fn empty_query_response(buf: &mut BytesMut) {
+    put(buf, &EmptyQueryResponse::new(), "EmptyQueryResponse");
+}
+
 /// Fields of an ErrorResponse / NoticeResponse.
 #[derive(Debug, Clone, Copy)]
 pub struct ErrorFields<'a> {
@@ -176,6 +230,25 @@ mod tests {
             built(|b| backend_key_data(b, 0x1234, -2)),
             [b'K', 0, 0, 0, 12, 0, 0, 0x12, 0x34, 0xff, 0xff, 0xff, 0xfe]
         );
+    }
+
+    #[test]
+    fn result_messages() {
+        assert_eq!(
+            built(|b| row_description(b, &[("a", ColumnType::Text), ("n", ColumnType::Int8)])),
+            b"T\x00\x00\x00\x2e\x00\x02\
+              a\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x19\xff\xff\xff\xff\xff\xff\x00\x00\
+              n\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x14\x00\x08\xff\xff\xff\xff\x00\x00"
+        );
+        assert_eq!(
+            built(|b| data_row(b, &[Some("hi"), None])),
+            b"D\x00\x00\x00\x10\x00\x02\x00\x00\x00\x02hi\xff\xff\xff\xff"
+        );
+        assert_eq!(
+            built(|b| command_complete(b, "SHOW")),
+            b"C\x00\x00\x00\x09SHOW\x00"
+        );
+        assert_eq!(built(empty_query_response), [b'I', 0, 0, 0, 4]);
     }
 
     #[test]

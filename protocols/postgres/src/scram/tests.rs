@@ -199,3 +199,77 @@ fn passwords_are_saslprepped_like_postgres() {
         (Ok(()), true)
     );
 }
+
+#[test]
+fn verifiers_parse_and_print() {
+    let secret = rfc_secret();
+    let text = secret.verifier();
+    assert!(
+        text.starts_with("SCRAM-SHA-256$4096:W22ZaJ0SNY7soEsUEjb6gQ==$"),
+        "{text}"
+    );
+    let back = ScramSecret::parse(&text).expect("parses");
+    assert_eq!(back.verifier(), text);
+    assert_eq!(back.stored_key(), secret.stored_key());
+    assert_eq!(back.server_key(), secret.server_key());
+    for bad in [
+        "",
+        "pencil",
+        "md5abc",
+        "SCRAM-SHA-256$4096:c2FsdA==$abc:def",
+        "SCRAM-SHA-256$0:W22ZaJ0SNY7soEsUEjb6gQ==$AAAA:AAAA",
+        "SCRAM-SHA-256$x:W22ZaJ0SNY7soEsUEjb6gQ==$AAAA:AAAA",
+        "SCRAM-SHA-1$4096:W22ZaJ0SNY7soEsUEjb6gQ==$AAAA:AAAA",
+    ] {
+        assert!(ScramSecret::parse(bad).is_none(), "{bad:?} parsed");
+    }
+}
+
+/// A client proving itself with the password to a verifier-only server: the server recovers
+/// the ClientKey, and a key client then logs in to another server holding the same verifier
+/// (pass-through) and checks that server's signature.
+#[test]
+fn pass_through_with_the_recovered_client_key() {
+    let verifier = ScramSecret::new("s3cr3t pass", b"0123456789abcdef", 4096).verifier();
+    let secret = ScramSecret::parse(&verifier).unwrap();
+    let mut front = ScramServer::new(secret.clone());
+    assert_eq!(front.client_key(), None);
+    let mut client = ScramSha256::new(b"s3cr3t pass", ChannelBinding::unsupported());
+    let first = front.client_first(client.message(), "frontnonce").unwrap();
+    client.update(&first).unwrap();
+    let fin = front.client_final(client.message()).unwrap();
+    client.finish(&fin).unwrap();
+    let client_key = front.client_key().expect("recovered");
+
+    // The real server, with the same verifier.
+    let mut server = ScramServer::new(secret.clone());
+    let mut keys = ScramKeyClient::new(client_key, secret.server_key(), "keynonce");
+    let server_first = server.client_first(&keys.client_first(), "servernonce").unwrap();
+    let client_final = keys.server_first(&server_first).unwrap();
+    let server_final = server
+        .client_final(&client_final)
+        .expect("the server accepts the key");
+    keys.server_final(&server_final)
+        .expect("the client accepts the server");
+    // A server with another verifier refuses, and a forged server signature is refused.
+    let other = ScramSecret::new("other", b"0123456789abcdef", 4096);
+    let mut server = ScramServer::new(other);
+    let mut keys = ScramKeyClient::new(client_key, secret.server_key(), "keynonce");
+    let server_first = server.client_first(&keys.client_first(), "servernonce").unwrap();
+    let client_final = keys.server_first(&server_first).unwrap();
+    assert_eq!(server.client_final(&client_final), Err(ScramError::BadProof));
+    assert_eq!(keys.server_final(b"v=AAAA"), Err(ScramError::BadProof));
+    // A nonce that does not extend the client's is refused.
+    let mut keys = ScramKeyClient::new(client_key, secret.server_key(), "keynonce");
+    assert_eq!(
+        keys.server_first(b"r=other,s=c2FsdA==,i=4096"),
+        Err(ScramError::Nonce)
+    );
+    // A wrong password recovers nothing.
+    let mut front = ScramServer::new(secret);
+    let mut client = ScramSha256::new(b"wrong", ChannelBinding::unsupported());
+    let first = front.client_first(client.message(), "frontnonce").unwrap();
+    client.update(&first).unwrap();
+    assert_eq!(front.client_final(client.message()), Err(ScramError::BadProof));
+    assert_eq!(front.client_key(), None);
+}

@@ -1,0 +1,82 @@
+//! The console's pause gate in a session: each transaction is counted in flight from its
+//! first message to the ReadyForQuery that ends it, and held while its database is paused.
+
+use super::{Attached, Session};
+use crate::cluster::AttachError;
+use tracing::debug;
+
+impl Session {
+    /// Marks the client's next transaction in flight, holding it while the console has its
+    /// database paused (up to `pause_timeout`; a CancelRequest gives up the wait).
+    pub(super) async fn start_transaction(&mut self) -> Result<(), AttachError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let info = &self.client.info;
+        let now = crate::activity::now_micros();
+        info.request_time.store(now, Relaxed);
+        if let Some(busy) = self.cluster.console.try_enter(&self.db) {
+            info.active.store(1, Relaxed);
+            self.busy = Some(busy);
+            return Ok(());
+        }
+        debug!(parent: &self.span, database = %self.db.name, "transaction held: the database is paused");
+        info.wait_since.store(now, Relaxed);
+        // A parked backend goes back while the client waits: PAUSE closes the database's
+        // connections, and other clients may need the slot.
+        self.release_parked();
+        let info = &self.client.info;
+        let slot = self.cancel_slot.clone();
+        let woken = slot.wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        slot.set_queued(true);
+        let started = std::time::Instant::now();
+        let result = tokio::select! {
+            biased;
+            r = self.cluster.console.enter(&self.db) => r.map_err(AttachError::from),
+            () = woken => Err(AttachError::Cancelled),
+        };
+        slot.set_queued(false);
+        info.wait_since.store(0, Relaxed);
+        let waited = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.db.totals.wait_us.fetch_add(waited, Relaxed);
+        let busy = result?;
+        info.active.store(1, Relaxed);
+        self.busy = Some(busy);
+        Ok(())
+    }
+
+    /// Ends the client's transaction in flight once it is over: no backend held, or the held
+    /// one idle with nothing in flight.
+    pub(super) fn end_transaction_if_done(&mut self) {
+        if self.busy.is_some() && self.attached.as_ref().is_none_or(Attached::is_clean) {
+            self.busy = None;
+            self.client
+                .info
+                .active
+                .store(0, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// `attach_cancellable`, shown as waiting (`SHOW POOLS` cl_waiting) meanwhile and counted
+    /// in the database's totals (`SHOW STATS`).
+    pub(super) async fn attach_counted(
+        &mut self,
+        intent: crate::router::Intent,
+    ) -> Result<crate::cluster::Checkout, AttachError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let started = std::time::Instant::now();
+        self.client
+            .info
+            .wait_since
+            .store(crate::activity::now_micros(), Relaxed);
+        let attached = self.attach_cancellable(intent).await;
+        self.client.info.wait_since.store(0, Relaxed);
+        let totals = &self.db.totals;
+        let waited = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        totals.wait_us.fetch_add(waited, Relaxed);
+        if attached.is_ok() {
+            totals.assignments.fetch_add(1, Relaxed);
+        }
+        attached
+    }
+}
