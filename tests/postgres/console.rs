@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, SimpleQueryMessage};
 
+use crate::pgbench::pgbench;
+
 use crate::support::{self, bounded, pg_bin, simple_column, try_connect, PgCluster, Sluice};
 use crate::{wait_all_probed, Env};
 
@@ -626,19 +628,6 @@ async fn a_switchover_behind_pause_fails_no_transaction() {
         "terminating connection",
         "probe",
     ]);
-}
-
-/// Runs pgbench as `app` against 127.0.0.1:`port` on the blocking pool.
-async fn pgbench(port: u16, args: &[&str]) -> std::process::Output {
-    let mut cmd = Command::new(pg_bin("pgbench"));
-    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app"])
-        .args(args)
-        .arg("app")
-        .env("PGPASSWORD", "app-secret")
-        .env("PGCONNECT_TIMEOUT", "5");
-    tokio::task::spawn_blocking(move || cmd.output().expect("run pgbench"))
-        .await
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
