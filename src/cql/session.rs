@@ -52,7 +52,8 @@ pub async fn serve_client(cluster: Arc<CqlCluster>, stream: TcpStream, peer: Soc
     let n = cluster.clients.fetch_add(1, Ordering::AcqRel) + 1;
     let _count = ClientCount(cluster.clone());
     if n > cluster.config.max_client_connections {
-        warn!(cluster = %cluster.config.name, %peer, "too many CQL clients; closing the connection");
+        warn!(cluster = %cluster.config.name, %peer, "too many CQL clients; refusing the connection");
+        refuse_overloaded(stream, cluster.config.max_client_connections).await;
         return;
     }
     let _ = stream.set_nodelay(true);
@@ -178,6 +179,26 @@ async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Out>
 }
 
 /// The ERROR a client speaking an unsupported version gets, in a header it can read.
+/// Answers a client over `max_client_connections` in its own protocol, as PostgreSQL clients
+/// get 53300: the first request (OPTIONS or STARTUP) gets an OVERLOADED error on its stream,
+/// then the connection closes. A client that sends nothing within 2 s is just closed.
+async fn refuse_overloaded(mut stream: TcpStream, limit: usize) {
+    let mut head = [0u8; 4];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(2), stream.read_exact(&mut head)).await;
+    if !matches!(read, Ok(Ok(_))) {
+        return;
+    }
+    let msg = format!("sluice: too many client connections (max_client_connections = {limit})");
+    let body = Response::Error(ErrorBody::new(ec::OVERLOADED, msg)).to_body(4);
+    let version = (head[0] & 0x7f).clamp(3, 5);
+    let mut out = BytesMut::new();
+    Header::response(version, i16::from_be_bytes([head[2], head[3]]), Opcode::Error)
+        .encode(body.len(), &mut out);
+    out.put_slice(&body);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), stream.write_all(&out)).await;
+    let _ = stream.shutdown().await;
+}
+
 fn version_error(first: &[u8], max: u8) -> Bytes {
     let v = first[0] & 0x7f;
     let supported = if max >= 5 { "4/v4, 5/v5" } else { "4/v4" };
