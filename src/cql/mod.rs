@@ -55,12 +55,28 @@ pub struct CqlCluster {
     /// Wakes the control connection when credentials arrive.
     credentials_ready: tokio::sync::Notify,
     pub clients: AtomicUsize,
+    pub(crate) metrics: Arc<Metrics>,
+    /// `sluice_queries_total{route}`: requests sent to a replica of their partition
+    /// (`replica`), and requests without a partition to route by (`any`).
+    routed: [prometheus_client::metrics::counter::Counter; 2],
+    /// `sluice_clients`.
+    client_gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl CqlCluster {
+    /// Counts a request routed by its partition (`true`) or to any node.
+    pub(crate) fn routed(&self, by_partition: bool) {
+        self.routed[usize::from(by_partition)].inc();
+    }
+
+    /// Counts an error sluice answered a client with (`sluice_errors_total{reason}`).
+    pub(crate) fn error(&self, reason: &'static str) {
+        self.metrics.error(&self.config.name, reason);
+    }
+
     /// A cluster that knows its seeds only (the static ones, or those `feed` discovers);
     /// `spawn_background` starts learning the rest.
-    pub fn new(config: ClusterConfig, feed: Option<Feed>) -> Arc<CqlCluster> {
+    pub fn new(config: ClusterConfig, feed: Option<Feed>, metrics: Arc<Metrics>) -> Arc<CqlCluster> {
         let addrs: Vec<String> = match &config.discovery {
             Discovery::Static(a) => a.clone(),
             _ => Vec::new(),
@@ -86,6 +102,21 @@ impl CqlCluster {
             }),
             _ => None,
         };
+        let routed = ["any", "replica"].map(|route| {
+            metrics
+                .queries
+                .get_or_create(&crate::metrics::RouteLabels {
+                    cluster: config.name.clone(),
+                    route,
+                })
+                .clone()
+        });
+        let client_gauge = metrics
+            .clients
+            .get_or_create(&crate::metrics::ClusterLabels {
+                cluster: config.name.clone(),
+            })
+            .clone();
         Arc::new(CqlCluster {
             pools: pool::Pools::new(cql.connections_per_node, config.connect_timeout),
             snapshot: ArcSwap::from_pointee(Snapshot::seeds(&seeds)),
@@ -96,6 +127,9 @@ impl CqlCluster {
             credentials: Mutex::new(credentials),
             credentials_ready: tokio::sync::Notify::new(),
             clients: AtomicUsize::new(0),
+            routed,
+            client_gauge,
+            metrics,
             cql,
             config,
         })
@@ -320,7 +354,7 @@ pub async fn start_all(configs: &[ClusterConfig], metrics: &Arc<Metrics>) -> any
                 Some(feed)
             }
         };
-        let cluster = CqlCluster::new(c.clone(), feed);
+        let cluster = CqlCluster::new(c.clone(), feed, metrics.clone());
         let mut tasks = cluster.spawn_background();
         tasks.push(tokio::spawn(accept_loop(listener, cluster.clone())));
         info!(cluster = %c.name, listen = %c.listen, seeds = cluster.current_seeds().await.len(), "listening (CQL)");

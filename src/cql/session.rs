@@ -44,15 +44,18 @@ struct ClientCount(Arc<CqlCluster>);
 impl Drop for ClientCount {
     fn drop(&mut self) {
         self.0.clients.fetch_sub(1, Ordering::AcqRel);
+        self.0.client_gauge.dec();
     }
 }
 
 /// Serves one client connection until it closes.
 pub async fn serve_client(cluster: Arc<CqlCluster>, stream: TcpStream, peer: SocketAddr) {
     let n = cluster.clients.fetch_add(1, Ordering::AcqRel) + 1;
+    cluster.client_gauge.inc();
     let _count = ClientCount(cluster.clone());
     if n > cluster.config.max_client_connections {
         warn!(cluster = %cluster.config.name, %peer, "too many CQL clients; refusing the connection");
+        cluster.error("too_many_clients");
         refuse_overloaded(stream, cluster.config.max_client_connections).await;
         return;
     }
@@ -453,6 +456,13 @@ impl Client {
                 .iter()
                 .any(|u| u.name == creds.user && u.password == creds.password);
             if !ok {
+                self.cluster
+                    .metrics
+                    .auth_failures
+                    .get_or_create(&crate::metrics::ClusterLabels {
+                        cluster: self.cluster.config.name.clone(),
+                    })
+                    .inc();
                 self.error(h, bad(&creds.user));
                 return;
             }
@@ -543,6 +553,7 @@ impl Client {
             Request::Batch(b) => route::for_batch(&snap, self.keyspace.as_deref(), &self.cluster.prepared, b),
             _ => Route::default(),
         };
+        self.cluster.routed(route.partition.is_some());
         let prepare = match &req {
             Request::Prepare(p) => Some(p.clone()),
             _ => None,

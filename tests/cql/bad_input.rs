@@ -158,6 +158,10 @@ async fn a_client_over_the_connection_limit_is_told_overloaded() {
             assert!(extra.recv_envelope().await.is_none(), "closed after the error");
         }
         first.ok("SELECT release_version FROM system.local").await;
+        let refused = env
+            .sluice
+            .metric("sluice_errors_total{cluster=\"ring\",reason=\"too_many_clients\"}");
+        assert_eq!(refused, Some(2.0));
     })
     .await;
 }
