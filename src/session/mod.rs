@@ -517,12 +517,6 @@ impl Session {
         if tag == b'X' {
             return Err(End::ClientGone);
         }
-        if matches!(tag, b'Q' | b'E') {
-            self.db
-                .totals
-                .queries
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
         // A message that starts a transaction passes the console's pause gate first.
         let answered_locally = self.attached.is_none()
             && (self.skip_until_sync || matches!(tag, b'S' | b'H' | b'd' | b'c' | b'f'));
@@ -554,6 +548,12 @@ impl Session {
         if self.must_wait_for_replica(&msg, query_class)? {
             self.held = Some(msg);
             return Ok(());
+        }
+        if matches!(tag, b'Q' | b'E') {
+            self.db
+                .totals
+                .queries
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         if self.attached.is_none() {
             if self.skip_until_sync {
