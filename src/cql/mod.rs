@@ -199,6 +199,16 @@ impl CqlCluster {
             Some(next) => Arc::new(next),
             None => cur.clone(),
         });
+        // `sluice_node_healthy{cluster,node}`, as for PostgreSQL nodes.
+        for n in &self.snapshot().nodes {
+            self.metrics
+                .node_healthy
+                .get_or_create(&crate::metrics::NodeLabels {
+                    cluster: self.config.name.clone(),
+                    node: n.addr.to_string(),
+                })
+                .set(i64::from(n.up));
+        }
     }
 
     /// Marks a node down (an event, or a failed connection attempt) and drops its connections.
