@@ -278,6 +278,7 @@ impl Cluster {
             metrics,
             config,
         });
+        cluster.metrics.init_cluster(&cluster.config.name);
         cluster.set_members(&members);
         cluster
     }
@@ -619,8 +620,10 @@ impl Cluster {
             .role_disagreement
             .get_or_create(&labels)
             .set(i64::from(disagrees));
+        // Created at 0 with the node, so that the series exists before the first disagreement.
+        let started = self.metrics.role_disagreements.get_or_create_owned(&labels);
         if disagrees && was == 0 {
-            self.metrics.role_disagreements.get_or_create(&labels).inc();
+            started.inc();
             warn!(node = %node.address, id = %node.id, labeled = ?node.labeled_role, probed = ?node.role, "the node's role label disagrees with the node; following the node");
         }
         if change.lost_primary

@@ -60,10 +60,7 @@ fn cluster(out: &mut String, c: &ClusterView) -> fmt::Result {
         name = Esc(&c.name),
         protocol = c.protocol,
         listen = Esc(&c.listen),
-        mode = c
-            .pool_mode
-            .map(|m| format!(" · {m} pooling"))
-            .unwrap_or_default(),
+        mode = c.pool_mode.map(|m| format!(" · {m} pooling")).unwrap_or_default(),
         clients = c.clients,
         plural = if c.clients == 1 { "" } else { "s" },
     )?;
@@ -95,7 +92,11 @@ fn nodes(out: &mut String, nodes: &[NodeRow], cql: bool) -> fmt::Result {
         "<table class=\"nodes\"><thead><tr><th>node</th><th>address</th><th>role</th>\
          <th>health</th><th class=\"num\">replica lag</th><th>LSN</th><th>zone</th>\
          <th class=\"num\">in flight</th><th class=\"num\">{}</th><th>error</th></tr></thead><tbody>\n",
-        if cql { "open connections" } else { "idle connections" }
+        if cql {
+            "open connections"
+        } else {
+            "idle connections"
+        }
     )?;
     for n in nodes {
         let health = if n.healthy { "up" } else { "down" };

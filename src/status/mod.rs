@@ -156,17 +156,21 @@ pub fn cql_nodes(c: &CqlCluster) -> Vec<NodeRow> {
 /// The pools of a PostgreSQL cluster by (database, user), with the clients that use them.
 pub fn pg_pools(c: &Cluster) -> Vec<PoolRow> {
     let now = now_micros();
-    let mut rows: BTreeMap<(String, String), PoolRow> = BTreeMap::new();
-    let mut row = |database: &str, user: &str| -> &mut PoolRow {
+    fn row<'a>(
+        rows: &'a mut BTreeMap<(String, String), PoolRow>,
+        database: &str,
+        user: &str,
+    ) -> &'a mut PoolRow {
         rows.entry((database.to_string(), user.to_string()))
             .or_insert_with(|| PoolRow {
                 database: database.to_string(),
                 user: user.to_string(),
                 ..PoolRow::default()
             })
-    };
+    }
+    let mut rows = BTreeMap::new();
     for cl in c.activity.clients() {
-        let r = row(&cl.database, &cl.user);
+        let r = row(&mut rows, &cl.database, &cl.user);
         let since = cl.wait_since.load(Ordering::Relaxed);
         if since == 0 {
             r.clients_active += 1;
@@ -176,7 +180,7 @@ pub fn pg_pools(c: &Cluster) -> Vec<PoolRow> {
         }
     }
     for p in c.pools.stats() {
-        let r = row(&p.database, &p.user);
+        let r = row(&mut rows, &p.database, &p.user);
         r.servers_active += p.active;
         r.servers_idle += p.idle;
         r.servers_login += p.connecting;

@@ -10,8 +10,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use regex::Regex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{bounded, simple_column};
+use crate::support::{bounded, exec, simple_column};
 use crate::Env;
 
 /// The Chromium binary (Debian's `chromium` package), or a failure that says what to install.
@@ -33,7 +34,12 @@ fn chromium() -> PathBuf {
 fn run_chromium(chromium: &Path, args: &[&str], url: &str) -> String {
     let profile = tempfile::tempdir().expect("temporary Chromium profile");
     let mut child = Command::new(chromium)
-        .args(["--headless=new", "--disable-gpu", "--no-sandbox", "--no-first-run"])
+        .args([
+            "--headless=new",
+            "--disable-gpu",
+            "--no-sandbox",
+            "--no-first-run",
+        ])
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .args(args)
         .arg(url)
@@ -163,9 +169,13 @@ async fn status_page_in_chromium_shows_nodes_and_a_node_going_down() {
         }
 
         env.cluster.stop_node(replica_port);
-        let page = wait_for_page(&chromium, &url, Duration::from_secs(20), "the replica down", |dom| {
-            node_state(dom, &replica).is_some_and(|(_, health)| health == "down")
-        })
+        let page = wait_for_page(
+            &chromium,
+            &url,
+            Duration::from_secs(20),
+            "the replica down",
+            |dom| node_state(dom, &replica).is_some_and(|(_, health)| health == "down"),
+        )
         .await;
         assert!(up(&primary, "primary", &page), "{page}");
         // The probe's error is shown, escaped, in the replica's row.
@@ -174,7 +184,9 @@ async fn status_page_in_chromium_shows_nodes_and_a_node_going_down() {
             .find(|l| l.contains(&format!(r#"data-node="{replica}""#)))
             .expect("replica row");
         assert!(
-            Regex::new(r#"<td class="error">[^<]+</td>"#).unwrap().is_match(row),
+            Regex::new(r#"<td class="error">[^<]+</td>"#)
+                .unwrap()
+                .is_match(row),
             "no error in the replica's row: {row}"
         );
     })
@@ -215,7 +227,8 @@ async fn grafana_dashboard_queries_only_exported_metrics() {
 
     // Every query: panel targets (rows included) and template variables.
     let mut exprs = Vec::new();
-    let mut panels: Vec<&serde_json::Value> = dashboard["panels"].as_array().expect("panels").iter().collect();
+    let mut panels: Vec<&serde_json::Value> =
+        dashboard["panels"].as_array().expect("panels").iter().collect();
     while let Some(panel) = panels.pop() {
         panels.extend(panel["panels"].as_array().into_iter().flatten());
         if panel["type"] == "row" {
@@ -232,7 +245,12 @@ async fn grafana_dashboard_queries_only_exported_metrics() {
         .iter()
         .find(|v| v["name"] == "cluster")
         .expect("a `cluster` template variable");
-    exprs.push(cluster["query"]["query"].as_str().expect("cluster query").to_string());
+    exprs.push(
+        cluster["query"]["query"]
+            .as_str()
+            .expect("cluster query")
+            .to_string(),
+    );
 
     let metric = Regex::new(r"\bsluice_[a-zA-Z0-9_:]+").unwrap();
     let used: BTreeSet<String> = exprs
@@ -249,18 +267,34 @@ async fn grafana_dashboard_queries_only_exported_metrics() {
 
     let env = Env::start(1, "");
     bounded(30, async {
-        // Some traffic, so that labelled families have samples too.
+        // Traffic, so that the families labelled by what happened have a series: a read and a
+        // write (routes), LISTEN (a pin), a Terminate before the startup packet (an error).
         let client = env.app_client().await;
         assert_eq!(simple_column(&client, "SELECT 1").await, ["1"]);
+        exec(&client, "LISTEN status_page").await;
+        let mut raw = tokio::net::TcpStream::connect(env.sluice.listen_addr())
+            .await
+            .expect("connect");
+        raw.write_all(&[b'X', 0, 0, 0, 4]).await.expect("Terminate");
+        let mut rest = Vec::new();
+        raw.read_to_end(&mut rest).await.expect("sluice closes");
+
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, metrics) = env.sluice.http_get("/metrics");
+            assert_eq!(status, 200);
+            let exported = exported_series(&metrics);
+            let missing: Vec<_> = used.iter().filter(|m| !exported.contains(*m)).collect();
+            if missing.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the dashboard queries metrics /metrics does not have: {missing:?}\n{metrics}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     })
     .await;
-    let (status, metrics) = env.sluice.http_get("/metrics");
-    assert_eq!(status, 200);
-    let exported = exported_series(&metrics);
-    let missing: Vec<_> = used.iter().filter(|m| !exported.contains(*m)).collect();
-    assert!(
-        missing.is_empty(),
-        "the dashboard queries metrics /metrics does not have: {missing:?}\n{metrics}"
-    );
     env.sluice.assert_no_unexpected_errors(&[]);
 }
