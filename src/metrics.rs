@@ -208,7 +208,7 @@ impl Metrics {
             m.config_reloads.clone(),
         );
         for result in ["ok", "error"] {
-            m.config_reloads.get_or_create(&ReloadLabels { result });
+            m.config_reloads.get_or_create_owned(&ReloadLabels { result });
         }
         Metrics { registry, ..m }
     }
@@ -219,8 +219,8 @@ impl Metrics {
         let labels = ClusterLabels {
             cluster: cluster.to_string(),
         };
-        self.auth_failures.get_or_create(&labels);
-        self.settings_replays.get_or_create(&labels);
+        self.auth_failures.get_or_create_owned(&labels);
+        self.settings_replays.get_or_create_owned(&labels);
     }
 
     /// The Prometheus text exposition.

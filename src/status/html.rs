@@ -65,9 +65,9 @@ fn cluster(out: &mut String, c: &ClusterView) -> fmt::Result {
         plural = if c.clients == 1 { "" } else { "s" },
     )?;
     if let Some(e) = &c.discovery_error {
-        write!(
+        writeln!(
             out,
-            "<p class=\"error\">discovery failing, serving the last known nodes: {}</p>\n",
+            "<p class=\"error\">discovery failing, serving the last known nodes: {}</p>",
             Esc(e)
         )?;
     }
@@ -87,11 +87,11 @@ fn nodes(out: &mut String, nodes: &[NodeRow], cql: bool) -> fmt::Result {
         out.push_str("<p class=\"empty\">No nodes discovered yet.</p>\n");
         return Ok(());
     }
-    write!(
+    writeln!(
         out,
         "<table class=\"nodes\"><thead><tr><th>node</th><th>address</th><th>role</th>\
          <th>health</th><th class=\"num\">replica lag</th><th>LSN</th><th>zone</th>\
-         <th class=\"num\">in flight</th><th class=\"num\">{}</th><th>error</th></tr></thead><tbody>\n",
+         <th class=\"num\">in flight</th><th class=\"num\">{}</th><th>error</th></tr></thead><tbody>",
         if cql {
             "open connections"
         } else {
@@ -100,13 +100,13 @@ fn nodes(out: &mut String, nodes: &[NodeRow], cql: bool) -> fmt::Result {
     )?;
     for n in nodes {
         let health = if n.healthy { "up" } else { "down" };
-        write!(
+        writeln!(
             out,
             "<tr class=\"node\" data-node=\"{id}\" data-role=\"{role}\" data-health=\"{health}\">\
              <td>{id}</td><td>{address}</td><td><span class=\"role {role}\">{role}</span></td>\
              <td class=\"health {health}\">{health}</td><td class=\"num\"{lag_title}>{lag}</td>\
              <td>{lsn}</td><td>{zone}</td><td class=\"num\">{in_flight}</td>\
-             <td class=\"num\">{connections}</td><td class=\"error\">{error}</td></tr>\n",
+             <td class=\"num\">{connections}</td><td class=\"error\">{error}</td></tr>",
             id = Esc(&n.id),
             address = Esc(&n.address),
             role = n.role,
@@ -139,11 +139,11 @@ fn pools(out: &mut String, pools: &[PoolRow]) -> fmt::Result {
          <th class=\"num\">servers idle</th><th class=\"num\">servers opening</th></tr></thead><tbody>\n",
     );
     for p in pools {
-        write!(
+        writeln!(
             out,
             "<tr class=\"pool\" data-database=\"{db}\" data-user=\"{user}\"><td>{db}</td><td>{user}</td>\
              <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{:.3} s</td>\
-             <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>\n",
+             <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
             p.clients_active,
             p.clients_waiting,
             p.max_wait_us as f64 / 1e6,
@@ -171,11 +171,11 @@ fn ring(out: &mut String, ring: &[RingRow]) -> fmt::Result {
     for r in ring {
         let health = if r.up { "up" } else { "down" };
         let percent = r.ownership * 100.0;
-        write!(
+        writeln!(
             out,
             "<tr class=\"ring-node\" data-address=\"{address}\"><td>{address}</td><td>{}</td><td>{}</td>\
              <td class=\"health {health}\">{health}</td><td class=\"num\">{}</td>\
-             <td><div class=\"bar\"><div style=\"width:{percent:.2}%\"></div></div>{percent:.2}%</td></tr>\n",
+             <td><div class=\"bar\"><div style=\"width:{percent:.2}%\"></div></div>{percent:.2}%</td></tr>",
             Esc(&r.datacenter),
             Esc(&r.rack),
             r.tokens,

@@ -161,7 +161,7 @@ async fn status_page_in_chromium_shows_nodes_and_a_node_going_down() {
             let (c, u) = (chromium.clone(), url.clone());
             let arg = format!("--screenshot={}", path.display());
             tokio::task::spawn_blocking(move || {
-                run_chromium(&c, &[&arg, "--window-size=1200,620", "--hide-scrollbars"], &u)
+                run_chromium(&c, &[&arg, "--window-size=1200,430", "--hide-scrollbars"], &u)
             })
             .await
             .expect("Chromium thread");
