@@ -221,6 +221,7 @@ pub fn topology_json(state: &AdminState) -> serde_json::Value {
                         "healthy": n.healthy,
                         "timeline": n.timeline,
                         "lsn": n.lsn.map(crate::status::lsn_text),
+                        "replay_lag_seconds": n.replay_lag_ms.map(|ms| ms as f64 / 1000.0),
                         "error": n.last_error,
                         "idle_connections": idle.get(&n.address).copied().unwrap_or(0),
                         "in_flight": n.load.load(Ordering::Relaxed),

@@ -90,7 +90,7 @@ fn nodes(out: &mut String, nodes: &[NodeRow], cql: bool) -> fmt::Result {
     writeln!(
         out,
         "<table class=\"nodes\"><thead><tr><th>node</th><th>address</th><th>role</th>\
-         <th>health</th><th class=\"num\">replica lag</th><th>LSN</th><th>zone</th>\
+         <th>health</th><th class=\"num\">lag (WAL)</th><th class=\"num\">lag (time)</th><th>LSN</th><th>zone</th>\
          <th class=\"num\">in flight</th><th class=\"num\">{}</th><th>error</th></tr></thead><tbody>",
         if cql {
             "open connections"
@@ -104,7 +104,7 @@ fn nodes(out: &mut String, nodes: &[NodeRow], cql: bool) -> fmt::Result {
             out,
             "<tr class=\"node\" data-node=\"{id}\" data-role=\"{role}\" data-health=\"{health}\">\
              <td>{id}</td><td>{address}</td><td><span class=\"role {role}\">{role}</span></td>\
-             <td class=\"health {health}\">{health}</td><td class=\"num\"{lag_title}>{lag}</td>\
+             <td class=\"health {health}\">{health}</td><td class=\"num\"{lag_title}>{lag}</td><td class=\"num\">{lag_time}</td>\
              <td>{lsn}</td><td>{zone}</td><td class=\"num\">{in_flight}</td>\
              <td class=\"num\">{connections}</td><td class=\"error\">{error}</td></tr>",
             id = Esc(&n.id),
@@ -115,6 +115,10 @@ fn nodes(out: &mut String, nodes: &[NodeRow], cql: bool) -> fmt::Result {
                 .map(|b| format!(" title=\"{b} bytes of WAL\""))
                 .unwrap_or_default(),
             lag = n.lag_bytes.map(bytes).unwrap_or_default(),
+            lag_time = n
+                .lag_ms
+                .map(|ms| format!("{:.1} s", ms as f64 / 1000.0))
+                .unwrap_or_default(),
             lsn = Esc(n.lsn.as_deref().unwrap_or("")),
             zone = Esc(n.zone.as_deref().unwrap_or("")),
             in_flight = n.in_flight,
@@ -238,6 +242,7 @@ mod tests {
                 role: "replica",
                 healthy: false,
                 lag_bytes: Some(3 * 1024 * 1024),
+                lag_ms: Some(2500),
                 lsn: Some("0/3000060".into()),
                 timeline: None,
                 zone: None,
@@ -266,6 +271,7 @@ mod tests {
         assert!(page.contains("<meta http-equiv=\"refresh\" content=\"2\">"));
         assert!(page.contains("data-health=\"down\""));
         assert!(page.contains("3.0 MiB"));
+        assert!(page.contains("2.5 s"));
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub struct NodeRow {
     /// WAL bytes the replica is behind the primary (0 on the primary; unknown without both
     /// positions).
     pub lag_bytes: Option<u64>,
+    /// How far the replica's replay is behind in time, in milliseconds (replicas only).
+    pub lag_ms: Option<u64>,
     /// The node's WAL position (`0/3000060`).
     pub lsn: Option<String>,
     pub timeline: Option<u32>,
@@ -121,6 +123,7 @@ pub fn pg_nodes(c: &Cluster) -> Vec<NodeRow> {
                 role,
                 healthy: n.healthy,
                 lag_bytes,
+                lag_ms: if role == "replica" { n.replay_lag_ms } else { None },
                 lsn: n.lsn.map(lsn_text),
                 timeline: n.timeline,
                 zone: n.zone.clone(),
@@ -143,6 +146,7 @@ pub fn cql_nodes(c: &CqlCluster) -> Vec<NodeRow> {
             role: "ring-member",
             healthy: n.up,
             lag_bytes: None,
+            lag_ms: None,
             lsn: None,
             timeline: None,
             zone: n.zone.clone(),

@@ -155,6 +155,20 @@ async fn status_page_in_chromium_shows_nodes_and_a_node_going_down() {
             "no pool row for app/app:\n{page}"
         );
         assert!(page.contains(r#"<meta http-equiv="refresh" content="2">"#));
+        // The replica's lag in WAL bytes and in seconds.
+        let row = |page: &str, id: &str| {
+            page.lines()
+                .find(|l| l.contains(&format!(r#"data-node="{id}""#)))
+                .unwrap_or_else(|| panic!("no row for {id}:\n{page}"))
+                .to_string()
+        };
+        let replica_row = row(&page, &replica);
+        assert!(
+            Regex::new(r#"<td class="num" title="\d+ bytes of WAL">[0-9.]+ [KMGT]?i?B</td><td class="num">\d+\.\d s</td>"#)
+                .unwrap()
+                .is_match(&replica_row),
+            "no lag in bytes and seconds: {replica_row}"
+        );
 
         if let Some(path) = std::env::var_os("SLUICE_STATUS_SCREENSHOT") {
             let path = std::path::absolute(PathBuf::from(path)).expect("screenshot path");
@@ -179,14 +193,11 @@ async fn status_page_in_chromium_shows_nodes_and_a_node_going_down() {
         .await;
         assert!(up(&primary, "primary", &page), "{page}");
         // The probe's error is shown, escaped, in the replica's row.
-        let row = page
-            .lines()
-            .find(|l| l.contains(&format!(r#"data-node="{replica}""#)))
-            .expect("replica row");
+        let row = row(&page, &replica);
         assert!(
             Regex::new(r#"<td class="error">[^<]+</td>"#)
                 .unwrap()
-                .is_match(row),
+                .is_match(&row),
             "no error in the replica's row: {row}"
         );
     })
