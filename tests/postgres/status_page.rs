@@ -39,6 +39,7 @@ fn run_chromium(chromium: &Path, args: &[&str], url: &str) -> String {
             "--disable-gpu",
             "--no-sandbox",
             "--no-first-run",
+            "--disable-dev-shm-usage",
         ])
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .args(args)
