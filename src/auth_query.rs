@@ -134,16 +134,7 @@ impl Cluster {
         name: &str,
         database: &str,
     ) -> Result<Option<String>, String> {
-        let addr = {
-            let snap = self.topology.load();
-            let node = snap
-                .primary()
-                .or_else(|| snap.nodes.iter().position(|n| n.healthy));
-            match node {
-                Some(i) => snap.nodes[i].address.to_string(),
-                None => return Err("no healthy node".into()),
-            }
-        };
+        let addr = self.lookup_node().ok_or("no healthy node")?;
         let credential = match self.users.get(auth_user) {
             Some(u) => &u.credential,
             None => return Err(format!("auth_user {auth_user:?} is not configured")),

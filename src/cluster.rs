@@ -39,6 +39,22 @@ struct KnownParams {
 /// parameters than this still log in, with a backend connection each time.
 const KNOWN_PARAMS_PER_DATABASE: usize = 32;
 
+/// See [`Cluster::credential`].
+pub enum UserCredential<'a> {
+    Configured(&'a Credential),
+    Found(Option<Arc<User>>),
+}
+
+impl std::ops::Deref for UserCredential<'_> {
+    type Target = Credential;
+    fn deref(&self) -> &Credential {
+        match self {
+            UserCredential::Configured(c) => c,
+            UserCredential::Found(u) => u.as_ref().map_or(&NO_CREDENTIAL, |u| &u.credential),
+        }
+    }
+}
+
 /// A configured user with its SCRAM secret derived once at start (or read from the stored
 /// verifier it is configured with).
 pub struct User {
@@ -368,15 +384,7 @@ impl Cluster {
         };
         let start = tokio::time::Instant::now();
         let deadline = start + self.config.failover_wait;
-        let dynamic;
-        let credential = match self.users.get(user) {
-            Some(u) => &u.credential,
-            None => {
-                // A role found by auth_query: its current verifier and key.
-                dynamic = self.dynamic.get(user);
-                dynamic.as_ref().map_or(&NO_CREDENTIAL, |u| &u.credential)
-            }
-        };
+        let credential = self.credential(user);
         loop {
             let snap = self.topology.load();
             let choice = {
@@ -414,7 +422,7 @@ impl Cluster {
                     let address = &snap.nodes[node].address;
                     match self
                         .pools
-                        .checkout(address, user, database, credential, startup)
+                        .checkout(address, user, database, &credential, startup)
                         .await
                     {
                         Ok(conn) => {
@@ -558,29 +566,13 @@ impl Cluster {
     }
 
     async fn load_functions(&self, slot: &CatalogSlot, user: &str, database: &str) {
-        let addr = {
-            let snap = self.topology.load();
-            let node = snap
-                .primary()
-                .or_else(|| snap.nodes.iter().position(|n| n.healthy));
-            match node {
-                Some(i) => snap.nodes[i].address.to_string(),
-                None => return,
-            }
-        };
-        let dynamic;
-        let credential = match self.users.get(user) {
-            Some(u) => &u.credential,
-            None => {
-                dynamic = self.dynamic.get(user);
-                dynamic.as_ref().map_or(&NO_CREDENTIAL, |u| &u.credential)
-            }
-        };
+        let Some(addr) = self.lookup_node() else { return };
+        let credential = self.credential(user);
         let params = own_startup_params();
         let source = ConnectOptions {
             addr: &addr,
             user,
-            credential,
+            credential: &credential,
             database,
             params: &params,
             timeout: self.config.connect_timeout,
@@ -700,6 +692,25 @@ impl Cluster {
                 .inc();
             self.observe(&id, &obs);
         }
+    }
+
+    /// The credential sluice logs in to servers with as `user`: a configured user's, or that
+    /// of a role found by auth_query (its current verifier and key).
+    pub fn credential(&self, user: &str) -> UserCredential<'_> {
+        match self.users.get(user) {
+            Some(u) => UserCredential::Configured(&u.credential),
+            None => UserCredential::Found(self.dynamic.get(user)),
+        }
+    }
+
+    /// The node sluice's own lookups go to (function catalog, auth_query): the primary, else
+    /// any healthy node.
+    pub fn lookup_node(&self) -> Option<String> {
+        let snap = self.topology.load();
+        let node = snap
+            .primary()
+            .or_else(|| snap.nodes.iter().position(|n| n.healthy))?;
+        Some(snap.nodes[node].address.to_string())
     }
 
     /// Registers `key` for a new client, unless another client holds it (keys of backends

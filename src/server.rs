@@ -80,9 +80,8 @@ pub struct Server {
     listeners: HashMap<SocketAddr, Listener>,
     /// Replaced clusters whose clients have not all left yet (for the shutdown drain).
     retiring: Vec<Arc<Cluster>>,
-    /// CQL clusters (run by `crate::cql`, not reloadable yet) and their configuration.
-    _cql: Vec<crate::cql::Running>,
-    cql_configs: Vec<ClusterConfig>,
+    /// CQL clusters (run by `crate::cql`).
+    cql: crate::cql::CqlClusters,
 }
 
 /// Pending connections the kernel may queue per listener: tokio's default (1024) makes bursts
@@ -193,9 +192,8 @@ impl Server {
         });
         let (commands_tx, commands) = mpsc::unbounded_channel();
         let console = Console::new(config.admin.clone(), admin.clone(), commands_tx);
-        let cql = crate::cql::start_all(&cql_configs, &metrics).await?;
-        let running: Vec<_> = cql.iter().map(|r| r.cluster.clone()).collect();
-        admin.cql.store(Arc::new(running));
+        let cql = crate::cql::CqlClusters::start(cql_configs, &metrics).await?;
+        admin.cql.store(Arc::new(cql.clusters()));
         let admin_task = Task(tokio::spawn(admin::serve(admin_listener, admin.clone())));
         let mut clusters = BTreeMap::new();
         let mut listeners = HashMap::new();
@@ -224,8 +222,7 @@ impl Server {
             clusters,
             listeners,
             retiring: Vec::new(),
-            _cql: cql,
-            cql_configs,
+            cql,
         };
         server.publish_admin_view();
         info!(config = %server.source.name, admin = %server.config.admin.listen, version = env!("CARGO_PKG_VERSION"), "sluice started");
@@ -305,9 +302,9 @@ impl Server {
     /// change.
     async fn apply(&mut self, config: Config, text: String) -> anyhow::Result<()> {
         let (config, cql_configs) = crate::cql::split(config);
-        if cql_configs != self.cql_configs {
-            anyhow::bail!("CQL clusters cannot be added, changed or removed by a reload yet; restart sluice");
-        }
+        // CQL clusters new or changed start now (discovery, control connection); their new
+        // addresses are bound. Unchanged ones stay as they are.
+        let cql = self.cql.prepare(cql_configs, &self.metrics).await?;
         // 1. New listen addresses, and the admin address if it moved.
         let mut bound = HashMap::new();
         for c in &config.clusters {
@@ -334,6 +331,8 @@ impl Server {
             built.push((c.clone(), cluster, feed));
         }
         // 3. Commit: nothing below can fail.
+        self.cql.commit(cql);
+        self.admin.cql.store(Arc::new(self.cql.clusters()));
         let mut kept = Vec::new();
         let mut next: BTreeMap<String, Running> = BTreeMap::new();
         for c in &config.clusters {

@@ -329,6 +329,30 @@ impl Config {
     }
 }
 
+/// `[[clusters]]` keys that only PostgreSQL clusters read: on a CQL cluster each is an error
+/// naming it rather than a setting that silently does nothing.
+const POSTGRES_ONLY: &[&str] = &[
+    "pool_mode",
+    "consistency",
+    "topology",
+    "max_replica_lag",
+    "pool_size",
+    "checkout_timeout",
+    "client_idle_timeout",
+    "idle_timeout",
+    "max_lifetime",
+    "tls_cert",
+    "tls_key",
+    "require_tls",
+    "backend_tls",
+    "backend_tls_ca",
+    "probe_timeout",
+    "failover_wait",
+    "probe_user",
+    "probe_database",
+    "write_functions",
+];
+
 fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
     let name = f.string("name", None);
     let protocol = f.choice(
@@ -337,6 +361,13 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
         &[("postgres", Protocol::Postgres), ("cql", Protocol::Cql)],
     );
     let listen = f.socket_addr_required("listen");
+    if protocol == Some(Protocol::Cql) {
+        for key in POSTGRES_ONLY {
+            if f.has(key) {
+                f.error(key, "applies to postgres clusters only");
+            }
+        }
+    }
     let pool_mode = f.choice(
         "pool_mode",
         Some(PoolMode::Transaction),
@@ -1247,6 +1278,33 @@ static = ["127.0.0.1:9042"]
 "#;
         let c = Config::parse(cql).unwrap();
         assert!(c.unsupported().is_empty(), "CQL with static seeds is supported");
+    }
+
+    #[test]
+    fn postgres_keys_on_a_cql_cluster_are_named_errors() {
+        let cql = r#"
+[[clusters]]
+name = "ring"
+protocol = "cql"
+listen = "127.0.0.1:19042"
+pool_mode = "session"
+consistency = "read-your-writes"
+max_replica_lag = "1MB"
+require_tls = true
+[clusters.discovery]
+static = ["127.0.0.1:9042"]
+"#;
+        let errs = Config::parse(cql).unwrap_err();
+        let paths: Vec<&str> = errs.0.iter().map(|e| e.path.as_str()).collect();
+        for key in ["pool_mode", "consistency", "max_replica_lag", "require_tls"] {
+            let path = format!("clusters[0].{key}");
+            let e = errs
+                .0
+                .iter()
+                .find(|e| e.path == path)
+                .unwrap_or_else(|| panic!("{path} in {paths:?}"));
+            assert_eq!(e.reason, "applies to postgres clusters only");
+        }
     }
 
     #[test]

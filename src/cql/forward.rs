@@ -40,7 +40,9 @@ pub(super) struct RequestCtx {
 }
 
 impl RequestCtx {
-    fn error(&self, env: &Envelope, e: ErrorBody) -> Envelope {
+    /// An error for the client, counted in `sluice_errors_total{reason}`.
+    fn error(&self, env: &Envelope, reason: &'static str, e: ErrorBody) -> Envelope {
+        self.cluster.error(reason);
         envelope(self.version, env.header.stream, &Response::Error(e))
     }
 
@@ -64,10 +66,11 @@ impl RequestCtx {
                     last = ErrorBody::new(ec::SERVER_ERROR, format!("sluice: node {addr} is unreachable"));
                     continue;
                 }
-                Err(OpenError::Refused { error, .. }) => return self.error(env, error),
+                Err(OpenError::Refused { error, .. }) => return self.error(env, "backend_refused", error),
                 Err(OpenError::NeedsAuth { authenticator, .. }) => {
                     return self.error(
                         env,
+                        "backend_auth",
                         ErrorBody::new(ec::AUTH_ERROR, format!("the cluster requires {authenticator}")),
                     )
                 }
@@ -95,6 +98,7 @@ impl RequestCtx {
                 Err(RequestError::Timeout) => {
                     return self.error(
                         env,
+                        "timeout",
                         ErrorBody::new(
                             ec::SERVER_ERROR,
                             format!("sluice: no answer from {addr} within {timeout:?}"),
@@ -105,12 +109,12 @@ impl RequestCtx {
                     last = ErrorBody::new(ec::SERVER_ERROR, format!("sluice: {addr}: {e}"));
                     if e == RequestError::Lost && route.lwt {
                         // The node may have applied it: the client must decide.
-                        return self.error(env, last);
+                        return self.error(env, "backend_lost", last);
                     }
                 }
             }
         }
-        self.error(env, last)
+        self.error(env, "no_node", last)
     }
 
     /// After a schema change by this client, waits (briefly) until the snapshot has it, so

@@ -55,12 +55,28 @@ pub struct CqlCluster {
     /// Wakes the control connection when credentials arrive.
     credentials_ready: tokio::sync::Notify,
     pub clients: AtomicUsize,
+    pub(crate) metrics: Arc<Metrics>,
+    /// `sluice_queries_total{route}`: requests sent to a replica of their partition
+    /// (`replica`), and requests without a partition to route by (`any`).
+    routed: [prometheus_client::metrics::counter::Counter; 2],
+    /// `sluice_clients`.
+    client_gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl CqlCluster {
+    /// Counts a request routed by its partition (`true`) or to any node.
+    pub(crate) fn routed(&self, by_partition: bool) {
+        self.routed[usize::from(by_partition)].inc();
+    }
+
+    /// Counts an error sluice answered a client with (`sluice_errors_total{reason}`).
+    pub(crate) fn error(&self, reason: &'static str) {
+        self.metrics.error(&self.config.name, reason);
+    }
+
     /// A cluster that knows its seeds only (the static ones, or those `feed` discovers);
     /// `spawn_background` starts learning the rest.
-    pub fn new(config: ClusterConfig, feed: Option<Feed>) -> Arc<CqlCluster> {
+    pub fn new(config: ClusterConfig, feed: Option<Feed>, metrics: Arc<Metrics>) -> Arc<CqlCluster> {
         let addrs: Vec<String> = match &config.discovery {
             Discovery::Static(a) => a.clone(),
             _ => Vec::new(),
@@ -86,6 +102,21 @@ impl CqlCluster {
             }),
             _ => None,
         };
+        let routed = ["any", "replica"].map(|route| {
+            metrics
+                .queries
+                .get_or_create(&crate::metrics::RouteLabels {
+                    cluster: config.name.clone(),
+                    route,
+                })
+                .clone()
+        });
+        let client_gauge = metrics
+            .clients
+            .get_or_create(&crate::metrics::ClusterLabels {
+                cluster: config.name.clone(),
+            })
+            .clone();
         Arc::new(CqlCluster {
             pools: pool::Pools::new(cql.connections_per_node, config.connect_timeout),
             snapshot: ArcSwap::from_pointee(Snapshot::seeds(&seeds)),
@@ -96,6 +127,9 @@ impl CqlCluster {
             credentials: Mutex::new(credentials),
             credentials_ready: tokio::sync::Notify::new(),
             clients: AtomicUsize::new(0),
+            routed,
+            client_gauge,
+            metrics,
             cql,
             config,
         })
@@ -165,6 +199,16 @@ impl CqlCluster {
             Some(next) => Arc::new(next),
             None => cur.clone(),
         });
+        // `sluice_node_healthy{cluster,node}`, as for PostgreSQL nodes.
+        for n in &self.snapshot().nodes {
+            self.metrics
+                .node_healthy
+                .get_or_create(&crate::metrics::NodeLabels {
+                    cluster: self.config.name.clone(),
+                    node: n.addr.to_string(),
+                })
+                .set(i64::from(n.up));
+        }
     }
 
     /// Marks a node down (an event, or a failed connection attempt) and drops its connections.
@@ -303,30 +347,154 @@ pub fn split(mut config: Config) -> (Config, Vec<ClusterConfig>) {
 /// control connection starts as soon as members arrive).
 const FIRST_MEMBERS_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Binds the listeners of `configs` and starts each cluster. Kubernetes and DNS discovery
-/// start here; their start-up errors (credentials, RBAC) are returned.
-pub async fn start_all(configs: &[ClusterConfig], metrics: &Arc<Metrics>) -> anyhow::Result<Vec<Running>> {
-    let mut out = Vec::new();
-    for c in configs {
-        let listener = crate::server::listen(c.listen)
-            .with_context(|| format!("cluster {:?}: cannot listen on {}", c.name, c.listen))?;
-        let feed = match &c.discovery {
-            Discovery::Static(_) => None,
-            d => {
-                let mut feed = crate::discovery::start(&c.name, d, metrics).await?;
-                if feed.synced(FIRST_MEMBERS_WAIT).await.is_none() {
-                    warn!(cluster = %c.name, source = feed.status.source, "no CQL nodes discovered yet; waiting for them");
-                }
-                Some(feed)
+/// Starts a cluster: discovery (whose start-up errors, credentials or RBAC, are returned),
+/// the control connection and its background tasks. Clients reach it through a [`Listener`].
+async fn start(c: &ClusterConfig, metrics: &Arc<Metrics>) -> anyhow::Result<Running> {
+    let feed = match &c.discovery {
+        Discovery::Static(_) => None,
+        d => {
+            let mut feed = crate::discovery::start(&c.name, d, metrics).await?;
+            if feed.synced(FIRST_MEMBERS_WAIT).await.is_none() {
+                warn!(cluster = %c.name, source = feed.status.source, "no CQL nodes discovered yet; waiting for them");
             }
-        };
-        let cluster = CqlCluster::new(c.clone(), feed);
-        let mut tasks = cluster.spawn_background();
-        tasks.push(tokio::spawn(accept_loop(listener, cluster.clone())));
-        info!(cluster = %c.name, listen = %c.listen, seeds = cluster.current_seeds().await.len(), "listening (CQL)");
-        out.push(Running { cluster, tasks });
+            Some(feed)
+        }
+    };
+    let cluster = CqlCluster::new(c.clone(), feed, metrics.clone());
+    let tasks = cluster.spawn_background();
+    Ok(Running { cluster, tasks })
+}
+
+/// A bound CQL listen address, handing connections to whichever cluster it currently serves
+/// (a reload swaps the cluster; connections already open keep theirs).
+struct Listener {
+    target: Arc<ArcSwap<CqlCluster>>,
+    accept: JoinHandle<()>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.accept.abort();
     }
-    Ok(out)
+}
+
+/// Every CQL cluster of the configuration, their listeners, and replaced clusters whose
+/// clients have not all left (they keep their background tasks until then).
+pub struct CqlClusters {
+    configs: Vec<ClusterConfig>,
+    running: Vec<Running>,
+    listeners: std::collections::HashMap<SocketAddr, Listener>,
+    retiring: Vec<Running>,
+}
+
+/// What a reload will change, prepared before anything changes: the clusters started anew
+/// and the addresses bound for them.
+pub struct Prepared {
+    configs: Vec<ClusterConfig>,
+    started: Vec<Option<Running>>,
+    bound: std::collections::HashMap<SocketAddr, TcpListener>,
+}
+
+impl CqlClusters {
+    /// Binds the listeners of `configs` and starts each cluster.
+    pub async fn start(configs: Vec<ClusterConfig>, metrics: &Arc<Metrics>) -> anyhow::Result<CqlClusters> {
+        let mut set = CqlClusters {
+            configs: Vec::new(),
+            running: Vec::new(),
+            listeners: Default::default(),
+            retiring: Vec::new(),
+        };
+        let prepared = set.prepare(configs, metrics).await?;
+        set.commit(prepared);
+        Ok(set)
+    }
+
+    /// The running clusters (for the admin endpoints).
+    pub fn clusters(&self) -> Vec<Arc<CqlCluster>> {
+        self.running.iter().map(|r| r.cluster.clone()).collect()
+    }
+
+    /// Starts the clusters of `configs` that are new or changed and binds their new listen
+    /// addresses. Nothing running changes; an error leaves everything as it was.
+    pub async fn prepare(
+        &self,
+        configs: Vec<ClusterConfig>,
+        metrics: &Arc<Metrics>,
+    ) -> anyhow::Result<Prepared> {
+        let mut started = Vec::new();
+        let mut bound = std::collections::HashMap::new();
+        for c in &configs {
+            if !self.listeners.contains_key(&c.listen) && !bound.contains_key(&c.listen) {
+                let l = crate::server::listen(c.listen)
+                    .with_context(|| format!("cluster {:?}: cannot listen on {}", c.name, c.listen))?;
+                bound.insert(c.listen, l);
+            }
+            let unchanged = self.configs.iter().any(|old| old == c);
+            started.push(if unchanged {
+                None
+            } else {
+                Some(start(c, metrics).await?)
+            });
+        }
+        Ok(Prepared {
+            configs,
+            started,
+            bound,
+        })
+    }
+
+    /// Switches to what `prepare` made: unchanged clusters stay as they are, listeners point
+    /// at the new clusters, replaced ones retire once their clients have left, and listen
+    /// addresses no longer configured close.
+    pub fn commit(&mut self, p: Prepared) {
+        let Prepared {
+            configs,
+            started,
+            mut bound,
+        } = p;
+        let mut old: Vec<Running> = std::mem::take(&mut self.running);
+        let mut next = Vec::new();
+        for (c, new) in configs.iter().zip(started) {
+            let running = match new {
+                Some(r) => r,
+                None => {
+                    let i = old
+                        .iter()
+                        .position(|r| r.cluster.config == *c)
+                        .expect("unchanged cluster is running");
+                    old.swap_remove(i)
+                }
+            };
+            next.push(running);
+        }
+        self.retiring
+            .retain(|r| r.cluster.clients.load(Ordering::Acquire) > 0);
+        self.retiring.extend(old);
+        let mut listeners = std::collections::HashMap::new();
+        for r in &next {
+            let c = &r.cluster.config;
+            let listener = match self.listeners.remove(&c.listen) {
+                Some(l) => {
+                    l.target.store(r.cluster.clone());
+                    l
+                }
+                None => {
+                    let socket = bound.remove(&c.listen).expect("bound in prepare");
+                    let target = Arc::new(ArcSwap::new(r.cluster.clone()));
+                    Listener {
+                        accept: tokio::spawn(accept_loop(socket, target.clone())),
+                        target,
+                    }
+                }
+            };
+            info!(cluster = %c.name, listen = %c.listen, "listening (CQL)");
+            listeners.insert(c.listen, listener);
+        }
+        // Listeners no longer configured close here.
+        self.listeners = listeners;
+        self.running = next;
+        self.configs = configs;
+    }
 }
 
 /// Maps ring nodes to pods again whenever the discovered members change.
@@ -340,11 +508,11 @@ async fn follow_members(
     }
 }
 
-async fn accept_loop(listener: TcpListener, cluster: Arc<CqlCluster>) {
+async fn accept_loop(listener: TcpListener, target: Arc<ArcSwap<CqlCluster>>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                tokio::spawn(serve_client(cluster.clone(), stream, peer));
+                tokio::spawn(serve_client(target.load_full(), stream, peer));
             }
             Err(e) => {
                 warn!(error = %e, "accept failed");

@@ -44,15 +44,19 @@ struct ClientCount(Arc<CqlCluster>);
 impl Drop for ClientCount {
     fn drop(&mut self) {
         self.0.clients.fetch_sub(1, Ordering::AcqRel);
+        self.0.client_gauge.dec();
     }
 }
 
 /// Serves one client connection until it closes.
 pub async fn serve_client(cluster: Arc<CqlCluster>, stream: TcpStream, peer: SocketAddr) {
     let n = cluster.clients.fetch_add(1, Ordering::AcqRel) + 1;
+    cluster.client_gauge.inc();
     let _count = ClientCount(cluster.clone());
     if n > cluster.config.max_client_connections {
-        warn!(cluster = %cluster.config.name, %peer, "too many CQL clients; closing the connection");
+        warn!(cluster = %cluster.config.name, %peer, "too many CQL clients; refusing the connection");
+        cluster.error("too_many_clients");
+        refuse_overloaded(stream, cluster.config.max_client_connections).await;
         return;
     }
     let _ = stream.set_nodelay(true);
@@ -178,6 +182,26 @@ async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Out>
 }
 
 /// The ERROR a client speaking an unsupported version gets, in a header it can read.
+/// Answers a client over `max_client_connections` in its own protocol, as PostgreSQL clients
+/// get 53300: the first request (OPTIONS or STARTUP) gets an OVERLOADED error on its stream,
+/// then the connection closes. A client that sends nothing within 2 s is just closed.
+async fn refuse_overloaded(mut stream: TcpStream, limit: usize) {
+    let mut head = [0u8; 4];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(2), stream.read_exact(&mut head)).await;
+    if !matches!(read, Ok(Ok(_))) {
+        return;
+    }
+    let msg = format!("sluice: too many client connections (max_client_connections = {limit})");
+    let body = Response::Error(ErrorBody::new(ec::OVERLOADED, msg)).to_body(4);
+    let version = (head[0] & 0x7f).clamp(3, 5);
+    let mut out = BytesMut::new();
+    Header::response(version, i16::from_be_bytes([head[2], head[3]]), Opcode::Error)
+        .encode(body.len(), &mut out);
+    out.put_slice(&body);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), stream.write_all(&out)).await;
+    let _ = stream.shutdown().await;
+}
+
 fn version_error(first: &[u8], max: u8) -> Bytes {
     let v = first[0] & 0x7f;
     let supported = if max >= 5 { "4/v4, 5/v5" } else { "4/v4" };
@@ -432,6 +456,13 @@ impl Client {
                 .iter()
                 .any(|u| u.name == creds.user && u.password == creds.password);
             if !ok {
+                self.cluster
+                    .metrics
+                    .auth_failures
+                    .get_or_create(&crate::metrics::ClusterLabels {
+                        cluster: self.cluster.config.name.clone(),
+                    })
+                    .inc();
                 self.error(h, bad(&creds.user));
                 return;
             }
@@ -522,6 +553,7 @@ impl Client {
             Request::Batch(b) => route::for_batch(&snap, self.keyspace.as_deref(), &self.cluster.prepared, b),
             _ => Route::default(),
         };
+        self.cluster.routed(route.partition.is_some());
         let prepare = match &req {
             Request::Prepare(p) => Some(p.clone()),
             _ => None,

@@ -517,12 +517,6 @@ impl Session {
         if tag == b'X' {
             return Err(End::ClientGone);
         }
-        if matches!(tag, b'Q' | b'E') {
-            self.db
-                .totals
-                .queries
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
         // A message that starts a transaction passes the console's pause gate first.
         let answered_locally = self.attached.is_none()
             && (self.skip_until_sync || matches!(tag, b'S' | b'H' | b'd' | b'c' | b'f'));
@@ -551,9 +545,15 @@ impl Session {
                 self.cluster.pools.drain_database(&database);
             }
         }
-        if self.must_wait_for_replica(&msg, query_class)? {
+        if self.must_wait_for_replica(&msg, query_class)? || self.unnamed_undecided(&msg) {
             self.held = Some(msg);
             return Ok(());
+        }
+        if matches!(tag, b'Q' | b'E') {
+            self.db
+                .totals
+                .queries
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         if self.attached.is_none() {
             if self.skip_until_sync {
@@ -632,6 +632,27 @@ impl Session {
             }
         };
         Ok(self.serializable() || Intent::of(class, self.cluster.config.consistency) == Intent::Primary)
+    }
+
+    /// Whether `msg` uses the unnamed statement while a Parse of it in an earlier batch is still
+    /// unanswered and the backend's unnamed statement was not the client's before it: if the
+    /// server skipped that Parse after an error, the client has no unnamed statement and must
+    /// be told so (26000), not be bound to another client's. It waits for the answer.
+    fn unnamed_undecided(&self, msg: &Message) -> bool {
+        let Some(a) = self.attached.as_ref() else {
+            return false;
+        };
+        let unnamed = match msg.tag() {
+            b'B' => peek::bind(msg.body()).is_ok_and(|b| b.statement.is_empty()),
+            b'D' => peek::target(msg.body()).is_ok_and(|t| t.kind == b'S' && t.name.is_empty()),
+            _ => false,
+        };
+        unnamed
+            && a.fixups.iter().any(|p| {
+                p.batch < a.units_pushed
+                    && matches!(p.backend, statements::BackendChange::Unnamed(false))
+                    && p.client.as_ref().is_some_and(|(n, _)| n.is_empty())
+            })
     }
 
     /// Whether the client's transactions are serializable by default (a hot standby refuses

@@ -81,8 +81,9 @@ pub enum BackendChange {
     Prepared(u64),
     /// This Close dropped the statement from the backend.
     Closed(u64),
-    /// This Close dropped the client's unnamed statement from the backend.
-    UnnamedClosed,
+    /// This message changed what the backend's unnamed statement is (the client's, or none):
+    /// skipped, it is as it was — `true` when it was the client's.
+    Unnamed(bool),
 }
 
 /// What a client's Parse or Close did to its namespace: the statement that name had before
@@ -258,6 +259,7 @@ impl Session {
             // have failed; later, a Close of the unnamed statement just before it tells.
             let replaces = self.statements.contains_key(&name);
             let alone = batch_start && executed.is_none();
+            let was_ready = a.unnamed_ready;
             if replaces && !alone {
                 peek::encode_target(&mut self.to_backend, b'C', b'S', b"");
                 a.push_fixup(true, BackendChange::None, None);
@@ -270,7 +272,7 @@ impl Session {
                 self.to_backend.extend_from_slice(msg.raw());
             }
             let before = self.statements.insert(name.clone(), stmt);
-            a.push_fixup(false, BackendChange::None, Some((name, before)));
+            a.push_fixup(false, BackendChange::Unnamed(was_ready), Some((name, before)));
             a.fixups.back_mut().expect("just pushed").alone = alone;
             return;
         }
@@ -315,7 +317,7 @@ impl Session {
             _ => {
                 self.to_backend.extend_from_slice(msg.raw());
                 if name.is_empty() && std::mem::take(&mut a.unnamed_ready) {
-                    BackendChange::UnnamedClosed
+                    BackendChange::Unnamed(true)
                 } else {
                     BackendChange::None
                 }
@@ -345,7 +347,7 @@ impl Session {
                 BackendChange::Closed(h) => {
                     prepared.insert(h);
                 }
-                BackendChange::UnnamedClosed => a.unnamed_ready = true,
+                BackendChange::Unnamed(was_ready) => a.unnamed_ready = was_ready,
             }
             if let Some((name, before)) = p.client {
                 if p.alone && name.is_empty() {
@@ -374,7 +376,7 @@ impl Session {
                 // client's: drop it, so the server says it does not exist, as it would to
                 // this client directly.
                 peek::encode_target(&mut self.to_backend, b'C', b'S', b"");
-                a.push_fixup(true, BackendChange::None, None);
+                a.push_fixup(true, BackendChange::Unnamed(false), None);
                 a.unnamed_ready = true;
             }
             return None;
@@ -384,7 +386,7 @@ impl Session {
                 self.prepare_executed(&stmt.query);
                 let a = self.attached.as_mut().expect("attached");
                 peek::encode_parse(&mut self.to_backend, b"", &stmt.query, &stmt.rest);
-                a.push_fixup(true, BackendChange::None, None);
+                a.push_fixup(true, BackendChange::Unnamed(false), None);
                 a.unnamed_ready = true;
             }
             return None;

@@ -135,3 +135,33 @@ async fn bad_input_gets_protocol_errors_and_spares_other_clients() {
     .await;
     env.sluice.assert_no_unexpected_errors(&[]);
 }
+
+/// A client over `max_client_connections` gets OVERLOADED on its first request, in the CQL
+/// protocol (drivers then try another contact point), not a silently closed socket; the
+/// clients already connected carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_the_connection_limit_is_told_overloaded() {
+    let env = Env::start(3, "max_client_connections = 1", "");
+    bounded(60, async {
+        let mut first = Client::connect(env.addr(), 4, Compression::None).await;
+        for version in [4u8, 5] {
+            let mut extra = Client::raw(env.addr()).await;
+            extra
+                .send_bytes(&frame(version, 7, Opcode::Options as u8, b""))
+                .await;
+            let env_ = extra.recv_envelope().await.expect("an ERROR before the close");
+            assert_eq!(env_.header.stream, 7);
+            let r = crate::client::decode(&env_).expect("decodes");
+            let e = error_of(&r);
+            assert_eq!(e.code, error_code::OVERLOADED, "{e:?}");
+            assert!(e.message.contains("max_client_connections = 1"), "{}", e.message);
+            assert!(extra.recv_envelope().await.is_none(), "closed after the error");
+        }
+        first.ok("SELECT release_version FROM system.local").await;
+        let refused = env
+            .sluice
+            .metric("sluice_errors_total{cluster=\"ring\",reason=\"too_many_clients\"}");
+        assert_eq!(refused, Some(2.0));
+    })
+    .await;
+}

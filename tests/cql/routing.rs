@@ -129,6 +129,16 @@ async fn check(version: u8, compression: Compression) {
             );
         }
         assert!(records.iter().all(|r| r.error.is_none()), "{records:#?}");
+        // The same traffic in /metrics: routed by partition, and the connected client.
+        let sluice = &env.sluice;
+        let replica = sluice.metric("sluice_queries_total{cluster=\"ring\",route=\"replica\"}");
+        assert!(replica.is_some_and(|n| n >= (20 * 10) as f64), "{replica:?}");
+        assert_eq!(sluice.metric("sluice_clients{cluster=\"ring\"}"), Some(1.0));
+        let healthy = sluice.metric(&format!(
+            "sluice_node_healthy{{cluster=\"ring\",node=\"{}\"}}",
+            env.cluster.address(records[0].node)
+        ));
+        assert_eq!(healthy, Some(1.0));
     })
     .await;
     env.sluice.assert_no_unexpected_errors(&[]);

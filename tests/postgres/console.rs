@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, SimpleQueryMessage};
 
+use crate::pgbench::pgbench;
+
 use crate::support::{self, bounded, pg_bin, simple_column, try_connect, PgCluster, Sluice};
 use crate::{wait_all_probed, Env};
 
@@ -535,17 +537,97 @@ async fn pgbench_across_pause_and_resume_has_no_errors() {
     env.sluice.assert_no_unexpected_errors(&[]);
 }
 
-/// Runs pgbench as `app` against 127.0.0.1:`port` on the blocking pool.
-async fn pgbench(port: u16, args: &[&str]) -> std::process::Output {
-    let mut cmd = Command::new(pg_bin("pgbench"));
-    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app"])
-        .args(args)
-        .arg("app")
-        .env("PGPASSWORD", "app-secret")
-        .env("PGCONNECT_TIMEOUT", "5");
-    tokio::task::spawn_blocking(move || cmd.output().expect("run pgbench"))
-        .await
-        .unwrap()
+/// A planned switchover behind PAUSE: pgbench TPC-B at 16 clients, without retries, runs
+/// while the console pauses the database (transactions in flight finish), the old primary is
+/// stopped cleanly, the replica promoted, sluice sees the new primary, the console resumes,
+/// and the old primary comes back as a replica of the new one. No transaction fails; the
+/// pause the clients saw is printed (and quoted in the README).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_behind_pause_fails_no_transaction() {
+    let env = start(1, "failover_wait = \"30s\"", "pause_timeout = \"60s\"");
+    let port = env.sluice.listen_addr().port();
+    let (old, new) = (env.cluster.primary_port(), env.cluster.replica_ports()[0]);
+    bounded(240, async {
+        let init = pgbench(old, &["-i", "-s", "2"]).await;
+        assert!(
+            init.status.success(),
+            "pgbench -i: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        env.cluster.wait_replicated().await;
+        let admin = console(&env, "boss").await;
+        let run = tokio::spawn(pgbench(port, &["-c", "16", "-j", "2", "-T", "14"]));
+        // Let the load settle.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(!run.is_finished(), "pgbench ended early");
+        let paused = Instant::now();
+        show(&admin, "PAUSE app").await;
+        let drained = paused.elapsed();
+        let stop = Instant::now();
+        let cluster = &env.cluster;
+        tokio::task::block_in_place(|| {
+            cluster.stop_node(old);
+            cluster.promote(0);
+        });
+        let switched = stop.elapsed();
+        // Resume once sluice routes writes to the promoted node.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let promoted = format!("127.0.0.1:{new}");
+        loop {
+            let nodes = show(&admin, "SHOW NODES").await;
+            if cell(&nodes, "address", &promoted, "role").as_deref() == Some("primary") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sluice never saw the promoted node as primary: {nodes:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        show(&admin, "RESUME app").await;
+        let held = paused.elapsed();
+        tokio::task::block_in_place(|| cluster.follow(old, new));
+        let out = run.await.unwrap();
+        let report = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{report}");
+        assert!(report.contains("number of failed transactions: 0"), "{report}");
+        // The old primary serves reads again, as a replica.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let old_addr = format!("127.0.0.1:{old}");
+        loop {
+            let nodes = show(&admin, "SHOW NODES").await;
+            let role = cell(&nodes, "address", &old_addr, "role");
+            let healthy = cell(&nodes, "address", &old_addr, "healthy");
+            if role.as_deref() == Some("replica") && healthy.as_deref() == Some("yes") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the old primary did not come back as a replica: {nodes:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let tps = report
+            .lines()
+            .find(|l| l.starts_with("tps"))
+            .unwrap_or("")
+            .to_string();
+        eprintln!(
+            "[switchover] 16 clients TPC-B: PAUSE drained in {drained:?}, stop + promote took {switched:?}, \
+             clients held {held:?} in all; 0 failed transactions; {tps}"
+        );
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[
+        "lost the connection",
+        "marking the node down",
+        "terminating connection",
+        "probe",
+    ]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,7 @@ use crate::support::{bounded, pg_bin};
 use crate::Env;
 
 /// Runs pgbench as `app` against 127.0.0.1:`port` on the blocking pool.
-async fn pgbench(port: u16, args: &[&str]) -> Output {
+pub async fn pgbench(port: u16, args: &[&str]) -> Output {
     let mut cmd = Command::new(pg_bin("pgbench"));
     cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app"])
         .args(args)

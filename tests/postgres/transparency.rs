@@ -463,6 +463,48 @@ async fn session_mode_clients_know_their_server_process() {
     .await;
 }
 
+/// Another client's unnamed statement left on the shared backend stays invisible even when
+/// this client's own Parse of the unnamed statement was skipped after an error (differential
+/// seed 277): the Bind that follows fails with 26000 as directly, not with the other
+/// statement's parameter count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skipped_unnamed_parse_never_exposes_another_clients_statement() {
+    let env = Env::start(0, "pool_size = 1");
+    let addr = env.sluice.listen_addr();
+    bounded(60, async {
+        let (mut a, _) = raw_login_with(addr, "app", "app-secret", "app", &[]).await;
+        let mut out = BytesMut::new();
+        frontend::parse("", "SELECT 1", None, &mut out).unwrap();
+        frontend::sync(&mut out);
+        a.write_all(&out).await.unwrap();
+        assert_eq!(tags(&read_until_ready(&mut a, 1).await), "1Z");
+        let (mut b, _) = raw_login_with(addr, "app", "app-secret", "app", &[]).await;
+        out.clear();
+        bind_no_params("never", &mut out);
+        frontend::parse("", "SELECT $1::int", None, &mut out).unwrap();
+        frontend::sync(&mut out);
+        // One parameter, bound to the unnamed statement the client does not have.
+        let body = [&b"\0\0\0\0\0\x01\0\0\0\x011\0\0"[..]].concat();
+        out.extend_from_slice(b"B");
+        out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        out.extend_from_slice(&body);
+        frontend::execute("", 0, &mut out).unwrap();
+        frontend::sync(&mut out);
+        b.write_all(&out).await.unwrap();
+        let r = read_until_ready(&mut b, 2).await;
+        assert_eq!(tags(&r), "EZEZ", "{r:?}");
+        assert_eq!(sqlstate(&r[0].1), "26000");
+        assert_eq!(
+            sqlstate(&r[2].1),
+            "26000",
+            "{:?}",
+            String::from_utf8_lossy(&r[2].1)
+        );
+        drop(a);
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_reaches_a_query_waiting_for_a_backend() {
     let env = Env::start(0, "pool_size = 1\ncheckout_timeout = \"30s\"");

@@ -517,6 +517,26 @@ impl PgCluster {
         }
     }
 
+    /// Starts a node that was stopped cleanly as a streaming replica of the node on
+    /// `primary` (the old primary after a switchover follows the promoted one on its new
+    /// timeline; a clean shutdown leaves nothing to rewind).
+    pub fn follow(&self, port: u16, primary: u16) {
+        let node = self.node(port);
+        let conf = node.data.join("postgresql.auto.conf");
+        let mut text = fs::read_to_string(&conf).unwrap_or_default();
+        text.push_str(&format!(
+            "primary_conninfo = 'host=127.0.0.1 port={primary} user=postgres'\n"
+        ));
+        fs::write(&conf, text).expect("write postgresql.auto.conf");
+        fs::write(node.data.join("standby.signal"), "").expect("write standby.signal");
+        if let Some((uid, gid)) = server_user() {
+            for f in [conf, node.data.join("standby.signal")] {
+                std::os::unix::fs::chown(&f, Some(uid), Some(gid)).expect("chown");
+            }
+        }
+        self.start_stopped(port);
+    }
+
     /// Restarts a node (`pg_ctl restart -m fast`): every connection to it is closed.
     pub fn restart_node(&self, port: u16) {
         let node = self.node(port);
