@@ -1,4 +1,5 @@
-//! The admin HTTP listener: `/metrics`, `/healthz`, `/readyz` and `/topology`.
+//! The admin HTTP listener: the status page `/`, `/metrics`, `/healthz`, `/readyz` and
+//! `/topology`.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -97,6 +98,15 @@ fn handle(state: &AdminState, req: &Request<Incoming>, _peer: SocketAddr) -> Res
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n");
     }
     match req.uri().path() {
+        "/" => {
+            let page = crate::status::render(&crate::status::overview(state));
+            let mut r = Response::new(Full::new(Bytes::from(page)));
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            r
+        }
         "/metrics" => {
             let mut r = text(StatusCode::OK, &state.metrics.encode());
             r.headers_mut().insert(
@@ -125,7 +135,7 @@ fn handle(state: &AdminState, req: &Request<Incoming>, _peer: SocketAddr) -> Res
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /metrics, /healthz, /readyz or /topology\n",
+            "not found: try /, /metrics, /healthz, /readyz or /topology\n",
         ),
     }
 }
@@ -210,7 +220,8 @@ pub fn topology_json(state: &AdminState) -> serde_json::Value {
                         "role": role,
                         "healthy": n.healthy,
                         "timeline": n.timeline,
-                        "lsn": n.lsn.map(|l| format!("{:X}/{:X}", l >> 32, l & 0xffff_ffff)),
+                        "lsn": n.lsn.map(crate::status::lsn_text),
+                        "replay_lag_seconds": n.replay_lag_ms.map(|ms| ms as f64 / 1000.0),
                         "error": n.last_error,
                         "idle_connections": idle.get(&n.address).copied().unwrap_or(0),
                         "in_flight": n.load.load(Ordering::Relaxed),

@@ -294,6 +294,7 @@ impl Cluster {
             metrics,
             config,
         });
+        cluster.metrics.init_cluster(&cluster.config.name);
         cluster.set_members(&members);
         cluster
     }
@@ -611,8 +612,10 @@ impl Cluster {
             .role_disagreement
             .get_or_create(&labels)
             .set(i64::from(disagrees));
+        // Created at 0 with the node, so that the series exists before the first disagreement.
+        let started = self.metrics.role_disagreements.get_or_create_owned(&labels);
         if disagrees && was == 0 {
-            self.metrics.role_disagreements.get_or_create(&labels).inc();
+            started.inc();
             warn!(node = %node.address, id = %node.id, labeled = ?node.labeled_role, probed = ?node.role, "the node's role label disagrees with the node; following the node");
         }
         if change.lost_primary
@@ -658,7 +661,12 @@ impl Cluster {
             };
             let result = tokio::time::timeout(self.config.probe_timeout, probe_once(&mut conn, opts)).await;
             let obs = match result {
-                Ok(Ok((role, lsn, timeline))) => Observation::Up { role, lsn, timeline },
+                Ok(Ok((role, lsn, timeline, replay_lag_ms))) => Observation::Up {
+                    role,
+                    lsn,
+                    timeline,
+                    replay_lag_ms,
+                },
                 Ok(Err(e)) => {
                     conn = None;
                     Observation::Down { error: e.to_string() }
@@ -799,7 +807,7 @@ impl Drop for ProbeTasks {
 async fn probe_once(
     conn: &mut Option<Backend>,
     opts: ConnectOptions<'_>,
-) -> Result<(Role, Option<u64>, Option<u32>), BackendError> {
+) -> Result<(Role, Option<u64>, Option<u32>, Option<u64>), BackendError> {
     if conn.is_none() {
         *conn = Some(Backend::connect(opts).await?);
     }
@@ -808,7 +816,10 @@ async fn probe_once(
         .simple_query(
             "SELECT pg_is_in_recovery(), \
              CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, \
-             CASE WHEN pg_is_in_recovery() THEN NULL ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END",
+             CASE WHEN pg_is_in_recovery() THEN NULL ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END, \
+             CASE WHEN NOT pg_is_in_recovery() THEN NULL \
+                  WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
+                  ELSE (1000 * extract(epoch FROM now() - pg_last_xact_replay_timestamp()))::int8 END",
         )
         .await?;
     let row = rows.first().ok_or_else(|| BackendError::Protocol {
@@ -826,7 +837,14 @@ async fn probe_once(
         .get(2)
         .and_then(|v| v.as_deref())
         .and_then(|t| u32::from_str_radix(t, 16).ok());
-    Ok((role, lsn, timeline))
+    // 0 when the replica has replayed everything it received (an idle primary writes
+    // nothing, and the age of the last replayed transaction would grow for no reason).
+    let replay_lag_ms = row
+        .get(3)
+        .and_then(|v| v.as_deref())
+        .and_then(|ms| ms.parse::<i64>().ok())
+        .map(|ms| ms.max(0) as u64);
+    Ok((role, lsn, timeline, replay_lag_ms))
 }
 
 /// Parses PostgreSQL's `XXXXXXXX/YYYYYYYY` LSN text.

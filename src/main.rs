@@ -16,6 +16,7 @@ mod pool;
 mod router;
 mod server;
 mod session;
+mod status;
 mod tls;
 mod topology;
 

@@ -207,7 +207,20 @@ impl Metrics {
             "Configuration reloads by result",
             m.config_reloads.clone(),
         );
+        for result in ["ok", "error"] {
+            m.config_reloads.get_or_create_owned(&ReloadLabels { result });
+        }
         Metrics { registry, ..m }
+    }
+
+    /// Creates the series of `cluster` whose labels are all known in advance at 0, so that
+    /// they are in `/metrics` (and dashboards can `rate()` them) before the first event.
+    pub fn init_cluster(&self, cluster: &str) {
+        let labels = ClusterLabels {
+            cluster: cluster.to_string(),
+        };
+        self.auth_failures.get_or_create_owned(&labels);
+        self.settings_replays.get_or_create_owned(&labels);
     }
 
     /// The Prometheus text exposition.

@@ -65,6 +65,9 @@ pub struct Node {
     pub healthy: bool,
     /// WAL position: the current LSN on a primary, the replayed LSN on a replica.
     pub lsn: Option<u64>,
+    /// On a replica, how far its replay is behind in time, in milliseconds: 0 when it has
+    /// replayed all it received, else the age of the last transaction it replayed.
+    pub replay_lag_ms: Option<u64>,
     /// The primary's WAL timeline: every promotion starts a new, higher one, so of two nodes
     /// that both say they are primary, the one on the higher timeline is the real one (an old
     /// primary restarted after a failover is still on the old timeline).
@@ -89,6 +92,7 @@ impl Node {
             role: Role::Unknown,
             healthy: false,
             lsn: None,
+            replay_lag_ms: None,
             timeline: None,
             primary_epoch: 0,
             last_error: None,
@@ -135,6 +139,8 @@ pub enum Observation {
         lsn: Option<u64>,
         /// A primary's WAL timeline.
         timeline: Option<u32>,
+        /// A replica's replay delay in milliseconds.
+        replay_lag_ms: Option<u64>,
     },
     Down {
         error: String,
@@ -242,10 +248,16 @@ fn apply(cur: &Snapshot, id: &str, obs: &Observation) -> (Arc<Snapshot>, Change)
     let node = &mut next.nodes[index];
     let before = node.clone();
     match obs {
-        Observation::Up { role, lsn, timeline } => {
+        Observation::Up {
+            role,
+            lsn,
+            timeline,
+            replay_lag_ms,
+        } => {
             node.role = *role;
             node.healthy = true;
             node.lsn = *lsn;
+            node.replay_lag_ms = *replay_lag_ms;
             node.timeline = *timeline;
             node.last_error = None;
         }
@@ -326,6 +338,7 @@ mod tests {
             role,
             lsn: Some(1),
             timeline: Some(1),
+            replay_lag_ms: None,
         }
     }
 
@@ -351,6 +364,7 @@ mod tests {
             role: Role::Primary,
             lsn: Some(1),
             timeline: Some(tl),
+            replay_lag_ms: None,
         };
         t.observe("a:1", &primary_on(1));
         t.observe("b:2", &up(Role::Replica));
@@ -379,6 +393,7 @@ mod tests {
                 role: Role::Primary,
                 lsn: Some(99),
                 timeline: Some(1),
+                replay_lag_ms: None,
             },
         );
         assert_eq!(t.load().generation, g);

@@ -2,7 +2,6 @@
 //! PgBouncer has the column, plus a `cluster` column (one sluice serves several clusters) and
 //! sluice's own `SHOW NODES` and `SHOW RING`.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -10,7 +9,7 @@ use sluice_postgres::server::ColumnType::{self, Int8, Text};
 
 use super::Console;
 use crate::activity::now_micros;
-use crate::config::PoolMode;
+use crate::status::{self, pool_mode};
 
 /// A result set: column names and types, and rows of text values (`None` is NULL).
 pub struct Table {
@@ -47,13 +46,6 @@ fn timestamp(micros: u64) -> Option<String> {
     Some(text.replacen('T', " ", 1).replace('Z', " UTC"))
 }
 
-fn pool_mode(mode: PoolMode) -> &'static str {
-    match mode {
-        PoolMode::Transaction => "transaction",
-        PoolMode::Session => "session",
-    }
-}
-
 /// Host and port of `address` ("host:port").
 fn host_port(address: &str) -> (Option<String>, Option<String>) {
     match address.rsplit_once(':') {
@@ -84,51 +76,24 @@ pub fn pools(console: &Console) -> Table {
         ("load_balance_hosts", Text),
         ("cluster", Text),
     ]);
-    let now = now_micros();
     for c in console.view.clusters.load().iter() {
-        #[derive(Default)]
-        struct Row {
-            active: u64,
-            waiting: u64,
-            oldest_wait: u64,
-            sv_active: usize,
-            sv_idle: usize,
-            sv_login: usize,
-        }
-        let mut rows: BTreeMap<(String, String), Row> = BTreeMap::new();
-        for cl in c.activity.clients() {
-            let r = rows.entry((cl.database.clone(), cl.user.clone())).or_default();
-            let since = cl.wait_since.load(Ordering::Relaxed);
-            if since == 0 {
-                r.active += 1;
-            } else {
-                r.waiting += 1;
-                r.oldest_wait = r.oldest_wait.max(now.saturating_sub(since));
-            }
-        }
-        for p in c.pools.stats() {
-            let r = rows.entry((p.database, p.user)).or_default();
-            r.sv_active += p.active;
-            r.sv_idle += p.idle;
-            r.sv_login += p.connecting;
-        }
-        for ((database, user), r) in rows {
+        for r in status::pg_pools(c) {
             t.push(vec![
-                s(database),
-                s(user),
-                s(r.active),
-                s(r.waiting),
+                s(r.database),
+                s(r.user),
+                s(r.clients_active),
+                s(r.clients_waiting),
                 s(0),
                 s(0),
-                s(r.sv_active),
+                s(r.servers_active),
                 s(0),
                 s(0),
-                s(r.sv_idle),
+                s(r.servers_idle),
                 s(0),
                 s(0),
-                s(r.sv_login),
-                s(r.oldest_wait / 1_000_000),
-                s(r.oldest_wait % 1_000_000),
+                s(r.servers_login),
+                s(r.max_wait_us / 1_000_000),
+                s(r.max_wait_us % 1_000_000),
                 s(pool_mode(c.config.pool_mode)),
                 None,
                 s(&c.config.name),
@@ -536,50 +501,27 @@ pub fn nodes(console: &Console) -> Table {
         ("idle_connections", Int8),
         ("error", Text),
     ]);
-    let yes_no = |b: bool| s(if b { "yes" } else { "no" });
-    for c in console.view.clusters.load().iter() {
-        let snap = c.topology.load();
-        let idle = c.pools.idle_counts();
-        let primary_lsn = snap.primary().and_then(|i| snap.nodes[i].lsn);
-        for (i, n) in snap.nodes.iter().enumerate() {
-            let role = crate::admin::role_label(&snap, i);
-            let lag = match (role, primary_lsn, n.lsn) {
-                ("replica", Some(p), Some(r)) => s(p.saturating_sub(r)),
-                ("primary", Some(_), _) => s(0),
-                _ => None,
-            };
+    let clusters = console.view.clusters.load();
+    let cql = console.view.cql.load();
+    let all = clusters
+        .iter()
+        .map(|c| (&c.config.name, status::pg_nodes(c)))
+        .chain(cql.iter().map(|c| (&c.config.name, status::cql_nodes(c))));
+    for (cluster, nodes) in all {
+        for n in nodes {
             t.push(vec![
-                s(&c.config.name),
-                s(&n.id),
-                s(&n.address),
-                s(role),
-                yes_no(n.healthy),
-                lag,
-                n.lsn.map(|l| format!("{:X}/{:X}", l >> 32, l & 0xffff_ffff)),
+                s(cluster),
+                s(n.id),
+                s(n.address),
+                s(n.role),
+                s(if n.healthy { "yes" } else { "no" }),
+                n.lag_bytes.map(|l| l.to_string()),
+                n.lsn,
                 n.timeline.map(|x| x.to_string()),
-                n.zone.clone(),
-                s(n.load.load(Ordering::Relaxed)),
-                s(idle.get(&n.address).copied().unwrap_or(0)),
-                n.last_error.clone(),
-            ]);
-        }
-    }
-    for c in console.view.cql.load().iter() {
-        let snap = c.snapshot();
-        for n in &snap.nodes {
-            t.push(vec![
-                s(&c.config.name),
-                s(n.pod.clone().unwrap_or_else(|| n.addr.to_string())),
-                s(n.addr),
-                s("ring-member"),
-                yes_no(n.up),
-                None,
-                None,
-                None,
-                n.zone.clone(),
-                s(c.pools.inflight(n.addr)),
-                s(c.pools.open_connections(n.addr)),
-                n.last_error.clone(),
+                n.zone,
+                s(n.in_flight),
+                s(n.connections),
+                n.error,
             ]);
         }
     }
@@ -599,72 +541,24 @@ pub fn ring(console: &Console) -> Table {
         ("ownership", Text),
     ]);
     for c in console.view.cql.load().iter() {
-        let snap = c.snapshot();
-        let owned = ownership(snap.nodes.iter().map(|n| n.tokens.as_slice()));
-        for (n, share) in snap.nodes.iter().zip(owned) {
+        for r in status::cql_ring(c) {
             t.push(vec![
                 s(&c.config.name),
-                s(n.addr),
-                s(&n.datacenter),
-                s(&n.rack),
-                s(if n.up { "yes" } else { "no" }),
-                s(n.tokens.len()),
-                s(format!("{:.2}%", share * 100.0)),
+                s(r.address),
+                s(r.datacenter),
+                s(r.rack),
+                s(if r.up { "yes" } else { "no" }),
+                s(r.tokens),
+                s(format!("{:.2}%", r.ownership * 100.0)),
             ]);
         }
     }
     t
 }
 
-/// The share of the whole Murmur3 token range each node owns, given each node's tokens.
-fn ownership<'a>(nodes: impl Iterator<Item = &'a [i64]>) -> Vec<f64> {
-    let per_node: Vec<&[i64]> = nodes.collect();
-    let mut all: Vec<(i64, usize)> = per_node
-        .iter()
-        .enumerate()
-        .flat_map(|(i, ts)| ts.iter().map(move |t| (*t, i)))
-        .collect();
-    all.sort_unstable();
-    let mut share = vec![0.0; per_node.len()];
-    if all.is_empty() {
-        return share;
-    }
-    let whole = 2f64.powi(64);
-    for (k, (token, node)) in all.iter().enumerate() {
-        let prev = if k == 0 {
-            all[all.len() - 1].0
-        } else {
-            all[k - 1].0
-        };
-        // Wrapping: the first token owns the range from the last token around the ring.
-        let width = token.wrapping_sub(prev) as u64;
-        let width = if width == 0 && all.len() == 1 {
-            whole
-        } else {
-            width as f64
-        };
-        share[*node] += width / whole;
-    }
-    share
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ownership_splits_the_ring() {
-        let a = [0i64];
-        let b = [i64::MIN];
-        let shares = ownership([&a[..], &b[..]].into_iter());
-        assert!(
-            (shares[0] - 0.5).abs() < 1e-9 && (shares[1] - 0.5).abs() < 1e-9,
-            "{shares:?}"
-        );
-        let one = ownership([&a[..]].into_iter());
-        assert!((one[0] - 1.0).abs() < 1e-9);
-        assert_eq!(ownership([&[][..]].into_iter()), vec![0.0]);
-    }
 
     #[test]
     fn timestamps_look_like_pgbouncers() {

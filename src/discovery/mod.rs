@@ -102,6 +102,8 @@ impl Status {
 
     fn gauge(&self, up: i64) {
         self.metrics.discovery_up.get_or_create(&self.labels()).set(up);
+        // Exported at 0 from the start, so that the error rate is known before the first one.
+        self.metrics.discovery_errors.get_or_create_owned(&self.labels());
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

@@ -81,6 +81,18 @@ async fn show_ring_lists_each_node_with_its_token_ownership() {
         let pg: Vec<_> = nodes.iter().filter(|r| r[0] == "pg").collect();
         assert_eq!(pg.len(), 1, "{nodes:?}");
         assert_eq!(pg[0][4], "no", "the dead PostgreSQL node: {nodes:?}");
+
+        // The status page draws the same ownership as bars, one per ring node.
+        let (status, page) = sluice.http_get("/");
+        assert_eq!(status, 200);
+        let bar =
+            regex::Regex::new(r#"<tr class="ring-node" data-address="[^"]+">.*style="width:([0-9.]+)%""#)
+                .unwrap();
+        let widths: Vec<f64> = bar.captures_iter(&page).map(|c| c[1].parse().unwrap()).collect();
+        assert_eq!(widths.len(), 3, "{page}");
+        let drawn: f64 = widths.iter().sum();
+        assert!((drawn - 100.0).abs() < 0.1, "bars add up to {drawn}%: {page}");
+        assert!(page.contains(r#"data-cluster="ring""#) && page.contains(r#"data-cluster="pg""#));
     })
     .await;
     sluice.assert_no_unexpected_errors(&[]);

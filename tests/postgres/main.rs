@@ -21,6 +21,7 @@ mod psql;
 mod raw;
 mod routing;
 mod session_state;
+mod status_page;
 mod tls;
 mod transparency;
 
