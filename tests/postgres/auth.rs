@@ -80,15 +80,7 @@ async fn md5_and_trust_backends_work() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stored_scram_verifier_logs_in_by_pass_through() {
     let cluster = crate::support::PgCluster::start(1);
-    let verifier = cluster
-        .psql(
-            cluster.primary_port(),
-            "postgres",
-            "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'",
-        )
-        .trim()
-        .to_string();
-    assert!(verifier.starts_with("SCRAM-SHA-256$"), "{verifier}");
+    let verifier = cluster.verifier("app");
     // The probes log in as postgres (trusted): a verifier-only user has no key until a client
     // of it logs in.
     let (toml, _, _) = crate::support::sluice_config(&cluster, "probe_user = \"postgres\"\npool_size = 2");
@@ -131,23 +123,7 @@ async fn a_stored_scram_verifier_logs_in_by_pass_through() {
     .await;
     // psql (libpq) logs in the same way.
     let port = env.sluice.listen_addr().port();
-    let out = std::process::Command::new(crate::support::pg_bin("psql"))
-        .args([
-            "-X",
-            "-At",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "app",
-            "-d",
-            "app",
-        ])
-        .args(["-c", "SELECT current_user"])
-        .env("PGPASSWORD", "app-secret")
-        .output()
-        .expect("psql");
+    let out = crate::support::psql_as(port, "app", "app-secret", "app", "SELECT current_user");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "app\n",
@@ -168,14 +144,7 @@ async fn a_stored_scram_verifier_logs_in_by_pass_through() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probes_of_a_verifier_only_user_start_with_the_first_client_login() {
     let cluster = crate::support::PgCluster::start(0);
-    let verifier = cluster
-        .psql(
-            cluster.primary_port(),
-            "postgres",
-            "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'",
-        )
-        .trim()
-        .to_string();
+    let verifier = cluster.verifier("app");
     let (toml, _, _) = crate::support::sluice_config(&cluster, "probe_interval = \"200ms\"");
     let toml = toml.replace("password = \"app-secret\"", &format!("password = \"{verifier}\""));
     let sluice = crate::support::Sluice::spawn_with_env(&toml, &[]);

@@ -4,7 +4,7 @@
 
 use tokio_postgres::error::SqlState;
 
-use crate::support::{self, bounded, pg_bin, simple_column, try_connect, PgCluster, Sluice};
+use crate::support::{self, bounded, simple_column, try_connect, PgCluster, Sluice};
 use crate::{wait_all_probed, Env};
 
 /// A cluster with roles `dyn1`, `dyn2` (SCRAM) and `oldmd5` (md5) made in PostgreSQL only,
@@ -110,23 +110,7 @@ async fn roles_not_in_the_config_log_in_with_their_database_password() {
     })
     .await;
     // psql (libpq) as a role sluice never had in its configuration.
-    let out = std::process::Command::new(pg_bin("psql"))
-        .args([
-            "-X",
-            "-At",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &addr.port().to_string(),
-            "-U",
-            "dyn2",
-            "-d",
-            "app",
-        ])
-        .args(["-c", "SELECT session_user"])
-        .env("PGPASSWORD", "dyn2-secret")
-        .output()
-        .expect("psql");
+    let out = support::psql_as(addr.port(), "dyn2", "dyn2-secret", "app", "SELECT session_user");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "dyn2\n",

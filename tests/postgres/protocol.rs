@@ -220,10 +220,7 @@ async fn copy_data_sent_before_the_servers_response() {
         );
         bounded(60, async {
             let mut s = raw_login(env.sluice.listen_addr()).await;
-            let mut out = BytesMut::new();
-            frontend::query("CREATE TABLE IF NOT EXISTS cp_early (a int)", &mut out).unwrap();
-            s.write_all(&out).await.unwrap();
-            read_until_ready(&mut s, 1).await;
+            crate::raw::query(&mut s, "CREATE TABLE IF NOT EXISTS cp_early (a int)").await;
             let copy = |table: &str| {
                 let mut out = BytesMut::new();
                 frontend::query(&format!("COPY {table} FROM STDIN"), &mut out).unwrap();
@@ -246,18 +243,11 @@ async fn copy_data_sent_before_the_servers_response() {
                 let r = read_until_ready(&mut s, 1).await;
                 assert_eq!(tags(&r), "12DCZ", "{mode}: {r:?}");
             }
-            let r = read_until_ready_after(&mut s, "DROP TABLE cp_early").await;
+            let r = crate::raw::query(&mut s, "DROP TABLE cp_early").await;
             assert_eq!(tags(&r), "CZ", "{mode}: {r:?}");
         })
         .await;
     }
-}
-
-async fn read_until_ready_after(s: &mut TcpStream, sql: &str) -> Vec<crate::raw::Reply> {
-    let mut out = BytesMut::new();
-    frontend::query(sql, &mut out).unwrap();
-    s.write_all(&out).await.unwrap();
-    read_until_ready(s, 1).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -97,6 +97,14 @@ pub async fn read_until_ready(stream: &mut TcpStream, n: usize) -> Vec<Reply> {
     out
 }
 
+/// Sends one simple Query and returns every reply up to its ReadyForQuery.
+pub async fn query(stream: &mut TcpStream, sql: &str) -> Vec<Reply> {
+    let mut out = BytesMut::new();
+    frontend::query(sql, &mut out).unwrap();
+    stream.write_all(&out).await.unwrap();
+    read_until_ready(stream, 1).await
+}
+
 /// The SQLSTATE of an ErrorResponse body.
 pub fn sqlstate(body: &[u8]) -> String {
     let mut rest = body;

@@ -12,7 +12,7 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::raw::{read_until_ready, sqlstate, tags, Reply};
+use crate::raw::{query, read_until_ready, sqlstate, tags, Reply};
 use crate::support::{bounded, exec, simple_column, simple_rows};
 use crate::Env;
 
@@ -96,13 +96,6 @@ fn bind_no_params(statement: &str, out: &mut BytesMut) {
     out.extend_from_slice(b"B");
     out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
     out.extend_from_slice(&body);
-}
-
-async fn query(stream: &mut TcpStream, sql: &str) -> Vec<Reply> {
-    let mut out = BytesMut::new();
-    frontend::query(sql, &mut out).unwrap();
-    stream.write_all(&out).await.unwrap();
-    read_until_ready(stream, 1).await
 }
 
 /// The text of the first column of each DataRow.

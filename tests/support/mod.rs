@@ -63,6 +63,27 @@ pub async fn try_connect_with_handle(
     Ok((client, handle))
 }
 
+/// Runs `sql` with psql (libpq) as `user` against 127.0.0.1:`port`, unaligned and tuples only.
+pub fn psql_as(port: u16, user: &str, password: &str, db: &str, sql: &str) -> std::process::Output {
+    std::process::Command::new(pg_bin("psql"))
+        .args([
+            "-X",
+            "-At",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            user,
+            "-d",
+            db,
+        ])
+        .args(["-c", sql])
+        .env("PGPASSWORD", password)
+        .output()
+        .expect("psql")
+}
+
 /// Connects or panics with the error (including its SQLSTATE, if any).
 pub async fn connect(addr: SocketAddr, user: &str, password: &str, db: &str) -> Client {
     match try_connect(addr, user, password, db).await {

@@ -374,6 +374,20 @@ impl PgCluster {
         run(Command::new("kill").args(["-9", &pid]), "kill -9 postmaster");
     }
 
+    /// The SCRAM verifier of `role` as `pg_authid` holds it (read on the primary).
+    pub fn verifier(&self, role: &str) -> String {
+        let verifier = self
+            .psql(
+                self.primary_port(),
+                "postgres",
+                &format!("SELECT rolpassword FROM pg_authid WHERE rolname = '{role}'"),
+            )
+            .trim()
+            .to_string();
+        assert!(verifier.starts_with("SCRAM-SHA-256$"), "{verifier}");
+        verifier
+    }
+
     /// A connection to database `app` as superuser `postgres`, straight to the node.
     pub async fn superuser_client(&self, port: u16) -> Client {
         let conn = format!("host=127.0.0.1 port={port} user=postgres dbname=app connect_timeout=5");
