@@ -89,16 +89,6 @@ impl DynamicUsers {
     }
 }
 
-/// `name` as a SQL string literal, as PostgreSQL's `quote_literal` writes it.
-fn quote_literal(name: &str) -> String {
-    let quoted = name.replace('\'', "''");
-    if quoted.contains('\\') {
-        format!("E'{}'", quoted.replace('\\', "\\\\"))
-    } else {
-        format!("'{quoted}'")
-    }
-}
-
 impl Cluster {
     /// The role `name` for a client logging in to `database`: configured users are not looked
     /// up; others are, with `auth_query`, when `auth_user` is set. `None` for no such role (or
@@ -152,7 +142,10 @@ impl Cluster {
         })
         .await
         .map_err(|e| e.to_string())?;
-        let sql = self.config.auth_query.replace("$1", &quote_literal(name));
+        let sql = self
+            .config
+            .auth_query
+            .replace("$1", &sluice_postgres::quote_literal(name));
         let rows = tokio::time::timeout(self.config.connect_timeout, conn.simple_query(&sql))
             .await
             .map_err(|_| {
@@ -172,13 +165,6 @@ impl Cluster {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_are_quoted_like_quote_literal() {
-        assert_eq!(quote_literal("app"), "'app'");
-        assert_eq!(quote_literal("o'neil"), "'o''neil'");
-        assert_eq!(quote_literal("a\\b'"), "E'a\\\\b'''");
-    }
 
     #[test]
     fn the_same_verifier_keeps_its_key() {

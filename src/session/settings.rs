@@ -15,6 +15,8 @@
 
 use std::sync::Arc;
 
+use sluice_postgres::quote_literal as literal;
+
 /// Session settings as (name, value) pairs, sorted by name. Shared between a client and the
 /// backends that currently carry the same values.
 pub type Settings = Arc<Vec<(String, String)>>;
@@ -146,16 +148,6 @@ pub fn serializable(settings: &[(String, String)]) -> bool {
     settings.iter().any(|(n, v)| {
         n.eq_ignore_ascii_case("default_transaction_isolation") && v.eq_ignore_ascii_case("serializable")
     })
-}
-
-/// A string literal that means the same whatever `standard_conforming_strings` is.
-fn literal(s: &str) -> String {
-    let quoted = s.replace('\'', "''");
-    if s.contains('\\') {
-        format!("E'{}'", quoted.replace('\\', "\\\\"))
-    } else {
-        format!("'{quoted}'")
-    }
 }
 
 #[cfg(test)]
