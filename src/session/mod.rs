@@ -642,17 +642,19 @@ impl Session {
         let Some(a) = self.attached.as_ref() else {
             return false;
         };
-        let unnamed = match msg.tag() {
-            b'B' => peek::bind(msg.body()).is_ok_and(|b| b.statement.is_empty()),
-            b'D' => peek::target(msg.body()).is_ok_and(|t| t.kind == b'S' && t.name.is_empty()),
-            _ => false,
-        };
-        unnamed
-            && a.fixups.iter().any(|p| {
-                p.batch < a.units_pushed
-                    && matches!(p.backend, statements::BackendChange::Unnamed(false))
-                    && p.client.as_ref().is_some_and(|(n, _)| n.is_empty())
-            })
+        // The pending-Parse condition first: it is almost always false, and then the message
+        // need not be decoded here a second time.
+        let undecided = a.fixups.iter().any(|p| {
+            p.batch < a.units_pushed
+                && matches!(p.backend, statements::BackendChange::Unnamed(false))
+                && p.client.as_ref().is_some_and(|(n, _)| n.is_empty())
+        });
+        undecided
+            && match msg.tag() {
+                b'B' => peek::bind(msg.body()).is_ok_and(|b| b.statement.is_empty()),
+                b'D' => peek::target(msg.body()).is_ok_and(|t| t.kind == b'S' && t.name.is_empty()),
+                _ => false,
+            }
     }
 
     /// Whether the client's transactions are serializable by default (a hot standby refuses
