@@ -1,8 +1,8 @@
 //! One full routing decision, as a session makes it per request, on a primary + 2 replicas
 //! topology: peek at the client's message, classify (or look up the prepared statement's
 //! class), derive the intent, load the topology snapshot and the nodes' load, choose a node.
-//! `cargo bench --bench routing`. The router and topology modules are compiled in from src/
-//! (they are pure: no I/O); `config` is reduced to the one enum the router reads.
+//! `cargo bench --bench routing`. The router and the topology snapshot are pure (no I/O), so
+//! the bench calls them exactly as a session does.
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -14,27 +14,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sluice_postgres::{peek, split_message, Classification, Classifier, Message};
 
-#[allow(dead_code)]
-mod config {
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub enum Consistency {
-        Eventual,
-        ReadYourWrites,
-        Primary,
-    }
-}
-
-#[allow(dead_code)]
-#[path = "../src/topology.rs"]
-mod topology;
-
-#[allow(dead_code)]
-#[path = "../src/router.rs"]
-mod router;
-
-use config::Consistency;
-use router::{Intent, Policy};
-use topology::{Member, Node, Role, Snapshot};
+use sluice::common::topology::{Member, Node, Role, Snapshot};
+use sluice::config::Consistency;
+use sluice::postgres::router::{self, Intent, Policy};
 
 /// A framed client message, as the session's framing hands it over.
 fn message(tag: u8, body: &[u8]) -> Message {

@@ -7,9 +7,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::common::metrics::Metrics;
 use crate::config::{ClusterConfig, Config, Discovery, Protocol};
 use crate::discovery;
-use crate::metrics::Metrics;
 
 /// How long discovery may take to find the nodes.
 const DISCOVERY_WAIT: Duration = Duration::from_secs(15);

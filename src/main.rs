@@ -1,24 +1,5 @@
-//! sluice: a database-aware L4 ingress proxy. This file is the command line and start-up.
-
-mod activity;
-mod admin;
-mod auth_query;
-mod backend;
-mod check;
-mod cluster;
-mod config;
-mod console;
-mod cql;
-mod discovery;
-mod functions;
-mod metrics;
-mod pool;
-mod router;
-mod server;
-mod session;
-mod status;
-mod tls;
-mod topology;
+//! sluice: a database-aware L4 ingress proxy. This file is the command line and start-up; the
+//! proxy itself is the library (`src/lib.rs`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,7 +8,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing::{error, info};
 
-use crate::config::Config;
+use sluice::check;
+use sluice::common::server;
+use sluice::config::{self, Config};
 
 #[derive(Parser)]
 #[command(

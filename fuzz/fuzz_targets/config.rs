@@ -1,19 +1,12 @@
 //! The configuration parser (`Config::parse`) on any text: every input gives a config or a list
 //! of errors, never a panic.
-//!
-//! The parser lives in the `sluice` binary crate, which has no library target; its sources are
-//! compiled here in place (`#[path]`), so the fuzzed code is exactly what the binary runs.
+//! The parser is the sluice library's, exactly what the binary runs.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
-#[allow(dead_code, unused_imports)]
-#[path = "../../src/config/mod.rs"]
-mod config;
-#[allow(dead_code)]
-#[path = "../../src/tls.rs"]
-mod tls;
+use sluice::config;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

@@ -433,14 +433,14 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
     // Load what will be used, so that `sluice check` catches a bad certificate or key.
     if let (Some(cert), Some(key)) = (&tls_cert, &tls_key) {
         if cert.is_file() && key.is_file() {
-            if let Err(e) = crate::tls::acceptor(cert, key) {
+            if let Err(e) = crate::common::tls::acceptor(cert, key) {
                 f.error("tls_cert", &e);
             }
         }
     }
     if let (Some(mode), Some(ca)) = (backend_tls, &backend_tls_ca) {
         if ca.is_file() {
-            if let Err(e) = crate::tls::BackendTls::new(mode, Some(ca)) {
+            if let Err(e) = crate::common::tls::BackendTls::new(mode, Some(ca)) {
                 f.error("backend_tls_ca", &e);
             }
         }

@@ -12,6 +12,7 @@ mod session;
 mod snapshot;
 mod systables;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,14 +21,14 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use serde_json::json;
 use sluice_cql::response::SchemaChange;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
-use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::common::listener::{listen, Listener, Service, Task};
+use crate::common::metrics::Metrics;
 use crate::config::{ClusterConfig, Config, CqlConfig, Discovery, Protocol};
 use crate::discovery::Feed;
-use crate::metrics::Metrics;
 use backend::Credentials;
 use snapshot::Snapshot;
 
@@ -105,7 +106,7 @@ impl CqlCluster {
         let routed = ["any", "replica"].map(|route| {
             metrics
                 .queries
-                .get_or_create(&crate::metrics::RouteLabels {
+                .get_or_create(&crate::common::metrics::RouteLabels {
                     cluster: config.name.clone(),
                     route,
                 })
@@ -113,7 +114,7 @@ impl CqlCluster {
         });
         let client_gauge = metrics
             .clients
-            .get_or_create(&crate::metrics::ClusterLabels {
+            .get_or_create(&crate::common::metrics::ClusterLabels {
                 cluster: config.name.clone(),
             })
             .clone();
@@ -137,7 +138,7 @@ impl CqlCluster {
 
     /// Starts the control connection and the prober of down nodes (and, with discovery, the
     /// follower of the member list).
-    fn spawn_background(self: &Arc<Self>) -> Vec<JoinHandle<()>> {
+    fn spawn_background(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
         let mut tasks = vec![
             tokio::spawn(control::run(self.clone())),
             tokio::spawn(control::probe_down_nodes(self.clone())),
@@ -203,7 +204,7 @@ impl CqlCluster {
         for n in &self.snapshot().nodes {
             self.metrics
                 .node_healthy
-                .get_or_create(&crate::metrics::NodeLabels {
+                .get_or_create(&crate::common::metrics::NodeLabels {
                     cluster: self.config.name.clone(),
                     node: n.addr.to_string(),
                 })
@@ -322,15 +323,7 @@ impl CqlCluster {
 /// (connected clients keep their sessions).
 pub struct Running {
     pub cluster: Arc<CqlCluster>,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
+    _tasks: Vec<Task>,
 }
 
 /// Separates the CQL clusters (run by this module) from the rest of a configuration.
@@ -361,21 +354,11 @@ async fn start(c: &ClusterConfig, metrics: &Arc<Metrics>) -> anyhow::Result<Runn
         }
     };
     let cluster = CqlCluster::new(c.clone(), feed, metrics.clone());
-    let tasks = cluster.spawn_background();
-    Ok(Running { cluster, tasks })
-}
-
-/// A bound CQL listen address, handing connections to whichever cluster it currently serves
-/// (a reload swaps the cluster; connections already open keep theirs).
-struct Listener {
-    target: Arc<ArcSwap<CqlCluster>>,
-    accept: JoinHandle<()>,
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        self.accept.abort();
-    }
+    let tasks = cluster.spawn_background().into_iter().map(Task::from).collect();
+    Ok(Running {
+        cluster,
+        _tasks: tasks,
+    })
 }
 
 /// Every CQL cluster of the configuration, their listeners, and replaced clusters whose
@@ -383,7 +366,7 @@ impl Drop for Listener {
 pub struct CqlClusters {
     configs: Vec<ClusterConfig>,
     running: Vec<Running>,
-    listeners: std::collections::HashMap<SocketAddr, Listener>,
+    listeners: std::collections::HashMap<SocketAddr, Listener<CqlCluster>>,
     retiring: Vec<Running>,
 }
 
@@ -425,7 +408,7 @@ impl CqlClusters {
         let mut bound = std::collections::HashMap::new();
         for c in &configs {
             if !self.listeners.contains_key(&c.listen) && !bound.contains_key(&c.listen) {
-                let l = crate::server::listen(c.listen)
+                let l = listen(c.listen)
                     .with_context(|| format!("cluster {:?}: cannot listen on {}", c.name, c.listen))?;
                 bound.insert(c.listen, l);
             }
@@ -475,16 +458,12 @@ impl CqlClusters {
             let c = &r.cluster.config;
             let listener = match self.listeners.remove(&c.listen) {
                 Some(l) => {
-                    l.target.store(r.cluster.clone());
+                    l.point_at(r.cluster.clone());
                     l
                 }
                 None => {
                     let socket = bound.remove(&c.listen).expect("bound in prepare");
-                    let target = Arc::new(ArcSwap::new(r.cluster.clone()));
-                    Listener {
-                        accept: tokio::spawn(accept_loop(socket, target.clone())),
-                        target,
-                    }
+                    Listener::start(socket, r.cluster.clone())
                 }
             };
             info!(cluster = %c.name, listen = %c.listen, "listening (CQL)");
@@ -500,7 +479,7 @@ impl CqlClusters {
 /// Maps ring nodes to pods again whenever the discovered members change.
 async fn follow_members(
     cluster: std::sync::Weak<CqlCluster>,
-    mut members: tokio::sync::watch::Receiver<Option<Vec<crate::topology::Member>>>,
+    mut members: tokio::sync::watch::Receiver<Option<Vec<crate::common::topology::Member>>>,
 ) {
     while members.changed().await.is_ok() {
         let Some(cluster) = cluster.upgrade() else { return };
@@ -508,16 +487,12 @@ async fn follow_members(
     }
 }
 
-async fn accept_loop(listener: TcpListener, target: Arc<ArcSwap<CqlCluster>>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                tokio::spawn(serve_client(target.load_full(), stream, peer));
-            }
-            Err(e) => {
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
+impl Service for CqlCluster {
+    fn serve(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        serve_client(self, stream, peer)
     }
 }

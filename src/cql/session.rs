@@ -459,7 +459,7 @@ impl Client {
                 self.cluster
                     .metrics
                     .auth_failures
-                    .get_or_create(&crate::metrics::ClusterLabels {
+                    .get_or_create(&crate::common::metrics::ClusterLabels {
                         cluster: self.cluster.config.name.clone(),
                     })
                     .inc();

@@ -16,8 +16,8 @@ use hickory_resolver::{Resolver, TokioResolver};
 use tokio::task::JoinHandle;
 
 use super::{Publisher, StartError};
+use crate::common::topology::Member;
 use crate::config::{DnsDiscovery, DnsLookup};
-use crate::topology::Member;
 
 /// A resolver that asks `nameservers` (UDP, then TCP), or the system's when there are none.
 /// Its cache is off: every refresh asks again.

@@ -17,8 +17,8 @@ use kube::runtime::watcher::Event;
 use tokio::task::JoinHandle;
 
 use super::{Publisher, StartError};
+use crate::common::topology::{Member, Role};
 use crate::config::{KubernetesDiscovery, PortRef, RoleLabels};
-use crate::topology::{Member, Role};
 
 /// How long the start-up checks may take before sluice starts anyway and keeps retrying.
 const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -18,9 +18,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::common::metrics::{DiscoveryLabels, Metrics};
+use crate::common::topology::Member;
 use crate::config::Discovery;
-use crate::metrics::{DiscoveryLabels, Metrics};
-use crate::topology::Member;
 
 /// Why discovery could not start. Each message says what to fix.
 #[derive(Debug, thiserror::Error)]

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use k8s_apiserver::dns::FakeDns;
 
 use super::*;
+use crate::common::metrics::Metrics;
 use crate::discovery::{dns_feed, Feed};
-use crate::metrics::Metrics;
 
 fn cfg(lookup: DnsLookup, server: SocketAddr) -> DnsDiscovery {
     DnsDiscovery {

@@ -7,8 +7,8 @@ use std::time::Duration;
 use k8s_apiserver::{FakeApiServer, Scenario, ADMIN_TOKEN};
 
 use super::*;
+use crate::common::metrics::Metrics;
 use crate::discovery::{kubernetes_feed, Feed};
-use crate::metrics::Metrics;
 
 const P: Option<Role> = Some(Role::Primary);
 const R: Option<Role> = Some(Role::Replica);
@@ -592,7 +592,7 @@ async fn client_for(url: &str) -> kube::Client {
 fn errors_counted(metrics: &Metrics) -> u64 {
     metrics
         .discovery_errors
-        .get_or_create(&crate::metrics::DiscoveryLabels {
+        .get_or_create(&crate::common::metrics::DiscoveryLabels {
             cluster: "test".into(),
             source: "kubernetes",
         })

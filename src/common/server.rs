@@ -20,16 +20,15 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use crate::admin::{self, AdminState};
-use crate::cluster::Cluster;
+use crate::admin::console::{Console, ServerCommand};
+use crate::admin::http::{self as admin, AdminState};
+use crate::common::listener::{listen, Listener, Task};
+use crate::common::metrics::{Metrics, ReloadLabels};
 use crate::config::{ClusterConfig, Config};
-use crate::console::{Console, ServerCommand};
 use crate::discovery::{self, Feed};
-use crate::metrics::{Metrics, ReloadLabels};
-use crate::session;
+use crate::postgres::cluster::Cluster;
 
 /// Where the running configuration came from.
 pub struct Source {
@@ -41,15 +40,6 @@ pub struct Source {
     pub text: String,
 }
 
-/// Aborts a task when dropped.
-struct Task(JoinHandle<()>);
-
-impl Drop for Task {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// A cluster at run time with everything that runs for it. Dropping it stops its probes,
 /// pool reaper and discovery (clients still connected keep their sessions).
 struct Running {
@@ -57,12 +47,6 @@ struct Running {
     cluster: Arc<Cluster>,
     feed: Feed,
     _tasks: Vec<Task>,
-}
-
-/// A bound listen address, handing connections to whichever cluster it currently serves.
-struct Listener {
-    target: Arc<ArcSwap<Cluster>>,
-    _accept: Task,
 }
 
 /// The whole running server.
@@ -77,48 +61,16 @@ pub struct Server {
     /// What the console asks of the main loop (RELOAD, SHUTDOWN); taken by `run`.
     commands: Option<mpsc::UnboundedReceiver<ServerCommand>>,
     clusters: BTreeMap<String, Running>,
-    listeners: HashMap<SocketAddr, Listener>,
+    listeners: HashMap<SocketAddr, Listener<Cluster>>,
     /// Replaced clusters whose clients have not all left yet (for the shutdown drain).
     retiring: Vec<Arc<Cluster>>,
     /// CQL clusters (run by `crate::cql`).
     cql: crate::cql::CqlClusters,
 }
 
-/// Pending connections the kernel may queue per listener: tokio's default (1024) makes bursts
-/// of new clients wait seconds in the kernel before sluice sees them.
-const LISTEN_BACKLOG: u32 = 4096;
-
-/// A client listener on `addr` with a deep accept backlog.
-pub(crate) fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
-}
-
 /// Binds `addr` for cluster `name`.
 async fn bind(name: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
     listen(addr).with_context(|| format!("cluster {name:?}: cannot listen on {addr}"))
-}
-
-/// Accepts clients and starts a session with the listener's current cluster for each.
-async fn accept_loop(listener: TcpListener, target: Arc<ArcSwap<Cluster>>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                tokio::spawn(session::serve(target.load_full(), stream, peer));
-            }
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
 }
 
 /// Builds a cluster and starts its discovery (which checks credentials and RBAC). Nothing
@@ -137,10 +89,10 @@ async fn build(
 
 /// Starts the probes, the pool reaper and the task that feeds discovery into the topology.
 fn launch(config: ClusterConfig, cluster: Arc<Cluster>, feed: Feed) -> Running {
-    let mut tasks: Vec<Task> = cluster.spawn_background().into_iter().map(Task).collect();
+    let mut tasks: Vec<Task> = cluster.spawn_background().into_iter().map(Task::from).collect();
     let mut members = feed.members.clone();
     let c = cluster.clone();
-    tasks.push(Task(tokio::spawn(async move {
+    tasks.push(Task::spawn(async move {
         loop {
             let current = members.borrow_and_update().clone();
             if let Some(m) = current {
@@ -150,7 +102,7 @@ fn launch(config: ClusterConfig, cluster: Arc<Cluster>, feed: Feed) -> Running {
                 return;
             }
         }
-    })));
+    }));
     Running {
         config,
         cluster,
@@ -194,20 +146,13 @@ impl Server {
         let console = Console::new(config.admin.clone(), admin.clone(), commands_tx);
         let cql = crate::cql::CqlClusters::start(cql_configs, &metrics).await?;
         admin.cql.store(Arc::new(cql.clusters()));
-        let admin_task = Task(tokio::spawn(admin::serve(admin_listener, admin.clone())));
+        let admin_task = Task::spawn(admin::serve(admin_listener, admin.clone()));
         let mut clusters = BTreeMap::new();
         let mut listeners = HashMap::new();
         for (c, listener) in config.clusters.iter().zip(bound) {
             let (cluster, feed) = build(c, &metrics, &console).await?;
             let running = launch(c.clone(), cluster.clone(), feed);
-            let target = Arc::new(ArcSwap::new(cluster));
-            listeners.insert(
-                c.listen,
-                Listener {
-                    _accept: Task(tokio::spawn(accept_loop(listener, target.clone()))),
-                    target,
-                },
-            );
+            listeners.insert(c.listen, Listener::start(listener, cluster));
             info!(cluster = %c.name, listen = %c.listen, discovery = running.feed.status.source, "listening");
             clusters.insert(c.name.clone(), running);
         }
@@ -357,16 +302,12 @@ impl Server {
             let cluster = self.clusters[&c.name].cluster.clone();
             let listener = match self.listeners.remove(&c.listen) {
                 Some(l) => {
-                    l.target.store(cluster);
+                    l.point_at(cluster);
                     l
                 }
                 None => {
-                    let target = Arc::new(ArcSwap::new(cluster));
                     let socket = bound.remove(&c.listen).expect("bound in step 1");
-                    Listener {
-                        _accept: Task(tokio::spawn(accept_loop(socket, target.clone()))),
-                        target,
-                    }
+                    Listener::start(socket, cluster)
                 }
             };
             listeners.insert(c.listen, listener);
@@ -374,7 +315,7 @@ impl Server {
         // Listeners no longer configured close here.
         self.listeners = listeners;
         if let Some(l) = admin_listener {
-            self.admin_task = Task(tokio::spawn(admin::serve(l, self.admin.clone())));
+            self.admin_task = Task::spawn(admin::serve(l, self.admin.clone()));
         }
         if config.runtime != self.config.runtime {
             warn!("runtime.threads changed: it applies when sluice restarts");

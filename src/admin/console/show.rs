@@ -8,8 +8,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use sluice_postgres::server::ColumnType::{self, Int8, Text};
 
 use super::Console;
-use crate::activity::now_micros;
-use crate::status::{self, pool_mode};
+use crate::admin::status::{self, pool_mode};
+use crate::postgres::activity::now_micros;
 
 /// A result set: column names and types, and rows of text values (`None` is NULL).
 pub struct Table {

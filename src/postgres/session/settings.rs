@@ -26,7 +26,7 @@ pub type Settings = Arc<Vec<(String, String)>>;
 const NOT_PASSED_ON: &[&str] = &["user", "database", "replication"];
 
 /// The startup parameters a client's backends are opened with, in the client's order.
-pub fn startup_params(params: &[(String, String)]) -> crate::backend::StartupParams {
+pub fn startup_params(params: &[(String, String)]) -> crate::postgres::backend::StartupParams {
     Arc::new(
         params
             .iter()

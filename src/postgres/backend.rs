@@ -16,8 +16,8 @@ use sluice_postgres::{peek, split_message, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::common::tls::{BackendStream, BackendTls, MaybeTls};
 use crate::config::BackendTlsMode;
-use crate::tls::{BackendStream, BackendTls, MaybeTls};
 
 /// The largest message sluice accepts from a server (a DataRow can legitimately be big).
 pub const MAX_BACKEND_MESSAGE: usize = 1 << 30;
@@ -157,7 +157,7 @@ pub struct Backend {
     /// (a write, SET, set_config): the next different owner gets it reset first.
     pub tainted: bool,
     /// Lists the connection in its pool's server list (`SHOW SERVERS`) while it lives.
-    pub registration: Option<crate::pool::Registration>,
+    pub registration: Option<crate::postgres::pool::Registration>,
 }
 
 impl Backend {
@@ -266,7 +266,7 @@ impl Backend {
                                     let s = sluice_postgres::scram::ScramKeyClient::new(
                                         client_key,
                                         keys.server_key,
-                                        &crate::cluster::random_nonce(),
+                                        &crate::postgres::cluster::random_nonce(),
                                     );
                                     frontend::sasl_initial_response(
                                         "SCRAM-SHA-256",

@@ -16,10 +16,10 @@ use tracing::{debug, info, warn};
 
 use super::settings;
 use super::{fatal, Session};
-use crate::backend::StartupParams;
-use crate::cluster::{AttachError, Checkout, Cluster};
+use crate::common::tls::{ClientStream, MaybeTls};
 use crate::config::PoolMode;
-use crate::tls::{ClientStream, MaybeTls};
+use crate::postgres::backend::StartupParams;
+use crate::postgres::cluster::{AttachError, Checkout, Cluster};
 
 /// Longest password/SASL message a client may send.
 const MAX_AUTH_MESSAGE: usize = 16 * 1024;
@@ -62,7 +62,7 @@ pub async fn login(
     let greeted = match greeted {
         Some(Outcome::Client(g)) => g,
         Some(Outcome::Console(login)) => {
-            crate::console::serve(cluster, stream, buf, BytesMut::new(), login).await?;
+            crate::admin::console::serve(cluster, stream, buf, BytesMut::new(), login).await?;
             return Ok(None);
         }
         None => return Ok(None),
@@ -76,9 +76,9 @@ pub async fn login(
         functions,
     } = greeted;
     let tls = matches!(stream, MaybeTls::Tls(_));
-    let client = crate::activity::Activity::register(
+    let client = crate::postgres::activity::Activity::register(
         cluster,
-        crate::activity::ClientInfo {
+        crate::postgres::activity::ClientInfo {
             id: cluster.next_session_id(),
             user: user.clone(),
             database: database.clone(),
@@ -90,7 +90,7 @@ pub async fn login(
                 .find(|(k, _)| k == "application_name")
                 .map(|(_, v)| v.clone())
                 .unwrap_or_default(),
-            connect_time: crate::activity::now_micros(),
+            connect_time: crate::postgres::activity::now_micros(),
             wait_since: 0.into(),
             request_time: 0.into(),
             active: 0.into(),
@@ -163,7 +163,7 @@ enum Outcome {
     /// A client of the cluster.
     Client(Greeted),
     /// A user of the admin console.
-    Console(crate::console::Login),
+    Console(crate::admin::console::Login),
 }
 
 /// A client that has logged in.
@@ -174,7 +174,7 @@ struct Greeted {
     startup_serializable: bool,
     /// The backend whose parameters the client was told, if one was checked out for it.
     checkout: Option<Checkout>,
-    functions: Arc<crate::functions::CatalogSlot>,
+    functions: Arc<crate::postgres::functions::CatalogSlot>,
 }
 
 /// Reads the startup packet and authenticates. Returns the client once AuthenticationOk and
@@ -302,7 +302,7 @@ async fn handshake(
             return Ok(None);
         };
         server::authentication_ok(out);
-        return Ok(Some(Outcome::Console(crate::console::Login {
+        return Ok(Some(Outcome::Console(crate::admin::console::Login {
             user,
             access,
             peer,
@@ -331,17 +331,16 @@ async fn handshake(
             }
             checkout
         }
-        Err(AttachError::Pool(crate::pool::PoolError::Connect(crate::backend::BackendError::Server {
-            raw,
-            ..
-        }))) => {
+        Err(AttachError::Pool(crate::postgres::pool::PoolError::Connect(
+            crate::postgres::backend::BackendError::Server { raw, .. },
+        ))) => {
             out.extend_from_slice(&raw);
             return Ok(None);
         }
         Err(e) => {
             warn!(error = %e, "login failed: no backend");
             let code = match e {
-                AttachError::Pool(crate::pool::PoolError::Exhausted { .. }) => "53300",
+                AttachError::Pool(crate::postgres::pool::PoolError::Exhausted { .. }) => "53300",
                 _ => "57P03",
             };
             fatal(out, code, &e.to_string());
@@ -405,7 +404,7 @@ async fn authenticate(
         );
         return Ok(false);
     }
-    let server_first = match scram.client_first(&data, &crate::cluster::random_nonce()) {
+    let server_first = match scram.client_first(&data, &crate::postgres::cluster::random_nonce()) {
         Ok(m) => m,
         Err(e) => return refuse(cluster, out, user, e).await,
     };
@@ -418,7 +417,7 @@ async fn authenticate(
     };
     match scram.client_final(last.body()) {
         Ok(server_final) if known.is_some() => {
-            if let (Some(crate::backend::Credential::PassThrough(keys)), Some(key)) =
+            if let (Some(crate::postgres::backend::Credential::PassThrough(keys)), Some(key)) =
                 (known.map(|u| &u.credential), scram.client_key())
             {
                 // Kept in memory only: what sluice logs in to the servers with from now on.

@@ -29,12 +29,12 @@ use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::backend::StartupParams;
-use crate::cluster::{AttachError, CancelSlot, CancelTarget, Checkout, Cluster};
+use crate::common::tls::ClientStream;
+use crate::common::topology::Role;
 use crate::config::PoolMode;
-use crate::router::Intent;
-use crate::tls::ClientStream;
-use crate::topology::Role;
+use crate::postgres::backend::StartupParams;
+use crate::postgres::cluster::{AttachError, CancelSlot, CancelTarget, Checkout, Cluster};
+use crate::postgres::router::Intent;
 use replies::Unit;
 use settings::Settings;
 use statements::{BackendName, Pending, Statement};
@@ -56,7 +56,7 @@ enum BackendIo {
 /// Writes pending bytes to the backend and reads its replies, whichever is ready first
 /// (writing first: it usually completes at once).
 async fn backend_io(
-    stream: &mut crate::tls::BackendStream,
+    stream: &mut crate::common::tls::BackendStream,
     rbuf: &mut BytesMut,
     pending: &mut BytesMut,
 ) -> std::io::Result<BackendIo> {
@@ -235,12 +235,12 @@ pub struct Session {
     /// Unique in the cluster: marks the backends this session used last.
     id: u64,
     /// The client as the admin console lists it (`SHOW CLIENTS`, `SHOW POOLS`).
-    client: crate::activity::Registered,
+    client: crate::postgres::activity::Registered,
     /// Its database's activity (transactions in flight, totals).
-    db: Arc<crate::activity::DbActivity>,
+    db: Arc<crate::postgres::activity::DbActivity>,
     /// The client's transaction in flight (from its first message to the ReadyForQuery that
     /// ends it): what a console `PAUSE` waits for.
-    busy: Option<crate::activity::Busy>,
+    busy: Option<crate::postgres::activity::Busy>,
     user: String,
     database: String,
     /// What the client's backends are opened with (its own startup parameters).
@@ -265,7 +265,7 @@ pub struct Session {
     /// Custom (`a.b`) settings the client has set, read back with the others.
     custom_settings: Vec<String>,
     /// The functions of the client's database, for classification.
-    functions: Arc<crate::functions::CatalogSlot>,
+    functions: Arc<crate::postgres::functions::CatalogSlot>,
     /// Session state ties the client to its current backend for good.
     pinned: Option<PinReason>,
     /// The WAL position of the client's last write (read-your-writes).
@@ -870,8 +870,8 @@ impl Session {
     }
 
     fn attach_failed(&mut self, tag: u8, e: AttachError) -> Result<(), End> {
-        use crate::backend::BackendError;
-        use crate::pool::PoolError;
+        use crate::postgres::backend::BackendError;
+        use crate::postgres::pool::PoolError;
         let (code, reason) = match &e {
             AttachError::NoPrimary { .. } => ("57P03", "no_primary"),
             AttachError::NoNode { .. } => ("57P03", "no_node"),

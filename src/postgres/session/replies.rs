@@ -9,8 +9,8 @@ use tracing::{debug, warn};
 
 use super::settings::{self, Settings};
 use super::{simple_query, statements, End, Session};
-use crate::backend::MAX_BACKEND_MESSAGE;
 use crate::config::{Consistency, PoolMode};
+use crate::postgres::backend::MAX_BACKEND_MESSAGE;
 
 /// Whose reply the next ReadyForQuery ends.
 #[derive(Debug)]
@@ -189,16 +189,16 @@ impl Session {
                 Some(unit) => {
                     match (tag, unit) {
                         (b'D', Unit::ReadSettings(rows)) => {
-                            if let Some(row) = crate::backend::data_row(msg.body()) {
+                            if let Some(row) = crate::postgres::backend::data_row(msg.body()) {
                                 if let [Some(name), Some(value)] = row.as_slice() {
                                     rows.push((name.clone(), value.clone()));
                                 }
                             }
                         }
                         (b'D', Unit::WalPosition(lsn)) => {
-                            *lsn = crate::backend::data_row(msg.body())
+                            *lsn = crate::postgres::backend::data_row(msg.body())
                                 .and_then(|r| r.into_iter().next().flatten())
-                                .and_then(|v| crate::cluster::parse_lsn(&v));
+                                .and_then(|v| crate::postgres::cluster::parse_lsn(&v));
                         }
                         (b'E', own) => {
                             let (code, message) = peek::error_code_and_message(msg.body());

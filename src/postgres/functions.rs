@@ -18,7 +18,7 @@ use arc_swap::ArcSwapOption;
 use sluice_postgres::{Classifier, FunctionCatalog};
 use tracing::{debug, warn};
 
-use crate::backend::{Backend, BackendError, ConnectOptions};
+use crate::postgres::backend::{Backend, BackendError, ConnectOptions};
 
 /// A catalog older than this is reloaded in the background at the next login.
 pub const REFRESH: Duration = Duration::from_secs(30);

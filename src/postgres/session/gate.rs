@@ -2,7 +2,7 @@
 //! first message to the ReadyForQuery that ends it, and held while its database is paused.
 
 use super::{Attached, Session};
-use crate::cluster::AttachError;
+use crate::postgres::cluster::AttachError;
 use tracing::debug;
 
 impl Session {
@@ -11,7 +11,7 @@ impl Session {
     pub(super) async fn start_transaction(&mut self) -> Result<(), AttachError> {
         use std::sync::atomic::Ordering::Relaxed;
         let info = &self.client.info;
-        let now = crate::activity::now_micros();
+        let now = crate::postgres::activity::now_micros();
         info.request_time.store(now, Relaxed);
         if let Some(busy) = self.cluster.console.try_enter(&self.db) {
             info.active.store(1, Relaxed);
@@ -61,14 +61,14 @@ impl Session {
     /// in the database's totals (`SHOW STATS`).
     pub(super) async fn attach_counted(
         &mut self,
-        intent: crate::router::Intent,
-    ) -> Result<crate::cluster::Checkout, AttachError> {
+        intent: crate::postgres::router::Intent,
+    ) -> Result<crate::postgres::cluster::Checkout, AttachError> {
         use std::sync::atomic::Ordering::Relaxed;
         let started = std::time::Instant::now();
         self.client
             .info
             .wait_since
-            .store(crate::activity::now_micros(), Relaxed);
+            .store(crate::postgres::activity::now_micros(), Relaxed);
         let attached = self.attach_cancellable(intent).await;
         self.client.info.wait_since.store(0, Relaxed);
         let totals = &self.db.totals;

@@ -196,7 +196,7 @@ pub struct Activity {
 /// Removes a client from its cluster's list when its session ends.
 pub struct Registered {
     pub info: Arc<ClientInfo>,
-    activity: std::sync::Weak<crate::cluster::Cluster>,
+    activity: std::sync::Weak<crate::postgres::cluster::Cluster>,
 }
 
 impl Drop for Registered {
@@ -255,7 +255,7 @@ impl Activity {
     }
 
     /// Lists a logged-in client until the returned guard drops.
-    pub fn register(cluster: &Arc<crate::cluster::Cluster>, info: ClientInfo) -> Registered {
+    pub fn register(cluster: &Arc<crate::postgres::cluster::Cluster>, info: ClientInfo) -> Registered {
         let info = Arc::new(info);
         cluster
             .activity

@@ -10,16 +10,16 @@ use sluice_postgres::scram::ScramSecret;
 use sluice_postgres::Classifier;
 use tracing::{error, info, warn};
 
-use crate::backend::{
+use crate::common::metrics::{ClusterLabels, Metrics, NodeLabels, ResultLabels, RouteLabels};
+use crate::common::topology::{Member, Node, Observation, Role, Topology};
+use crate::config::{ClusterConfig, Consistency, Discovery, TopologyKind};
+use crate::postgres::backend::{
     own_startup_params, same_startup, Backend, BackendError, ConnectOptions, Credential, PassThrough,
     StartupParams, NO_CREDENTIAL,
 };
-use crate::config::{ClusterConfig, Consistency, Discovery, TopologyKind};
-use crate::functions::CatalogSlot;
-use crate::metrics::{ClusterLabels, Metrics, NodeLabels, ResultLabels, RouteLabels};
-use crate::pool::{PoolError, PoolSettings, Pooled, Pools};
-use crate::router::{self, Intent, NoRoute, Policy};
-use crate::topology::{Member, Node, Observation, Role, Topology};
+use crate::postgres::functions::CatalogSlot;
+use crate::postgres::pool::{PoolError, PoolSettings, Pooled, Pools};
+use crate::postgres::router::{self, Intent, NoRoute, Policy};
 
 /// SCRAM iteration count for the secrets sluice derives from configured passwords.
 const SCRAM_ITERATIONS: u32 = 4096;
@@ -122,7 +122,7 @@ pub enum AttachError {
     Cancelled,
     /// The database stayed paused (console `PAUSE`) past `pause_timeout`.
     #[error(transparent)]
-    Paused(#[from] crate::console::PausedError),
+    Paused(#[from] crate::admin::console::PausedError),
 }
 
 /// A backend checked out for one client, with the node's load counted while it serves
@@ -177,7 +177,7 @@ pub struct Cluster {
     /// Answers clients' SSLRequest when a certificate is configured.
     pub client_tls: Option<tokio_rustls::TlsAcceptor>,
     /// How connections to backends are made.
-    pub backend_tls: crate::tls::BackendTls,
+    pub backend_tls: crate::common::tls::BackendTls,
     pub topology: Topology,
     pub pools: Pools,
     pub metrics: Arc<Metrics>,
@@ -196,13 +196,13 @@ pub struct Cluster {
     /// Sessions started, for session ids.
     sessions: std::sync::atomic::AtomicU64,
     /// Each database's functions, for classification.
-    pub functions: crate::functions::Catalogs,
+    pub functions: crate::postgres::functions::Catalogs,
     /// The admin console (shared by every cluster): who may use it, and what is paused.
-    pub console: Arc<crate::console::Console>,
+    pub console: Arc<crate::admin::console::Console>,
     /// Logged-in clients and per-database activity, for the console.
-    pub activity: crate::activity::Activity,
+    pub activity: crate::postgres::activity::Activity,
     /// Roles found by `auth_query` (not in the configuration).
-    pub dynamic: crate::auth_query::DynamicUsers,
+    pub dynamic: crate::postgres::auth_query::DynamicUsers,
 }
 
 impl Cluster {
@@ -210,7 +210,7 @@ impl Cluster {
     pub fn new(
         config: ClusterConfig,
         metrics: Arc<Metrics>,
-        console: Arc<crate::console::Console>,
+        console: Arc<crate::admin::console::Console>,
     ) -> Arc<Cluster> {
         let members = match &config.discovery {
             Discovery::Static(a) => a.iter().map(|a| Member::at(a)).collect(),
@@ -243,16 +243,17 @@ impl Cluster {
         let salt: [u8; 16] = rng.random();
         // Both were loaded once already when the configuration was validated.
         let client_tls = match (&config.tls_cert, &config.tls_key) {
-            (Some(cert), Some(key)) => crate::tls::acceptor(cert, key)
+            (Some(cert), Some(key)) => crate::common::tls::acceptor(cert, key)
                 .map_err(|e| error!(cluster = %config.name, "client TLS disabled: {e}"))
                 .ok(),
             _ => None,
         };
-        let backend_tls = crate::tls::BackendTls::new(config.backend_tls, config.backend_tls_ca.as_deref())
-            .unwrap_or_else(|e| {
-                error!(cluster = %config.name, "backend TLS disabled: {e}");
-                crate::tls::BackendTls::disabled()
-            });
+        let backend_tls =
+            crate::common::tls::BackendTls::new(config.backend_tls, config.backend_tls_ca.as_deref())
+                .unwrap_or_else(|e| {
+                    error!(cluster = %config.name, "backend TLS disabled: {e}");
+                    crate::common::tls::BackendTls::disabled()
+                });
         let pools = Pools::new(
             &config.name,
             PoolSettings {
@@ -439,7 +440,7 @@ impl Cluster {
                         Err(PoolError::Connect(e))
                             if e.is_node_failure() && tokio::time::Instant::now() < deadline =>
                         {
-                            if matches!(e, crate::backend::BackendError::Timeout { .. }) {
+                            if matches!(e, crate::postgres::backend::BackendError::Timeout { .. }) {
                                 // Slow is not dead: a loaded server can take seconds to fork and
                                 // authenticate, and marking it down would end every request in
                                 // flight on it. Its probe (probe_timeout) decides; retry meanwhile.
@@ -458,8 +459,9 @@ impl Cluster {
                 Err(why) => {
                     drop(parked.take());
                     let waited = start.elapsed();
-                    let ready =
-                        |s: &crate::topology::Snapshot| router::choose(intent, s, &[], 0, &policy).is_ok();
+                    let ready = |s: &crate::common::topology::Snapshot| {
+                        router::choose(intent, s, &[], 0, &policy).is_ok()
+                    };
                     let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
                     if remaining.is_zero() || self.topology.wait_for(remaining, ready).await.is_none() {
                         let cluster = self.config.name.clone();
@@ -540,7 +542,7 @@ impl Cluster {
     /// (the caller waits), reloaded in the background if stale.
     pub async fn function_catalog(self: &Arc<Self>, user: &str, database: &str) -> Arc<CatalogSlot> {
         let slot = self.functions.slot(database);
-        if crate::functions::due(&slot) {
+        if crate::postgres::functions::due(&slot) {
             let first = slot.get().is_none();
             let load = {
                 let (cluster, slot, user, database) =
@@ -578,7 +580,7 @@ impl Cluster {
             timeout: self.config.connect_timeout,
             tls: &self.backend_tls,
         };
-        crate::functions::load(slot, &self.classifier, source).await;
+        crate::postgres::functions::load(slot, &self.classifier, source).await;
     }
 
     /// Applies an observation to the topology and reacts to what changed.
@@ -760,7 +762,7 @@ impl Cluster {
     pub fn pinned(&self, reason: &'static str) {
         self.metrics
             .pins
-            .get_or_create(&crate::metrics::ReasonLabels {
+            .get_or_create(&crate::common::metrics::ReasonLabels {
                 cluster: self.config.name.clone(),
                 reason,
             })

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use sluice_postgres::scram::ScramSecret;
 use tracing::{debug, warn};
 
-use crate::backend::{own_startup_params, Backend, ConnectOptions, Credential, PassThrough};
-use crate::cluster::{Cluster, User};
+use crate::postgres::backend::{own_startup_params, Backend, ConnectOptions, Credential, PassThrough};
+use crate::postgres::cluster::{Cluster, User};
 
 /// How long a lookup's answer (a verifier, or none) is used before the next lookup.
 pub const CACHE_TTL: Duration = Duration::from_secs(15);

@@ -166,7 +166,7 @@ impl Session {
             b'Q' => {
                 if let (Some(c), Ok(sql)) = (query_class, peek::query(msg.body())) {
                     self.note_effects(c, sql);
-                    if c.class == Class::Write && crate::functions::changes_functions(sql) {
+                    if c.class == Class::Write && crate::postgres::functions::changes_functions(sql) {
                         self.cluster.refresh_functions(&self.user, &self.database);
                     }
                 }

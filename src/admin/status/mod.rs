@@ -8,11 +8,11 @@ use std::sync::atomic::Ordering;
 
 pub use html::render;
 
-use crate::activity::now_micros;
-use crate::admin::{role_label, AdminState};
-use crate::cluster::Cluster;
+use crate::admin::http::{role_label, AdminState};
 use crate::config::PoolMode;
 use crate::cql::CqlCluster;
+use crate::postgres::activity::now_micros;
+use crate::postgres::cluster::Cluster;
 
 /// One node of a cluster as operators see it.
 #[derive(Debug, Clone, PartialEq)]

@@ -10,9 +10,9 @@ use tracing::{debug, info};
 
 use super::command::{self, Flow};
 use super::Access;
-use crate::activity::{now_micros, Activity, ClientInfo};
-use crate::cluster::Cluster;
-use crate::tls::ClientStream;
+use crate::common::tls::ClientStream;
+use crate::postgres::activity::{now_micros, Activity, ClientInfo};
+use crate::postgres::cluster::Cluster;
 
 /// The longest command the console reads.
 const MAX_COMMAND: usize = 64 * 1024;
@@ -62,7 +62,7 @@ pub async fn serve(
     }
     server::backend_key_data(&mut out, 0, 0);
     server::ready_for_query(&mut out, b'I');
-    let tls = matches!(stream, crate::tls::MaybeTls::Tls(_));
+    let tls = matches!(stream, crate::common::tls::MaybeTls::Tls(_));
     let _registered = Activity::register(
         cluster,
         ClientInfo {

@@ -19,9 +19,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub use session::{serve, Login};
 
-use crate::activity::{Busy, DbActivity};
-use crate::admin::AdminState;
+use crate::admin::http::AdminState;
 use crate::config::AdminConfig;
+use crate::postgres::activity::{Busy, DbActivity};
 
 /// The names clients connect to for the console.
 pub const DATABASES: [&str; 2] = ["sluice", "pgbouncer"];
@@ -295,7 +295,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_paused_database_holds_transactions_until_resume_or_timeout() {
         let c = console();
-        let activity = crate::activity::Activity::default();
+        let activity = crate::postgres::activity::Activity::default();
         let db = activity.database("app");
         let other = activity.database("other");
         c.pause(Some("app")).await.expect("nothing in flight");

@@ -18,10 +18,10 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-use crate::cluster::Cluster;
+use crate::common::metrics::Metrics;
+use crate::common::topology::Role;
 use crate::discovery;
-use crate::metrics::Metrics;
-use crate::topology::Role;
+use crate::postgres::cluster::Cluster;
 
 /// What the admin listener reports on.
 pub struct AdminState {
@@ -53,7 +53,7 @@ impl AdminState {
 /// The role `/topology` and `SHOW NODES` give node `i`: `primary`, `replica`, `unknown`, or
 /// `stale-primary` for a node that claims primary while another one gets the writes (during a
 /// promotion).
-pub fn role_label(snap: &crate::topology::Snapshot, i: usize) -> &'static str {
+pub fn role_label(snap: &crate::common::topology::Snapshot, i: usize) -> &'static str {
     let n = &snap.nodes[i];
     if n.role == Role::Primary && snap.primary() != Some(i) && n.healthy {
         "stale-primary"
@@ -99,7 +99,7 @@ fn handle(state: &AdminState, req: &Request<Incoming>, _peer: SocketAddr) -> Res
     }
     match req.uri().path() {
         "/" => {
-            let page = crate::status::render(&crate::status::overview(state));
+            let page = crate::admin::status::render(&crate::admin::status::overview(state));
             let mut r = Response::new(Full::new(Bytes::from(page)));
             r.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
@@ -220,7 +220,7 @@ pub fn topology_json(state: &AdminState) -> serde_json::Value {
                         "role": role,
                         "healthy": n.healthy,
                         "timeline": n.timeline,
-                        "lsn": n.lsn.map(crate::status::lsn_text),
+                        "lsn": n.lsn.map(crate::admin::status::lsn_text),
                         "replay_lag_seconds": n.replay_lag_ms.map(|ms| ms as f64 / 1000.0),
                         "error": n.last_error,
                         "idle_connections": idle.get(&n.address).copied().unwrap_or(0),

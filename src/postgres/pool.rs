@@ -16,8 +16,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::backend::{same_startup, Backend, BackendError, ConnectOptions, Credential, StartupParams};
-use crate::metrics::{ClusterLabels, Metrics, NodeStateLabels};
+use crate::common::metrics::{ClusterLabels, Metrics, NodeStateLabels};
+use crate::postgres::backend::{
+    same_startup, Backend, BackendError, ConnectOptions, Credential, StartupParams,
+};
 
 /// Pool limits, from the cluster configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,7 +116,7 @@ pub struct Pools {
     /// Ids for server connections (`SHOW SERVERS`).
     next_server: AtomicU64,
     settings: PoolSettings,
-    tls: crate::tls::BackendTls,
+    tls: crate::common::tls::BackendTls,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     metrics: Arc<Metrics>,
     /// `sluice_checkout_wait_seconds` for this cluster, resolved once (observed per checkout).
@@ -339,7 +341,7 @@ impl Pools {
     pub fn new(
         cluster: &str,
         settings: PoolSettings,
-        tls: crate::tls::BackendTls,
+        tls: crate::common::tls::BackendTls,
         metrics: Arc<Metrics>,
     ) -> Self {
         let checkout_wait = metrics
@@ -509,9 +511,9 @@ impl Pools {
         let info = ServerInfo {
             id,
             pid: conn.pid,
-            connect_time: crate::activity::now_micros(),
+            connect_time: crate::postgres::activity::now_micros(),
             local: conn.stream.tcp().local_addr().ok(),
-            tls: matches!(conn.stream, crate::tls::MaybeTls::Tls(_)),
+            tls: matches!(conn.stream, crate::common::tls::MaybeTls::Tls(_)),
         };
         pool.servers.lock().expect("servers lock").insert(id, info);
         conn.registration = Some(Registration {

@@ -5,8 +5,8 @@
 
 use sluice_postgres::{Class, Classification, Hint};
 
+use crate::common::topology::{Role, Snapshot};
 use crate::config::Consistency;
-use crate::topology::{Role, Snapshot};
 
 /// Where a request must go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,7 +110,7 @@ fn least_loaded(
     load: &[u32],
     tiebreak: usize,
     policy: &Policy<'_>,
-    eligible: impl Fn(&crate::topology::Node) -> bool,
+    eligible: impl Fn(&crate::common::topology::Node) -> bool,
 ) -> Option<usize> {
     let n = snap.nodes.len();
     let mut best: Option<((bool, u32), usize)> = None;
@@ -132,7 +132,7 @@ fn least_loaded(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::topology::{Member, Node};
+    use crate::common::topology::{Member, Node};
     use sluice_postgres::Effects;
 
     fn node(role: Role, healthy: bool) -> Node {
