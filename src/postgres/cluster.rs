@@ -12,7 +12,7 @@ use tracing::{error, info, warn};
 
 use crate::common::metrics::{ClusterLabels, Metrics, NodeLabels, ResultLabels, RouteLabels};
 use crate::common::topology::{Member, Node, Observation, Role, Topology};
-use crate::config::{ClusterConfig, Consistency, Discovery, TopologyKind};
+use crate::config::{ClusterConfig, Discovery, TopologyKind};
 use crate::postgres::backend::{
     own_startup_params, same_startup, Backend, BackendError, ConnectOptions, Credential, PassThrough,
     StartupParams, NO_CREDENTIAL,
@@ -373,16 +373,7 @@ impl Cluster {
         min_lsn: Option<u64>,
         parked: &mut Option<Checkout>,
     ) -> Result<Checkout, AttachError> {
-        let policy = Policy {
-            multi_active: self.config.topology == TopologyKind::MultiActive,
-            min_lsn: if self.config.consistency == Consistency::ReadYourWrites {
-                min_lsn
-            } else {
-                None
-            },
-            max_lag: self.config.max_replica_lag,
-            zone: self.config.zone.as_deref(),
-        };
+        let policy = Policy::of(&self.config, min_lsn);
         let start = tokio::time::Instant::now();
         let deadline = start + self.config.failover_wait;
         let credential = self.credential(user);

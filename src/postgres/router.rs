@@ -1,4 +1,5 @@
-//! The router: a pure function from (statement class, hint, policy, topology) to a node.
+//! The router: pure functions from (statement class, hint, session, configuration) to an
+//! [`Intent`], and from (intent, policy, topology) to a node. Every routing rule is here.
 //!
 //! No I/O and no clocks, so every rule is a unit test. Load (queries in flight per node) and a
 //! tie-breaking counter are passed in by the caller.
@@ -6,7 +7,7 @@
 use sluice_postgres::{Class, Classification, Hint};
 
 use crate::common::topology::{Role, Snapshot};
-use crate::config::Consistency;
+use crate::config::{ClusterConfig, Consistency, PoolMode, TopologyKind};
 
 /// Where a request must go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +33,17 @@ impl Intent {
         }
     }
 
+    /// The intent for a client's next request: in session pooling the whole session runs on
+    /// the primary; a hot standby refuses serializable transactions, so a client whose
+    /// transactions are serializable stays on the primary; otherwise [`Intent::of`].
+    pub fn for_request(c: Classification, config: &ClusterConfig, serializable: bool) -> Intent {
+        match config.pool_mode {
+            PoolMode::Session => Intent::Primary,
+            PoolMode::Transaction if serializable => Intent::Primary,
+            PoolMode::Transaction => Intent::of(c, config.consistency),
+        }
+    }
+
     /// The label used in metrics and logs.
     pub fn label(self) -> &'static str {
         match self {
@@ -53,6 +65,19 @@ pub struct Policy<'a> {
     pub max_lag: Option<u64>,
     /// Prefer nodes in this zone.
     pub zone: Option<&'a str>,
+}
+
+impl<'a> Policy<'a> {
+    /// The cluster's policy; `min_lsn` (the client's last commit) applies under
+    /// `consistency = "read-your-writes"` only.
+    pub fn of(config: &'a ClusterConfig, min_lsn: Option<u64>) -> Policy<'a> {
+        Policy {
+            multi_active: config.topology == TopologyKind::MultiActive,
+            min_lsn: min_lsn.filter(|_| config.consistency == Consistency::ReadYourWrites),
+            max_lag: config.max_replica_lag,
+            zone: config.zone.as_deref(),
+        }
+    }
 }
 
 /// Why no node could be chosen.
@@ -284,5 +309,45 @@ mod tests {
             ),
             Err(NoRoute::NoNode)
         );
+    }
+
+    fn cluster(keys: &str) -> ClusterConfig {
+        let text = format!(
+            "[[clusters]]\nname = \"pg\"\nprotocol = \"postgres\"\nlisten = \"127.0.0.1:6432\"\n{keys}\n\
+             [clusters.discovery]\nstatic = [\"127.0.0.1:5432\"]\n\
+             [[clusters.users]]\nname = \"app\"\npassword = \"pw\"\n"
+        );
+        let mut c = crate::config::Config::parse(&text).expect("valid config");
+        c.clusters.remove(0)
+    }
+
+    #[test]
+    fn the_request_intent_follows_pool_mode_isolation_and_consistency() {
+        let read = cls(Class::Read, None);
+        let write = cls(Class::Write, None);
+        let tx = cluster("");
+        assert_eq!(Intent::for_request(read, &tx, false), Intent::Replica);
+        assert_eq!(Intent::for_request(write, &tx, false), Intent::Primary);
+        // A hot standby refuses serializable transactions.
+        assert_eq!(Intent::for_request(read, &tx, true), Intent::Primary);
+        let session = cluster("pool_mode = \"session\"");
+        assert_eq!(Intent::for_request(read, &session, false), Intent::Primary);
+        let primary = cluster("consistency = \"primary\"");
+        assert_eq!(
+            Intent::for_request(cls(Class::Read, Some(Hint::Replica)), &primary, false),
+            Intent::Primary
+        );
+    }
+
+    #[test]
+    fn the_policy_takes_the_clients_lsn_only_under_read_your_writes() {
+        assert_eq!(Policy::of(&cluster(""), Some(7)).min_lsn, None);
+        let ryw = cluster("consistency = \"read-your-writes\"\nzone = \"a\"\nmax_replica_lag = 100");
+        let p = Policy::of(&ryw, Some(7));
+        assert_eq!(
+            (p.min_lsn, p.max_lag, p.zone, p.multi_active),
+            (Some(7), Some(100), Some("a"), false)
+        );
+        assert!(Policy::of(&cluster("topology = \"multi-active\""), None).multi_active);
     }
 }

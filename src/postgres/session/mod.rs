@@ -581,12 +581,7 @@ impl Session {
                     self.batch_class(first)
                 }
             };
-            let intent = match self.cluster.config.pool_mode {
-                PoolMode::Session => Intent::Primary,
-                // A hot standby refuses serializable transactions.
-                PoolMode::Transaction if self.serializable() => Intent::Primary,
-                PoolMode::Transaction => Intent::of(class, self.cluster.config.consistency),
-            };
+            let intent = Intent::for_request(class, &self.cluster.config, self.serializable());
             let had_parked = self.parked.is_some();
             match self.attach_counted(intent).await {
                 Ok(checkout) => self.attach(checkout),
@@ -631,7 +626,7 @@ impl Session {
                 self.batch_class(first)
             }
         };
-        Ok(self.serializable() || Intent::of(class, self.cluster.config.consistency) == Intent::Primary)
+        Ok(Intent::for_request(class, &self.cluster.config, self.serializable()) == Intent::Primary)
     }
 
     /// Whether `msg` uses the unnamed statement while a Parse of it in an earlier batch is still
