@@ -9,9 +9,10 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
+use sluice_postgres::backend::{backend_key_data, data_row, parameter_status, Authentication};
 use sluice_postgres::{peek, split_message, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -219,21 +220,17 @@ impl Backend {
             let msg = be.read_message().await?;
             match msg.tag() {
                 b'R' => {
-                    let (code, rest) =
-                        auth_code(msg.body()).ok_or_else(|| be.protocol("short Authentication message"))?;
+                    let auth = Authentication::decode(msg.body())
+                        .ok_or_else(|| be.protocol("short Authentication message"))?;
                     out.clear();
-                    match code {
-                        0 => {}
-                        3 => {
+                    match auth {
+                        Authentication::Ok => {}
+                        Authentication::CleartextPassword => {
                             let password =
                                 password.ok_or_else(|| no_password(&be, "a cleartext password"))?;
                             frontend::password_message(password.as_bytes(), &mut out).map_err(io_err)?
                         }
-                        5 => {
-                            let salt: [u8; 4] = rest
-                                .get(..4)
-                                .and_then(|s| s.try_into().ok())
-                                .ok_or_else(|| be.protocol("short md5 salt"))?;
+                        Authentication::Md5Password { salt } => {
                             let password = password.ok_or_else(|| no_password(&be, "an md5 password"))?;
                             let hash = postgres_protocol::authentication::md5_hash(
                                 opts.user.as_bytes(),
@@ -242,9 +239,8 @@ impl Backend {
                             );
                             frontend::password_message(hash.as_bytes(), &mut out).map_err(io_err)?;
                         }
-                        10 => {
-                            let offers_scram = rest.split(|b| *b == 0).any(|m| m == b"SCRAM-SHA-256");
-                            if !offers_scram {
+                        Authentication::Sasl { .. } => {
+                            if !auth.offers(b"SCRAM-SHA-256") {
                                 return Err(be.protocol(
                                     "server offers no SASL mechanism sluice supports (SCRAM-SHA-256)",
                                 ));
@@ -279,7 +275,7 @@ impl Backend {
                             };
                             scram = Some(client);
                         }
-                        11 => match scram.as_mut() {
+                        Authentication::SaslContinue(rest) => match scram.as_mut() {
                             Some(SaslClient::Password(s)) => {
                                 s.update(rest).map_err(|e| be.protocol(&format!("SCRAM: {e}")))?;
                                 frontend::sasl_response(s.message(), &mut out).map_err(io_err)?;
@@ -292,7 +288,7 @@ impl Backend {
                             }
                             None => return Err(be.protocol("SASLContinue without SASL")),
                         },
-                        12 => {
+                        Authentication::SaslFinal(rest) => {
                             let checked = match scram.as_mut() {
                                 Some(SaslClient::Password(s)) => s.finish(rest).map_err(|e| e.to_string()),
                                 Some(SaslClient::Keys(s)) => s.server_final(rest).map_err(|e| e.to_string()),
@@ -300,7 +296,7 @@ impl Backend {
                             };
                             checked.map_err(|e| be.protocol(&format!("SCRAM server signature: {e}")))?;
                         }
-                        other => {
+                        Authentication::Other(other) => {
                             return Err(be.protocol(&format!("unsupported authentication method {other}")))
                         }
                     }
@@ -309,15 +305,13 @@ impl Backend {
                     }
                 }
                 b'S' => {
-                    if let Some((k, v)) = two_cstrings(msg.body()) {
+                    if let Some((k, v)) = parameter_status(msg.body()) {
                         be.params.push((k, v));
                     }
                 }
                 b'K' => {
-                    let mut b = msg.body();
-                    if b.len() >= 8 {
-                        be.pid = b.get_i32();
-                        be.secret = b.get_i32();
+                    if let Some((pid, secret)) = backend_key_data(msg.body()) {
+                        (be.pid, be.secret) = (pid, secret);
                     }
                 }
                 b'Z' => return Ok(be),
@@ -444,66 +438,5 @@ async fn negotiate_tls(mut tcp: TcpStream, opts: &ConnectOptions<'_>) -> Result<
             "the server does not accept TLS, and backend_tls requires it".into(),
         )),
         other => Err(protocol(format!("unexpected answer {other:#04x} to SSLRequest"))),
-    }
-}
-
-/// The Authentication message's method code and the rest of its body.
-fn auth_code(body: &[u8]) -> Option<(i32, &[u8])> {
-    let code = i32::from_be_bytes(body.get(..4)?.try_into().ok()?);
-    Some((code, &body[4..]))
-}
-
-/// Two NUL-terminated strings (ParameterStatus).
-fn two_cstrings(body: &[u8]) -> Option<(String, String)> {
-    let mut parts = body.split(|b| *b == 0);
-    let k = parts.next()?;
-    let v = parts.next()?;
-    Some((
-        String::from_utf8_lossy(k).into_owned(),
-        String::from_utf8_lossy(v).into_owned(),
-    ))
-}
-
-/// The columns of a DataRow in text format.
-pub fn data_row(mut body: &[u8]) -> Option<Vec<Option<String>>> {
-    if body.len() < 2 {
-        return None;
-    }
-    let n = body.get_i16();
-    let mut out = Vec::with_capacity(n.max(0) as usize);
-    for _ in 0..n {
-        if body.len() < 4 {
-            return None;
-        }
-        let len = body.get_i32();
-        if len < 0 {
-            out.push(None);
-            continue;
-        }
-        let v = body.get(..len as usize)?;
-        out.push(Some(String::from_utf8_lossy(v).into_owned()));
-        body.advance(len as usize);
-    }
-    Some(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn data_row_reads_text_and_nulls() {
-        let body = [0, 2, 0, 0, 0, 1, b't', 0xff, 0xff, 0xff, 0xff];
-        assert_eq!(data_row(&body), Some(vec![Some("t".to_string()), None]));
-        assert_eq!(data_row(&[0, 1, 0, 0, 0, 9, b'x']), None);
-        assert_eq!(data_row(&[0]), None);
-    }
-
-    #[test]
-    fn parameter_status_pairs() {
-        assert_eq!(
-            two_cstrings(b"server_version\x0015.8\x00"),
-            Some(("server_version".into(), "15.8".into()))
-        );
     }
 }

@@ -1,11 +1,15 @@
 //! PostgreSQL wire protocol pieces for sluice: framing, startup decoding, server message builders,
-//! zero-copy peeks into client messages, SCRAM-SHA-256 and read/write statement classification.
+//! typed decoders of the server messages a proxy reads itself, zero-copy peeks into client
+//! messages, SCRAM-SHA-256, read/write statement classification and the SQL commands a proxy
+//! must recognise (`EXECUTE`, `DEALLOCATE`, `DISCARD ALL`, database-level DDL).
 //!
 //! This crate knows bytes and messages only: no sockets, no config, no async runtime.
 
 #![warn(missing_docs)]
 
+pub mod backend;
 pub mod classify;
+pub mod commands;
 pub mod frame;
 pub mod peek;
 pub mod scram;

@@ -10,7 +10,6 @@
 //! own queries on the attached backend (settings replay and capture, WAL position for
 //! read-your-writes) are answered to sluice, never relayed; see `replies.rs`.
 
-mod commands;
 mod gate;
 mod login;
 mod replies;
@@ -538,7 +537,7 @@ impl Session {
             None
         };
         if let Some(sql) = (tag == b'Q').then(|| peek::query(msg.body()).ok()).flatten() {
-            if let Some(database) = commands::database_to_release(sql) {
+            if let Some(database) = sluice_postgres::commands::database_to_release(sql) {
                 // DROP DATABASE and friends need the database unused: sluice's idle (and
                 // parked) connections to it go first.
                 debug!(parent: &self.span, %database, "closing pooled connections to the database");

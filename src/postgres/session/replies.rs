@@ -189,14 +189,14 @@ impl Session {
                 Some(unit) => {
                     match (tag, unit) {
                         (b'D', Unit::ReadSettings(rows)) => {
-                            if let Some(row) = crate::postgres::backend::data_row(msg.body()) {
+                            if let Some(row) = sluice_postgres::backend::data_row(msg.body()) {
                                 if let [Some(name), Some(value)] = row.as_slice() {
                                     rows.push((name.clone(), value.clone()));
                                 }
                             }
                         }
                         (b'D', Unit::WalPosition(lsn)) => {
-                            *lsn = crate::postgres::backend::data_row(msg.body())
+                            *lsn = sluice_postgres::backend::data_row(msg.body())
                                 .and_then(|r| r.into_iter().next().flatten())
                                 .and_then(|v| crate::postgres::cluster::parse_lsn(&v));
                         }

@@ -1,5 +1,7 @@
 //! SQL commands sluice must see coming, beyond read/write classification: those that need a
-//! database that no session uses, which sluice's own pooled connections would otherwise block.
+//! database that no session uses (which a proxy's own pooled connections would otherwise
+//! block), and the SQL-level `EXECUTE`/`DEALLOCATE`/`DISCARD ALL` that act on prepared
+//! statements a proxy renames.
 
 /// The database that `DROP DATABASE name`, `ALTER DATABASE name RENAME TO ...` or
 /// `CREATE DATABASE ... TEMPLATE name` needs unused (a single statement; names fold to lower
@@ -92,6 +94,75 @@ fn words(sql: &[u8]) -> Option<Vec<Word>> {
     Some(out)
 }
 
+/// What a `DEALLOCATE` or `DISCARD` statement drops.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Deallocate {
+    /// Every prepared statement (`DEALLOCATE ALL`, `DISCARD ALL`).
+    All,
+    /// The statement of this name.
+    Name(Vec<u8>),
+}
+
+/// Recognises `EXECUTE name ...`: the name (folded to lower case unless quoted) and the rest of
+/// the text after it (parameters, further statements), verbatim.
+pub fn parse_execute(sql: &[u8]) -> Option<(Vec<u8>, &[u8])> {
+    let sql = sql.trim_ascii_start();
+    let keyword = sql.get(..7)?;
+    if !keyword.eq_ignore_ascii_case(b"EXECUTE") || !sql.get(7)?.is_ascii_whitespace() {
+        return None;
+    }
+    let after = sql[7..].trim_ascii_start();
+    if let Some(quoted) = after.strip_prefix(b"\"") {
+        let end = quoted.iter().position(|&b| b == b'"')?;
+        if quoted.get(end + 1) == Some(&b'"') {
+            return None; // a doubled quote inside: leave it to the server
+        }
+        return Some((quoted[..end].to_vec(), &quoted[end + 1..]));
+    }
+    let end = after
+        .iter()
+        .position(|&b| !(b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80))
+        .unwrap_or(after.len());
+    if end == 0 || after[0].is_ascii_digit() {
+        return None;
+    }
+    Some((after[..end].to_ascii_lowercase(), &after[end..]))
+}
+
+/// Recognises `DEALLOCATE [PREPARE] name|ALL` and `DISCARD ALL` (a single statement, any case,
+/// optional trailing `;`). Unquoted names fold to lower case, as PostgreSQL folds them.
+pub fn parse_deallocate(sql: &[u8]) -> Option<Deallocate> {
+    let sql = sql.trim_ascii();
+    let sql = sql.strip_suffix(b";").unwrap_or(sql).trim_ascii_end();
+    let mut words = sql.split(|b| b.is_ascii_whitespace()).filter(|w| !w.is_empty());
+    let first = words.next()?;
+    if first.eq_ignore_ascii_case(b"DISCARD") {
+        let w = words.next()?;
+        return (w.eq_ignore_ascii_case(b"ALL") && words.next().is_none()).then_some(Deallocate::All);
+    }
+    if !first.eq_ignore_ascii_case(b"DEALLOCATE") {
+        return None;
+    }
+    let mut name = words.next()?;
+    if name.eq_ignore_ascii_case(b"PREPARE") {
+        name = words.next()?;
+    }
+    if words.next().is_some() {
+        return None;
+    }
+    if name.eq_ignore_ascii_case(b"ALL") {
+        return Some(Deallocate::All);
+    }
+    let name = match name.strip_prefix(b"\"").and_then(|n| n.strip_suffix(b"\"")) {
+        Some(quoted) => {
+            let s = String::from_utf8_lossy(quoted).replace("\"\"", "\"");
+            s.into_bytes()
+        }
+        None => name.to_ascii_lowercase(),
+    };
+    Some(Deallocate::Name(name))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,5 +183,36 @@ mod tests {
         assert_eq!(d("CREATE DATABASE x"), None);
         assert_eq!(d("DROP TABLE foo"), None);
         assert_eq!(d("DROP DATABASE a; DROP DATABASE b"), None);
+    }
+
+    #[test]
+    fn execute_statements() {
+        let e =
+            |s: &'static str| parse_execute(s.as_bytes()).map(|(n, r)| (String::from_utf8(n).unwrap(), r));
+        assert_eq!(e("EXECUTE foo"), Some(("foo".into(), &b""[..])));
+        assert_eq!(
+            e(" execute Foo(1, 'a;b');"),
+            Some(("foo".into(), &b"(1, 'a;b');"[..]))
+        );
+        assert_eq!(e("EXECUTE \"Foo\" (1)"), Some(("Foo".into(), &b" (1)"[..])));
+        assert_eq!(e("EXECUTED"), None);
+        assert_eq!(e("EXECUTE 1"), None);
+        assert_eq!(e("SELECT 1"), None);
+    }
+
+    #[test]
+    fn deallocate_statements() {
+        let d = |s: &str| parse_deallocate(s.as_bytes());
+        assert_eq!(d("DEALLOCATE ALL"), Some(Deallocate::All));
+        assert_eq!(d("  discard all ;"), Some(Deallocate::All));
+        assert_eq!(d("DEALLOCATE PREPARE all"), Some(Deallocate::All));
+        assert_eq!(d("DEALLOCATE S1"), Some(Deallocate::Name(b"s1".to_vec())));
+        assert_eq!(
+            d("deallocate prepare \"S1\";"),
+            Some(Deallocate::Name(b"S1".to_vec()))
+        );
+        assert_eq!(d("DISCARD PLANS"), None);
+        assert_eq!(d("DEALLOCATE a; SELECT 1"), None);
+        assert_eq!(d("SELECT 1"), None);
     }
 }
