@@ -351,6 +351,9 @@ const POSTGRES_ONLY: &[&str] = &[
     "probe_user",
     "probe_database",
     "write_functions",
+    "auth_user",
+    "auth_query",
+    "auth_dbname",
 ];
 
 fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
@@ -1304,6 +1307,31 @@ static = ["127.0.0.1:9042"]
                 .find(|e| e.path == path)
                 .unwrap_or_else(|| panic!("{path} in {paths:?}"));
             assert_eq!(e.reason, "applies to postgres clusters only");
+        }
+    }
+
+    #[test]
+    fn auth_query_keys_on_a_cql_cluster_are_named_errors() {
+        let cql = r#"
+[[clusters]]
+name = "ring"
+protocol = "cql"
+listen = "127.0.0.1:19042"
+auth_user = "lookup"
+auth_query = "SELECT 1"
+auth_dbname = "postgres"
+[clusters.discovery]
+static = ["127.0.0.1:9042"]
+"#;
+        let errs = Config::parse(cql).unwrap_err();
+        for key in ["auth_user", "auth_query", "auth_dbname"] {
+            let path = format!("clusters[0].{key}");
+            assert!(
+                errs.0
+                    .iter()
+                    .any(|e| e.path == path && e.reason == "applies to postgres clusters only"),
+                "{path}: {errs:?}"
+            );
         }
     }
 
