@@ -48,7 +48,7 @@ impl Session {
     /// Ends the client's transaction in flight once it is over: no backend held, or the held
     /// one idle with nothing in flight.
     pub(super) fn end_transaction_if_done(&mut self) {
-        if self.busy.is_some() && self.attached.as_ref().is_none_or(Attached::is_clean) {
+        if self.busy.is_some() && self.link.attached().is_none_or(Attached::is_clean) {
             self.busy = None;
             self.client
                 .info

@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::settings;
-use super::{fatal, Session};
+use super::{fatal, Link, Session};
 use crate::common::tls::{ClientStream, MaybeTls};
 use crate::config::PoolMode;
 use crate::postgres::backend::StartupParams;
@@ -128,15 +128,13 @@ pub async fn login(
         cbuf: buf,
         out: greeting,
         to_backend: BytesMut::new(),
-        attached: None,
-        parked: None,
+        link: Link::Idle,
         statements: Default::default(),
         settings: Default::default(),
         custom_settings: Vec::new(),
         functions,
         pinned: None,
         min_lsn: None,
-        skip_until_sync: false,
         held: None,
         cancel_key,
         cancel_slot,
@@ -151,7 +149,7 @@ pub async fn login(
         } else {
             checkout.park();
             session.cancel_slot.set(None);
-            session.parked = Some(checkout);
+            session.link = Link::Parked(checkout);
         }
     }
     session.flush_client().await?;

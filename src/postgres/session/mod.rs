@@ -138,6 +138,56 @@ enum End {
     BackendFault(String),
 }
 
+/// The server connection a session holds, and what it is for: the states the relay tells
+/// apart. A session never holds a parked and an attached backend at once, and drops the
+/// client's messages until Sync only while it has no backend.
+enum Link {
+    /// No backend: between transactions, or before the first.
+    Idle,
+    /// An extended-protocol request found no backend (no primary, pool exhausted, cancelled,
+    /// paused): its error was sent, and the client's messages up to its Sync are dropped; the
+    /// Sync is answered with ReadyForQuery.
+    FailedUntilSync,
+    /// The backend of the client's last transaction, kept while nobody else needs it; the
+    /// router may give it the next request (see `Session::park`).
+    Parked(Checkout),
+    /// A backend runs the client's requests (and sluice's own: settings, WAL position).
+    Attached(Attached),
+}
+
+impl Link {
+    fn attached(&self) -> Option<&Attached> {
+        match self {
+            Link::Attached(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    fn attached_mut(&mut self) -> Option<&mut Attached> {
+        match self {
+            Link::Attached(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// The parked backend, leaving no backend.
+    fn take_parked(&mut self) -> Option<Checkout> {
+        match std::mem::replace(self, Link::Idle) {
+            Link::Parked(c) => Some(c),
+            other => {
+                *self = other;
+                None
+            }
+        }
+    }
+}
+
+/// What woke the relay on the session's server connection.
+enum LinkEvent {
+    Backend(std::io::Result<BackendIo>),
+    Reclaimed,
+}
+
 /// The backend a client holds right now.
 struct Attached {
     checkout: Checkout,
@@ -254,9 +304,8 @@ pub struct Session {
     out: BytesMut,
     /// Bytes for the backend.
     to_backend: BytesMut,
-    attached: Option<Attached>,
-    /// The backend of the client's last transaction, kept while nobody else needs it.
-    parked: Option<Checkout>,
+    /// The server connection the session holds, if any, and what it is for.
+    link: Link,
     /// The client's prepared statements by the client's name ("" is the unnamed one).
     statements: HashMap<Bytes, Arc<Statement>>,
     /// The client's session settings, replayed on each backend it gets.
@@ -269,8 +318,6 @@ pub struct Session {
     pinned: Option<PinReason>,
     /// The WAL position of the client's last write (read-your-writes).
     min_lsn: Option<u64>,
-    /// After a failed extended-protocol request: drop messages until Sync.
-    skip_until_sync: bool,
     /// A client message that starts a write while the replica backend it is attached to still
     /// answers earlier requests (the client's pipelined reads, or sluice's settings capture):
     /// it waits, with everything after it, until that backend is done and can be let go.
@@ -317,8 +364,8 @@ impl Session {
             // A request in flight on a node that sluice has marked down (probe timeout, refused
             // connections) would wait as long as the node hangs: end it instead.
             let in_flight_on = self
-                .attached
-                .as_ref()
+                .link
+                .attached()
                 .filter(|a| !a.units.is_empty() || a.in_batch || a.copy_in)
                 .map(|a| a.checkout.conn.node_shared());
             let topology = &self.cluster.topology;
@@ -338,9 +385,9 @@ impl Session {
                 }
             };
             // A client with no backend is between transactions: it may idle only so long.
-            let idle_limit = match (&self.attached, self.cluster.config.client_idle_timeout) {
-                (None, Some(limit)) => Some(limit),
-                _ => None,
+            let idle_limit = match (&self.link, self.cluster.config.client_idle_timeout) {
+                (Link::Attached(_), _) => None,
+                (_, limit) => limit,
             };
             let idle = async {
                 match idle_limit {
@@ -351,8 +398,7 @@ impl Session {
             let Session {
                 rd,
                 cbuf,
-                attached,
-                parked,
+                link,
                 to_backend,
                 ..
             } = self;
@@ -365,23 +411,24 @@ impl Session {
                 }
                 rd.read_buf(cbuf).await
             };
-            let reclaim = async {
-                match parked {
-                    Some(c) => c.conn.reclaimed().await,
-                    None => std::future::pending().await,
-                }
-            };
-            // Reads the backend's replies while writing the client's messages to it: a server
-            // blocked on sending replies stops reading, so a proxy that only wrote would
-            // deadlock on a long pipeline, and an error would reach the client only after it
-            // had sent everything (asyncpg's executemany stops early on a server error).
-            let backend_io = async {
-                match attached {
-                    Some(a) => {
+            // What the session's server connection may do: an attached backend reads the
+            // replies while the client's messages are written to it (a server blocked on
+            // sending replies stops reading, so a proxy that only wrote would deadlock on a long
+            // pipeline, and an error would reach the client only after it had sent everything:
+            // asyncpg's executemany stops early on a server error); a parked one may be
+            // reclaimed by its pool.
+            let link_io = async {
+                match link {
+                    Link::Attached(a) => {
                         let be = a.checkout.conn.conn();
-                        backend_io(&mut be.stream, &mut be.rbuf, to_backend).await
+                        LinkEvent::Backend(backend_io(&mut be.stream, &mut be.rbuf, to_backend).await)
                     }
-                    None => {
+                    Link::Parked(c) => {
+                        to_backend.clear();
+                        c.conn.reclaimed().await;
+                        LinkEvent::Reclaimed
+                    }
+                    Link::Idle | Link::FailedUntilSync => {
                         to_backend.clear();
                         std::future::pending().await
                     }
@@ -392,16 +439,20 @@ impl Session {
                 // While a backend streams without pause, client messages wait in the socket;
                 // they are read as soon as it pauses.
                 biased;
-                r = backend_io => match r {
-                    Ok(BackendIo::Wrote) => {}
-                    Ok(BackendIo::Read(0)) => return self.backend_lost("the server closed the connection"),
-                    Err(e) => return self.backend_lost(&e.to_string()),
-                    Ok(BackendIo::Read(_)) => {
+                event = link_io => match event {
+                    LinkEvent::Backend(Ok(BackendIo::Wrote)) => {}
+                    LinkEvent::Backend(Ok(BackendIo::Read(0))) => {
+                        return self.backend_lost("the server closed the connection")
+                    }
+                    LinkEvent::Backend(Err(e)) => return self.backend_lost(&e.to_string()),
+                    LinkEvent::Backend(Ok(BackendIo::Read(_))) => {
                         if let Err(end) = self.process_backend_messages() {
                             let _ = self.flush_client().await;
                             return end;
                         }
                     }
+                    // Another client needs a connection of that pool, or it idled out.
+                    LinkEvent::Reclaimed => self.release_parked(),
                 },
                 () = idle => {
                     info!(parent: &self.span, "client idle past client_idle_timeout; disconnecting");
@@ -414,10 +465,6 @@ impl Session {
                         self.db.totals.received.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                     }
                 },
-                () = reclaim => {
-                    // Another client needs a connection of that pool, or it idled out.
-                    self.release_parked();
-                }
                 why = node_down => {
                     return self.backend_lost(&format!("the node was marked down ({why})"));
                 }
@@ -429,12 +476,12 @@ impl Session {
     /// FATAL error when it sent one (a terminated backend, a shutdown), else by sluice's 08006.
     fn backend_lost(&mut self, why: &str) -> End {
         let node = self
-            .attached
-            .as_mut()
+            .link
+            .attached_mut()
             .map(|a| a.checkout.conn.node().to_string())
             .unwrap_or_default();
-        let told = self.attached.as_ref().is_some_and(|a| a.server_fatal);
-        if let Some(a) = self.attached.as_mut() {
+        let told = self.link.attached().is_some_and(|a| a.server_fatal);
+        if let Some(a) = self.link.attached_mut() {
             a.checkout.conn.discard();
         }
         self.cluster
@@ -455,11 +502,11 @@ impl Session {
             .sent
             .fetch_add(self.out.len() as u64, std::sync::atomic::Ordering::Relaxed);
         while !self.out.is_empty() {
-            let Session { wr, out, parked, .. } = self;
+            let Session { wr, out, link, .. } = self;
             let reclaim = async {
-                match parked {
-                    Some(c) => c.conn.reclaimed().await,
-                    None => std::future::pending().await,
+                match link {
+                    Link::Parked(c) => c.conn.reclaimed().await,
+                    _ => std::future::pending().await,
                 }
             };
             tokio::select! {
@@ -480,7 +527,7 @@ impl Session {
     async fn process_client_messages(&mut self) -> Result<(), End> {
         loop {
             if let Some(msg) = self.held.take() {
-                if self.attached.as_ref().is_some_and(|a| !a.units.is_empty()) {
+                if self.link.attached().is_some_and(|a| !a.units.is_empty()) {
                     self.held = Some(msg);
                     return Ok(());
                 }
@@ -517,8 +564,8 @@ impl Session {
             return Err(End::ClientGone);
         }
         // A message that starts a transaction passes the console's pause gate first.
-        let answered_locally = self.attached.is_none()
-            && (self.skip_until_sync || matches!(tag, b'S' | b'H' | b'd' | b'c' | b'f'));
+        let answered_locally = matches!(self.link, Link::FailedUntilSync)
+            || (self.link.attached().is_none() && matches!(tag, b'S' | b'H' | b'd' | b'c' | b'f'));
         if !answered_locally {
             self.end_transaction_if_done();
             if self.busy.is_none() {
@@ -554,10 +601,10 @@ impl Session {
                 .queries
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        if self.attached.is_none() {
-            if self.skip_until_sync {
+        if self.link.attached().is_none() {
+            if matches!(self.link, Link::FailedUntilSync) {
                 if tag == b'S' {
-                    self.skip_until_sync = false;
+                    self.link = Link::Idle;
                     server::ready_for_query(&mut self.out, b'I');
                 }
                 return Ok(());
@@ -581,7 +628,7 @@ impl Session {
                 }
             };
             let intent = Intent::for_request(class, &self.cluster.config, self.serializable());
-            let had_parked = self.parked.is_some();
+            let had_parked = matches!(self.link, Link::Parked(_));
             match self.attach_counted(intent).await {
                 Ok(checkout) => self.attach(checkout),
                 Err(e) => {
@@ -604,7 +651,7 @@ impl Session {
         msg: &Message,
         query_class: Option<Classification>,
     ) -> Result<bool, End> {
-        let Some(a) = self.attached.as_ref() else {
+        let Some(a) = self.link.attached() else {
             return Ok(false);
         };
         let starts_request = msg.tag() == b'Q'
@@ -633,7 +680,7 @@ impl Session {
     /// server skipped that Parse after an error, the client has no unnamed statement and must
     /// be told so (26000), not be bound to another client's. It waits for the answer.
     fn unnamed_undecided(&self, msg: &Message) -> bool {
-        let Some(a) = self.attached.as_ref() else {
+        let Some(a) = self.link.attached() else {
             return false;
         };
         // The pending-Parse condition first: it is almost always false, and then the message
@@ -673,13 +720,16 @@ impl Session {
         tokio::pin!(woken);
         woken.as_mut().enable();
         slot.set_queued(true);
+        // The parked backend serves the request if the router chooses its node; otherwise it
+        // goes back to its pool (also when the wait is cancelled).
+        let mut parked = self.link.take_parked();
         let attach = self.cluster.attach(
             intent,
             &self.user,
             &self.database,
             &self.startup,
             self.min_lsn,
-            &mut self.parked,
+            &mut parked,
         );
         let result = tokio::select! {
             biased;
@@ -799,7 +849,7 @@ impl Session {
         for _ in 0..replays {
             attached.push_unit(Unit::Replay);
         }
-        self.attached = Some(attached);
+        self.link = Link::Attached(attached);
     }
 
     /// Ties the client to its backend for the rest of the session.
@@ -814,27 +864,28 @@ impl Session {
     /// The client's transaction is over: keeps the backend parked for the client's next
     /// request while no other client waits for its pool, else returns it.
     fn park(&mut self) {
-        let Some(a) = self.attached.as_ref() else { return };
+        let Some(a) = self.link.attached() else { return };
         if !a.is_clean() || self.pinned.is_some() || a.checkout.conn.contended() {
             return self.detach();
         }
         // The cancel target stays: a cancel request while parked reaches an idle backend,
         // which ignores it; it is cleared when the parked backend is let go.
-        let mut a = self.attached.take().expect("checked above");
-        a.checkout.park();
-        self.parked = Some(a.checkout);
+        if let Link::Attached(mut a) = std::mem::replace(&mut self.link, Link::Idle) {
+            a.checkout.park();
+            self.link = Link::Parked(a.checkout);
+        }
     }
 
     /// Lets go of the parked backend (back to its pool).
     fn release_parked(&mut self) {
-        if self.parked.take().is_some() {
+        if self.link.take_parked().is_some() {
             self.cancel_slot.set(None);
         }
     }
 
     /// Returns the backend to its pool, or closes it when it is not clean.
     fn detach(&mut self) {
-        if let Some(mut a) = self.attached.take() {
+        if let Link::Attached(mut a) = std::mem::replace(&mut self.link, Link::Idle) {
             if !a.is_clean() || self.pinned.is_some() {
                 a.checkout.conn.discard();
             }
@@ -847,7 +898,7 @@ impl Session {
     /// in session mode a clean connection is reset with DISCARD ALL before anyone else gets it.
     async fn detach_at_end(&mut self) {
         self.release_parked();
-        let Some(a) = self.attached.as_mut() else { return };
+        let Some(a) = self.link.attached_mut() else { return };
         if a.is_clean() && self.cluster.config.pool_mode == PoolMode::Session {
             let be = a.checkout.conn.conn();
             let reset =
@@ -892,15 +943,15 @@ impl Session {
         if tag == b'Q' {
             server::ready_for_query(&mut self.out, b'I');
         } else {
-            self.skip_until_sync = true;
+            self.link = Link::FailedUntilSync;
         }
         Ok(())
     }
 
     /// Whether the attached backend runs on the primary (for read-your-writes bookkeeping).
     fn attached_to_primary(&self) -> bool {
-        self.attached
-            .as_ref()
+        self.link
+            .attached()
             .is_some_and(|a| a.checkout.role == Role::Primary)
     }
 }

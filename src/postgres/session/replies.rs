@@ -70,7 +70,7 @@ impl Session {
     pub(super) fn process_backend_messages(&mut self) -> Result<(), End> {
         loop {
             let span = &self.span;
-            let Some(a) = self.attached.as_mut() else {
+            let Some(a) = self.link.attached_mut() else {
                 return Ok(());
             };
             let own_unit = !matches!(a.units.front(), None | Some(Unit::Client | Unit::ClientSync));
@@ -96,7 +96,7 @@ impl Session {
                         a.status = status;
                         a.pop_unit();
                         self.settle();
-                        if self.attached.as_ref().is_some_and(|a| a.units.is_empty()) {
+                        if self.link.attached().is_some_and(|a| a.units.is_empty()) {
                             self.request_done();
                         }
                     }
@@ -146,7 +146,7 @@ impl Session {
                             a.pop_unit();
                             self.out.extend_from_slice(msg.raw());
                             self.settle();
-                            if self.attached.as_ref().is_some_and(|a| a.units.is_empty()) {
+                            if self.link.attached().is_some_and(|a| a.units.is_empty()) {
                                 self.request_done();
                             }
                             continue;
@@ -236,7 +236,7 @@ impl Session {
             Unit::ReadSettings(rows) => {
                 let s: Settings = Arc::new(rows);
                 debug!(parent: &self.span, settings = s.len(), "session settings captured");
-                if let Some(a) = self.attached.as_mut() {
+                if let Some(a) = self.link.attached_mut() {
                     a.checkout.conn.conn().settings = s.clone();
                 }
                 self.settings = s;
@@ -244,7 +244,7 @@ impl Session {
             Unit::WalPosition(Some(lsn)) => self.min_lsn = Some(self.min_lsn.map_or(lsn, |m| m.max(lsn))),
             Unit::WalPosition(None) | Unit::Replay | Unit::Client | Unit::ClientSync | Unit::Failed => {}
         }
-        if self.attached.as_ref().is_some_and(|a| a.units.is_empty()) {
+        if self.link.attached().is_some_and(|a| a.units.is_empty()) {
             self.request_done();
         }
     }
@@ -257,7 +257,7 @@ impl Session {
         }
         let ryw = self.cluster.config.consistency == Consistency::ReadYourWrites;
         let on_primary = self.attached_to_primary();
-        let Some(a) = self.attached.as_mut() else { return };
+        let Some(a) = self.link.attached_mut() else { return };
         if a.status != b'I' || a.in_batch {
             return; // a transaction or an extended-protocol batch is still open
         }

@@ -16,15 +16,16 @@
 //! server never answers it (an earlier error in the batch made it skip to Sync).
 
 use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use sluice_postgres::commands::{parse_deallocate, parse_execute, Deallocate};
 use sluice_postgres::{peek, Class, Classification, Message};
 
 use super::replies::Unit;
-use super::{End, Session};
+use super::{Attached, End, Link, Session};
 use crate::config::PoolMode;
 
 /// A statement a client prepared.
@@ -140,10 +141,28 @@ impl Session {
             .filter(|s| s.query == p.query && s.rest == p.rest)
     }
 
+    /// The attached backend with what forwarding a message changes besides it.
+    fn forwarding(&mut self) -> Forward<'_> {
+        let Session {
+            link: Link::Attached(a),
+            statements,
+            to_backend,
+            ..
+        } = self
+        else {
+            unreachable!("handle_client_message attaches a backend before it forwards")
+        };
+        Forward {
+            a,
+            statements,
+            to_backend,
+        }
+    }
+
     /// Sends one client message to the attached backend, rewriting statement names in
     /// transaction mode. `query_class` is the classification of a simple query.
     pub(super) fn forward(&mut self, msg: Message, query_class: Option<Classification>) -> Result<(), End> {
-        let a = self.attached.as_mut().expect("forward needs a backend");
+        let a = self.forwarding().a;
         let batch_start = !a.in_batch;
         match msg.tag() {
             b'Q' | b'F' => a.push_unit(Unit::Client),
@@ -171,9 +190,10 @@ impl Session {
                         self.cluster.refresh_functions(&self.user, &self.database);
                     }
                 }
+                let f = self.forwarding();
                 let rewritten = peek::query(msg.body())
                     .ok()
-                    .and_then(|sql| self.rewrite_session_commands(sql));
+                    .and_then(|sql| f.rewrite_session_commands(sql));
                 match rewritten {
                     Some(q) => self.to_backend.extend_from_slice(&q),
                     None => self.to_backend.extend_from_slice(msg.raw()),
@@ -193,33 +213,34 @@ impl Session {
                     // The statement runs now: its session effects happen now.
                     self.note_effects(stmt.class, &stmt.query);
                 }
-                match self.ensure_prepared(b.statement) {
+                let mut f = self.forwarding();
+                match f.ensure_prepared(b.statement) {
                     Some(name) => {
-                        peek::encode_bind(&mut self.to_backend, b.portal, &name, b.rest);
+                        peek::encode_bind(f.to_backend, b.portal, &name, b.rest);
                         // A Bind the server refuses (wrong parameter count) names the statement.
-                        if let Some((client_name, _)) = self.statements.get_key_value(b.statement) {
-                            let a = self.attached.as_mut().expect("attached");
-                            a.renames.push((name, client_name.clone(), false));
+                        if let Some((client_name, _)) = f.statements.get_key_value(b.statement) {
+                            f.a.renames.push((name, client_name.clone(), false));
                         }
                     }
-                    None => self.to_backend.extend_from_slice(msg.raw()),
+                    None => f.to_backend.extend_from_slice(msg.raw()),
                 }
             }
             b'D' => {
                 let t = peek::target(msg.body()).map_err(|e| self.violation(&e.to_string()))?;
+                let mut f = self.forwarding();
                 let renamed = if t.kind == b'S' {
-                    self.ensure_prepared(t.name)
+                    f.ensure_prepared(t.name)
                 } else {
                     None
                 };
                 match renamed {
-                    Some(name) => peek::encode_target(&mut self.to_backend, b'D', b'S', &name),
-                    None => self.to_backend.extend_from_slice(msg.raw()),
+                    Some(name) => peek::encode_target(f.to_backend, b'D', b'S', &name),
+                    None => f.to_backend.extend_from_slice(msg.raw()),
                 }
             }
             b'C' => {
                 let t = peek::target(msg.body()).map_err(|e| self.violation(&e.to_string()))?;
-                self.forward_close(&msg, &t);
+                self.forwarding().close(&msg, &t);
             }
             // Execute, Flush, CopyData, Sync, CopyDone, CopyFail.
             _ => self.to_backend.extend_from_slice(msg.raw()),
@@ -231,7 +252,7 @@ impl Session {
     fn forward_parse(&mut self, msg: &Message, p: &peek::Parse<'_>, batch_start: bool) {
         // SQL `EXECUTE name` prepared through the extended protocol (asyncpg's `fetchval('EXECUTE
         // foobar')`): the text names the backend's copy of the client's statement.
-        let executed = self.execute_target(p.query);
+        let executed = self.forwarding().execute_target(p.query);
         let rewritten;
         let p = match &executed {
             Some(sql) => {
@@ -245,34 +266,38 @@ impl Session {
             // The backend refuses a Parse of a name it holds with 42P05 — after parsing the
             // text, so a syntax error is reported first, as for the client's own name — and
             // skips to Sync. The error names sluice's statement: renamed when relayed.
-            let backend_name = self.ensure_prepared(&name).expect("a named statement");
-            let a = self.attached.as_mut().expect("attached");
-            peek::encode_parse(&mut self.to_backend, &backend_name, p.query, p.rest);
-            a.push_fixup(false, BackendChange::None, None);
-            a.renames.push((backend_name, name, true));
+            let mut f = self.forwarding();
+            let backend_name = f.ensure_prepared(&name).expect("a named statement");
+            peek::encode_parse(f.to_backend, &backend_name, p.query, p.rest);
+            f.a.push_fixup(false, BackendChange::None, None);
+            f.a.renames.push((backend_name, name, true));
             return;
         }
         let stmt = self.statement_for(p);
-        let a = self.attached.as_mut().expect("attached");
+        let Forward {
+            a,
+            statements,
+            to_backend,
+        } = self.forwarding();
         if name.is_empty() {
             // Whether this Parse failed or was skipped after an earlier error decides whether
             // the client still has its old unnamed statement. First in its batch, it can only
             // have failed; later, a Close of the unnamed statement just before it tells.
-            let replaces = self.statements.contains_key(&name);
+            let replaces = statements.contains_key(&name);
             let alone = batch_start && executed.is_none();
             let was_ready = a.unnamed_ready;
             if replaces && !alone {
-                peek::encode_target(&mut self.to_backend, b'C', b'S', b"");
+                peek::encode_target(to_backend, b'C', b'S', b"");
                 a.push_fixup(true, BackendChange::None, None);
                 a.fixups.back_mut().expect("just pushed").marker = true;
             }
             a.unnamed_ready = true;
             if executed.is_some() {
-                peek::encode_parse(&mut self.to_backend, b"", p.query, p.rest);
+                peek::encode_parse(to_backend, b"", p.query, p.rest);
             } else {
-                self.to_backend.extend_from_slice(msg.raw());
+                to_backend.extend_from_slice(msg.raw());
             }
-            let before = self.statements.insert(name.clone(), stmt);
+            let before = statements.insert(name.clone(), stmt);
             a.push_fixup(false, BackendChange::Unnamed(was_ready), Some((name, before)));
             a.fixups.back_mut().expect("just pushed").alone = alone;
             return;
@@ -282,56 +307,19 @@ impl Session {
             // The backend holds a statement of that text already (the client's other name for
             // it, or another client's): close it so the client's Parse behaves exactly as on a
             // fresh server.
-            peek::encode_target(&mut self.to_backend, b'C', b'S', &stmt.backend_name());
+            peek::encode_target(to_backend, b'C', b'S', &stmt.backend_name());
             a.push_fixup(true, BackendChange::Closed(stmt.hash), None);
         }
-        peek::encode_parse(
-            &mut self.to_backend,
-            &stmt.backend_name(),
-            &stmt.query,
-            &stmt.rest,
-        );
+        peek::encode_parse(to_backend, &stmt.backend_name(), &stmt.query, &stmt.rest);
         let hash = stmt.hash;
-        let before = self.statements.insert(name.clone(), stmt);
+        let before = statements.insert(name.clone(), stmt);
         a.push_fixup(false, BackendChange::Prepared(hash), Some((name, before)));
-    }
-
-    /// A client's Close. Closing a statement the client does not have is not an error.
-    fn forward_close(&mut self, msg: &Message, t: &peek::Target<'_>) {
-        let a = self.attached.as_mut().expect("attached");
-        if t.kind != b'S' {
-            a.push_fixup(false, BackendChange::None, None);
-            self.to_backend.extend_from_slice(msg.raw());
-            return;
-        }
-        let name = Bytes::copy_from_slice(t.name);
-        let before = self.statements.remove(&name);
-        let backend = match &before {
-            Some(stmt) if !name.is_empty() => {
-                peek::encode_target(&mut self.to_backend, b'C', b'S', &stmt.backend_name());
-                if a.checkout.conn.conn().prepared.remove(&stmt.hash) {
-                    BackendChange::Closed(stmt.hash)
-                } else {
-                    BackendChange::None
-                }
-            }
-            _ => {
-                self.to_backend.extend_from_slice(msg.raw());
-                if name.is_empty() && std::mem::take(&mut a.unnamed_ready) {
-                    BackendChange::Unnamed(true)
-                } else {
-                    BackendChange::None
-                }
-            }
-        };
-        let client = before.map(|b| (name, Some(b)));
-        a.push_fixup(false, backend, client);
     }
 
     /// After each ReadyForQuery: every Parse or Close of a batch that has now ended without an
     /// answer was skipped after an error, so what it did did not happen (undone newest first).
     pub(super) fn settle(&mut self) {
-        let Some(a) = self.attached.as_mut() else { return };
+        let Some(a) = self.link.attached_mut() else { return };
         let ended = a.units_done;
         let skipped = a.fixups.iter().take_while(|p| p.batch < ended).count();
         if skipped == 0 {
@@ -365,47 +353,123 @@ impl Session {
         }
     }
 
+    /// Records what a statement about to run does to the session.
+    fn note_effects(&mut self, c: Classification, sql: &[u8]) {
+        if let Some(reason) = c.effects.pin {
+            self.pin(reason);
+        }
+        if c.effects.settings {
+            match sluice_postgres::custom_setting_names(sql) {
+                Some(names) => {
+                    for n in names {
+                        if !self.custom_settings.contains(&n) {
+                            self.custom_settings.push(n);
+                        }
+                    }
+                }
+                None => self.pin(sluice_postgres::PinReason::UntrackedSetting),
+            }
+        }
+        let a = self.forwarding().a;
+        a.settings_dirty |= c.effects.settings;
+        a.wrote |= c.class == Class::Write;
+        if c.class == Class::Write || c.effects.settings {
+            self.taint();
+        }
+    }
+
+    /// The backend may now carry session state of this client that sluice does not track.
+    fn taint(&mut self) {
+        if let Some(a) = self.link.attached_mut() {
+            a.checkout.conn.conn().tainted = true;
+        }
+    }
+}
+
+/// What forwarding a message to the attached backend changes: the backend, the client's
+/// statements and the bytes for the backend, borrowed apart from the rest of the session (see
+/// `Session::forwarding`), so the backend is there by type.
+struct Forward<'s> {
+    a: &'s mut Attached,
+    statements: &'s mut HashMap<Bytes, Arc<Statement>>,
+    to_backend: &'s mut BytesMut,
+}
+
+impl Forward<'_> {
+    /// A client's Close. Closing a statement the client does not have is not an error.
+    fn close(self, msg: &Message, t: &peek::Target<'_>) {
+        let Forward {
+            a,
+            statements,
+            to_backend,
+        } = self;
+        if t.kind != b'S' {
+            a.push_fixup(false, BackendChange::None, None);
+            to_backend.extend_from_slice(msg.raw());
+            return;
+        }
+        let name = Bytes::copy_from_slice(t.name);
+        let before = statements.remove(&name);
+        let backend = match &before {
+            Some(stmt) if !name.is_empty() => {
+                peek::encode_target(to_backend, b'C', b'S', &stmt.backend_name());
+                if a.checkout.conn.conn().prepared.remove(&stmt.hash) {
+                    BackendChange::Closed(stmt.hash)
+                } else {
+                    BackendChange::None
+                }
+            }
+            _ => {
+                to_backend.extend_from_slice(msg.raw());
+                if name.is_empty() && std::mem::take(&mut a.unnamed_ready) {
+                    BackendChange::Unnamed(true)
+                } else {
+                    BackendChange::None
+                }
+            }
+        };
+        let client = before.map(|b| (name, Some(b)));
+        a.push_fixup(false, backend, client);
+    }
+
     /// Makes sure the attached backend holds the client's statement `name` (sending a Parse
     /// whose response is swallowed if not), and returns the backend's name for it. `None` means
     /// "forward as is": the unnamed statement, or a name the client never prepared (the server
     /// then reports it missing, in order).
     fn ensure_prepared(&mut self, name: &[u8]) -> Option<BackendName> {
-        let a = self.attached.as_mut().expect("attached");
         let Some(stmt) = self.statements.get(name).cloned() else {
-            if name.is_empty() && !a.unnamed_ready {
+            if name.is_empty() && !self.a.unnamed_ready {
                 // The client has no unnamed statement, but the backend may hold another
                 // client's: drop it, so the server says it does not exist, as it would to
                 // this client directly.
-                peek::encode_target(&mut self.to_backend, b'C', b'S', b"");
-                a.push_fixup(true, BackendChange::Unnamed(false), None);
-                a.unnamed_ready = true;
+                peek::encode_target(self.to_backend, b'C', b'S', b"");
+                self.a.push_fixup(true, BackendChange::Unnamed(false), None);
+                self.a.unnamed_ready = true;
             }
             return None;
         };
         if name.is_empty() {
-            if !a.unnamed_ready {
+            if !self.a.unnamed_ready {
                 self.prepare_executed(&stmt.query);
-                let a = self.attached.as_mut().expect("attached");
-                peek::encode_parse(&mut self.to_backend, b"", &stmt.query, &stmt.rest);
-                a.push_fixup(true, BackendChange::Unnamed(false), None);
-                a.unnamed_ready = true;
+                peek::encode_parse(self.to_backend, b"", &stmt.query, &stmt.rest);
+                self.a.push_fixup(true, BackendChange::Unnamed(false), None);
+                self.a.unnamed_ready = true;
             }
             return None;
         }
         let backend_name = stmt.backend_name();
-        if !a.checkout.conn.conn().prepared.contains(&stmt.hash) {
+        if !self.a.checkout.conn.conn().prepared.contains(&stmt.hash) {
             self.prepare_executed(&stmt.query);
-            let a = self.attached.as_mut().expect("attached");
-            a.checkout.conn.conn().prepared.insert(stmt.hash);
-            peek::encode_parse(&mut self.to_backend, &backend_name, &stmt.query, &stmt.rest);
-            a.push_fixup(true, BackendChange::Prepared(stmt.hash), None);
+            self.a.checkout.conn.conn().prepared.insert(stmt.hash);
+            peek::encode_parse(self.to_backend, &backend_name, &stmt.query, &stmt.rest);
+            self.a.push_fixup(true, BackendChange::Prepared(stmt.hash), None);
         }
         Some(backend_name)
     }
 
     /// For `EXECUTE name ...` of a statement the client has: the same text naming the
     /// backend's copy, prepared on the attached backend (ahead, answers swallowed) if needed.
-    fn execute_target(&mut self, sql: &[u8]) -> Option<Vec<u8>> {
+    fn execute_target(mut self, sql: &[u8]) -> Option<Vec<u8>> {
         let (name, rest) = parse_execute(sql)?;
         if name.is_empty() || !self.statements.contains_key(name.as_slice()) {
             return None;
@@ -430,77 +494,30 @@ impl Session {
         }
     }
 
-    /// Records what a statement about to run does to the session.
-    fn note_effects(&mut self, c: Classification, sql: &[u8]) {
-        if let Some(reason) = c.effects.pin {
-            self.pin(reason);
-        }
-        if c.effects.settings {
-            match sluice_postgres::custom_setting_names(sql) {
-                Some(names) => {
-                    for n in names {
-                        if !self.custom_settings.contains(&n) {
-                            self.custom_settings.push(n);
-                        }
-                    }
-                }
-                None => self.pin(sluice_postgres::PinReason::UntrackedSetting),
-            }
-        }
-        let a = self.attached.as_mut().expect("attached");
-        a.settings_dirty |= c.effects.settings;
-        a.wrote |= c.class == Class::Write;
-        if c.class == Class::Write || c.effects.settings {
-            self.taint();
-        }
-    }
-
-    /// The backend may now carry session state of this client that sluice does not track.
-    fn taint(&mut self) {
-        if let Some(a) = self.attached.as_mut() {
-            a.checkout.conn.conn().tainted = true;
-        }
-    }
-
-    /// `DEALLOCATE name` names the client's statement, which the backend knows by another name:
-    /// returns the Query to send instead. `DEALLOCATE ALL` and `DISCARD ALL` drop every
-    /// statement on the backend: forget them so they are prepared again when needed.
     /// Prepares `stmt` on the attached backend ahead of the client's Query just queued (Parse
     /// and Sync, answers swallowed).
     fn prepare_before_query(&mut self, stmt: &Statement) {
-        peek::encode_parse(
-            &mut self.to_backend,
-            &stmt.backend_name(),
-            &stmt.query,
-            &stmt.rest,
-        );
+        peek::encode_parse(self.to_backend, &stmt.backend_name(), &stmt.query, &stmt.rest);
         self.to_backend.extend_from_slice(&[b'S', 0, 0, 0, 4]);
-        let a = self.attached.as_mut().expect("attached");
+        let a = &mut *self.a;
         a.units.insert(a.units.len() - 1, Unit::Replay);
         a.units_pushed += 1;
     }
 
     /// `EXECUTE name` of a statement the client prepared with Parse runs the backend's copy of
     /// it (prepared first if needed), as SQL `EXECUTE` of a protocol-level statement does on a
-    /// plain server.
-    fn rewrite_session_commands(&mut self, sql: &[u8]) -> Option<bytes::BytesMut> {
+    /// plain server. `DEALLOCATE name` names the client's statement, which the backend knows by
+    /// another name: returns the Query to send instead. `DEALLOCATE ALL` and `DISCARD ALL` drop
+    /// every statement on the backend: forget them so they are prepared again when needed.
+    fn rewrite_session_commands(mut self, sql: &[u8]) -> Option<BytesMut> {
         if let Some((name, rest)) = parse_execute(sql) {
             let stmt = self.statements.get(name.as_slice())?.clone();
             let backend_name = stmt.backend_name();
-            if self
-                .attached
-                .as_mut()
-                .expect("attached")
-                .checkout
-                .conn
-                .conn()
-                .prepared
-                .insert(stmt.hash)
-            {
+            if self.a.checkout.conn.conn().prepared.insert(stmt.hash) {
                 self.prepare_before_query(&stmt);
             }
             let sql = [&b"EXECUTE "[..], &backend_name, rest].concat();
-            let mut q = bytes::BytesMut::with_capacity(sql.len() + 6);
+            let mut q = BytesMut::with_capacity(sql.len() + 6);
             q.extend_from_slice(b"Q");
             q.extend_from_slice(&(sql.len() as u32 + 5).to_be_bytes());
             q.extend_from_slice(&sql);
@@ -509,18 +526,15 @@ impl Session {
         }
         match parse_deallocate(sql)? {
             Deallocate::All => {
-                let a = self.attached.as_mut().expect("attached");
-                a.checkout.conn.conn().prepared.clear();
-                a.unnamed_ready = false;
+                self.a.checkout.conn.conn().prepared.clear();
+                self.a.unnamed_ready = false;
                 self.statements.clear();
                 None
             }
             Deallocate::Name(name) => {
                 let stmt = self.statements.remove(name.as_slice())?;
                 let backend_name = stmt.backend_name();
-                let a = self.attached.as_mut().expect("attached");
-                let prepared = &mut a.checkout.conn.conn().prepared;
-                if !prepared.remove(&stmt.hash) {
+                if !self.a.checkout.conn.conn().prepared.remove(&stmt.hash) {
                     // The backend never saw it: prepare it (answers swallowed) so the
                     // DEALLOCATE below succeeds exactly as the client expects.
                     self.prepare_before_query(&stmt);
