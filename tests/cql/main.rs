@@ -14,6 +14,7 @@ mod failover;
 mod kubernetes;
 mod reload;
 mod routing;
+mod tls;
 mod topology;
 
 use std::net::SocketAddr;

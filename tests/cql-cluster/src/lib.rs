@@ -420,6 +420,11 @@ impl TestCluster {
             .clone()
     }
 
+    /// Connections the nodes have accepted so far (every node, since the start).
+    pub fn connections_accepted(&self) -> u64 {
+        self.shared.next_conn.load(Ordering::Acquire) - 1
+    }
+
     /// Forgets the records so far.
     pub fn clear_records(&self) {
         self.shared
