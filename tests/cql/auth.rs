@@ -77,3 +77,50 @@ async fn configured_credentials_log_sluice_in() {
     .await;
     env.sluice.assert_no_unexpected_errors(&[]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_users_log_clients_in_to_sluice_and_a_wrong_password_uses_no_node() {
+    // Clients log in to sluice as `app`; sluice logs in to the nodes as `cassandra`.
+    let env = Env::with_spec(
+        ClusterSpec::new(3, 8).with_credentials("cassandra", "s3cret"),
+        "",
+        "[clusters.cql]\nusername = \"cassandra\"\npassword = \"s3cret\"\n\n[[clusters.users]]\nname = \"app\"\npassword = \"app-secret\"\n",
+    );
+    bounded(60, async {
+        let accepted = env.cluster.connections_accepted();
+        let records = env.cluster.records().len();
+        for (user, password) in [("app", "wrong"), ("cassandra", "s3cret"), ("nobody", "")] {
+            let mut bad = startup(env.addr()).await;
+            let r = bad.call(plain(user, password)).await;
+            let e = error_of(&r);
+            assert_eq!(e.code, error_code::AUTH_ERROR, "{user}: {r:?}");
+            assert!(e.message.contains("incorrect"), "{}", e.message);
+            let r = bad.query("SELECT * FROM system_schema.keyspaces").await;
+            assert_eq!(error_of(&r).code, error_code::PROTOCOL_ERROR, "{r:?}");
+        }
+        // A token that is not SASL PLAIN is refused the same way.
+        let mut garbled = startup(env.addr()).await;
+        let r = garbled
+            .call(Request::AuthResponse(Some(bytes::Bytes::from_static(b"no-nul"))))
+            .await;
+        assert_eq!(error_of(&r).code, error_code::AUTH_ERROR, "{r:?}");
+        // None of that reached a node.
+        assert_eq!(env.cluster.connections_accepted(), accepted);
+        assert_eq!(env.cluster.records().len(), records);
+        assert_eq!(
+            env.sluice.metric("sluice_auth_failures_total{cluster=\"ring\"}"),
+            Some(3.0)
+        );
+
+        let mut c = startup(env.addr()).await;
+        let r = c.call(plain("app", "app-secret")).await;
+        assert_eq!(r.opcode(), Opcode::AuthSuccess, "{r:?}");
+        c.ok("CREATE KEYSPACE u WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}")
+            .await;
+        c.ok("CREATE TABLE u.kv (k text PRIMARY KEY, v int)").await;
+        c.ok("INSERT INTO u.kv (k, v) VALUES ('x', 1)").await;
+        assert_eq!(c.rows("SELECT v FROM u.kv WHERE k = 'x'").await.rows_count, 1);
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[]);
+}

@@ -12,6 +12,7 @@ mod console;
 mod drivers;
 mod failover;
 mod kubernetes;
+mod metrics;
 mod reload;
 mod routing;
 mod tls;
