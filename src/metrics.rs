@@ -351,6 +351,10 @@ impl Metrics {
             self.cql_request_duration
                 .get_or_create_owned(&OpcodeLabels { cluster: c(), opcode });
         }
+        for reason in CQL_ERROR_REASONS {
+            self.errors
+                .get_or_create_owned(&ReasonLabels { cluster: c(), reason });
+        }
         for coordinator in ["replica", "other"] {
             self.cql_coordinators.get_or_create_owned(&CoordinatorLabels {
                 cluster: c(),
@@ -395,6 +399,18 @@ pub const CQL_ROUTES: &[(&str, &[&str])] = &[
     ("execute", &["token", "any", "lwt", "local"]),
     ("batch", &["token", "any", "lwt"]),
     ("prepare", &["any", "local"]),
+];
+
+/// Why sluice itself failed a CQL request or connection (`sluice_errors_total{reason}`).
+pub const CQL_ERROR_REASONS: [&str; 8] = [
+    "too_many_clients",
+    "no_node",
+    "timeout",
+    "backend_refused",
+    "backend_lost",
+    "backend_auth",
+    "tls_required",
+    "tls_handshake",
 ];
 
 /// Control connection events (`sluice_cql_control_events_total{event}`).

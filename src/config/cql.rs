@@ -120,7 +120,9 @@ static = ["127.0.0.1:9042", "127.0.0.2:9042", "127.0.0.3:9042"]
         let c = Config::parse(CONTRACT_CQL).unwrap();
         assert_eq!(c.clusters[0].backend_tls, BackendTlsMode::Disable);
         let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
-        let with = |keys: &str| CONTRACT_CQL.replace("[clusters.discovery]", &format!("{keys}\n[clusters.discovery]"));
+        let with = |keys: &str| {
+            CONTRACT_CQL.replace("[clusters.discovery]", &format!("{keys}\n[clusters.discovery]"))
+        };
         let errs = |keys: &str| -> Vec<String> {
             Config::parse(&with(keys))
                 .unwrap_err()
@@ -131,7 +133,8 @@ static = ["127.0.0.1:9042", "127.0.0.2:9042", "127.0.0.3:9042"]
         };
         let e = errs("backend_tls = \"prefer\"");
         assert!(
-            e.iter().any(|e| e.starts_with("clusters[0].backend_tls: \"prefer\" needs a TLS negotiation")),
+            e.iter()
+                .any(|e| e.starts_with("clusters[0].backend_tls: \"prefer\" needs a TLS negotiation")),
             "{e:?}"
         );
         assert_eq!(
@@ -160,7 +163,10 @@ static = ["127.0.0.1:9042", "127.0.0.2:9042", "127.0.0.3:9042"]
             .iter()
             .map(|e| format!("{}: {}", e.path, e.reason))
             .collect();
-        assert_eq!(e, ["clusters[0].tls_client_ca: applies to cql clusters only (for now)"]);
+        assert_eq!(
+            e,
+            ["clusters[0].tls_client_ca: applies to cql clusters only (for now)"]
+        );
         let pg_default = pg.replace(&format!("tls_client_ca = \"{file}\"\n"), "");
         assert_eq!(
             Config::parse(&pg_default).unwrap().clusters[0].backend_tls,
