@@ -124,3 +124,77 @@ async fn configured_users_log_clients_in_to_sluice_and_a_wrong_password_uses_no_
     .await;
     env.sluice.assert_no_unexpected_errors(&[]);
 }
+
+const PYTHON_LOGIN: &str = r#"
+import sys
+from cassandra.auth import PlainTextAuthProvider
+from cassandra.cluster import Cluster, NoHostAvailable
+host, port = sys.argv[1], int(sys.argv[2])
+def session(password):
+    c = Cluster([host], port=port, protocol_version=4,
+                auth_provider=PlainTextAuthProvider(username="app", password=password))
+    return c, c.connect()
+try:
+    session("wrong")
+    sys.exit("a wrong password logged in")
+except NoHostAvailable as e:
+    assert "AuthenticationFailed" in repr(e) or "incorrect" in repr(e), repr(e)
+c, s = session("app-secret")
+s.execute("CREATE KEYSPACE py_auth WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}")
+s.execute("CREATE TABLE py_auth.kv (k text PRIMARY KEY, v int)")
+s.execute("INSERT INTO py_auth.kv (k, v) VALUES ('a', 1)")
+assert s.execute("SELECT v FROM py_auth.kv WHERE k = 'a'").one().v == 1
+c.shutdown()
+print("ok")
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_drivers_log_in_to_sluice_as_configured_users() {
+    let env = Env::with_spec(
+        ClusterSpec::new(3, 8).with_credentials("cassandra", "s3cret"),
+        "",
+        "[clusters.cql]\nusername = \"cassandra\"\npassword = \"s3cret\"\n\n[[clusters.users]]\nname = \"app\"\npassword = \"app-secret\"\n",
+    );
+    let addr = env.addr();
+    bounded(120, async {
+        // The scylla Rust driver.
+        let login = |password: &'static str| async move {
+            scylla::client::session_builder::SessionBuilder::new()
+                .known_node_addr(addr)
+                .user("app", password)
+                .build()
+                .await
+        };
+        let err = login("wrong").await.err().expect("a wrong password is refused");
+        assert!(format!("{err:?}").contains("incorrect"), "{err:?}");
+        let s = login("app-secret").await.expect("app logs in");
+        s.query_unpaged("SELECT release_version FROM system.local", &[])
+            .await
+            .unwrap();
+        s.query_unpaged("SELECT keyspace_name FROM system_schema.keyspaces", &[])
+            .await
+            .unwrap();
+
+        // The DataStax Python driver (PlainTextAuthProvider).
+        let out = tokio::task::spawn_blocking(move || {
+            let dir = tempfile::tempdir().unwrap();
+            let script = dir.path().join("login.py");
+            std::fs::write(&script, PYTHON_LOGIN).unwrap();
+            std::process::Command::new("python3")
+                .arg(&script)
+                .args([addr.ip().to_string(), addr.port().to_string()])
+                .output()
+                .expect("python3")
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "python login failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[]);
+}
