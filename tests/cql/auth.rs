@@ -165,7 +165,7 @@ async fn real_drivers_log_in_to_sluice_as_configured_users() {
                 .build()
                 .await
         };
-        let err = login("wrong").await.err().expect("a wrong password is refused");
+        let err = login("wrong").await.expect_err("a wrong password is refused");
         assert!(format!("{err:?}").contains("incorrect"), "{err:?}");
         let s = login("app-secret").await.expect("app logs in");
         s.query_unpaged("SELECT release_version FROM system.local", &[])
