@@ -67,24 +67,25 @@ pub async fn serve_client(cluster: Arc<CqlCluster>, stream: TcpStream, peer: Soc
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().unwrap_or(cluster.config.listen);
     let span = info_span!("cql_client", cluster = %cluster.config.name, %peer);
+    // The TLS handshake counts against login_timeout too.
+    let login_deadline = tokio::time::Instant::now() + cluster.config.login_timeout;
     async move {
         let Some(acceptor) = cluster.client_tls.clone() else {
             let (rd, wr) = stream.into_split();
-            return serve(cluster, rd, wr, local).await;
+            return serve(cluster, rd, wr, local, login_deadline).await;
         };
         // TLS from the first byte (no negotiation in CQL): a TLS client opens with a
         // handshake record, a plaintext one with its protocol version.
-        let login_timeout = cluster.config.login_timeout;
         let mut first = [0u8; 1];
-        match tokio::time::timeout(login_timeout, stream.peek(&mut first)).await {
+        match tokio::time::timeout_at(login_deadline, stream.peek(&mut first)).await {
             Ok(Ok(1)) => {}
             _ => return,
         }
         if first[0] == crate::tls::TLS_HANDSHAKE_RECORD {
-            match tokio::time::timeout(login_timeout, acceptor.accept(stream)).await {
+            match tokio::time::timeout_at(login_deadline, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => {
                     let (rd, wr) = tokio::io::split(tls);
-                    serve(cluster, rd, wr, local).await;
+                    serve(cluster, rd, wr, local, login_deadline).await;
                 }
                 Ok(Err(e)) => {
                     info!(error = %e, "TLS handshake with a CQL client failed");
@@ -104,7 +105,7 @@ pub async fn serve_client(cluster: Arc<CqlCluster>, stream: TcpStream, peer: Soc
             .await;
         } else {
             let (rd, wr) = stream.into_split();
-            serve(cluster, rd, wr, local).await;
+            serve(cluster, rd, wr, local, login_deadline).await;
         }
     }
     .instrument(span)
@@ -112,8 +113,13 @@ pub async fn serve_client(cluster: Arc<CqlCluster>, stream: TcpStream, peer: Soc
 }
 
 /// Runs the protocol on an accepted (and, with TLS, decrypted) connection until it closes.
-async fn serve<R, W>(cluster: Arc<CqlCluster>, mut rd: R, wr: W, local: SocketAddr)
-where
+async fn serve<R, W>(
+    cluster: Arc<CqlCluster>,
+    mut rd: R,
+    wr: W,
+    local: SocketAddr,
+    login_deadline: tokio::time::Instant,
+) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -133,7 +139,6 @@ where
     };
     let mut dec = Decoder::new(DEFAULT_MAX_BODY);
     let mut buf = BytesMut::with_capacity(16 * 1024);
-    let login_deadline = tokio::time::Instant::now() + c.cluster.config.login_timeout;
     'outer: loop {
         if c.version.is_none() && buf.len() >= 4 {
             let v = buf[0] & 0x7f;
