@@ -349,3 +349,23 @@ fn client_certificates_with_tls_client_ca_and_plaintext_alongside() {
     wait_for_log(&sluice, "TLS handshake with a CQL client failed", 10);
     sluice.assert_no_unexpected_errors(&[]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_require_encrypts_without_checking_the_certificate() {
+    // The nodes' certificate is from a CA sluice knows nothing of, and names none of them.
+    let ca = Ca::new("unknown CA");
+    let (cert, key) = ca.sign(&["db.example.com"], ExtendedKeyUsagePurpose::ServerAuth);
+    let cluster = TestCluster::start(ClusterSpec::new(3, 8).with_tls(&cert, &key)).unwrap();
+    let sluice = Sluice::start(&config(&cluster, "backend_tls = \"require\"", ""));
+    bounded(30, async {
+        let mut c = Client::connect(sluice.listen_addr(), 5, Compression::None).await;
+        c.ok("CREATE KEYSPACE req WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}")
+            .await;
+        c.ok("CREATE TABLE req.kv (k text PRIMARY KEY, v int)").await;
+        c.ok("INSERT INTO req.kv (k, v) VALUES ('a', 1)").await;
+        assert_eq!(c.rows("SELECT v FROM req.kv WHERE k = 'a'").await.rows_count, 1);
+    })
+    .await;
+    assert!(!cluster.records().is_empty());
+    sluice.assert_no_unexpected_errors(&[]);
+}
