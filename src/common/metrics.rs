@@ -60,11 +60,60 @@ pub struct ReloadLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CqlRequestLabels {
+    pub cluster: String,
+    /// The request's opcode in lower case: `query`, `execute`, `batch`, `prepare`.
+    pub opcode: &'static str,
+    /// `token` (to a replica of the request's partition), `any` (no partition to route by),
+    /// `lwt` (the first replica in ring order), or `local` (answered by sluice itself).
+    pub route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpcodeLabels {
+    pub cluster: String,
+    pub opcode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CoordinatorLabels {
+    pub cluster: String,
+    /// `replica` or `other`: whether the node sent a request with a token is a replica of it.
+    pub coordinator: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    pub cluster: String,
+    /// The CQL error name in lower case (`unavailable`, `read_timeout`, `invalid`, ...).
+    pub code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterResultLabels {
+    pub cluster: String,
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    pub cluster: String,
+    /// `connected`, `lost`, `topology_change`, `status_change`, `schema_change`.
+    pub event: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn wait_histogram() -> Histogram {
     // 50 µs .. ~13 s
     Histogram::new(exponential_buckets(0.00005, 2.0, 19))
+}
+
+fn request_histogram() -> Histogram {
+    // 100 µs .. ~26 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 19))
 }
 
 /// Every metric sluice exports.
@@ -107,6 +156,22 @@ pub struct Metrics {
     pub discovery_members: Family<DiscoveryLabels, Gauge>,
     /// Configuration reloads by result.
     pub config_reloads: Family<ReloadLabels, Counter>,
+    /// CQL requests by opcode and route.
+    pub cql_requests: Family<CqlRequestLabels, Counter>,
+    /// CQL requests with a token, by whether their coordinator is a replica of it.
+    pub cql_coordinators: Family<CoordinatorLabels, Counter>,
+    /// Time from a CQL request read to its answer queued for the client.
+    pub cql_request_duration: HistogramFamily<OpcodeLabels>,
+    /// CQL ERROR answers sent to clients (from nodes or from sluice), by error code.
+    pub cql_errors: Family<CodeLabels, Counter>,
+    /// Open multiplexed connections to each CQL node.
+    pub cql_node_connections: Family<NodeLabels, Gauge>,
+    /// Requests in flight on each CQL node.
+    pub cql_node_inflight: Family<NodeLabels, Gauge>,
+    /// Control connection events: sessions started and lost, and events from the cluster.
+    pub cql_control_events: Family<EventLabels, Counter>,
+    /// Statements prepared again on a node that answered UNPREPARED, by result.
+    pub cql_reprepares: Family<ClusterResultLabels, Counter>,
 }
 
 impl Metrics {
@@ -131,6 +196,14 @@ impl Metrics {
             discovery_updates: Family::default(),
             discovery_members: Family::default(),
             config_reloads: Family::default(),
+            cql_requests: Family::default(),
+            cql_coordinators: Family::default(),
+            cql_request_duration: Family::new_with_constructor(request_histogram),
+            cql_errors: Family::default(),
+            cql_node_connections: Family::default(),
+            cql_node_inflight: Family::default(),
+            cql_control_events: Family::default(),
+            cql_reprepares: Family::default(),
             registry: Registry::default(),
         };
         registry.register("clients", "Connected clients", m.clients.clone());
@@ -207,6 +280,46 @@ impl Metrics {
             "Configuration reloads by result",
             m.config_reloads.clone(),
         );
+        registry.register(
+            "cql_requests",
+            "CQL requests by opcode and route (token, any, lwt, local)",
+            m.cql_requests.clone(),
+        );
+        registry.register(
+            "cql_coordinators",
+            "CQL requests with a token by coordinator: a replica of the token, or another node",
+            m.cql_coordinators.clone(),
+        );
+        registry.register(
+            "cql_request_duration_seconds",
+            "CQL request latency through sluice, from the request read to its answer queued",
+            m.cql_request_duration.clone(),
+        );
+        registry.register(
+            "cql_errors",
+            "CQL ERROR answers sent to clients, by error code",
+            m.cql_errors.clone(),
+        );
+        registry.register(
+            "cql_node_connections",
+            "Open multiplexed connections to each CQL node",
+            m.cql_node_connections.clone(),
+        );
+        registry.register(
+            "cql_node_inflight",
+            "CQL requests in flight on each node",
+            m.cql_node_inflight.clone(),
+        );
+        registry.register(
+            "cql_control_events",
+            "CQL control connection events (connected, lost) and cluster events it received",
+            m.cql_control_events.clone(),
+        );
+        registry.register(
+            "cql_reprepares",
+            "Statements prepared again on a node that answered UNPREPARED, by result (ok, error)",
+            m.cql_reprepares.clone(),
+        );
         for result in ["ok", "error"] {
             m.config_reloads.get_or_create_owned(&ReloadLabels { result });
         }
@@ -221,6 +334,45 @@ impl Metrics {
         };
         self.auth_failures.get_or_create_owned(&labels);
         self.settings_replays.get_or_create_owned(&labels);
+    }
+
+    /// Creates the series of CQL cluster `cluster` whose labels are known in advance at 0.
+    pub fn init_cql_cluster(&self, cluster: &str) {
+        self.init_cluster(cluster);
+        let c = || cluster.to_string();
+        for (opcode, routes) in CQL_ROUTES {
+            for route in *routes {
+                self.cql_requests.get_or_create_owned(&CqlRequestLabels {
+                    cluster: c(),
+                    opcode,
+                    route,
+                });
+            }
+            self.cql_request_duration
+                .get_or_create_owned(&OpcodeLabels { cluster: c(), opcode });
+        }
+        for reason in CQL_ERROR_REASONS {
+            self.errors
+                .get_or_create_owned(&ReasonLabels { cluster: c(), reason });
+        }
+        for coordinator in ["replica", "other"] {
+            self.cql_coordinators.get_or_create_owned(&CoordinatorLabels {
+                cluster: c(),
+                coordinator,
+            });
+        }
+        for code in CQL_ERROR_NAMES.iter().map(|(_, name)| *name) {
+            self.cql_errors
+                .get_or_create_owned(&CodeLabels { cluster: c(), code });
+        }
+        for event in CQL_CONTROL_EVENTS {
+            self.cql_control_events
+                .get_or_create_owned(&EventLabels { cluster: c(), event });
+        }
+        for result in ["ok", "error"] {
+            self.cql_reprepares
+                .get_or_create_owned(&ClusterResultLabels { cluster: c(), result });
+        }
     }
 
     /// The Prometheus text exposition.
@@ -239,6 +391,67 @@ impl Metrics {
             })
             .inc();
     }
+}
+
+/// The CQL opcodes sluice counts requests of, with the routes each can take.
+pub const CQL_ROUTES: &[(&str, &[&str])] = &[
+    ("query", &["token", "any", "lwt", "local"]),
+    ("execute", &["token", "any", "lwt", "local"]),
+    ("batch", &["token", "any", "lwt"]),
+    ("prepare", &["any", "local"]),
+];
+
+/// Why sluice itself failed a CQL request or connection (`sluice_errors_total{reason}`).
+pub const CQL_ERROR_REASONS: [&str; 8] = [
+    "too_many_clients",
+    "no_node",
+    "timeout",
+    "backend_refused",
+    "backend_lost",
+    "backend_auth",
+    "tls_required",
+    "tls_handshake",
+];
+
+/// Control connection events (`sluice_cql_control_events_total{event}`).
+pub const CQL_CONTROL_EVENTS: [&str; 5] = [
+    "connected",
+    "lost",
+    "topology_change",
+    "status_change",
+    "schema_change",
+];
+
+/// CQL error codes and their label values (`sluice_cql_errors_total{code}`).
+pub const CQL_ERROR_NAMES: &[(i32, &str)] = &[
+    (0x0000, "server_error"),
+    (0x000A, "protocol_error"),
+    (0x0100, "auth_error"),
+    (0x1000, "unavailable"),
+    (0x1001, "overloaded"),
+    (0x1002, "is_bootstrapping"),
+    (0x1003, "truncate_error"),
+    (0x1100, "write_timeout"),
+    (0x1200, "read_timeout"),
+    (0x1300, "read_failure"),
+    (0x1400, "function_failure"),
+    (0x1500, "write_failure"),
+    (0x1600, "cdc_write_failure"),
+    (0x1700, "cas_write_unknown"),
+    (0x2000, "syntax_error"),
+    (0x2100, "unauthorized"),
+    (0x2200, "invalid"),
+    (0x2300, "config_error"),
+    (0x2400, "already_exists"),
+    (0x2500, "unprepared"),
+];
+
+/// The label value of a CQL error code (`other` for codes the protocol does not define).
+pub fn cql_error_name(code: i32) -> &'static str {
+    CQL_ERROR_NAMES
+        .iter()
+        .find(|(c, _)| *c == code)
+        .map_or("other", |(_, n)| n)
 }
 
 impl Default for Metrics {

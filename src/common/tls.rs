@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use tokio_rustls::rustls::crypto::{ring, verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{
     self, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
 };
@@ -47,6 +48,40 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
         .map_err(|e| format!("certificate and key do not make a TLS identity: {e}"))?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
+
+/// An acceptor that also asks every client for a certificate and accepts only those that
+/// chain to one of the CA certificates in `client_ca` (mutual TLS).
+pub fn acceptor_verifying_clients(cert: &Path, key: &Path, client_ca: &Path) -> Result<TlsAcceptor, String> {
+    let certs = load_certs(cert)?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("cannot read the private key {}: {e}", key.display()))?;
+    let mut roots = RootCertStore::empty();
+    for c in load_certs(client_ca)? {
+        roots
+            .add(c)
+            .map_err(|e| format!("bad CA certificate in {}: {e}", client_ca.display()))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| {
+            format!(
+                "cannot verify client certificates with {}: {e}",
+                client_ca.display()
+            )
+        })?;
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("certificate and key do not make a TLS identity: {e}"))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The first byte of a TLS connection (a handshake record): CQL frames start with their
+/// protocol version instead (0x01..=0x05, with 0x80 set in responses), so one byte tells
+/// a TLS client from a plaintext one on a listener that takes both.
+pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// How sluice connects to the backends of one cluster.
 #[derive(Clone)]

@@ -114,6 +114,67 @@ static = ["127.0.0.1:9042", "127.0.0.2:9042", "127.0.0.3:9042"]
     }
 
     #[test]
+    fn tls_keys_apply_to_cql_clusters_with_cql_semantics() {
+        use super::super::BackendTlsMode;
+        // Plain TCP to nodes unless asked: CQL has nothing to "prefer".
+        let c = Config::parse(CONTRACT_CQL).unwrap();
+        assert_eq!(c.clusters[0].backend_tls, BackendTlsMode::Disable);
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let with = |keys: &str| {
+            CONTRACT_CQL.replace("[clusters.discovery]", &format!("{keys}\n[clusters.discovery]"))
+        };
+        let errs = |keys: &str| -> Vec<String> {
+            Config::parse(&with(keys))
+                .unwrap_err()
+                .0
+                .iter()
+                .map(|e| format!("{}: {}", e.path, e.reason))
+                .collect()
+        };
+        let e = errs("backend_tls = \"prefer\"");
+        assert!(
+            e.iter()
+                .any(|e| e.starts_with("clusters[0].backend_tls: \"prefer\" needs a TLS negotiation")),
+            "{e:?}"
+        );
+        assert_eq!(
+            errs("backend_tls = \"verify-full\""),
+            ["clusters[0].backend_tls: \"verify-full\" needs backend_tls_ca"]
+        );
+        assert_eq!(
+            errs("require_tls = true"),
+            ["clusters[0].require_tls: needs tls_cert and tls_key"]
+        );
+        assert_eq!(
+            errs(&format!("tls_client_ca = \"{file}\"")),
+            ["clusters[0].tls_client_ca: needs tls_cert and tls_key"]
+        );
+        let e = errs("tls_client_ca = \"/nonexistent/ca.pem\"");
+        assert!(e.iter().any(|e| e.contains("is not a readable file")), "{e:?}");
+        let c = Config::parse(&with("backend_tls = \"require\"")).unwrap();
+        assert_eq!(c.clusters[0].backend_tls, BackendTlsMode::Require);
+        // Client certificates are CQL-only for now.
+        let pg = format!(
+            "[[clusters]]\nname = \"pg\"\nprotocol = \"postgres\"\nlisten = \"127.0.0.1:6432\"\ntls_client_ca = \"{file}\"\n[clusters.discovery]\nstatic = [\"127.0.0.1:5432\"]\n[[clusters.users]]\nname = \"app\"\npassword = \"x\"\n"
+        );
+        let e: Vec<String> = Config::parse(&pg)
+            .unwrap_err()
+            .0
+            .iter()
+            .map(|e| format!("{}: {}", e.path, e.reason))
+            .collect();
+        assert_eq!(
+            e,
+            ["clusters[0].tls_client_ca: applies to cql clusters only (for now)"]
+        );
+        let pg_default = pg.replace(&format!("tls_client_ca = \"{file}\"\n"), "");
+        assert_eq!(
+            Config::parse(&pg_default).unwrap().clusters[0].backend_tls,
+            BackendTlsMode::Prefer
+        );
+    }
+
+    #[test]
     fn keys_are_validated() {
         let text = format!(
             "{CONTRACT_CQL}\n[clusters.cql]\nlocal_datacenter = \"dc1\"\nconnections_per_node = 0\nusername = \"u\"\nbogus = 1\n"

@@ -169,6 +169,9 @@ pub struct ClusterConfig {
     pub tls_key: Option<std::path::PathBuf>,
     /// Refuse clients that do not use TLS.
     pub require_tls: bool,
+    /// PEM CA certificates that client certificates must chain to; when set, a TLS client
+    /// must present one (CQL clusters only for now).
+    pub tls_client_ca: Option<std::path::PathBuf>,
     pub backend_tls: BackendTlsMode,
     /// PEM CA certificates for `backend_tls = "verify-full"`.
     pub backend_tls_ca: Option<std::path::PathBuf>,
@@ -341,11 +344,6 @@ const POSTGRES_ONLY: &[&str] = &[
     "client_idle_timeout",
     "idle_timeout",
     "max_lifetime",
-    "tls_cert",
-    "tls_key",
-    "require_tls",
-    "backend_tls",
-    "backend_tls_ca",
     "probe_timeout",
     "failover_wait",
     "probe_user",
@@ -413,6 +411,8 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
     let tls_cert = f.optional_path("tls_cert");
     let tls_key = f.optional_path("tls_key");
     let require_tls = f.boolean("require_tls", false);
+    let tls_client_ca = f.optional_path("tls_client_ca");
+    let backend_tls_given = f.has("backend_tls");
     let backend_tls = f.choice(
         "backend_tls",
         Some(BackendTlsMode::Prefer),
@@ -424,6 +424,26 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
         ],
     );
     let backend_tls_ca = f.optional_path("backend_tls_ca");
+    // CQL has no STARTTLS-like negotiation: a node speaks TLS from the first byte or not at
+    // all, so there is nothing to "prefer", and plain TCP is the default.
+    let backend_tls = match (protocol, backend_tls) {
+        (Some(Protocol::Cql), Some(BackendTlsMode::Prefer)) if backend_tls_given => {
+            f.error(
+                "backend_tls",
+                "\"prefer\" needs a TLS negotiation that CQL does not have: use \"disable\", \"require\" or \"verify-full\"",
+            );
+            None
+        }
+        (Some(Protocol::Cql), Some(BackendTlsMode::Prefer)) => Some(BackendTlsMode::Disable),
+        (_, mode) => mode,
+    };
+    if tls_client_ca.is_some() {
+        if protocol == Some(Protocol::Postgres) {
+            f.error("tls_client_ca", "applies to cql clusters only (for now)");
+        } else if tls_cert.is_none() {
+            f.error("tls_client_ca", "needs tls_cert and tls_key");
+        }
+    }
     if tls_cert.is_some() != tls_key.is_some() {
         f.error("tls_cert", "tls_cert and tls_key must be set together");
     }
@@ -438,6 +458,13 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
         if cert.is_file() && key.is_file() {
             if let Err(e) = crate::common::tls::acceptor(cert, key) {
                 f.error("tls_cert", &e);
+            }
+        }
+    }
+    if let (Some(cert), Some(key), Some(ca)) = (&tls_cert, &tls_key, &tls_client_ca) {
+        if cert.is_file() && key.is_file() && ca.is_file() {
+            if let Err(e) = crate::common::tls::acceptor_verifying_clients(cert, key, ca) {
+                f.error("tls_client_ca", &e);
             }
         }
     }
@@ -531,6 +558,7 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
         tls_cert,
         tls_key,
         require_tls: require_tls?,
+        tls_client_ca,
         backend_tls: backend_tls?,
         backend_tls_ca,
         probe_interval: probe_interval?,
@@ -1293,13 +1321,13 @@ listen = "127.0.0.1:19042"
 pool_mode = "session"
 consistency = "read-your-writes"
 max_replica_lag = "1MB"
-require_tls = true
+pool_size = 5
 [clusters.discovery]
 static = ["127.0.0.1:9042"]
 "#;
         let errs = Config::parse(cql).unwrap_err();
         let paths: Vec<&str> = errs.0.iter().map(|e| e.path.as_str()).collect();
-        for key in ["pool_mode", "consistency", "max_replica_lag", "require_tls"] {
+        for key in ["pool_mode", "consistency", "max_replica_lag", "pool_size"] {
             let path = format!("clusters[0].{key}");
             let e = errs
                 .0

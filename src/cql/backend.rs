@@ -9,17 +9,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use prometheus_client::metrics::gauge::Gauge;
 use sluice_cql::codec::{Decoder, Encoder, Envelope, Framing};
 use sluice_cql::frame::Header;
 use sluice_cql::request::{Extensions, Query, QueryParams};
 use sluice_cql::response::ErrorBody;
 use sluice_cql::{Compression, Request, Response};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
+
+use crate::common::tls::{BackendStream, BackendTls, MaybeTls};
 
 /// Login credentials (PasswordAuthenticator, SASL PLAIN).
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -113,7 +115,7 @@ pub struct Opened {
 
 /// A raw framed connection used during the handshake.
 struct Raw {
-    stream: TcpStream,
+    stream: BackendStream,
     dec: Decoder,
     enc: Encoder,
     buf: BytesMut,
@@ -171,6 +173,10 @@ pub struct OpenOptions<'a> {
     pub options: bool,
     /// Where EVENT messages go (the control connection); other connections drop them.
     pub events: Option<mpsc::UnboundedSender<Envelope>>,
+    /// TLS towards the node (`backend_tls`).
+    pub tls: &'a BackendTls,
+    /// Counts the connection while it is open (`sluice_cql_node_connections`).
+    pub gauge: Option<Gauge>,
 }
 
 impl BackendConn {
@@ -189,8 +195,22 @@ impl BackendConn {
             addr,
             reason: e.to_string(),
         };
-        let stream = TcpStream::connect(addr).await.map_err(io)?;
-        let _ = stream.set_nodelay(true);
+        let tcp = TcpStream::connect(addr).await.map_err(io)?;
+        let _ = tcp.set_nodelay(true);
+        let stream = match o.tls.mode {
+            crate::config::BackendTlsMode::Disable => MaybeTls::Plain(tcp),
+            mode => o
+                .tls
+                .connect(&addr.ip().to_string(), tcp)
+                .await
+                .map_err(|e| OpenError::Unreachable {
+                    addr,
+                    reason: format!(
+                        "TLS handshake failed (backend_tls = \"{}\"): {e}",
+                        tls_mode_name(mode)
+                    ),
+                })?,
+        };
         let mut raw = Raw {
             stream,
             dec: Decoder::default(),
@@ -271,7 +291,6 @@ impl BackendConn {
             buf,
             ..
         } = raw;
-        let (rd, wr) = stream.into_split();
         let (tx, rx) = mpsc::unbounded_channel();
         let streams = Arc::new(Mutex::new(Streams {
             waiting: HashMap::new(),
@@ -279,16 +298,24 @@ impl BackendConn {
         }));
         let closed = Arc::new(AtomicBool::new(false));
         let lost = CancellationToken::new();
-        tokio::spawn(write_loop(wr, enc, rx, closed.clone(), lost.clone()));
-        tokio::spawn(read_loop(
+        let ends = Ends {
             addr,
-            rd,
-            dec,
-            buf,
-            streams.clone(),
-            (closed.clone(), lost.clone()),
-            o.events.clone(),
-        ));
+            streams: streams.clone(),
+            closed: closed.clone(),
+            lost: lost.clone(),
+            events: o.events.clone(),
+            gauge: o.gauge.clone(),
+        };
+        match stream {
+            MaybeTls::Plain(tcp) => {
+                let (rd, wr) = tcp.into_split();
+                spawn_loops(rd, wr, enc, dec, buf, rx, ends);
+            }
+            MaybeTls::Tls(tls) => {
+                let (rd, wr) = tokio::io::split(*tls);
+                spawn_loops(rd, wr, enc, dec, buf, rx, ends);
+            }
+        }
         Ok(Opened {
             conn: Arc::new(BackendConn {
                 tx,
@@ -364,8 +391,52 @@ impl BackendConn {
     }
 }
 
-async fn write_loop(
-    mut wr: OwnedWriteHalf,
+fn tls_mode_name(mode: crate::config::BackendTlsMode) -> &'static str {
+    use crate::config::BackendTlsMode::*;
+    match mode {
+        Disable => "disable",
+        Prefer => "prefer",
+        Require => "require",
+        VerifyFull => "verify-full",
+    }
+}
+
+/// What the reader and writer halves share about the connection's end.
+struct Ends {
+    addr: SocketAddr,
+    streams: Arc<Mutex<Streams>>,
+    closed: Arc<AtomicBool>,
+    lost: CancellationToken,
+    events: Option<mpsc::UnboundedSender<Envelope>>,
+    gauge: Option<Gauge>,
+}
+
+fn spawn_loops<R, W>(
+    rd: R,
+    wr: W,
+    enc: Encoder,
+    dec: Decoder,
+    buf: BytesMut,
+    rx: mpsc::UnboundedReceiver<Outgoing>,
+    e: Ends,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    if let Some(g) = &e.gauge {
+        g.inc();
+    }
+    tokio::spawn(write_loop(wr, enc, rx, e.closed.clone(), e.lost.clone()));
+    tokio::spawn(async move {
+        read_loop(e.addr, rd, dec, buf, e.streams, (e.closed, e.lost), e.events).await;
+        if let Some(g) = &e.gauge {
+            g.dec();
+        }
+    });
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
     enc: Encoder,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     closed: Arc<AtomicBool>,
@@ -400,9 +471,9 @@ async fn write_loop(
     let _ = wr.shutdown().await;
 }
 
-async fn read_loop(
+async fn read_loop<R: AsyncRead + Unpin>(
     addr: SocketAddr,
-    mut rd: OwnedReadHalf,
+    mut rd: R,
     mut dec: Decoder,
     mut buf: BytesMut,
     streams: Arc<Mutex<Streams>>,

@@ -117,6 +117,8 @@ async fn open(
             timeout: cluster.config.connect_timeout,
             options,
             events,
+            tls: &cluster.backend_tls,
+            gauge: None,
         },
     )
     .await
@@ -177,6 +179,7 @@ async fn session(cluster: &Arc<CqlCluster>, addr: SocketAddr) -> Result<Ended, O
         warn!(cluster = %cluster.config.name, node = %addr, error = %e, "cannot read the schema");
     }
     info!(cluster = %cluster.config.name, node = %addr, version, nodes = cluster.snapshot().nodes.len(), "CQL control connection ready");
+    cluster.cql_metrics.control_event("connected");
     let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + REFRESH_EVERY, REFRESH_EVERY);
     let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -221,6 +224,11 @@ async fn session(cluster: &Arc<CqlCluster>, addr: SocketAddr) -> Result<Ended, O
             let Ok(Response::Event(ev)) = decode_response(&env) else {
                 continue;
             };
+            cluster.cql_metrics.control_event(match &ev {
+                Event::StatusChange { .. } => "status_change",
+                Event::TopologyChange { .. } => "topology_change",
+                Event::SchemaChange(_) => "schema_change",
+            });
             match ev {
                 Event::StatusChange { change, address } => {
                     let target = node_addr(cluster, address);
@@ -248,6 +256,7 @@ async fn session(cluster: &Arc<CqlCluster>, addr: SocketAddr) -> Result<Ended, O
         }
     }
     conn.close();
+    cluster.cql_metrics.control_event("lost");
     let _ = call;
     if why == "no answer to a heartbeat" {
         // The node keeps its socket but answers nothing: it is down until a probe's

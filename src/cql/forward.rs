@@ -52,18 +52,28 @@ impl RequestCtx {
         let snap = cluster.snapshot();
         let local_dc = cluster.local_datacenter(&snap);
         let zone = cluster.config.zone.as_deref();
-        let order = route::candidates(&snap, route, local_dc.as_deref(), zone, |a| {
-            cluster.pools.inflight(a)
-        });
+        let (order, replicas) =
+            route::candidates_and_replicas(&snap, route, local_dc.as_deref(), zone, |a| {
+                cluster.pools.inflight(a)
+            });
+        // `sluice_cql_coordinators_total`: whether the node that answers is a replica.
+        let coordinated = |attempt: usize| {
+            if route.partition.is_some() {
+                cluster.cql_metrics.coordinator(attempt < replicas);
+            }
+        };
         let timeout = cluster.cql.request_timeout;
         let mut last = ErrorBody::new(ec::SERVER_ERROR, "sluice: no CQL node is known");
-        for i in order.into_iter().take(MAX_ATTEMPTS) {
+        for (attempt, i) in order.into_iter().take(MAX_ATTEMPTS).enumerate() {
             let addr = snap.nodes[i].addr;
             let conn = match cluster.pools.get(addr, &self.key, super::CQL_VERSION).await {
                 Ok(c) => c,
                 Err(OpenError::Unreachable { reason, .. }) => {
                     cluster.mark_down(addr, &format!("unreachable: {reason}"));
-                    last = ErrorBody::new(ec::SERVER_ERROR, format!("sluice: node {addr} is unreachable"));
+                    last = ErrorBody::new(
+                        ec::SERVER_ERROR,
+                        format!("sluice: node {addr} is unreachable: {reason}"),
+                    );
                     continue;
                 }
                 Err(OpenError::Refused { error, .. }) => return self.error(env, "backend_refused", error),
@@ -82,16 +92,26 @@ impl RequestCtx {
                         Ok(Response::Error(e)) => e.unprepared_id(),
                         _ => None,
                     };
-                    let Some(id) = unprepared else { return resp };
+                    let Some(id) = unprepared else {
+                        coordinated(attempt);
+                        return resp;
+                    };
                     let Some(info) = cluster.prepared.get(&id) else {
+                        coordinated(attempt);
                         return resp;
                     };
                     debug!(node = %addr, "node does not know a prepared statement; preparing it again");
-                    if !self.prepare_on(addr, &info).await {
+                    let reprepared = self.prepare_on(addr, &info).await;
+                    cluster.cql_metrics.reprepare(reprepared);
+                    if !reprepared {
+                        coordinated(attempt);
                         return resp;
                     }
                     match conn.request(env, timeout).await {
-                        Ok(r) => return r,
+                        Ok(r) => {
+                            coordinated(attempt);
+                            return r;
+                        }
                         Err(e) => last = ErrorBody::new(ec::SERVER_ERROR, format!("sluice: {addr}: {e}")),
                     }
                 }

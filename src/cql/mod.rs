@@ -5,6 +5,7 @@
 mod backend;
 mod control;
 mod forward;
+mod metrics;
 mod pool;
 mod prepared;
 mod route;
@@ -62,6 +63,12 @@ pub struct CqlCluster {
     routed: [prometheus_client::metrics::counter::Counter; 2],
     /// `sluice_clients`.
     client_gauge: prometheus_client::metrics::gauge::Gauge,
+    /// The `sluice_cql_*` series of this cluster.
+    pub(crate) cql_metrics: Arc<metrics::CqlMetrics>,
+    /// TLS towards clients (`tls_cert`/`tls_key`, `tls_client_ca`).
+    client_tls: Option<tokio_rustls::TlsAcceptor>,
+    /// TLS towards the nodes (`backend_tls`).
+    backend_tls: crate::common::tls::BackendTls,
 }
 
 impl CqlCluster {
@@ -77,7 +84,24 @@ impl CqlCluster {
 
     /// A cluster that knows its seeds only (the static ones, or those `feed` discovers);
     /// `spawn_background` starts learning the rest.
-    pub fn new(config: ClusterConfig, feed: Option<Feed>, metrics: Arc<Metrics>) -> Arc<CqlCluster> {
+    pub fn new(
+        config: ClusterConfig,
+        feed: Option<Feed>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<CqlCluster>> {
+        let client_tls = match (&config.tls_cert, &config.tls_key, &config.tls_client_ca) {
+            (Some(cert), Some(key), None) => Some(crate::common::tls::acceptor(cert, key)),
+            (Some(cert), Some(key), Some(ca)) => {
+                Some(crate::common::tls::acceptor_verifying_clients(cert, key, ca))
+            }
+            _ => None,
+        }
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("cluster {:?}: client TLS: {e}", config.name))?;
+        let backend_tls =
+            crate::common::tls::BackendTls::new(config.backend_tls, config.backend_tls_ca.as_deref())
+                .map_err(|e| anyhow::anyhow!("cluster {:?}: backend_tls: {e}", config.name))?;
+        let cql_metrics = Arc::new(metrics::CqlMetrics::new(metrics.clone(), &config.name));
         let addrs: Vec<String> = match &config.discovery {
             Discovery::Static(a) => a.clone(),
             _ => Vec::new(),
@@ -118,8 +142,16 @@ impl CqlCluster {
                 cluster: config.name.clone(),
             })
             .clone();
-        Arc::new(CqlCluster {
-            pools: pool::Pools::new(cql.connections_per_node, config.connect_timeout),
+        Ok(Arc::new(CqlCluster {
+            pools: pool::Pools::new(
+                cql.connections_per_node,
+                config.connect_timeout,
+                backend_tls.clone(),
+                cql_metrics.clone(),
+            ),
+            cql_metrics,
+            client_tls,
+            backend_tls,
             snapshot: ArcSwap::from_pointee(Snapshot::seeds(&seeds)),
             seeds,
             feed,
@@ -133,7 +165,7 @@ impl CqlCluster {
             metrics,
             cql,
             config,
-        })
+        }))
     }
 
     /// Starts the control connection and the prober of down nodes (and, with discovery, the
@@ -280,10 +312,13 @@ impl CqlCluster {
     /// The JSON view for /topology.
     pub fn topology_json(&self) -> serde_json::Value {
         let s = self.snapshot();
+        // The same shares as the status page's ring and SHOW RING.
+        let owned = crate::admin::status::ownership(s.nodes.iter().map(|n| n.tokens.as_slice()));
         let nodes: Vec<_> = s
             .nodes
             .iter()
-            .map(|n| {
+            .zip(owned)
+            .map(|(n, share)| {
                 json!({
                     "address": n.addr.to_string(),
                     "id": n.pod,
@@ -293,6 +328,7 @@ impl CqlCluster {
                     "datacenter": n.datacenter,
                     "rack": n.rack,
                     "tokens": n.tokens.len(),
+                    "ownership": share,
                     "error": n.last_error,
                     "open_connections": self.pools.open_connections(n.addr),
                     "inflight": self.pools.inflight(n.addr),
@@ -353,7 +389,7 @@ async fn start(c: &ClusterConfig, metrics: &Arc<Metrics>) -> anyhow::Result<Runn
             Some(feed)
         }
     };
-    let cluster = CqlCluster::new(c.clone(), feed, metrics.clone());
+    let cluster = CqlCluster::new(c.clone(), feed, metrics.clone())?;
     let tasks = cluster.spawn_background().into_iter().map(Task::from).collect();
     Ok(Running {
         cluster,

@@ -8,7 +8,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use prometheus_client::metrics::gauge::Gauge;
+
 use super::backend::{BackendConn, Credentials, OpenError, OpenOptions};
+use super::metrics::CqlMetrics;
+use crate::common::tls::BackendTls;
 
 /// What a backend connection is bound to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -20,12 +24,14 @@ pub struct PoolKey {
 }
 
 /// The connections to one node.
-#[derive(Default)]
 pub struct NodePool {
     keyed: Mutex<HashMap<PoolKey, Vec<Arc<BackendConn>>>>,
     opening: tokio::sync::Mutex<()>,
     /// Requests sent to this node and not answered yet (all keys).
     inflight: AtomicUsize,
+    /// `sluice_cql_node_connections` and `sluice_cql_node_inflight` of this node.
+    connections_gauge: Gauge,
+    inflight_gauge: Gauge,
 }
 
 impl NodePool {
@@ -70,6 +76,7 @@ pub struct InflightGuard(Arc<NodePool>);
 impl Drop for InflightGuard {
     fn drop(&mut self) {
         self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.0.inflight_gauge.dec();
     }
 }
 
@@ -78,14 +85,23 @@ pub struct Pools {
     nodes: RwLock<HashMap<SocketAddr, Arc<NodePool>>>,
     per_node: usize,
     connect_timeout: Duration,
+    tls: BackendTls,
+    metrics: Arc<CqlMetrics>,
 }
 
 impl Pools {
-    pub fn new(per_node: usize, connect_timeout: Duration) -> Pools {
+    pub fn new(
+        per_node: usize,
+        connect_timeout: Duration,
+        tls: BackendTls,
+        metrics: Arc<CqlMetrics>,
+    ) -> Pools {
         Pools {
             nodes: RwLock::new(HashMap::new()),
             per_node,
             connect_timeout,
+            tls,
+            metrics,
         }
     }
 
@@ -97,7 +113,16 @@ impl Pools {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .entry(addr)
-            .or_default()
+            .or_insert_with(|| {
+                let (connections_gauge, inflight_gauge) = self.metrics.node_gauges(addr);
+                Arc::new(NodePool {
+                    keyed: Mutex::default(),
+                    opening: tokio::sync::Mutex::default(),
+                    inflight: AtomicUsize::new(0),
+                    connections_gauge,
+                    inflight_gauge,
+                })
+            })
             .clone()
     }
 
@@ -123,6 +148,7 @@ impl Pools {
     pub fn track(&self, addr: SocketAddr) -> InflightGuard {
         let n = self.node(addr);
         n.inflight.fetch_add(1, Ordering::Relaxed);
+        n.inflight_gauge.inc();
         InflightGuard(n)
     }
 
@@ -158,6 +184,8 @@ impl Pools {
                 timeout: self.connect_timeout,
                 options: false,
                 events: None,
+                tls: &self.tls,
+                gauge: Some(node.connections_gauge.clone()),
             },
         )
         .await;

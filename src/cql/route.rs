@@ -177,6 +177,18 @@ pub fn candidates(
     local_zone: Option<&str>,
     inflight: impl Fn(SocketAddr) -> usize,
 ) -> Vec<usize> {
+    candidates_and_replicas(snap, route, local_dc, local_zone, inflight).0
+}
+
+/// [`candidates`], with how many of them (at the front) are live replicas of the route's
+/// partition.
+pub fn candidates_and_replicas(
+    snap: &Snapshot,
+    route: &Route,
+    local_dc: Option<&str>,
+    local_zone: Option<&str>,
+    inflight: impl Fn(SocketAddr) -> usize,
+) -> (Vec<usize>, usize) {
     let remote = |i: usize| local_dc.is_some_and(|dc| snap.nodes[i].datacenter != dc);
     let other_zone = |i: usize| local_zone.is_some_and(|z| snap.nodes[i].zone.as_deref() != Some(z));
     let key = |i: usize| (remote(i), other_zone(i), inflight(snap.nodes[i].addr), i);
@@ -200,7 +212,7 @@ pub fn candidates(
     let mut down: Vec<usize> = (0..snap.nodes.len()).filter(|i| !snap.nodes[*i].up).collect();
     down.sort_by_key(|&i| key(i));
     out.extend(down);
-    out
+    (out, replicas.len())
 }
 
 #[cfg(test)]

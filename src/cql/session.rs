@@ -15,14 +15,14 @@ use sluice_cql::response::{error_code as ec, ColumnSpec, ErrorBody, Event, Resul
 use sluice_cql::statement::{parse, Bind, Statement};
 use sluice_cql::types::ColumnType;
 use sluice_cql::{Compression, Request, Response};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::backend::{Credentials, OpenError};
 use super::forward::{envelope, RequestCtx, MAX_ATTEMPTS};
+use super::metrics::RouteKind;
 use super::pool::PoolKey;
 use super::prepared::PreparedInfo;
 use super::route::{self, Route};
@@ -56,90 +56,146 @@ pub async fn serve_client(cluster: Arc<CqlCluster>, stream: TcpStream, peer: Soc
     if n > cluster.config.max_client_connections {
         warn!(cluster = %cluster.config.name, %peer, "too many CQL clients; refusing the connection");
         cluster.error("too_many_clients");
-        refuse_overloaded(stream, cluster.config.max_client_connections).await;
+        let msg = format!(
+            "sluice: too many client connections (max_client_connections = {})",
+            cluster.config.max_client_connections
+        );
+        cluster.cql_metrics.error_code(ec::OVERLOADED);
+        refuse(stream, ec::OVERLOADED, &msg).await;
         return;
     }
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().unwrap_or(cluster.config.listen);
     let span = info_span!("cql_client", cluster = %cluster.config.name, %peer);
+    // The TLS handshake counts against login_timeout too.
+    let login_deadline = tokio::time::Instant::now() + cluster.config.login_timeout;
     async move {
-        let (mut rd, wr) = stream.into_split();
-        let (tx, rx) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(write_loop(wr, rx));
-        let mut c = Client {
-            permits: Arc::new(Semaphore::new(cluster.cql.max_requests_per_client)),
-            cluster,
-            tx: tx.clone(),
-            local,
-            version: None,
-            started: false,
-            auth: Auth::NotNeeded,
-            credentials: None,
-            keyspace: None,
-            framing: None,
+        let Some(acceptor) = cluster.client_tls.clone() else {
+            let (rd, wr) = stream.into_split();
+            return serve(cluster, rd, wr, local, login_deadline).await;
         };
-        let mut dec = Decoder::new(DEFAULT_MAX_BODY);
-        let mut buf = BytesMut::with_capacity(16 * 1024);
-        let login_deadline = tokio::time::Instant::now() + c.cluster.config.login_timeout;
-        'outer: loop {
-            if c.version.is_none() && buf.len() >= 4 {
-                let v = buf[0] & 0x7f;
-                let max = c.cluster.snapshot().max_version.clamp(4, 5);
-                if !(4..=max).contains(&v) {
-                    debug!(version = v, "unsupported protocol version");
-                    let _ = tx.send(Out::Raw(version_error(&buf, max)));
-                    break;
-                }
-                c.version = Some(v);
-            }
-            loop {
-                match dec.decode(&mut buf) {
-                    Ok(Some(env)) => {
-                        if !c.handle(env).await {
-                            break 'outer;
-                        }
-                        if let Some(f) = c.framing.take() {
-                            dec.set_framing(f);
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        let h =
-                            e.header()
-                                .unwrap_or(Header::request(c.version.unwrap_or(4), 0, Opcode::Error));
-                        debug!(error = %e, "malformed frame from client");
-                        c.error(&h, ErrorBody::protocol(e.to_string()));
-                        if e.is_fatal() {
-                            break 'outer;
-                        }
-                    }
-                }
-            }
-            let read = if c.ready() {
-                rd.read_buf(&mut buf).await
-            } else {
-                match tokio::time::timeout_at(login_deadline, rd.read_buf(&mut buf)).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        debug!("client did not finish STARTUP within login_timeout");
-                        break;
-                    }
-                }
-            };
-            match read {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
+        // TLS from the first byte (no negotiation in CQL): a TLS client opens with a
+        // handshake record, a plaintext one with its protocol version.
+        let mut first = [0u8; 1];
+        match tokio::time::timeout_at(login_deadline, stream.peek(&mut first)).await {
+            Ok(Ok(1)) => {}
+            _ => return,
         }
-        let _ = tx.send(Out::Close);
-        drop(tx);
-        let _ = writer.await;
+        if first[0] == crate::common::tls::TLS_HANDSHAKE_RECORD {
+            match tokio::time::timeout_at(login_deadline, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => {
+                    let (rd, wr) = tokio::io::split(tls);
+                    serve(cluster, rd, wr, local, login_deadline).await;
+                }
+                Ok(Err(e)) => {
+                    info!(error = %e, "TLS handshake with a CQL client failed");
+                    cluster.error("tls_handshake");
+                }
+                Err(_) => debug!("client did not finish the TLS handshake within login_timeout"),
+            }
+        } else if cluster.config.require_tls {
+            info!("plaintext client refused: require_tls");
+            cluster.error("tls_required");
+            cluster.cql_metrics.error_code(ec::AUTH_ERROR);
+            refuse(
+                stream,
+                ec::AUTH_ERROR,
+                "sluice: this listener requires TLS (require_tls = true); connect with TLS",
+            )
+            .await;
+        } else {
+            let (rd, wr) = stream.into_split();
+            serve(cluster, rd, wr, local, login_deadline).await;
+        }
     }
     .instrument(span)
     .await
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Out>) {
+/// Runs the protocol on an accepted (and, with TLS, decrypted) connection until it closes.
+async fn serve<R, W>(
+    cluster: Arc<CqlCluster>,
+    mut rd: R,
+    wr: W,
+    local: SocketAddr,
+    login_deadline: tokio::time::Instant,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(write_loop(wr, rx));
+    let mut c = Client {
+        permits: Arc::new(Semaphore::new(cluster.cql.max_requests_per_client)),
+        cluster,
+        tx: tx.clone(),
+        local,
+        version: None,
+        started: false,
+        auth: Auth::NotNeeded,
+        credentials: None,
+        keyspace: None,
+        framing: None,
+    };
+    let mut dec = Decoder::new(DEFAULT_MAX_BODY);
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    'outer: loop {
+        if c.version.is_none() && buf.len() >= 4 {
+            let v = buf[0] & 0x7f;
+            let max = c.cluster.snapshot().max_version.clamp(4, 5);
+            if !(4..=max).contains(&v) {
+                debug!(version = v, "unsupported protocol version");
+                c.cluster.cql_metrics.error_code(ec::PROTOCOL_ERROR);
+                let _ = tx.send(Out::Raw(version_error(&buf, max)));
+                break;
+            }
+            c.version = Some(v);
+        }
+        loop {
+            match dec.decode(&mut buf) {
+                Ok(Some(env)) => {
+                    if !c.handle(env).await {
+                        break 'outer;
+                    }
+                    if let Some(f) = c.framing.take() {
+                        dec.set_framing(f);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let h = e
+                        .header()
+                        .unwrap_or(Header::request(c.version.unwrap_or(4), 0, Opcode::Error));
+                    debug!(error = %e, "malformed frame from client");
+                    c.error(&h, ErrorBody::protocol(e.to_string()));
+                    if e.is_fatal() {
+                        break 'outer;
+                    }
+                }
+            }
+        }
+        let read = if c.ready() {
+            rd.read_buf(&mut buf).await
+        } else {
+            match tokio::time::timeout_at(login_deadline, rd.read_buf(&mut buf)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    debug!("client did not finish STARTUP within login_timeout");
+                    break;
+                }
+            }
+        };
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    let _ = tx.send(Out::Close);
+    drop(tx);
+    let _ = writer.await;
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedReceiver<Out>) {
     let mut enc = Encoder::new();
     let mut buf = BytesMut::new();
     let mut pending: Vec<Envelope> = Vec::new();
@@ -181,18 +237,23 @@ async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Out>
     }
 }
 
-/// The ERROR a client speaking an unsupported version gets, in a header it can read.
-/// Answers a client over `max_client_connections` in its own protocol, as PostgreSQL clients
-/// get 53300: the first request (OPTIONS or STARTUP) gets an OVERLOADED error on its stream,
-/// then the connection closes. A client that sends nothing within 2 s is just closed.
-async fn refuse_overloaded(mut stream: TcpStream, limit: usize) {
-    let mut head = [0u8; 4];
-    let read = tokio::time::timeout(std::time::Duration::from_secs(2), stream.read_exact(&mut head)).await;
+/// Refuses a client in its own protocol, as PostgreSQL clients get an ErrorResponse: the
+/// first request (OPTIONS or STARTUP) gets an ERROR of `code` on its stream (OVERLOADED over
+/// `max_client_connections`, as 53300; AUTH_ERROR for plaintext under `require_tls`, as
+/// 28000), then the connection closes. A client that sends nothing within 2 s is just closed.
+async fn refuse(mut stream: TcpStream, code: i32, msg: &str) {
+    let wait = std::time::Duration::from_secs(2);
+    let mut head = [0u8; 9];
+    let read = tokio::time::timeout(wait, stream.read_exact(&mut head)).await;
     if !matches!(read, Ok(Ok(_))) {
         return;
     }
-    let msg = format!("sluice: too many client connections (max_client_connections = {limit})");
-    let body = Response::Error(ErrorBody::new(ec::OVERLOADED, msg)).to_body(4);
+    // Read the request's body too (a few KiB at most for OPTIONS/STARTUP): closing a socket
+    // with unread bytes resets it, and the client could lose the answer.
+    let len = u32::from_be_bytes([head[5], head[6], head[7], head[8]]).min(64 * 1024) as u64;
+    let mut sink = tokio::io::sink();
+    let _ = tokio::time::timeout(wait, tokio::io::copy(&mut (&mut stream).take(len), &mut sink)).await;
+    let body = Response::Error(ErrorBody::new(code, msg)).to_body(4);
     let version = (head[0] & 0x7f).clamp(3, 5);
     let mut out = BytesMut::new();
     Header::response(version, i16::from_be_bytes([head[2], head[3]]), Opcode::Error)
@@ -202,6 +263,7 @@ async fn refuse_overloaded(mut stream: TcpStream, limit: usize) {
     let _ = stream.shutdown().await;
 }
 
+/// The ERROR a client speaking an unsupported version gets, in a header it can read.
 fn version_error(first: &[u8], max: u8) -> Bytes {
     let v = first[0] & 0x7f;
     let supported = if max >= 5 { "4/v4, 5/v5" } else { "4/v4" };
@@ -261,7 +323,13 @@ impl Client {
     }
 
     fn error(&self, h: &Header, e: ErrorBody) {
+        self.cluster.cql_metrics.error_code(e.code);
         self.send(h, &Response::Error(e));
+    }
+
+    /// Counts a request sluice answers itself.
+    fn local(&self, h: &Header) {
+        self.cluster.cql_metrics.request(h.opcode(), RouteKind::Local);
     }
 
     /// Credentials towards the cluster for this client's requests.
@@ -509,18 +577,21 @@ impl Client {
 
     async fn request(&mut self, env: Envelope, req: Request) {
         let h = env.header;
+        let started = std::time::Instant::now();
         let snap = self.cluster.snapshot();
         let route = match &req {
             Request::Query(q) => {
                 let stmt = parse(&q.query).ok();
                 match &stmt {
                     Some(Statement::Use(ks)) => {
+                        self.local(&h);
                         self.use_keyspace(&h, ks).await;
                         return;
                     }
                     Some(Statement::Select(sel)) => {
                         let ks = q.params.keyspace.as_deref().or(self.keyspace.as_deref());
                         if let Some(table) = systables::virtual_table(sel, ks) {
+                            self.local(&h);
                             self.answer_virtual(&h, sel, table, &snap, false);
                             return;
                         }
@@ -534,6 +605,7 @@ impl Client {
                 if let Some(table) = info.as_ref().and_then(|i| i.virtual_table) {
                     if let Some(Statement::Select(sel)) = info.as_ref().and_then(|i| i.statement.as_ref()) {
                         let skip = e.params.flags & sluice_cql::request::query_flags::SKIP_METADATA != 0;
+                        self.local(&h);
                         self.answer_virtual(&h, sel, table, &snap, skip);
                         return;
                     }
@@ -544,6 +616,7 @@ impl Client {
                 let ks = p.keyspace.as_deref().or(self.keyspace.as_deref());
                 if let Ok(Statement::Select(sel)) = parse(&p.query) {
                     if let Some(table) = systables::virtual_table(&sel, ks) {
+                        self.local(&h);
                         self.prepare_virtual(&h, p, sel, table, &snap);
                         return;
                     }
@@ -554,6 +627,14 @@ impl Client {
             _ => Route::default(),
         };
         self.cluster.routed(route.partition.is_some());
+        let kind = if route.lwt {
+            RouteKind::Lwt
+        } else if route.partition.is_some() {
+            RouteKind::Token
+        } else {
+            RouteKind::Any
+        };
+        self.cluster.cql_metrics.request(h.opcode(), kind);
         let prepare = match &req {
             Request::Prepare(p) => Some(p.clone()),
             _ => None,
@@ -575,6 +656,9 @@ impl Client {
             if let Some(p) = prepare {
                 ctx.remember_prepared(&p, &resp);
             }
+            let m = &ctx.cluster.cql_metrics;
+            m.answer(&resp);
+            m.latency(h.opcode(), started.elapsed());
             let _ = tx.send(Out::Envelope(resp));
             drop(permit);
         });

@@ -12,11 +12,15 @@ use sluice_cql::request::{Execute, Extensions, Prepare, Query, QueryParams};
 use sluice_cql::response::{ErrorBody, Prepared, ResultBody, Rows};
 use sluice_cql::wire::Value;
 use sluice_cql::{Compression, Request, Response};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// A client connection: plain TCP or TLS.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
 pub struct Client {
-    stream: TcpStream,
+    stream: Box<dyn Io>,
     dec: Decoder,
     enc: Encoder,
     buf: BytesMut,
@@ -29,6 +33,11 @@ impl Client {
     pub async fn raw(addr: SocketAddr) -> Client {
         let stream = TcpStream::connect(addr).await.expect("connect");
         stream.set_nodelay(true).unwrap();
+        Client::over(Box::new(stream))
+    }
+
+    /// A client on an established connection (e.g. TLS), without the handshake.
+    pub fn over(stream: Box<dyn Io>) -> Client {
         Client {
             stream,
             dec: Decoder::default(),
@@ -41,7 +50,12 @@ impl Client {
 
     /// Connects and completes STARTUP.
     pub async fn connect(addr: SocketAddr, version: u8, compression: Compression) -> Client {
-        let mut c = Client::raw(addr).await;
+        Client::raw(addr).await.startup(version, compression).await
+    }
+
+    /// Completes STARTUP on a raw client.
+    pub async fn startup(self, version: u8, compression: Compression) -> Client {
+        let mut c = self;
         c.version = version;
         let mut opts = vec![("CQL_VERSION".to_string(), "3.0.0".to_string())];
         if let Some(n) = compression.name() {

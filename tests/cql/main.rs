@@ -12,8 +12,10 @@ mod console;
 mod drivers;
 mod failover;
 mod kubernetes;
+mod metrics;
 mod reload;
 mod routing;
+mod tls;
 mod topology;
 
 use std::net::SocketAddr;

@@ -117,3 +117,78 @@ fn the_contract_file_runs_unchanged_but_for_addresses() {
     assert_eq!(status, 200, "{body}");
     sluice.assert_no_unexpected_errors(&[]);
 }
+
+/// The share of the token ring each node owns: every token owns the range from the previous
+/// token (exclusive, wrapping around) to itself.
+fn expected_ownership(tokens: &[Vec<i64>]) -> Vec<f64> {
+    let mut all: Vec<(i64, usize)> = tokens
+        .iter()
+        .enumerate()
+        .flat_map(|(i, ts)| ts.iter().map(move |t| (*t, i)))
+        .collect();
+    all.sort_unstable();
+    let mut share = vec![0.0; tokens.len()];
+    for (j, (t, owner)) in all.iter().enumerate() {
+        let prev = if j == 0 {
+            all[all.len() - 1].0
+        } else {
+            all[j - 1].0
+        };
+        let width = (*t as i128 - prev as i128).rem_euclid(1i128 << 64);
+        share[*owner] += width as f64 / 2f64.powi(64);
+    }
+    share
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_shows_the_ring() {
+    let spec = sluice_cql_testcluster::ClusterSpec::new(3, 8)
+        .with_location(0, "dc1", "r1")
+        .with_location(1, "dc1", "r2")
+        .with_location(2, "dc2", "r1");
+    let tokens: Vec<Vec<i64>> = spec.nodes.iter().map(|n| n.tokens.clone()).collect();
+    let env = Env::with_spec(spec, "", "");
+    bounded(30, async {
+        let want = expected_ownership(&tokens);
+        let (nodes, body) = env.sluice.topology_nodes();
+        assert_eq!(nodes.len(), 3, "{body}");
+        let mut total = 0.0;
+        for (i, (dc, rack)) in [("dc1", "r1"), ("dc1", "r2"), ("dc2", "r1")].iter().enumerate() {
+            let addr = env.cluster.address(i).to_string();
+            let n = nodes
+                .iter()
+                .find(|n| n["address"] == addr.as_str())
+                .unwrap_or_else(|| panic!("{addr} in {body}"));
+            assert_eq!(n["datacenter"], *dc, "{body}");
+            assert_eq!(n["rack"], *rack, "{body}");
+            assert_eq!(n["tokens"], 8, "{body}");
+            assert_eq!(n["healthy"], true, "{body}");
+            assert_eq!(n["inflight"], 0, "{body}");
+            let share = n["ownership"]
+                .as_f64()
+                .unwrap_or_else(|| panic!("ownership in {body}"));
+            assert!((share - want[i]).abs() < 1e-9, "node {i}: {share} != {}", want[i]);
+            total += share;
+        }
+        assert!((total - 1.0).abs() < 1e-9, "{total}");
+
+        // A node that goes down shows as unhealthy, with why.
+        env.cluster.kill(2);
+        let addr = env.cluster.address(2).to_string();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (nodes, body) = env.sluice.topology_nodes();
+            let n = nodes.iter().find(|n| n["address"] == addr.as_str()).unwrap();
+            if n["healthy"] == false {
+                assert!(n["error"].is_string(), "{body}");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node 3 still healthy: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}

@@ -57,6 +57,38 @@ pub struct ClusterSpec {
     pub port: u16,
     /// PasswordAuthenticator credentials; `None` allows everyone.
     pub credentials: Option<(String, String)>,
+    /// Every node speaks TLS from the first byte with this identity (Cassandra's
+    /// `client_encryption_options` with `optional: false`).
+    pub tls: Option<TlsIdentity>,
+}
+
+/// A PEM certificate chain and its private key.
+#[derive(Debug, Clone)]
+pub struct TlsIdentity {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl TlsIdentity {
+    fn acceptor(&self) -> std::io::Result<tokio_rustls::TlsAcceptor> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        use tokio_rustls::rustls;
+        let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+        let certs = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(format!("certificate: {e}")))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| bad(format!("key: {e}")))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    }
 }
 
 impl ClusterSpec {
@@ -87,7 +119,17 @@ impl ClusterSpec {
             nodes,
             port: 0,
             credentials: None,
+            tls: None,
         }
+    }
+
+    /// Every node speaks TLS (only) with this certificate chain and key.
+    pub fn with_tls(mut self, cert_pem: &str, key_pem: &str) -> ClusterSpec {
+        self.tls = Some(TlsIdentity {
+            cert_pem: cert_pem.into(),
+            key_pem: key_pem.into(),
+        });
+        self
     }
 
     /// Requires PasswordAuthenticator logins with these credentials.
@@ -166,6 +208,8 @@ pub(crate) struct Shared {
     pub nodes: Vec<NodeInfo>,
     pub ring: Ring,
     pub credentials: Option<(String, String)>,
+    /// TLS on every connection, when the spec asks for it.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub up: Vec<AtomicBool>,
     pub db: Mutex<schema::Db>,
     pub prepared: Vec<Mutex<HashMap<Bytes, Arc<prepare::PreparedStatement>>>>,
@@ -282,6 +326,7 @@ impl TestCluster {
                 .collect(),
             ring,
             credentials: spec.credentials.clone(),
+            tls: spec.tls.as_ref().map(TlsIdentity::acceptor).transpose()?,
             up: (0..n).map(|_| AtomicBool::new(true)).collect(),
             db: Mutex::new(schema::Db::default()),
             prepared: (0..n).map(|_| Mutex::new(HashMap::new())).collect(),
@@ -373,6 +418,11 @@ impl TestCluster {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Connections the nodes have accepted so far (every node, since the start).
+    pub fn connections_accepted(&self) -> u64 {
+        self.shared.next_conn.load(Ordering::Acquire) - 1
     }
 
     /// Forgets the records so far.

@@ -1,5 +1,6 @@
 //! Runs a CQL test cluster until interrupted:
-//! `sluice-cql-testcluster [--nodes N] [--port P] [--num-tokens K] [--credentials user:pass]`.
+//! `sluice-cql-testcluster [--nodes N] [--port P] [--num-tokens K] [--credentials user:pass]
+//! [--tls CERT.pem KEY.pem]`.
 
 use std::process::ExitCode;
 
@@ -10,6 +11,7 @@ fn main() -> ExitCode {
     let mut port = 9042u16;
     let mut num_tokens = 16usize;
     let mut credentials = None;
+    let mut tls = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = |name: &str| args.next().unwrap_or_else(|| panic!("{name} needs a value"));
@@ -18,8 +20,9 @@ fn main() -> ExitCode {
             "--port" => port = value("--port").parse().expect("--port P"),
             "--num-tokens" => num_tokens = value("--num-tokens").parse().expect("--num-tokens K"),
             "--credentials" => credentials = Some(value("--credentials")),
+            "--tls" => tls = Some((value("--tls CERT"), value("--tls KEY"))),
             "-h" | "--help" => {
-                println!("usage: sluice-cql-testcluster [--nodes N] [--port P] [--num-tokens K] [--credentials user:pass]");
+                println!("usage: sluice-cql-testcluster [--nodes N] [--port P] [--num-tokens K] [--credentials user:pass] [--tls CERT.pem KEY.pem]");
                 return ExitCode::SUCCESS;
             }
             other => {
@@ -33,6 +36,10 @@ fn main() -> ExitCode {
     if let Some(c) = credentials {
         let (u, p) = c.split_once(':').expect("--credentials user:pass");
         spec = spec.with_credentials(u, p);
+    }
+    if let Some((cert, key)) = tls {
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{p}: {e}"));
+        spec = spec.with_tls(&read(&cert), &read(&key));
     }
     let cluster = match TestCluster::start(spec) {
         Ok(c) => c,

@@ -11,9 +11,8 @@ use sluice_cql::frame::{flags, Header, Opcode};
 use sluice_cql::request::Extensions;
 use sluice_cql::response::{error_code as ec, ErrorBody, Event};
 use sluice_cql::{Compression, Request, Response};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::engine::{self, Session};
@@ -50,15 +49,34 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, node: usize, listener: TcpL
         let conn = shared
             .next_conn
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let handle = tokio::spawn(connection(shared.clone(), node, conn, stream));
-        let mut tasks = shared.tasks[node].lock().unwrap_or_else(|e| e.into_inner());
+        let tasks_of = shared.clone();
+        let shared = shared.clone();
+        let handle = match shared.tls.clone() {
+            None => tokio::spawn(async move {
+                let (rd, wr) = stream.into_split();
+                connection(shared, node, conn, rd, wr).await
+            }),
+            // TLS from the first byte, as a node with client_encryption_options enabled
+            // (and not optional) speaks it.
+            Some(acceptor) => tokio::spawn(async move {
+                let accepted = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await;
+                if let Ok(Ok(tls)) = accepted {
+                    let (rd, wr) = tokio::io::split(tls);
+                    connection(shared, node, conn, rd, wr).await
+                }
+            }),
+        };
+        let mut tasks = tasks_of.tasks[node].lock().unwrap_or_else(|e| e.into_inner());
         tasks.conns.retain(|_, h| !h.is_finished());
         tasks.conns.insert(conn, handle);
     }
 }
 
-async fn connection(shared: Arc<Shared>, node: usize, conn: u64, stream: TcpStream) {
-    let (rd, wr) = stream.into_split();
+async fn connection<R, W>(shared: Arc<Shared>, node: usize, conn: u64, rd: R, wr: W)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let (tx, rx) = mpsc::unbounded_channel();
     let version = Arc::new(std::sync::atomic::AtomicU8::new(4));
     let reader = read_loop(shared.clone(), node, conn, rd, tx, version.clone());
@@ -71,10 +89,10 @@ async fn connection(shared: Arc<Shared>, node: usize, conn: u64, stream: TcpStre
         .retain(|s| s.conn != conn);
 }
 
-async fn write_loop(
+async fn write_loop<W: AsyncWrite + Unpin>(
     shared: Arc<Shared>,
     node: usize,
-    mut wr: OwnedWriteHalf,
+    mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Out>,
     version: Arc<std::sync::atomic::AtomicU8>,
 ) {
@@ -356,11 +374,11 @@ fn version_error(first: &[u8]) -> Bytes {
     out.freeze()
 }
 
-async fn read_loop(
+async fn read_loop<R: AsyncRead + Unpin>(
     shared: Arc<Shared>,
     node: usize,
     conn: u64,
-    mut rd: OwnedReadHalf,
+    mut rd: R,
     tx: mpsc::UnboundedSender<Out>,
     shared_version: Arc<std::sync::atomic::AtomicU8>,
 ) {
