@@ -107,6 +107,14 @@ pub struct Metrics {
     pub discovery_members: Family<DiscoveryLabels, Gauge>,
     /// Configuration reloads by result.
     pub config_reloads: Family<ReloadLabels, Counter>,
+    /// 1 while a `write_hold` cluster has no confirmed writable primary (writes are held).
+    pub write_hold_active: Family<ClusterLabels, Gauge>,
+    /// Write holds started (a confirmed writable primary lost).
+    pub write_holds: Family<ClusterLabels, Counter>,
+    /// Requests that waited in a write hold.
+    pub write_hold_requests: Family<ClusterLabels, Counter>,
+    /// How long each held request waited.
+    pub write_hold_wait: HistogramFamily<ClusterLabels>,
 }
 
 impl Metrics {
@@ -131,6 +139,10 @@ impl Metrics {
             discovery_updates: Family::default(),
             discovery_members: Family::default(),
             config_reloads: Family::default(),
+            write_hold_active: Family::default(),
+            write_holds: Family::default(),
+            write_hold_requests: Family::default(),
+            write_hold_wait: Family::new_with_constructor(wait_histogram),
             registry: Registry::default(),
         };
         registry.register("clients", "Connected clients", m.clients.clone());
@@ -207,6 +219,26 @@ impl Metrics {
             "Configuration reloads by result",
             m.config_reloads.clone(),
         );
+        registry.register(
+            "write_hold_active",
+            "1 while writes are held: no confirmed writable primary (write_hold clusters)",
+            m.write_hold_active.clone(),
+        );
+        registry.register(
+            "write_holds",
+            "Write holds started (write_hold clusters)",
+            m.write_holds.clone(),
+        );
+        registry.register(
+            "write_hold_requests",
+            "Requests that waited in a write hold",
+            m.write_hold_requests.clone(),
+        );
+        registry.register(
+            "write_hold_wait_seconds",
+            "Time each held request waited for a confirmed writable primary",
+            m.write_hold_wait.clone(),
+        );
         for result in ["ok", "error"] {
             m.config_reloads.get_or_create_owned(&ReloadLabels { result });
         }
@@ -221,6 +253,17 @@ impl Metrics {
         };
         self.auth_failures.get_or_create_owned(&labels);
         self.settings_replays.get_or_create_owned(&labels);
+    }
+
+    /// Creates the write-hold series of a `write_hold` cluster at 0.
+    pub fn init_write_hold(&self, cluster: &str) {
+        let labels = ClusterLabels {
+            cluster: cluster.to_string(),
+        };
+        self.write_hold_active.get_or_create_owned(&labels);
+        self.write_holds.get_or_create_owned(&labels);
+        self.write_hold_requests.get_or_create_owned(&labels);
+        self.write_hold_wait.get_or_create_owned(&labels);
     }
 
     /// The Prometheus text exposition.

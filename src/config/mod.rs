@@ -175,6 +175,10 @@ pub struct ClusterConfig {
     pub probe_interval: Duration,
     pub probe_timeout: Duration,
     pub failover_wait: Duration,
+    /// `write_hold`: while the cluster has no confirmed writable primary (a planned role
+    /// change), a request that needs the primary waits up to this long for one instead of
+    /// failing. `None`: off.
+    pub write_hold: Option<Duration>,
     pub probe_user: Option<String>,
     pub probe_database: String,
     pub write_functions: Vec<String>,
@@ -348,6 +352,7 @@ const POSTGRES_ONLY: &[&str] = &[
     "backend_tls_ca",
     "probe_timeout",
     "failover_wait",
+    "write_hold",
     "probe_user",
     "probe_database",
     "write_functions",
@@ -448,6 +453,11 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
     let probe_interval = f.duration("probe_interval", "1s");
     let probe_timeout = f.duration("probe_timeout", "2s");
     let failover_wait = f.duration("failover_wait", "5s");
+    let write_hold = if f.has("write_hold") {
+        f.duration("write_hold", "").map(Some)
+    } else {
+        Some(None)
+    };
     let probe_user = f.optional_string("probe_user");
     let probe_database = f.string("probe_database", Some("postgres"));
     let write_functions = f.string_array("write_functions");
@@ -533,6 +543,7 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
         probe_interval: probe_interval?,
         probe_timeout: probe_timeout?,
         failover_wait: failover_wait?,
+        write_hold: write_hold?,
         probe_user,
         probe_database: probe_database?,
         write_functions: write_functions?,
