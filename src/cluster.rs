@@ -769,6 +769,7 @@ impl Cluster {
         let mut ticker = tokio::time::interval(self.config.probe_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut again = false;
+        let mut last_refusals = self.refusals.load(Ordering::SeqCst);
         loop {
             if !std::mem::take(&mut again) {
                 tokio::select! {
@@ -777,6 +778,14 @@ impl Cluster {
                 }
             }
             let refusals = self.refusals.load(Ordering::SeqCst);
+            if refusals != last_refusals {
+                // A refused write: ask on a new connection. A server process forked after the
+                // refusal has the configuration the refusing one had (the postmaster reloads
+                // before it signals its children), while this probe's own process may not have
+                // been signalled yet.
+                last_refusals = refusals;
+                conn = None;
+            }
             let snap = self.topology.load();
             let Some(index) = snap.index_of(&id) else { return };
             let address = snap.nodes[index].address.clone();

@@ -194,6 +194,16 @@ async fn a_planned_switchover_without_pause_holds_writes_instead_of_failing_them
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let hold_ended = switch.elapsed();
+        // Every client's held transaction commits on the new primary.
+        wait_until(60, "every client to commit on the new primary", || {
+            committed(&seen)
+                .iter()
+                .zip(&committed_at_hold)
+                .all(|(now, then)| now > then)
+        })
+        .await;
+        let all_resumed = switch.elapsed();
+        let pauses: Vec<Duration> = seen.iter().map(|s| *s.longest.lock().unwrap()).collect();
         // 4. The old primary comes back as a replica of the new one.
         tokio::task::block_in_place(|| cluster.follow(old, new));
         // Every client commits on the new primary.
@@ -213,17 +223,16 @@ async fn a_planned_switchover_without_pause_holds_writes_instead_of_failing_them
             seen.iter().map(|s| s.failures.lock().unwrap().clone()).collect();
         let total_failed: usize = failures.iter().map(Vec::len).sum();
         let total_committed: u64 = committed(&seen).iter().sum();
-        let longest: Vec<Duration> = seen.iter().map(|s| *s.longest.lock().unwrap()).collect();
         let (shortest_pause, longest_pause) = (
-            longest.iter().min().copied().unwrap_or_default(),
-            longest.iter().max().copied().unwrap_or_default(),
+            pauses.iter().min().copied().unwrap_or_default(),
+            pauses.iter().max().copied().unwrap_or_default(),
         );
         let held = sluice.metric("sluice_write_hold_requests_total{cluster=\"app\"}").unwrap_or(0.0);
         eprintln!(
             "[write_hold] {CLIENTS} clients TPC-B, no retries: {total_committed} committed, {total_failed} failed \
              ({failures:?}); read-only set in {read_only:?}, hold started {held_at:?} after it, every client held at \
-             {all_held:?}; stop + promote took {stop_promote:?}; hold ended {hold_ended:?} after the read-only step; \
-             {held} requests held; longest transaction per client {shortest_pause:?}..{longest_pause:?}"
+             {all_held:?}; stop + promote took {stop_promote:?}; hold ended {hold_ended:?} after the read-only step, every client committed again at {all_resumed:?}; \
+             {held} requests held; the pause each client saw (its longest transaction) {shortest_pause:?}..{longest_pause:?}"
         );
         // Exactly what the design allows to fail: at most one transaction per client, with
         // 25006 at its first write, all before every client was held; nothing at the stop or
