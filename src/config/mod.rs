@@ -1161,6 +1161,7 @@ password = "app-secret"
         assert_eq!(cl.pool_mode, PoolMode::Transaction);
         assert_eq!(cl.probe_interval, Duration::from_secs(1));
         assert_eq!(cl.failover_wait, Duration::from_secs(5));
+        assert_eq!(cl.write_hold, None, "off by default: fail fast as before");
         assert_eq!(cl.probe_database, "postgres");
         assert_eq!(
             cl.discovery,
@@ -1302,12 +1303,13 @@ pool_mode = "session"
 consistency = "read-your-writes"
 max_replica_lag = "1MB"
 require_tls = true
+write_hold = "10s"
 [clusters.discovery]
 static = ["127.0.0.1:9042"]
 "#;
         let errs = Config::parse(cql).unwrap_err();
         let paths: Vec<&str> = errs.0.iter().map(|e| e.path.as_str()).collect();
-        for key in ["pool_mode", "consistency", "max_replica_lag", "require_tls"] {
+        for key in ["pool_mode", "consistency", "max_replica_lag", "require_tls", "write_hold"] {
             let path = format!("clusters[0].{key}");
             let e = errs
                 .0
@@ -1316,6 +1318,18 @@ static = ["127.0.0.1:9042"]
                 .unwrap_or_else(|| panic!("{path} in {paths:?}"));
             assert_eq!(e.reason, "applies to postgres clusters only");
         }
+    }
+
+    #[test]
+    fn write_hold_is_a_duration() {
+        let on = CONTRACT_PG.replace("[clusters.discovery]", "write_hold = \"10s\"\n[clusters.discovery]");
+        assert_eq!(
+            Config::parse(&on).unwrap().clusters[0].write_hold,
+            Some(Duration::from_secs(10))
+        );
+        let bad = CONTRACT_PG.replace("[clusters.discovery]", "write_hold = \"soon\"\n[clusters.discovery]");
+        let errs = errors_of(&bad);
+        assert!(errs.iter().any(|e| e.starts_with("clusters[0].write_hold:")), "{errs:?}");
     }
 
     #[test]
