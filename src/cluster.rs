@@ -414,7 +414,10 @@ impl Cluster {
             return;
         }
         let snap = self.topology.load();
-        let Some(i) = snap.writable_primary().filter(|&i| snap.nodes[i].address == address) else {
+        let Some(i) = snap
+            .writable_primary()
+            .filter(|&i| snap.nodes[i].address == address)
+        else {
             return;
         };
         let id = snap.nodes[i].id.clone();
@@ -569,7 +572,10 @@ impl Cluster {
                         Some(d) if policy.writable_only => {
                             if held_since.is_none() {
                                 *held_since = Some(tokio::time::Instant::now());
-                                self.metrics.write_hold_requests.get_or_create(&self.labels()).inc();
+                                self.metrics
+                                    .write_hold_requests
+                                    .get_or_create(&self.labels())
+                                    .inc();
                                 self.hold.lock().expect("hold lock").held += 1;
                             }
                             d

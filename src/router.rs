@@ -300,10 +300,21 @@ mod tests {
             writable_only: true,
             ..ANY
         };
-        assert_eq!(choose(Intent::Primary, &s, &[0, 0], 0, &hold), Err(NoRoute::NoPrimary));
-        assert_eq!(choose(Intent::Primary, &s, &[0, 0], 0, &ANY), Ok(0), "off: as before");
+        assert_eq!(
+            choose(Intent::Primary, &s, &[0, 0], 0, &hold),
+            Err(NoRoute::NoPrimary)
+        );
+        assert_eq!(
+            choose(Intent::Primary, &s, &[0, 0], 0, &ANY),
+            Ok(0),
+            "off: as before"
+        );
         assert_eq!(choose(Intent::Replica, &s, &[0, 0], 0, &hold), Ok(1));
         let alone = snap(vec![s.nodes[0].clone()]);
-        assert_eq!(choose(Intent::Replica, &alone, &[0], 0, &hold), Ok(0), "reads are not held");
+        assert_eq!(
+            choose(Intent::Replica, &alone, &[0], 0, &hold),
+            Ok(0),
+            "reads are not held"
+        );
     }
 }

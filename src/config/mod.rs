@@ -1309,7 +1309,13 @@ static = ["127.0.0.1:9042"]
 "#;
         let errs = Config::parse(cql).unwrap_err();
         let paths: Vec<&str> = errs.0.iter().map(|e| e.path.as_str()).collect();
-        for key in ["pool_mode", "consistency", "max_replica_lag", "require_tls", "write_hold"] {
+        for key in [
+            "pool_mode",
+            "consistency",
+            "max_replica_lag",
+            "require_tls",
+            "write_hold",
+        ] {
             let path = format!("clusters[0].{key}");
             let e = errs
                 .0
@@ -1322,14 +1328,23 @@ static = ["127.0.0.1:9042"]
 
     #[test]
     fn write_hold_is_a_duration() {
-        let on = CONTRACT_PG.replace("[clusters.discovery]", "write_hold = \"10s\"\n[clusters.discovery]");
+        let on = CONTRACT_PG.replace(
+            "[clusters.discovery]",
+            "write_hold = \"10s\"\n[clusters.discovery]",
+        );
         assert_eq!(
             Config::parse(&on).unwrap().clusters[0].write_hold,
             Some(Duration::from_secs(10))
         );
-        let bad = CONTRACT_PG.replace("[clusters.discovery]", "write_hold = \"soon\"\n[clusters.discovery]");
+        let bad = CONTRACT_PG.replace(
+            "[clusters.discovery]",
+            "write_hold = \"soon\"\n[clusters.discovery]",
+        );
         let errs = errors_of(&bad);
-        assert!(errs.iter().any(|e| e.starts_with("clusters[0].write_hold:")), "{errs:?}");
+        assert!(
+            errs.iter().any(|e| e.starts_with("clusters[0].write_hold:")),
+            "{errs:?}"
+        );
     }
 
     #[test]

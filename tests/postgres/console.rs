@@ -431,6 +431,43 @@ async fn pause_waits_for_transactions_holds_new_ones_and_resume_releases_them() 
     env.sluice.assert_no_unexpected_errors(&[]);
 }
 
+/// A login held by PAUSE is bounded by pause_timeout only: it outlives login_timeout and logs
+/// in once RESUME comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_held_by_pause_does_not_time_out_through_login_timeout() {
+    let env = start(0, "login_timeout = \"1s\"", "pause_timeout = \"60s\"");
+    bounded(60, async {
+        let admin = console(&env, "boss").await;
+        show(&admin, "PAUSE app").await;
+        let addr = env.sluice.listen_addr();
+        let started = Instant::now();
+        let late = tokio::spawn(async move { try_connect(addr, "app", "app-secret", "app").await });
+        // Three login_timeouts pass while the login is held.
+        while started.elapsed() < Duration::from_secs(3) {
+            if late.is_finished() {
+                let ended = late.await.unwrap().err().map(|e| support::describe(&e));
+                panic!("the held login ended: {ended:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        show(&admin, "RESUME app").await;
+        let late = late
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("held login failed: {}", support::describe(&e)));
+        assert_eq!(simple_column(&late, "SELECT 1").await, ["1"]);
+    })
+    .await;
+    assert!(
+        !env.sluice
+            .logs()
+            .iter()
+            .any(|l| l.contains("within login_timeout")),
+        "a held login was cut by login_timeout"
+    );
+    env.sluice.assert_no_unexpected_errors(&[]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_held_past_pause_timeout_fails_with_57p03() {
     let env = start(0, "", "pause_timeout = \"1s\"");

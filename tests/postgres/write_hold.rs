@@ -28,9 +28,13 @@ struct Seen {
 /// Runs pgbench's TPC-B transaction (simple protocol, as `pgbench -M simple`) until `stop`,
 /// without retries: a failed statement is rolled back and counted, and the client goes on.
 async fn tpcb_client(client: Client, seed: u64, stop: Arc<AtomicBool>, seen: Arc<Seen>) {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let mut next = |n: u64| {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (x >> 33) % n + 1
     };
     while !stop.load(Ordering::SeqCst) {
