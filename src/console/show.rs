@@ -193,7 +193,7 @@ pub fn servers(console: &Console) -> Table {
                     None,
                     s(0),
                     s(0),
-                    s(0),
+                    s(u8::from(sv.close_needed)),
                     s(format!("{:#x}", sv.id)),
                     s(""),
                     s(sv.pid),

@@ -667,6 +667,65 @@ async fn a_switchover_behind_pause_fails_no_transaction() {
     ]);
 }
 
+/// RECONNECT closes idle server connections at once and marks busy ones `close_needed` in
+/// SHOW SERVERS (as PgBouncer does) until their client releases them, when they are closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_marks_busy_server_connections_close_needed() {
+    let env = start(0, "", "");
+    bounded(60, async {
+        let admin = console(&env, "boss").await;
+        let app = env.app_client().await;
+        support::exec(&app, "BEGIN").await;
+        let pid = simple_column(&app, "SELECT pg_backend_pid()").await.remove(0);
+        let servers = show(&admin, "SHOW SERVERS").await;
+        assert_eq!(
+            cell(&servers, "remote_pid", &pid, "close_needed").as_deref(),
+            Some("0"),
+            "{servers:?}"
+        );
+        show(&admin, "RECONNECT app").await;
+        let servers = show(&admin, "SHOW SERVERS").await;
+        assert_eq!(
+            cell(&servers, "remote_pid", &pid, "close_needed").as_deref(),
+            Some("1"),
+            "the busy connection is marked: {servers:?}"
+        );
+        assert_eq!(
+            cell(&servers, "remote_pid", &pid, "state").as_deref(),
+            Some("active")
+        );
+        // The transaction goes on undisturbed on it.
+        assert_eq!(
+            simple_column(&app, "SELECT pg_backend_pid()").await,
+            [pid.clone()]
+        );
+        support::exec(&app, "COMMIT").await;
+        // Released: closed.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let servers = show(&admin, "SHOW SERVERS").await;
+            if cell(&servers, "remote_pid", &pid, "id").is_none() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "never closed: {servers:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The next transaction has a new, unmarked connection.
+        support::exec(&app, "BEGIN").await;
+        let next = simple_column(&app, "SELECT pg_backend_pid()").await.remove(0);
+        assert_ne!(next, pid);
+        let servers = show(&admin, "SHOW SERVERS").await;
+        assert_eq!(
+            cell(&servers, "remote_pid", &next, "close_needed").as_deref(),
+            Some("0"),
+            "{servers:?}"
+        );
+        support::exec(&app, "COMMIT").await;
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnect_reload_and_shutdown() {
     let env = start(0, "", "");
