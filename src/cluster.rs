@@ -60,7 +60,35 @@ impl std::ops::Deref for UserCredential<'_> {
 pub struct User {
     /// How sluice logs in to the servers as this user.
     pub credential: Credential,
-    pub secret: ScramSecret,
+    /// What clients prove with SCRAM; None for a user known by its md5 hash only, whose
+    /// clients authenticate with md5.
+    pub secret: Option<ScramSecret>,
+}
+
+impl User {
+    /// A user known by what `pg_authid` stores: a SCRAM-SHA-256 verifier (SCRAM pass-through
+    /// towards the servers) or an md5 hash (md5 both ways). None for anything else.
+    pub fn from_stored(stored: &str) -> Option<User> {
+        if let Some(secret) = ScramSecret::parse(stored) {
+            return Some(User {
+                credential: Credential::PassThrough(Arc::new(PassThrough::new(secret.server_key()))),
+                secret: Some(secret),
+            });
+        }
+        sluice_postgres::md5::is_stored_hash(stored).then(|| User {
+            credential: Credential::Md5(stored.to_string()),
+            secret: None,
+        })
+    }
+
+    /// Whether the user was made from this stored verifier or hash.
+    pub fn is_from(&self, stored: &str) -> bool {
+        match (&self.credential, &self.secret) {
+            (Credential::Md5(hash), _) => hash == stored,
+            (Credential::PassThrough(_), Some(secret)) => secret.verifier() == stored,
+            _ => false,
+        }
+    }
 }
 
 /// Where a cancel request for one client must go right now.
@@ -238,20 +266,15 @@ impl Cluster {
             .users
             .iter()
             .map(|u| {
-                let user = match ScramSecret::parse(&u.password) {
-                    // A stored verifier (validated with the configuration): pass-through.
-                    Some(secret) => User {
-                        credential: Credential::PassThrough(Arc::new(PassThrough::new(secret.server_key()))),
-                        secret,
-                    },
-                    None => {
-                        let salt: [u8; 16] = rng.random();
-                        User {
-                            secret: ScramSecret::new(&u.password, &salt, SCRAM_ITERATIONS),
-                            credential: Credential::Password(u.password.clone()),
-                        }
+                // A stored verifier or md5 hash (validated with the configuration), else a
+                // password.
+                let user = User::from_stored(&u.password).unwrap_or_else(|| {
+                    let salt: [u8; 16] = rng.random();
+                    User {
+                        secret: Some(ScramSecret::new(&u.password, &salt, SCRAM_ITERATIONS)),
+                        credential: Credential::Password(u.password.clone()),
                     }
-                };
+                });
                 (u.name.clone(), user)
             })
             .collect();

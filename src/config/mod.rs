@@ -509,6 +509,11 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
                     );
                 }
             }
+            if password.as_deref().is_some_and(sluice_postgres::md5::is_stored_hash)
+                && protocol == Some(Protocol::Cql)
+            {
+                u.error("password", "an md5 hash works only for postgres clusters");
+            }
             u.finish();
             Some(UserConfig {
                 name: name?,

@@ -430,7 +430,13 @@ async fn authenticate(
         false => cluster.lookup_user(user, database).await,
     };
     let known = cluster.users.get(user).or(found.as_deref());
-    let secret = known.map_or_else(|| cluster.dummy_secret.clone(), |u| u.secret.clone());
+    if let Some(crate::backend::Credential::Md5(stored)) = known.map(|u| &u.credential) {
+        // Known by its md5 hash only: the client proves it with md5 (SCRAM needs the password).
+        return authenticate_md5(cluster, stream, buf, out, user, stored).await;
+    }
+    let secret = known
+        .and_then(|u| u.secret.clone())
+        .unwrap_or_else(|| cluster.dummy_secret.clone());
     let mut scram = ScramServer::new(secret);
     server::authentication_sasl(out, &["SCRAM-SHA-256"]);
     stream.write_all(out).await?;
@@ -478,6 +484,32 @@ async fn authenticate(
         }
         Ok(_) => refuse(cluster, out, user, ScramError::BadProof).await,
         Err(e) => refuse(cluster, out, user, e).await,
+    }
+}
+
+/// md5 authentication against a stored md5 hash: a fresh random salt, and the client's answer
+/// compared in constant time; a wrong one is refused exactly as a wrong SCRAM proof.
+async fn authenticate_md5(
+    cluster: &Arc<Cluster>,
+    stream: &mut ClientStream,
+    buf: &mut BytesMut,
+    out: &mut BytesMut,
+    user: &str,
+    stored: &str,
+) -> std::io::Result<bool> {
+    let salt: [u8; 4] = rand::random();
+    server::authentication_md5_password(out, salt);
+    stream.write_all(out).await?;
+    out.clear();
+    let Some(answer) = read_auth_message(stream, buf, out).await? else {
+        return Ok(false);
+    };
+    let body = answer.body();
+    let body = body.strip_suffix(&[0]).unwrap_or(body);
+    if sluice_postgres::md5::verify(stored, salt, body) {
+        Ok(true)
+    } else {
+        refuse(cluster, out, user, ScramError::BadProof).await
     }
 }
 

@@ -84,13 +84,9 @@ async fn roles_not_in_the_config_log_in_with_their_database_password() {
             .collect();
         assert!(names.contains(&"dyn1".into()), "{names:?}");
 
-        // A wrong password, an unknown role and an md5-only role are refused alike.
+        // A wrong password (for a SCRAM or an md5 role) and an unknown role are refused alike.
         let mut refusals = Vec::new();
-        for (user, password) in [
-            ("dyn1", "wrong"),
-            ("nobody", "dyn1-secret"),
-            ("oldmd5", "oldmd5-secret"),
-        ] {
+        for (user, password) in [("dyn1", "wrong"), ("nobody", "dyn1-secret"), ("oldmd5", "wrong")] {
             let Err(err) = try_connect(addr, user, password, "app").await else {
                 panic!("{user}/{password} was let in");
             };
@@ -103,6 +99,19 @@ async fn roles_not_in_the_config_log_in_with_their_database_password() {
         }
         assert_eq!(refusals[0].0, SqlState::INVALID_PASSWORD, "{refusals:?}");
         assert!(refusals.iter().all(|r| *r == refusals[0]), "{refusals:?}");
+
+        // An md5 role (md5 in pg_authid and pg_hba.conf) logs in with md5 both ways; one that
+        // the server asks for SCRAM cannot be served from its md5 hash, and is told so.
+        let legacy = support::connect(addr, "legacy", "legacy-secret", "app").await;
+        assert_eq!(simple_column(&legacy, "SELECT session_user").await, ["legacy"]);
+        let Err(err) = try_connect(addr, "oldmd5", "oldmd5-secret", "app").await else {
+            panic!("oldmd5 logged in although the server asks it for SCRAM");
+        };
+        let message = err
+            .as_db_error()
+            .map(|e| e.message().to_string())
+            .unwrap_or_default();
+        assert!(message.contains("md5 hash"), "{err:?}");
 
         // The cached verifier and the remembered key serve new logins and new connections.
         let again = support::connect(addr, "dyn1", "dyn1-secret", "app").await;

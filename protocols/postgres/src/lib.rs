@@ -7,6 +7,7 @@
 
 pub mod classify;
 pub mod frame;
+pub mod md5;
 pub mod peek;
 pub mod scram;
 pub mod server;
