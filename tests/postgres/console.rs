@@ -697,7 +697,7 @@ async fn reconnect_marks_busy_server_connections_close_needed() {
         // The transaction goes on undisturbed on it.
         assert_eq!(
             simple_column(&app, "SELECT pg_backend_pid()").await,
-            [pid.clone()]
+            [pid.as_str()]
         );
         support::exec(&app, "COMMIT").await;
         // Released: closed.
