@@ -181,6 +181,17 @@ async fn a_planned_switchover_without_pause_holds_writes_instead_of_failing_them
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let all_held = switch.elapsed();
+        // SHOW NODES says why.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let old_addr = format!("127.0.0.1:{old}");
+        loop {
+            let nodes = support::simple_rows(&console, "SHOW NODES").await;
+            if nodes.iter().any(|r| r[2] == old_addr && r[3] == "read-only-primary") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "SHOW NODES: {nodes:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let failed_before_stop: usize = seen.iter().map(|s| s.failures.lock().unwrap().len()).sum();
         let committed_at_hold = committed(&seen);
 
