@@ -243,7 +243,7 @@ pub struct Cluster {
 /// Where a `write_hold` cluster stands: holding writes since when, and how many were held.
 #[derive(Default)]
 struct HoldState {
-    /// A confirmed writable primary has been seen (no hold is announced before that, at start).
+    /// A confirmed writable primary has been seen.
     seen_writable: bool,
     since: Option<std::time::Instant>,
     held: u64,
@@ -416,7 +416,13 @@ impl Cluster {
                 hold.since = None;
                 self.metrics.write_hold_active.get_or_create(&labels).set(0);
             }
-            (Some(reason), None) if hold.seen_writable => {
+            // Not at start while the first probes are still out: only once a writable primary
+            // was seen, or every node has answered its probe (or failed it) without one.
+            (Some(reason), None)
+                if hold.seen_writable
+                    || (!snap.nodes.is_empty()
+                        && snap.nodes.iter().all(|n| n.healthy || n.last_error.is_some())) =>
+            {
                 info!(cluster = %self.config.name, reason, "write hold started: new writes wait for a confirmed writable primary");
                 hold.since = Some(std::time::Instant::now());
                 hold.held = 0;
@@ -752,11 +758,11 @@ impl Cluster {
             .node_healthy
             .get_or_create(&labels)
             .set(i64::from(node.healthy));
-        if change.role_changed || change.health_changed || change.writable_changed {
-            self.track_hold();
-        }
         if change.role_changed || change.health_changed {
             info!(node = %node.address, role = ?node.role, healthy = node.healthy, error = node.last_error.as_deref().unwrap_or(""), generation = snap.generation, "topology changed");
+        }
+        if change.role_changed || change.health_changed || change.writable_changed {
+            self.track_hold();
         }
         // The node has the last word on its role; a label that says otherwise is counted
         // (once per disagreement) and logged, never followed.
