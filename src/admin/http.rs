@@ -57,6 +57,9 @@ pub fn role_label(snap: &crate::common::topology::Snapshot, i: usize) -> &'stati
     let n = &snap.nodes[i];
     if n.role == Role::Primary && snap.primary() != Some(i) && n.healthy {
         "stale-primary"
+    } else if n.role == Role::Primary && n.read_only && n.healthy {
+        // Still the primary, but taking no writes (a planned switchover's first step).
+        "read-only-primary"
     } else {
         match n.role {
             Role::Primary => "primary",

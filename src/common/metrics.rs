@@ -172,6 +172,14 @@ pub struct Metrics {
     pub cql_control_events: Family<EventLabels, Counter>,
     /// Statements prepared again on a node that answered UNPREPARED, by result.
     pub cql_reprepares: Family<ClusterResultLabels, Counter>,
+    /// 1 while a `write_hold` cluster has no confirmed writable primary (writes are held).
+    pub write_hold_active: Family<ClusterLabels, Gauge>,
+    /// Write holds started (a confirmed writable primary lost).
+    pub write_holds: Family<ClusterLabels, Counter>,
+    /// Requests that waited in a write hold.
+    pub write_hold_requests: Family<ClusterLabels, Counter>,
+    /// How long each held request waited.
+    pub write_hold_wait: HistogramFamily<ClusterLabels>,
 }
 
 impl Metrics {
@@ -204,6 +212,10 @@ impl Metrics {
             cql_node_inflight: Family::default(),
             cql_control_events: Family::default(),
             cql_reprepares: Family::default(),
+            write_hold_active: Family::default(),
+            write_holds: Family::default(),
+            write_hold_requests: Family::default(),
+            write_hold_wait: Family::new_with_constructor(wait_histogram),
             registry: Registry::default(),
         };
         registry.register("clients", "Connected clients", m.clients.clone());
@@ -320,6 +332,26 @@ impl Metrics {
             "Statements prepared again on a node that answered UNPREPARED, by result (ok, error)",
             m.cql_reprepares.clone(),
         );
+        registry.register(
+            "write_hold_active",
+            "1 while writes are held: no confirmed writable primary (write_hold clusters)",
+            m.write_hold_active.clone(),
+        );
+        registry.register(
+            "write_holds",
+            "Write holds started (write_hold clusters)",
+            m.write_holds.clone(),
+        );
+        registry.register(
+            "write_hold_requests",
+            "Requests that waited in a write hold",
+            m.write_hold_requests.clone(),
+        );
+        registry.register(
+            "write_hold_wait_seconds",
+            "Time each held request waited for a confirmed writable primary",
+            m.write_hold_wait.clone(),
+        );
         for result in ["ok", "error"] {
             m.config_reloads.get_or_create_owned(&ReloadLabels { result });
         }
@@ -373,6 +405,17 @@ impl Metrics {
             self.cql_reprepares
                 .get_or_create_owned(&ClusterResultLabels { cluster: c(), result });
         }
+    }
+
+    /// Creates the write-hold series of a `write_hold` cluster at 0.
+    pub fn init_write_hold(&self, cluster: &str) {
+        let labels = ClusterLabels {
+            cluster: cluster.to_string(),
+        };
+        self.write_hold_active.get_or_create_owned(&labels);
+        self.write_holds.get_or_create_owned(&labels);
+        self.write_hold_requests.get_or_create_owned(&labels);
+        self.write_hold_wait.get_or_create_owned(&labels);
     }
 
     /// The Prometheus text exposition.

@@ -74,6 +74,12 @@ pub struct Node {
     pub timeline: Option<u32>,
     /// Increases each time any node becomes primary; breaks ties between equal timelines.
     pub primary_epoch: u64,
+    /// A primary whose probe found `transaction_read_only` on (`default_transaction_read_only`
+    /// set for a planned switchover): it is still the primary, but takes no writes.
+    pub read_only: bool,
+    /// Something suggested the node stopped taking writes (a 25006 from it): unconfirmed until
+    /// its next probe answers.
+    pub unconfirmed: bool,
     /// Why the node is unhealthy, for /topology.
     pub last_error: Option<String>,
     /// Requests in flight on this node, shared by every snapshot that has the node.
@@ -95,6 +101,8 @@ impl Node {
             replay_lag_ms: None,
             timeline: None,
             primary_epoch: 0,
+            read_only: false,
+            unconfirmed: false,
             last_error: None,
             load: Arc::default(),
         }
@@ -120,6 +128,35 @@ impl Snapshot {
             .map(|(i, _)| i)
     }
 
+    /// The primary, if it is confirmed to take writes: its probe found it writable (not
+    /// read-only, nothing since suggesting otherwise), and no role label names another node as
+    /// the primary or this one as a replica. None during a planned role change, which
+    /// `write_hold` waits out.
+    pub fn writable_primary(&self) -> Option<usize> {
+        let i = self.primary()?;
+        let p = &self.nodes[i];
+        let labels_agree = p.labeled_role != Some(Role::Replica)
+            && !self
+                .nodes
+                .iter()
+                .enumerate()
+                .any(|(j, n)| j != i && n.labeled_role == Some(Role::Primary));
+        (!p.read_only && !p.unconfirmed && labels_agree).then_some(i)
+    }
+
+    /// Why there is no confirmed writable primary (for the log), or None if there is one.
+    pub fn hold_reason(&self) -> Option<&'static str> {
+        if self.writable_primary().is_some() {
+            return None;
+        }
+        Some(match self.primary().map(|i| &self.nodes[i]) {
+            None => "no primary answers",
+            Some(p) if p.read_only => "the primary is read-only",
+            Some(p) if p.unconfirmed => "the primary refused a write; probing it",
+            Some(_) => "a role label names a primary the probes have not confirmed",
+        })
+    }
+
     /// The index of the node with this id.
     pub fn index_of(&self, id: &str) -> Option<usize> {
         self.nodes.iter().position(|n| n.id == id)
@@ -141,7 +178,12 @@ pub enum Observation {
         timeline: Option<u32>,
         /// A replica's replay delay in milliseconds.
         replay_lag_ms: Option<u64>,
+        /// `transaction_read_only` (always on for a replica).
+        read_only: bool,
     },
+    /// The node answered a write with 25006 (read-only transaction): its writability is
+    /// unconfirmed until the next probe.
+    Suspect,
     Down {
         error: String,
     },
@@ -154,6 +196,8 @@ pub struct Change {
     pub health_changed: bool,
     pub became_primary: bool,
     pub lost_primary: bool,
+    /// Whether the node takes writes changed (read-only or unconfirmed).
+    pub writable_changed: bool,
 }
 
 /// The shared, atomically swapped topology of one cluster.
@@ -253,8 +297,11 @@ fn apply(cur: &Snapshot, id: &str, obs: &Observation) -> (Arc<Snapshot>, Change)
             lsn,
             timeline,
             replay_lag_ms,
+            read_only,
         } => {
             node.role = *role;
+            node.read_only = *read_only && *role == Role::Primary;
+            node.unconfirmed = false;
             node.healthy = true;
             node.lsn = *lsn;
             node.replay_lag_ms = *replay_lag_ms;
@@ -265,6 +312,7 @@ fn apply(cur: &Snapshot, id: &str, obs: &Observation) -> (Arc<Snapshot>, Change)
             node.healthy = false;
             node.last_error = Some(error.clone());
         }
+        Observation::Suspect => node.unconfirmed = true,
     }
     let was_primary = before.healthy && before.role == Role::Primary;
     let is_primary = node.healthy && node.role == Role::Primary;
@@ -273,6 +321,7 @@ fn apply(cur: &Snapshot, id: &str, obs: &Observation) -> (Arc<Snapshot>, Change)
         health_changed: before.healthy != node.healthy,
         became_primary: is_primary && !was_primary,
         lost_primary: was_primary && !is_primary,
+        writable_changed: (before.read_only, before.unconfirmed) != (node.read_only, node.unconfirmed),
     };
     if change.became_primary {
         let epoch = cur.nodes.iter().map(|n| n.primary_epoch).max().unwrap_or(0) + 1;
@@ -339,6 +388,7 @@ mod tests {
             lsn: Some(1),
             timeline: Some(1),
             replay_lag_ms: None,
+            read_only: false,
         }
     }
 
@@ -365,6 +415,7 @@ mod tests {
             lsn: Some(1),
             timeline: Some(tl),
             replay_lag_ms: None,
+            read_only: false,
         };
         t.observe("a:1", &primary_on(1));
         t.observe("b:2", &up(Role::Replica));
@@ -394,6 +445,7 @@ mod tests {
                 lsn: Some(99),
                 timeline: Some(1),
                 replay_lag_ms: None,
+                read_only: false,
             },
         );
         assert_eq!(t.load().generation, g);
@@ -431,6 +483,46 @@ mod tests {
         let p = &s.nodes[2];
         assert_eq!((p.address.as_str(), p.healthy), ("10.0.0.9:5432", false));
         assert_eq!(p.load.load(std::sync::atomic::Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn a_read_only_or_unconfirmed_primary_or_a_label_change_is_no_writable_primary() {
+        let t = topo();
+        t.observe("a:1", &up(Role::Primary));
+        t.observe("b:2", &up(Role::Replica));
+        assert_eq!(t.load().writable_primary(), Some(0));
+        let g = t.load().generation;
+        let read_only = Observation::Up {
+            role: Role::Primary,
+            lsn: Some(2),
+            timeline: Some(1),
+            replay_lag_ms: None,
+            read_only: true,
+        };
+        assert!(t.observe("a:1", &read_only).writable_changed);
+        let s = t.load();
+        assert_eq!((s.primary(), s.writable_primary()), (Some(0), None));
+        assert_eq!(s.generation, g + 1, "waiters wake on it");
+        assert_eq!(s.hold_reason(), Some("the primary is read-only"));
+        t.observe("a:1", &up(Role::Primary));
+        assert_eq!(t.load().writable_primary(), Some(0));
+        // A 25006 makes the primary unconfirmed until its next probe.
+        assert!(t.observe("a:1", &Observation::Suspect).writable_changed);
+        assert_eq!(t.load().writable_primary(), None);
+        t.observe("a:1", &up(Role::Primary));
+        assert_eq!(t.load().writable_primary(), Some(0));
+        // A replica's read-only flag means nothing.
+        assert!(!t.load().nodes[1].read_only);
+        // A label naming b the primary before its probe confirms it.
+        let labeled = |id: &str, role| Member {
+            labeled_role: Some(role),
+            ..Member::at(id)
+        };
+        t.set_members(&[labeled("a:1", Role::Replica), labeled("b:2", Role::Primary)]);
+        assert_eq!(t.load().writable_primary(), None);
+        t.observe("a:1", &up(Role::Replica));
+        t.observe("b:2", &up(Role::Primary));
+        assert_eq!(t.load().writable_primary(), Some(1));
     }
 
     #[tokio::test(start_paused = true)]

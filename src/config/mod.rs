@@ -178,6 +178,10 @@ pub struct ClusterConfig {
     pub probe_interval: Duration,
     pub probe_timeout: Duration,
     pub failover_wait: Duration,
+    /// `write_hold`: while the cluster has no confirmed writable primary (a planned role
+    /// change), a request that needs the primary waits up to this long for one instead of
+    /// failing. `None`: off.
+    pub write_hold: Option<Duration>,
     pub probe_user: Option<String>,
     pub probe_database: String,
     pub write_functions: Vec<String>,
@@ -346,6 +350,7 @@ const POSTGRES_ONLY: &[&str] = &[
     "max_lifetime",
     "probe_timeout",
     "failover_wait",
+    "write_hold",
     "probe_user",
     "probe_database",
     "write_functions",
@@ -478,6 +483,11 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
     let probe_interval = f.duration("probe_interval", "1s");
     let probe_timeout = f.duration("probe_timeout", "2s");
     let failover_wait = f.duration("failover_wait", "5s");
+    let write_hold = if f.has("write_hold") {
+        f.duration("write_hold", "").map(Some)
+    } else {
+        Some(None)
+    };
     let probe_user = f.optional_string("probe_user");
     let probe_database = f.string("probe_database", Some("postgres"));
     let write_functions = f.string_array("write_functions");
@@ -529,6 +539,11 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
                     );
                 }
             }
+            if password.as_deref().is_some_and(sluice_postgres::md5::is_stored_hash)
+                && protocol == Some(Protocol::Cql)
+            {
+                u.error("password", "an md5 hash works only for postgres clusters");
+            }
             u.finish();
             Some(UserConfig {
                 name: name?,
@@ -564,6 +579,7 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
         probe_interval: probe_interval?,
         probe_timeout: probe_timeout?,
         failover_wait: failover_wait?,
+        write_hold: write_hold?,
         probe_user,
         probe_database: probe_database?,
         write_functions: write_functions?,
@@ -1181,6 +1197,7 @@ password = "app-secret"
         assert_eq!(cl.pool_mode, PoolMode::Transaction);
         assert_eq!(cl.probe_interval, Duration::from_secs(1));
         assert_eq!(cl.failover_wait, Duration::from_secs(5));
+        assert_eq!(cl.write_hold, None, "off by default: fail fast as before");
         assert_eq!(cl.probe_database, "postgres");
         assert_eq!(
             cl.discovery,
@@ -1322,12 +1339,19 @@ pool_mode = "session"
 consistency = "read-your-writes"
 max_replica_lag = "1MB"
 pool_size = 5
+write_hold = "10s"
 [clusters.discovery]
 static = ["127.0.0.1:9042"]
 "#;
         let errs = Config::parse(cql).unwrap_err();
         let paths: Vec<&str> = errs.0.iter().map(|e| e.path.as_str()).collect();
-        for key in ["pool_mode", "consistency", "max_replica_lag", "pool_size"] {
+        for key in [
+            "pool_mode",
+            "consistency",
+            "max_replica_lag",
+            "pool_size",
+            "write_hold",
+        ] {
             let path = format!("clusters[0].{key}");
             let e = errs
                 .0
@@ -1361,6 +1385,27 @@ static = ["127.0.0.1:9042"]
                 "{path}: {errs:?}"
             );
         }
+    }
+
+    #[test]
+    fn write_hold_is_a_duration() {
+        let on = CONTRACT_PG.replace(
+            "[clusters.discovery]",
+            "write_hold = \"10s\"\n[clusters.discovery]",
+        );
+        assert_eq!(
+            Config::parse(&on).unwrap().clusters[0].write_hold,
+            Some(Duration::from_secs(10))
+        );
+        let bad = CONTRACT_PG.replace(
+            "[clusters.discovery]",
+            "write_hold = \"soon\"\n[clusters.discovery]",
+        );
+        let errs = errors_of(&bad);
+        assert!(
+            errs.iter().any(|e| e.starts_with("clusters[0].write_hold:")),
+            "{errs:?}"
+        );
     }
 
     #[test]

@@ -8,10 +8,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sluice_postgres::scram::ScramSecret;
 use tracing::{debug, warn};
 
-use crate::postgres::backend::{own_startup_params, Backend, ConnectOptions, Credential, PassThrough};
+use crate::postgres::backend::{own_startup_params, Backend, ConnectOptions};
 use crate::postgres::cluster::{Cluster, User};
 
 /// How long a lookup's answer (a verifier, or none) is used before the next lookup.
@@ -51,20 +50,18 @@ impl DynamicUsers {
         (e.at.elapsed() < CACHE_TTL).then(|| e.user.clone())
     }
 
-    /// Records a lookup's answer. The same verifier as before keeps its `User` (and so the
-    /// ClientKey it holds); a new one replaces it.
-    fn store(&self, name: &str, verifier: Option<ScramSecret>) -> Option<Arc<User>> {
+    /// Records a lookup's answer (a SCRAM verifier or an md5 hash, see `User::from_stored`).
+    /// The same verifier as before keeps its `User` (and so the ClientKey it holds); a new one
+    /// replaces it.
+    fn store(&self, name: &str, stored: Option<&str>) -> Option<Arc<User>> {
         let mut entries = self.entries.lock().expect("auth cache lock");
         if entries.len() >= MAX_NEGATIVE {
             entries.retain(|_, e| e.user.is_some() || e.at.elapsed() < CACHE_TTL);
         }
         let previous = entries.get(name).and_then(|e| e.user.clone());
-        let user = verifier.map(|secret| match previous {
-            Some(p) if p.secret.verifier() == secret.verifier() => p,
-            _ => Arc::new(User {
-                credential: Credential::PassThrough(Arc::new(PassThrough::new(secret.server_key()))),
-                secret,
-            }),
+        let user = stored.and_then(|stored| match previous {
+            Some(p) if p.is_from(stored) => Some(p),
+            _ => User::from_stored(stored).map(Arc::new),
         });
         entries.insert(
             name.to_string(),
@@ -106,15 +103,11 @@ impl Cluster {
                 return None;
             }
         };
-        let secret = match verifier.as_deref().map(ScramSecret::parse) {
-            Some(Some(secret)) => Some(secret),
-            Some(None) => {
-                debug!(user = %name, "auth_query returned no SCRAM-SHA-256 verifier (md5 or none)");
-                None
-            }
-            None => None,
-        };
-        self.dynamic.store(name, secret)
+        let usable = verifier.as_deref().filter(|v| User::from_stored(v).is_some());
+        if verifier.is_some() && usable.is_none() {
+            debug!(user = %name, "auth_query returned neither a SCRAM-SHA-256 verifier nor an md5 hash");
+        }
+        self.dynamic.store(name, usable)
     }
 
     /// Runs `auth_query` for `name` as `auth_user`; the verifier column, if a row came back.
@@ -165,20 +158,25 @@ impl Cluster {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::postgres::backend::Credential;
+    use sluice_postgres::scram::ScramSecret;
 
     #[test]
     fn the_same_verifier_keeps_its_key() {
         let users = DynamicUsers::default();
         let secret = ScramSecret::new("pw", b"0123456789abcdef", 4096);
-        let first = users.store("r", Some(secret.clone())).unwrap();
+        let first = users.store("r", Some(&secret.verifier())).unwrap();
         let Credential::PassThrough(keys) = &first.credential else {
             panic!("pass-through")
         };
         keys.remember([7; 32]);
-        let again = users.store("r", Some(secret)).unwrap();
+        let again = users.store("r", Some(&secret.verifier())).unwrap();
         assert!(Arc::ptr_eq(&first, &again));
         let changed = users
-            .store("r", Some(ScramSecret::new("new", b"0123456789abcdef", 4096)))
+            .store(
+                "r",
+                Some(&ScramSecret::new("new", b"0123456789abcdef", 4096).verifier()),
+            )
             .unwrap();
         assert!(!Arc::ptr_eq(&first, &changed));
         assert_eq!(users.names(), ["r"]);

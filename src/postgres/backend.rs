@@ -83,6 +83,9 @@ pub enum Credential {
     /// Only a stored SCRAM-SHA-256 verifier: sluice answers a server's SCRAM challenge with the
     /// ClientKey recovered from the user's last successful client login (SCRAM pass-through).
     PassThrough(Arc<PassThrough>),
+    /// Only a stored md5 hash (`md5` + 32 hex digits, as `pg_authid` holds it): enough to answer
+    /// a server's md5 challenge, not a SCRAM or cleartext one.
+    Md5(String),
 }
 
 /// No credential: what an unknown user gets (trust servers still let it in).
@@ -208,13 +211,19 @@ impl Backend {
         let mut scram: Option<SaslClient> = None;
         let password = match opts.credential {
             Credential::Password(p) => Some(p.as_str()),
-            Credential::PassThrough(_) => None,
+            Credential::PassThrough(_) | Credential::Md5(_) => None,
         };
         let no_password = |be: &Backend, method: &str| {
-            be.protocol(&format!(
+            match opts.credential {
+            Credential::Md5(_) => be.protocol(&format!(
+                "the server asks for {method} but sluice has only the md5 hash of user {:?}, which answers md5 authentication only (the server's pg_hba.conf must use md5 for it, and the role's password be stored as md5)",
+                opts.user
+            )),
+            _ => be.protocol(&format!(
                 "the server asks for {method} but user {:?} has only a SCRAM verifier in sluice's configuration (pass-through needs SCRAM-SHA-256 on the server)",
                 opts.user
-            ))
+            )),
+        }
         };
         loop {
             let msg = be.read_message().await?;
@@ -231,12 +240,15 @@ impl Backend {
                             frontend::password_message(password.as_bytes(), &mut out).map_err(io_err)?
                         }
                         Authentication::Md5Password { salt } => {
-                            let password = password.ok_or_else(|| no_password(&be, "an md5 password"))?;
-                            let hash = postgres_protocol::authentication::md5_hash(
-                                opts.user.as_bytes(),
-                                password.as_bytes(),
-                                salt,
-                            );
+                            let hash = match (opts.credential, password) {
+                                (Credential::Md5(stored), _) => sluice_postgres::md5::response(stored, salt),
+                                (_, Some(password)) => postgres_protocol::authentication::md5_hash(
+                                    opts.user.as_bytes(),
+                                    password.as_bytes(),
+                                    salt,
+                                ),
+                                (_, None) => return Err(no_password(&be, "an md5 password")),
+                            };
                             frontend::password_message(hash.as_bytes(), &mut out).map_err(io_err)?;
                         }
                         Authentication::Sasl { .. } => {
@@ -246,6 +258,7 @@ impl Backend {
                                 ));
                             }
                             let client = match opts.credential {
+                                Credential::Md5(_) => return Err(no_password(&be, "SCRAM-SHA-256")),
                                 Credential::Password(p) => {
                                     let s = ScramSha256::new(p.as_bytes(), ChannelBinding::unsupported());
                                     frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)

@@ -60,7 +60,35 @@ impl std::ops::Deref for UserCredential<'_> {
 pub struct User {
     /// How sluice logs in to the servers as this user.
     pub credential: Credential,
-    pub secret: ScramSecret,
+    /// What clients prove with SCRAM; None for a user known by its md5 hash only, whose
+    /// clients authenticate with md5.
+    pub secret: Option<ScramSecret>,
+}
+
+impl User {
+    /// A user known by what `pg_authid` stores: a SCRAM-SHA-256 verifier (SCRAM pass-through
+    /// towards the servers) or an md5 hash (md5 both ways). None for anything else.
+    pub fn from_stored(stored: &str) -> Option<User> {
+        if let Some(secret) = ScramSecret::parse(stored) {
+            return Some(User {
+                credential: Credential::PassThrough(Arc::new(PassThrough::new(secret.server_key()))),
+                secret: Some(secret),
+            });
+        }
+        sluice_postgres::md5::is_stored_hash(stored).then(|| User {
+            credential: Credential::Md5(stored.to_string()),
+            secret: None,
+        })
+    }
+
+    /// Whether the user was made from this stored verifier or hash.
+    pub fn is_from(&self, stored: &str) -> bool {
+        match (&self.credential, &self.secret) {
+            (Credential::Md5(hash), _) => hash == stored,
+            (Credential::PassThrough(_), Some(secret)) => secret.verifier() == stored,
+            _ => false,
+        }
+    }
 }
 
 /// Where a cancel request for one client must go right now.
@@ -203,6 +231,22 @@ pub struct Cluster {
     pub activity: crate::postgres::activity::Activity,
     /// Roles found by `auth_query` (not in the configuration).
     pub dynamic: crate::postgres::auth_query::DynamicUsers,
+    /// The write hold in progress (`write_hold`), for its log lines and gauge.
+    hold: Mutex<HoldState>,
+    /// Wakes the probes at once (a node refused a write).
+    probe_now: tokio::sync::Notify,
+    /// Writes refused by a primary so far: a probe that ran meanwhile may have been answered
+    /// before the cause, and is repeated.
+    refusals: std::sync::atomic::AtomicU64,
+}
+
+/// Where a `write_hold` cluster stands: holding writes since when, and how many were held.
+#[derive(Default)]
+struct HoldState {
+    /// A confirmed writable primary has been seen.
+    seen_writable: bool,
+    since: Option<std::time::Instant>,
+    held: u64,
 }
 
 impl Cluster {
@@ -222,20 +266,15 @@ impl Cluster {
             .users
             .iter()
             .map(|u| {
-                let user = match ScramSecret::parse(&u.password) {
-                    // A stored verifier (validated with the configuration): pass-through.
-                    Some(secret) => User {
-                        credential: Credential::PassThrough(Arc::new(PassThrough::new(secret.server_key()))),
-                        secret,
-                    },
-                    None => {
-                        let salt: [u8; 16] = rng.random();
-                        User {
-                            secret: ScramSecret::new(&u.password, &salt, SCRAM_ITERATIONS),
-                            credential: Credential::Password(u.password.clone()),
-                        }
+                // A stored verifier or md5 hash (validated with the configuration), else a
+                // password.
+                let user = User::from_stored(&u.password).unwrap_or_else(|| {
+                    let salt: [u8; 16] = rng.random();
+                    User {
+                        secret: Some(ScramSecret::new(&u.password, &salt, SCRAM_ITERATIONS)),
+                        credential: Credential::Password(u.password.clone()),
                     }
-                };
+                });
                 (u.name.clone(), user)
             })
             .collect();
@@ -292,10 +331,16 @@ impl Cluster {
             console,
             activity: Default::default(),
             dynamic: Default::default(),
+            hold: Mutex::new(HoldState::default()),
+            probe_now: tokio::sync::Notify::new(),
+            refusals: Default::default(),
             metrics,
             config,
         });
         cluster.metrics.init_cluster(&cluster.config.name);
+        if cluster.config.write_hold.is_some() {
+            cluster.metrics.init_write_hold(&cluster.config.name);
+        }
         cluster.set_members(&members);
         cluster
     }
@@ -351,6 +396,65 @@ impl Cluster {
         for address in self.topology.set_members(members) {
             self.pools.drain(&address);
         }
+        // A role label may announce a new primary.
+        self.track_hold();
+    }
+
+    /// Starts or ends the write hold of a `write_hold` cluster as the topology changes: one log
+    /// line each way and the `sluice_write_hold_active` gauge.
+    fn track_hold(&self) {
+        if self.config.write_hold.is_none() {
+            return;
+        }
+        let snap = self.topology.load();
+        let reason = snap.hold_reason();
+        let mut hold = self.hold.lock().expect("hold lock");
+        let labels = self.labels();
+        match (reason, hold.since) {
+            (None, Some(since)) => {
+                let primary = snap.writable_primary().map(|i| snap.nodes[i].address.as_str());
+                info!(cluster = %self.config.name, primary = primary.unwrap_or(""), held_ms = since.elapsed().as_millis() as u64, writes_held = hold.held, "write hold ended: the primary is confirmed writable");
+                hold.since = None;
+                self.metrics.write_hold_active.get_or_create(&labels).set(0);
+            }
+            // Not at start while the first probes are still out: only once a writable primary
+            // was seen, or every node has answered its probe (or failed it) without one.
+            (Some(reason), None)
+                if hold.seen_writable
+                    || (!snap.nodes.is_empty()
+                        && snap.nodes.iter().all(|n| n.healthy || n.last_error.is_some())) =>
+            {
+                info!(cluster = %self.config.name, reason, "write hold started: new writes wait for a confirmed writable primary");
+                hold.since = Some(std::time::Instant::now());
+                hold.held = 0;
+                self.metrics.write_hold_active.get_or_create(&labels).set(1);
+                self.metrics.write_holds.get_or_create(&labels).inc();
+            }
+            (None, None) => hold.seen_writable = true,
+            _ => {}
+        }
+    }
+
+    /// A node answered a write with `code` (25006 read-only transaction, 57P01/57P03 shutting
+    /// down): if it is the writable primary of a `write_hold` cluster, writes are held until
+    /// its probe, run at once, says what it is. (A client's own `BEGIN READ ONLY` followed by
+    /// a write costs the other writes one probe round trip.)
+    pub fn write_refused(&self, address: &str, code: &str) {
+        if self.config.write_hold.is_none() || !matches!(code, "25006" | "57P01" | "57P03") {
+            return;
+        }
+        let snap = self.topology.load();
+        let Some(i) = snap
+            .writable_primary()
+            .filter(|&i| snap.nodes[i].address == address)
+        else {
+            return;
+        };
+        let id = snap.nodes[i].id.clone();
+        info!(cluster = %self.config.name, node = %address, code, "the primary refused a write; probing it now");
+        self.refusals.fetch_add(1, Ordering::SeqCst);
+        self.observe(&id, &Observation::Suspect);
+        self.probe_now.notify_waiters();
     }
 
     fn labels(&self) -> ClusterLabels {
@@ -364,6 +468,10 @@ impl Cluster {
     /// connections is marked down and another one is tried. The client's `parked` backend
     /// (see `Session::park`) serves the request if the router chose its node; otherwise it
     /// goes back to the pool first. `parked` is empty when this returns.
+    ///
+    /// With `write_hold`, a request for the primary also waits (up to `write_hold`, woken by
+    /// topology changes) while no primary is confirmed writable (a planned role change); once
+    /// the hold has run out it is routed as without it.
     pub async fn attach(
         &self,
         intent: Intent,
@@ -373,11 +481,41 @@ impl Cluster {
         min_lsn: Option<u64>,
         parked: &mut Option<Checkout>,
     ) -> Result<Checkout, AttachError> {
-        let policy = Policy::of(&self.config, min_lsn);
+        let mut held_since = None;
+        let result = self
+            .attach_inner(intent, user, database, startup, min_lsn, parked, &mut held_since)
+            .await;
+        if let Some(since) = held_since {
+            self.metrics
+                .write_hold_wait
+                .get_or_create(&self.labels())
+                .observe(since.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn attach_inner(
+        &self,
+        intent: Intent,
+        user: &str,
+        database: &str,
+        startup: &StartupParams,
+        min_lsn: Option<u64>,
+        parked: &mut Option<Checkout>,
+        held_since: &mut Option<tokio::time::Instant>,
+    ) -> Result<Checkout, AttachError> {
+        let mut policy = Policy::of(&self.config, min_lsn);
         let start = tokio::time::Instant::now();
-        let deadline = start + self.config.failover_wait;
+        let hold = self
+            .config
+            .write_hold
+            .filter(|_| intent == Intent::Primary && !policy.multi_active);
+        let hold_deadline = hold.map(|h| start + h);
+        let deadline = start + self.config.failover_wait.max(hold.unwrap_or_default());
         let credential = self.credential(user);
         loop {
+            policy.writable_only = hold_deadline.is_some_and(|d| tokio::time::Instant::now() < d);
             let snap = self.topology.load();
             let choice = {
                 // Each node's requests in flight, on the stack for up to 16 nodes (this runs
@@ -450,11 +588,30 @@ impl Cluster {
                 Err(why) => {
                     drop(parked.take());
                     let waited = start.elapsed();
+                    let until = match hold_deadline {
+                        Some(d) if policy.writable_only => {
+                            if held_since.is_none() {
+                                *held_since = Some(tokio::time::Instant::now());
+                                self.metrics
+                                    .write_hold_requests
+                                    .get_or_create(&self.labels())
+                                    .inc();
+                                self.hold.lock().expect("hold lock").held += 1;
+                            }
+                            d
+                        }
+                        _ => deadline,
+                    };
                     let ready = |s: &crate::common::topology::Snapshot| {
                         router::choose(intent, s, &[], 0, &policy).is_ok()
                     };
-                    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    let remaining = until.saturating_duration_since(tokio::time::Instant::now());
                     if remaining.is_zero() || self.topology.wait_for(remaining, ready).await.is_none() {
+                        if policy.writable_only {
+                            // The hold ran out: routed as without it (to a read-only primary,
+                            // or failing for want of one once failover_wait has passed too).
+                            continue;
+                        }
                         let cluster = self.config.name.clone();
                         let waited = waited.max(start.elapsed());
                         return Err(match why {
@@ -596,6 +753,9 @@ impl Cluster {
         if change.role_changed || change.health_changed {
             info!(node = %node.address, role = ?node.role, healthy = node.healthy, error = node.last_error.as_deref().unwrap_or(""), generation = snap.generation, "topology changed");
         }
+        if change.role_changed || change.health_changed || change.writable_changed {
+            self.track_hold();
+        }
         // The node has the last word on its role; a label that says otherwise is counted
         // (once per disagreement) and logged, never followed.
         let disagrees =
@@ -635,8 +795,24 @@ impl Cluster {
         let startup = own_startup_params();
         let mut ticker = tokio::time::interval(self.config.probe_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut again = false;
+        let mut last_refusals = self.refusals.load(Ordering::SeqCst);
         loop {
-            ticker.tick().await;
+            if !std::mem::take(&mut again) {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    () = self.probe_now.notified() => {}
+                }
+            }
+            let refusals = self.refusals.load(Ordering::SeqCst);
+            if refusals != last_refusals {
+                // A refused write: ask on a new connection. A server process forked after the
+                // refusal has the configuration the refusing one had (the postmaster reloads
+                // before it signals its children), while this probe's own process may not have
+                // been signalled yet.
+                last_refusals = refusals;
+                conn = None;
+            }
             let snap = self.topology.load();
             let Some(index) = snap.index_of(&id) else { return };
             let address = snap.nodes[index].address.clone();
@@ -654,11 +830,12 @@ impl Cluster {
             };
             let result = tokio::time::timeout(self.config.probe_timeout, probe_once(&mut conn, opts)).await;
             let obs = match result {
-                Ok(Ok((role, lsn, timeline, replay_lag_ms))) => Observation::Up {
-                    role,
-                    lsn,
-                    timeline,
-                    replay_lag_ms,
+                Ok(Ok(p)) => Observation::Up {
+                    role: p.role,
+                    lsn: p.lsn,
+                    timeline: p.timeline,
+                    replay_lag_ms: p.replay_lag_ms,
+                    read_only: p.read_only,
                 },
                 Ok(Err(e)) => {
                     conn = None;
@@ -671,6 +848,11 @@ impl Cluster {
                     }
                 }
             };
+            if matches!(obs, Observation::Up { .. }) && self.refusals.load(Ordering::SeqCst) != refusals {
+                // A write was refused while this probe ran: its answer may predate the cause.
+                again = true;
+                continue;
+            }
             self.metrics
                 .probes
                 .get_or_create(&ResultLabels {
@@ -796,11 +978,19 @@ impl Drop for ProbeTasks {
     }
 }
 
+/// What one probe found.
+struct Probed {
+    role: Role,
+    lsn: Option<u64>,
+    timeline: Option<u32>,
+    replay_lag_ms: Option<u64>,
+    /// `transaction_read_only` of the probe's own transaction: on for a replica, and on a
+    /// primary while `default_transaction_read_only` is (a planned switchover).
+    read_only: bool,
+}
+
 /// One probe: (re)connect if needed, then ask the node what it is.
-async fn probe_once(
-    conn: &mut Option<Backend>,
-    opts: ConnectOptions<'_>,
-) -> Result<(Role, Option<u64>, Option<u32>, Option<u64>), BackendError> {
+async fn probe_once(conn: &mut Option<Backend>, opts: ConnectOptions<'_>) -> Result<Probed, BackendError> {
     if conn.is_none() {
         *conn = Some(Backend::connect(opts).await?);
     }
@@ -812,7 +1002,8 @@ async fn probe_once(
              CASE WHEN pg_is_in_recovery() THEN NULL ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END, \
              CASE WHEN NOT pg_is_in_recovery() THEN NULL \
                   WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
-                  ELSE (1000 * extract(epoch FROM now() - pg_last_xact_replay_timestamp()))::int8 END",
+                  ELSE (1000 * extract(epoch FROM now() - pg_last_xact_replay_timestamp()))::int8 END, \
+             current_setting('transaction_read_only')",
         )
         .await?;
     let row = rows.first().ok_or_else(|| BackendError::Protocol {
@@ -837,7 +1028,14 @@ async fn probe_once(
         .and_then(|v| v.as_deref())
         .and_then(|ms| ms.parse::<i64>().ok())
         .map(|ms| ms.max(0) as u64);
-    Ok((role, lsn, timeline, replay_lag_ms))
+    let read_only = row.get(4).and_then(|v| v.as_deref()) == Some("on");
+    Ok(Probed {
+        role,
+        lsn,
+        timeline,
+        replay_lag_ms,
+        read_only,
+    })
 }
 
 /// Parses PostgreSQL's `XXXXXXXX/YYYYYYYY` LSN text.

@@ -155,6 +155,9 @@ pub struct ServerInfo {
     pub connect_time: u64,
     pub local: Option<std::net::SocketAddr>,
     pub tls: bool,
+    /// The pool's epoch when it was opened: once `drain` has moved past it, the connection
+    /// is closed when its client releases it (idle ones are closed at once).
+    pub epoch: u64,
 }
 
 /// Keeps a connection in its pool's server list until the connection is dropped.
@@ -181,6 +184,9 @@ pub struct ServerRow {
     pub idle: bool,
     /// Statements sluice prepared on it (known for idle connections only).
     pub prepared: usize,
+    /// Marked to be closed when its client releases it (RECONNECT, PAUSE, a demoted node, a
+    /// dropped database): PgBouncer's `close_needed`.
+    pub close_needed: bool,
 }
 
 /// One pool as the admin console shows it.
@@ -463,7 +469,7 @@ impl Pools {
                     .await?,
                 );
                 drop(opening);
-                self.register(&pool, &mut conn);
+                self.register(&pool, &mut conn, epoch);
                 conn
             }
         };
@@ -506,7 +512,7 @@ impl Pools {
     }
 
     /// Lists a new connection in its pool's server list.
-    fn register(&self, pool: &Pool, conn: &mut Backend) {
+    fn register(&self, pool: &Pool, conn: &mut Backend, epoch: u64) {
         let id = self.next_server.fetch_add(1, Ordering::Relaxed);
         let info = ServerInfo {
             id,
@@ -514,6 +520,7 @@ impl Pools {
             connect_time: crate::postgres::activity::now_micros(),
             local: conn.stream.tcp().local_addr().ok(),
             tls: matches!(conn.stream, crate::common::tls::MaybeTls::Tls(_)),
+            epoch,
         };
         pool.servers.lock().expect("servers lock").insert(id, info);
         conn.registration = Some(Registration {
@@ -537,6 +544,7 @@ impl Pools {
                     .collect();
                 let connecting = p.connecting.load(Ordering::Relaxed);
                 let in_use = self.settings.size - p.permits.available_permits();
+                let epoch = p.epoch.load(Ordering::Acquire);
                 let mut servers: Vec<ServerRow> = p
                     .servers
                     .lock()
@@ -550,6 +558,7 @@ impl Pools {
                         tls: s.tls,
                         idle: idle.contains_key(&s.id),
                         prepared: idle.get(&s.id).copied().unwrap_or(0),
+                        close_needed: s.epoch != epoch,
                     })
                     .collect();
                 servers.sort_by_key(|s| s.id);

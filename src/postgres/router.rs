@@ -65,6 +65,9 @@ pub struct Policy<'a> {
     pub max_lag: Option<u64>,
     /// Prefer nodes in this zone.
     pub zone: Option<&'a str>,
+    /// Writes only to a primary confirmed writable (`write_hold`: see
+    /// `Snapshot::writable_primary`); reads may still fall back to any primary.
+    pub writable_only: bool,
 }
 
 impl<'a> Policy<'a> {
@@ -76,6 +79,7 @@ impl<'a> Policy<'a> {
             min_lsn: min_lsn.filter(|_| config.consistency == Consistency::ReadYourWrites),
             max_lag: config.max_replica_lag,
             zone: config.zone.as_deref(),
+            writable_only: false,
         }
     }
 }
@@ -109,6 +113,7 @@ pub fn choose(
     }
     let primary = snap.primary();
     match intent {
+        Intent::Primary if policy.writable_only => snap.writable_primary().ok_or(NoRoute::NoPrimary),
         Intent::Primary => primary.ok_or(NoRoute::NoPrimary),
         Intent::Replica => {
             let primary_lsn = primary.and_then(|p| snap.nodes[p].lsn);
@@ -192,6 +197,7 @@ mod tests {
         min_lsn: None,
         max_lag: None,
         zone: None,
+        writable_only: false,
     };
 
     #[test]
@@ -349,5 +355,32 @@ mod tests {
             (Some(7), Some(100), Some("a"), false)
         );
         assert!(Policy::of(&cluster("topology = \"multi-active\""), None).multi_active);
+    }
+
+    #[test]
+    fn with_write_hold_writes_need_a_writable_primary_and_reads_do_not() {
+        let mut primary = at(node(Role::Primary, true), 1, None);
+        primary.read_only = true;
+        let s = snap(vec![primary, at(node(Role::Replica, true), 1, None)]);
+        let hold = Policy {
+            writable_only: true,
+            ..ANY
+        };
+        assert_eq!(
+            choose(Intent::Primary, &s, &[0, 0], 0, &hold),
+            Err(NoRoute::NoPrimary)
+        );
+        assert_eq!(
+            choose(Intent::Primary, &s, &[0, 0], 0, &ANY),
+            Ok(0),
+            "off: as before"
+        );
+        assert_eq!(choose(Intent::Replica, &s, &[0, 0], 0, &hold), Ok(1));
+        let alone = snap(vec![s.nodes[0].clone()]);
+        assert_eq!(
+            choose(Intent::Replica, &alone, &[0], 0, &hold),
+            Ok(0),
+            "reads are not held"
+        );
     }
 }

@@ -127,3 +127,136 @@ roles = "patroni""#,
     let gone = env.pod_addr(a0);
     env.sluice().assert_no_unexpected_errors(&[&gone]);
 }
+
+/// Sets a CloudNativePG pod's role labels, as the operator does.
+fn relabel(fake: &k8s_apiserver::FakeApiServer, pod: &str, role: &str) {
+    let text = fake
+        .object(k8s_apiserver::Kind::Pod, "db", pod)
+        .unwrap_or_else(|| panic!("no pod {pod}"));
+    let mut v: serde_json::Value = serde_json::from_str(&text).expect("pod JSON");
+    v["metadata"]["labels"]["cnpg.io/instanceRole"] = role.into();
+    v["metadata"]["labels"]["role"] = role.into();
+    fake.write(k8s_apiserver::EventType::Modified, &v.to_string());
+}
+
+/// `write_hold` with role labels: the operator relabels pg-2 primary and pg-1 replica before
+/// anything changes in PostgreSQL. sluice holds new writes from that moment (the label names a
+/// primary its probe has not confirmed), transactions in flight finish on pg-1, and the
+/// switchover that follows (pg-1 stopped, pg-2 promoted) fails no transaction at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_write_hold_a_relabel_before_the_switchover_holds_writes_and_fails_none() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    const WRITERS: usize = 4;
+    let cluster = blocking(|| PgCluster::start(2));
+    let ports = cluster.node_ports();
+    let (pg1, pg2, pg3) = (
+        Ipv4Addr::new(127, 0, 0, 21),
+        Ipv4Addr::new(127, 0, 0, 22),
+        Ipv4Addr::new(127, 0, 0, 23),
+    );
+    let pods = [
+        ("10.244.1.11", pg1, ports[0]),
+        ("10.244.2.11", pg2, ports[1]),
+        ("10.244.3.11", pg3, ports[2]),
+    ];
+    let mut env = K8sEnv::start(Scenario::cnpg_failover(), &pods, 5432, cluster).await;
+    let toml = crate::pg_config(
+        "write_hold = \"30s\"\nprobe_interval = \"200ms\"",
+        r#"[clusters.discovery.kubernetes]
+namespace = "db"
+service = "pg-r"
+port = "postgres"
+roles = "cloudnative-pg""#,
+    );
+    env.start_sluice(&toml);
+    let metric = |name: &str| format!("sluice_write_hold_{name}{{cluster=\"pg\"}}");
+    bounded(120, async {
+        let client = env.client().await;
+        exec(&client, "CREATE TABLE k (id serial)").await;
+        assert_eq!(write_port(&client).await, ports[0], "pg-1 is the primary");
+        wait_for_node(env.sluice(), &env.pod_addr(pg2), "replica", Duration::from_secs(5));
+        let stop = Arc::new(AtomicBool::new(false));
+        let committed: Vec<Arc<AtomicU64>> = (0..WRITERS).map(|_| Arc::default()).collect();
+        let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+        let mut tasks = Vec::new();
+        for n in &committed {
+            let (c, stop, n, failures) = (env.client().await, stop.clone(), n.clone(), failures.clone());
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    let mut failed = None;
+                    for sql in ["BEGIN", "INSERT INTO k DEFAULT VALUES", "COMMIT"] {
+                        if let Err(e) = c.batch_execute(sql).await {
+                            failed = Some(format!("{sql}: {}", crate::support::describe(&e)));
+                            break;
+                        }
+                    }
+                    match failed {
+                        None => {
+                            n.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Some(f) => {
+                            failures.lock().unwrap().push(f);
+                            if c.batch_execute("ROLLBACK").await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        let counts = || committed.iter().map(|n| n.load(Ordering::SeqCst)).collect::<Vec<_>>();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while counts().iter().any(|&c| c < 3) {
+            assert!(Instant::now() < deadline, "writers never got going: {:?}", counts());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        // The operator's planned switchover starts with the labels.
+        let relabelled = Instant::now();
+        relabel(&env.fake, "pg-2", "primary");
+        relabel(&env.fake, "pg-1", "replica");
+        // Every writer ends up held (each waits in one held request; none is released while
+        // the hold lasts).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while env.sluice().metric(&metric("active")) != Some(1.0)
+            || env.sluice().metric(&metric("requests_total")).unwrap_or(0.0) < WRITERS as f64
+        {
+            assert!(Instant::now() < deadline, "the writers were never all held");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let all_held = relabelled.elapsed();
+        let before = counts();
+        blocking(|| {
+            env.cluster.stop_node(ports[0]);
+            env.cluster.promote(0);
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while env.sluice().metric(&metric("active")) != Some(0.0) {
+            assert!(Instant::now() < deadline, "the hold never ended");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let ended = relabelled.elapsed();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while counts().iter().zip(&before).any(|(now, then)| *now < then + 3) {
+            assert!(Instant::now() < deadline, "writers did not resume: {:?}", counts());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.store(true, Ordering::SeqCst);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let failures = failures.lock().unwrap().clone();
+        eprintln!(
+            "[write_hold] relabel first: {WRITERS} writers all held {all_held:?} after the relabel, hold ended \
+             {ended:?} after it, {} committed, {} failed",
+            counts().iter().sum::<u64>(),
+            failures.len()
+        );
+        assert!(failures.is_empty(), "{failures:?}");
+        assert_eq!(write_port(&client).await, ports[1], "writes go to pg-2");
+    })
+    .await;
+    let gone = env.pod_addr(pg1);
+    env.sluice().assert_no_unexpected_errors(&[&gone]);
+}

@@ -172,3 +172,75 @@ async fn probes_of_a_verifier_only_user_start_with_the_first_client_login() {
     drop(sluice);
     drop(cluster);
 }
+
+/// `password` may be the md5 hash `pg_authid` holds for an md5 role: clients prove the password
+/// to sluice with md5 (a fresh salt per login), and sluice answers the server's md5 challenge
+/// with the hash. A server that asks such a user for SCRAM gets no answer sluice could give: the
+/// login fails with an error that says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_md5_hash_logs_in_with_md5_both_ways() {
+    let cluster = crate::support::PgCluster::start(1);
+    // `legacy` is md5 in pg_authid and md5 in pg_hba.conf; `oldmd5` is md5 in pg_authid but
+    // pg_hba.conf asks it for scram-sha-256 (which PostgreSQL itself cannot then satisfy).
+    cluster.psql(
+        cluster.primary_port(),
+        "postgres",
+        "SET password_encryption = 'md5'; CREATE ROLE oldmd5 LOGIN PASSWORD 'oldmd5-secret'",
+    );
+    let hash = |role: &str| {
+        cluster
+            .psql(
+                cluster.primary_port(),
+                "postgres",
+                &format!("SELECT rolpassword FROM pg_authid WHERE rolname = '{role}'"),
+            )
+            .trim()
+            .to_string()
+    };
+    let (legacy, oldmd5) = (hash("legacy"), hash("oldmd5"));
+    assert!(legacy.starts_with("md5") && legacy.len() == 35, "{legacy}");
+    let (toml, _, _) = crate::support::sluice_config(&cluster, "");
+    let toml = format!(
+        "{toml}\n[[clusters.users]]\nname = \"legacy\"\npassword = \"{legacy}\"\n\
+         \n[[clusters.users]]\nname = \"oldmd5\"\npassword = \"{oldmd5}\"\n"
+    );
+    let sluice = crate::support::Sluice::start(&toml);
+    crate::wait_all_probed(&sluice, 2);
+    let env = Env { sluice, cluster };
+    let addr = env.sluice.listen_addr();
+    bounded(60, async {
+        let client = connect(addr, "legacy", "legacy-secret", "app").await;
+        assert_eq!(simple_column(&client, "SELECT session_user").await, ["legacy"]);
+        // A write on the primary and a read on the replica: md5 towards both nodes.
+        crate::support::exec(&client, "CREATE TABLE m5 (x int); INSERT INTO m5 VALUES (5)").await;
+        env.cluster.wait_replicated().await;
+        let (on_replica, _) = crate::where_simple(&client, "").await;
+        assert!(on_replica, "reads go to the replica");
+        for (user, password) in [("legacy", "wrong"), ("legacy", "")] {
+            let Err(err) = try_connect(addr, user, password, "app").await else {
+                panic!("{user}/{password:?} was let in");
+            };
+            assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD), "{err:?}");
+        }
+        // The server wants SCRAM from oldmd5: only its password could answer that.
+        let Err(err) = try_connect(addr, "oldmd5", "oldmd5-secret", "app").await else {
+            panic!("oldmd5 logged in although the server asks it for SCRAM");
+        };
+        let db = err.as_db_error().unwrap_or_else(|| panic!("{err:?}"));
+        assert!(
+            db.message().contains("md5 hash") && db.message().contains("SCRAM-SHA-256"),
+            "{}",
+            db.message()
+        );
+    })
+    .await;
+    // psql (libpq) answers sluice's md5 challenge too.
+    let out = crate::support::psql_as(addr.port(), "legacy", "legacy-secret", "app", "SELECT 42");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "42\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env.sluice.assert_no_unexpected_errors(&[]);
+}

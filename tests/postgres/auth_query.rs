@@ -84,13 +84,9 @@ async fn roles_not_in_the_config_log_in_with_their_database_password() {
             .collect();
         assert!(names.contains(&"dyn1".into()), "{names:?}");
 
-        // A wrong password, an unknown role and an md5-only role are refused alike.
+        // A wrong password (for a SCRAM or an md5 role) and an unknown role are refused alike.
         let mut refusals = Vec::new();
-        for (user, password) in [
-            ("dyn1", "wrong"),
-            ("nobody", "dyn1-secret"),
-            ("oldmd5", "oldmd5-secret"),
-        ] {
+        for (user, password) in [("dyn1", "wrong"), ("nobody", "dyn1-secret"), ("oldmd5", "wrong")] {
             let Err(err) = try_connect(addr, user, password, "app").await else {
                 panic!("{user}/{password} was let in");
             };
@@ -103,6 +99,19 @@ async fn roles_not_in_the_config_log_in_with_their_database_password() {
         }
         assert_eq!(refusals[0].0, SqlState::INVALID_PASSWORD, "{refusals:?}");
         assert!(refusals.iter().all(|r| *r == refusals[0]), "{refusals:?}");
+
+        // An md5 role (md5 in pg_authid and pg_hba.conf) logs in with md5 both ways; one that
+        // the server asks for SCRAM cannot be served from its md5 hash, and is told so.
+        let legacy = support::connect(addr, "legacy", "legacy-secret", "app").await;
+        assert_eq!(simple_column(&legacy, "SELECT session_user").await, ["legacy"]);
+        let Err(err) = try_connect(addr, "oldmd5", "oldmd5-secret", "app").await else {
+            panic!("oldmd5 logged in although the server asks it for SCRAM");
+        };
+        let message = err
+            .as_db_error()
+            .map(|e| e.message().to_string())
+            .unwrap_or_default();
+        assert!(message.contains("md5 hash"), "{err:?}");
 
         // The cached verifier and the remembered key serve new logins and new connections.
         let again = support::connect(addr, "dyn1", "dyn1-secret", "app").await;
@@ -117,5 +126,79 @@ async fn roles_not_in_the_config_log_in_with_their_database_password() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    env.sluice.assert_no_unexpected_errors(&[]);
+}
+
+/// psycopg2 (libpq underneath, as most Python applications) logs in through sluice as a role
+/// that exists only in PostgreSQL, and is refused with a wrong password as for an unknown role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_found_by_auth_query_logs_in_with_psycopg2() {
+    let env = start();
+    let port = env.sluice.listen_addr().port();
+    const SCRIPT: &str = r#"
+import sys
+import psycopg2
+port = int(sys.argv[1])
+def connect(user, password):
+    return psycopg2.connect(host="127.0.0.1", port=port, user=user, password=password,
+                            dbname="app", connect_timeout=10)
+conn = connect("dyn1", "dyn1-secret")
+cur = conn.cursor()
+cur.execute("SELECT session_user, current_user")
+print("row", *cur.fetchone())
+cur.execute("CREATE TABLE IF NOT EXISTS py (x int)")
+cur.execute("INSERT INTO py VALUES (%s)", (42,))
+conn.commit()
+cur.execute("/* sluice: primary */ SELECT sum(x) FROM py")
+print("sum", cur.fetchone()[0])
+conn.close()
+for user, password in (("dyn1", "wrong"), ("nobody", "dyn1-secret")):
+    try:
+        connect(user, password)
+        print("let in", user)
+    except psycopg2.OperationalError as e:
+        print("refused", user, str(e).strip().splitlines()[-1].replace(user, "<user>"))
+"#;
+    let check = std::process::Command::new("python3")
+        .args(["-c", "import psycopg2"])
+        .output();
+    if !check.is_ok_and(|o| o.status.success()) {
+        panic!("psycopg2 is missing: `pip install psycopg2-binary` (.ci/run does)");
+    }
+    let out = bounded(60, async move {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("python3")
+                .args(["-c", SCRIPT, &port.to_string()])
+                .output()
+                .expect("run python3")
+        })
+        .await
+        .unwrap()
+    })
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "row dyn1 dyn1", "{stdout}");
+    assert_eq!(lines[1], "sum 42", "{stdout}");
+    let refused: Vec<&str> = lines[2..].iter().map(|l| l.split_once(' ').unwrap().1).collect();
+    assert_eq!(refused.len(), 2, "{stdout}");
+    let (wrong, unknown) = (
+        refused[0].split_once(' ').unwrap().1,
+        refused[1].split_once(' ').unwrap().1,
+    );
+    assert!(
+        lines[2].starts_with("refused dyn1 ") && lines[3].starts_with("refused nobody "),
+        "{stdout}"
+    );
+    assert_eq!(
+        wrong, unknown,
+        "a wrong password and an unknown role answer alike"
+    );
+    assert!(wrong.contains("password authentication failed"), "{stdout}");
     env.sluice.assert_no_unexpected_errors(&[]);
 }

@@ -431,6 +431,43 @@ async fn pause_waits_for_transactions_holds_new_ones_and_resume_releases_them() 
     env.sluice.assert_no_unexpected_errors(&[]);
 }
 
+/// A login held by PAUSE is bounded by pause_timeout only: it outlives login_timeout and logs
+/// in once RESUME comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_held_by_pause_does_not_time_out_through_login_timeout() {
+    let env = start(0, "login_timeout = \"1s\"", "pause_timeout = \"60s\"");
+    bounded(60, async {
+        let admin = console(&env, "boss").await;
+        show(&admin, "PAUSE app").await;
+        let addr = env.sluice.listen_addr();
+        let started = Instant::now();
+        let late = tokio::spawn(async move { try_connect(addr, "app", "app-secret", "app").await });
+        // Three login_timeouts pass while the login is held.
+        while started.elapsed() < Duration::from_secs(3) {
+            if late.is_finished() {
+                let ended = late.await.unwrap().err().map(|e| support::describe(&e));
+                panic!("the held login ended: {ended:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        show(&admin, "RESUME app").await;
+        let late = late
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("held login failed: {}", support::describe(&e)));
+        assert_eq!(simple_column(&late, "SELECT 1").await, ["1"]);
+    })
+    .await;
+    assert!(
+        !env.sluice
+            .logs()
+            .iter()
+            .any(|l| l.contains("within login_timeout")),
+        "a held login was cut by login_timeout"
+    );
+    env.sluice.assert_no_unexpected_errors(&[]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_held_past_pause_timeout_fails_with_57p03() {
     let env = start(0, "", "pause_timeout = \"1s\"");
@@ -628,6 +665,65 @@ async fn a_switchover_behind_pause_fails_no_transaction() {
         "terminating connection",
         "probe",
     ]);
+}
+
+/// RECONNECT closes idle server connections at once and marks busy ones `close_needed` in
+/// SHOW SERVERS (as PgBouncer does) until their client releases them, when they are closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_marks_busy_server_connections_close_needed() {
+    let env = start(0, "", "");
+    bounded(60, async {
+        let admin = console(&env, "boss").await;
+        let app = env.app_client().await;
+        support::exec(&app, "BEGIN").await;
+        let pid = simple_column(&app, "SELECT pg_backend_pid()").await.remove(0);
+        let servers = show(&admin, "SHOW SERVERS").await;
+        assert_eq!(
+            cell(&servers, "remote_pid", &pid, "close_needed").as_deref(),
+            Some("0"),
+            "{servers:?}"
+        );
+        show(&admin, "RECONNECT app").await;
+        let servers = show(&admin, "SHOW SERVERS").await;
+        assert_eq!(
+            cell(&servers, "remote_pid", &pid, "close_needed").as_deref(),
+            Some("1"),
+            "the busy connection is marked: {servers:?}"
+        );
+        assert_eq!(
+            cell(&servers, "remote_pid", &pid, "state").as_deref(),
+            Some("active")
+        );
+        // The transaction goes on undisturbed on it.
+        assert_eq!(
+            simple_column(&app, "SELECT pg_backend_pid()").await,
+            [pid.as_str()]
+        );
+        support::exec(&app, "COMMIT").await;
+        // Released: closed.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let servers = show(&admin, "SHOW SERVERS").await;
+            if cell(&servers, "remote_pid", &pid, "id").is_none() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "never closed: {servers:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The next transaction has a new, unmarked connection.
+        support::exec(&app, "BEGIN").await;
+        let next = simple_column(&app, "SELECT pg_backend_pid()").await.remove(0);
+        assert_ne!(next, pid);
+        let servers = show(&admin, "SHOW SERVERS").await;
+        assert_eq!(
+            cell(&servers, "remote_pid", &next, "close_needed").as_deref(),
+            Some("0"),
+            "{servers:?}"
+        );
+        support::exec(&app, "COMMIT").await;
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,6 +24,7 @@ mod session_state;
 mod status_page;
 mod tls;
 mod transparency;
+mod write_hold;
 
 use support::{simple_rows, PgCluster, Sluice};
 use tokio_postgres::Client;

@@ -11,6 +11,7 @@ pub mod backend;
 pub mod classify;
 pub mod commands;
 pub mod frame;
+pub mod md5;
 pub mod peek;
 pub mod scram;
 pub mod server;

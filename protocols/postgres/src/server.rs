@@ -33,6 +33,15 @@ pub fn authentication_ok(buf: &mut BytesMut) {
     put(buf, &Authentication::Ok, "AuthenticationOk");
 }
 
+/// AuthenticationMD5Password with `salt`.
+pub fn authentication_md5_password(buf: &mut BytesMut, salt: [u8; 4]) {
+    put(
+        buf,
+        &Authentication::MD5Password(salt.to_vec()),
+        "AuthenticationMD5Password",
+    );
+}
+
 /// AuthenticationSASL listing `mechanisms`.
 pub fn authentication_sasl(buf: &mut BytesMut, mechanisms: &[&str]) {
     let mechanisms = mechanisms.iter().map(|m| (*m).to_owned()).collect();

@@ -193,7 +193,7 @@ pub fn servers(console: &Console) -> Table {
                     None,
                     s(0),
                     s(0),
-                    s(0),
+                    s(u8::from(sv.close_needed)),
                     s(format!("{:#x}", sv.id)),
                     s(""),
                     s(sv.pid),
@@ -408,7 +408,7 @@ pub fn config(console: &Console) -> Table {
             crate::config::Consistency::ReadYourWrites => "read-your-writes",
             crate::config::Consistency::Primary => "primary",
         };
-        let entries: [(&str, String, &str); 12] = [
+        let entries: [(&str, String, &str); 13] = [
             ("listen", k.listen.to_string(), ""),
             ("pool_mode", pool_mode(k.pool_mode).into(), "transaction"),
             ("consistency", consistency.into(), "eventual"),
@@ -425,6 +425,7 @@ pub fn config(console: &Console) -> Table {
             ("max_lifetime", d(k.max_lifetime), "1h"),
             ("probe_interval", d(k.probe_interval), "1s"),
             ("failover_wait", d(k.failover_wait), "5s"),
+            ("write_hold", k.write_hold.map_or_else(|| "off".into(), d), "off"),
         ];
         for (key, value, default) in entries {
             // A changed cluster setting takes effect by RELOAD (the cluster is rebuilt).

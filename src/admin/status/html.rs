@@ -17,7 +17,7 @@ table{border-collapse:collapse;width:100%}\
 th,td{text-align:left;padding:.25em .6em;border-bottom:1px solid #e6e9ed;white-space:nowrap}\
 th{font-weight:600;color:#5b6672}td.num,th.num{text-align:right}\
 .role{border-radius:3px;padding:0 .4em}.role.primary{background:#dbe9ff}.role.replica{background:#e3f4e1}\
-.role.stale-primary,.role.unknown{background:#fde8c8}\
+.role.stale-primary,.role.read-only-primary,.role.unknown{background:#fde8c8}\
 .health.up{color:#1f7a36;font-weight:600}.health.down{color:#b3261e;font-weight:600}\
 .error{color:#b3261e;white-space:normal}.empty{color:#5b6672}\
 .bar{display:inline-block;width:12em;height:.8em;background:#e6e9ed;border-radius:3px;vertical-align:middle;margin-right:.5em}\

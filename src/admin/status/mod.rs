@@ -20,7 +20,8 @@ pub struct NodeRow {
     pub id: String,
     /// `host:port`.
     pub address: String,
-    /// `primary`, `replica`, `stale-primary`, `unknown`, or `ring-member` (CQL).
+    /// `primary`, `read-only-primary`, `replica`, `stale-primary`, `unknown`, or `ring-member`
+    /// (CQL).
     pub role: &'static str,
     pub healthy: bool,
     /// WAL bytes the replica is behind the primary (0 on the primary; unknown without both

@@ -41,9 +41,11 @@ pub async fn login(
     let mut slot: Option<ClientStream> = Some(MaybeTls::Plain(tcp));
     let mut buf = BytesMut::with_capacity(1024);
     let mut out = BytesMut::new();
-    let result = tokio::time::timeout(
+    let held = HeldClock::default();
+    let result = within_login_timeout(
         cluster.config.login_timeout,
-        handshake(cluster, peer, &mut slot, &mut buf, &mut out),
+        &held,
+        handshake(cluster, peer, &mut slot, &mut buf, &mut out, &held),
     )
     .await;
     // Gone only if the login timed out in the middle of a TLS handshake.
@@ -175,6 +177,49 @@ struct Greeted {
     functions: Arc<crate::postgres::functions::CatalogSlot>,
 }
 
+/// Time a login spent held by the console's PAUSE, which `login_timeout` does not count
+/// (only `pause_timeout` bounds it).
+#[derive(Default)]
+struct HeldClock(std::sync::Mutex<(Option<tokio::time::Instant>, std::time::Duration)>);
+
+impl HeldClock {
+    fn hold(&self) {
+        self.0.lock().expect("held clock").0 = Some(tokio::time::Instant::now());
+    }
+
+    fn release(&self) {
+        let mut c = self.0.lock().expect("held clock");
+        if let Some(since) = c.0.take() {
+            c.1 += since.elapsed();
+        }
+    }
+
+    /// Held so far, the current hold included.
+    fn total(&self) -> std::time::Duration {
+        let c = self.0.lock().expect("held clock");
+        c.1 + c.0.map_or(std::time::Duration::ZERO, |s| s.elapsed())
+    }
+}
+
+/// `handshake` bounded by `login_timeout`, not counting the time it was held by PAUSE.
+async fn within_login_timeout<F: std::future::Future>(
+    limit: std::time::Duration,
+    held: &HeldClock,
+    handshake: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    let start = tokio::time::Instant::now();
+    tokio::pin!(handshake);
+    loop {
+        // The deadline moves by the time held so far; woken at the earliest possible one.
+        let deadline = start + limit + held.total();
+        match tokio::time::timeout_at(deadline, &mut handshake).await {
+            Ok(r) => return Ok(r),
+            Err(e) if start + limit + held.total() <= tokio::time::Instant::now() => return Err(e),
+            Err(_) => {}
+        }
+    }
+}
+
 /// Reads the startup packet and authenticates. Returns the client once AuthenticationOk and
 /// the parameters are in `out`.
 async fn handshake(
@@ -183,6 +228,7 @@ async fn handshake(
     slot: &mut Option<ClientStream>,
     buf: &mut BytesMut,
     out: &mut BytesMut,
+    held: &HeldClock,
 ) -> std::io::Result<Option<Outcome>> {
     let mut negotiations = 0;
     let mut stream = slot.as_mut().expect("present until a TLS upgrade");
@@ -309,12 +355,15 @@ async fn handshake(
     }
     server::authentication_ok(out);
     let startup = settings::startup_params(startup_params);
-    // A new client of a paused database waits for RESUME, like its transactions.
-    if let Err(e) = cluster
+    // A new client of a paused database waits for RESUME, like its transactions, bounded by
+    // pause_timeout only.
+    held.hold();
+    let waited = cluster
         .console
         .wait_while_paused(&database, tokio::time::Instant::now())
-        .await
-    {
+        .await;
+    held.release();
+    if let Err(e) = waited {
         info!(%user, %database, "login refused: {e}");
         fatal(out, "57P03", &e.to_string());
         return Ok(None);
@@ -378,7 +427,13 @@ async fn authenticate(
         false => cluster.lookup_user(user, database).await,
     };
     let known = cluster.users.get(user).or(found.as_deref());
-    let secret = known.map_or_else(|| cluster.dummy_secret.clone(), |u| u.secret.clone());
+    if let Some(crate::postgres::backend::Credential::Md5(stored)) = known.map(|u| &u.credential) {
+        // Known by its md5 hash only: the client proves it with md5 (SCRAM needs the password).
+        return authenticate_md5(cluster, stream, buf, out, user, stored).await;
+    }
+    let secret = known
+        .and_then(|u| u.secret.clone())
+        .unwrap_or_else(|| cluster.dummy_secret.clone());
     let mut scram = ScramServer::new(secret);
     server::authentication_sasl(out, &["SCRAM-SHA-256"]);
     stream.write_all(out).await?;
@@ -426,6 +481,32 @@ async fn authenticate(
         }
         Ok(_) => refuse(cluster, out, user, ScramError::BadProof).await,
         Err(e) => refuse(cluster, out, user, e).await,
+    }
+}
+
+/// md5 authentication against a stored md5 hash: a fresh random salt, and the client's answer
+/// compared in constant time; a wrong one is refused exactly as a wrong SCRAM proof.
+async fn authenticate_md5(
+    cluster: &Arc<Cluster>,
+    stream: &mut ClientStream,
+    buf: &mut BytesMut,
+    out: &mut BytesMut,
+    user: &str,
+    stored: &str,
+) -> std::io::Result<bool> {
+    let salt: [u8; 4] = rand::random();
+    server::authentication_md5_password(out, salt);
+    stream.write_all(out).await?;
+    out.clear();
+    let Some(answer) = read_auth_message(stream, buf, out).await? else {
+        return Ok(false);
+    };
+    let body = answer.body();
+    let body = body.strip_suffix(&[0]).unwrap_or(body);
+    if sluice_postgres::md5::verify(stored, salt, body) {
+        Ok(true)
+    } else {
+        refuse(cluster, out, user, ScramError::BadProof).await
     }
 }
 
@@ -511,5 +592,42 @@ async fn forward_cancel(cluster: &Cluster, pid: i32, secret: &[u8]) {
     match tokio::time::timeout(Duration::from_secs(5), send).await {
         Ok(Ok(())) => debug!(node = %target.addr, "cancel request forwarded"),
         _ => warn!(node = %target.addr, "could not forward a cancel request"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn time_held_by_pause_does_not_count_against_login_timeout() {
+        let limit = Duration::from_secs(2);
+        // Not held: cut at the limit.
+        let held = HeldClock::default();
+        let slow = tokio::time::sleep(Duration::from_secs(3));
+        assert!(within_login_timeout(limit, &held, slow).await.is_err());
+        // Held 10 s (as PAUSE would), then 1.5 s of ordinary work: within the limit.
+        let held = HeldClock::default();
+        let login = async {
+            held.hold();
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            held.release();
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        };
+        let started = tokio::time::Instant::now();
+        assert!(within_login_timeout(limit, &held, login).await.is_ok());
+        assert_eq!(started.elapsed(), Duration::from_millis(11_500));
+        // Held, then slow past the limit: cut 2 s after the hold, not counting it.
+        let held = HeldClock::default();
+        let login = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            held.hold();
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            held.release();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        };
+        let started = tokio::time::Instant::now();
+        assert!(within_login_timeout(limit, &held, login).await.is_err());
+        assert_eq!(started.elapsed(), Duration::from_secs(12));
     }
 }

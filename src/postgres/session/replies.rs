@@ -153,6 +153,13 @@ impl Session {
                         }
                         b'E' => {
                             a.server_fatal |= peek::error_is_fatal(msg.body());
+                            if self.cluster.config.write_hold.is_some()
+                                && a.checkout.role == crate::common::topology::Role::Primary
+                            {
+                                // A primary turning read-only or shutting down: hold writes.
+                                let code = peek::error_code_and_message(msg.body()).0;
+                                self.cluster.write_refused(a.checkout.conn.node(), &code);
+                            }
                             // An error that names sluice's statement (a duplicate Parse, a
                             // Bind with the wrong parameter count, ...) names the client's.
                             if let Some(from) = statements::backend_name_in(msg.body()) {
