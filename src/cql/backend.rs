@@ -488,6 +488,15 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     let _ = wr.shutdown().await;
 }
 
+/// What the reader shares with the connection: the waiting requests, the closed flag and
+/// token, and when bytes last arrived.
+type ConnState = (
+    Arc<Mutex<Streams>>,
+    Arc<AtomicBool>,
+    CancellationToken,
+    (std::time::Instant, Arc<AtomicU64>),
+);
+
 async fn read_loop<R: AsyncRead + Unpin>(
     addr: SocketAddr,
     mut rd: R,
@@ -495,12 +504,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     mut buf: BytesMut,
     // The waiting requests; `closed` and `lost` are set and cancelled when the connection
     // ends; `read_at` records when bytes last arrived.
-    (streams, closed, lost, read_at): (
-        Arc<Mutex<Streams>>,
-        Arc<AtomicBool>,
-        CancellationToken,
-        (std::time::Instant, Arc<AtomicU64>),
-    ),
+    (streams, closed, lost, read_at): ConnState,
     events: Option<mpsc::UnboundedSender<Envelope>>,
 ) {
     'outer: loop {

@@ -69,7 +69,10 @@ fn frozen_hung_and_closed_nodes_answer_nothing_until_thawed() {
     c.stop_accepting(1);
     assert!(!answers(&mut fresh));
     assert!(connect(&c, 1).is_err(), "the port is closed");
-    assert!(answers(&mut connect(&c, 0).unwrap()), "the other node is untouched");
+    assert!(
+        answers(&mut connect(&c, 0).unwrap()),
+        "the other node is untouched"
+    );
     c.thaw(1);
     assert!(answers(&mut connect(&c, 1).expect("the port opens again")));
 }
