@@ -324,7 +324,7 @@ impl Metrics {
         );
         registry.register(
             "cql_control_events",
-            "CQL control connection events (connected, lost) and cluster events it received",
+            "CQL control connection events (connected, lost), cluster events it received, and nodes marked down or up (node_down, node_up)",
             m.cql_control_events.clone(),
         );
         registry.register(
@@ -457,12 +457,14 @@ pub const CQL_ERROR_REASONS: [&str; 8] = [
 ];
 
 /// Control connection events (`sluice_cql_control_events_total{event}`).
-pub const CQL_CONTROL_EVENTS: [&str; 5] = [
+pub const CQL_CONTROL_EVENTS: [&str; 7] = [
     "connected",
     "lost",
     "topology_change",
     "status_change",
     "schema_change",
+    "node_down",
+    "node_up",
 ];
 
 /// CQL error codes and their label values (`sluice_cql_errors_total{code}`).

@@ -24,6 +24,12 @@ pub struct CqlConfig {
     pub request_timeout: Duration,
     /// Requests one client connection may have in flight before sluice stops reading from it.
     pub max_requests_per_client: usize,
+    /// A node connection that has received nothing for this long gets a heartbeat (OPTIONS).
+    pub heartbeat_interval: Duration,
+    /// A heartbeat unanswered for this long marks its node down.
+    pub heartbeat_timeout: Duration,
+    /// This many requests in a row timing out on a node mark it down (0: never).
+    pub max_consecutive_timeouts: usize,
 }
 
 impl Default for CqlConfig {
@@ -35,6 +41,9 @@ impl Default for CqlConfig {
             password: None,
             request_timeout: Duration::from_secs(12),
             max_requests_per_client: 2048,
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(2),
+            max_consecutive_timeouts: 3,
         }
     }
 }
@@ -48,6 +57,9 @@ impl std::fmt::Debug for CqlConfig {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("request_timeout", &self.request_timeout)
             .field("max_requests_per_client", &self.max_requests_per_client)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("heartbeat_timeout", &self.heartbeat_timeout)
+            .field("max_consecutive_timeouts", &self.max_consecutive_timeouts)
             .finish()
     }
 }
@@ -73,6 +85,9 @@ pub(super) fn parse_cql(f: &mut Fields<'_>, protocol: Option<Protocol>) -> Optio
     let password = c.optional_string("password");
     let request_timeout = c.duration("request_timeout", "12s");
     let max_requests_per_client = c.integer("max_requests_per_client", d.max_requests_per_client, 1, 32_768);
+    let heartbeat_interval = c.duration("heartbeat_interval", "1s");
+    let heartbeat_timeout = c.duration("heartbeat_timeout", "2s");
+    let max_consecutive_timeouts = c.integer("max_consecutive_timeouts", d.max_consecutive_timeouts, 0, 1000);
     if username.is_some() != password.is_some() {
         c.error("", "set both `username` and `password`, or neither");
     }
@@ -85,6 +100,9 @@ pub(super) fn parse_cql(f: &mut Fields<'_>, protocol: Option<Protocol>) -> Optio
         password,
         request_timeout: request_timeout?,
         max_requests_per_client: max_requests_per_client?,
+        heartbeat_interval: heartbeat_interval?,
+        heartbeat_timeout: heartbeat_timeout?,
+        max_consecutive_timeouts: max_consecutive_timeouts?,
     };
     ok.then_some(out)
 }
@@ -190,6 +208,14 @@ static = ["127.0.0.1:9042", "127.0.0.2:9042", "127.0.0.3:9042"]
         let ok = format!("{CONTRACT_CQL}\n[clusters.cql]\nlocal_datacenter = \"dc1\"\nusername = \"u\"\npassword = \"p\"\n");
         let c = Config::parse(&ok).unwrap();
         assert_eq!(c.clusters[0].cql.local_datacenter.as_deref(), Some("dc1"));
+        assert_eq!(
+            c.clusters[0].cql.heartbeat_timeout,
+            std::time::Duration::from_secs(2)
+        );
+        let health = format!("{CONTRACT_CQL}\n[clusters.cql]\nheartbeat_interval = \"250ms\"\nheartbeat_timeout = \"0s\"\nmax_consecutive_timeouts = 0\n");
+        let errs = Config::parse(&health).unwrap_err().0;
+        let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["clusters[0].cql.heartbeat_timeout"], "{errs:?}");
         assert!(!format!("{c:?}").contains("\"p\""));
     }
 }

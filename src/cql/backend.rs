@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -106,6 +106,9 @@ pub struct BackendConn {
     /// Cancelled when the connection ends (EOF, reset, a write error, or `close`).
     lost: CancellationToken,
     inflight: AtomicUsize,
+    /// When the connection opened, and when it last received bytes (milliseconds after that).
+    opened_at: std::time::Instant,
+    last_read_ms: Arc<AtomicU64>,
 }
 
 /// An opened connection.
@@ -298,8 +301,11 @@ impl BackendConn {
         }));
         let closed = Arc::new(AtomicBool::new(false));
         let lost = CancellationToken::new();
+        let opened_at = std::time::Instant::now();
+        let last_read_ms = Arc::new(AtomicU64::new(0));
         let ends = Ends {
             addr,
+            read_at: (opened_at, last_read_ms.clone()),
             streams: streams.clone(),
             closed: closed.clone(),
             lost: lost.clone(),
@@ -323,6 +329,8 @@ impl BackendConn {
                 closed,
                 lost,
                 inflight: AtomicUsize::new(0),
+                opened_at,
+                last_read_ms,
             }),
         })
     }
@@ -336,6 +344,12 @@ impl BackendConn {
     /// or it was closed here).
     pub async fn lost(&self) {
         self.lost.cancelled().await
+    }
+
+    /// How long the connection has received nothing from its node.
+    pub fn silent_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_read_ms.load(Ordering::Relaxed));
+        self.opened_at.elapsed().saturating_sub(last)
     }
 
     /// Requests waiting for an answer on this connection.
@@ -404,6 +418,8 @@ fn tls_mode_name(mode: crate::config::BackendTlsMode) -> &'static str {
 /// What the reader and writer halves share about the connection's end.
 struct Ends {
     addr: SocketAddr,
+    /// When the connection opened, and when it last received bytes (ms after that).
+    read_at: (std::time::Instant, Arc<AtomicU64>),
     streams: Arc<Mutex<Streams>>,
     closed: Arc<AtomicBool>,
     lost: CancellationToken,
@@ -428,7 +444,8 @@ fn spawn_loops<R, W>(
     }
     tokio::spawn(write_loop(wr, enc, rx, e.closed.clone(), e.lost.clone()));
     tokio::spawn(async move {
-        read_loop(e.addr, rd, dec, buf, e.streams, (e.closed, e.lost), e.events).await;
+        let conn = (e.streams, e.closed, e.lost, e.read_at);
+        read_loop(e.addr, rd, dec, buf, conn, e.events).await;
         if let Some(g) = &e.gauge {
             g.dec();
         }
@@ -471,14 +488,23 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     let _ = wr.shutdown().await;
 }
 
+/// What the reader shares with the connection: the waiting requests, the closed flag and
+/// token, and when bytes last arrived.
+type ConnState = (
+    Arc<Mutex<Streams>>,
+    Arc<AtomicBool>,
+    CancellationToken,
+    (std::time::Instant, Arc<AtomicU64>),
+);
+
 async fn read_loop<R: AsyncRead + Unpin>(
     addr: SocketAddr,
     mut rd: R,
     mut dec: Decoder,
     mut buf: BytesMut,
-    streams: Arc<Mutex<Streams>>,
-    // Set and cancelled when the connection ends.
-    (closed, lost): (Arc<AtomicBool>, CancellationToken),
+    // The waiting requests; `closed` and `lost` are set and cancelled when the connection
+    // ends; `read_at` records when bytes last arrived.
+    (streams, closed, lost, read_at): ConnState,
     events: Option<mpsc::UnboundedSender<Envelope>>,
 ) {
     'outer: loop {
@@ -511,9 +537,18 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 }
             }
         }
-        match rd.read_buf(&mut buf).await {
+        // A closed connection stops waiting at once: a frozen node sends no EOF, and the
+        // requests waiting here must fail (as lost) now, not at their timeout.
+        let read = tokio::select! {
+            r = rd.read_buf(&mut buf) => r,
+            _ = lost.cancelled() => break,
+        };
+        match read {
             Ok(0) | Err(_) => break,
-            Ok(_) => {}
+            Ok(_) => {
+                let (opened_at, last) = &read_at;
+                last.store(opened_at.elapsed().as_millis() as u64, Ordering::Relaxed);
+            }
         }
         if closed.load(Ordering::Acquire) {
             break;

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::backend::{decode_response, BackendConn, OpenError, OpenOptions};
+use super::health::{Observation, Source};
 use super::snapshot::{ClusterInfo, NodeRow, PartitionKeys};
 use super::CqlCluster;
 
@@ -68,7 +69,10 @@ pub async fn run(cluster: Arc<CqlCluster>) {
                     break;
                 }
                 Err(OpenError::Unreachable { reason, .. }) => {
-                    cluster.mark_down(addr, &format!("unreachable: {reason}"));
+                    cluster.observe(
+                        addr,
+                        Observation::down(Source::Connect, format!("unreachable: {reason}")),
+                    );
                 }
                 Err(e) => {
                     warn!(cluster = %cluster.config.name, node = %addr, error = %e, "control connection refused")
@@ -137,7 +141,12 @@ async fn session(cluster: &Arc<CqlCluster>, addr: SocketAddr) -> Result<Ended, O
         Err(e) => return Err(e),
     };
     let conn = opened.conn;
-    cluster.mark_up(addr);
+    cluster.observe(
+        addr,
+        Observation::Up {
+            source: Source::ControlConnection,
+        },
+    );
     cluster.update(|s| {
         if s.max_version == version && !s.auth_required {
             return None;
@@ -232,10 +241,11 @@ async fn session(cluster: &Arc<CqlCluster>, addr: SocketAddr) -> Result<Ended, O
             match ev {
                 Event::StatusChange { change, address } => {
                     let target = node_addr(cluster, address);
+                    let source = Source::StatusEvent;
                     if change == "DOWN" {
-                        cluster.mark_down(target, "STATUS_CHANGE DOWN");
+                        cluster.observe(target, Observation::down(source, "STATUS_CHANGE DOWN"));
                     } else if change == "UP" {
-                        cluster.mark_up(target);
+                        cluster.observe(target, Observation::Up { source });
                     }
                 }
                 Event::TopologyChange { .. } => ring_changed = true,
@@ -261,9 +271,11 @@ async fn session(cluster: &Arc<CqlCluster>, addr: SocketAddr) -> Result<Ended, O
     if why == "no answer to a heartbeat" {
         // The node keeps its socket but answers nothing: it is down until a probe's
         // handshake completes.
-        cluster.mark_down(addr, "control connection: no answer to a heartbeat");
+        let why = "control connection: no answer to a heartbeat";
+        cluster.observe(addr, Observation::down(Source::ControlConnection, why));
     } else if !cluster.pools_reachable(addr).await {
-        cluster.mark_down(addr, "control connection lost");
+        let why = "control connection lost";
+        cluster.observe(addr, Observation::down(Source::ControlConnection, why));
     }
     warn!(cluster = %cluster.config.name, node = %addr, reason = why, "CQL control connection lost; moving to another node");
     Ok(Ended::Lost)
@@ -511,7 +523,12 @@ async fn refresh_schema(cluster: &CqlCluster, version: u8, conn: &BackendConn) -
     Ok(())
 }
 
-/// Every probe interval, tries each down node again; one that completes a handshake is up.
+/// Every probe interval, tries each down node again. A node that answers its handshake is
+/// up: READY, but also AUTHENTICATE without credentials to give and an ERROR refusing the
+/// credentials or the protocol version, since the node answered the protocol (credentials
+/// are the cluster's, not the node's health; clients see the refusal). It stays down when
+/// the connection or the handshake fails or times out, and when it answers that it cannot
+/// serve (OVERLOADED, IS_BOOTSTRAPPING, SERVER_ERROR, ...).
 pub async fn probe_down_nodes(cluster: Arc<CqlCluster>) {
     loop {
         tokio::time::sleep(cluster.config.probe_interval).await;
@@ -524,14 +541,42 @@ pub async fn probe_down_nodes(cluster: Arc<CqlCluster>) {
             .collect();
         for addr in down {
             let version = cluster.snapshot().max_version.max(4);
-            match open(&cluster, addr, version, None, false).await {
+            let alive = match open(&cluster, addr, version, None, false).await {
                 Ok(o) => {
                     o.conn.close();
-                    cluster.mark_up(addr);
+                    true
                 }
-                Err(OpenError::NeedsAuth { .. }) | Err(OpenError::Refused { .. }) => cluster.mark_up(addr),
-                Err(_) => {}
+                Err(OpenError::NeedsAuth { .. }) => true,
+                Err(OpenError::Refused { error, .. }) => answered_alive(error.code),
+                Err(OpenError::Unreachable { .. }) => false,
+            };
+            if alive {
+                cluster.observe(
+                    addr,
+                    Observation::Up {
+                        source: Source::Probe,
+                    },
+                );
             }
         }
+    }
+}
+
+/// Whether a node that refused a probe's handshake with this error code can serve requests.
+fn answered_alive(code: i32) -> bool {
+    matches!(code, error_code::AUTH_ERROR | error_code::PROTOCOL_ERROR)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_login_is_alive_an_overloaded_node_is_not() {
+        assert!(answered_alive(error_code::AUTH_ERROR));
+        assert!(answered_alive(error_code::PROTOCOL_ERROR));
+        assert!(!answered_alive(error_code::OVERLOADED));
+        assert!(!answered_alive(error_code::IS_BOOTSTRAPPING));
+        assert!(!answered_alive(error_code::SERVER_ERROR));
     }
 }

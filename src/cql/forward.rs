@@ -1,6 +1,9 @@
 //! Forwarding one request: the nodes to try in order, a shared connection to each, stream ids
 //! remapped on the way, UNPREPARED answered by preparing the statement again on that node,
-//! and requests lost with a connection sent to the next candidate (except LWTs).
+//! and requests lost with a connection sent to the next candidate (except LWTs). A request
+//! that times out is not sent elsewhere (its node may still apply it, and the client's own
+//! timeout is running): the client gets the error, and `max_consecutive_timeouts` in a row
+//! mark the node down.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,6 +17,7 @@ use sluice_cql::{Request, Response};
 use tracing::debug;
 
 use super::backend::{decode_response, OpenError, RequestError};
+use super::health::{secs, Observation, Source};
 use super::pool::PoolKey;
 use super::prepared::PreparedInfo;
 use super::route::{self, Route};
@@ -69,7 +73,10 @@ impl RequestCtx {
             let conn = match cluster.pools.get(addr, &self.key, super::CQL_VERSION).await {
                 Ok(c) => c,
                 Err(OpenError::Unreachable { reason, .. }) => {
-                    cluster.mark_down(addr, &format!("unreachable: {reason}"));
+                    cluster.observe(
+                        addr,
+                        Observation::down(Source::Connect, format!("unreachable: {reason}")),
+                    );
                     last = ErrorBody::new(
                         ec::SERVER_ERROR,
                         format!("sluice: node {addr} is unreachable: {reason}"),
@@ -88,6 +95,7 @@ impl RequestCtx {
             let _inflight = cluster.pools.track(addr);
             match conn.request(env, timeout).await {
                 Ok(resp) => {
+                    cluster.pools.answered(addr);
                     let unprepared = match decode_response(&resp) {
                         Ok(Response::Error(e)) => e.unprepared_id(),
                         _ => None,
@@ -116,6 +124,15 @@ impl RequestCtx {
                     }
                 }
                 Err(RequestError::Timeout) => {
+                    let limit = cluster.cql.max_consecutive_timeouts;
+                    let in_a_row = cluster.pools.timed_out(addr);
+                    if limit > 0 && in_a_row >= limit {
+                        let why = format!(
+                            "{in_a_row} requests in a row got no answer within {}",
+                            secs(timeout)
+                        );
+                        cluster.observe(addr, Observation::down(Source::RequestTimeouts, why));
+                    }
                     return self.error(
                         env,
                         "timeout",

@@ -5,6 +5,7 @@
 mod backend;
 mod control;
 mod forward;
+mod health;
 mod metrics;
 mod pool;
 mod prepared;
@@ -168,12 +169,13 @@ impl CqlCluster {
         }))
     }
 
-    /// Starts the control connection and the prober of down nodes (and, with discovery, the
-    /// follower of the member list).
+    /// Starts the control connection, the prober of down nodes and the heartbeat of node
+    /// connections (and, with discovery, the follower of the member list).
     fn spawn_background(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
         let mut tasks = vec![
             tokio::spawn(control::run(self.clone())),
             tokio::spawn(control::probe_down_nodes(self.clone())),
+            tokio::spawn(health::heartbeat(self.clone())),
         ];
         if let Some(feed) = &self.feed {
             tasks.push(tokio::spawn(follow_members(
@@ -226,9 +228,9 @@ impl CqlCluster {
         self.snapshot.load_full()
     }
 
-    /// Publishes a new snapshot built from the current one.
-    fn update(&self, f: impl Fn(&Snapshot) -> Option<Snapshot>) {
-        self.snapshot.rcu(|cur| match f(cur) {
+    /// Publishes a new snapshot built from the current one; returns the one it replaced.
+    fn update(&self, f: impl Fn(&Snapshot) -> Option<Snapshot>) -> Arc<Snapshot> {
+        let before = self.snapshot.rcu(|cur| match f(cur) {
             Some(next) => Arc::new(next),
             None => cur.clone(),
         });
@@ -242,25 +244,7 @@ impl CqlCluster {
                 })
                 .set(i64::from(n.up));
         }
-    }
-
-    /// Marks a node down (an event, or a failed connection attempt) and drops its connections.
-    fn mark_down(&self, addr: SocketAddr, why: &str) {
-        let before = self.snapshot().nodes.iter().any(|n| n.addr == addr && n.up);
-        self.update(|s| s.with_status(addr, false, Some(why.to_string())));
-        self.pools.close_node(addr);
-        if before {
-            warn!(cluster = %self.config.name, node = %addr, reason = why, "CQL node is down; skipping it");
-        }
-    }
-
-    /// Marks a node up again.
-    fn mark_up(&self, addr: SocketAddr) {
-        let before = self.snapshot().nodes.iter().any(|n| n.addr == addr && !n.up);
-        self.update(|s| s.with_status(addr, true, None));
-        if before {
-            info!(cluster = %self.config.name, node = %addr, "CQL node is up");
-        }
+        before
     }
 
     /// Credentials towards the cluster, if any are known.

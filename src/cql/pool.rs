@@ -29,6 +29,8 @@ pub struct NodePool {
     opening: tokio::sync::Mutex<()>,
     /// Requests sent to this node and not answered yet (all keys).
     inflight: AtomicUsize,
+    /// Requests in a row that got no answer within the request timeout.
+    timeouts: AtomicUsize,
     /// `sluice_cql_node_connections` and `sluice_cql_node_inflight` of this node.
     connections_gauge: Gauge,
     inflight_gauge: Gauge,
@@ -119,6 +121,7 @@ impl Pools {
                     keyed: Mutex::default(),
                     opening: tokio::sync::Mutex::default(),
                     inflight: AtomicUsize::new(0),
+                    timeouts: AtomicUsize::new(0),
                     connections_gauge,
                     inflight_gauge,
                 })
@@ -150,6 +153,48 @@ impl Pools {
         n.inflight.fetch_add(1, Ordering::Relaxed);
         n.inflight_gauge.inc();
         InflightGuard(n)
+    }
+
+    /// Counts a request to `addr` that timed out; returns how many in a row have.
+    pub fn timed_out(&self, addr: SocketAddr) -> usize {
+        self.node(addr).timeouts.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// A request to `addr` got its answer: the timeouts in a row start again from 0.
+    pub fn answered(&self, addr: SocketAddr) {
+        self.reset_timeouts(addr);
+    }
+
+    /// Forgets the timeouts in a row of a node (it was marked down or up).
+    pub fn reset_timeouts(&self, addr: SocketAddr) {
+        if let Some(n) = self.nodes.read().unwrap_or_else(|e| e.into_inner()).get(&addr) {
+            if n.timeouts.load(Ordering::Relaxed) != 0 {
+                n.timeouts.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Open connections that have received nothing for `idle` (with their protocol version),
+    /// on the nodes `wanted` accepts.
+    pub fn idle_connections(
+        &self,
+        idle: Duration,
+        wanted: impl Fn(SocketAddr) -> bool,
+    ) -> Vec<(SocketAddr, u8, Arc<BackendConn>)> {
+        let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for (addr, n) in nodes.iter().filter(|(a, _)| wanted(**a)) {
+            let keyed = n.keyed.lock().unwrap_or_else(|e| e.into_inner());
+            for (key, conns) in keyed.iter() {
+                out.extend(
+                    conns
+                        .iter()
+                        .filter(|c| !c.is_closed() && c.silent_for() >= idle)
+                        .map(|c| (*addr, key.version, c.clone())),
+                );
+            }
+        }
+        out
     }
 
     /// Closes every connection to a node (it went down).

@@ -22,6 +22,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::backend::{Credentials, OpenError};
 use super::forward::{envelope, RequestCtx, MAX_ATTEMPTS};
+use super::health::{Observation, Source};
 use super::metrics::RouteKind;
 use super::pool::PoolKey;
 use super::prepared::PreparedInfo;
@@ -560,9 +561,12 @@ impl Client {
                     self.error(h, error);
                     return;
                 }
-                Err(e) => {
-                    self.cluster.mark_down(addr, &e.to_string());
+                Err(OpenError::Unreachable { reason, .. }) => {
+                    let why = format!("unreachable: {reason}");
+                    self.cluster
+                        .observe(addr, Observation::down(Source::Connect, why));
                 }
+                Err(OpenError::NeedsAuth { .. }) => {}
             }
         }
         self.credentials = None;
@@ -690,7 +694,11 @@ impl Client {
                     );
                     return;
                 }
-                Err(e) => self.cluster.mark_down(addr, &e.to_string()),
+                Err(OpenError::Unreachable { reason, .. }) => {
+                    let why = format!("unreachable: {reason}");
+                    self.cluster
+                        .observe(addr, Observation::down(Source::Connect, why));
+                }
             }
         }
         self.error(h, ErrorBody::new(ec::SERVER_ERROR, "sluice: no node reachable"));

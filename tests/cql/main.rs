@@ -11,6 +11,7 @@ mod client;
 mod console;
 mod drivers;
 mod failover;
+mod health;
 mod kubernetes;
 mod metrics;
 mod reload;

@@ -219,9 +219,15 @@ pub(crate) struct Shared {
     pub next_conn: AtomicU64,
     /// Per node: true while the node is frozen (a SIGSTOPped process).
     pub frozen: Vec<tokio::sync::watch::Sender<bool>>,
+    /// Per node: true while the node reads requests but answers none ([`TestCluster::hang`]).
+    pub hung: Vec<AtomicBool>,
 }
 
 impl Shared {
+    pub fn is_hung(&self, node: usize) -> bool {
+        self.hung[node].load(Ordering::Acquire)
+    }
+
     pub fn is_up(&self, node: usize) -> bool {
         self.up.get(node).is_some_and(|u| u.load(Ordering::Acquire))
     }
@@ -334,6 +340,7 @@ impl TestCluster {
             records: Mutex::new(Vec::new()),
             tasks: (0..n).map(|_| Mutex::new(NodeTasks::default())).collect(),
             frozen: (0..n).map(|_| tokio::sync::watch::channel(false).0).collect(),
+            hung: (0..n).map(|_| AtomicBool::new(false)).collect(),
             next_conn: AtomicU64::new(1),
         });
         let cluster = TestCluster {
@@ -483,8 +490,54 @@ impl TestCluster {
         self.shared.frozen[i].send_replace(true);
     }
 
-    /// Resumes a frozen node: what waited is read and answered.
+    /// Makes node `i` read every request and answer none (a wedged request executor): new
+    /// connections are accepted and read too, but not even OPTIONS or STARTUP gets an
+    /// answer. What arrives meanwhile is dropped, never answered. Undone by
+    /// [`TestCluster::thaw`].
+    pub fn hang(&self, i: usize) {
+        self.shared.hung[i].store(true, Ordering::Release);
+    }
+
+    /// Freezes node `i` ([`TestCluster::freeze`]) and closes its port: new connections are
+    /// refused while the established ones stay open and silent. [`TestCluster::thaw`] opens
+    /// the port again.
+    pub fn stop_accepting(&self, i: usize) {
+        self.freeze(i);
+        let accept = self.shared.tasks[i]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .accept
+            .take();
+        if let Some(h) = accept {
+            h.abort();
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline && !h.is_finished() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
+    /// Resumes a frozen, hung or non-accepting node: what waited is read and answered (what
+    /// a hung node dropped stays unanswered), and a closed port opens again.
     pub fn thaw(&self, i: usize) {
+        self.shared.hung[i].store(false, Ordering::Release);
+        let closed = self.is_up(i)
+            && self.shared.tasks[i]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .accept
+                .is_none();
+        if closed {
+            for _ in 0..100 {
+                match std::net::TcpListener::bind(self.address(i)) {
+                    Ok(l) => {
+                        let _ = self.spawn_node(i, l);
+                        break;
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
         self.shared.frozen[i].send_replace(false);
     }
 

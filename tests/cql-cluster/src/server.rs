@@ -414,6 +414,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
         loop {
             match dec.decode(&mut buf) {
                 Ok(Some(env)) => {
+                    if c.shared.is_hung(node) {
+                        continue;
+                    }
                     if !c.handle(env) {
                         break 'outer;
                     }
