@@ -225,33 +225,6 @@ async fn cql_requests_move_the_expected_counters() {
     env.sluice.assert_no_unexpected_errors(&[]);
 }
 
-/// Metric names a `/metrics` body declares (`# TYPE`, with the sample suffixes of its kind) or
-/// has samples of.
-fn exported_series(metrics: &str) -> std::collections::BTreeSet<String> {
-    let mut names = std::collections::BTreeSet::new();
-    for line in metrics.lines() {
-        if let Some(decl) = line.strip_prefix("# TYPE ") {
-            let mut parts = decl.split_whitespace();
-            let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
-                continue;
-            };
-            let suffixes: &[&str] = match kind {
-                "counter" => &["_total"],
-                "histogram" => &["_bucket", "_sum", "_count"],
-                _ => &[""],
-            };
-            names.extend(suffixes.iter().map(|s| format!("{name}{s}")));
-        } else if let Some(name) = line
-            .split(['{', ' '])
-            .next()
-            .filter(|n| !n.is_empty() && !line.starts_with('#'))
-        {
-            names.insert(name.to_string());
-        }
-    }
-    names
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grafana_cql_dashboard_queries_only_exported_metrics() {
     let path =
@@ -281,21 +254,7 @@ async fn grafana_cql_dashboard_queries_only_exported_metrics() {
     bounded(30, async {
         let mut c = Client::connect(env.addr(), 4, Compression::None).await;
         c.rows("SELECT keyspace_name FROM system_schema.keyspaces").await;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let (status, metrics) = env.sluice.http_get("/metrics");
-            assert_eq!(status, 200);
-            let exported = exported_series(&metrics);
-            let missing: Vec<_> = used.iter().filter(|m| !exported.contains(*m)).collect();
-            if missing.is_empty() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the CQL dashboard queries metrics /metrics does not have: {missing:?}\n{metrics}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        crate::support::wait_until_exported(&env.sluice, &used, "CQL dashboard").await;
     })
     .await;
     env.sluice.assert_no_unexpected_errors(&[]);

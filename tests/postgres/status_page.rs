@@ -206,31 +206,6 @@ async fn status_page_in_chromium_shows_nodes_and_a_node_going_down() {
     env.sluice.assert_no_unexpected_errors(&[&replica]);
 }
 
-/// The series names `/metrics` can have: what its `# TYPE` lines declare (a counter `x` has
-/// samples `x_total`; a histogram `_bucket`, `_sum` and `_count`), and every sample's name.
-fn exported_series(metrics: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    for line in metrics.lines() {
-        if let Some(decl) = line.strip_prefix("# TYPE ") {
-            let mut parts = decl.split_whitespace();
-            let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
-                continue;
-            };
-            let suffixes: &[&str] = match kind {
-                "counter" => &["_total"],
-                "histogram" => &["_bucket", "_sum", "_count"],
-                _ => &[""],
-            };
-            names.extend(suffixes.iter().map(|s| format!("{name}{s}")));
-        } else if !line.starts_with('#') {
-            if let Some(name) = line.split(['{', ' ']).next().filter(|n| !n.is_empty()) {
-                names.insert(name.to_string());
-            }
-        }
-    }
-    names
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grafana_dashboard_queries_only_exported_metrics() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/sluice-dashboard.json");
@@ -291,21 +266,7 @@ async fn grafana_dashboard_queries_only_exported_metrics() {
         let mut rest = Vec::new();
         raw.read_to_end(&mut rest).await.expect("sluice closes");
 
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let (status, metrics) = env.sluice.http_get("/metrics");
-            assert_eq!(status, 200);
-            let exported = exported_series(&metrics);
-            let missing: Vec<_> = used.iter().filter(|m| !exported.contains(*m)).collect();
-            if missing.is_empty() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the dashboard queries metrics /metrics does not have: {missing:?}\n{metrics}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        crate::support::wait_until_exported(&env.sluice, &used, "dashboard").await;
     })
     .await;
     env.sluice.assert_no_unexpected_errors(&[]);

@@ -134,3 +134,52 @@ pub async fn exec(client: &Client, sql: &str) {
         panic!("{sql:?} failed: {}", describe(&e));
     }
 }
+
+/// The series names a `/metrics` body can have: what its `# TYPE` lines declare (a counter `x`
+/// has samples `x_total`; a histogram `_bucket`, `_sum` and `_count`), and every sample's name.
+pub fn exported_series(metrics: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for line in metrics.lines() {
+        if let Some(decl) = line.strip_prefix("# TYPE ") {
+            let mut parts = decl.split_whitespace();
+            let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let suffixes: &[&str] = match kind {
+                "counter" => &["_total"],
+                "histogram" => &["_bucket", "_sum", "_count"],
+                _ => &[""],
+            };
+            names.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+        } else if !line.starts_with('#') {
+            if let Some(name) = line.split(['{', ' ']).next().filter(|n| !n.is_empty()) {
+                names.insert(name.to_string());
+            }
+        }
+    }
+    names
+}
+
+/// Waits (up to 10 s) until `sluice`'s `/metrics` has every series in `used` (what `dashboard`
+/// queries), and fails naming the missing ones.
+pub async fn wait_until_exported(
+    sluice: &Sluice,
+    used: &std::collections::BTreeSet<String>,
+    dashboard: &str,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, metrics) = sluice.http_get("/metrics");
+        assert_eq!(status, 200);
+        let exported = exported_series(&metrics);
+        let missing: Vec<_> = used.iter().filter(|m| !exported.contains(*m)).collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the {dashboard} queries metrics /metrics does not have: {missing:?}\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
