@@ -171,7 +171,7 @@ static = ["127.0.0.1:9042", "127.0.0.2:9042", "127.0.0.3:9042"]
         assert!(e.iter().any(|e| e.contains("is not a readable file")), "{e:?}");
         let c = Config::parse(&with("backend_tls = \"require\"")).unwrap();
         assert_eq!(c.clusters[0].backend_tls, BackendTlsMode::Require);
-        // Client certificates are CQL-only for now.
+        // A PostgreSQL listener verifies client certificates too, and needs its own identity.
         let pg = format!(
             "[[clusters]]\nname = \"pg\"\nprotocol = \"postgres\"\nlisten = \"127.0.0.1:6432\"\ntls_client_ca = \"{file}\"\n[clusters.discovery]\nstatic = [\"127.0.0.1:5432\"]\n[[clusters.users]]\nname = \"app\"\npassword = \"x\"\n"
         );
@@ -181,10 +181,7 @@ static = ["127.0.0.1:9042", "127.0.0.2:9042", "127.0.0.3:9042"]
             .iter()
             .map(|e| format!("{}: {}", e.path, e.reason))
             .collect();
-        assert_eq!(
-            e,
-            ["clusters[0].tls_client_ca: applies to cql clusters only (for now)"]
-        );
+        assert_eq!(e, ["clusters[0].tls_client_ca: needs tls_cert and tls_key"]);
         let pg_default = pg.replace(&format!("tls_client_ca = \"{file}\"\n"), "");
         assert_eq!(
             Config::parse(&pg_default).unwrap().clusters[0].backend_tls,

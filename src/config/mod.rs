@@ -442,12 +442,8 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
         (Some(Protocol::Cql), Some(BackendTlsMode::Prefer)) => Some(BackendTlsMode::Disable),
         (_, mode) => mode,
     };
-    if tls_client_ca.is_some() {
-        if protocol == Some(Protocol::Postgres) {
-            f.error("tls_client_ca", "applies to cql clusters only (for now)");
-        } else if tls_cert.is_none() {
-            f.error("tls_client_ca", "needs tls_cert and tls_key");
-        }
+    if tls_client_ca.is_some() && tls_cert.is_none() {
+        f.error("tls_client_ca", "needs tls_cert and tls_key");
     }
     if tls_cert.is_some() != tls_key.is_some() {
         f.error("tls_cert", "tls_cert and tls_key must be set together");

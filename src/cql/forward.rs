@@ -17,11 +17,12 @@ use sluice_cql::{Request, Response};
 use tracing::debug;
 
 use super::backend::{decode_response, OpenError, RequestError};
-use super::health::{secs, Observation, Source};
+use super::health::secs;
 use super::pool::PoolKey;
 use super::prepared::PreparedInfo;
 use super::route::{self, Route};
 use super::CqlCluster;
+use crate::common::health::{Source, Verdict};
 
 /// Nodes one request is tried on before giving up.
 pub(super) const MAX_ATTEMPTS: usize = 3;
@@ -75,7 +76,7 @@ impl RequestCtx {
                 Err(OpenError::Unreachable { reason, .. }) => {
                     cluster.observe(
                         addr,
-                        Observation::down(Source::Connect, format!("unreachable: {reason}")),
+                        Verdict::down(Source::Connect, format!("unreachable: {reason}")),
                     );
                     last = ErrorBody::new(
                         ec::SERVER_ERROR,
@@ -131,7 +132,7 @@ impl RequestCtx {
                             "{in_a_row} requests in a row got no answer within {}",
                             secs(timeout)
                         );
-                        cluster.observe(addr, Observation::down(Source::RequestTimeouts, why));
+                        cluster.observe(addr, Verdict::down(Source::RequestTimeouts, why));
                     }
                     return self.error(
                         env,
@@ -220,7 +221,7 @@ impl RequestCtx {
         };
         tokio::spawn(async move {
             let snap = ctx.cluster.snapshot();
-            for n in snap.nodes.iter().filter(|n| n.up) {
+            for n in snap.nodes.iter().filter(|n| n.health.up) {
                 let _ = tokio::time::timeout(Duration::from_secs(5), ctx.prepare_on(n.addr, &info)).await;
             }
         });

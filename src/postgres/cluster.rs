@@ -10,6 +10,7 @@ use sluice_postgres::scram::ScramSecret;
 use sluice_postgres::Classifier;
 use tracing::{error, info, warn};
 
+use crate::common::health::{self, Source};
 use crate::common::metrics::{ClusterLabels, Metrics, NodeLabels, ResultLabels, RouteLabels};
 use crate::common::topology::{Member, Node, Observation, Role, Topology};
 use crate::config::{ClusterConfig, Discovery, TopologyKind};
@@ -281,12 +282,10 @@ impl Cluster {
         let dummy: [u8; 16] = rng.random();
         let salt: [u8; 16] = rng.random();
         // Both were loaded once already when the configuration was validated.
-        let client_tls = match (&config.tls_cert, &config.tls_key) {
-            (Some(cert), Some(key)) => crate::common::tls::acceptor(cert, key)
-                .map_err(|e| error!(cluster = %config.name, "client TLS disabled: {e}"))
-                .ok(),
-            _ => None,
-        };
+        let client_tls = crate::common::tls::client_acceptor(&config)
+            .map_err(|e| error!(cluster = %config.name, "client TLS disabled: {e}"))
+            .ok()
+            .flatten();
         let backend_tls =
             crate::common::tls::BackendTls::new(config.backend_tls, config.backend_tls_ca.as_deref())
                 .unwrap_or_else(|e| {
@@ -422,7 +421,7 @@ impl Cluster {
             (Some(reason), None)
                 if hold.seen_writable
                     || (!snap.nodes.is_empty()
-                        && snap.nodes.iter().all(|n| n.healthy || n.last_error.is_some())) =>
+                        && snap.nodes.iter().all(|n| n.health.up || n.health.error.is_some())) =>
             {
                 info!(cluster = %self.config.name, reason, "write hold started: new writes wait for a confirmed writable primary");
                 hold.since = Some(std::time::Instant::now());
@@ -575,10 +574,12 @@ impl Cluster {
                                 // flight on it. Its probe (probe_timeout) decides; retry meanwhile.
                                 warn!(node = %address, error = %e, "backend connection timed out; retrying");
                             } else {
-                                warn!(node = %address, error = %e, "backend connection failed; marking the node down");
                                 self.observe(
                                     &snap.nodes[node].id,
-                                    &Observation::Down { error: e.to_string() },
+                                    &Observation::Down {
+                                        source: Source::Connect,
+                                        error: e.to_string(),
+                                    },
                                 );
                             }
                         }
@@ -745,13 +746,24 @@ impl Cluster {
         self.metrics
             .node_primary
             .get_or_create(&labels)
-            .set(i64::from(node.healthy && node.role == Role::Primary));
+            .set(i64::from(node.health.up && node.role == Role::Primary));
         self.metrics
             .node_healthy
             .get_or_create(&labels)
-            .set(i64::from(node.healthy));
-        if change.role_changed || change.health_changed {
-            info!(node = %node.address, role = ?node.role, healthy = node.healthy, error = node.last_error.as_deref().unwrap_or(""), generation = snap.generation, "topology changed");
+            .set(i64::from(node.health.up));
+        if change.health_changed {
+            if let Some(verdict) = obs.verdict() {
+                health::announce(
+                    &self.metrics,
+                    "PostgreSQL",
+                    &self.config.name,
+                    &node.address,
+                    &verdict,
+                );
+            }
+        }
+        if change.role_changed {
+            info!(node = %node.address, role = ?node.role, healthy = node.health.up, generation = snap.generation, "node role changed");
         }
         if change.role_changed || change.health_changed || change.writable_changed {
             self.track_hold();
@@ -759,7 +771,7 @@ impl Cluster {
         // The node has the last word on its role; a label that says otherwise is counted
         // (once per disagreement) and logged, never followed.
         let disagrees =
-            node.healthy && node.role != Role::Unknown && node.labeled_role.is_some_and(|l| l != node.role);
+            node.health.up && node.role != Role::Unknown && node.labeled_role.is_some_and(|l| l != node.role);
         let was = self
             .metrics
             .role_disagreement
@@ -772,7 +784,7 @@ impl Cluster {
             warn!(node = %node.address, id = %node.id, labeled = ?node.labeled_role, probed = ?node.role, "the node's role label disagrees with the node; following the node");
         }
         if change.lost_primary
-            || (change.health_changed && !node.healthy)
+            || (change.health_changed && !node.health.up)
             || (change.role_changed && node.role != Role::Primary)
         {
             // Idle connections to a demoted or dead node must not serve anyone again.
@@ -839,11 +851,15 @@ impl Cluster {
                 },
                 Ok(Err(e)) => {
                     conn = None;
-                    Observation::Down { error: e.to_string() }
+                    Observation::Down {
+                        source: Source::Probe,
+                        error: e.to_string(),
+                    }
                 }
                 Err(_) => {
                     conn = None;
                     Observation::Down {
+                        source: Source::Probe,
                         error: format!("probe timed out after {:?}", self.config.probe_timeout),
                     }
                 }
@@ -884,7 +900,7 @@ impl Cluster {
         let snap = self.topology.load();
         let node = snap
             .primary()
-            .or_else(|| snap.nodes.iter().position(|n| n.healthy))?;
+            .or_else(|| snap.nodes.iter().position(|n| n.health.up))?;
         Some(snap.nodes[node].address.to_string())
     }
 

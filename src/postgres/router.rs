@@ -107,7 +107,7 @@ pub fn choose(
 ) -> Result<usize, NoRoute> {
     if policy.multi_active {
         return least_loaded(snap, load, tiebreak, policy, |n| {
-            n.healthy && n.role != Role::Unknown
+            n.health.up && n.role != Role::Unknown
         })
         .ok_or(NoRoute::NoNode);
     }
@@ -126,7 +126,7 @@ pub fn choose(
                 floor && lag
             };
             least_loaded(snap, load, tiebreak, policy, |n| {
-                n.healthy && n.role == Role::Replica && caught_up(n.lsn)
+                n.health.up && n.role == Role::Replica && caught_up(n.lsn)
             })
             .or(primary)
             .ok_or(NoRoute::NoNode)
@@ -168,7 +168,7 @@ mod tests {
     fn node(role: Role, healthy: bool) -> Node {
         Node {
             role,
-            healthy,
+            health: crate::common::health::Health::assumed(healthy),
             primary_epoch: u64::from(role == Role::Primary),
             ..Node::new(Member::at("x:1"))
         }

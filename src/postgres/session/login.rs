@@ -273,6 +273,7 @@ async fn handshake(
                     Ok(tls) => *slot = Some(MaybeTls::Tls(Box::new(tls))),
                     Err(e) => {
                         info!(error = %e, "client TLS handshake failed");
+                        cluster.metrics.error(&cluster.config.name, "tls_handshake");
                         return Ok(None);
                     }
                 }

@@ -376,8 +376,8 @@ impl Session {
                 };
                 loop {
                     let snap = topology.load();
-                    if let Some(n) = snap.nodes.iter().find(|n| *n.address == *node && !n.healthy) {
-                        return n.last_error.clone().unwrap_or_default();
+                    if let Some(n) = snap.nodes.iter().find(|n| *n.address == *node && !n.health.up) {
+                        return n.health.error.clone().unwrap_or_default();
                     }
                     if changes.changed().await.is_err() {
                         return std::future::pending().await;
