@@ -127,7 +127,7 @@ static = ["127.0.0.1:9042", "127.0.0.2:9042", "127.0.0.3:9042"]
     #[test]
     fn contract_runs_on_defaults() {
         let c = Config::parse(CONTRACT_CQL).unwrap();
-        assert_eq!(c.clusters[0].cql.connections_per_node, 2);
+        assert_eq!(c.clusters[0].cql().unwrap().connections_per_node, 2);
         assert!(c.unsupported().is_empty(), "{:?}", c.unsupported());
     }
 
@@ -204,9 +204,12 @@ static = ["127.0.0.1:9042", "127.0.0.2:9042", "127.0.0.3:9042"]
         assert!(paths.contains(&"clusters[0].cql"), "{errs:?}");
         let ok = format!("{CONTRACT_CQL}\n[clusters.cql]\nlocal_datacenter = \"dc1\"\nusername = \"u\"\npassword = \"p\"\n");
         let c = Config::parse(&ok).unwrap();
-        assert_eq!(c.clusters[0].cql.local_datacenter.as_deref(), Some("dc1"));
         assert_eq!(
-            c.clusters[0].cql.heartbeat_timeout,
+            c.clusters[0].cql().unwrap().local_datacenter.as_deref(),
+            Some("dc1")
+        );
+        assert_eq!(
+            c.clusters[0].cql().unwrap().heartbeat_timeout,
             std::time::Duration::from_secs(2)
         );
         let health = format!("{CONTRACT_CQL}\n[clusters.cql]\nheartbeat_interval = \"250ms\"\nheartbeat_timeout = \"0s\"\nmax_consecutive_timeouts = 0\n");

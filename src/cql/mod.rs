@@ -113,7 +113,9 @@ impl CqlCluster {
                 }
             })
             .collect();
-        let cql = config.cql.clone();
+        let Some(cql) = config.cql().cloned() else {
+            anyhow::bail!("cluster {:?} is not a CQL cluster", config.name);
+        };
         let credentials = match (&cql.username, &cql.password) {
             (Some(u), Some(p)) => Some(Credentials {
                 user: u.clone(),
@@ -344,7 +346,7 @@ pub fn split(mut config: Config) -> (Config, Vec<ClusterConfig>) {
     let (cql, rest): (Vec<_>, Vec<_>) = config
         .clusters
         .into_iter()
-        .partition(|c| c.protocol == Protocol::Cql);
+        .partition(|c| c.protocol() == Protocol::Cql);
     config.clusters = rest;
     (config, cql)
 }

@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 use crate::common::health::{self, Source};
 use crate::common::metrics::{ClusterLabels, Metrics, NodeLabels, ResultLabels, RouteLabels};
 use crate::common::topology::{Member, Node, Observation, Role, Topology};
-use crate::config::{ClusterConfig, Discovery, TopologyKind};
+use crate::config::{ClusterConfig, Discovery, PostgresConfig, TopologyKind};
 use crate::postgres::backend::{
     own_startup_params, same_startup, Backend, BackendError, ConnectOptions, Credential, PassThrough,
     StartupParams, NO_CREDENTIAL,
@@ -203,6 +203,8 @@ impl Drop for Checkout {
 /// A cluster at run time.
 pub struct Cluster {
     pub config: ClusterConfig,
+    /// The PostgreSQL settings of `config`.
+    pub pg: PostgresConfig,
     /// Answers clients' SSLRequest when a certificate is configured.
     pub client_tls: Option<tokio_rustls::TlsAcceptor>,
     /// How connections to backends are made.
@@ -254,6 +256,7 @@ impl Cluster {
     /// Builds the run-time state (derives SCRAM secrets: slow on purpose, done once).
     pub fn new(
         config: ClusterConfig,
+        pg: PostgresConfig,
         metrics: Arc<Metrics>,
         console: Arc<crate::admin::console::Console>,
     ) -> Arc<Cluster> {
@@ -295,11 +298,11 @@ impl Cluster {
         let pools = Pools::new(
             &config.name,
             PoolSettings {
-                size: config.pool_size,
-                checkout_timeout: config.checkout_timeout,
+                size: pg.pool_size,
+                checkout_timeout: pg.checkout_timeout,
                 connect_timeout: config.connect_timeout,
-                idle_timeout: config.idle_timeout,
-                max_lifetime: config.max_lifetime,
+                idle_timeout: pg.idle_timeout,
+                max_lifetime: pg.max_lifetime,
             },
             backend_tls.clone(),
             metrics.clone(),
@@ -309,7 +312,7 @@ impl Cluster {
             backend_tls,
             topology: Topology::new(Vec::new()),
             pools,
-            classifier: Classifier::new(&config.write_functions),
+            classifier: Classifier::new(&pg.write_functions),
             users,
             dummy_secret: ScramSecret::new(&String::from_utf8_lossy(&dummy), &salt, SCRAM_ITERATIONS),
             tiebreak: AtomicUsize::new(0),
@@ -335,9 +338,10 @@ impl Cluster {
             refusals: Default::default(),
             metrics,
             config,
+            pg,
         });
         cluster.metrics.init_cluster(&cluster.config.name);
-        if cluster.config.write_hold.is_some() {
+        if cluster.pg.write_hold.is_some() {
             cluster.metrics.init_write_hold(&cluster.config.name);
         }
         cluster.set_members(&members);
@@ -352,8 +356,7 @@ impl Cluster {
         let supervisor = tokio::spawn(async move { c.supervise_probes().await });
         let c = self.clone();
         let reaper = tokio::spawn(async move {
-            let every =
-                (c.config.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
+            let every = (c.pg.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
             loop {
                 tokio::time::sleep(every).await;
                 c.pools.reap();
@@ -402,7 +405,7 @@ impl Cluster {
     /// Starts or ends the write hold of a `write_hold` cluster as the topology changes: one log
     /// line each way and the `sluice_write_hold_active` gauge.
     fn track_hold(&self) {
-        if self.config.write_hold.is_none() {
+        if self.pg.write_hold.is_none() {
             return;
         }
         let snap = self.topology.load();
@@ -439,7 +442,7 @@ impl Cluster {
     /// its probe, run at once, says what it is. (A client's own `BEGIN READ ONLY` followed by
     /// a write costs the other writes one probe round trip.)
     pub fn write_refused(&self, address: &str, code: &str) {
-        if self.config.write_hold.is_none() || !matches!(code, "25006" | "57P01" | "57P03") {
+        if self.pg.write_hold.is_none() || !matches!(code, "25006" | "57P01" | "57P03") {
             return;
         }
         let snap = self.topology.load();
@@ -504,14 +507,14 @@ impl Cluster {
         parked: &mut Option<Checkout>,
         held_since: &mut Option<tokio::time::Instant>,
     ) -> Result<Checkout, AttachError> {
-        let mut policy = Policy::of(&self.config, min_lsn);
+        let mut policy = Policy::of(&self.config, &self.pg, min_lsn);
         let start = tokio::time::Instant::now();
         let hold = self
-            .config
+            .pg
             .write_hold
             .filter(|_| intent == Intent::Primary && !policy.multi_active);
         let hold_deadline = hold.map(|h| start + h);
-        let deadline = start + self.config.failover_wait.max(hold.unwrap_or_default());
+        let deadline = start + self.pg.failover_wait.max(hold.unwrap_or_default());
         let credential = self.credential(user);
         loop {
             policy.writable_only = hold_deadline.is_some_and(|d| tokio::time::Instant::now() < d);
@@ -638,7 +641,7 @@ impl Cluster {
         startup: &StartupParams,
         fresh: bool,
     ) -> Result<(ServerParams, Option<Checkout>), AttachError> {
-        let multi_active = self.config.topology == TopologyKind::MultiActive;
+        let multi_active = self.pg.topology == TopologyKind::MultiActive;
         let primary = {
             let snap = self.topology.load();
             snap.primary().map(|i| snap.nodes[i].address.clone())
@@ -794,7 +797,7 @@ impl Cluster {
 
     async fn probe_loop(self: Arc<Self>, id: String) {
         let probe_user = self
-            .config
+            .pg
             .probe_user
             .clone()
             .or_else(|| self.config.users.first().map(|u| u.name.clone()))
@@ -835,12 +838,12 @@ impl Cluster {
                 addr: &address,
                 user: &probe_user,
                 credential,
-                database: &self.config.probe_database,
+                database: &self.pg.probe_database,
                 params: &startup,
                 timeout: self.config.connect_timeout,
                 tls: &self.backend_tls,
             };
-            let result = tokio::time::timeout(self.config.probe_timeout, probe_once(&mut conn, opts)).await;
+            let result = tokio::time::timeout(self.pg.probe_timeout, probe_once(&mut conn, opts)).await;
             let obs = match result {
                 Ok(Ok(p)) => Observation::Up {
                     role: p.role,
@@ -860,7 +863,7 @@ impl Cluster {
                     conn = None;
                     Observation::Down {
                         source: Source::Probe,
-                        error: format!("probe timed out after {:?}", self.config.probe_timeout),
+                        error: format!("probe timed out after {:?}", self.pg.probe_timeout),
                     }
                 }
             };

@@ -222,7 +222,7 @@ pub fn overview(state: &AdminState) -> Vec<ClusterView> {
             name: c.config.name.clone(),
             protocol: "postgres",
             listen: c.config.listen.to_string(),
-            pool_mode: Some(pool_mode(c.config.pool_mode)),
+            pool_mode: Some(pool_mode(c.pg.pool_mode)),
             clients: c.clients.load(Ordering::Relaxed),
             discovery_error: statuses
                 .get(&c.config.name)
