@@ -169,14 +169,18 @@ impl CqlCluster {
         }))
     }
 
-    /// Starts the control connection, the prober of down nodes and the heartbeat of node
-    /// connections (and, with discovery, the follower of the member list).
+    /// Starts the control connection, the prober of down nodes, the heartbeat of node
+    /// connections and the sweep of timed-out requests (and, with discovery, the follower of
+    /// the member list).
     fn spawn_background(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
         let mut tasks = vec![
             tokio::spawn(control::run(self.clone())),
             tokio::spawn(control::probe_down_nodes(self.clone())),
             tokio::spawn(health::heartbeat(self.clone())),
         ];
+        // Not among the tasks stopped with the cluster: requests in flight may outlive it
+        // (see `sweep_timeouts`).
+        tokio::spawn(forward::sweep_timeouts(Arc::downgrade(self)));
         if let Some(feed) = &self.feed {
             tasks.push(tokio::spawn(follow_members(
                 Arc::downgrade(self),
