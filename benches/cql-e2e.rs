@@ -439,7 +439,7 @@ fn main() {
     let mut procs: Vec<(Pin, &'static str, SluiceProc)> = Vec::new();
     for &pin in &o.pins {
         for (name, bin) in &binaries {
-            procs.push((pin, name, start_sluice(bin, pin, &cluster)));
+            procs.push((pin, *name, start_sluice(bin, pin, &cluster)));
         }
     }
     let direct: Vec<SocketAddr> = (0..o.nodes).map(|i| cluster.address(i)).collect();
@@ -495,7 +495,7 @@ fn main() {
             for (p, name, proc_) in &procs {
                 if *p == pin {
                     let s = Arc::new(session(&[proc_.listen], false).await);
-                    ts.push(target(name, s, Some(proc_.child.id())).await);
+                    ts.push(target(*name, s, Some(proc_.child.id())).await);
                 }
             }
             ts.push(target(DIRECT_RR, rr.clone(), None).await);

@@ -123,6 +123,7 @@ async fn open(
             events,
             tls: &cluster.backend_tls,
             gauge: None,
+            load: None,
         },
     )
     .await

@@ -371,9 +371,9 @@ async fn await_schema(cluster: &CqlCluster, resp: &Envelope) {
 
 /// The nodes to try for `route`, best first, and how many of them are its replicas.
 fn candidates(cluster: &CqlCluster, snap: &Snapshot, route: &Route) -> (Vec<usize>, usize) {
-    let local_dc = cluster.local_datacenter(snap);
+    let local_dc = cluster.local_datacenter_in(snap);
     let zone = cluster.config.zone.as_deref();
-    route::candidates_and_replicas(snap, route, local_dc.as_deref(), zone, |a| {
+    route::candidates_and_replicas(snap, route, local_dc, zone, |a| {
         cluster.pools.inflight(a)
     })
 }

@@ -268,15 +268,20 @@ impl CqlCluster {
     /// The data center whose replicas are preferred. With Kubernetes or DNS discovery `zone`
     /// is the pods' zone, not a data center, so it is not the default there.
     fn local_datacenter(&self, snap: &Snapshot) -> Option<String> {
+        self.local_datacenter_in(snap).map(str::to_string)
+    }
+
+    /// [`CqlCluster::local_datacenter`], borrowed (the request path allocates nothing for it).
+    fn local_datacenter_in<'a>(&'a self, snap: &'a Snapshot) -> Option<&'a str> {
         let zone = match self.feed {
-            None => self.config.zone.clone(),
+            None => self.config.zone.as_deref(),
             Some(_) => None,
         };
         self.cql
             .local_datacenter
-            .clone()
+            .as_deref()
             .or(zone)
-            .or_else(|| snap.first_datacenter().map(str::to_string))
+            .or_else(|| snap.first_datacenter())
     }
 
     /// Why the cluster cannot take traffic yet, if it cannot.
