@@ -163,11 +163,13 @@ async fn requests_in_flight_on_a_lost_connection_go_to_another_replica_except_lw
         let e = error_of(&answers[&2]);
         assert_eq!(e.code, error_code::SERVER_ERROR, "{e:?}");
         assert!(e.message.contains("connection to the node was lost"), "{e:?}");
-        // The read was answered by the other replica; the LWT reached no other node.
+        // The read was answered by the other replica; the LWT reached no other node (the
+        // frozen node may have read and applied both without answering: a stopped process
+        // can stop after reading).
         let records = crate::user_records(&env.cluster, "lc");
         let after: Vec<_> = records.iter().skip(before).collect();
-        assert!(after.iter().any(|r| r.node == other), "{after:?}");
-        assert!(after.iter().all(|r| r.node != victim), "{after:?}");
+        assert!(after.iter().any(|r| r.node == other && !r.lwt), "{after:?}");
+        assert!(after.iter().all(|r| r.node == victim || !r.lwt), "{after:?}");
         let lost = env
             .sluice
             .metric("sluice_errors_total{cluster=\"ring\",reason=\"backend_lost\"}");
