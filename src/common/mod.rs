@@ -1,7 +1,8 @@
 //! What both protocols share: the listener (accept loop and task handles), the running server
-//! (start, hot reload, drain and shutdown), the role topology with node health that discovery
-//! and probes feed, TLS on both sides, and the Prometheus metrics.
+//! (start, hot reload, drain and shutdown), the role topology that discovery and probes feed,
+//! node health (one rule and one report for both protocols), TLS on both sides, and the Prometheus metrics.
 
+pub mod health;
 pub mod listener;
 pub mod metrics;
 pub mod server;

@@ -25,13 +25,14 @@ use tokio::sync::{mpsc, Semaphore};
 use tracing::debug;
 
 use super::backend::{decode_response, ConnInfo, OpenError, RequestError};
-use super::health::{secs, Observation, Source};
+use super::health::secs;
 use super::pool::{Pick, PoolKey};
 use super::prepared::PreparedInfo;
 use super::route::{self, Route};
 use super::session::Out;
 use super::snapshot::Snapshot;
 use super::CqlCluster;
+use crate::common::health::{Source, Verdict};
 
 use super::prepared::{prepare_on, remember_prepared};
 
@@ -180,7 +181,7 @@ impl Inflight {
                 Err(OpenError::Unreachable { reason, .. }) => {
                     cluster.observe(
                         addr,
-                        Observation::down(Source::Connect, format!("unreachable: {reason}")),
+                        Verdict::down(Source::Connect, format!("unreachable: {reason}")),
                     );
                     last = ErrorBody::new(
                         ec::SERVER_ERROR,
@@ -275,7 +276,7 @@ impl Inflight {
                 "{in_a_row} requests in a row got no answer within {}",
                 secs(timeout)
             );
-            cluster.observe(conn.addr, Observation::down(Source::RequestTimeouts, why));
+            cluster.observe(conn.addr, Verdict::down(Source::RequestTimeouts, why));
         }
         let e = ErrorBody::new(
             ec::SERVER_ERROR,

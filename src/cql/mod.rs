@@ -90,15 +90,8 @@ impl CqlCluster {
         feed: Option<Feed>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<CqlCluster>> {
-        let client_tls = match (&config.tls_cert, &config.tls_key, &config.tls_client_ca) {
-            (Some(cert), Some(key), None) => Some(crate::common::tls::acceptor(cert, key)),
-            (Some(cert), Some(key), Some(ca)) => {
-                Some(crate::common::tls::acceptor_verifying_clients(cert, key, ca))
-            }
-            _ => None,
-        }
-        .transpose()
-        .map_err(|e| anyhow::anyhow!("cluster {:?}: client TLS: {e}", config.name))?;
+        let client_tls = crate::common::tls::client_acceptor(&config)
+            .map_err(|e| anyhow::anyhow!("cluster {:?}: client TLS: {e}", config.name))?;
         let backend_tls =
             crate::common::tls::BackendTls::new(config.backend_tls, config.backend_tls_ca.as_deref())
                 .map_err(|e| anyhow::anyhow!("cluster {:?}: backend_tls: {e}", config.name))?;
@@ -120,7 +113,9 @@ impl CqlCluster {
                 }
             })
             .collect();
-        let cql = config.cql.clone();
+        let Some(cql) = config.cql().cloned() else {
+            anyhow::bail!("cluster {:?} is not a CQL cluster", config.name);
+        };
         let credentials = match (&cql.username, &cql.password) {
             (Some(u), Some(p)) => Some(Credentials {
                 user: u.clone(),
@@ -246,7 +241,7 @@ impl CqlCluster {
                     cluster: self.config.name.clone(),
                     node: n.addr.to_string(),
                 })
-                .set(i64::from(n.up));
+                .set(i64::from(n.health.up));
         }
         before
     }
@@ -317,12 +312,12 @@ impl CqlCluster {
                     "id": n.pod,
                     "zone": n.zone,
                     "role": "replica",
-                    "healthy": n.up,
+                    "healthy": n.health.up,
                     "datacenter": n.datacenter,
                     "rack": n.rack,
                     "tokens": n.tokens.len(),
                     "ownership": share,
-                    "error": n.last_error,
+                    "error": n.health.error,
                     "open_connections": self.pools.open_connections(n.addr),
                     "inflight": self.pools.inflight(n.addr),
                 })
@@ -360,7 +355,7 @@ pub fn split(mut config: Config) -> (Config, Vec<ClusterConfig>) {
     let (cql, rest): (Vec<_>, Vec<_>) = config
         .clusters
         .into_iter()
-        .partition(|c| c.protocol == Protocol::Cql);
+        .partition(|c| c.protocol() == Protocol::Cql);
     config.clusters = rest;
     (config, cql)
 }

@@ -160,7 +160,7 @@ pub(super) fn remember_prepared(
     let (cluster, key) = (cluster.clone(), key.clone());
     tokio::spawn(async move {
         let snap = cluster.snapshot();
-        for n in snap.nodes.iter().filter(|n| n.up) {
+        for n in snap.nodes.iter().filter(|n| n.health.up) {
             let prepare = prepare_on(&cluster, &key, version, n.addr, &info);
             let _ = tokio::time::timeout(Duration::from_secs(5), prepare).await;
         }

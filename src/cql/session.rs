@@ -24,13 +24,13 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::backend::{Credentials, OpenError};
 use super::forward::{envelope, ClientLink, Inflight, MAX_ATTEMPTS};
-use super::health::{Observation, Source};
 use super::metrics::RouteKind;
 use super::pool::PoolKey;
 use super::prepared::PreparedInfo;
 use super::route::{self, Route};
 use super::systables::{self, LocalView};
 use super::CqlCluster;
+use crate::common::health::{Source, Verdict};
 
 const AUTHENTICATOR: &str = "org.apache.cassandra.auth.PasswordAuthenticator";
 
@@ -576,8 +576,7 @@ impl Client {
                 }
                 Err(OpenError::Unreachable { reason, .. }) => {
                     let why = format!("unreachable: {reason}");
-                    self.cluster
-                        .observe(addr, Observation::down(Source::Connect, why));
+                    self.cluster.observe(addr, Verdict::down(Source::Connect, why));
                 }
                 Err(OpenError::NeedsAuth { .. }) => {}
             }
@@ -697,8 +696,7 @@ impl Client {
                 }
                 Err(OpenError::Unreachable { reason, .. }) => {
                     let why = format!("unreachable: {reason}");
-                    self.cluster
-                        .observe(addr, Observation::down(Source::Connect, why));
+                    self.cluster.observe(addr, Verdict::down(Source::Connect, why));
                 }
             }
         }

@@ -468,8 +468,34 @@ pool_size = 8"#,
         "the node never served reads again after SIGCONT"
     );
     assert!(ports.contains_key(&Some(healthy)));
-    env.sluice
-        .assert_no_unexpected_errors(&[&format!("127.0.0.1:{stalled}")]);
+    // Reported once each way, with who noticed and why (`common::health::announce`), and
+    // counted.
+    let node = format!("127.0.0.1:{stalled}");
+    let logs = env.sluice.logs();
+    let down: Vec<&String> = logs
+        .iter()
+        .filter(|l| l.contains("PostgreSQL node is down") && l.contains(&node))
+        .collect();
+    let up = logs
+        .iter()
+        .filter(|l| l.contains("PostgreSQL node is up") && l.contains(&node))
+        .count();
+    assert_eq!(down.len(), 1, "one WARN line for the mark-down: {down:?}");
+    assert!(
+        down[0].contains("WARN") && down[0].contains("source=\"probe\"") && down[0].contains("timed out"),
+        "{}",
+        down[0]
+    );
+    // Up twice: when first probed at start-up, and after SIGCONT.
+    assert_eq!(up, 2, "INFO lines for the node coming up");
+    let (_, metrics) = env.sluice.http_get("/metrics");
+    for (state, n) in [("down", 1), ("up", 2)] {
+        let series = format!(
+            "sluice_node_health_changes_total{{cluster=\"app\",node=\"{node}\",state=\"{state}\"}} {n}"
+        );
+        assert!(metrics.contains(&series), "want {series}");
+    }
+    env.sluice.assert_no_unexpected_errors(&[&node]);
 }
 
 /// Runs `SELECT 1` (and a write) on each client in turn until `stop`; returns every failure.

@@ -376,8 +376,8 @@ impl Session {
                 };
                 loop {
                     let snap = topology.load();
-                    if let Some(n) = snap.nodes.iter().find(|n| *n.address == *node && !n.healthy) {
-                        return n.last_error.clone().unwrap_or_default();
+                    if let Some(n) = snap.nodes.iter().find(|n| *n.address == *node && !n.health.up) {
+                        return n.health.error.clone().unwrap_or_default();
                     }
                     if changes.changed().await.is_err() {
                         return std::future::pending().await;
@@ -385,7 +385,7 @@ impl Session {
                 }
             };
             // A client with no backend is between transactions: it may idle only so long.
-            let idle_limit = match (&self.link, self.cluster.config.client_idle_timeout) {
+            let idle_limit = match (&self.link, self.cluster.pg.client_idle_timeout) {
                 (Link::Attached(_), _) => None,
                 (_, limit) => limit,
             };
@@ -627,7 +627,7 @@ impl Session {
                     self.batch_class(first)
                 }
             };
-            let intent = Intent::for_request(class, &self.cluster.config, self.serializable());
+            let intent = Intent::for_request(class, &self.cluster.pg, self.serializable());
             let had_parked = matches!(self.link, Link::Parked(_));
             match self.attach_counted(intent).await {
                 Ok(checkout) => self.attach(checkout),
@@ -661,7 +661,7 @@ impl Session {
             || a.copy_in
             || a.checkout.role == Role::Primary
             || self.pinned.is_some()
-            || self.cluster.config.pool_mode == PoolMode::Session
+            || self.cluster.pg.pool_mode == PoolMode::Session
         {
             return Ok(false);
         }
@@ -672,7 +672,7 @@ impl Session {
                 self.batch_class(first)
             }
         };
-        Ok(Intent::for_request(class, &self.cluster.config, self.serializable()) == Intent::Primary)
+        Ok(Intent::for_request(class, &self.cluster.pg, self.serializable()) == Intent::Primary)
     }
 
     /// Whether `msg` uses the unnamed statement while a Parse of it in an earlier batch is still
@@ -816,8 +816,7 @@ impl Session {
         debug!(parent: &self.span, node = %be.addr, "attached backend");
         let mut replays = 0;
         let foreign = be.owner != self.id && be.tainted;
-        if self.cluster.config.pool_mode == PoolMode::Transaction && (foreign || be.settings != self.settings)
-        {
+        if self.cluster.pg.pool_mode == PoolMode::Transaction && (foreign || be.settings != self.settings) {
             // The backend carries someone else's settings (or may: another client wrote or
             // set something there): make them the client's.
             for sql in settings::replay_sql(&self.settings, foreign) {
@@ -854,7 +853,7 @@ impl Session {
 
     /// Ties the client to its backend for the rest of the session.
     fn pin(&mut self, reason: PinReason) {
-        if self.pinned.is_none() && self.cluster.config.pool_mode == PoolMode::Transaction {
+        if self.pinned.is_none() && self.cluster.pg.pool_mode == PoolMode::Transaction {
             info!(parent: &self.span, reason = reason.label(), "client pinned to its backend connection");
             self.cluster.pinned(reason.label());
             self.pinned = Some(reason);
@@ -899,7 +898,7 @@ impl Session {
     async fn detach_at_end(&mut self) {
         self.release_parked();
         let Some(a) = self.link.attached_mut() else { return };
-        if a.is_clean() && self.cluster.config.pool_mode == PoolMode::Session {
+        if a.is_clean() && self.cluster.pg.pool_mode == PoolMode::Session {
             let be = a.checkout.conn.conn();
             let reset =
                 tokio::time::timeout(std::time::Duration::from_secs(2), be.simple_query("DISCARD ALL")).await;
