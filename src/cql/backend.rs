@@ -446,7 +446,7 @@ impl BackendConn {
 
     /// Reserves a free stream id for `slot`, counts it in flight and writes the request on
     /// it; `Err` gives `slot` back.
-    fn start(&self, env: &Envelope, slot: Slot) -> Result<i16, (RequestError, Slot)> {
+    fn start(&self, mut header: Header, body: Bytes, slot: Slot) -> Result<i16, (RequestError, Slot)> {
         let id = {
             let mut s = self.shared.streams();
             if s.closed || self.is_closed() {
@@ -462,10 +462,9 @@ impl BackendConn {
             *s.slot(id) = slot;
             id
         };
-        let mut header = env.header;
         header.stream = id;
         // Written outside the lock: waking the writer may take a while.
-        if self.tx.send(Outgoing::Frame(Envelope::new(header, env.body.clone()))).is_err() {
+        if self.tx.send(Outgoing::Frame(Envelope::new(header, body))).is_err() {
             // The writer is gone: the reader fails what waits (or already has).
             let mut s = self.shared.streams();
             let slot = s.take(id);
@@ -482,8 +481,8 @@ impl BackendConn {
     /// [`Inflight`]'s completions. `Err` gives the request back unless the connection's
     /// reader already failed it as lost.
     pub(super) fn send(&self, req: Inflight) -> Result<(), (RequestError, Option<Inflight>)> {
-        let env = req.request().clone();
-        match self.start(&env, Slot::Client(req)) {
+        let (header, body) = (req.request().header, req.request().body.clone());
+        match self.start(header, body, Slot::Client(req)) {
             Ok(_) => Ok(()),
             Err((e, Slot::Client(req))) => Err((e, Some(req))),
             Err((e, _)) => Err((e, None)),
@@ -494,7 +493,7 @@ impl BackendConn {
     /// original stream id restored.
     pub async fn request(&self, env: &Envelope, timeout: Duration) -> Result<Envelope, RequestError> {
         let (tx, rx) = oneshot::channel();
-        if let Err((e, _)) = self.start(env, Slot::Waiter(tx)) {
+        if let Err((e, _)) = self.start(env.header, env.body.clone(), Slot::Waiter(tx)) {
             return Err(e);
         }
         // On timeout the id stays reserved until its answer arrives (or the connection

@@ -2,13 +2,16 @@
 //! every client: a new one is opened only while all of them are busy, up to
 //! `connections_per_node`.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
+
+/// The maps looked up on every request: keys are node addresses and pool keys, so a fast
+/// (seeded) hash beats SipHash's flooding resistance here.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 use super::backend::{BackendConn, Credentials, OpenError, OpenOptions};
 use super::metrics::CqlMetrics;
@@ -165,7 +168,7 @@ impl Pools {
         metrics: Arc<CqlMetrics>,
     ) -> Pools {
         Pools {
-            nodes: RwLock::new(HashMap::new()),
+            nodes: RwLock::new(HashMap::default()),
             per_node,
             connect_timeout,
             tls,

@@ -2,7 +2,6 @@
 //! (partition-key bind indexes and keyspace) and to prepare it again on a node that answers
 //! UNPREPARED.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -80,10 +79,11 @@ impl PreparedInfo {
     }
 }
 
-/// Prepared statements by id, shared by every client of a cluster.
+/// Prepared statements by id, shared by every client of a cluster (looked up on every
+/// EXECUTE: ids are the nodes' digests, so a fast seeded hash is enough).
 #[derive(Default)]
 pub struct Cache {
-    map: RwLock<HashMap<Bytes, Arc<PreparedInfo>>>,
+    map: RwLock<std::collections::HashMap<Bytes, Arc<PreparedInfo>, foldhash::fast::RandomState>>,
 }
 
 impl Cache {
