@@ -80,7 +80,8 @@ pub(super) struct Inflight {
     tried: Vec<SocketAddr>,
     /// Whether the node it was written to is a replica of its partition.
     replica: bool,
-    /// Sent again after preparing its statement again: a second UNPREPARED goes to the client.
+    /// Sent again after preparing its statement again on the node it waits on: a second
+    /// UNPREPARED from that node goes to the client.
     reprepared: bool,
 }
 
@@ -215,6 +216,8 @@ impl Inflight {
     fn not_sent(mut self, addr: SocketAddr, e: RequestError) -> Option<(Inflight, ErrorBody)> {
         let last = ErrorBody::new(ec::SERVER_ERROR, format!("sluice: {addr}: {e}"));
         self.tried.push(addr);
+        // Another node gets its own chance to learn the statement.
+        self.reprepared = false;
         if e == RequestError::Lost && self.route.lwt {
             // The node may have applied it: the client must decide.
             self.fail("backend_lost", last);
@@ -298,10 +301,16 @@ impl Inflight {
     async fn reprepare(mut self, info: Arc<PreparedInfo>, resp: Envelope, addr: SocketAddr, key: PoolKey) {
         debug!(node = %addr, "node does not know a prepared statement; preparing it again");
         let cluster = self.client.cluster.clone();
-        let ok = prepare_on(&cluster, &key, self.version(), addr, &info).await;
-        cluster.cql_metrics.reprepare(ok);
-        if !ok {
-            return self.deliver(resp);
+        let prepared = prepare_on(&cluster, &key, self.version(), addr, &info).await;
+        cluster.cql_metrics.reprepare(prepared.is_ok());
+        match prepared {
+            Ok(()) => {}
+            // The node lost the connection or did not answer: like a lost request, the next
+            // candidate gets it (not an LWT, which gets the UNPREPARED: nothing was applied,
+            // and its driver prepares again).
+            Err(Some(e)) if !self.route.lwt => return self.elsewhere(addr, &key, e),
+            // The node refused the statement: the client sees why.
+            Err(_) => return self.deliver(resp),
         }
         self.reprepared = true;
         self.sent = Instant::now();

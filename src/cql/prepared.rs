@@ -14,7 +14,7 @@ use sluice_cql::response::{Prepared, ResultBody};
 use sluice_cql::statement::{parse, Statement};
 use sluice_cql::{Request, Response};
 
-use super::backend::decode_response;
+use super::backend::{decode_response, RequestError};
 use super::pool::PoolKey;
 use super::CqlCluster;
 
@@ -111,20 +111,22 @@ impl Cache {
     }
 }
 
-/// Prepares a statement on one node again; true if it worked.
+/// Prepares a statement on one node again. `Err(Some(_))`: no answer (the connection was
+/// lost, or could not be opened, or the request timed out); `Err(None)`: the node answered
+/// with something else than PREPARED.
 pub(super) async fn prepare_on(
     cluster: &CqlCluster,
     key: &PoolKey,
     version: u8,
     addr: SocketAddr,
     info: &PreparedInfo,
-) -> bool {
+) -> Result<(), Option<RequestError>> {
     let key = PoolKey {
         keyspace: info.prepare_keyspace.clone(),
         ..key.clone()
     };
     let Ok(conn) = cluster.pools.get(addr, &key, super::CQL_VERSION).await else {
-        return false;
+        return Err(Some(RequestError::Lost));
     };
     let req = Request::Prepare(Prepare {
         query: info.query.clone(),
@@ -133,8 +135,11 @@ pub(super) async fn prepare_on(
     });
     let env = Envelope::new(Header::request(version, 0, Opcode::Prepare), req.to_body(version));
     match conn.request(&env, cluster.cql.request_timeout).await {
-        Ok(r) => matches!(decode_response(&r), Ok(Response::Result(ResultBody::Prepared(_)))),
-        Err(_) => false,
+        Ok(r) => match decode_response(&r) {
+            Ok(Response::Result(ResultBody::Prepared(_))) => Ok(()),
+            _ => Err(None),
+        },
+        Err(e) => Err(Some(e)),
     }
 }
 
