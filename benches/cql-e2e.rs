@@ -653,7 +653,10 @@ fn report(o: &Opts, results: &[RunResult]) {
                 median_of(x.into_iter(), d) - median_of(y.into_iter(), d)
             };
             if results.iter().any(|r| r.phase == "paced") {
-                let mut line = format!("{p:8} {op:5}: paced p99 added by sluice = {:.0} µs (target <= 250)", added(SLUICE));
+                let mut line = format!(
+                    "{p:8} {op:5}: paced p99 added by sluice = {:.0} µs (target <= 250)",
+                    added(SLUICE)
+                );
                 if o.before.is_some() {
                     line += &format!("; before: {:.0} µs", added(BEFORE));
                 }

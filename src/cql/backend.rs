@@ -464,7 +464,11 @@ impl BackendConn {
         };
         header.stream = id;
         // Written outside the lock: waking the writer may take a while.
-        if self.tx.send(Outgoing::Frame(Envelope::new(header, body))).is_err() {
+        if self
+            .tx
+            .send(Outgoing::Frame(Envelope::new(header, body)))
+            .is_err()
+        {
             // The writer is gone: the reader fails what waits (or already has).
             let mut s = self.shared.streams();
             let slot = s.take(id);

@@ -93,7 +93,12 @@ impl Drop for Inflight {
 
 impl Inflight {
     /// A request whose permit the client's reader has taken (and forgotten).
-    pub(super) fn new(client: Arc<ClientLink>, request: Envelope, route: Route, started: Instant) -> Inflight {
+    pub(super) fn new(
+        client: Arc<ClientLink>,
+        request: Envelope,
+        route: Route,
+        started: Instant,
+    ) -> Inflight {
         Inflight {
             client,
             request,
@@ -383,9 +388,7 @@ async fn await_schema(cluster: &CqlCluster, resp: &Envelope) {
 fn candidates(cluster: &CqlCluster, snap: &Snapshot, route: &Route) -> (Vec<usize>, usize) {
     let local_dc = cluster.local_datacenter_in(snap);
     let zone = cluster.config.zone.as_deref();
-    route::candidates_and_replicas(snap, route, local_dc, zone, |a| {
-        cluster.pools.inflight(a)
-    })
+    route::candidates_and_replicas(snap, route, local_dc, zone, |a| cluster.pools.inflight(a))
 }
 
 /// The kind of a RESULT answer (read in place unless extensions precede it).

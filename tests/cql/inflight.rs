@@ -40,7 +40,11 @@ async fn control_index(env: &Env) -> usize {
 fn key_on(env: &Env, keyspace: &str, prefix: &str, replicas: &[usize]) -> String {
     (0..10_000)
         .map(|i| format!("{prefix}{i}"))
-        .find(|k| env.cluster.replicas(keyspace, sluice_cql::murmur3::token(k.as_bytes())) == replicas)
+        .find(|k| {
+            env.cluster
+                .replicas(keyspace, sluice_cql::murmur3::token(k.as_bytes()))
+                == replicas
+        })
         .unwrap_or_else(|| panic!("no key with replicas {replicas:?}"))
 }
 
@@ -101,7 +105,11 @@ async fn a_late_answer_after_a_timeout_is_dropped_not_delivered_to_a_reused_stre
         assert_eq!(stream, 7);
         match r {
             Response::Result(ResultBody::Rows(rows)) => {
-                assert_eq!(rows.rows().unwrap(), vec![vec![Some(int(2))]], "the late answer came through")
+                assert_eq!(
+                    rows.rows().unwrap(),
+                    vec![vec![Some(int(2))]],
+                    "the late answer came through"
+                )
             }
             other => panic!("{other:?}"),
         }
@@ -143,7 +151,10 @@ async fn requests_in_flight_on_a_lost_connection_go_to_another_replica_except_lw
             .await;
         c.send(
             2,
-            &query("INSERT INTO lc.kv (k, v) VALUES (?, ?) IF NOT EXISTS", vec![text(&k), int(5)]),
+            &query(
+                "INSERT INTO lc.kv (k, v) VALUES (?, ?) IF NOT EXISTS",
+                vec![text(&k), int(5)],
+            ),
         )
         .await;
         // Both wait on the frozen node; then its connections drop.
