@@ -495,7 +495,7 @@ fn main() {
             for (p, name, proc_) in &procs {
                 if *p == pin {
                     let s = Arc::new(session(&[proc_.listen], false).await);
-                    ts.push(target(*name, s, Some(proc_.child.id())).await);
+                    ts.push(target(name, s, Some(proc_.child.id())).await);
                 }
             }
             ts.push(target(DIRECT_RR, rr.clone(), None).await);

@@ -446,6 +446,9 @@ impl BackendConn {
 
     /// Reserves a free stream id for `slot`, counts it in flight and writes the request on
     /// it; `Err` gives `slot` back.
+    // The request comes back by value when it cannot be written (rare): moving it costs
+    // less than boxing it on every error.
+    #[allow(clippy::result_large_err)]
     fn start(&self, mut header: Header, body: Bytes, slot: Slot) -> Result<i16, (RequestError, Slot)> {
         let id = {
             let mut s = self.shared.streams();
@@ -484,6 +487,7 @@ impl BackendConn {
     /// Writes a client's request on a free stream id; its answer (or its loss) goes to
     /// [`Inflight`]'s completions. `Err` gives the request back unless the connection's
     /// reader already failed it as lost.
+    #[allow(clippy::result_large_err)]
     pub(super) fn send(&self, req: Inflight) -> Result<(), (RequestError, Option<Inflight>)> {
         let (header, body) = (req.request().header, req.request().body.clone());
         match self.start(header, body, Slot::Client(req)) {
