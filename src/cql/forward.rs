@@ -430,3 +430,49 @@ pub(super) async fn sweep_timeouts(cluster: Weak<CqlCluster>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::{BufMut, Bytes, BytesMut};
+    use sluice_cql::response::SchemaChange;
+
+    use super::*;
+
+    fn result(flags: u8, prefix: &[u8], body: ResultBody) -> Envelope {
+        let mut b = BytesMut::new();
+        b.put_slice(prefix);
+        b.put_slice(&Response::Result(body).to_body(4));
+        let mut h = Header::response(4, 3, Opcode::Result);
+        h.flags = flags;
+        Envelope::new(h, b.freeze())
+    }
+
+    #[test]
+    fn result_kind_is_read_in_place_and_after_extensions() {
+        let sc = ResultBody::SchemaChange(SchemaChange {
+            change: "CREATED".into(),
+            target: "KEYSPACE".into(),
+            keyspace: "ks".into(),
+            name: None,
+            arguments: None,
+        });
+        assert_eq!(result_kind(&result(0, &[], ResultBody::Void)), Some(1));
+        assert_eq!(
+            result_kind(&result(0, &[], sc.clone())),
+            Some(RESULT_SCHEMA_CHANGE)
+        );
+        // A traced answer starts with its 16-byte tracing id.
+        assert_eq!(
+            result_kind(&result(flags::TRACING, &[7; 16], sc)),
+            Some(RESULT_SCHEMA_CHANGE)
+        );
+        // Warnings: a [string list] of one "w".
+        let warned = result(flags::WARNING, &[0, 1, 0, 1, b'w'], ResultBody::Void);
+        assert_eq!(result_kind(&warned), Some(1));
+        let short = Envelope::new(
+            Header::response(4, 3, Opcode::Result),
+            Bytes::from_static(&[0, 0]),
+        );
+        assert_eq!(result_kind(&short), None);
+    }
+}
