@@ -128,6 +128,7 @@ async fn open(
             events,
             tls: &cluster.backend_tls,
             gauge: None,
+            load: None,
         },
     )
     .await

@@ -164,14 +164,18 @@ impl CqlCluster {
         }))
     }
 
-    /// Starts the control connection, the prober of down nodes and the heartbeat of node
-    /// connections (and, with discovery, the follower of the member list).
+    /// Starts the control connection, the prober of down nodes, the heartbeat of node
+    /// connections and the sweep of timed-out requests (and, with discovery, the follower of
+    /// the member list).
     fn spawn_background(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
         let mut tasks = vec![
             tokio::spawn(control::run(self.clone())),
             tokio::spawn(control::probe_down_nodes(self.clone())),
             tokio::spawn(health::heartbeat(self.clone())),
         ];
+        // Not among the tasks stopped with the cluster: requests in flight may outlive it
+        // (see `sweep_timeouts`).
+        tokio::spawn(forward::sweep_timeouts(Arc::downgrade(self)));
         if let Some(feed) = &self.feed {
             tasks.push(tokio::spawn(follow_members(
                 Arc::downgrade(self),
@@ -259,15 +263,20 @@ impl CqlCluster {
     /// The data center whose replicas are preferred. With Kubernetes or DNS discovery `zone`
     /// is the pods' zone, not a data center, so it is not the default there.
     fn local_datacenter(&self, snap: &Snapshot) -> Option<String> {
+        self.local_datacenter_in(snap).map(str::to_string)
+    }
+
+    /// [`CqlCluster::local_datacenter`], borrowed (the request path allocates nothing for it).
+    fn local_datacenter_in<'a>(&'a self, snap: &'a Snapshot) -> Option<&'a str> {
         let zone = match self.feed {
-            None => self.config.zone.clone(),
+            None => self.config.zone.as_deref(),
             Some(_) => None,
         };
         self.cql
             .local_datacenter
-            .clone()
+            .as_deref()
             .or(zone)
-            .or_else(|| snap.first_datacenter().map(str::to_string))
+            .or_else(|| snap.first_datacenter())
     }
 
     /// Why the cluster cannot take traffic yet, if it cannot.
