@@ -4,7 +4,7 @@
 //! `ArcSwap::rcu`; sessions load the current snapshot per request and never lock. A `watch`
 //! channel carries the generation number so that requests waiting for a primary wake up.
 
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -83,7 +83,58 @@ pub struct Node {
     /// Why the node is unhealthy, for /topology.
     pub last_error: Option<String>,
     /// Requests in flight on this node, shared by every snapshot that has the node.
-    pub load: Arc<AtomicU32>,
+    pub load: Arc<InFlight>,
+}
+
+/// Stripes of [`InFlight`]: more than the threads of any machine sluice is likely to run on
+/// (threads beyond share stripes, which stays correct).
+const STRIPES: usize = 16;
+
+/// A count of requests in flight, striped by runtime thread (`common::runtime`): each thread
+/// counts on a cache line of its own (every transaction adds and subtracts one), and readers
+/// sum the stripes. A stripe may wrap below zero when a request ends on another thread than
+/// it began; the sum is still right.
+#[derive(Default)]
+pub struct InFlight([Stripe; STRIPES]);
+
+#[derive(Default)]
+#[repr(align(128))]
+struct Stripe(AtomicU32);
+
+impl InFlight {
+    fn stripe(&self) -> &AtomicU32 {
+        &self.0[crate::common::runtime::current_core() % STRIPES].0
+    }
+
+    /// One more request in flight.
+    pub fn add(&self) {
+        self.stripe().fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One request fewer.
+    pub fn sub(&self) {
+        self.stripe().fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Requests in flight now (a momentary sum: stripes are read one after the other).
+    pub fn get(&self) -> u32 {
+        let sum = self
+            .0
+            .iter()
+            .fold(0u32, |a, s| a.wrapping_add(s.0.load(Ordering::Acquire)));
+        // Read between a stripe's decrement and another's increment of the same request.
+        if sum > i32::MAX as u32 {
+            0
+        } else {
+            sum
+        }
+    }
+}
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.get())
+    }
 }
 
 impl Node {

@@ -1,7 +1,7 @@
 //! One configured cluster at run time: its topology, pools, users, probes and route choice.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use sluice_postgres::Classifier;
 use tracing::{error, info, warn};
 
 use crate::common::metrics::{ClusterLabels, Metrics, NodeLabels, ResultLabels, RouteLabels};
-use crate::common::topology::{Member, Node, Observation, Role, Topology};
+use crate::common::topology::{InFlight, Member, Node, Observation, Role, Topology};
 use crate::config::{ClusterConfig, Discovery, TopologyKind};
 use crate::postgres::backend::{
     own_startup_params, same_startup, Backend, BackendError, ConnectOptions, Credential, PassThrough,
@@ -159,7 +159,7 @@ pub struct Checkout {
     pub conn: Pooled,
     /// The node's role when it was chosen.
     pub role: Role,
-    load: Arc<AtomicU32>,
+    load: Arc<InFlight>,
     parked: bool,
 }
 
@@ -169,7 +169,7 @@ impl Checkout {
     pub fn park(&mut self) {
         if !self.parked {
             self.parked = true;
-            self.load.fetch_sub(1, Ordering::Relaxed);
+            self.load.sub();
             self.conn.park();
         }
     }
@@ -185,7 +185,8 @@ impl Checkout {
             return Err(self);
         }
         self.parked = false;
-        self.load.fetch_add(1, Ordering::Relaxed);
+        self.conn.unpark();
+        self.load.add();
         self.role = node.role;
         Ok(self)
     }
@@ -194,7 +195,7 @@ impl Checkout {
 impl Drop for Checkout {
     fn drop(&mut self) {
         if !self.parked {
-            self.load.fetch_sub(1, Ordering::Relaxed);
+            self.load.sub();
         }
     }
 }
@@ -213,7 +214,6 @@ pub struct Cluster {
     pub users: HashMap<String, User>,
     /// Used for unknown users so that they go through the same exchange and fail the same way.
     pub dummy_secret: ScramSecret,
-    tiebreak: AtomicUsize,
     /// By (user, database): what primaries announced, looked up at login.
     server_params: Mutex<HashMap<(String, String), Vec<KnownParams>>>,
     /// `sluice_queries_total` for `Intent::Primary` and `Intent::Replica`, resolved once.
@@ -250,11 +250,13 @@ struct HoldState {
 }
 
 impl Cluster {
-    /// Builds the run-time state (derives SCRAM secrets: slow on purpose, done once).
+    /// Builds the run-time state (derives SCRAM secrets: slow on purpose, done once), with
+    /// pools split over `cores` runtimes.
     pub fn new(
         config: ClusterConfig,
         metrics: Arc<Metrics>,
         console: Arc<crate::admin::console::Console>,
+        cores: usize,
     ) -> Arc<Cluster> {
         let members = match &config.discovery {
             Discovery::Static(a) => a.iter().map(|a| Member::at(a)).collect(),
@@ -304,6 +306,7 @@ impl Cluster {
             },
             backend_tls.clone(),
             metrics.clone(),
+            cores,
         );
         let cluster = Arc::new(Cluster {
             client_tls,
@@ -313,7 +316,6 @@ impl Cluster {
             classifier: Classifier::new(&config.write_functions),
             users,
             dummy_secret: ScramSecret::new(&String::from_utf8_lossy(&dummy), &salt, SCRAM_ITERATIONS),
-            tiebreak: AtomicUsize::new(0),
             server_params: Mutex::new(HashMap::new()),
             routed: [Intent::Primary, Intent::Replica].map(|intent| {
                 metrics
@@ -519,23 +521,23 @@ impl Cluster {
             let snap = self.topology.load();
             let choice = {
                 // Each node's requests in flight, on the stack for up to 16 nodes (this runs
-                // for every transaction).
+                // for every transaction); only where the router compares them (a request for
+                // the primary has one candidate), since reading them reads every thread's
+                // counters.
                 let mut stack = [0u32; 16];
                 let heap: Vec<u32>;
-                let loads: &[u32] = if snap.nodes.len() <= stack.len() {
+                let loads: &[u32] = if intent == Intent::Primary && !policy.multi_active {
+                    &[]
+                } else if snap.nodes.len() <= stack.len() {
                     for (l, n) in stack.iter_mut().zip(&snap.nodes) {
-                        *l = n.load.load(Ordering::Relaxed);
+                        *l = n.load.get();
                     }
                     &stack[..snap.nodes.len()]
                 } else {
-                    heap = snap
-                        .nodes
-                        .iter()
-                        .map(|n| n.load.load(Ordering::Relaxed))
-                        .collect();
+                    heap = snap.nodes.iter().map(|n| n.load.get()).collect();
                     &heap
                 };
-                let tiebreak = self.tiebreak.fetch_add(1, Ordering::Relaxed);
+                let tiebreak = next_tiebreak();
                 router::choose(intent, &snap, loads, tiebreak, &policy)
             };
             match choice {
@@ -557,7 +559,7 @@ impl Cluster {
                     {
                         Ok(conn) => {
                             let load = snap.nodes[node].load.clone();
-                            load.fetch_add(1, Ordering::Relaxed);
+                            load.add();
                             self.routed[usize::from(intent == Intent::Replica)].inc();
                             return Ok(Checkout {
                                 conn,
@@ -964,6 +966,20 @@ impl Cluster {
         self.clients.fetch_sub(1, Ordering::AcqRel);
         self.metrics.clients.get_or_create(&self.labels()).dec();
     }
+}
+
+thread_local! {
+    /// Rotates the router's choice among equally loaded nodes. Per thread: every core counts
+    /// its own turns instead of all cores writing one shared counter per transaction.
+    static TIEBREAK: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+fn next_tiebreak() -> usize {
+    TIEBREAK.with(|t| {
+        let n = t.get();
+        t.set(n.wrapping_add(1));
+        n
+    })
 }
 
 /// The probe tasks of a cluster, aborted when the supervisor that owns them stops.
