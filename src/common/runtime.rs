@@ -22,6 +22,11 @@ pub fn current_core() -> usize {
     CORE.with(Cell::get)
 }
 
+/// Marks the calling thread as core `core`'s.
+pub(crate) fn enter_core(core: usize) {
+    CORE.with(|c| c.set(core));
+}
+
 /// The number of cores when `[runtime] threads` is not set: one per CPU sluice may use
 /// (affinity mask and cgroup quota respected).
 pub fn default_threads() -> usize {
@@ -47,7 +52,7 @@ impl Cores {
             std::thread::Builder::new()
                 .name(format!("sluice-core-{core}"))
                 .spawn(move || {
-                    CORE.with(|c| c.set(core));
+                    enter_core(core);
                     // Runs the tasks spawned onto this core (accept loops, sessions) for as
                     // long as the process lives.
                     runtime.block_on(std::future::pending::<()>());

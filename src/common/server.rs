@@ -349,14 +349,7 @@ impl Server {
     /// Requests that hold a backend right now (transactions in flight), over every cluster.
     fn in_flight(&self) -> u32 {
         self.all_clusters()
-            .map(|c| {
-                c.topology
-                    .load()
-                    .nodes
-                    .iter()
-                    .map(|n| n.load.get())
-                    .sum::<u32>()
-            })
+            .map(|c| c.topology.load().nodes.iter().map(|n| n.load.get()).sum::<u32>())
             .sum()
     }
 

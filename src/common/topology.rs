@@ -254,7 +254,8 @@ pub struct Change {
 /// The shared, atomically swapped topology of one cluster.
 pub struct Topology {
     current: ArcSwap<Snapshot>,
-    generation: watch::Sender<u64>,
+    /// The generation, once per runtime thread (see [`Topology::subscribe`]).
+    generation: Box<[watch::Sender<u64>]>,
 }
 
 impl Topology {
@@ -266,13 +267,26 @@ impl Topology {
         };
         Topology {
             current: ArcSwap::from_pointee(snap),
-            generation: watch::channel(0).0,
+            generation: (0..STRIPES).map(|_| watch::channel(0).0).collect(),
+        }
+    }
+
+    fn publish(&self) {
+        let generation = self.current.load().generation;
+        for tx in self.generation.iter() {
+            tx.send_replace(generation);
         }
     }
 
     /// The current snapshot.
     pub fn load(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    /// The current snapshot without taking a reference count (which every thread would
+    /// write): for a look on the hot path that ends before the next `.await`.
+    pub fn peek(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.current.load()
     }
 
     /// Applies one observation of node `id` and publishes a new snapshot if anything changed.
@@ -284,7 +298,7 @@ impl Topology {
             next
         });
         if change != Change::default() {
-            self.generation.send_replace(self.current.load().generation);
+            self.publish();
         }
         change
     }
@@ -301,14 +315,16 @@ impl Topology {
             next
         });
         if changed {
-            self.generation.send_replace(self.current.load().generation);
+            self.publish();
         }
         gone
     }
 
-    /// A receiver that sees every generation change.
+    /// A receiver that sees every generation change. Each runtime thread subscribes to a
+    /// channel of its own: a session waits on its node's health on every request in flight,
+    /// and waiting registers with the channel, which would otherwise be shared by all threads.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.generation.subscribe()
+        self.generation[crate::common::runtime::current_core() % STRIPES].subscribe()
     }
 
     /// Waits until `ready` holds for the current snapshot, or `timeout` passes.
@@ -316,7 +332,7 @@ impl Topology {
     where
         F: Fn(&Snapshot) -> bool,
     {
-        let mut rx = self.generation.subscribe();
+        let mut rx = self.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let snap = self.load();
@@ -456,6 +472,25 @@ mod tests {
         let c = t.observe("b:2", &Observation::Down { error: "gone".into() });
         assert!(c.lost_primary && c.health_changed);
         assert_eq!(t.load().primary(), Some(0));
+    }
+
+    #[test]
+    fn in_flight_sums_its_stripes_even_when_a_request_ends_on_another_thread() {
+        let load = Arc::new(InFlight::default());
+        load.add();
+        load.add();
+        assert_eq!(load.get(), 2);
+        // Ended on another thread (another stripe): that stripe wraps below zero.
+        let other = load.clone();
+        std::thread::spawn(move || {
+            crate::common::runtime::enter_core(1);
+            other.sub()
+        })
+        .join()
+        .unwrap();
+        load.sub();
+        assert_eq!(load.get(), 0);
+        assert_eq!(format!("{load:?}"), "0");
     }
 
     #[test]

@@ -28,8 +28,8 @@ use tokio::sync::broadcast;
 use tracing::{info, warn};
 
 use crate::common::listener::{listen, Bound, Listener, Service, Task};
-use crate::common::runtime::Cores;
 use crate::common::metrics::Metrics;
+use crate::common::runtime::Cores;
 use crate::config::{ClusterConfig, Config, CqlConfig, Discovery, Protocol};
 use crate::discovery::Feed;
 use backend::Credentials;

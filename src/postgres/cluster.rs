@@ -518,7 +518,7 @@ impl Cluster {
         let credential = self.credential(user);
         loop {
             policy.writable_only = hold_deadline.is_some_and(|d| tokio::time::Instant::now() < d);
-            let snap = self.topology.load();
+            let snap = self.topology.peek();
             let choice = {
                 // Each node's requests in flight, on the stack for up to 16 nodes (this runs
                 // for every transaction); only where the router compares them (a request for
@@ -551,6 +551,8 @@ impl Cluster {
                             Err(p) => drop(p), // back to the pool before checking out
                         }
                     }
+                    // Held across the checkout: a counted reference.
+                    let snap = arc_swap::Guard::into_inner(snap);
                     let address = &snap.nodes[node].address;
                     match self
                         .pools
@@ -588,6 +590,7 @@ impl Cluster {
                     }
                 }
                 Err(why) => {
+                    drop(snap);
                     drop(parked.take());
                     let waited = start.elapsed();
                     let until = match hold_deadline {

@@ -156,9 +156,6 @@ struct Pool {
     node: Arc<str>,
     /// One part per core.
     cores: Box<[CorePart]>,
-    /// Checkouts holding capacity (serving a client, parked with one, or connecting), over
-    /// all cores.
-    held: AtomicUsize,
     /// Bumped by `drain`; connections from an older epoch are closed when they come back.
     epoch: AtomicU64,
     /// Checkouts waiting for capacity, over all cores: parked connections must come back.
@@ -435,15 +432,16 @@ impl Pool {
     }
 
     /// A checkout on `core` found no free capacity there: takes free capacity of another core
-    /// (their own waiting checkouts would have taken it first).
-    fn borrow(&self, core: usize) {
+    /// (their own waiting checkouts would have taken it first). Whether there was some.
+    fn borrow(&self, core: usize) -> bool {
         for other in self.others(core) {
             if let Ok(permit) = self.cores[other].permits.try_acquire() {
                 permit.forget();
                 self.move_capacity(other, core);
-                return;
+                return true;
             }
         }
+        false
     }
 
     /// Wakes one holder of a parked connection: on `core` if there is one (its connection
@@ -463,7 +461,6 @@ impl Pool {
     /// unless the core holds more than its share and a core below its own share waits, or
     /// nobody on the core waits and another core's checkouts do.
     fn release(&self, core: usize) {
-        self.held.fetch_sub(1, Ordering::Relaxed);
         if self.waiting.load(Ordering::SeqCst) > 0 {
             let part = &self.cores[core];
             if part.tokens.load(Ordering::Relaxed) > part.share {
@@ -518,7 +515,11 @@ impl Drop for Pooled {
         let Some(mut conn) = self.conn.take() else { return };
         if self.reusable && self.epoch == pool.epoch.load(Ordering::Acquire) {
             conn.last_used = Instant::now();
-            pool.cores[self.slot.core].idle.lock().expect("pool lock").push(conn);
+            pool.cores[self.slot.core]
+                .idle
+                .lock()
+                .expect("pool lock")
+                .push(conn);
             pool.idle_gauge.inc();
         }
     }
@@ -552,11 +553,19 @@ impl Pools {
     }
 
     fn pool(&self, node: &str, user: &str, database: &str) -> Arc<Pool> {
-        if let Some(p) = self.pools.load().get(&KeyRef(node, user, database) as &dyn AsKeyRef) {
+        if let Some(p) = self
+            .pools
+            .load()
+            .get(&KeyRef(node, user, database) as &dyn AsKeyRef)
+        {
             return p.clone();
         }
         let _adding = self.adding.lock().expect("pools lock");
-        if let Some(p) = self.pools.load().get(&KeyRef(node, user, database) as &dyn AsKeyRef) {
+        if let Some(p) = self
+            .pools
+            .load()
+            .get(&KeyRef(node, user, database) as &dyn AsKeyRef)
+        {
             return p.clone();
         }
         let key = &PoolKey {
@@ -595,7 +604,6 @@ impl Pools {
             connecting: AtomicUsize::new(0),
             node: Arc::from(node),
             cores,
-            held: AtomicUsize::new(0),
             epoch: AtomicU64::new(0),
             waiting: AtomicUsize::new(0),
             settings: self.settings,
@@ -638,8 +646,11 @@ impl Pools {
                 // connection is asked to give it back, and the checkout waits in line.
                 let _waiting = Waiting::new(&pool, core);
                 fence(Ordering::SeqCst);
-                pool.borrow(core);
-                pool.reclaim_one(core);
+                // (Borrowed capacity goes to the first in line: with others waiting before this
+                // checkout, a parked connection is still needed.)
+                if !pool.borrow(core) || part.waiting.load(Ordering::SeqCst) > 1 {
+                    pool.reclaim_one(core);
+                }
                 let acquired =
                     tokio::time::timeout(self.settings.checkout_timeout, part.permits.acquire()).await;
                 match acquired {
@@ -656,7 +667,6 @@ impl Pools {
                 }
             }
         }
-        pool.held.fetch_add(1, Ordering::Relaxed);
         let slot = Slot {
             pool: pool.clone(),
             core,
@@ -726,7 +736,9 @@ impl Pools {
             if let Some(mut conn) = found {
                 match conn.rehome(core) {
                     Ok(()) => return Some(conn),
-                    Err(e) => debug!(node = %pool.key.node, error = %e, "cannot move an idle connection to this core; closing it"),
+                    Err(e) => {
+                        debug!(node = %pool.key.node, error = %e, "cannot move an idle connection to this core; closing it")
+                    }
                 }
             }
         }
@@ -773,7 +785,6 @@ impl Pools {
                     );
                 }
                 let connecting = p.connecting.load(Ordering::Relaxed);
-                let in_use = p.held.load(Ordering::Relaxed);
                 let epoch = p.epoch.load(Ordering::Acquire);
                 let mut servers: Vec<ServerRow> = p
                     .servers
@@ -792,12 +803,17 @@ impl Pools {
                     })
                     .collect();
                 servers.sort_by_key(|s| s.id);
+                // Every open connection is listed in `servers` (from its opening to its
+                // close); the ones not idle are with a client. (Counted from the list rather
+                // than from the cores' capacity, which a checkout or return on another thread
+                // may be changing while the cores are read one by one.)
+                let active = servers.iter().filter(|s| !s.idle).count();
                 PoolStats {
                     node: p.key.node.clone(),
                     user: p.key.user.clone(),
                     database: p.key.database.clone(),
-                    active: in_use.saturating_sub(connecting),
-                    idle: idle.len(),
+                    active,
+                    idle: servers.len() - active,
                     connecting,
                     servers,
                 }
@@ -860,5 +876,94 @@ impl Pools {
             *out.entry(p.key.node.clone()).or_default() += p.idle_len();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pools(size: usize, cores: usize) -> Pools {
+        let settings = PoolSettings {
+            size,
+            checkout_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(60),
+            max_lifetime: Duration::from_secs(60),
+        };
+        let tls = crate::common::tls::BackendTls::disabled();
+        Pools::new("test", settings, tls, Arc::new(Metrics::new()), cores)
+    }
+
+    /// A checkout's unit of `core`'s free capacity.
+    fn take(pool: &Arc<Pool>, core: usize) -> Slot {
+        pool.cores[core]
+            .permits
+            .try_acquire()
+            .expect("free capacity")
+            .forget();
+        Slot {
+            pool: pool.clone(),
+            core,
+        }
+    }
+
+    fn tokens(pool: &Pool) -> Vec<usize> {
+        pool.cores
+            .iter()
+            .map(|c| c.tokens.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    fn free(pool: &Pool) -> Vec<usize> {
+        pool.cores.iter().map(|c| c.permits.available_permits()).collect()
+    }
+
+    #[test]
+    fn capacity_is_split_over_cores_borrowed_and_passed_to_waiting_cores() {
+        let pools = pools(3, 2);
+        let pool = pools.pool("n:1", "u", "d");
+        assert_eq!(tokens(&pool), [2, 1]);
+        // Core 1 uses its share, then takes free capacity of core 0.
+        let a = take(&pool, 1);
+        assert!(pool.cores[1].permits.try_acquire().is_err());
+        assert!(pool.borrow(1));
+        assert_eq!((tokens(&pool), free(&pool)), (vec![1, 2], vec![1, 1]));
+        let b = take(&pool, 1);
+        let c = take(&pool, 0);
+        assert!(!pool.borrow(1), "nothing free anywhere");
+        // A checkout waits on core 0; core 1 frees a unit nobody there waits for: it goes to
+        // core 0.
+        let waiting = Waiting::new(&pool, 0);
+        drop(a);
+        assert_eq!((tokens(&pool), free(&pool)), (vec![2, 1], vec![1, 0]));
+        drop(waiting);
+        drop((b, c));
+        assert_eq!((tokens(&pool), free(&pool)), (vec![2, 1], vec![2, 1]));
+    }
+
+    #[test]
+    fn a_core_above_its_share_gives_back_to_a_waiting_core_below_its_own() {
+        let pools = pools(2, 2);
+        let pool = pools.pool("n:1", "u", "d");
+        let x = take(&pool, 0);
+        assert!(pool.borrow(0));
+        let y = take(&pool, 0);
+        assert_eq!(tokens(&pool), [2, 0]);
+        // Both cores wait; core 0 is above its share (1), core 1 below: core 0's next free
+        // unit goes to core 1 although core 0 has a waiting checkout too.
+        let w0 = Waiting::new(&pool, 0);
+        let w1 = Waiting::new(&pool, 1);
+        drop(x);
+        assert_eq!((tokens(&pool), free(&pool)), (vec![1, 1], vec![0, 1]));
+        // At its share, core 0 keeps what it frees for its own waiting checkout.
+        drop(y);
+        assert_eq!((tokens(&pool), free(&pool)), (vec![1, 1], vec![1, 1]));
+        drop((w0, w1));
+        assert_eq!(
+            tokens(&pool).iter().sum::<usize>(),
+            2,
+            "pool_size is never exceeded"
+        );
     }
 }

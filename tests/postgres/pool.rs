@@ -384,7 +384,9 @@ async fn pool_size_bounds_connections_over_all_cores() {
             tokio::spawn(async move {
                 let mut polls = 0;
                 while !stop.load(Ordering::SeqCst) || polls < 2 {
-                    let shown = pooled_servers(&console).await.max(app_backends(&direct).await as usize);
+                    let shown = pooled_servers(&console)
+                        .await
+                        .max(app_backends(&direct).await as usize);
                     most.fetch_max(shown, Ordering::SeqCst);
                     polls += 1;
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -399,17 +401,21 @@ async fn pool_size_bounds_connections_over_all_cores() {
         exec(holder, "BEGIN").await;
         let held = simple_column(holder, "SELECT pg_backend_pid()").await;
         let mut pids = BTreeSet::new();
-        for round in 0..3 {
+        for _round in 0..3 {
             for c in &clients[1..] {
-                match c.simple_query("SELECT pg_backend_pid()").await {
-                    Ok(_) => {}
-                    Err(e) => panic!("round {round}: a client got no connection: {}", describe(&e)),
-                }
+                // Fails with 53300 after checkout_timeout if the capacity does not reach it.
                 pids.extend(simple_column(c, "SELECT pg_backend_pid()").await);
             }
         }
-        assert_eq!(pids.len(), 1, "the other clients were served by {pids:?} (the holder has {held:?})");
-        assert!(!pids.contains(&held[0]), "the holder's connection served others: {pids:?}");
+        assert_eq!(
+            pids.len(),
+            1,
+            "the other clients were served by {pids:?} (the holder has {held:?})"
+        );
+        assert!(
+            !pids.contains(&held[0]),
+            "the holder's connection served others: {pids:?}"
+        );
         exec(holder, "COMMIT").await;
 
         // Everyone at once.
