@@ -1,11 +1,12 @@
 //! What both protocols share: the runtime (one `current_thread` runtime per core), the
 //! listener (accept loops and task handles), the running server (start, hot reload, drain and
 //! shutdown), the role topology with node health that discovery and probes feed, TLS on both
-//! sides, and the Prometheus metrics.
+//! sides, the Prometheus metrics, and counters striped by runtime thread.
 
 pub mod listener;
 pub mod metrics;
 pub mod runtime;
 pub mod server;
+pub mod striped;
 pub mod tls;
 pub mod topology;

@@ -561,14 +561,16 @@ mod tests {
         assert_eq!(s.primary(), Some(0), "a keeps its probed role");
         assert!(!s.nodes[1].healthy, "c is new and unprobed");
         let load = s.nodes[2].load.clone();
-        load.store(3, std::sync::atomic::Ordering::Relaxed);
+        for _ in 0..3 {
+            load.add();
+        }
         t.observe("p", &up(Role::Replica));
         let gone = t.set_members(&[Member::at("a:1"), Member::at("c:3"), pod("10.0.0.9:5432")]);
         assert_eq!(gone, vec!["10.0.0.1:5432".to_string()]);
         let s = t.load();
         let p = &s.nodes[2];
         assert_eq!((p.address.as_str(), p.healthy), ("10.0.0.9:5432", false));
-        assert_eq!(p.load.load(std::sync::atomic::Ordering::Relaxed), 3);
+        assert_eq!(p.load.get(), 3);
     }
 
     #[test]

@@ -62,7 +62,7 @@ pub struct CqlCluster {
     pub(crate) metrics: Arc<Metrics>,
     /// `sluice_queries_total{route}`: requests sent to a replica of their partition
     /// (`replica`), and requests without a partition to route by (`any`).
-    routed: [prometheus_client::metrics::counter::Counter; 2],
+    routed: [crate::common::metrics::QueryCounter; 2],
     /// `sluice_clients`.
     client_gauge: prometheus_client::metrics::gauge::Gauge,
     /// The `sluice_cql_*` series of this cluster.

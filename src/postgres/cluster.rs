@@ -217,7 +217,7 @@ pub struct Cluster {
     /// By (user, database): what primaries announced, looked up at login.
     server_params: Mutex<HashMap<(String, String), Vec<KnownParams>>>,
     /// `sluice_queries_total` for `Intent::Primary` and `Intent::Replica`, resolved once.
-    routed: [prometheus_client::metrics::counter::Counter; 2],
+    routed: [crate::common::metrics::QueryCounter; 2],
     cancels: Mutex<HashMap<(i32, i32), CancelSlot>>,
     /// Connected clients, for `max_client_connections`.
     pub clients: AtomicUsize,
