@@ -41,10 +41,7 @@ impl Striped {
     /// subtraction and another's addition of the same unit reads as 0, not as a wrapped
     /// value).
     pub fn load(&self, order: Ordering) -> u64 {
-        let sum = self
-            .0
-            .iter()
-            .fold(0u64, |a, s| a.wrapping_add(s.0.load(order)));
+        let sum = self.0.iter().fold(0u64, |a, s| a.wrapping_add(s.0.load(order)));
         if sum > i64::MAX as u64 {
             0
         } else {

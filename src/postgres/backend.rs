@@ -293,7 +293,22 @@ impl Backend {
                         }
                         Authentication::SaslContinue(rest) => match scram.as_mut() {
                             Some(SaslClient::Password(s)) => {
-                                s.update(rest).map_err(|e| be.protocol(&format!("SCRAM: {e}")))?;
+                                // The key derivation (PBKDF2, 4096 rounds or more: a millisecond
+                                // and up) runs on the blocking pool: the other sessions of this
+                                // runtime thread (`common::runtime`) go on meanwhile.
+                                let mut owned = std::mem::replace(
+                                    s,
+                                    ScramSha256::new(b"", ChannelBinding::unsupported()),
+                                );
+                                let rest = rest.to_vec();
+                                let derived = tokio::task::spawn_blocking(move || {
+                                    owned.update(&rest).map(|()| owned).map_err(|e| e.to_string())
+                                })
+                                .await
+                                .map_err(|e| e.to_string())
+                                .and_then(|r| r)
+                                .map_err(|e| be.protocol(&format!("SCRAM: {e}")))?;
+                                *s = derived;
                                 frontend::sasl_response(s.message(), &mut out).map_err(io_err)?;
                             }
                             Some(SaslClient::Keys(s)) => {
