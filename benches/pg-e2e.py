@@ -34,6 +34,11 @@ pgbench (the default command)
   5. prints medians per case and the ratios, writes runs.csv, summary.csv, results.json and
      tps-vs-clients.png (matplotlib; skipped with a note if it cannot be imported) to --out.
 
+  --baseline PATH adds a "base-" target for every sluice target, run by the binary at PATH (for
+  example one built from main before a change) and interleaved with the others; the ratio
+  table then also compares each sluice target with its base- twin. Only the proxies of the
+  selected --targets are started.
+
 memory
   starts the same servers (no pgbench data), then for sluice and PgBouncer: opens N (10,000)
   authenticated clients (SCRAM; a small asyncio client in this file), holds them idle for a few
@@ -317,7 +322,7 @@ ignore_startup_parameters = extra_float_digits
         log(f"PgBouncer {self.pgbouncer_version} on 127.0.0.1:{port} (pid {proc.pid})")
 
     # sluice ----------------------------------------------------------------------------------
-    def start_sluice(self, name, consistency, pool_size, threads=None):
+    def start_sluice(self, name, consistency, pool_size, threads=None, binary=None):
         port = self.ports[name] = free_port()
         admin = self.ports[name + "-admin"] = free_port()
         cfg = f"{self.work}/{name}.toml"
@@ -345,7 +350,8 @@ password = "{PASSWORD}"
 """)
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "info")
-        proc = subprocess.Popen([self.args.sluice, "--config", cfg], stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen([binary or self.args.sluice, "--config", cfg],
+                                stdout=subprocess.DEVNULL,
                                 stderr=open(f"{self.work}/{name}.log", "w"),
                                 preexec_fn=raise_nofile, env=env)
         self.procs[name] = proc
@@ -364,7 +370,7 @@ password = "{PASSWORD}"
             time.sleep(0.2)
         log(f"{name} (consistency = {consistency}, "
             f"{f'{threads} worker thread' if threads else 'one worker thread per core'}) "
-            f"on 127.0.0.1:{port} (pid {proc.pid})")
+            f"on 127.0.0.1:{port} (pid {proc.pid}, {binary or self.args.sluice})")
 
     def wait_port(self, port, proc, logfile):
         deadline = time.time() + 30
@@ -399,8 +405,9 @@ password = "{PASSWORD}"
         if name == "pgbouncer":
             self.start_pgbouncer(self.args.pool_size)
         else:
-            consistency, threads = SLUICE_SETTINGS[name]
-            self.start_sluice(name, consistency, self.args.pool_size, threads)
+            consistency, threads, base = SLUICE_SETTINGS[name]
+            self.start_sluice(name, consistency, self.args.pool_size, threads,
+                              self.args.baseline if base else None)
 
     def close(self):
         for name, p in self.procs.items():
@@ -437,13 +444,24 @@ def http_get(host, port, path):
 # --- pgbench -------------------------------------------------------------------------------------
 
 TARGETS = ["direct", "pgbouncer", "sluice", "sluice-primary", "sluice-primary-1t"]
-# Each sluice target's (consistency, runtime threads; None = one per core).
+# Each sluice target's (consistency, runtime threads (None = one per core), run by the
+# --baseline binary).
 SLUICE_SETTINGS = {
-    "sluice": ("eventual", None),
-    "sluice-primary": ("primary", None),
-    "sluice-primary-1t": ("primary", 1),
+    "sluice": ("eventual", None, False),
+    "sluice-primary": ("primary", None, False),
+    "sluice-primary-1t": ("primary", 1, False),
 }
 SLUICES = list(SLUICE_SETTINGS)
+BASE = "base-"
+
+
+def add_baseline_targets():
+    """--baseline: a base- twin of every sluice target, run by the baseline binary."""
+    for name in list(SLUICES):
+        consistency, threads, _ = SLUICE_SETTINGS[name]
+        SLUICE_SETTINGS[BASE + name] = (consistency, threads, True)
+        SLUICES.append(BASE + name)
+        TARGETS.append(BASE + name)
 
 
 class Case:
@@ -458,7 +476,7 @@ class Case:
         t = list(TARGETS)
         if self.workload == "tpcb":
             # Every TPC-B transaction writes: both sluice configurations route it the same way.
-            t.remove("sluice-primary")
+            t = [x for x in t if x not in ("sluice-primary", BASE + "sluice-primary")]
         if self.mode == "prepared":
             # PgBouncer 1.18 cannot pool named prepared statements in transaction mode (1.21+).
             t.remove("pgbouncer")
@@ -634,6 +652,11 @@ def ratios(rows):
                 e["tps_ratio"] = x["tps"] / b["tps"]
             if b and b["proxy_cpu_us_per_tx"] and x["proxy_cpu_us_per_tx"]:
                 e["cpu_per_tx_ratio"] = x["proxy_cpu_us_per_tx"] / b["proxy_cpu_us_per_tx"]
+            base = get.get((c, BASE + s))
+            if base and base["tps"] and x["tps"]:
+                e["tps_vs_base"] = x["tps"] / base["tps"]
+            if base and base["proxy_cpu_us_per_tx"] and x["proxy_cpu_us_per_tx"]:
+                e["cpu_vs_base"] = x["proxy_cpu_us_per_tx"] / base["proxy_cpu_us_per_tx"]
             if x["clients"] == 1 and d and d["lat_p50_ms"] is not None:
                 e["added_p50_us"] = (x["lat_p50_ms"] - d["lat_p50_ms"]) * 1000
                 if b and b["lat_p50_ms"] is not None:
@@ -667,11 +690,16 @@ def print_table(rows, rats, file=sys.stdout):
     print(file=file)
     hdr = ["case", "vs PgBouncer", "TPS ratio", "CPU/tx ratio", "added p50 µs (1 client)",
            "PgBouncer added p50 µs"]
+    with_base = any("tps_vs_base" in e for e in rats)
+    if with_base:
+        hdr += ["TPS vs base-", "CPU/tx vs base-"]
     lines = [hdr]
     for e in rats:
         lines.append([e["case"], e["sluice"], fmt(e.get("tps_ratio"), 2),
                       fmt(e.get("cpu_per_tx_ratio"), 2), fmt(e.get("added_p50_us"), 0),
-                      fmt(e.get("pgbouncer_added_p50_us"), 0)])
+                      fmt(e.get("pgbouncer_added_p50_us"), 0)]
+                     + ([fmt(e.get("tps_vs_base"), 2), fmt(e.get("cpu_vs_base"), 2)]
+                        if with_base else []))
     w = [max(len(str(l[i])) for l in lines) for i in range(len(hdr))]
     print("| " + " | ".join(h.ljust(w[i]) for i, h in enumerate(hdr)) + " |", file=file)
     print("|" + "|".join("-" * (x + 2) for x in w) + "|", file=file)
@@ -705,8 +733,9 @@ def plot(rows, path):
         for t in TARGETS:
             p = sorted((r["clients"], r["tps"]) for r in pts if r["target"] == t and r["tps"])
             if p:
-                c, s = style[t]
-                ax.plot([x for x, _ in p], [y for _, y in p], color=c, marker=s, label=label[t])
+                c, s = style.get(t, ("tab:gray", "x"))
+                ax.plot([x for x, _ in p], [y for _, y in p], color=c, marker=s,
+                        label=label.get(t, t))
         ax.set_xscale("log")
         ax.set_xticks(sorted({r["clients"] for r in pts}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -729,6 +758,8 @@ def versions(env):
     try:
         v["sluice"] = subprocess.run([env.args.sluice, "--version"], capture_output=True,
                                      text=True).stdout.strip()
+        if env.args.baseline:
+            v["baseline"] = env.args.baseline
         v["sluice_commit"] = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
                                             capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
@@ -761,11 +792,12 @@ def cmd_pgbench(args):
     targets = set(args.targets.split(",")) if args.targets else set(TARGETS)
     os.makedirs(args.out, exist_ok=True)
     raise_nofile()
+    proxies = [n for n in ["pgbouncer"] + SLUICES if n in targets]
     env = Env(args)
     runs = []
     try:
         env.start_postgres(args.scale)
-        for name in ["pgbouncer"] + SLUICES:
+        for name in proxies:
             env.start_proxy(name)
         total = sum(len([t for t in c.targets() if t in targets]) for c in cases) * args.reps
         log(f"{total} runs of {args.duration} s (+ connection setup) in {args.reps} interleaved "
@@ -776,7 +808,7 @@ def cmd_pgbench(args):
                 # Fresh proxy processes for every repetition: one process instance can be a few
                 # per cent faster or slower than another of the same binary (memory layout,
                 # its backend connections), and that must not bias every run of a target.
-                for name in ["pgbouncer"] + SLUICES:
+                for name in proxies:
                     env.restart(name)
             for case in cases:
                 for t in case.targets():
@@ -1109,6 +1141,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "target", "pg-e2e"),
                     help="result directory (default target/pg-e2e)")
     ap.add_argument("--sluice", default=os.path.join(ROOT, "target", "release", "sluice"))
+    ap.add_argument("--baseline", help="another sluice binary: adds a base- twin of every sluice "
+                    "target, interleaved (e.g. a copy built from main before a change)")
     ap.add_argument("--no-build", action="store_true", help="do not run cargo build --release")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, data)")
     ap.add_argument("--pgbouncer-auth", choices=["verifier", "plain"], default="verifier",
@@ -1119,6 +1153,10 @@ def main():
     ap.add_argument("--slow-seconds", type=float, default=8,
                     help="memory: seconds the slow client does not read")
     args = ap.parse_args()
+    if args.baseline:
+        if not os.path.exists(args.baseline):
+            die(f"no baseline binary at {args.baseline}")
+        add_baseline_targets()
     if args.command == "replot":
         return cmd_replot(args)
     if not args.no_build and args.sluice == os.path.join(ROOT, "target", "release", "sluice"):

@@ -82,7 +82,7 @@ impl Env {
         let snap = self.topology.load();
         let mut loads = [0u32; 16];
         for (l, n) in loads.iter_mut().zip(&snap.nodes) {
-            *l = n.load.load(Ordering::Relaxed);
+            *l = n.load.get();
         }
         let tiebreak = self.tiebreak.fetch_add(1, Ordering::Relaxed);
         router::choose(

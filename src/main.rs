@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use tracing::{error, info};
 
 use sluice::check;
-use sluice::common::server;
+use sluice::common::{runtime, server};
 use sluice::config::{self, Config};
 
 #[derive(Parser)]
@@ -137,20 +137,18 @@ fn run(path: Option<PathBuf>) -> ExitCode {
         }
         return ExitCode::from(2);
     }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = config.runtime.threads {
-        builder.worker_threads(n);
-    }
-    let runtime = match builder.enable_all().build() {
+    // One current_thread runtime per core (see `common::runtime`); this thread runs core 0.
+    let threads = config.runtime.threads.unwrap_or_else(runtime::default_threads);
+    let (runtime, cores) = match runtime::Cores::start(threads) {
         Ok(r) => r,
         Err(e) => {
             error!("cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    info!(threads = runtime.metrics().num_workers(), "runtime started");
+    info!(threads, "runtime started: one current_thread runtime per thread");
     let source = server::Source { path, name, text };
-    match runtime.block_on(server::run(source, config)) {
+    match runtime.block_on(server::run(source, config, cores)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");

@@ -227,7 +227,7 @@ pub fn topology_json(state: &AdminState) -> serde_json::Value {
                         "replay_lag_seconds": n.replay_lag_ms.map(|ms| ms as f64 / 1000.0),
                         "error": n.health.error,
                         "idle_connections": idle.get(&n.address).copied().unwrap_or(0),
-                        "in_flight": n.load.load(Ordering::Relaxed),
+                        "in_flight": n.load.get(),
                     })
                 })
                 .collect();

@@ -1,6 +1,10 @@
-//! The client listener both protocols share: a bound address whose accept loop hands each
+//! The client listener both protocols share: a bound address whose accept loops hand each
 //! connection to the protocol's [`Service`] it currently serves. A reload points the listener
 //! at a new cluster in one atomic step; connections already open keep the cluster they have.
+//!
+//! Every core (`common::runtime`) accepts on a socket of its own, all bound to the address
+//! with `SO_REUSEPORT`: the kernel spreads new connections over the cores, and a client's
+//! session runs where it was accepted, without a hand-off between threads.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -9,8 +13,11 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 use tracing::warn;
+
+use crate::common::runtime::Cores;
 
 /// What a protocol plugs into a [`Listener`]: one accepted client, served until it leaves.
 /// The service does its own admission (it answers a refused client in its own protocol:
@@ -45,42 +52,79 @@ impl Drop for Task {
 }
 
 /// A bound listen address serving whichever service it currently points at. Dropping it
-/// closes the address (clients already connected keep their sessions).
+/// closes the address on every core (clients already connected keep their sessions).
 pub struct Listener<S> {
     target: Arc<ArcSwap<S>>,
-    _accept: Task,
+    _accept: Vec<Task>,
 }
 
 impl<S: Service> Listener<S> {
-    /// Starts accepting on `socket` for `service`.
-    pub fn start(socket: TcpListener, service: Arc<S>) -> Listener<S> {
+    /// Starts accepting on each core's socket of `bound` for `service`.
+    pub fn start(bound: Bound, service: Arc<S>) -> Listener<S> {
         let target = Arc::new(ArcSwap::new(service));
         Listener {
-            _accept: Task::spawn(accept_loop(socket, target.clone())),
+            _accept: bound
+                .sockets
+                .into_iter()
+                .map(|(core, socket)| Task(core.spawn(accept_loop(socket, target.clone()))))
+                .collect(),
             target,
         }
     }
 
-    /// New clients go to `service` from now on.
+    /// New clients go to `service` from now on, on every core (one shared pointer).
     pub fn point_at(&self, service: Arc<S>) {
         self.target.store(service);
     }
+}
+
+/// A client address bound on every core: one listening socket per core, each registered with
+/// that core's runtime. Dropping it unused closes the address.
+pub struct Bound {
+    sockets: Vec<(Handle, TcpListener)>,
 }
 
 /// Pending connections the kernel may queue per listener: tokio's default (1024) makes bursts
 /// of new clients wait seconds in the kernel before sluice sees them.
 const LISTEN_BACKLOG: u32 = 4096;
 
-/// A client listener on `addr` with a deep accept backlog.
-pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
+/// Binds `addr` once per core with a deep accept backlog. With more than one core the sockets
+/// share the address through `SO_REUSEPORT`; an address that something else listens on is
+/// still refused ("address in use"), as without it.
+pub fn listen(addr: SocketAddr, cores: &Cores) -> std::io::Result<Bound> {
+    let many = cores.len() > 1;
+    if many && addr.port() != 0 {
+        // `SO_REUSEPORT` would let these sockets join a group another sluice process of the
+        // same user already listens with: a plain bind first says whether the address is free.
+        let probe = socket_for(addr)?;
+        probe.set_reuseaddr(true)?;
+        probe.bind(addr)?;
+    }
+    let mut addr = addr;
+    let mut sockets = Vec::with_capacity(cores.len());
+    for core in cores.handles() {
+        let socket = socket_for(addr)?;
+        socket.set_reuseaddr(true)?;
+        if many {
+            socket.set_reuseport(true)?;
+        }
+        socket.bind(addr)?;
+        // Port 0: every core's socket takes the port the first one got.
+        addr = socket.local_addr()?;
+        // Registered with this core's runtime: its accept loop and the clients it accepts
+        // run there.
+        let _entered = core.enter();
+        sockets.push((core.clone(), socket.listen(LISTEN_BACKLOG)?));
+    }
+    Ok(Bound { sockets })
+}
+
+fn socket_for(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
+    if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
     } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
+        tokio::net::TcpSocket::new_v6()
+    }
 }
 
 /// Accepts clients and serves each with the listener's current service.

@@ -7,6 +7,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::common::striped::Striped;
+
+/// `sluice_queries_total`'s counter type.
+pub type QueryCounter = Counter<u64, Striped>;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClusterLabels {
     pub cluster: String,
@@ -124,7 +129,8 @@ pub struct Metrics {
     /// Backend connections by node and state.
     pub backend_connections: Family<NodeStateLabels, Gauge>,
     /// Routed requests (a transaction or a standalone statement batch) by route.
-    pub queries: Family<RouteLabels, Counter>,
+    /// Bumped by every transaction, on every runtime thread: striped (see `common::striped`).
+    pub queries: Family<RouteLabels, QueryCounter>,
     /// Time spent waiting for a backend connection.
     pub checkout_wait: HistogramFamily<ClusterLabels>,
     /// Probe results by node.

@@ -24,8 +24,9 @@ use tracing::{error, info, warn};
 
 use crate::admin::console::{Console, ServerCommand};
 use crate::admin::http::{self as admin, AdminState};
-use crate::common::listener::{listen, Listener, Task};
+use crate::common::listener::{listen, Bound, Listener, Task};
 use crate::common::metrics::{Metrics, ReloadLabels};
+use crate::common::runtime::Cores;
 use crate::config::{ClusterConfig, Config};
 use crate::discovery::{self, Feed};
 use crate::postgres::cluster::Cluster;
@@ -62,15 +63,17 @@ pub struct Server {
     commands: Option<mpsc::UnboundedReceiver<ServerCommand>>,
     clusters: BTreeMap<String, Running>,
     listeners: HashMap<SocketAddr, Listener<Cluster>>,
+    /// The runtimes client listeners and sessions run on.
+    cores: Cores,
     /// Replaced clusters whose clients have not all left yet (for the shutdown drain).
     retiring: Vec<Arc<Cluster>>,
     /// CQL clusters (run by `crate::cql`).
     cql: crate::cql::CqlClusters,
 }
 
-/// Binds `addr` for cluster `name`.
-async fn bind(name: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    listen(addr).with_context(|| format!("cluster {name:?}: cannot listen on {addr}"))
+/// Binds `addr` for cluster `name` on every core.
+fn bind(name: &str, addr: SocketAddr, cores: &Cores) -> anyhow::Result<Bound> {
+    listen(addr, cores).with_context(|| format!("cluster {name:?}: cannot listen on {addr}"))
 }
 
 /// Builds a cluster and starts its discovery (which checks credentials and RBAC). Nothing
@@ -79,13 +82,14 @@ async fn build(
     config: &ClusterConfig,
     metrics: &Arc<Metrics>,
     console: &Arc<Console>,
+    cores: usize,
 ) -> anyhow::Result<(Arc<Cluster>, Feed)> {
     let Some(pg) = config.postgres().cloned() else {
         anyhow::bail!("cluster {:?} is not a PostgreSQL cluster", config.name);
     };
     let feed = discovery::start(&config.name, &config.discovery, metrics).await?;
     Ok((
-        Cluster::new(config.clone(), pg, metrics.clone(), console.clone()),
+        Cluster::new(config.clone(), pg, metrics.clone(), console.clone(), cores),
         feed,
     ))
 }
@@ -126,14 +130,16 @@ fn retire(running: Running) {
 }
 
 impl Server {
-    /// Binds every listener, starts discovery and probes for every cluster, and serves the
-    /// admin endpoints. Discovery start-up errors (credentials, RBAC) are returned.
-    pub async fn start(source: Source, config: Config) -> anyhow::Result<Server> {
+    /// Binds every listener (on every core), starts discovery and probes for every cluster,
+    /// and serves the admin endpoints. Discovery start-up errors (credentials, RBAC) are
+    /// returned. Background work (probes, discovery, admin, reloads) runs on the runtime this
+    /// is called on; client sessions run on the `cores`.
+    pub async fn start(source: Source, config: Config, cores: Cores) -> anyhow::Result<Server> {
         let (config, cql_configs) = crate::cql::split(config);
         let metrics = Arc::new(Metrics::new());
         let mut bound = Vec::new();
         for c in &config.clusters {
-            bound.push(bind(&c.name, c.listen).await?);
+            bound.push(bind(&c.name, c.listen, &cores)?);
         }
         let admin_listener = TcpListener::bind(config.admin.listen)
             .await
@@ -147,13 +153,13 @@ impl Server {
         });
         let (commands_tx, commands) = mpsc::unbounded_channel();
         let console = Console::new(config.admin.clone(), admin.clone(), commands_tx);
-        let cql = crate::cql::CqlClusters::start(cql_configs, &metrics).await?;
+        let cql = crate::cql::CqlClusters::start(cql_configs, &metrics, cores.clone()).await?;
         admin.cql.store(Arc::new(cql.clusters()));
         let admin_task = Task::spawn(admin::serve(admin_listener, admin.clone()));
         let mut clusters = BTreeMap::new();
         let mut listeners = HashMap::new();
         for (c, listener) in config.clusters.iter().zip(bound) {
-            let (cluster, feed) = build(c, &metrics, &console).await?;
+            let (cluster, feed) = build(c, &metrics, &console, cores.len()).await?;
             let running = launch(c.clone(), cluster.clone(), feed);
             listeners.insert(c.listen, Listener::start(listener, cluster));
             info!(cluster = %c.name, listen = %c.listen, discovery = running.feed.status.source, "listening");
@@ -169,6 +175,7 @@ impl Server {
             commands: Some(commands),
             clusters,
             listeners,
+            cores,
             retiring: Vec::new(),
             cql,
         };
@@ -257,7 +264,7 @@ impl Server {
         let mut bound = HashMap::new();
         for c in &config.clusters {
             if !self.listeners.contains_key(&c.listen) && !bound.contains_key(&c.listen) {
-                bound.insert(c.listen, bind(&c.name, c.listen).await?);
+                bound.insert(c.listen, bind(&c.name, c.listen, &self.cores)?);
             }
         }
         let admin_listener = if config.admin.listen != self.config.admin.listen {
@@ -275,7 +282,7 @@ impl Server {
             if self.clusters.get(&c.name).is_some_and(|r| r.config == *c) {
                 continue;
             }
-            let (cluster, feed) = build(c, &self.metrics, &self.console).await?;
+            let (cluster, feed) = build(c, &self.metrics, &self.console, self.cores.len()).await?;
             built.push((c.clone(), cluster, feed));
         }
         // 3. Commit: nothing below can fail.
@@ -345,14 +352,7 @@ impl Server {
     /// Requests that hold a backend right now (transactions in flight), over every cluster.
     fn in_flight(&self) -> u32 {
         self.all_clusters()
-            .map(|c| {
-                c.topology
-                    .load()
-                    .nodes
-                    .iter()
-                    .map(|n| n.load.load(Ordering::Acquire))
-                    .sum::<u32>()
-            })
+            .map(|c| c.topology.load().nodes.iter().map(|n| n.load.get()).sum::<u32>())
             .sum()
     }
 
@@ -417,12 +417,12 @@ fn watch_file(path: &Path, tx: mpsc::UnboundedSender<()>) -> notify::Result<noti
 
 /// Runs sluice until SIGTERM or SIGINT; SIGHUP (and file changes, with `[reload] watch`)
 /// reload the configuration.
-pub async fn run(source: Source, config: Config) -> anyhow::Result<()> {
+pub async fn run(source: Source, config: Config, cores: Cores) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-    let mut server = Server::start(source, config).await?;
+    let mut server = Server::start(source, config, cores).await?;
     let mut commands = server.commands.take().expect("taken once, here");
     let (file_tx, mut file_rx) = mpsc::unbounded_channel();
     let mut watcher: Option<(PathBuf, notify::RecommendedWatcher)> = None;

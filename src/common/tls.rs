@@ -214,6 +214,26 @@ impl BackendStream {
             MaybeTls::Tls(t) => t.get_ref().0,
         }
     }
+
+    /// Registers the socket with the calling thread's runtime instead of the one it was
+    /// registered with. A tokio socket belongs to one runtime's reactor; `into_std` and
+    /// `from_std` would need the socket by value, out of the TLS stream that owns it, so a
+    /// duplicate descriptor of the same socket is registered here and the old descriptor
+    /// leaves the old reactor and closes (no FIN: the socket stays open through the
+    /// duplicate). Bytes buffered by TLS stay where they are.
+    pub fn rehome(&mut self) -> io::Result<()> {
+        use std::os::fd::AsFd;
+        let tcp = match self {
+            MaybeTls::Plain(s) => s,
+            MaybeTls::Tls(t) => t.get_mut().0,
+        };
+        let dup = std::net::TcpStream::from(tcp.as_fd().try_clone_to_owned()?);
+        // Shared with the original descriptor (one open file), set here to be explicit.
+        dup.set_nonblocking(true)?;
+        let here = TcpStream::from_std(dup)?;
+        drop(std::mem::replace(tcp, here));
+        Ok(())
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for MaybeTls<S> {

@@ -4,7 +4,7 @@
 //! `ArcSwap::rcu`; sessions load the current snapshot per request and never lock. A `watch`
 //! channel carries the generation number so that requests waiting for a primary wake up.
 
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -84,7 +84,58 @@ pub struct Node {
     /// its next probe answers.
     pub unconfirmed: bool,
     /// Requests in flight on this node, shared by every snapshot that has the node.
-    pub load: Arc<AtomicU32>,
+    pub load: Arc<InFlight>,
+}
+
+/// Stripes of [`InFlight`]: more than the threads of any machine sluice is likely to run on
+/// (threads beyond share stripes, which stays correct).
+const STRIPES: usize = 16;
+
+/// A count of requests in flight, striped by runtime thread (`common::runtime`): each thread
+/// counts on a cache line of its own (every transaction adds and subtracts one), and readers
+/// sum the stripes. A stripe may wrap below zero when a request ends on another thread than
+/// it began; the sum is still right.
+#[derive(Default)]
+pub struct InFlight([Stripe; STRIPES]);
+
+#[derive(Default)]
+#[repr(align(128))]
+struct Stripe(AtomicU32);
+
+impl InFlight {
+    fn stripe(&self) -> &AtomicU32 {
+        &self.0[crate::common::runtime::current_core() % STRIPES].0
+    }
+
+    /// One more request in flight.
+    pub fn add(&self) {
+        self.stripe().fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One request fewer.
+    pub fn sub(&self) {
+        self.stripe().fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Requests in flight now (a momentary sum: stripes are read one after the other).
+    pub fn get(&self) -> u32 {
+        let sum = self
+            .0
+            .iter()
+            .fold(0u32, |a, s| a.wrapping_add(s.0.load(Ordering::Acquire)));
+        // Read between a stripe's decrement and another's increment of the same request.
+        if sum > i32::MAX as u32 {
+            0
+        } else {
+            sum
+        }
+    }
+}
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.get())
+    }
 }
 
 impl Node {
@@ -214,7 +265,8 @@ pub struct Change {
 /// The shared, atomically swapped topology of one cluster.
 pub struct Topology {
     current: ArcSwap<Snapshot>,
-    generation: watch::Sender<u64>,
+    /// The generation, once per runtime thread (see [`Topology::subscribe`]).
+    generation: Box<[watch::Sender<u64>]>,
 }
 
 impl Topology {
@@ -226,13 +278,26 @@ impl Topology {
         };
         Topology {
             current: ArcSwap::from_pointee(snap),
-            generation: watch::channel(0).0,
+            generation: (0..STRIPES).map(|_| watch::channel(0).0).collect(),
+        }
+    }
+
+    fn publish(&self) {
+        let generation = self.current.load().generation;
+        for tx in self.generation.iter() {
+            tx.send_replace(generation);
         }
     }
 
     /// The current snapshot.
     pub fn load(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    /// The current snapshot without taking a reference count (which every thread would
+    /// write): for a look on the hot path that ends before the next `.await`.
+    pub fn peek(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.current.load()
     }
 
     /// Applies one observation of node `id` and publishes a new snapshot if anything changed.
@@ -244,7 +309,7 @@ impl Topology {
             next
         });
         if change != Change::default() {
-            self.generation.send_replace(self.current.load().generation);
+            self.publish();
         }
         change
     }
@@ -261,14 +326,16 @@ impl Topology {
             next
         });
         if changed {
-            self.generation.send_replace(self.current.load().generation);
+            self.publish();
         }
         gone
     }
 
-    /// A receiver that sees every generation change.
+    /// A receiver that sees every generation change. Each runtime thread subscribes to a
+    /// channel of its own: a session waits on its node's health on every request in flight,
+    /// and waiting registers with the channel, which would otherwise be shared by all threads.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.generation.subscribe()
+        self.generation[crate::common::runtime::current_core() % STRIPES].subscribe()
     }
 
     /// Waits until `ready` holds for the current snapshot, or `timeout` passes.
@@ -276,7 +343,7 @@ impl Topology {
     where
         F: Fn(&Snapshot) -> bool,
     {
-        let mut rx = self.generation.subscribe();
+        let mut rx = self.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let snap = self.load();
@@ -421,6 +488,25 @@ mod tests {
     }
 
     #[test]
+    fn in_flight_sums_its_stripes_even_when_a_request_ends_on_another_thread() {
+        let load = Arc::new(InFlight::default());
+        load.add();
+        load.add();
+        assert_eq!(load.get(), 2);
+        // Ended on another thread (another stripe): that stripe wraps below zero.
+        let other = load.clone();
+        std::thread::spawn(move || {
+            crate::common::runtime::enter_core(1);
+            other.sub()
+        })
+        .join()
+        .unwrap();
+        load.sub();
+        assert_eq!(load.get(), 0);
+        assert_eq!(format!("{load:?}"), "0");
+    }
+
+    #[test]
     fn an_old_primary_restarted_after_failover_loses_to_the_higher_timeline() {
         let t = topo();
         let primary_on = |tl| Observation::Up {
@@ -495,14 +581,16 @@ mod tests {
         assert_eq!(s.primary(), Some(0), "a keeps its probed role");
         assert!(!s.nodes[1].health.up, "c is new and unprobed");
         let load = s.nodes[2].load.clone();
-        load.store(3, std::sync::atomic::Ordering::Relaxed);
+        for _ in 0..3 {
+            load.add();
+        }
         t.observe("p", &up(Role::Replica));
         let gone = t.set_members(&[Member::at("a:1"), Member::at("c:3"), pod("10.0.0.9:5432")]);
         assert_eq!(gone, vec!["10.0.0.1:5432".to_string()]);
         let s = t.load();
         let p = &s.nodes[2];
         assert_eq!((p.address.as_str(), p.health.up), ("10.0.0.9:5432", false));
-        assert_eq!(p.load.load(std::sync::atomic::Ordering::Relaxed), 3);
+        assert_eq!(p.load.get(), 3);
     }
 
     #[test]

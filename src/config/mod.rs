@@ -91,7 +91,7 @@ pub const DEFAULT_PAUSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// `[runtime]`: the async runtime sluice runs on (read at start; a reload cannot change it).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RuntimeConfig {
-    /// Worker threads; `None`: one per CPU sluice may use.
+    /// Runtime threads (one single-threaded runtime each); `None`: one per CPU sluice may use.
     pub threads: Option<usize>,
 }
 

@@ -23,12 +23,13 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use serde_json::json;
 use sluice_cql::response::SchemaChange;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::broadcast;
 use tracing::{info, warn};
 
-use crate::common::listener::{listen, Listener, Service, Task};
+use crate::common::listener::{listen, Bound, Listener, Service, Task};
 use crate::common::metrics::Metrics;
+use crate::common::runtime::Cores;
 use crate::config::{ClusterConfig, Config, CqlConfig, Discovery, Protocol};
 use crate::discovery::Feed;
 use backend::Credentials;
@@ -61,7 +62,7 @@ pub struct CqlCluster {
     pub(crate) metrics: Arc<Metrics>,
     /// `sluice_queries_total{route}`: requests sent to a replica of their partition
     /// (`replica`), and requests without a partition to route by (`any`).
-    routed: [prometheus_client::metrics::counter::Counter; 2],
+    routed: [crate::common::metrics::QueryCounter; 2],
     /// `sluice_clients`.
     client_gauge: prometheus_client::metrics::gauge::Gauge,
     /// The `sluice_cql_*` series of this cluster.
@@ -392,6 +393,9 @@ pub struct CqlClusters {
     running: Vec<Running>,
     listeners: std::collections::HashMap<SocketAddr, Listener<CqlCluster>>,
     retiring: Vec<Running>,
+    /// The runtimes the listeners accept on (one socket per core). CQL node connections
+    /// stay shared by every core: see `pool.rs`.
+    cores: Cores,
 }
 
 /// What a reload will change, prepared before anything changes: the clusters started anew
@@ -399,17 +403,22 @@ pub struct CqlClusters {
 pub struct Prepared {
     configs: Vec<ClusterConfig>,
     started: Vec<Option<Running>>,
-    bound: std::collections::HashMap<SocketAddr, TcpListener>,
+    bound: std::collections::HashMap<SocketAddr, Bound>,
 }
 
 impl CqlClusters {
     /// Binds the listeners of `configs` and starts each cluster.
-    pub async fn start(configs: Vec<ClusterConfig>, metrics: &Arc<Metrics>) -> anyhow::Result<CqlClusters> {
+    pub async fn start(
+        configs: Vec<ClusterConfig>,
+        metrics: &Arc<Metrics>,
+        cores: Cores,
+    ) -> anyhow::Result<CqlClusters> {
         let mut set = CqlClusters {
             configs: Vec::new(),
             running: Vec::new(),
             listeners: Default::default(),
             retiring: Vec::new(),
+            cores,
         };
         let prepared = set.prepare(configs, metrics).await?;
         set.commit(prepared);
@@ -432,7 +441,7 @@ impl CqlClusters {
         let mut bound = std::collections::HashMap::new();
         for c in &configs {
             if !self.listeners.contains_key(&c.listen) && !bound.contains_key(&c.listen) {
-                let l = listen(c.listen)
+                let l = listen(c.listen, &self.cores)
                     .with_context(|| format!("cluster {:?}: cannot listen on {}", c.name, c.listen))?;
                 bound.insert(c.listen, l);
             }

@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::common::striped::Striped;
+
 /// Microseconds since the Unix epoch, now.
 pub fn now_micros() -> u64 {
     SystemTime::now()
@@ -38,24 +40,25 @@ pub struct ClientInfo {
     pub active: AtomicUsize,
 }
 
-/// Totals of one database since sluice started (`SHOW STATS`).
+/// Totals of one database since sluice started (`SHOW STATS`), striped by runtime thread
+/// (every transaction adds to several of them).
 #[derive(Default)]
 pub struct DbTotals {
     /// Transactions (a request or explicit transaction, from its first message to the
     /// ReadyForQuery that ends it).
-    pub xacts: AtomicU64,
+    pub xacts: Striped,
     /// Simple-protocol queries and extended-protocol Executes.
-    pub queries: AtomicU64,
+    pub queries: Striped,
     /// Times a backend was assigned to a client.
-    pub assignments: AtomicU64,
+    pub assignments: Striped,
     /// Bytes received from clients.
-    pub received: AtomicU64,
+    pub received: Striped,
     /// Bytes sent to clients.
-    pub sent: AtomicU64,
+    pub sent: Striped,
     /// Microseconds spent in transactions.
-    pub xact_us: AtomicU64,
+    pub xact_us: Striped,
     /// Microseconds clients waited for a backend (or for `RESUME`).
-    pub wait_us: AtomicU64,
+    pub wait_us: Striped,
 }
 
 /// A copy of [`DbTotals`] at one moment.
@@ -72,7 +75,7 @@ pub struct Totals {
 
 impl DbTotals {
     pub fn read(&self) -> Totals {
-        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let r = |a: &Striped| a.load(Ordering::Relaxed);
         Totals {
             xacts: r(&self.xacts),
             queries: r(&self.queries),
@@ -130,8 +133,9 @@ pub const STATS_PERIOD: Duration = Duration::from_secs(60);
 /// One database of one cluster.
 pub struct DbActivity {
     pub name: String,
-    /// Transactions in flight: what `PAUSE` waits for.
-    pub busy: AtomicUsize,
+    /// Transactions in flight: what `PAUSE` waits for. (Striped: every transaction adds and
+    /// subtracts one; with SeqCst on both sides, PAUSE's sum still pairs with its flag.)
+    pub busy: Striped,
     pub totals: DbTotals,
     /// The start of the current stats period with the totals then, and the averages of the
     /// last complete period.
@@ -220,7 +224,7 @@ impl Activity {
         }
         let d = Arc::new(DbActivity {
             name: database.to_string(),
-            busy: AtomicUsize::new(0),
+            busy: Striped::default(),
             totals: DbTotals::default(),
             period: Mutex::new((Instant::now(), Totals::default(), Averages::default())),
         });

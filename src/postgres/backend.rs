@@ -162,6 +162,8 @@ pub struct Backend {
     pub tainted: bool,
     /// Lists the connection in its pool's server list (`SHOW SERVERS`) while it lives.
     pub registration: Option<crate::postgres::pool::Registration>,
+    /// The core (`common::runtime`) whose runtime the socket is registered with.
+    pub home: usize,
 }
 
 impl Backend {
@@ -201,6 +203,7 @@ impl Backend {
             owner: 0,
             tainted: false,
             registration: None,
+            home: crate::common::runtime::current_core(),
         };
         let mut out = BytesMut::new();
         let params = [("user", opts.user), ("database", opts.database)]
@@ -290,7 +293,22 @@ impl Backend {
                         }
                         Authentication::SaslContinue(rest) => match scram.as_mut() {
                             Some(SaslClient::Password(s)) => {
-                                s.update(rest).map_err(|e| be.protocol(&format!("SCRAM: {e}")))?;
+                                // The key derivation (PBKDF2, 4096 rounds or more: a millisecond
+                                // and up) runs on the blocking pool: the other sessions of this
+                                // runtime thread (`common::runtime`) go on meanwhile.
+                                let mut owned = std::mem::replace(
+                                    s,
+                                    ScramSha256::new(b"", ChannelBinding::unsupported()),
+                                );
+                                let rest = rest.to_vec();
+                                let derived = tokio::task::spawn_blocking(move || {
+                                    owned.update(&rest).map(|()| owned).map_err(|e| e.to_string())
+                                })
+                                .await
+                                .map_err(|e| e.to_string())
+                                .and_then(|r| r)
+                                .map_err(|e| be.protocol(&format!("SCRAM: {e}")))?;
+                                *s = derived;
                                 frontend::sasl_response(s.message(), &mut out).map_err(io_err)?;
                             }
                             Some(SaslClient::Keys(s)) => {
@@ -411,6 +429,17 @@ impl Backend {
     /// True when the server has said nothing and closed nothing since the connection went idle:
     /// a connection the server closed (restart, idle timeout) is caught before a client uses it.
     /// Peeks at the TCP socket, so TLS records stay untouched.
+    /// Registers the connection with the runtime of `core`, the calling thread's, if it was
+    /// registered with another one (a pooled connection moving to another core). The server
+    /// connection, its TLS state and what sluice knows about it stay as they are.
+    pub fn rehome(&mut self, core: usize) -> std::io::Result<()> {
+        if self.home != core {
+            self.stream.rehome()?;
+            self.home = core;
+        }
+        Ok(())
+    }
+
     pub fn looks_alive(&self) -> bool {
         let mut probe = [0u8; 1];
         let mut buf = tokio::io::ReadBuf::new(&mut probe);

@@ -1,7 +1,7 @@
 //! One configured cluster at run time: its topology, pools, users, probes and route choice.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use tracing::{error, info, warn};
 
 use crate::common::health::{self, Source};
 use crate::common::metrics::{ClusterLabels, Metrics, NodeLabels, ResultLabels, RouteLabels};
-use crate::common::topology::{Member, Node, Observation, Role, Topology};
+use crate::common::topology::{InFlight, Member, Node, Observation, Role, Topology};
 use crate::config::{ClusterConfig, Discovery, PostgresConfig, TopologyKind};
 use crate::postgres::backend::{
     own_startup_params, same_startup, Backend, BackendError, ConnectOptions, Credential, PassThrough,
@@ -160,7 +160,7 @@ pub struct Checkout {
     pub conn: Pooled,
     /// The node's role when it was chosen.
     pub role: Role,
-    load: Arc<AtomicU32>,
+    load: Arc<InFlight>,
     parked: bool,
 }
 
@@ -170,7 +170,7 @@ impl Checkout {
     pub fn park(&mut self) {
         if !self.parked {
             self.parked = true;
-            self.load.fetch_sub(1, Ordering::Relaxed);
+            self.load.sub();
             self.conn.park();
         }
     }
@@ -186,7 +186,8 @@ impl Checkout {
             return Err(self);
         }
         self.parked = false;
-        self.load.fetch_add(1, Ordering::Relaxed);
+        self.conn.unpark();
+        self.load.add();
         self.role = node.role;
         Ok(self)
     }
@@ -195,7 +196,7 @@ impl Checkout {
 impl Drop for Checkout {
     fn drop(&mut self) {
         if !self.parked {
-            self.load.fetch_sub(1, Ordering::Relaxed);
+            self.load.sub();
         }
     }
 }
@@ -216,11 +217,10 @@ pub struct Cluster {
     pub users: HashMap<String, User>,
     /// Used for unknown users so that they go through the same exchange and fail the same way.
     pub dummy_secret: ScramSecret,
-    tiebreak: AtomicUsize,
     /// By (user, database): what primaries announced, looked up at login.
     server_params: Mutex<HashMap<(String, String), Vec<KnownParams>>>,
     /// `sluice_queries_total` for `Intent::Primary` and `Intent::Replica`, resolved once.
-    routed: [prometheus_client::metrics::counter::Counter; 2],
+    routed: [crate::common::metrics::QueryCounter; 2],
     cancels: Mutex<HashMap<(i32, i32), CancelSlot>>,
     /// Connected clients, for `max_client_connections`.
     pub clients: AtomicUsize,
@@ -253,12 +253,14 @@ struct HoldState {
 }
 
 impl Cluster {
-    /// Builds the run-time state (derives SCRAM secrets: slow on purpose, done once).
+    /// Builds the run-time state (derives SCRAM secrets: slow on purpose, done once), with
+    /// pools split over `cores` runtimes.
     pub fn new(
         config: ClusterConfig,
         pg: PostgresConfig,
         metrics: Arc<Metrics>,
         console: Arc<crate::admin::console::Console>,
+        cores: usize,
     ) -> Arc<Cluster> {
         let members = match &config.discovery {
             Discovery::Static(a) => a.iter().map(|a| Member::at(a)).collect(),
@@ -306,6 +308,7 @@ impl Cluster {
             },
             backend_tls.clone(),
             metrics.clone(),
+            cores,
         );
         let cluster = Arc::new(Cluster {
             client_tls,
@@ -315,7 +318,6 @@ impl Cluster {
             classifier: Classifier::new(&pg.write_functions),
             users,
             dummy_secret: ScramSecret::new(&String::from_utf8_lossy(&dummy), &salt, SCRAM_ITERATIONS),
-            tiebreak: AtomicUsize::new(0),
             server_params: Mutex::new(HashMap::new()),
             routed: [Intent::Primary, Intent::Replica].map(|intent| {
                 metrics
@@ -518,26 +520,26 @@ impl Cluster {
         let credential = self.credential(user);
         loop {
             policy.writable_only = hold_deadline.is_some_and(|d| tokio::time::Instant::now() < d);
-            let snap = self.topology.load();
+            let snap = self.topology.peek();
             let choice = {
                 // Each node's requests in flight, on the stack for up to 16 nodes (this runs
-                // for every transaction).
+                // for every transaction); only where the router compares them (a request for
+                // the primary has one candidate), since reading them reads every thread's
+                // counters.
                 let mut stack = [0u32; 16];
                 let heap: Vec<u32>;
-                let loads: &[u32] = if snap.nodes.len() <= stack.len() {
+                let loads: &[u32] = if intent == Intent::Primary && !policy.multi_active {
+                    &[]
+                } else if snap.nodes.len() <= stack.len() {
                     for (l, n) in stack.iter_mut().zip(&snap.nodes) {
-                        *l = n.load.load(Ordering::Relaxed);
+                        *l = n.load.get();
                     }
                     &stack[..snap.nodes.len()]
                 } else {
-                    heap = snap
-                        .nodes
-                        .iter()
-                        .map(|n| n.load.load(Ordering::Relaxed))
-                        .collect();
+                    heap = snap.nodes.iter().map(|n| n.load.get()).collect();
                     &heap
                 };
-                let tiebreak = self.tiebreak.fetch_add(1, Ordering::Relaxed);
+                let tiebreak = next_tiebreak();
                 router::choose(intent, &snap, loads, tiebreak, &policy)
             };
             match choice {
@@ -551,6 +553,8 @@ impl Cluster {
                             Err(p) => drop(p), // back to the pool before checking out
                         }
                     }
+                    // Held across the checkout: a counted reference.
+                    let snap = arc_swap::Guard::into_inner(snap);
                     let address = &snap.nodes[node].address;
                     match self
                         .pools
@@ -559,7 +563,7 @@ impl Cluster {
                     {
                         Ok(conn) => {
                             let load = snap.nodes[node].load.clone();
-                            load.fetch_add(1, Ordering::Relaxed);
+                            load.add();
                             self.routed[usize::from(intent == Intent::Replica)].inc();
                             return Ok(Checkout {
                                 conn,
@@ -590,6 +594,7 @@ impl Cluster {
                     }
                 }
                 Err(why) => {
+                    drop(snap);
                     drop(parked.take());
                     let waited = start.elapsed();
                     let until = match hold_deadline {
@@ -983,6 +988,20 @@ impl Cluster {
         self.clients.fetch_sub(1, Ordering::AcqRel);
         self.metrics.clients.get_or_create(&self.labels()).dec();
     }
+}
+
+thread_local! {
+    /// Rotates the router's choice among equally loaded nodes. Per thread: every core counts
+    /// its own turns instead of all cores writing one shared counter per transaction.
+    static TIEBREAK: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+fn next_tiebreak() -> usize {
+    TIEBREAK.with(|t| {
+        let n = t.get();
+        t.set(n.wrapping_add(1));
+        n
+    })
 }
 
 /// The probe tasks of a cluster, aborted when the supervisor that owns them stops.

@@ -1,4 +1,5 @@
-//! Backend connection pools: one per (node, user, database), bounded by `pool_size`.
+//! Backend connection pools: one per (node, user, database), bounded by `pool_size`, with a
+//! part per core (see `common::runtime`).
 //!
 //! A checked-out connection is a [`Pooled`] guard that goes back to its pool when dropped,
 //! unless it was marked unusable (mid-transaction, broken) or its node was drained meanwhile
@@ -8,13 +9,30 @@
 //! (see `Session::park`): a checkout that finds no free slot asks one parked holder to give its
 //! connection back ([`Pooled::reclaimed`]), and the reaper wakes parked holders so that
 //! `idle_timeout` and `max_lifetime` apply to parked connections too.
+//!
+//! **Per core.** `pool_size` is one bound over all cores, split into a share per core. Each
+//! core hands out its own capacity to its own sessions (a fair semaphore per core) and keeps
+//! the connections they return, so a backend connection stays on the core of the sessions
+//! using it. A core whose capacity is all in use takes free capacity from another core
+//! ([`Pool::borrow`]), with one of that core's idle connections when the capacity covered one;
+//! a core that frees capacity nobody on it waits for passes it on to a core whose checkouts
+//! wait, and a core above its share gives it back to a core below its own share that waits
+//! ([`Pool::release`]). So a checkout never waits while capacity or a connection is unused on
+//! any core, and the sum over cores never exceeds `pool_size`.
+//!
+//! A connection that changes cores is registered with its new core's runtime
+//! ([`Backend::rehome`]: a duplicated descriptor, no new server connection); closing it and
+//! opening another would cost a server process, an authentication and its prepared
+//! statements.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use arc_swap::ArcSwap;
+use tokio::sync::{Notify, Semaphore};
+use tracing::debug;
 
 use crate::common::metrics::{ClusterLabels, Metrics, NodeStateLabels};
 use crate::postgres::backend::{
@@ -117,7 +135,12 @@ pub struct Pools {
     next_server: AtomicU64,
     settings: PoolSettings,
     tls: crate::common::tls::BackendTls,
-    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    /// Read on every checkout by every core: a snapshot, replaced (under `adding`) when a
+    /// pool is added, so lookups take no lock.
+    pools: ArcSwap<HashMap<PoolKey, Arc<Pool>>>,
+    adding: Mutex<()>,
+    /// Runtimes (cores) the pools are split over.
+    cores: usize,
     metrics: Arc<Metrics>,
     /// `sluice_checkout_wait_seconds` for this cluster, resolved once (observed per checkout).
     checkout_wait: prometheus_client::metrics::histogram::Histogram,
@@ -131,19 +154,42 @@ struct Pool {
     connecting: AtomicUsize,
     /// `key.node`, shared: a session watching its node clones this instead of the string.
     node: Arc<str>,
-    /// Boxes, as handed out: returning and taking a connection moves a pointer, not a box.
-    #[allow(clippy::vec_box)]
-    idle: Mutex<Vec<Box<Backend>>>,
-    permits: Arc<Semaphore>,
+    /// One part per core.
+    cores: Box<[CorePart]>,
     /// Bumped by `drain`; connections from an older epoch are closed when they come back.
     epoch: AtomicU64,
-    /// Checkouts waiting for a slot: parked connections must come back.
+    /// Checkouts waiting for capacity, over all cores: parked connections must come back.
     waiting: AtomicUsize,
-    /// Wakes parked holders: one per waiting checkout, all of them on each reaper pass.
-    reclaim: Notify,
     settings: PoolSettings,
     idle_gauge: prometheus_client::metrics::gauge::Gauge,
     active_gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+/// One core's part of a pool. Aligned to its own cache lines: each core updates its part on
+/// every checkout and return without touching the other cores' lines.
+#[repr(align(128))]
+struct CorePart {
+    /// This core's free capacity: a checkout takes a permit (and forgets it) for as long as
+    /// it holds a connection. Fair: a returned permit goes to the core's waiting checkouts in
+    /// order.
+    permits: Semaphore,
+    /// Capacity this core holds, free or in use: its share, plus what it took from other
+    /// cores, minus what it gave them.
+    tokens: AtomicUsize,
+    /// Its share of `pool_size`.
+    share: usize,
+    /// Connections returned on this core, registered with its runtime (unless just passed on
+    /// from another core). Never more than its free permits: the sum over cores of held and
+    /// idle connections stays within `pool_size`.
+    #[allow(clippy::vec_box)]
+    idle: Mutex<Vec<Box<Backend>>>,
+    /// Checkouts of this core waiting for capacity.
+    waiting: AtomicUsize,
+    /// Connections of this core parked with their sessions.
+    parked: AtomicUsize,
+    /// Wakes this core's parked holders: one per waiting checkout, all of them on each
+    /// reaper pass and drain.
+    reclaim: Notify,
 }
 
 /// What `SHOW SERVERS` says about one server connection.
@@ -189,7 +235,7 @@ pub struct ServerRow {
     pub close_needed: bool,
 }
 
-/// One pool as the admin console shows it.
+/// One pool as the admin console shows it (all cores together).
 #[derive(Debug, Clone)]
 pub struct PoolStats {
     pub node: String,
@@ -219,15 +265,30 @@ impl Drop for Connecting<'_> {
     }
 }
 
+/// One unit of a core's capacity, held by a checkout; released (or passed to another core)
+/// when dropped.
+struct Slot {
+    pool: Arc<Pool>,
+    core: usize,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.pool.release(self.core);
+    }
+}
+
 /// A checked-out backend connection; returns to its pool on drop.
 pub struct Pooled {
     /// Boxed: a checkout moves between a session's attached and parked slots, and idle
     /// sessions should not carry a whole connection's state inline.
     conn: Option<Box<Backend>>,
-    pool: Arc<Pool>,
+    /// Dropped after the connection went back to the idle list (fields drop after `drop`).
+    slot: Slot,
     epoch: u64,
     reusable: bool,
-    _permit: OwnedSemaphorePermit,
+    /// Counted in its core's `parked`.
+    parked: bool,
 }
 
 impl Pooled {
@@ -249,19 +310,36 @@ impl Pooled {
 
     /// The node this connection goes to.
     pub fn node(&self) -> &str {
-        &self.pool.key.node
+        &self.slot.pool.key.node
     }
 
     /// The node this connection goes to, shared (no allocation).
     pub fn node_shared(&self) -> Arc<str> {
-        self.pool.node.clone()
+        self.slot.pool.node.clone()
+    }
+
+    fn part(&self) -> &CorePart {
+        &self.slot.pool.cores[self.slot.core]
     }
 
     /// The client's transaction is over and the session keeps the connection for its next
-    /// one: from now on it counts as idle for `idle_timeout`.
+    /// one: from now on it counts as idle for `idle_timeout`, and a checkout that waits may
+    /// ask for it.
     pub fn park(&mut self) {
         if let Some(c) = self.conn.as_mut() {
             c.last_used = Instant::now();
+        }
+        if !self.parked {
+            self.parked = true;
+            self.part().parked.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// The parked connection serves its session again.
+    pub fn unpark(&mut self) {
+        if self.parked {
+            self.parked = false;
+            self.part().parked.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
@@ -270,31 +348,25 @@ impl Pooled {
     /// reaper wakes parked holders, not here: no clock read per request.)
     pub fn still_good(&self) -> bool {
         let Some(c) = self.conn.as_ref() else { return false };
-        self.epoch == self.pool.epoch.load(Ordering::Acquire) && c.looks_alive()
+        self.epoch == self.slot.pool.epoch.load(Ordering::Acquire) && c.looks_alive()
     }
 
-    /// Resolves when a parked connection should go back to the pool: a checkout is waiting
-    /// for a slot, or the connection outlived `idle_timeout`/`max_lifetime` (checked when the
-    /// reaper passes).
+    /// Resolves when a parked connection should go back to the pool: a checkout (on any
+    /// core) is waiting for capacity, or the connection outlived `idle_timeout`/`max_lifetime`
+    /// (checked when the reaper passes).
     pub async fn reclaimed(&self) {
+        let pool = &self.slot.pool;
         let mut woken = false;
         loop {
-            let notified = self.pool.reclaim.notified();
+            let notified = self.part().reclaim.notified();
             tokio::pin!(notified);
             // Registered before looking, so that a checkout starting to wait after the look
             // still wakes this holder.
             notified.as_mut().enable();
-            if self.pool.waiting.load(Ordering::SeqCst) > 0
-                || self.epoch != self.pool.epoch.load(Ordering::Acquire)
-            {
+            if pool.waiting.load(Ordering::SeqCst) > 0 || self.epoch != pool.epoch.load(Ordering::Acquire) {
                 return;
             }
-            if woken
-                && self
-                    .conn
-                    .as_ref()
-                    .is_none_or(|c| self.pool.expired(c, Instant::now()))
-            {
+            if woken && self.conn.as_ref().is_none_or(|c| pool.expired(c, Instant::now())) {
                 return;
             }
             notified.await;
@@ -302,25 +374,30 @@ impl Pooled {
         }
     }
 
-    /// Whether checkouts are waiting for this connection's pool.
+    /// Whether checkouts (on any core) are waiting for this connection's pool.
     pub fn contended(&self) -> bool {
-        self.pool.waiting.load(Ordering::SeqCst) > 0
+        self.slot.pool.waiting.load(Ordering::SeqCst) > 0
     }
 }
 
-/// Counts one checkout in `Pool::waiting` while it lives (also if the checkout is dropped).
-struct Waiting<'a>(&'a Pool);
+/// Counts one checkout in its core's and the pool's `waiting` while it lives (also if the
+/// checkout is dropped); when it ends, capacity its core got for it and nobody there needs
+/// any more goes on to another core's waiting checkouts.
+struct Waiting<'a>(&'a Pool, usize);
 
 impl<'a> Waiting<'a> {
-    fn new(pool: &'a Pool) -> Self {
+    fn new(pool: &'a Pool, core: usize) -> Self {
+        pool.cores[core].waiting.fetch_add(1, Ordering::SeqCst);
         pool.waiting.fetch_add(1, Ordering::SeqCst);
-        Waiting(pool)
+        Waiting(pool, core)
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.0.cores[self.1].waiting.fetch_sub(1, Ordering::SeqCst);
+        self.0.pass_on(self.1);
     }
 }
 
@@ -329,16 +406,121 @@ impl Pool {
         now.duration_since(c.last_used) > self.settings.idle_timeout
             || now.duration_since(c.created) > self.settings.max_lifetime
     }
+
+    /// The other cores, starting after `core`.
+    fn others(&self, core: usize) -> impl Iterator<Item = usize> {
+        let n = self.cores.len();
+        (1..n).map(move |i| (core + i) % n)
+    }
+
+    /// Moves one unit of capacity, already taken out of `from`'s free permits, to `to`; one of
+    /// `from`'s idle connections goes along if `from` now has more of them than free permits.
+    fn move_capacity(&self, from: usize, to: usize) {
+        let src = &self.cores[from];
+        src.tokens.fetch_sub(1, Ordering::Relaxed);
+        self.cores[to].tokens.fetch_add(1, Ordering::Relaxed);
+        let moved = {
+            let mut idle = src.idle.lock().expect("pool lock");
+            (idle.len() > src.permits.available_permits())
+                .then(|| idle.pop())
+                .flatten()
+        };
+        if let Some(conn) = moved {
+            self.cores[to].idle.lock().expect("pool lock").push(conn);
+        }
+        self.cores[to].permits.add_permits(1);
+    }
+
+    /// A checkout on `core` found no free capacity there: takes free capacity of another core
+    /// (their own waiting checkouts would have taken it first). Whether there was some.
+    fn borrow(&self, core: usize) -> bool {
+        for other in self.others(core) {
+            if let Ok(permit) = self.cores[other].permits.try_acquire() {
+                permit.forget();
+                self.move_capacity(other, core);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Wakes one holder of a parked connection: on `core` if there is one (its connection
+    /// stays on the core), else on another core (which passes the capacity on).
+    fn reclaim_one(&self, core: usize) {
+        let n = self.cores.len();
+        if let Some(c) = (0..n)
+            .map(|i| (core + i) % n)
+            .find(|&c| self.cores[c].parked.load(Ordering::SeqCst) > 0)
+        {
+            self.cores[c].reclaim.notify_one();
+        }
+    }
+
+    /// A checkout on `core` let go of its capacity (its connection, if reusable, is in the
+    /// core's idle list already). It stays on the core for the core's waiting checkouts
+    /// unless the core holds more than its share and a core below its own share waits, or
+    /// nobody on the core waits and another core's checkouts do.
+    fn release(&self, core: usize) {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            let part = &self.cores[core];
+            if part.tokens.load(Ordering::Relaxed) > part.share {
+                let needy = self.others(core).find(|&o| {
+                    let other = &self.cores[o];
+                    other.waiting.load(Ordering::SeqCst) > 0
+                        && other.tokens.load(Ordering::Relaxed) < other.share
+                });
+                if let Some(to) = needy {
+                    return self.move_capacity(core, to);
+                }
+            }
+        }
+        self.cores[core].permits.add_permits(1);
+        self.pass_on(core);
+    }
+
+    /// Capacity free on `core` that none of its checkouts waits for goes to another core whose
+    /// checkouts wait.
+    fn pass_on(&self, core: usize) {
+        // Pairs with the fence in `checkout`: either this sees the waiting checkout, or the
+        // checkout's `borrow` sees this core's free capacity.
+        fence(Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) == 0 || self.cores[core].waiting.load(Ordering::SeqCst) > 0 {
+            return;
+        }
+        let Some(to) = self
+            .others(core)
+            .find(|&o| self.cores[o].waiting.load(Ordering::SeqCst) > 0)
+        else {
+            return;
+        };
+        if let Ok(permit) = self.cores[core].permits.try_acquire() {
+            permit.forget();
+            self.move_capacity(core, to);
+        }
+    }
+
+    fn idle_len(&self) -> usize {
+        self.cores
+            .iter()
+            .map(|c| c.idle.lock().expect("pool lock").len())
+            .sum()
+    }
 }
 
 impl Drop for Pooled {
     fn drop(&mut self) {
-        self.pool.active_gauge.dec();
+        self.unpark();
+        let pool = &self.slot.pool;
+        pool.active_gauge.dec();
         let Some(mut conn) = self.conn.take() else { return };
-        if self.reusable && self.epoch == self.pool.epoch.load(Ordering::Acquire) {
+        if self.reusable && self.epoch == pool.epoch.load(Ordering::Acquire) {
             conn.last_used = Instant::now();
-            self.pool.idle.lock().expect("pool lock").push(conn);
-            self.pool.idle_gauge.inc();
+            pool.cores[self.slot.core]
+                .idle
+                .lock()
+                .expect("pool lock")
+                .push(conn);
+            pool.idle_gauge.inc();
         }
     }
 }
@@ -349,6 +531,7 @@ impl Pools {
         settings: PoolSettings,
         tls: crate::common::tls::BackendTls,
         metrics: Arc<Metrics>,
+        cores: usize,
     ) -> Self {
         let checkout_wait = metrics
             .checkout_wait
@@ -361,15 +544,28 @@ impl Pools {
             next_server: AtomicU64::new(1),
             settings,
             tls,
-            pools: Mutex::new(HashMap::new()),
+            pools: ArcSwap::from_pointee(HashMap::new()),
+            adding: Mutex::new(()),
+            cores: cores.max(1),
             metrics,
             checkout_wait,
         }
     }
 
     fn pool(&self, node: &str, user: &str, database: &str) -> Arc<Pool> {
-        let mut pools = self.pools.lock().expect("pools lock");
-        if let Some(p) = pools.get(&KeyRef(node, user, database) as &dyn AsKeyRef) {
+        if let Some(p) = self
+            .pools
+            .load()
+            .get(&KeyRef(node, user, database) as &dyn AsKeyRef)
+        {
+            return p.clone();
+        }
+        let _adding = self.adding.lock().expect("pools lock");
+        if let Some(p) = self
+            .pools
+            .load()
+            .get(&KeyRef(node, user, database) as &dyn AsKeyRef)
+        {
             return p.clone();
         }
         let key = &PoolKey {
@@ -387,29 +583,48 @@ impl Pools {
                 })
                 .clone()
         };
+        let (size, n) = (self.settings.size, self.cores);
+        let cores = (0..n)
+            .map(|i| {
+                let share = size / n + usize::from(i < size % n);
+                CorePart {
+                    permits: Semaphore::new(share),
+                    tokens: AtomicUsize::new(share),
+                    share,
+                    idle: Mutex::new(Vec::new()),
+                    waiting: AtomicUsize::new(0),
+                    parked: AtomicUsize::new(0),
+                    reclaim: Notify::new(),
+                }
+            })
+            .collect();
         let p = Arc::new(Pool {
             key: key.clone(),
             servers: Default::default(),
             connecting: AtomicUsize::new(0),
             node: Arc::from(node),
-            idle: Mutex::new(Vec::new()),
-            permits: Arc::new(Semaphore::new(self.settings.size)),
+            cores,
             epoch: AtomicU64::new(0),
             waiting: AtomicUsize::new(0),
-            reclaim: Notify::new(),
             settings: self.settings,
             idle_gauge: gauge("idle"),
             active_gauge: gauge("active"),
         });
-        pools.insert(key.clone(), p.clone());
+        let mut next = HashMap::clone(&self.pools.load());
+        next.insert(key.clone(), p.clone());
+        self.pools.store(Arc::new(next));
         p
     }
 
+    fn all(&self) -> Vec<Arc<Pool>> {
+        self.pools.load().values().cloned().collect()
+    }
+
     /// Hands out a connection to `node` as (`user`, `database`) opened with `startup`: an idle
-    /// one if it is still good, else a new one; waits up to `checkout_timeout` for a free slot.
-    /// Idle connections opened with other startup parameters count against `pool_size`: when
-    /// they fill it, the oldest is closed to make room (a checkout never waits while a
-    /// connection sits unused).
+    /// one if it is still good (this core's first, else another core's, moved here), else a
+    /// new one; waits up to `checkout_timeout` for capacity. Idle connections opened with
+    /// other startup parameters count against `pool_size`: when they fill it, the oldest is
+    /// closed to make room (a checkout never waits while a connection sits unused).
     pub async fn checkout(
         &self,
         node: &str,
@@ -420,21 +635,26 @@ impl Pools {
     ) -> Result<Pooled, PoolError> {
         let pool = self.pool(node, user, database);
         let key = &pool.key;
+        let core = crate::common::runtime::current_core() % pool.cores.len();
+        let part = &pool.cores[core];
         let start = Instant::now();
-        let permit = match pool.permits.clone().try_acquire_owned() {
-            Ok(p) => p,
+        match part.permits.try_acquire() {
+            Ok(permit) => permit.forget(),
             Err(_) => {
-                // No free slot: ask a session holding a parked connection of this pool to give
-                // it back, then wait in line.
-                let _waiting = Waiting::new(&pool);
-                pool.reclaim.notify_one();
-                let acquired = tokio::time::timeout(
-                    self.settings.checkout_timeout,
-                    pool.permits.clone().acquire_owned(),
-                )
-                .await;
+                // No free capacity on this core: counted as waiting first (see `pass_on`),
+                // then free capacity of another core comes here, a session holding a parked
+                // connection is asked to give it back, and the checkout waits in line.
+                let _waiting = Waiting::new(&pool, core);
+                fence(Ordering::SeqCst);
+                // (Borrowed capacity goes to the first in line: with others waiting before this
+                // checkout, a parked connection is still needed.)
+                if !pool.borrow(core) || part.waiting.load(Ordering::SeqCst) > 1 {
+                    pool.reclaim_one(core);
+                }
+                let acquired =
+                    tokio::time::timeout(self.settings.checkout_timeout, part.permits.acquire()).await;
                 match acquired {
-                    Ok(Ok(p)) => p,
+                    Ok(Ok(permit)) => permit.forget(),
                     _ => {
                         return Err(PoolError::Exhausted {
                             node: key.node.clone(),
@@ -446,10 +666,14 @@ impl Pools {
                     }
                 }
             }
+        }
+        let slot = Slot {
+            pool: pool.clone(),
+            core,
         };
         self.checkout_wait.observe(start.elapsed().as_secs_f64());
         let epoch = pool.epoch.load(Ordering::Acquire);
-        let reused = self.take_idle(&pool, startup);
+        let reused = self.take_idle(&pool, core, startup);
         let conn = match reused {
             Some(c) => c,
             // Boxed: opening a connection is rare and its future (TCP, TLS, authentication)
@@ -476,37 +700,54 @@ impl Pools {
         pool.active_gauge.inc();
         Ok(Pooled {
             conn: Some(conn),
-            pool,
+            slot,
             epoch,
             reusable: true,
-            _permit: permit,
+            parked: false,
         })
     }
 
-    /// The most recently used idle connection opened with `startup` that is still good. When
-    /// there is none, idle connections of other parameters are closed, oldest first, until a
-    /// new one fits in `pool_size` (the caller holds a permit).
-    fn take_idle(&self, pool: &Pool, startup: &StartupParams) -> Option<Box<Backend>> {
-        let mut idle = pool.idle.lock().expect("pool lock");
+    /// The most recently used idle connection opened with `startup` that is still good, this
+    /// core's first, then another core's (registered with this core's runtime on the way).
+    /// When there is none, this core's idle connections of other parameters are closed,
+    /// oldest first, until a new one fits in its capacity (the caller holds a unit of it).
+    fn take_idle(&self, pool: &Pool, core: usize, startup: &StartupParams) -> Option<Box<Backend>> {
         let now = Instant::now();
-        let mut i = idle.len();
-        while i > 0 {
-            i -= 1;
-            if !same_startup(&idle[i].startup, startup) {
-                continue;
-            }
-            let c = idle.remove(i);
-            pool.idle_gauge.dec();
-            if !pool.expired(&c, now) && c.looks_alive() {
-                return Some(c);
+        let n = pool.cores.len();
+        for c in (0..n).map(|i| (core + i) % n) {
+            let found = {
+                let mut idle = pool.cores[c].idle.lock().expect("pool lock");
+                let mut found = None;
+                let mut i = idle.len();
+                while i > 0 {
+                    i -= 1;
+                    if !same_startup(&idle[i].startup, startup) {
+                        continue;
+                    }
+                    let conn = idle.remove(i);
+                    pool.idle_gauge.dec();
+                    if !pool.expired(&conn, now) && conn.looks_alive() {
+                        found = Some(conn);
+                        break;
+                    }
+                }
+                found
+            };
+            if let Some(mut conn) = found {
+                match conn.rehome(core) {
+                    Ok(()) => return Some(conn),
+                    Err(e) => {
+                        debug!(node = %pool.key.node, error = %e, "cannot move an idle connection to this core; closing it")
+                    }
+                }
             }
         }
-        let in_use = self.settings.size - pool.permits.available_permits();
-        let excess = (in_use + idle.len()).saturating_sub(self.settings.size);
-        let closed = excess.min(idle.len());
-        if closed > 0 {
-            idle.drain(..closed);
-            pool.idle_gauge.dec_by(closed as i64);
+        let part = &pool.cores[core];
+        let mut idle = part.idle.lock().expect("pool lock");
+        let excess = idle.len().saturating_sub(part.permits.available_permits());
+        if excess > 0 {
+            idle.drain(..excess);
+            pool.idle_gauge.dec_by(excess as i64);
         }
         None
     }
@@ -529,21 +770,21 @@ impl Pools {
         });
     }
 
-    /// Every pool with its counts and connections, for the admin console.
+    /// Every pool with its counts and connections (all cores), for the admin console.
     pub fn stats(&self) -> Vec<PoolStats> {
-        let pools: Vec<_> = self.pools.lock().expect("pools lock").values().cloned().collect();
-        let mut out: Vec<PoolStats> = pools
+        let mut out: Vec<PoolStats> = self
+            .all()
             .iter()
             .map(|p| {
-                let idle: HashMap<u64, usize> = p
-                    .idle
-                    .lock()
-                    .expect("pool lock")
-                    .iter()
-                    .filter_map(|c| c.registration.as_ref().map(|r| (r.id, c.prepared.len())))
-                    .collect();
+                let mut idle: HashMap<u64, usize> = HashMap::new();
+                for part in p.cores.iter() {
+                    let list = part.idle.lock().expect("pool lock");
+                    idle.extend(
+                        list.iter()
+                            .filter_map(|c| c.registration.as_ref().map(|r| (r.id, c.prepared.len()))),
+                    );
+                }
                 let connecting = p.connecting.load(Ordering::Relaxed);
-                let in_use = self.settings.size - p.permits.available_permits();
                 let epoch = p.epoch.load(Ordering::Acquire);
                 let mut servers: Vec<ServerRow> = p
                     .servers
@@ -562,12 +803,17 @@ impl Pools {
                     })
                     .collect();
                 servers.sort_by_key(|s| s.id);
+                // Every open connection is listed in `servers` (from its opening to its
+                // close); the ones not idle are with a client. (Counted from the list rather
+                // than from the cores' capacity, which a checkout or return on another thread
+                // may be changing while the cores are read one by one.)
+                let active = servers.iter().filter(|s| !s.idle).count();
                 PoolStats {
                     node: p.key.node.clone(),
                     user: p.key.user.clone(),
                     database: p.key.database.clone(),
-                    active: in_use.saturating_sub(connecting),
-                    idle: idle.len(),
+                    active,
+                    idle: servers.len() - active,
                     connecting,
                     servers,
                 }
@@ -596,20 +842,14 @@ impl Pools {
     }
 
     fn drain_where(&self, matches: impl Fn(&PoolKey) -> bool) {
-        let pools: Vec<_> = self
-            .pools
-            .lock()
-            .expect("pools lock")
-            .values()
-            .filter(|p| matches(&p.key))
-            .cloned()
-            .collect();
-        for p in pools {
+        for p in self.all().into_iter().filter(|p| matches(&p.key)) {
             p.epoch.fetch_add(1, Ordering::AcqRel);
-            let drained = std::mem::take(&mut *p.idle.lock().expect("pool lock"));
-            p.idle_gauge.dec_by(drained.len() as i64);
-            // Parked holders give their connections back now (see `Pooled::reclaimed`).
-            p.reclaim.notify_waiters();
+            for part in p.cores.iter() {
+                let drained = std::mem::take(&mut *part.idle.lock().expect("pool lock"));
+                p.idle_gauge.dec_by(drained.len() as i64);
+                // Parked holders give their connections back now (see `Pooled::reclaimed`).
+                part.reclaim.notify_waiters();
+            }
         }
     }
 
@@ -617,23 +857,113 @@ impl Pools {
     /// checked for the same.
     pub fn reap(&self) {
         let now = Instant::now();
-        let pools: Vec<_> = self.pools.lock().expect("pools lock").values().cloned().collect();
-        for p in pools {
-            let mut idle = p.idle.lock().expect("pool lock");
-            let before = idle.len();
-            idle.retain(|c| !p.expired(c, now));
-            p.idle_gauge.dec_by((before - idle.len()) as i64);
-            drop(idle);
-            p.reclaim.notify_waiters();
+        for p in self.all() {
+            for part in p.cores.iter() {
+                let mut idle = part.idle.lock().expect("pool lock");
+                let before = idle.len();
+                idle.retain(|c| !p.expired(c, now));
+                p.idle_gauge.dec_by((before - idle.len()) as i64);
+                drop(idle);
+                part.reclaim.notify_waiters();
+            }
         }
     }
 
     /// Idle connections per node, for /topology.
     pub fn idle_counts(&self) -> HashMap<String, usize> {
         let mut out = HashMap::new();
-        for p in self.pools.lock().expect("pools lock").values() {
-            *out.entry(p.key.node.clone()).or_default() += p.idle.lock().expect("pool lock").len();
+        for p in self.pools.load().values() {
+            *out.entry(p.key.node.clone()).or_default() += p.idle_len();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pools(size: usize, cores: usize) -> Pools {
+        let settings = PoolSettings {
+            size,
+            checkout_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(60),
+            max_lifetime: Duration::from_secs(60),
+        };
+        let tls = crate::common::tls::BackendTls::disabled();
+        Pools::new("test", settings, tls, Arc::new(Metrics::new()), cores)
+    }
+
+    /// A checkout's unit of `core`'s free capacity.
+    fn take(pool: &Arc<Pool>, core: usize) -> Slot {
+        pool.cores[core]
+            .permits
+            .try_acquire()
+            .expect("free capacity")
+            .forget();
+        Slot {
+            pool: pool.clone(),
+            core,
+        }
+    }
+
+    fn tokens(pool: &Pool) -> Vec<usize> {
+        pool.cores
+            .iter()
+            .map(|c| c.tokens.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    fn free(pool: &Pool) -> Vec<usize> {
+        pool.cores.iter().map(|c| c.permits.available_permits()).collect()
+    }
+
+    #[test]
+    fn capacity_is_split_over_cores_borrowed_and_passed_to_waiting_cores() {
+        let pools = pools(3, 2);
+        let pool = pools.pool("n:1", "u", "d");
+        assert_eq!(tokens(&pool), [2, 1]);
+        // Core 1 uses its share, then takes free capacity of core 0.
+        let a = take(&pool, 1);
+        assert!(pool.cores[1].permits.try_acquire().is_err());
+        assert!(pool.borrow(1));
+        assert_eq!((tokens(&pool), free(&pool)), (vec![1, 2], vec![1, 1]));
+        let b = take(&pool, 1);
+        let c = take(&pool, 0);
+        assert!(!pool.borrow(1), "nothing free anywhere");
+        // A checkout waits on core 0; core 1 frees a unit nobody there waits for: it goes to
+        // core 0.
+        let waiting = Waiting::new(&pool, 0);
+        drop(a);
+        assert_eq!((tokens(&pool), free(&pool)), (vec![2, 1], vec![1, 0]));
+        drop(waiting);
+        drop((b, c));
+        assert_eq!((tokens(&pool), free(&pool)), (vec![2, 1], vec![2, 1]));
+    }
+
+    #[test]
+    fn a_core_above_its_share_gives_back_to_a_waiting_core_below_its_own() {
+        let pools = pools(2, 2);
+        let pool = pools.pool("n:1", "u", "d");
+        let x = take(&pool, 0);
+        assert!(pool.borrow(0));
+        let y = take(&pool, 0);
+        assert_eq!(tokens(&pool), [2, 0]);
+        // Both cores wait; core 0 is above its share (1), core 1 below: core 0's next free
+        // unit goes to core 1 although core 0 has a waiting checkout too.
+        let w0 = Waiting::new(&pool, 0);
+        let w1 = Waiting::new(&pool, 1);
+        drop(x);
+        assert_eq!((tokens(&pool), free(&pool)), (vec![1, 1], vec![0, 1]));
+        // At its share, core 0 keeps what it frees for its own waiting checkout.
+        drop(y);
+        assert_eq!((tokens(&pool), free(&pool)), (vec![1, 1], vec![1, 1]));
+        drop((w0, w1));
+        assert_eq!(
+            tokens(&pool).iter().sum::<usize>(),
+            2,
+            "pool_size is never exceeded"
+        );
     }
 }

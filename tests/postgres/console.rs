@@ -48,7 +48,7 @@ async fn console(env: &Env, user: &str) -> Client {
 }
 
 /// A console result set: column names, and rows of text values ("NULL" for NULL).
-async fn show(client: &Client, command: &str) -> (Vec<String>, Vec<Vec<String>>) {
+pub(crate) async fn show(client: &Client, command: &str) -> (Vec<String>, Vec<Vec<String>>) {
     let messages = match client.simple_query(command).await {
         Ok(m) => m,
         Err(e) => panic!("{command}: {}", support::describe(&e)),
@@ -72,7 +72,7 @@ async fn show(client: &Client, command: &str) -> (Vec<String>, Vec<Vec<String>>)
 }
 
 /// The value of `column` in the first row whose `key_column` is `key`.
-fn cell(
+pub(crate) fn cell(
     result: &(Vec<String>, Vec<Vec<String>>),
     key_column: &str,
     key: &str,

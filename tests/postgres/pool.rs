@@ -309,3 +309,140 @@ async fn a_slow_reader_does_not_keep_its_parked_backend_from_others() {
     .await;
     env.sluice.assert_no_unexpected_errors(&[]);
 }
+
+/// Server connections of user `app` to database `app`, as the primary reports them.
+async fn app_backends(direct: &Client) -> i64 {
+    direct
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND datname = 'app'",
+            &[],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get(0)
+}
+
+/// Server connections of pool (app, app) in SHOW POOLS: sv_active + sv_idle + sv_login.
+async fn pooled_servers(console: &Client) -> usize {
+    let pools = crate::console::show(console, "SHOW POOLS").await;
+    ["sv_active", "sv_idle", "sv_login"]
+        .iter()
+        .map(|column| {
+            crate::console::cell(&pools, "database", "app", column)
+                .unwrap_or_else(|| panic!("no {column} for app in {pools:?}"))
+                .parse::<usize>()
+                .expect("a count")
+        })
+        .sum()
+}
+
+/// `pool_size` bounds a pool over all cores: with two runtime threads and pool_size 2 (a share
+/// of one per core), twelve clients accepted on either core never have more than two server
+/// connections (SHOW POOLS and pg_stat_activity, polled throughout); a client whose core's
+/// share is held by an open transaction is served by the other core's capacity, i.e. by the
+/// one connection left, which moves to its core without being reopened (same server pid for
+/// every client); and clients all running at once never fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_size_bounds_connections_over_all_cores() {
+    use std::collections::BTreeSet;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let cluster = crate::support::PgCluster::start(0);
+    let (toml, _, _) = crate::support::sluice_config(
+        &cluster,
+        "pool_size = 2\ncheckout_timeout = \"3s\"\nconsistency = \"primary\"",
+    );
+    let toml = format!(
+        "[runtime]\nthreads = 2\n\n{}\n[[clusters.users]]\nname = \"boss\"\npassword = \"boss-secret\"\n",
+        toml.replacen("[admin]\n", "[admin]\nadmin_users = [\"boss\"]\n", 1)
+    );
+    let sluice = crate::support::Sluice::start(&toml);
+    crate::wait_all_probed(&sluice, 1);
+    let env = Env { sluice, cluster };
+    let addr = env.sluice.listen_addr();
+    bounded(120, async {
+        let direct = env.cluster.superuser_client(env.cluster.primary_port()).await;
+        let console = crate::support::connect(addr, "boss", "boss-secret", "sluice").await;
+        let mut clients = Vec::new();
+        for _ in 0..12 {
+            let c = env.app_client().await;
+            simple_column(&c, "SELECT 1").await;
+            clients.push(Arc::new(c));
+        }
+        // The function catalog is read on a connection of its own at the first login: gone
+        // before the bound is watched.
+        while app_backends(&direct).await > 2 {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+
+        // Polls both views until told to stop; returns the most connections either showed.
+        let stop = Arc::new(AtomicBool::new(false));
+        let most = Arc::new(AtomicUsize::new(0));
+        let watcher = {
+            let (stop, most) = (stop.clone(), most.clone());
+            tokio::spawn(async move {
+                let mut polls = 0;
+                while !stop.load(Ordering::SeqCst) || polls < 2 {
+                    let shown = pooled_servers(&console)
+                        .await
+                        .max(app_backends(&direct).await as usize);
+                    most.fetch_max(shown, Ordering::SeqCst);
+                    polls += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                polls
+            })
+        };
+
+        // One client holds a connection in an open transaction: every other client, on
+        // either core, has to be served by the one connection left.
+        let holder = &clients[0];
+        exec(holder, "BEGIN").await;
+        let held = simple_column(holder, "SELECT pg_backend_pid()").await;
+        let mut pids = BTreeSet::new();
+        for _round in 0..3 {
+            for c in &clients[1..] {
+                // Fails with 53300 after checkout_timeout if the capacity does not reach it.
+                pids.extend(simple_column(c, "SELECT pg_backend_pid()").await);
+            }
+        }
+        assert_eq!(
+            pids.len(),
+            1,
+            "the other clients were served by {pids:?} (the holder has {held:?})"
+        );
+        assert!(
+            !pids.contains(&held[0]),
+            "the holder's connection served others: {pids:?}"
+        );
+        exec(holder, "COMMIT").await;
+
+        // Everyone at once.
+        let tasks: Vec<_> = clients
+            .iter()
+            .map(|client| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    for i in 0..20 {
+                        let sql = format!("SELECT {i}");
+                        match client.simple_query(&sql).await {
+                            Ok(_) => {}
+                            Err(e) => panic!("{sql}: {}", describe(&e)),
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("client task");
+        }
+        stop.store(true, Ordering::SeqCst);
+        let polls = watcher.await.expect("watcher");
+        let most = most.load(Ordering::SeqCst);
+        eprintln!("at most {most} server connections in {polls} polls");
+        assert!(most <= 2, "{most} server connections with pool_size 2");
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[]);
+}

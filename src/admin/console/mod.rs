@@ -250,7 +250,7 @@ impl Console {
             .iter()
             .flat_map(|c| c.activity.databases())
             .filter(|d| database.is_none_or(|n| n == d.name))
-            .map(|d| d.busy.load(Ordering::SeqCst))
+            .map(|d| d.busy.load(Ordering::SeqCst) as usize)
             .sum()
     }
 

@@ -128,7 +128,7 @@ pub fn pg_nodes(c: &Cluster) -> Vec<NodeRow> {
                 lsn: n.lsn.map(lsn_text),
                 timeline: n.timeline,
                 zone: n.zone.clone(),
-                in_flight: u64::from(n.load.load(Ordering::Relaxed)),
+                in_flight: u64::from(n.load.get()),
                 connections: idle.get(&n.address).copied().unwrap_or(0),
                 error: n.health.error.clone(),
             }
