@@ -494,6 +494,61 @@ impl Cluster {
         result
     }
 
+    /// `attach` when a backend is parked for the client and the router sends the request to its
+    /// node: that backend, with no await (no pool, no wait, no clock read). This is the usual
+    /// case of a client whose transactions follow each other, and it keeps the slow path's
+    /// large future out of every session's (the session boxes it). `None`: `attach` decides;
+    /// a parked backend the router did not choose has gone back to its pool.
+    pub fn resume_parked(
+        &self,
+        intent: Intent,
+        min_lsn: Option<u64>,
+        parked: &mut Option<Checkout>,
+    ) -> Option<Checkout> {
+        parked.as_ref()?;
+        let mut policy = Policy::of(&self.config, min_lsn);
+        // As on `attach_inner`'s first pass, which starts the hold's clock now.
+        policy.writable_only = self
+            .config
+            .write_hold
+            .is_some_and(|h| !h.is_zero() && intent == Intent::Primary && !policy.multi_active);
+        let snap = self.topology.load();
+        let node = self.choose(intent, &snap, &policy).ok()?;
+        match parked.take()?.resume(&snap.nodes[node]) {
+            Ok(p) => {
+                self.routed[usize::from(intent == Intent::Replica)].inc();
+                Some(p)
+            }
+            Err(p) => {
+                drop(p); // back to the pool; `attach` checks one out
+                None
+            }
+        }
+    }
+
+    /// The router's choice for one request on this snapshot.
+    fn choose(&self, intent: Intent, snap: &crate::common::topology::Snapshot, policy: &Policy<'_>) -> Result<usize, NoRoute> {
+        // Each node's requests in flight, on the stack for up to 16 nodes (this runs for every
+        // transaction).
+        let mut stack = [0u32; 16];
+        let heap: Vec<u32>;
+        let loads: &[u32] = if snap.nodes.len() <= stack.len() {
+            for (l, n) in stack.iter_mut().zip(&snap.nodes) {
+                *l = n.load.load(Ordering::Relaxed);
+            }
+            &stack[..snap.nodes.len()]
+        } else {
+            heap = snap
+                .nodes
+                .iter()
+                .map(|n| n.load.load(Ordering::Relaxed))
+                .collect();
+            &heap
+        };
+        let tiebreak = self.tiebreak.fetch_add(1, Ordering::Relaxed);
+        router::choose(intent, snap, loads, tiebreak, policy)
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn attach_inner(
         &self,
@@ -517,28 +572,7 @@ impl Cluster {
         loop {
             policy.writable_only = hold_deadline.is_some_and(|d| tokio::time::Instant::now() < d);
             let snap = self.topology.load();
-            let choice = {
-                // Each node's requests in flight, on the stack for up to 16 nodes (this runs
-                // for every transaction).
-                let mut stack = [0u32; 16];
-                let heap: Vec<u32>;
-                let loads: &[u32] = if snap.nodes.len() <= stack.len() {
-                    for (l, n) in stack.iter_mut().zip(&snap.nodes) {
-                        *l = n.load.load(Ordering::Relaxed);
-                    }
-                    &stack[..snap.nodes.len()]
-                } else {
-                    heap = snap
-                        .nodes
-                        .iter()
-                        .map(|n| n.load.load(Ordering::Relaxed))
-                        .collect();
-                    &heap
-                };
-                let tiebreak = self.tiebreak.fetch_add(1, Ordering::Relaxed);
-                router::choose(intent, &snap, loads, tiebreak, &policy)
-            };
-            match choice {
+            match self.choose(intent, &snap, &policy) {
                 Ok(node) => {
                     if let Some(p) = parked.take() {
                         match p.resume(&snap.nodes[node]) {

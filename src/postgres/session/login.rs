@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::settings;
 use super::{fatal, Link, Session};
+use crate::common::buffers::Buffer;
 use crate::common::tls::{ClientStream, MaybeTls};
 use crate::config::PoolMode;
 use crate::postgres::backend::StartupParams;
@@ -39,13 +40,15 @@ pub async fn login(
     let local = tcp.local_addr().ok();
     // The stream may turn into a TLS stream half-way through the handshake.
     let mut slot: Option<ClientStream> = Some(MaybeTls::Plain(tcp));
-    let mut buf = BytesMut::with_capacity(1024);
+    // From the thread's pool; what the client sent past its login stays in it for the session.
+    let mut cbuf = Buffer::default();
+    let buf = cbuf.get();
     let mut out = BytesMut::new();
     let held = HeldClock::default();
     let result = within_login_timeout(
         cluster.config.login_timeout,
         &held,
-        handshake(cluster, peer, &mut slot, &mut buf, &mut out, &held),
+        handshake(cluster, peer, &mut slot, buf, &mut out, &held),
     )
     .await;
     // Gone only if the login timed out in the middle of a TLS handshake.
@@ -64,7 +67,7 @@ pub async fn login(
     let greeted = match greeted {
         Some(Outcome::Client(g)) => g,
         Some(Outcome::Console(login)) => {
-            crate::admin::console::serve(cluster, stream, buf, BytesMut::new(), login).await?;
+            crate::admin::console::serve(cluster, stream, cbuf.into_bytes(), BytesMut::new(), login).await?;
             return Ok(None);
         }
         None => return Ok(None),
@@ -82,8 +85,8 @@ pub async fn login(
         cluster,
         crate::postgres::activity::ClientInfo {
             id: cluster.next_session_id(),
-            user: user.clone(),
-            database: database.clone(),
+            user,
+            database,
             addr: peer,
             local,
             tls,
@@ -98,8 +101,7 @@ pub async fn login(
             active: 0.into(),
         },
     );
-    let db = cluster.activity.database(&database);
-    let (rd, wr) = tokio::io::split(stream);
+    let db = cluster.activity.database(&client.info.database);
     // Session mode: the client keeps the backend that answered its login for its whole
     // session, so it is told that backend's own key, and `pg_backend_pid()`, NOTIFY pids and
     // `pg_terminate_backend` agree with BackendKeyData as on a direct connection. Transaction
@@ -112,27 +114,24 @@ pub async fn login(
         Some(registered) => registered,
         None => cluster.register_random_cancel(),
     };
-    let mut greeting = BytesMut::new();
-    server::backend_key_data(&mut greeting, cancel_key.0, cancel_key.1);
-    server::ready_for_query(&mut greeting, b'I');
+    let mut greeting = Buffer::default();
+    server::backend_key_data(greeting.get(), cancel_key.0, cancel_key.1);
+    server::ready_for_query(greeting.get(), b'I');
+    cbuf.release();
     let mut session = Box::new(Session {
         cluster: cluster.clone(),
-        id: client.info.id,
         client,
         db,
         busy: None,
-        user,
-        database,
         startup,
         startup_serializable,
-        rd,
-        wr,
-        cbuf: buf,
+        stream,
+        cbuf,
         out: greeting,
-        to_backend: BytesMut::new(),
+        to_backend: Buffer::default(),
         link: Link::Idle,
         statements: Default::default(),
-        settings: Default::default(),
+        settings: settings::none(),
         custom_settings: Vec::new(),
         functions,
         pinned: None,
@@ -142,6 +141,7 @@ pub async fn login(
         cancel_slot,
         span,
         topology_changes: cluster.topology.subscribe(),
+        idle_timer: None,
     });
     // The connection that answered the login serves the client's first request (session
     // mode: every request) without another checkout.

@@ -23,11 +23,11 @@ use std::sync::Arc;
 use bytes::{Buf, Bytes, BytesMut};
 use sluice_postgres::server::{self, ErrorFields};
 use sluice_postgres::{peek, split_message, Classification, Message, PinReason};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::io::{ReadHalf, WriteHalf};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::common::buffers::Buffer;
 use crate::common::tls::ClientStream;
 use crate::common::topology::Role;
 use crate::config::PoolMode;
@@ -57,17 +57,18 @@ enum BackendIo {
 async fn backend_io(
     stream: &mut crate::common::tls::BackendStream,
     rbuf: &mut BytesMut,
-    pending: &mut BytesMut,
+    pending: &mut Buffer,
 ) -> std::io::Result<BackendIo> {
     use std::pin::Pin;
     use std::task::Poll;
     use tokio::io::AsyncWrite;
     std::future::poll_fn(|cx| {
         if !pending.is_empty() {
-            match Pin::new(&mut *stream).poll_write(cx, pending) {
+            match Pin::new(&mut *stream).poll_write(cx, &pending[..]) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(n)) => {
-                    pending.advance(n);
+                    pending.get().advance(n);
+                    pending.release();
                     return Poll::Ready(Ok(BackendIo::Wrote));
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -182,10 +183,35 @@ impl Link {
     }
 }
 
-/// What woke the relay on the session's server connection.
-enum LinkEvent {
+/// What the relay acts on next.
+enum Event {
+    /// The attached backend's connection wrote or read.
     Backend(std::io::Result<BackendIo>),
+    /// The parked backend's pool wants it back.
     Reclaimed,
+    /// The node of the request in flight was marked down (why).
+    NodeDown(String),
+    /// The client was idle past `client_idle_timeout`.
+    IdleTimeout,
+    /// Bytes read from the client (0: it closed the connection).
+    Client(std::io::Result<usize>),
+}
+
+/// Resolves (with the node's last error) when `node` is marked down in the topology.
+async fn node_down(
+    topology: &crate::common::topology::Topology,
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+    node: &str,
+) -> String {
+    loop {
+        let snap = topology.load();
+        if let Some(n) = snap.nodes.iter().find(|n| *n.address == *node && !n.healthy) {
+            return n.last_error.clone().unwrap_or_default();
+        }
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
 }
 
 /// The backend a client holds right now.
@@ -281,29 +307,29 @@ impl Attached {
 /// A logged-in client.
 pub struct Session {
     cluster: Arc<Cluster>,
-    /// Unique in the cluster: marks the backends this session used last.
-    id: u64,
-    /// The client as the admin console lists it (`SHOW CLIENTS`, `SHOW POOLS`).
+    /// The client as the admin console lists it (`SHOW CLIENTS`, `SHOW POOLS`); also its
+    /// user, database and session id (unique in the cluster: marks the backends this session
+    /// used last).
     client: crate::postgres::activity::Registered,
     /// Its database's activity (transactions in flight, totals).
     db: Arc<crate::postgres::activity::DbActivity>,
     /// The client's transaction in flight (from its first message to the ReadyForQuery that
     /// ends it): what a console `PAUSE` waits for.
     busy: Option<crate::postgres::activity::Busy>,
-    user: String,
-    database: String,
     /// What the client's backends are opened with (its own startup parameters).
     startup: StartupParams,
     /// The startup parameters make every transaction serializable.
     startup_serializable: bool,
-    rd: ReadHalf<ClientStream>,
-    wr: WriteHalf<ClientStream>,
-    /// Client bytes not yet framed.
-    cbuf: BytesMut,
+    /// The client connection, read and written by this one task (no `tokio::io::split`: its
+    /// halves share the stream behind an `Arc` and a lock).
+    stream: ClientStream,
+    /// Client bytes not yet framed. Like `out` and `to_backend`, it holds a buffer only while
+    /// it holds bytes: an idle client has none (see `common::buffers`).
+    cbuf: Buffer,
     /// Bytes for the client.
-    out: BytesMut,
+    out: Buffer,
     /// Bytes for the backend.
-    to_backend: BytesMut,
+    to_backend: Buffer,
     /// The server connection the session holds, if any, and what it is for.
     link: Link,
     /// The client's prepared statements by the client's name ("" is the unnamed one).
@@ -329,6 +355,8 @@ pub struct Session {
     /// Topology generations, subscribed once per session: the relay watches for the node of a
     /// request in flight being marked down.
     topology_changes: tokio::sync::watch::Receiver<u64>,
+    /// `client_idle_timeout` between transactions (made on first use, when configured).
+    idle_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Session {
@@ -348,7 +376,7 @@ impl Session {
         // The error that ends the session (e.g. 08006 when the backend closed) is still in
         // `out` when the backend read saw EOF: the client must get it before the close.
         let _ = self.flush_client().await;
-        let _ = self.wr.shutdown().await;
+        let _ = self.stream.shutdown().await;
     }
 
     async fn relay(&mut self) -> End {
@@ -358,117 +386,128 @@ impl Session {
                 let _ = self.flush_client().await;
                 return end;
             }
+            self.cbuf.release();
             if self.flush_client().await.is_err() {
                 return End::ClientGone;
             }
-            // A request in flight on a node that sluice has marked down (probe timeout, refused
-            // connections) would wait as long as the node hangs: end it instead.
-            let in_flight_on = self
-                .link
-                .attached()
-                .filter(|a| !a.units.is_empty() || a.in_batch || a.copy_in)
-                .map(|a| a.checkout.conn.node_shared());
-            let topology = &self.cluster.topology;
-            let changes = &mut self.topology_changes;
-            let node_down = async {
-                let Some(node) = in_flight_on else {
-                    return std::future::pending().await;
-                };
-                loop {
-                    let snap = topology.load();
-                    if let Some(n) = snap.nodes.iter().find(|n| *n.address == *node && !n.healthy) {
-                        return n.last_error.clone().unwrap_or_default();
-                    }
-                    if changes.changed().await.is_err() {
-                        return std::future::pending().await;
+            match self.next_event().await {
+                Event::Backend(Ok(BackendIo::Wrote)) => {}
+                Event::Backend(Ok(BackendIo::Read(0))) => {
+                    return self.backend_lost("the server closed the connection")
+                }
+                Event::Backend(Err(e)) => return self.backend_lost(&e.to_string()),
+                Event::Backend(Ok(BackendIo::Read(_))) => {
+                    if let Err(end) = self.process_backend_messages() {
+                        let _ = self.flush_client().await;
+                        return end;
                     }
                 }
-            };
-            // A client with no backend is between transactions: it may idle only so long.
-            let idle_limit = match (&self.link, self.cluster.config.client_idle_timeout) {
-                (Link::Attached(_), _) => None,
-                (_, limit) => limit,
-            };
-            let idle = async {
-                match idle_limit {
-                    Some(limit) => tokio::time::sleep(limit).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let Session {
-                rd,
-                cbuf,
-                link,
-                to_backend,
-                ..
-            } = self;
-            // Past this much unsent to the backend, the client waits (TCP backpressure), as it
-            // would on a direct connection to a server that is slow to read.
-            let backlogged = to_backend.len() >= BACKEND_BACKLOG || self.held.is_some();
-            let client_read = async {
-                if backlogged {
-                    return std::future::pending().await;
-                }
-                rd.read_buf(cbuf).await
-            };
-            // What the session's server connection may do: an attached backend reads the
-            // replies while the client's messages are written to it (a server blocked on
-            // sending replies stops reading, so a proxy that only wrote would deadlock on a long
-            // pipeline, and an error would reach the client only after it had sent everything:
-            // asyncpg's executemany stops early on a server error); a parked one may be
-            // reclaimed by its pool.
-            let link_io = async {
-                match link {
-                    Link::Attached(a) => {
-                        let be = a.checkout.conn.conn();
-                        LinkEvent::Backend(backend_io(&mut be.stream, &mut be.rbuf, to_backend).await)
-                    }
-                    Link::Parked(c) => {
-                        to_backend.clear();
-                        c.conn.reclaimed().await;
-                        LinkEvent::Reclaimed
-                    }
-                    Link::Idle | Link::FailedUntilSync => {
-                        to_backend.clear();
-                        std::future::pending().await
-                    }
-                }
-            };
-            tokio::select! {
-                // Polled in this order, without select's random start (it costs on every poll).
-                // While a backend streams without pause, client messages wait in the socket;
-                // they are read as soon as it pauses.
-                biased;
-                event = link_io => match event {
-                    LinkEvent::Backend(Ok(BackendIo::Wrote)) => {}
-                    LinkEvent::Backend(Ok(BackendIo::Read(0))) => {
-                        return self.backend_lost("the server closed the connection")
-                    }
-                    LinkEvent::Backend(Err(e)) => return self.backend_lost(&e.to_string()),
-                    LinkEvent::Backend(Ok(BackendIo::Read(_))) => {
-                        if let Err(end) = self.process_backend_messages() {
-                            let _ = self.flush_client().await;
-                            return end;
-                        }
-                    }
-                    // Another client needs a connection of that pool, or it idled out.
-                    LinkEvent::Reclaimed => self.release_parked(),
-                },
-                () = idle => {
-                    info!(parent: &self.span, "client idle past client_idle_timeout; disconnecting");
-                    fatal(&mut self.out, "57P05", "terminating connection due to idle-session timeout");
-                    return End::ClientGone;
-                }
-                r = client_read => match r {
-                    Ok(0) | Err(_) => return End::ClientGone,
-                    Ok(n) => {
-                        self.db.totals.received.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-                    }
-                },
-                why = node_down => {
+                // Another client needs a connection of that pool, or it idled out.
+                Event::Reclaimed => self.release_parked(),
+                Event::NodeDown(why) => {
                     return self.backend_lost(&format!("the node was marked down ({why})"));
                 }
+                Event::IdleTimeout => {
+                    info!(parent: &self.span, "client idle past client_idle_timeout; disconnecting");
+                    fatal(self.out.get(), "57P05", "terminating connection due to idle-session timeout");
+                    return End::ClientGone;
+                }
+                Event::Client(Ok(0) | Err(_)) => return End::ClientGone,
+                Event::Client(Ok(n)) => {
+                    self.db.totals.received.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                }
             }
+        }
+    }
+
+    /// Waits for what the relay acts on next. One small future whatever the state: each state
+    /// awaits only what can happen in it, in one `match`, so their futures share storage (this
+    /// future is part of every idle client's task).
+    async fn next_event(&mut self) -> Event {
+        // A request in flight on a node that sluice has marked down (probe timeout, refused
+        // connections) would wait as long as the node hangs: end it instead.
+        let in_flight_on = self
+            .link
+            .attached()
+            .filter(|a| !a.units.is_empty() || a.in_batch || a.copy_in)
+            .map(|a| a.checkout.conn.node_shared());
+        // A client with no backend is between transactions: it may idle only so long. The
+        // timer is made once per session (only when the limit is configured) and restarted here.
+        if let (Some(limit), false) = (self.cluster.config.client_idle_timeout, self.link.attached().is_some()) {
+            let deadline = tokio::time::Instant::now() + limit;
+            match &mut self.idle_timer {
+                Some(t) => t.as_mut().reset(deadline),
+                None => self.idle_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        let Session {
+            stream,
+            cbuf,
+            link,
+            to_backend,
+            held,
+            cluster,
+            topology_changes,
+            idle_timer,
+            ..
+        } = self;
+        // Past this much unsent to the backend, the client waits (TCP backpressure), as it
+        // would on a direct connection to a server that is slow to read.
+        let backlogged = to_backend.len() >= BACKEND_BACKLOG || held.is_some();
+        let idle = async {
+            match idle_timer {
+                Some(t) => t.as_mut().await,
+                None => std::future::pending().await,
+            }
+        };
+        // What the session's server connection may do: an attached backend reads the replies
+        // while the client's messages are written to it (a server blocked on sending replies
+        // stops reading, so a proxy that only wrote would deadlock on a long pipeline, and an
+        // error would reach the client only after it had sent everything: asyncpg's
+        // executemany stops early on a server error); a parked one may be reclaimed by its
+        // pool; a client without a backend may idle out.
+        let link_io = async {
+            match link {
+                Link::Attached(a) => {
+                    let be = a.checkout.conn.conn();
+                    let io = backend_io(&mut be.stream, &mut be.rbuf, to_backend);
+                    let Some(node) = in_flight_on else {
+                        return Event::Backend(io.await);
+                    };
+                    tokio::select! {
+                        biased;
+                        r = io => Event::Backend(r),
+                        why = node_down(&cluster.topology, topology_changes, &node) => Event::NodeDown(why),
+                    }
+                }
+                Link::Parked(c) => {
+                    to_backend.clear();
+                    tokio::select! {
+                        biased;
+                        () = c.conn.reclaimed() => Event::Reclaimed,
+                        () = idle => Event::IdleTimeout,
+                    }
+                }
+                Link::Idle | Link::FailedUntilSync => {
+                    to_backend.clear();
+                    idle.await;
+                    Event::IdleTimeout
+                }
+            }
+        };
+        let client_read = std::future::poll_fn(|cx| {
+            if backlogged {
+                return std::task::Poll::Pending;
+            }
+            cbuf.poll_read_from(stream, cx)
+        });
+        tokio::select! {
+            // Polled in this order, without select's random start (it costs on every poll).
+            // While a backend streams without pause, client messages wait in the socket; they
+            // are read as soon as it pauses.
+            biased;
+            event = link_io => event,
+            r = client_read => Event::Client(r),
         }
     }
 
@@ -489,7 +528,7 @@ impl Session {
             .error(&self.cluster.config.name, "backend_lost");
         let msg = format!("sluice: lost the connection to database node {node}: {why}");
         if !told {
-            fatal(&mut self.out, "08006", &msg);
+            fatal(self.out.get(), "08006", &msg);
         }
         End::BackendFault(msg)
     }
@@ -502,7 +541,7 @@ impl Session {
             .sent
             .fetch_add(self.out.len() as u64, std::sync::atomic::Ordering::Relaxed);
         while !self.out.is_empty() {
-            let Session { wr, out, link, .. } = self;
+            let Session { stream, out, link, .. } = self;
             let reclaim = async {
                 match link {
                     Link::Parked(c) => c.conn.reclaimed().await,
@@ -513,13 +552,14 @@ impl Session {
                 // The write first: it usually completes at once, and then the parked backend's
                 // watch is never even set up.
                 biased;
-                n = wr.write(out) => match n? {
+                n = stream.write(&out[..]) => match n? {
                     0 => return Err(std::io::ErrorKind::WriteZero.into()),
-                    n => out.advance(n),
+                    n => out.get().advance(n),
                 },
                 () = reclaim => self.release_parked(),
             }
         }
+        self.out.release();
         Ok(())
     }
 
@@ -534,7 +574,10 @@ impl Session {
                 self.handle_client_message(msg).await?;
                 continue;
             }
-            let msg = match split_message(&mut self.cbuf, MAX_CLIENT_MESSAGE) {
+            if self.cbuf.is_empty() {
+                return Ok(());
+            }
+            let msg = match split_message(self.cbuf.get(), MAX_CLIENT_MESSAGE) {
                 Ok(Some(m)) => m,
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(self.violation(&format!("invalid message framing: {e}"))),
@@ -545,7 +588,7 @@ impl Session {
 
     fn violation(&mut self, why: &str) -> End {
         let msg = format!("sluice: protocol violation: {why}");
-        fatal(&mut self.out, "08P01", &msg);
+        fatal(self.out.get(), "08P01", &msg);
         self.cluster
             .metrics
             .error(&self.cluster.config.name, "protocol_violation");
@@ -605,14 +648,14 @@ impl Session {
             if matches!(self.link, Link::FailedUntilSync) {
                 if tag == b'S' {
                     self.link = Link::Idle;
-                    server::ready_for_query(&mut self.out, b'I');
+                    server::ready_for_query(self.out.get(), b'I');
                 }
                 return Ok(());
             }
             match tag {
                 // Nothing to run: answer locally.
                 b'S' => {
-                    server::ready_for_query(&mut self.out, b'I');
+                    server::ready_for_query(self.out.get(), b'I');
                     return Ok(());
                 }
                 // Flush with nothing in flight, and COPY data outside COPY, are ignored (the
@@ -725,8 +768,8 @@ impl Session {
         let mut parked = self.link.take_parked();
         let attach = self.cluster.attach(
             intent,
-            &self.user,
-            &self.database,
+            &self.client.info.user,
+            &self.client.info.database,
             &self.startup,
             self.min_lsn,
             &mut parked,
@@ -815,20 +858,20 @@ impl Session {
         }));
         debug!(parent: &self.span, node = %be.addr, "attached backend");
         let mut replays = 0;
-        let foreign = be.owner != self.id && be.tainted;
+        let foreign = be.owner != self.client.info.id && be.tainted;
         if self.cluster.config.pool_mode == PoolMode::Transaction && (foreign || be.settings != self.settings)
         {
             // The backend carries someone else's settings (or may: another client wrote or
             // set something there): make them the client's.
             for sql in settings::replay_sql(&self.settings, foreign) {
-                self.to_backend.extend_from_slice(&simple_query(&sql));
+                self.to_backend.get().extend_from_slice(&simple_query(&sql));
                 replays += 1;
             }
             be.settings = self.settings.clone();
             be.tainted = false;
             self.cluster.settings_replayed();
         }
-        be.owner = self.id;
+        be.owner = self.client.info.id;
         let mut attached = Attached {
             checkout,
             units: VecDeque::new(),
@@ -901,8 +944,12 @@ impl Session {
         let Some(a) = self.link.attached_mut() else { return };
         if a.is_clean() && self.cluster.config.pool_mode == PoolMode::Session {
             let be = a.checkout.conn.conn();
-            let reset =
-                tokio::time::timeout(std::time::Duration::from_secs(2), be.simple_query("DISCARD ALL")).await;
+            // Boxed: once per session, and a large future to keep out of every session's.
+            let reset = Box::pin(tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                be.simple_query("DISCARD ALL"),
+            ))
+            .await;
             be.prepared.clear();
             be.settings = Default::default();
             be.owner = 0;
@@ -928,7 +975,7 @@ impl Session {
         self.cluster.metrics.error(&self.cluster.config.name, reason);
         if let AttachError::Pool(PoolError::Connect(BackendError::Server { raw, .. })) = &e {
             // The server's own refusal (e.g. unknown database) says it best.
-            self.out.extend_from_slice(raw);
+            self.out.get().extend_from_slice(raw);
             if raw_is_fatal(raw) {
                 return Err(End::BackendFault(e.to_string()));
             }
@@ -938,10 +985,10 @@ impl Session {
             } else {
                 warn!(parent: &self.span, error = %e, "request failed");
             }
-            error_with(&mut self.out, "ERROR", code, &e.to_string());
+            error_with(self.out.get(), "ERROR", code, &e.to_string());
         }
         if tag == b'Q' {
-            server::ready_for_query(&mut self.out, b'I');
+            server::ready_for_query(self.out.get(), b'I');
         } else {
             self.link = Link::FailedUntilSync;
         }

@@ -81,7 +81,7 @@ impl Session {
                 if n == 0 {
                     return Ok(());
                 }
-                self.out.extend_from_slice(&rbuf.split_to(n));
+                self.out.get().extend_from_slice(&rbuf.split_to(n));
                 a.streaming -= n;
                 continue;
             }
@@ -90,7 +90,7 @@ impl Session {
                 // and including the ReadyForQuery that ends them.
                 let (n, ready) = relayable_run(rbuf, !a.fixups.is_empty());
                 if n > 0 {
-                    self.out.extend_from_slice(&rbuf[..n]);
+                    self.out.get().extend_from_slice(&rbuf[..n]);
                     rbuf.advance(n);
                     if let Some(status) = ready {
                         a.status = status;
@@ -107,7 +107,7 @@ impl Session {
                 // of it.
                 if let Some(total) = large_relayed_message(rbuf) {
                     let n = rbuf.len();
-                    self.out.extend_from_slice(&rbuf.split_to(n));
+                    self.out.get().extend_from_slice(&rbuf.split_to(n));
                     a.streaming = total - n;
                     continue;
                 }
@@ -144,7 +144,7 @@ impl Session {
                         b'Z' => {
                             a.status = peek::ready_status(msg.body()).unwrap_or(b'I');
                             a.pop_unit();
-                            self.out.extend_from_slice(msg.raw());
+                            self.out.get().extend_from_slice(msg.raw());
                             self.settle();
                             if self.link.attached().is_some_and(|a| a.units.is_empty()) {
                                 self.request_done();
@@ -179,7 +179,7 @@ impl Session {
                                 if let Some(to) = to {
                                     let quoted = |n: &[u8]| [&b"\""[..], n, b"\""].concat();
                                     peek::encode_error_renamed(
-                                        &mut self.out,
+                                        self.out.get(),
                                         b'E',
                                         msg.body(),
                                         &quoted(&from),
@@ -191,7 +191,7 @@ impl Session {
                         }
                         _ => {}
                     }
-                    self.out.extend_from_slice(msg.raw());
+                    self.out.get().extend_from_slice(msg.raw());
                 }
                 Some(unit) => {
                     match (tag, unit) {
@@ -220,7 +220,7 @@ impl Session {
                                 let note = format!(
                                     "sluice: could not apply the session's settings on this connection: {message}"
                                 );
-                                super::error_with(&mut self.out, "WARNING", "01000", &note);
+                                super::error_with(self.out.get(), "WARNING", "01000", &note);
                             }
                         }
                         (b'Z', _) => {
@@ -272,6 +272,7 @@ impl Session {
         if a.settings_dirty {
             a.settings_dirty = false;
             self.to_backend
+                .get()
                 .extend_from_slice(&simple_query(&settings::read_settings_sql(&self.custom_settings)));
             a.push_unit(Unit::ReadSettings(Vec::new()));
             return;
@@ -281,6 +282,7 @@ impl Session {
             // The insert position: with synchronous_commit = off the commit record may not be
             // written yet, so pg_current_wal_lsn() can be behind it.
             self.to_backend
+                .get()
                 .extend_from_slice(&simple_query("SELECT pg_catalog.pg_current_wal_insert_lsn()"));
             a.push_unit(Unit::WalPosition(None));
             return;

@@ -155,7 +155,7 @@ impl Session {
         Forward {
             a,
             statements,
-            to_backend,
+            to_backend: to_backend.get(),
         }
     }
 
@@ -179,7 +179,7 @@ impl Session {
             _ => {}
         }
         if self.cluster.config.pool_mode == PoolMode::Session {
-            self.to_backend.extend_from_slice(msg.raw());
+            self.to_backend.get().extend_from_slice(msg.raw());
             return Ok(());
         }
         match msg.tag() {
@@ -187,7 +187,8 @@ impl Session {
                 if let (Some(c), Ok(sql)) = (query_class, peek::query(msg.body())) {
                     self.note_effects(c, sql);
                     if c.class == Class::Write && crate::postgres::functions::changes_functions(sql) {
-                        self.cluster.refresh_functions(&self.user, &self.database);
+                        self.cluster
+                            .refresh_functions(&self.client.info.user, &self.client.info.database);
                     }
                 }
                 let f = self.forwarding();
@@ -195,13 +196,13 @@ impl Session {
                     .ok()
                     .and_then(|sql| f.rewrite_session_commands(sql));
                 match rewritten {
-                    Some(q) => self.to_backend.extend_from_slice(&q),
-                    None => self.to_backend.extend_from_slice(msg.raw()),
+                    Some(q) => self.to_backend.get().extend_from_slice(&q),
+                    None => self.to_backend.get().extend_from_slice(msg.raw()),
                 }
             }
             b'F' => {
                 self.taint();
-                self.to_backend.extend_from_slice(msg.raw());
+                self.to_backend.get().extend_from_slice(msg.raw());
             }
             b'P' => {
                 let p = peek::parse(msg.body()).map_err(|e| self.violation(&e.to_string()))?;
@@ -243,7 +244,7 @@ impl Session {
                 self.forwarding().close(&msg, &t);
             }
             // Execute, Flush, CopyData, Sync, CopyDone, CopyFail.
-            _ => self.to_backend.extend_from_slice(msg.raw()),
+            _ => self.to_backend.get().extend_from_slice(msg.raw()),
         }
         Ok(())
     }
@@ -498,7 +499,7 @@ impl Forward<'_> {
     /// and Sync, answers swallowed).
     fn prepare_before_query(&mut self, stmt: &Statement) {
         peek::encode_parse(self.to_backend, &stmt.backend_name(), &stmt.query, &stmt.rest);
-        self.to_backend.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+        self.to_backend.get().extend_from_slice(&[b'S', 0, 0, 0, 4]);
         let a = &mut *self.a;
         a.units.insert(a.units.len() - 1, Unit::Replay);
         a.units_pushed += 1;
