@@ -35,7 +35,7 @@ impl Session {
     async fn wait_for_resume(&mut self, now: u64) -> Result<(), AttachError> {
         use std::sync::atomic::Ordering::Relaxed;
         let info = &self.client.info;
-        debug!(parent: &self.span, database = %self.db.name, "transaction held: the database is paused");
+        debug!(parent: &self.span(), database = %self.db.name, "transaction held: the database is paused");
         info.wait_since.store(now, Relaxed);
         // A parked backend goes back while the client waits: PAUSE closes the database's
         // connections, and other clients may need the slot.

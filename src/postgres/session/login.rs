@@ -35,7 +35,6 @@ pub async fn login(
     cluster: &Arc<Cluster>,
     tcp: TcpStream,
     peer: std::net::SocketAddr,
-    span: tracing::Span,
 ) -> std::io::Result<Option<Box<Session>>> {
     let local = tcp.local_addr().ok();
     // The stream may turn into a TLS stream half-way through the handshake.
@@ -139,7 +138,6 @@ pub async fn login(
         held: None,
         cancel_key,
         cancel_slot,
-        span,
         topology_changes: cluster.topology.subscribe(),
         idle_timer: None,
     });

@@ -82,10 +82,6 @@ async fn backend_io(
 
 /// Serves one client connection to the end.
 pub async fn serve(cluster: Arc<Cluster>, stream: TcpStream, peer: SocketAddr) {
-    // The span names the client in every log line about it. Only login runs inside it; the
-    // session logs with it as parent, so the relay does not enter and leave a span on every
-    // poll (measurable per transaction).
-    let span = tracing::info_span!("client", %peer, cluster = %cluster.config.name);
     let admitted = cluster.client_connected();
     let _ = stream.set_nodelay(true);
     if !admitted {
@@ -97,17 +93,33 @@ pub async fn serve(cluster: Arc<Cluster>, stream: TcpStream, peer: SocketAddr) {
         // Boxed: the login future (SCRAM, TLS accept, the first backend connection) is
         // several KiB and only needed once; inline it would stay part of every idle
         // client's task for the whole session.
-        let login = Box::pin(login::login(&cluster, stream, peer, span.clone()).instrument(span.clone()));
-        match login.await {
-            Ok(Some(session)) => {
-                drop(span);
-                session.run().await
-            }
-            Ok(None) => {}
-            Err(e) => debug!(parent: &span, error = %e, "client i/o error during login"),
+        if let Some(session) = Box::pin(log_in(&cluster, stream, peer)).await {
+            session.run().await
         }
     }
     cluster.client_disconnected();
+}
+
+/// The login, inside the client's span.
+async fn log_in(cluster: &Arc<Cluster>, stream: TcpStream, peer: SocketAddr) -> Option<Box<Session>> {
+    let span = client_span(&peer, &cluster.config.name);
+    match login::login(cluster, stream, peer).instrument(span.clone()).await {
+        Ok(session) => session,
+        Err(e) => {
+            debug!(parent: &span, error = %e, "client i/o error during login");
+            None
+        }
+    }
+}
+
+/// The span that names a client in every log line about it: `client{peer=.. cluster=..}`.
+///
+/// Only the login runs inside one. A logged-in session makes it for each line it logs rather
+/// than keeping one: a live span costs a registry slot, a field map and its formatted fields
+/// (a few hundred bytes per idle client), and entering it on every poll of the relay would
+/// cost time per transaction. Log lines read the same either way.
+fn client_span(peer: &SocketAddr, cluster: &str) -> tracing::Span {
+    tracing::info_span!("client", %peer, cluster = %cluster)
 }
 
 /// Appends an ErrorResponse with this severity.
@@ -217,6 +229,14 @@ async fn node_down(
 /// The backend a client holds right now.
 struct Attached {
     checkout: Checkout,
+    /// What is in flight on it.
+    st: InFlightBox,
+}
+
+/// The bookkeeping of a client's requests on its attached backend. It lives in a box that is
+/// reused per thread (see `InFlightBox`): an idle session carries none of it, and a transaction
+/// allocates nothing for it (its queues keep their capacity from one use to the next).
+struct InFlight {
     /// One entry per ReadyForQuery still to come, in order, saying whose it is.
     units: VecDeque<Unit>,
     /// Extended-protocol messages forwarded since the last Sync.
@@ -253,17 +273,108 @@ struct Attached {
     server_fatal: bool,
 }
 
+impl Default for InFlight {
+    fn default() -> InFlight {
+        InFlight {
+            units: VecDeque::new(),
+            in_batch: false,
+            fixups: VecDeque::new(),
+            unnamed_ready: false,
+            status: b'I',
+            settings_dirty: false,
+            wrote: false,
+            copy_in: false,
+            copy_ended_early: None,
+            streaming: 0,
+            units_pushed: 0,
+            units_done: 0,
+            renames: Vec::new(),
+            server_fatal: false,
+        }
+    }
+}
+
+impl InFlight {
+    /// As new, keeping the queues' memory unless a long pipeline made them large.
+    fn reset(&mut self) {
+        const KEEP: usize = 64;
+        let (units, fixups, renames) = (
+            std::mem::take(&mut self.units),
+            std::mem::take(&mut self.fixups),
+            std::mem::take(&mut self.renames),
+        );
+        *self = InFlight::default();
+        let keep = |c: usize| c <= KEEP;
+        if keep(units.capacity()) {
+            self.units = units;
+            self.units.clear();
+        }
+        if keep(fixups.capacity()) {
+            self.fixups = fixups;
+            self.fixups.clear();
+        }
+        if keep(renames.capacity()) {
+            self.renames = renames;
+            self.renames.clear();
+        }
+    }
+}
+
+/// An [`InFlight`] box, from and back to its thread's spares. Hand-written (a few lines, as
+/// `common::buffers`): a per-thread free list, which stays right when each core runs its own
+/// runtime.
+struct InFlightBox(Option<Box<InFlight>>);
+
+thread_local! {
+    static SPARE_IN_FLIGHT: std::cell::RefCell<Vec<Box<InFlight>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl InFlightBox {
+    fn take() -> InFlightBox {
+        let spare = SPARE_IN_FLIGHT.with(|s| s.borrow_mut().pop());
+        InFlightBox(Some(spare.unwrap_or_default()))
+    }
+}
+
+impl Drop for InFlightBox {
+    fn drop(&mut self) {
+        if let Some(mut b) = self.0.take() {
+            b.reset();
+            SPARE_IN_FLIGHT.with(|s| {
+                let mut s = s.borrow_mut();
+                if s.len() < 256 {
+                    s.push(b);
+                }
+            });
+        }
+    }
+}
+
+impl std::ops::Deref for InFlightBox {
+    type Target = InFlight;
+
+    fn deref(&self) -> &InFlight {
+        self.0.as_deref().expect("present until dropped")
+    }
+}
+
+impl std::ops::DerefMut for InFlightBox {
+    fn deref_mut(&mut self) -> &mut InFlight {
+        self.0.as_deref_mut().expect("present until dropped")
+    }
+}
+
 impl Attached {
     /// Queues the owner of the next ReadyForQuery still to come.
     fn push_unit(&mut self, unit: Unit) {
-        self.units.push_back(unit);
-        self.units_pushed += 1;
+        self.st.units.push_back(unit);
+        self.st.units_pushed += 1;
     }
 
     /// A ReadyForQuery arrived (or, for a Sync sent during COPY FROM STDIN, will not): whose it is.
     fn pop_unit(&mut self) -> Option<Unit> {
-        let unit = self.units.pop_front();
-        self.units_done += u64::from(unit.is_some());
+        let unit = self.st.units.pop_front();
+        self.st.units_done += u64::from(unit.is_some());
         unit
     }
 
@@ -274,11 +385,11 @@ impl Attached {
         backend: statements::BackendChange,
         client: statements::ClientChange,
     ) {
-        self.fixups.push_back(Pending {
+        self.st.fixups.push_back(Pending {
             swallow,
             backend,
             client,
-            batch: self.units_pushed,
+            batch: self.st.units_pushed,
             alone: false,
             marker: false,
         });
@@ -287,11 +398,11 @@ impl Attached {
     /// A ParseComplete or CloseComplete arrived: its entry is done. Returns whether sluice sent
     /// the message (the reply is not relayed).
     fn complete_fixup(&mut self) -> bool {
-        let Some(p) = self.fixups.pop_front() else {
+        let Some(p) = self.st.fixups.pop_front() else {
             return false;
         };
         if p.marker {
-            if let Some(next) = self.fixups.front_mut() {
+            if let Some(next) = self.st.fixups.front_mut() {
                 next.alone = true;
             }
         }
@@ -300,7 +411,7 @@ impl Attached {
 
     /// Nothing in flight and no transaction open: the connection may serve someone else.
     fn is_clean(&self) -> bool {
-        self.units.is_empty() && !self.in_batch && !self.copy_in && self.streaming == 0 && self.status == b'I'
+        self.st.units.is_empty() && !self.st.in_batch && !self.st.copy_in && self.st.streaming == 0 && self.st.status == b'I'
     }
 }
 
@@ -350,8 +461,6 @@ pub struct Session {
     held: Option<Message>,
     cancel_key: (i32, i32),
     cancel_slot: CancelSlot,
-    /// Names the client in log lines (see `serve`).
-    span: tracing::Span,
     /// Topology generations, subscribed once per session: the relay watches for the node of a
     /// request in flight being marked down.
     topology_changes: tokio::sync::watch::Receiver<u64>,
@@ -360,15 +469,20 @@ pub struct Session {
 }
 
 impl Session {
+    /// Names the client in a log line (see `client_span`).
+    fn span(&self) -> tracing::Span {
+        client_span(&self.client.info.addr, &self.cluster.config.name)
+    }
+
     async fn run(mut self: Box<Self>) {
         let end = self.relay().await;
         match &end {
-            End::ClientGone => debug!(parent: &self.span, "client left"),
+            End::ClientGone => debug!(parent: &self.span(), "client left"),
             End::ClientFault(why) => {
-                info!(parent: &self.span, reason = %why, "client disconnected for a protocol violation")
+                info!(parent: &self.span(), reason = %why, "client disconnected for a protocol violation")
             }
             End::BackendFault(why) => {
-                warn!(parent: &self.span, reason = %why, "client disconnected after a backend failure")
+                warn!(parent: &self.span(), reason = %why, "client disconnected after a backend failure")
             }
         }
         self.detach_at_end().await;
@@ -408,7 +522,7 @@ impl Session {
                     return self.backend_lost(&format!("the node was marked down ({why})"));
                 }
                 Event::IdleTimeout => {
-                    info!(parent: &self.span, "client idle past client_idle_timeout; disconnecting");
+                    info!(parent: &self.span(), "client idle past client_idle_timeout; disconnecting");
                     fatal(self.out.get(), "57P05", "terminating connection due to idle-session timeout");
                     return End::ClientGone;
                 }
@@ -429,7 +543,7 @@ impl Session {
         let in_flight_on = self
             .link
             .attached()
-            .filter(|a| !a.units.is_empty() || a.in_batch || a.copy_in)
+            .filter(|a| !a.st.units.is_empty() || a.st.in_batch || a.st.copy_in)
             .map(|a| a.checkout.conn.node_shared());
         // A client with no backend is between transactions: it may idle only so long. The
         // timer is made once per session (only when the limit is configured) and restarted here.
@@ -519,7 +633,7 @@ impl Session {
             .attached_mut()
             .map(|a| a.checkout.conn.node().to_string())
             .unwrap_or_default();
-        let told = self.link.attached().is_some_and(|a| a.server_fatal);
+        let told = self.link.attached().is_some_and(|a| a.st.server_fatal);
         if let Some(a) = self.link.attached_mut() {
             a.checkout.conn.discard();
         }
@@ -567,7 +681,7 @@ impl Session {
     async fn process_client_messages(&mut self) -> Result<(), End> {
         loop {
             if let Some(msg) = self.held.take() {
-                if self.link.attached().is_some_and(|a| !a.units.is_empty()) {
+                if self.link.attached().is_some_and(|a| !a.st.units.is_empty()) {
                     self.held = Some(msg);
                     return Ok(());
                 }
@@ -630,7 +744,7 @@ impl Session {
             if let Some(database) = sluice_postgres::commands::database_to_release(sql) {
                 // DROP DATABASE and friends need the database unused: sluice's idle (and
                 // parked) connections to it go first.
-                debug!(parent: &self.span, %database, "closing pooled connections to the database");
+                debug!(parent: &self.span(), %database, "closing pooled connections to the database");
                 self.cluster.pools.drain_database(&database);
             }
         }
@@ -698,10 +812,10 @@ impl Session {
             return Ok(false);
         };
         let starts_request = msg.tag() == b'Q'
-            || (!a.in_batch && matches!(msg.tag(), b'P' | b'B' | b'D' | b'E' | b'C' | b'F'));
+            || (!a.st.in_batch && matches!(msg.tag(), b'P' | b'B' | b'D' | b'E' | b'C' | b'F'));
         if !starts_request
-            || a.units.is_empty()
-            || a.copy_in
+            || a.st.units.is_empty()
+            || a.st.copy_in
             || a.checkout.role == Role::Primary
             || self.pinned.is_some()
             || self.cluster.config.pool_mode == PoolMode::Session
@@ -728,8 +842,8 @@ impl Session {
         };
         // The pending-Parse condition first: it is almost always false, and then the message
         // need not be decoded here a second time.
-        let undecided = a.fixups.iter().any(|p| {
-            p.batch < a.units_pushed
+        let undecided = a.st.fixups.iter().any(|p| {
+            p.batch < a.st.units_pushed
                 && matches!(p.backend, statements::BackendChange::Unnamed(false))
                 && p.client.as_ref().is_some_and(|(n, _)| n.is_empty())
         });
@@ -856,7 +970,7 @@ impl Session {
             pid: be.pid,
             secret: be.secret,
         }));
-        debug!(parent: &self.span, node = %be.addr, "attached backend");
+        debug!(parent: &self.span(), node = %be.addr, "attached backend");
         let mut replays = 0;
         let foreign = be.owner != self.client.info.id && be.tainted;
         if self.cluster.config.pool_mode == PoolMode::Transaction && (foreign || be.settings != self.settings)
@@ -874,20 +988,7 @@ impl Session {
         be.owner = self.client.info.id;
         let mut attached = Attached {
             checkout,
-            units: VecDeque::new(),
-            in_batch: false,
-            fixups: VecDeque::new(),
-            unnamed_ready: false,
-            status: b'I',
-            settings_dirty: false,
-            wrote: false,
-            copy_in: false,
-            copy_ended_early: None,
-            streaming: 0,
-            units_pushed: 0,
-            units_done: 0,
-            renames: Vec::new(),
-            server_fatal: false,
+            st: InFlightBox::take(),
         };
         for _ in 0..replays {
             attached.push_unit(Unit::Replay);
@@ -898,7 +999,7 @@ impl Session {
     /// Ties the client to its backend for the rest of the session.
     fn pin(&mut self, reason: PinReason) {
         if self.pinned.is_none() && self.cluster.config.pool_mode == PoolMode::Transaction {
-            info!(parent: &self.span, reason = reason.label(), "client pinned to its backend connection");
+            info!(parent: &self.span(), reason = reason.label(), "client pinned to its backend connection");
             self.cluster.pinned(reason.label());
             self.pinned = Some(reason);
         }
@@ -981,9 +1082,9 @@ impl Session {
             }
         } else {
             if matches!(e, AttachError::Cancelled) {
-                debug!(parent: &self.span, "request cancelled while it waited for a backend");
+                debug!(parent: &self.span(), "request cancelled while it waited for a backend");
             } else {
-                warn!(parent: &self.span, error = %e, "request failed");
+                warn!(parent: &self.span(), error = %e, "request failed");
             }
             error_with(self.out.get(), "ERROR", code, &e.to_string());
         }

@@ -163,19 +163,19 @@ impl Session {
     /// transaction mode. `query_class` is the classification of a simple query.
     pub(super) fn forward(&mut self, msg: Message, query_class: Option<Classification>) -> Result<(), End> {
         let a = self.forwarding().a;
-        let batch_start = !a.in_batch;
+        let batch_start = !a.st.in_batch;
         match msg.tag() {
             b'Q' | b'F' => a.push_unit(Unit::Client),
             b'S' => {
-                a.in_batch = false;
-                if !a.copy_in {
+                a.st.in_batch = false;
+                if !a.st.copy_in {
                     a.push_unit(Unit::ClientSync);
                 }
             }
             // CopyDone and CopyFail end COPY FROM STDIN.
-            b'c' | b'f' if a.copy_in => a.copy_in = false,
-            b'c' | b'f' => a.copy_ended_early = Some((a.units_pushed + u64::from(a.in_batch), a.in_batch)),
-            b'P' | b'B' | b'D' | b'E' | b'H' | b'C' => a.in_batch = true,
+            b'c' | b'f' if a.st.copy_in => a.st.copy_in = false,
+            b'c' | b'f' => a.st.copy_ended_early = Some((a.st.units_pushed + u64::from(a.st.in_batch), a.st.in_batch)),
+            b'P' | b'B' | b'D' | b'E' | b'H' | b'C' => a.st.in_batch = true,
             _ => {}
         }
         if self.cluster.config.pool_mode == PoolMode::Session {
@@ -220,7 +220,7 @@ impl Session {
                         peek::encode_bind(f.to_backend, b.portal, &name, b.rest);
                         // A Bind the server refuses (wrong parameter count) names the statement.
                         if let Some((client_name, _)) = f.statements.get_key_value(b.statement) {
-                            f.a.renames.push((name, client_name.clone(), false));
+                            f.a.st.renames.push((name, client_name.clone(), false));
                         }
                     }
                     None => f.to_backend.extend_from_slice(msg.raw()),
@@ -271,7 +271,7 @@ impl Session {
             let backend_name = f.ensure_prepared(&name).expect("a named statement");
             peek::encode_parse(f.to_backend, &backend_name, p.query, p.rest);
             f.a.push_fixup(false, BackendChange::None, None);
-            f.a.renames.push((backend_name, name, true));
+            f.a.st.renames.push((backend_name, name, true));
             return;
         }
         let stmt = self.statement_for(p);
@@ -286,13 +286,13 @@ impl Session {
             // have failed; later, a Close of the unnamed statement just before it tells.
             let replaces = statements.contains_key(&name);
             let alone = batch_start && executed.is_none();
-            let was_ready = a.unnamed_ready;
+            let was_ready = a.st.unnamed_ready;
             if replaces && !alone {
                 peek::encode_target(to_backend, b'C', b'S', b"");
                 a.push_fixup(true, BackendChange::None, None);
-                a.fixups.back_mut().expect("just pushed").marker = true;
+                a.st.fixups.back_mut().expect("just pushed").marker = true;
             }
-            a.unnamed_ready = true;
+            a.st.unnamed_ready = true;
             if executed.is_some() {
                 peek::encode_parse(to_backend, b"", p.query, p.rest);
             } else {
@@ -300,7 +300,7 @@ impl Session {
             }
             let before = statements.insert(name.clone(), stmt);
             a.push_fixup(false, BackendChange::Unnamed(was_ready), Some((name, before)));
-            a.fixups.back_mut().expect("just pushed").alone = alone;
+            a.st.fixups.back_mut().expect("just pushed").alone = alone;
             return;
         }
         let prepared = &mut a.checkout.conn.conn().prepared;
@@ -321,12 +321,12 @@ impl Session {
     /// answer was skipped after an error, so what it did did not happen (undone newest first).
     pub(super) fn settle(&mut self) {
         let Some(a) = self.link.attached_mut() else { return };
-        let ended = a.units_done;
-        let skipped = a.fixups.iter().take_while(|p| p.batch < ended).count();
+        let ended = a.st.units_done;
+        let skipped = a.st.fixups.iter().take_while(|p| p.batch < ended).count();
         if skipped == 0 {
             return;
         }
-        let skipped: Vec<Pending> = a.fixups.drain(..skipped).collect();
+        let skipped: Vec<Pending> = a.st.fixups.drain(..skipped).collect();
         let prepared = &mut a.checkout.conn.conn().prepared;
         for p in skipped.into_iter().rev() {
             match p.backend {
@@ -337,13 +337,13 @@ impl Session {
                 BackendChange::Closed(h) => {
                     prepared.insert(h);
                 }
-                BackendChange::Unnamed(was_ready) => a.unnamed_ready = was_ready,
+                BackendChange::Unnamed(was_ready) => a.st.unnamed_ready = was_ready,
             }
             if let Some((name, before)) = p.client {
                 if p.alone && name.is_empty() {
                     // A Parse of the unnamed statement that failed: the old one is gone.
                     self.statements.remove(&name);
-                    a.unnamed_ready = false;
+                    a.st.unnamed_ready = false;
                     continue;
                 }
                 match before {
@@ -372,8 +372,8 @@ impl Session {
             }
         }
         let a = self.forwarding().a;
-        a.settings_dirty |= c.effects.settings;
-        a.wrote |= c.class == Class::Write;
+        a.st.settings_dirty |= c.effects.settings;
+        a.st.wrote |= c.class == Class::Write;
         if c.class == Class::Write || c.effects.settings {
             self.taint();
         }
@@ -422,7 +422,7 @@ impl Forward<'_> {
             }
             _ => {
                 to_backend.extend_from_slice(msg.raw());
-                if name.is_empty() && std::mem::take(&mut a.unnamed_ready) {
+                if name.is_empty() && std::mem::take(&mut a.st.unnamed_ready) {
                     BackendChange::Unnamed(true)
                 } else {
                     BackendChange::None
@@ -439,22 +439,22 @@ impl Forward<'_> {
     /// then reports it missing, in order).
     fn ensure_prepared(&mut self, name: &[u8]) -> Option<BackendName> {
         let Some(stmt) = self.statements.get(name).cloned() else {
-            if name.is_empty() && !self.a.unnamed_ready {
+            if name.is_empty() && !self.a.st.unnamed_ready {
                 // The client has no unnamed statement, but the backend may hold another
                 // client's: drop it, so the server says it does not exist, as it would to
                 // this client directly.
                 peek::encode_target(self.to_backend, b'C', b'S', b"");
                 self.a.push_fixup(true, BackendChange::Unnamed(false), None);
-                self.a.unnamed_ready = true;
+                self.a.st.unnamed_ready = true;
             }
             return None;
         };
         if name.is_empty() {
-            if !self.a.unnamed_ready {
+            if !self.a.st.unnamed_ready {
                 self.prepare_executed(&stmt.query);
                 peek::encode_parse(self.to_backend, b"", &stmt.query, &stmt.rest);
                 self.a.push_fixup(true, BackendChange::Unnamed(false), None);
-                self.a.unnamed_ready = true;
+                self.a.st.unnamed_ready = true;
             }
             return None;
         }
@@ -501,8 +501,8 @@ impl Forward<'_> {
         peek::encode_parse(self.to_backend, &stmt.backend_name(), &stmt.query, &stmt.rest);
         self.to_backend.get().extend_from_slice(&[b'S', 0, 0, 0, 4]);
         let a = &mut *self.a;
-        a.units.insert(a.units.len() - 1, Unit::Replay);
-        a.units_pushed += 1;
+        a.st.units.insert(a.st.units.len() - 1, Unit::Replay);
+        a.st.units_pushed += 1;
     }
 
     /// `EXECUTE name` of a statement the client prepared with Parse runs the backend's copy of
@@ -528,7 +528,7 @@ impl Forward<'_> {
         match parse_deallocate(sql)? {
             Deallocate::All => {
                 self.a.checkout.conn.conn().prepared.clear();
-                self.a.unnamed_ready = false;
+                self.a.st.unnamed_ready = false;
                 self.statements.clear();
                 None
             }
