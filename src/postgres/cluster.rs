@@ -94,7 +94,8 @@ impl User {
 /// Where a cancel request for one client must go right now.
 #[derive(Debug, Clone)]
 pub struct CancelTarget {
-    pub addr: String,
+    /// The node's address (shared with its pool: no allocation per request).
+    pub addr: Arc<str>,
     pub pid: i32,
     pub secret: i32,
 }

@@ -580,7 +580,7 @@ async fn forward_cancel(cluster: &Cluster, pid: i32, secret: &[u8]) {
     let mut msg = BytesMut::new();
     frontend::cancel_request(target.pid, target.secret, &mut msg);
     let send = async {
-        let mut s = TcpStream::connect(&target.addr).await?;
+        let mut s = TcpStream::connect(&*target.addr).await?;
         s.write_all(&msg).await?;
         // The server closes the connection when it has read the request.
         let mut sink = [0u8; 1];

@@ -964,9 +964,10 @@ impl Session {
     }
 
     fn attach(&mut self, mut checkout: Checkout) {
+        let addr = checkout.conn.node_shared();
         let be = checkout.conn.conn();
         self.cancel_slot.set(Some(CancelTarget {
-            addr: be.addr.clone(),
+            addr,
             pid: be.pid,
             secret: be.secret,
         }));
