@@ -83,7 +83,7 @@ impl Session {
     ) -> Result<crate::postgres::cluster::Checkout, AttachError> {
         if let Link::Parked(_) = self.link {
             let mut parked = self.link.take_parked();
-            let resumed = self.cluster.resume_parked(intent, self.min_lsn, &mut parked);
+            let resumed = self.cluster.resume_parked(intent, self.min_lsn(), &mut parked);
             if let Some(p) = parked {
                 self.link = Link::Parked(p);
             }

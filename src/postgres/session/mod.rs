@@ -15,6 +15,8 @@ mod login;
 mod replies;
 mod settings;
 mod statements;
+#[cfg(test)]
+mod sizes;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -415,6 +417,19 @@ impl Attached {
     }
 }
 
+/// Session state that most clients never need.
+#[derive(Default)]
+struct Rare {
+    /// Custom (`a.b`) settings the client has set, read back with the others.
+    custom_settings: Vec<String>,
+    /// The WAL position of the client's last write (read-your-writes).
+    min_lsn: Option<u64>,
+    /// A client message that starts a write while the replica backend it is attached to still
+    /// answers earlier requests (the client's pipelined reads, or sluice's settings capture):
+    /// it waits, with everything after it, until that backend is done and can be let go.
+    held: Option<Message>,
+}
+
 /// A logged-in client.
 pub struct Session {
     cluster: Arc<Cluster>,
@@ -447,18 +462,12 @@ pub struct Session {
     statements: HashMap<Bytes, Arc<Statement>>,
     /// The client's session settings, replayed on each backend it gets.
     settings: Settings,
-    /// Custom (`a.b`) settings the client has set, read back with the others.
-    custom_settings: Vec<String>,
     /// The functions of the client's database, for classification.
     functions: Arc<crate::postgres::functions::CatalogSlot>,
     /// Session state ties the client to its current backend for good.
     pinned: Option<PinReason>,
-    /// The WAL position of the client's last write (read-your-writes).
-    min_lsn: Option<u64>,
-    /// A client message that starts a write while the replica backend it is attached to still
-    /// answers earlier requests (the client's pipelined reads, or sluice's settings capture):
-    /// it waits, with everything after it, until that backend is done and can be let go.
-    held: Option<Message>,
+    /// What few clients need, boxed when first needed (an idle session stays small).
+    rare: Option<Box<Rare>>,
     cancel_key: (i32, i32),
     cancel_slot: CancelSlot,
     /// Topology generations, subscribed once per session: the relay watches for the node of a
@@ -469,6 +478,21 @@ pub struct Session {
 }
 
 impl Session {
+    /// The rarely needed state, made when first needed.
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Default::default)
+    }
+
+    /// The WAL position of the client's last write (read-your-writes).
+    fn min_lsn(&self) -> Option<u64> {
+        self.rare.as_ref().and_then(|r| r.min_lsn)
+    }
+
+    /// Custom (`a.b`) settings the client has set.
+    fn custom_settings(&self) -> &[String] {
+        self.rare.as_ref().map_or(&[], |r| &r.custom_settings)
+    }
+
     /// Names the client in a log line (see `client_span`).
     fn span(&self) -> tracing::Span {
         client_span(&self.client.info.addr, &self.cluster.config.name)
@@ -559,7 +583,7 @@ impl Session {
             cbuf,
             link,
             to_backend,
-            held,
+            rare,
             cluster,
             topology_changes,
             idle_timer,
@@ -567,7 +591,7 @@ impl Session {
         } = self;
         // Past this much unsent to the backend, the client waits (TCP backpressure), as it
         // would on a direct connection to a server that is slow to read.
-        let backlogged = to_backend.len() >= BACKEND_BACKLOG || held.is_some();
+        let backlogged = to_backend.len() >= BACKEND_BACKLOG || rare.as_ref().is_some_and(|r| r.held.is_some());
         let idle = async {
             match idle_timer {
                 Some(t) => t.as_mut().await,
@@ -680,9 +704,9 @@ impl Session {
     /// Handles every complete client message in the buffer.
     async fn process_client_messages(&mut self) -> Result<(), End> {
         loop {
-            if let Some(msg) = self.held.take() {
+            if let Some(msg) = self.rare.as_mut().and_then(|r| r.held.take()) {
                 if self.link.attached().is_some_and(|a| !a.st.units.is_empty()) {
-                    self.held = Some(msg);
+                    self.rare().held = Some(msg);
                     return Ok(());
                 }
                 self.handle_client_message(msg).await?;
@@ -749,7 +773,7 @@ impl Session {
             }
         }
         if self.must_wait_for_replica(&msg, query_class)? || self.unnamed_undecided(&msg) {
-            self.held = Some(msg);
+            self.rare().held = Some(msg);
             return Ok(());
         }
         if matches!(tag, b'Q' | b'E') {
@@ -885,7 +909,7 @@ impl Session {
             &self.client.info.user,
             &self.client.info.database,
             &self.startup,
-            self.min_lsn,
+            self.min_lsn(),
             &mut parked,
         );
         let result = tokio::select! {

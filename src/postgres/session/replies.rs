@@ -249,7 +249,10 @@ impl Session {
                 }
                 self.settings = s;
             }
-            Unit::WalPosition(Some(lsn)) => self.min_lsn = Some(self.min_lsn.map_or(lsn, |m| m.max(lsn))),
+            Unit::WalPosition(Some(lsn)) => {
+                let min = &mut self.rare().min_lsn;
+                *min = Some(min.map_or(lsn, |m| m.max(lsn)));
+            }
             Unit::WalPosition(None) | Unit::Replay | Unit::Client | Unit::ClientSync | Unit::Failed => {}
         }
         if self.link.attached().is_some_and(|a| a.st.units.is_empty()) {
@@ -274,7 +277,9 @@ impl Session {
             a.st.settings_dirty = false;
             self.to_backend
                 .get()
-                .extend_from_slice(&simple_query(&settings::read_settings_sql(&self.custom_settings)));
+                .extend_from_slice(&simple_query(&settings::read_settings_sql(
+                    self.rare.as_ref().map_or(&[], |r| &r.custom_settings),
+                )));
             a.push_unit(Unit::ReadSettings(Vec::new()));
             return;
         }

@@ -363,8 +363,8 @@ impl Session {
             match sluice_postgres::custom_setting_names(sql) {
                 Some(names) => {
                     for n in names {
-                        if !self.custom_settings.contains(&n) {
-                            self.custom_settings.push(n);
+                        if !self.custom_settings().contains(&n) {
+                            self.rare().custom_settings.push(n);
                         }
                     }
                 }
