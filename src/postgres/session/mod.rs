@@ -18,7 +18,7 @@ mod statements;
 #[cfg(test)]
 mod sizes;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -459,7 +459,7 @@ pub struct Session {
     /// The server connection the session holds, if any, and what it is for.
     link: Link,
     /// The client's prepared statements by the client's name ("" is the unnamed one).
-    statements: HashMap<Bytes, Arc<Statement>>,
+    statements: statements::Statements,
     /// The client's session settings, replayed on each backend it gets.
     settings: Settings,
     /// The functions of the client's database, for classification.

@@ -39,7 +39,7 @@ fn an_idle_session_is_small() {
         ("  ClientStream", size_of::<ClientStream>()),
         ("  Buffer", size_of::<Buffer>()),
         ("  Settings", size_of::<Settings>()),
-        ("  statements", size_of::<HashMap<Bytes, Arc<Statement>>>()),
+        ("  statements", size_of::<statements::Statements>()),
         ("  Rare (boxed when first needed)", size_of::<Rare>()),
         ("  Option<Busy>", size_of::<Option<crate::postgres::activity::Busy>>()),
         ("InFlight (per attached backend, recycled)", size_of::<InFlight>()),

@@ -111,6 +111,44 @@ pub struct Pending {
     pub marker: bool,
 }
 
+/// The client's prepared statements by the client's name ("" is the unnamed one). The map is
+/// boxed when the client first prepares one: a client of the simple protocol never does, and an
+/// idle session carries a pointer instead of an empty map.
+#[derive(Default)]
+pub struct Statements(Option<Box<HashMap<Bytes, Arc<Statement>>>>);
+
+impl Statements {
+    pub fn get(&self, name: &[u8]) -> Option<&Arc<Statement>> {
+        self.0.as_ref()?.get(name)
+    }
+
+    pub fn get_key_value(&self, name: &[u8]) -> Option<(&Bytes, &Arc<Statement>)> {
+        self.0.as_ref()?.get_key_value(name)
+    }
+
+    pub fn contains_key(&self, name: &[u8]) -> bool {
+        self.get(name).is_some()
+    }
+
+    pub fn insert(&mut self, name: Bytes, statement: Arc<Statement>) -> Option<Arc<Statement>> {
+        self.0.get_or_insert_with(Default::default).insert(name, statement)
+    }
+
+    pub fn remove(&mut self, name: &[u8]) -> Option<Arc<Statement>> {
+        self.0.as_mut()?.remove(name)
+    }
+
+    pub fn clear(&mut self) {
+        if let Some(m) = &mut self.0 {
+            m.clear();
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&Bytes, &Arc<Statement>)> {
+        self.0.iter().flat_map(|m| m.iter())
+    }
+}
+
 fn statement_hash(query: &[u8], rest: &[u8]) -> u64 {
     let mut h = DefaultHasher::new();
     query.hash(&mut h);
@@ -392,7 +430,7 @@ impl Session {
 /// `Session::forwarding`), so the backend is there by type.
 struct Forward<'s> {
     a: &'s mut Attached,
-    statements: &'s mut HashMap<Bytes, Arc<Statement>>,
+    statements: &'s mut Statements,
     to_backend: &'s mut BytesMut,
 }
 
