@@ -32,7 +32,9 @@ thread_local! {
 /// An empty buffer of at least [`BUFFER_SIZE`] bytes, from the thread's pool if it has one.
 fn take() -> BytesMut {
     let mut b = POOL
-        .with(|p| p.borrow_mut().pop())
+        .try_with(|p| p.borrow_mut().pop())
+        .ok()
+        .flatten()
         .unwrap_or_default();
     // Reclaims the whole allocation when nothing else refers to it any more (no allocation);
     // allocates when the pool was empty or the buffer is still shared with a frame in use.
@@ -46,7 +48,8 @@ fn give(mut b: BytesMut) {
     if b.capacity() > KEEP_UP_TO {
         return;
     }
-    POOL.with(|p| {
+    // Not during the thread's exit (its pool is gone): the buffer is freed.
+    let _ = POOL.try_with(|p| {
         let mut p = p.borrow_mut();
         if p.len() < POOLED_PER_THREAD {
             p.push(b);

@@ -333,7 +333,7 @@ thread_local! {
 
 impl InFlightBox {
     fn take() -> InFlightBox {
-        let spare = SPARE_IN_FLIGHT.with(|s| s.borrow_mut().pop());
+        let spare = SPARE_IN_FLIGHT.try_with(|s| s.borrow_mut().pop()).ok().flatten();
         InFlightBox(Some(spare.unwrap_or_default()))
     }
 }
@@ -342,7 +342,8 @@ impl Drop for InFlightBox {
     fn drop(&mut self) {
         if let Some(mut b) = self.0.take() {
             b.reset();
-            SPARE_IN_FLIGHT.with(|s| {
+            // Not during the thread's exit (its spares are gone): the box is freed.
+            let _ = SPARE_IN_FLIGHT.try_with(|s| {
                 let mut s = s.borrow_mut();
                 if s.len() < 256 {
                     s.push(b);
