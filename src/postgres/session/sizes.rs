@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::mem::size_of;
 
+use super::in_flight::InFlight;
 use super::*;
 
 fn output_size1<A, F: FnOnce(A) -> Fut, Fut: Future>(_: F) -> usize {
