@@ -9,7 +9,7 @@ use super::{fatal, End, Link, Session, BACKEND_BACKLOG};
 use crate::common::buffers::Buffer;
 
 /// What one step of backend I/O did.
-enum BackendIo {
+pub(super) enum BackendIo {
     /// Some of the pending bytes went to the server.
     Wrote,
     /// Bytes read from the server (0: it closed the connection).
