@@ -3,6 +3,7 @@
 //! and probes feed, TLS on both sides, and the Prometheus metrics; I/O buffers lent per thread.
 
 pub mod buffers;
+pub mod intern;
 pub mod listener;
 pub mod metrics;
 pub mod server;

@@ -84,16 +84,12 @@ pub async fn login(
         cluster,
         crate::postgres::activity::ClientInfo {
             id: cluster.next_session_id(),
-            user,
-            database,
+            user: cluster.activity.names.share_str(&user),
+            database: cluster.activity.names.share_str(&database),
             addr: peer,
             local,
             tls,
-            application_name: startup
-                .iter()
-                .find(|(k, _)| k == "application_name")
-                .map(|(_, v)| v.clone())
-                .unwrap_or_default(),
+            startup: startup.clone(),
             connect_time: crate::postgres::activity::now_micros(),
             wait_since: 0.into(),
             request_time: 0.into(),
@@ -122,7 +118,6 @@ pub async fn login(
         client,
         db,
         busy: None,
-        startup,
         startup_serializable,
         stream,
         cbuf,
@@ -350,7 +345,10 @@ async fn handshake(
         })));
     }
     server::authentication_ok(out);
-    let startup = settings::startup_params(startup_params);
+    let startup = cluster
+        .activity
+        .startups
+        .share(settings::startup_params(startup_params));
     // A new client of a paused database waits for RESUME, like its transactions, bounded by
     // pause_timeout only.
     held.hold();

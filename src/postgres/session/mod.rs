@@ -187,8 +187,6 @@ pub struct Session {
     /// The client's transaction in flight (from its first message to the ReadyForQuery that
     /// ends it): what a console `PAUSE` waits for.
     busy: Option<crate::postgres::activity::Busy>,
-    /// What the client's backends are opened with (its own startup parameters).
-    startup: StartupParams,
     /// The startup parameters make every transaction serializable.
     startup_serializable: bool,
     /// The client connection, read and written by this one task (no `tokio::io::split`: its
@@ -491,7 +489,7 @@ impl Session {
             intent,
             &self.client.info.user,
             &self.client.info.database,
-            &self.startup,
+            &self.client.info.startup,
             self.min_lsn(),
             &mut parked,
         );
