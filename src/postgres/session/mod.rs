@@ -34,7 +34,6 @@ use crate::common::buffers::Buffer;
 use crate::common::tls::ClientStream;
 use crate::common::topology::Role;
 use crate::config::PoolMode;
-use crate::postgres::backend::StartupParams;
 use crate::postgres::cluster::{AttachError, CancelSlot, CancelTarget, Checkout, Cluster};
 use crate::postgres::router::Intent;
 use in_flight::{Attached, InFlightBox};
