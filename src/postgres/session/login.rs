@@ -89,7 +89,7 @@ pub async fn login(
             addr: peer,
             local,
             tls,
-            startup: startup.clone(),
+            startup,
             connect_time: crate::postgres::activity::now_micros(),
             wait_since: 0.into(),
             request_time: 0.into(),
