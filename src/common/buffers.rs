@@ -143,6 +143,26 @@ mod tests {
         assert_eq!(c.get().as_ptr(), ptr);
     }
 
+    #[tokio::test]
+    async fn a_reader_holds_a_buffer_only_while_bytes_arrive() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let mut b = Buffer::default();
+        // Nothing to read: pending, and no buffer held meanwhile.
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(b.poll_read_from(&mut server, &mut cx).is_pending());
+        assert!(!b.is_held());
+        client.write_all(b"abc").await.unwrap();
+        let n = std::future::poll_fn(|cx| b.poll_read_from(&mut server, cx))
+            .await
+            .unwrap();
+        assert_eq!((n, &b[..]), (3, &b"abc"[..]));
+        b.get().advance(3);
+        b.release();
+        assert!(!b.is_held());
+    }
+
     #[test]
     fn a_buffer_shared_with_a_frame_is_not_reused_while_the_frame_lives() {
         let mut b = Buffer::default();
