@@ -149,8 +149,7 @@ mod tests {
         let (mut client, mut server) = tokio::io::duplex(64);
         let mut b = Buffer::default();
         // Nothing to read: pending, and no buffer held meanwhile.
-        let waker = futures_util::task::noop_waker();
-        let mut cx = Context::from_waker(&waker);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
         assert!(b.poll_read_from(&mut server, &mut cx).is_pending());
         assert!(!b.is_held());
         client.write_all(b"abc").await.unwrap();
