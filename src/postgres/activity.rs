@@ -38,6 +38,8 @@ pub struct ClientInfo {
     pub request_time: AtomicU64,
     /// 1 while it holds a backend for a request or transaction.
     pub active: AtomicUsize,
+    /// Where its cancel requests go (see `Cluster::try_register_cancel`).
+    pub cancel: crate::postgres::cluster::CancelState,
 }
 
 impl ClientInfo {

@@ -134,8 +134,9 @@ impl CancelState {
     }
 }
 
-/// The cancel keys sluice handed to its clients.
-pub type CancelSlot = Arc<CancelState>;
+/// A client's cancel state, reached by its cancel key: the client's own record (one
+/// allocation per client for both the console's list and the cancel keys).
+pub type CancelSlot = Arc<crate::postgres::activity::ClientInfo>;
 
 /// Why a request could not get a backend.
 #[derive(Debug, thiserror::Error)]
@@ -925,27 +926,26 @@ impl Cluster {
 
     /// Registers `key` for a new client, unless another client holds it (keys of backends
     /// on different servers may coincide).
-    pub fn try_register_cancel(&self, key: (i32, i32)) -> Option<((i32, i32), CancelSlot)> {
+    pub fn try_register_cancel(&self, key: (i32, i32), client: &CancelSlot) -> Option<(i32, i32)> {
         let mut cancels = self.cancels.lock().expect("cancel lock");
         match cancels.entry(key) {
             std::collections::hash_map::Entry::Occupied(_) => None,
             std::collections::hash_map::Entry::Vacant(v) => {
-                let slot = CancelSlot::default();
-                v.insert(slot.clone());
-                Some((key, slot))
+                v.insert(client.clone());
+                Some(key)
             }
         }
     }
 
     /// Registers a new random cancel key for a new client.
-    pub fn register_random_cancel(&self) -> ((i32, i32), CancelSlot) {
+    pub fn register_random_cancel(&self, client: &CancelSlot) -> (i32, i32) {
         use rand::Rng;
         loop {
             let key = {
                 let mut rng = rand::rng();
                 (rng.random::<i32>() & 0x7fff_ffff, rng.random::<i32>())
             };
-            if let Some(registered) = self.try_register_cancel(key) {
+            if let Some(registered) = self.try_register_cancel(key, client) {
                 return registered;
             }
         }

@@ -80,6 +80,7 @@ pub async fn serve(
             wait_since: 0.into(),
             request_time: 0.into(),
             active: 0.into(),
+            cancel: Default::default(),
         },
     );
     info!(user = %login.user, access = ?login.access, "admin console session");

@@ -41,7 +41,8 @@ impl Session {
         // connections, and other clients may need the slot.
         self.release_parked();
         let info = &self.client.info;
-        let slot = self.cancel_slot.clone();
+        let client = self.client.info.clone();
+        let slot = &client.cancel;
         let woken = slot.wake.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();

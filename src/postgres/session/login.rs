@@ -94,6 +94,7 @@ pub async fn login(
             wait_since: 0.into(),
             request_time: 0.into(),
             active: 0.into(),
+            cancel: Default::default(),
         },
     );
     let db = cluster.activity.database(&client.info.database);
@@ -105,9 +106,9 @@ pub async fn login(
         .as_ref()
         .filter(|_| cluster.config.pool_mode == PoolMode::Session)
         .map(|c| c.conn.key());
-    let (cancel_key, cancel_slot) = match session_key.and_then(|k| cluster.try_register_cancel(k)) {
+    let cancel_key = match session_key.and_then(|k| cluster.try_register_cancel(k, &client.info)) {
         Some(registered) => registered,
-        None => cluster.register_random_cancel(),
+        None => cluster.register_random_cancel(&client.info),
     };
     let mut greeting = Buffer::default();
     server::backend_key_data(greeting.get(), cancel_key.0, cancel_key.1);
@@ -130,7 +131,6 @@ pub async fn login(
         pinned: None,
         rare: None,
         cancel_key,
-        cancel_slot,
         topology_changes: cluster.topology.subscribe(),
         idle_timer: None,
     });
@@ -141,7 +141,7 @@ pub async fn login(
             session.attach(checkout);
         } else {
             checkout.park();
-            session.cancel_slot.set(None);
+            session.client.info.cancel.set(None);
             session.link = Link::Parked(checkout);
         }
     }
@@ -563,6 +563,7 @@ async fn forward_cancel(cluster: &Cluster, pid: i32, secret: &[u8]) {
         debug!("cancel request for an unknown key");
         return;
     };
+    let slot = &slot.cancel;
     let Some(target) = slot.target() else {
         if slot.queued() {
             // The query still waits for a backend: it is given up, with 57014.

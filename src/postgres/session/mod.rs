@@ -34,7 +34,7 @@ use crate::common::buffers::Buffer;
 use crate::common::tls::ClientStream;
 use crate::common::topology::Role;
 use crate::config::PoolMode;
-use crate::postgres::cluster::{AttachError, CancelSlot, CancelTarget, Checkout, Cluster};
+use crate::postgres::cluster::{AttachError, CancelTarget, Checkout, Cluster};
 use crate::postgres::router::Intent;
 use in_flight::{Attached, InFlightBox};
 use replies::Unit;
@@ -211,7 +211,6 @@ pub struct Session {
     /// What few clients need, boxed when first needed (an idle session stays small).
     rare: Option<Box<Rare>>,
     cancel_key: (i32, i32),
-    cancel_slot: CancelSlot,
     /// Topology generations, subscribed once per session: the relay watches for the node of a
     /// request in flight being marked down.
     topology_changes: tokio::sync::watch::Receiver<u64>,
@@ -394,7 +393,7 @@ impl Session {
                 Ok(checkout) => self.attach(checkout),
                 Err(e) => {
                     if had_parked {
-                        self.cancel_slot.set(None);
+                        self.client.info.cancel.set(None);
                     }
                     return self.attach_failed(tag, e);
                 }
@@ -475,7 +474,8 @@ impl Session {
     /// `Cluster::attach` for the client's next request, given up when the client sends a
     /// CancelRequest meanwhile (waiting for a pool slot or for a primary).
     async fn attach_cancellable(&mut self, intent: Intent) -> Result<Checkout, AttachError> {
-        let slot = self.cancel_slot.clone();
+        let client = self.client.info.clone();
+        let slot = &client.cancel;
         // Registered before the request is marked as waiting, so that no cancel is missed.
         let woken = slot.wake.notified();
         tokio::pin!(woken);
@@ -570,7 +570,7 @@ impl Session {
     fn attach(&mut self, mut checkout: Checkout) {
         let addr = checkout.conn.node_shared();
         let be = checkout.conn.conn();
-        self.cancel_slot.set(Some(CancelTarget {
+        self.client.info.cancel.set(Some(CancelTarget {
             addr,
             pid: be.pid,
             secret: be.secret,
@@ -628,7 +628,7 @@ impl Session {
     /// Lets go of the parked backend (back to its pool).
     fn release_parked(&mut self) {
         if self.link.take_parked().is_some() {
-            self.cancel_slot.set(None);
+            self.client.info.cancel.set(None);
         }
     }
 
@@ -638,7 +638,7 @@ impl Session {
             if !a.is_clean() || self.pinned.is_some() {
                 a.checkout.conn.discard();
             }
-            self.cancel_slot.set(None);
+            self.client.info.cancel.set(None);
         }
     }
 
