@@ -58,6 +58,14 @@ pub(super) enum Event {
     Client(std::io::Result<usize>),
 }
 
+/// Resolves when the client has idled past `client_idle_timeout` (never without the timer).
+async fn idle_out(timer: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
+    match timer {
+        Some(t) => t.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Resolves (with the node's last error) when `node` is marked down in the topology.
 async fn node_down(
     topology: &crate::common::topology::Topology,
@@ -148,22 +156,18 @@ impl Session {
             idle_timer,
             ..
         } = self;
+        let topology = &cluster.topology;
         // Past this much unsent to the backend, the client waits (TCP backpressure), as it
         // would on a direct connection to a server that is slow to read.
         let backlogged = to_backend.len() >= BACKEND_BACKLOG || rare.as_ref().is_some_and(|r| r.held.is_some());
-        let idle = async {
-            match idle_timer {
-                Some(t) => t.as_mut().await,
-                None => std::future::pending().await,
-            }
-        };
         // What the session's server connection may do: an attached backend reads the replies
         // while the client's messages are written to it (a server blocked on sending replies
         // stops reading, so a proxy that only wrote would deadlock on a long pipeline, and an
         // error would reach the client only after it had sent everything: asyncpg's
         // executemany stops early on a server error); a parked one may be reclaimed by its
-        // pool; a client without a backend may idle out.
-        let link_io = async {
+        // pool; a client without a backend may idle out. (`move`: the future holds the
+        // references once, not also this function.)
+        let link_io = async move {
             match link {
                 Link::Attached(a) => {
                     let be = a.checkout.conn.conn();
@@ -174,7 +178,7 @@ impl Session {
                     tokio::select! {
                         biased;
                         r = io => Event::Backend(r),
-                        why = node_down(&cluster.topology, topology_changes, &node) => Event::NodeDown(why),
+                        why = node_down(topology, topology_changes, &node) => Event::NodeDown(why),
                     }
                 }
                 Link::Parked(c) => {
@@ -182,17 +186,17 @@ impl Session {
                     tokio::select! {
                         biased;
                         () = c.conn.reclaimed() => Event::Reclaimed,
-                        () = idle => Event::IdleTimeout,
+                        () = idle_out(idle_timer) => Event::IdleTimeout,
                     }
                 }
                 Link::Idle | Link::FailedUntilSync => {
                     to_backend.clear();
-                    idle.await;
+                    idle_out(idle_timer).await;
                     Event::IdleTimeout
                 }
             }
         };
-        let client_read = std::future::poll_fn(|cx| {
+        let client_read = std::future::poll_fn(move |cx| {
             if backlogged {
                 return std::task::Poll::Pending;
             }
