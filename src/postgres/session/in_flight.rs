@@ -169,11 +169,12 @@ impl Attached {
         backend: statements::BackendChange,
         client: statements::ClientChange,
     ) {
+        let batch = self.st.units_pushed;
         self.st.fixups.push_back(Pending {
             swallow,
             backend,
             client,
-            batch: self.st.units_pushed,
+            batch,
             alone: false,
             marker: false,
         });

@@ -23,7 +23,7 @@ mod sizes;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use sluice_postgres::server::{self, ErrorFields};
 use sluice_postgres::{peek, split_message, Classification, Message, PinReason};
 use tokio::io::AsyncWriteExt;

@@ -2,7 +2,8 @@
 //! backend's replies, a reclaimed parked backend, a node marked down, the idle timeout) in one
 //! small future, and writes to the client and the backend.
 
-use bytes::Buf;
+use bytes::{Buf, BytesMut};
+use tokio::io::AsyncWriteExt;
 use tracing::info;
 
 use super::{fatal, End, Link, Session, BACKEND_BACKLOG};

@@ -165,6 +165,7 @@ impl Session {
                             if let Some(from) = statements::backend_name_in(msg.body()) {
                                 let duplicate = peek::error_code_and_message(msg.body()).0 == "42P05";
                                 let to = a
+                                    .st
                                     .renames
                                     .iter()
                                     .find(|(f, _, dup)| *f == from && *dup == duplicate)

@@ -537,9 +537,10 @@ impl Forward<'_> {
     /// and Sync, answers swallowed).
     fn prepare_before_query(&mut self, stmt: &Statement) {
         peek::encode_parse(self.to_backend, &stmt.backend_name(), &stmt.query, &stmt.rest);
-        self.to_backend.get().extend_from_slice(&[b'S', 0, 0, 0, 4]);
+        self.to_backend.extend_from_slice(&[b'S', 0, 0, 0, 4]);
         let a = &mut *self.a;
-        a.st.units.insert(a.st.units.len() - 1, Unit::Replay);
+        let last = a.st.units.len() - 1;
+        a.st.units.insert(last, Unit::Replay);
         a.st.units_pushed += 1;
     }
 
