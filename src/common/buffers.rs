@@ -22,8 +22,9 @@ use tokio::io::AsyncRead;
 pub const BUFFER_SIZE: usize = 8 * 1024;
 /// Buffers that grew larger than this (a large message) go back to the allocator.
 const KEEP_UP_TO: usize = 64 * 1024;
-/// Buffers a thread keeps for reuse: more than this were all in use at once only in a burst.
-const POOLED_PER_THREAD: usize = 256;
+/// Buffers a thread keeps for reuse (128 KiB): enough for the clients whose data one thread
+/// relays at once; more were in use together only in a burst, and go back to the allocator.
+const POOLED_PER_THREAD: usize = 16;
 
 thread_local! {
     static POOL: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
@@ -79,12 +80,6 @@ impl Buffer {
         if let Some(b) = self.0.take() {
             give(b);
         }
-    }
-
-    /// The bytes, taking the buffer out of the pool's circulation (e.g. for a connection that
-    /// is handed on to code with buffers of its own).
-    pub fn into_bytes(mut self) -> BytesMut {
-        self.0.take().unwrap_or_default()
     }
 
     /// Whether a buffer is held (for tests and accounting).

@@ -39,15 +39,14 @@ pub async fn login(
     let local = tcp.local_addr().ok();
     // The stream may turn into a TLS stream half-way through the handshake.
     let mut slot: Option<ClientStream> = Some(MaybeTls::Plain(tcp));
-    // From the thread's pool; what the client sent past its login stays in it for the session.
-    let mut cbuf = Buffer::default();
-    let buf = cbuf.get();
+    // Small: a login's messages are; the session reads into buffers from the thread's pool.
+    let mut buf = BytesMut::with_capacity(512);
     let mut out = BytesMut::new();
     let held = HeldClock::default();
     let result = within_login_timeout(
         cluster.config.login_timeout,
         &held,
-        handshake(cluster, peer, &mut slot, buf, &mut out, &held),
+        handshake(cluster, peer, &mut slot, &mut buf, &mut out, &held),
     )
     .await;
     // Gone only if the login timed out in the middle of a TLS handshake.
@@ -66,7 +65,7 @@ pub async fn login(
     let greeted = match greeted {
         Some(Outcome::Client(g)) => g,
         Some(Outcome::Console(login)) => {
-            crate::admin::console::serve(cluster, stream, cbuf.into_bytes(), BytesMut::new(), login).await?;
+            crate::admin::console::serve(cluster, stream, buf, BytesMut::new(), login).await?;
             return Ok(None);
         }
         None => return Ok(None),
@@ -113,7 +112,12 @@ pub async fn login(
     let mut greeting = Buffer::default();
     server::backend_key_data(greeting.get(), cancel_key.0, cancel_key.1);
     server::ready_for_query(greeting.get(), b'I');
-    cbuf.release();
+    // What the client sent right behind its login (drivers may pipeline a first query).
+    let mut cbuf = Buffer::default();
+    if !buf.is_empty() {
+        cbuf.get().extend_from_slice(&buf);
+    }
+    drop(buf);
     let mut session = Box::new(Session {
         cluster: cluster.clone(),
         client,
