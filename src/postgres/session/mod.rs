@@ -20,6 +20,7 @@ mod statements;
 #[cfg(test)]
 mod sizes;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -47,7 +48,24 @@ pub const MAX_CLIENT_MESSAGE: usize = 64 * 1024 * 1024;
 const BACKEND_BACKLOG: usize = 256 * 1024;
 
 /// Serves one client connection to the end.
-pub async fn serve(cluster: Arc<Cluster>, stream: TcpStream, peer: SocketAddr) {
+///
+/// Not an `async fn`: its arguments would stay in the connection's task for the whole session
+/// (an async fn keeps room for them). They go into the boxed login instead, which is freed once
+/// the client has logged in; the task keeps only the session's relay.
+pub fn serve(cluster: Arc<Cluster>, stream: TcpStream, peer: SocketAddr) -> impl Future<Output = ()> + Send {
+    // Boxed: the login future (SCRAM, TLS accept, the first backend connection) is several
+    // KiB and only needed once; inline it would stay part of every idle client's task.
+    let login = Box::pin(admit_and_log_in(cluster.clone(), stream, peer));
+    async move {
+        if let Some(session) = login.await {
+            session.run().await
+        }
+        cluster.client_disconnected();
+    }
+}
+
+/// Admission, then the login inside the client's span.
+async fn admit_and_log_in(cluster: Arc<Cluster>, stream: TcpStream, peer: SocketAddr) -> Option<Box<Session>> {
     let admitted = cluster.client_connected();
     let _ = stream.set_nodelay(true);
     if !admitted {
@@ -55,21 +73,10 @@ pub async fn serve(cluster: Arc<Cluster>, stream: TcpStream, peer: SocketAddr) {
         fatal(&mut out, "53300", "sorry, too many clients already");
         let mut stream = stream;
         let _ = stream.write_all(&out).await;
-    } else {
-        // Boxed: the login future (SCRAM, TLS accept, the first backend connection) is
-        // several KiB and only needed once; inline it would stay part of every idle
-        // client's task for the whole session.
-        if let Some(session) = Box::pin(log_in(&cluster, stream, peer)).await {
-            session.run().await
-        }
+        return None;
     }
-    cluster.client_disconnected();
-}
-
-/// The login, inside the client's span.
-async fn log_in(cluster: &Arc<Cluster>, stream: TcpStream, peer: SocketAddr) -> Option<Box<Session>> {
     let span = client_span(&peer, &cluster.config.name);
-    match login::login(cluster, stream, peer).instrument(span.clone()).await {
+    match login::login(&cluster, stream, peer).instrument(span.clone()).await {
         Ok(session) => session,
         Err(e) => {
             debug!(parent: &span, error = %e, "client i/o error during login");

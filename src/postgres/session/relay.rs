@@ -2,8 +2,12 @@
 //! backend's replies, a reclaimed parked backend, a node marked down, the idle timeout) in one
 //! small future, and writes to the client and the backend.
 
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
+use std::task::{Context, Poll};
+
 use bytes::{Buf, BytesMut};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tracing::info;
 
 use super::{fatal, End, Link, Session, BACKEND_BACKLOG};
@@ -19,30 +23,25 @@ pub(super) enum BackendIo {
 
 /// Writes pending bytes to the backend and reads its replies, whichever is ready first
 /// (writing first: it usually completes at once).
-async fn backend_io(
+fn poll_backend_io(
     stream: &mut crate::common::tls::BackendStream,
     rbuf: &mut BytesMut,
     pending: &mut Buffer,
-) -> std::io::Result<BackendIo> {
-    use std::pin::Pin;
-    use std::task::Poll;
-    use tokio::io::AsyncWrite;
-    std::future::poll_fn(|cx| {
-        if !pending.is_empty() {
-            match Pin::new(&mut *stream).poll_write(cx, &pending[..]) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => {
-                    pending.get().advance(n);
-                    pending.release();
-                    return Poll::Ready(Ok(BackendIo::Wrote));
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {}
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<BackendIo>> {
+    if !pending.is_empty() {
+        match Pin::new(&mut *stream).poll_write(cx, &pending[..]) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => {
+                pending.get().advance(n);
+                pending.release();
+                return Poll::Ready(Ok(BackendIo::Wrote));
             }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {}
         }
-        tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, rbuf).map_ok(BackendIo::Read)
-    })
-    .await
+    }
+    tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, rbuf).map_ok(BackendIo::Read)
 }
 
 /// What the relay acts on next.
@@ -59,11 +58,11 @@ pub(super) enum Event {
     Client(std::io::Result<usize>),
 }
 
-/// Resolves when the client has idled past `client_idle_timeout` (never without the timer).
-async fn idle_out(timer: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
+/// Whether the client has idled past `client_idle_timeout` (never without the timer).
+fn poll_idle_out(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>, cx: &mut Context<'_>) -> Poll<()> {
     match timer {
-        Some(t) => t.as_mut().await,
-        None => std::future::pending().await,
+        Some(t) => t.as_mut().poll(cx),
+        None => Poll::Pending,
     }
 }
 
@@ -96,32 +95,38 @@ impl Session {
             if self.flush_client().await.is_err() {
                 return End::ClientGone;
             }
-            match self.next_event().await {
-                Event::Backend(Ok(BackendIo::Wrote)) => {}
-                Event::Backend(Ok(BackendIo::Read(0))) => {
-                    return self.backend_lost("the server closed the connection")
-                }
-                Event::Backend(Err(e)) => return self.backend_lost(&e.to_string()),
-                Event::Backend(Ok(BackendIo::Read(_))) => {
-                    if let Err(end) = self.process_backend_messages() {
-                        let _ = self.flush_client().await;
-                        return end;
-                    }
-                }
-                // Another client needs a connection of that pool, or it idled out.
-                Event::Reclaimed => self.release_parked(),
-                Event::NodeDown(why) => {
-                    return self.backend_lost(&format!("the node was marked down ({why})"));
-                }
-                Event::IdleTimeout => {
-                    info!(parent: &self.span(), "client idle past client_idle_timeout; disconnecting");
-                    fatal(self.out.get(), "57P05", "terminating connection due to idle-session timeout");
-                    return End::ClientGone;
-                }
-                Event::Client(Ok(0) | Err(_)) => return End::ClientGone,
-                Event::Client(Ok(n)) => {
-                    self.db.totals.received.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-                }
+            let event = self.next_event().await;
+            if let Some(end) = self.on_event(event) {
+                // The error that ends the session goes out before the backend is let go.
+                let _ = self.flush_client().await;
+                return end;
+            }
+        }
+    }
+
+    /// Acts on one event; `Some` ends the session (with what the client should be told in
+    /// `out`).
+    fn on_event(&mut self, event: Event) -> Option<End> {
+        match event {
+            Event::Backend(Ok(BackendIo::Wrote)) => None,
+            Event::Backend(Ok(BackendIo::Read(0))) => Some(self.backend_lost("the server closed the connection")),
+            Event::Backend(Err(e)) => Some(self.backend_lost(&e.to_string())),
+            Event::Backend(Ok(BackendIo::Read(_))) => self.process_backend_messages().err(),
+            // Another client needs a connection of that pool, or it idled out.
+            Event::Reclaimed => {
+                self.release_parked();
+                None
+            }
+            Event::NodeDown(why) => Some(self.backend_lost(&format!("the node was marked down ({why})"))),
+            Event::IdleTimeout => {
+                info!(parent: &self.span(), "client idle past client_idle_timeout; disconnecting");
+                fatal(self.out.get(), "57P05", "terminating connection due to idle-session timeout");
+                Some(End::ClientGone)
+            }
+            Event::Client(Ok(0) | Err(_)) => Some(End::ClientGone),
+            Event::Client(Ok(n)) => {
+                self.db.totals.received.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                None
             }
         }
     }
@@ -157,59 +162,72 @@ impl Session {
             idle_timer,
             ..
         } = self;
-        let topology = &cluster.topology;
         // Past this much unsent to the backend, the client waits (TCP backpressure), as it
         // would on a direct connection to a server that is slow to read.
         let backlogged = to_backend.len() >= BACKEND_BACKLOG || rare.as_ref().is_some_and(|r| r.held.is_some());
-        // What the session's server connection may do: an attached backend reads the replies
-        // while the client's messages are written to it (a server blocked on sending replies
-        // stops reading, so a proxy that only wrote would deadlock on a long pipeline, and an
-        // error would reach the client only after it had sent everything: asyncpg's
-        // executemany stops early on a server error); a parked one may be reclaimed by its
-        // pool; a client without a backend may idle out. (`move`: the future holds the
-        // references once, not also this function.)
-        let link_io = async move {
-            match link {
-                Link::Attached(a) => {
-                    let be = a.checkout.conn.conn();
-                    let io = backend_io(&mut be.stream, &mut be.rbuf, to_backend);
-                    let Some(node) = in_flight_on else {
-                        return Event::Backend(io.await);
-                    };
-                    tokio::select! {
-                        biased;
-                        r = io => Event::Backend(r),
-                        why = node_down(topology, topology_changes, &node) => Event::NodeDown(why),
-                    }
-                }
-                Link::Parked(c) => {
-                    to_backend.clear();
-                    tokio::select! {
-                        biased;
-                        () = c.conn.reclaimed() => Event::Reclaimed,
-                        () = idle_out(idle_timer) => Event::IdleTimeout,
-                    }
-                }
-                Link::Idle | Link::FailedUntilSync => {
-                    to_backend.clear();
-                    idle_out(idle_timer).await;
-                    Event::IdleTimeout
-                }
-            }
-        };
-        let client_read = std::future::poll_fn(move |cx| {
+        let mut client = move |cx: &mut Context<'_>| {
             if backlogged {
-                return std::task::Poll::Pending;
+                return Poll::Pending;
             }
-            cbuf.poll_read_from(stream, cx)
-        });
-        tokio::select! {
-            // Polled in this order, without select's random start (it costs on every poll).
-            // While a backend streams without pause, client messages wait in the socket; they
-            // are read as soon as it pauses.
-            biased;
-            event = link_io => event,
-            r = client_read => Event::Client(r),
+            cbuf.poll_read_from(stream, cx).map(Event::Client)
+        };
+        // What the session's server connection may do, polled first: an attached backend reads
+        // the replies while the client's messages are written to it (a server blocked on
+        // sending replies stops reading, so a proxy that only wrote would deadlock on a long
+        // pipeline, and an error would reach the client only after it had sent everything:
+        // asyncpg's executemany stops early on a server error); a parked one may be reclaimed
+        // by its pool; a client without a backend may idle out. While a backend streams
+        // without pause, client messages wait in the socket; they are read as soon as it
+        // pauses. Hand-polled per state, so that only the waits of one state take room in
+        // this future (it is part of every idle client's task).
+        match link {
+            Link::Attached(a) => {
+                let be = a.checkout.conn.conn();
+                let Some(node) = in_flight_on else {
+                    return poll_fn(|cx| {
+                        if let Poll::Ready(r) = poll_backend_io(&mut be.stream, &mut be.rbuf, to_backend, cx) {
+                            return Poll::Ready(Event::Backend(r));
+                        }
+                        client(cx)
+                    })
+                    .await;
+                };
+                let mut down = pin!(node_down(&cluster.topology, topology_changes, &node));
+                poll_fn(|cx| {
+                    if let Poll::Ready(r) = poll_backend_io(&mut be.stream, &mut be.rbuf, to_backend, cx) {
+                        return Poll::Ready(Event::Backend(r));
+                    }
+                    if let Poll::Ready(why) = down.as_mut().poll(cx) {
+                        return Poll::Ready(Event::NodeDown(why));
+                    }
+                    client(cx)
+                })
+                .await
+            }
+            Link::Parked(c) => {
+                to_backend.clear();
+                let mut reclaimed = pin!(c.conn.reclaimed());
+                poll_fn(|cx| {
+                    if reclaimed.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Event::Reclaimed);
+                    }
+                    if poll_idle_out(idle_timer, cx).is_ready() {
+                        return Poll::Ready(Event::IdleTimeout);
+                    }
+                    client(cx)
+                })
+                .await
+            }
+            Link::Idle | Link::FailedUntilSync => {
+                to_backend.clear();
+                poll_fn(|cx| {
+                    if poll_idle_out(idle_timer, cx).is_ready() {
+                        return Poll::Ready(Event::IdleTimeout);
+                    }
+                    client(cx)
+                })
+                .await
+            }
         }
     }
 
