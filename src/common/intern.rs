@@ -72,6 +72,10 @@ mod tests {
         drop((a, b));
         let d = names.share_str("app");
         assert_eq!(&*d, "app");
-        assert_eq!(names.values.lock().unwrap().len(), 2, "the dead entry was dropped");
+        assert_eq!(
+            names.values.lock().unwrap().len(),
+            2,
+            "the dead entry was dropped"
+        );
     }
 }

@@ -529,7 +529,12 @@ impl Cluster {
     }
 
     /// The router's choice for one request on this snapshot.
-    fn choose(&self, intent: Intent, snap: &crate::common::topology::Snapshot, policy: &Policy<'_>) -> Result<usize, NoRoute> {
+    fn choose(
+        &self,
+        intent: Intent,
+        snap: &crate::common::topology::Snapshot,
+        policy: &Policy<'_>,
+    ) -> Result<usize, NoRoute> {
         // Each node's requests in flight, on the stack for up to 16 nodes (this runs for every
         // transaction).
         let mut stack = [0u32; 16];

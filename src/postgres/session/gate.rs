@@ -90,7 +90,9 @@ impl Session {
             }
             if let Some(checkout) = resumed {
                 let totals = &self.db.totals;
-                totals.assignments.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                totals
+                    .assignments
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Ok(checkout);
             }
         }

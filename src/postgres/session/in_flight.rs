@@ -196,7 +196,10 @@ impl Attached {
 
     /// Nothing in flight and no transaction open: the connection may serve someone else.
     pub(super) fn is_clean(&self) -> bool {
-        self.st.units.is_empty() && !self.st.in_batch && !self.st.copy_in && self.st.streaming == 0 && self.st.status == b'I'
+        self.st.units.is_empty()
+            && !self.st.in_batch
+            && !self.st.copy_in
+            && self.st.streaming == 0
+            && self.st.status == b'I'
     }
 }
-

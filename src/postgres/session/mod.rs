@@ -12,13 +12,13 @@
 
 mod gate;
 mod in_flight;
-mod relay;
 mod login;
+mod relay;
 mod replies;
 mod settings;
-mod statements;
 #[cfg(test)]
 mod sizes;
+mod statements;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -65,7 +65,11 @@ pub fn serve(cluster: Arc<Cluster>, stream: TcpStream, peer: SocketAddr) -> impl
 }
 
 /// Admission, then the login inside the client's span.
-async fn admit_and_log_in(cluster: Arc<Cluster>, stream: TcpStream, peer: SocketAddr) -> Option<Box<Session>> {
+async fn admit_and_log_in(
+    cluster: Arc<Cluster>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<Box<Session>> {
     let admitted = cluster.client_connected();
     let _ = stream.set_nodelay(true);
     if !admitted {
@@ -76,7 +80,10 @@ async fn admit_and_log_in(cluster: Arc<Cluster>, stream: TcpStream, peer: Socket
         return None;
     }
     let span = client_span(&peer, &cluster.config.name);
-    match login::login(&cluster, stream, peer).instrument(span.clone()).await {
+    match login::login(&cluster, stream, peer)
+        .instrument(span.clone())
+        .await
+    {
         Ok(session) => session,
         Err(e) => {
             debug!(parent: &span, error = %e, "client i/o error during login");

@@ -109,7 +109,9 @@ impl Session {
     fn on_event(&mut self, event: Event) -> Option<End> {
         match event {
             Event::Backend(Ok(BackendIo::Wrote)) => None,
-            Event::Backend(Ok(BackendIo::Read(0))) => Some(self.backend_lost("the server closed the connection")),
+            Event::Backend(Ok(BackendIo::Read(0))) => {
+                Some(self.backend_lost("the server closed the connection"))
+            }
             Event::Backend(Err(e)) => Some(self.backend_lost(&e.to_string())),
             Event::Backend(Ok(BackendIo::Read(_))) => self.process_backend_messages().err(),
             // Another client needs a connection of that pool, or it idled out.
@@ -120,12 +122,19 @@ impl Session {
             Event::NodeDown(why) => Some(self.backend_lost(&format!("the node was marked down ({why})"))),
             Event::IdleTimeout => {
                 info!(parent: &self.span(), "client idle past client_idle_timeout; disconnecting");
-                fatal(self.out.get(), "57P05", "terminating connection due to idle-session timeout");
+                fatal(
+                    self.out.get(),
+                    "57P05",
+                    "terminating connection due to idle-session timeout",
+                );
                 Some(End::ClientGone)
             }
             Event::Client(Ok(0) | Err(_)) => Some(End::ClientGone),
             Event::Client(Ok(n)) => {
-                self.db.totals.received.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                self.db
+                    .totals
+                    .received
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                 None
             }
         }
@@ -144,7 +153,10 @@ impl Session {
             .map(|a| a.checkout.conn.node_shared());
         // A client with no backend is between transactions: it may idle only so long. The
         // timer is made once per session (only when the limit is configured) and restarted here.
-        if let (Some(limit), false) = (self.cluster.config.client_idle_timeout, self.link.attached().is_some()) {
+        if let (Some(limit), false) = (
+            self.cluster.config.client_idle_timeout,
+            self.link.attached().is_some(),
+        ) {
             let deadline = tokio::time::Instant::now() + limit;
             match &mut self.idle_timer {
                 Some(t) => t.as_mut().reset(deadline),
@@ -164,7 +176,8 @@ impl Session {
         } = self;
         // Past this much unsent to the backend, the client waits (TCP backpressure), as it
         // would on a direct connection to a server that is slow to read.
-        let backlogged = to_backend.len() >= BACKEND_BACKLOG || rare.as_ref().is_some_and(|r| r.held.is_some());
+        let backlogged =
+            to_backend.len() >= BACKEND_BACKLOG || rare.as_ref().is_some_and(|r| r.held.is_some());
         let mut client = move |cx: &mut Context<'_>| {
             if backlogged {
                 return Poll::Pending;
@@ -185,7 +198,8 @@ impl Session {
                 let be = a.checkout.conn.conn();
                 let Some(node) = in_flight_on else {
                     return poll_fn(|cx| {
-                        if let Poll::Ready(r) = poll_backend_io(&mut be.stream, &mut be.rbuf, to_backend, cx) {
+                        if let Poll::Ready(r) = poll_backend_io(&mut be.stream, &mut be.rbuf, to_backend, cx)
+                        {
                             return Poll::Ready(Event::Backend(r));
                         }
                         client(cx)
@@ -239,7 +253,9 @@ impl Session {
             .sent
             .fetch_add(self.out.len() as u64, std::sync::atomic::Ordering::Relaxed);
         while !self.out.is_empty() {
-            let Session { stream, out, link, .. } = self;
+            let Session {
+                stream, out, link, ..
+            } = self;
             let reclaim = async {
                 match link {
                     Link::Parked(c) => c.conn.reclaimed().await,

@@ -164,19 +164,18 @@ impl Session {
                             // Bind with the wrong parameter count, ...) names the client's.
                             if let Some(from) = statements::backend_name_in(msg.body()) {
                                 let duplicate = peek::error_code_and_message(msg.body()).0 == "42P05";
-                                let to = a
-                                    .st
-                                    .renames
-                                    .iter()
-                                    .find(|(f, _, dup)| *f == from && *dup == duplicate)
-                                    .or_else(|| a.st.renames.iter().find(|(f, _, _)| *f == from))
-                                    .map(|(_, to, _)| to.clone())
-                                    .or_else(|| {
-                                        self.statements
-                                            .iter()
-                                            .find(|(_, st)| st.backend_name() == from)
-                                            .map(|(name, _)| name.clone())
-                                    });
+                                let to =
+                                    a.st.renames
+                                        .iter()
+                                        .find(|(f, _, dup)| *f == from && *dup == duplicate)
+                                        .or_else(|| a.st.renames.iter().find(|(f, _, _)| *f == from))
+                                        .map(|(_, to, _)| to.clone())
+                                        .or_else(|| {
+                                            self.statements
+                                                .iter()
+                                                .find(|(_, st)| st.backend_name() == from)
+                                                .map(|(name, _)| name.clone())
+                                        });
                                 if let Some(to) = to {
                                     let quoted = |n: &[u8]| [&b"\""[..], n, b"\""].concat();
                                     peek::encode_error_renamed(

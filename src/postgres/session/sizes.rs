@@ -30,10 +30,22 @@ fn an_idle_session_is_small() {
         ("    Session::relay", output_size1(Session::relay)),
         ("      Session::next_event", output_size1(Session::next_event)),
         ("      Session::flush_client", output_size1(Session::flush_client)),
-        ("      Session::process_client_messages", output_size1(Session::process_client_messages)),
-        ("        Session::handle_client_message", output_size2(Session::handle_client_message)),
-        ("        Session::attach_counted (slow path boxed)", output_size2(Session::attach_counted)),
-        ("        Session::start_transaction (wait boxed)", output_size1(Session::start_transaction)),
+        (
+            "      Session::process_client_messages",
+            output_size1(Session::process_client_messages),
+        ),
+        (
+            "        Session::handle_client_message",
+            output_size2(Session::handle_client_message),
+        ),
+        (
+            "        Session::attach_counted (slow path boxed)",
+            output_size2(Session::attach_counted),
+        ),
+        (
+            "        Session::start_transaction (wait boxed)",
+            output_size1(Session::start_transaction),
+        ),
         ("    Session::detach_at_end", output_size1(Session::detach_at_end)),
         ("Session (boxed)", size_of::<Session>()),
         ("  Link", size_of::<Link>()),
@@ -42,11 +54,20 @@ fn an_idle_session_is_small() {
         ("  Settings", size_of::<Settings>()),
         ("  statements", size_of::<statements::Statements>()),
         ("  Rare (boxed when first needed)", size_of::<Rare>()),
-        ("  Option<Busy>", size_of::<Option<crate::postgres::activity::Busy>>()),
+        (
+            "  Option<Busy>",
+            size_of::<Option<crate::postgres::activity::Busy>>(),
+        ),
         ("InFlight (per attached backend, recycled)", size_of::<InFlight>()),
         ("Checkout", size_of::<Checkout>()),
-        ("ClientInfo (Arc, console)", size_of::<crate::postgres::activity::ClientInfo>()),
-        ("CancelState (Arc, cancel keys)", size_of::<crate::postgres::cluster::CancelState>()),
+        (
+            "ClientInfo (Arc, console)",
+            size_of::<crate::postgres::activity::ClientInfo>(),
+        ),
+        (
+            "CancelState (Arc, cancel keys)",
+            size_of::<crate::postgres::cluster::CancelState>(),
+        ),
     ];
     for (what, size) in sizes {
         println!("{what:<60} {size:>6} B");

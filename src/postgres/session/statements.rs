@@ -131,7 +131,9 @@ impl Statements {
     }
 
     pub fn insert(&mut self, name: Bytes, statement: Arc<Statement>) -> Option<Arc<Statement>> {
-        self.0.get_or_insert_with(Default::default).insert(name, statement)
+        self.0
+            .get_or_insert_with(Default::default)
+            .insert(name, statement)
     }
 
     pub fn remove(&mut self, name: &[u8]) -> Option<Arc<Statement>> {
@@ -212,7 +214,9 @@ impl Session {
             }
             // CopyDone and CopyFail end COPY FROM STDIN.
             b'c' | b'f' if a.st.copy_in => a.st.copy_in = false,
-            b'c' | b'f' => a.st.copy_ended_early = Some((a.st.units_pushed + u64::from(a.st.in_batch), a.st.in_batch)),
+            b'c' | b'f' => {
+                a.st.copy_ended_early = Some((a.st.units_pushed + u64::from(a.st.in_batch), a.st.in_batch))
+            }
             b'P' | b'B' | b'D' | b'E' | b'H' | b'C' => a.st.in_batch = true,
             _ => {}
         }
