@@ -255,7 +255,19 @@ impl Session {
 
     async fn run(mut self: Box<Self>) {
         let end = self.relay().await;
-        match &end {
+        self.log_end(end);
+        self.detach_at_end().await;
+        self.cluster.unregister_cancel(self.cancel_key);
+        // The error that ends the session (e.g. 08006 when the backend closed) is still in
+        // `out` when the backend read saw EOF: the client must get it before the close.
+        let _ = self.flush_client().await;
+        let _ = self.stream.shutdown().await;
+    }
+
+    /// Says how the session ended (consuming the reason: nothing of it stays in the task's
+    /// future while the session winds down).
+    fn log_end(&self, end: End) {
+        match end {
             End::ClientGone => debug!(parent: &self.span(), "client left"),
             End::ClientFault(why) => {
                 info!(parent: &self.span(), reason = %why, "client disconnected for a protocol violation")
@@ -264,12 +276,6 @@ impl Session {
                 warn!(parent: &self.span(), reason = %why, "client disconnected after a backend failure")
             }
         }
-        self.detach_at_end().await;
-        self.cluster.unregister_cancel(self.cancel_key);
-        // The error that ends the session (e.g. 08006 when the backend closed) is still in
-        // `out` when the backend read saw EOF: the client must get it before the close.
-        let _ = self.flush_client().await;
-        let _ = self.stream.shutdown().await;
     }
 
     /// The backend connection ended or broke. The client is told once: by the server's own

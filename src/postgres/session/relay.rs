@@ -4,6 +4,7 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
@@ -70,12 +71,14 @@ fn poll_idle_out(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>, cx: &mut Cont
 async fn node_down(
     topology: &crate::common::topology::Topology,
     changes: &mut tokio::sync::watch::Receiver<u64>,
-    node: &str,
+    node: &Arc<str>,
 ) -> String {
     loop {
-        let snap = topology.load();
-        if let Some(n) = snap.nodes.iter().find(|n| *n.address == *node && !n.healthy) {
-            return n.last_error.clone().unwrap_or_default();
+        {
+            let snap = topology.load();
+            if let Some(n) = snap.nodes.iter().find(|n| *n.address == **node && !n.healthy) {
+                return n.last_error.clone().unwrap_or_default();
+            }
         }
         if changes.changed().await.is_err() {
             return std::future::pending().await;
