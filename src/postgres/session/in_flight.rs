@@ -109,6 +109,8 @@ impl InFlight {
 pub(super) struct InFlightBox(Option<Box<InFlight>>);
 
 thread_local! {
+    // Boxes on purpose: the box itself is what a session takes and gives back.
+    #[allow(clippy::vec_box)]
     static SPARE_IN_FLIGHT: std::cell::RefCell<Vec<Box<InFlight>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 

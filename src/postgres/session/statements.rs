@@ -115,6 +115,7 @@ pub struct Pending {
 /// boxed when the client first prepares one: a client of the simple protocol never does, and an
 /// idle session carries a pointer instead of an empty map.
 #[derive(Default)]
+#[allow(clippy::box_collection)] // 8 bytes in every session instead of an empty map's 48
 pub struct Statements(Option<Box<HashMap<Bytes, Arc<Statement>>>>);
 
 impl Statements {
