@@ -1,6 +1,7 @@
 //! What an idle client costs, by type: the session's task future and the state it keeps.
-//! `cargo test --release --lib session::sizes -- --nocapture` prints them (benches/README.md
-//! "Idle clients" has the breakdown); the test fails if the task future grows past a bound.
+//! `cargo test --lib session::sizes -- --nocapture` prints them (benches/README.md, "Small
+//! idle clients and a leaner relay", has the breakdown); the test fails if the task future
+//! grows past a bound.
 
 use std::future::Future;
 use std::mem::size_of;
