@@ -1,20 +1,28 @@
 //! End-to-end CQL load: prepared reads and writes against the CQL test cluster
 //! (`tests/cql-cluster`, in-memory nodes on 127.0.0.1..N), straight to the cluster with a
 //! token-aware and a round-robin scylla driver, and through `target/release/sluice` with a
-//! round-robin driver that knows only sluice. Runs are interleaved and repeated; the table shows
-//! medians of throughput, p50/p99 latency and sluice's CPU time per request (utime + stime
-//! from /proc/PID/stat around each run).
+//! round-robin driver that knows only sluice (and, with `--before PATH`, through a second
+//! sluice binary too, e.g. one built from main, for before/after ratios in the same run). Runs
+//! are interleaved and repeated; the table shows medians of throughput, p50/p99 latency and
+//! sluice's CPU time per request (utime + stime from /proc/PID/stat around each run).
 //!
 //! ```text
 //! cargo build --release --bin sluice
 //! cargo bench --bench cql-e2e -- [--duration S] [--reps N] [--concurrency C] [--rate R]
-//!                                [--nodes N] [--rf RF] [--keys K] [--sluice PATH] [--out DIR]
+//!                                [--nodes N] [--rf RF] [--keys K] [--sluice PATH]
+//!                                [--before PATH] [--pin both|pinned|unpinned]
+//!                                [--phases saturation,paced] [--out DIR]
 //! ```
 //!
 //! Two phases: saturation (C concurrent requests in flight, as fast as possible) and paced
 //! (C workers sharing R requests per second, below saturation) for the added p99 latency.
-//! Results go to `--out` (default `target/cql-e2e`) as results.json. Without `--bench` (as under
-//! `cargo test --all-targets`) it only prints how to run it.
+//! Two placements (`--pin`, both by default, interleaved run by run): `unpinned` (the
+//! scheduler places everything on every CPU) and `pinned` (sluice on CPU 0, started there
+//! with `taskset -c 0`, so it sizes its runtime for one CPU; this process, i.e. the load
+//! generator and the test cluster, moved to CPU 1 with `taskset -a -p` for the run). Each
+//! placement has its own sluice processes. Results go to `--out` (default `target/cql-e2e`)
+//! as results.json. Without `--bench` (as under `cargo test --all-targets`) it only prints
+//! how to run it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -38,7 +46,28 @@ struct Opts {
     rf: usize,
     keys: usize,
     sluice: PathBuf,
+    before: Option<PathBuf>,
+    pins: Vec<Pin>,
+    phases: Vec<bool>,
     out: PathBuf,
+}
+
+/// Where the processes run.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Pin {
+    /// Everywhere the scheduler likes.
+    Unpinned,
+    /// sluice on CPU 0; the load generator and the test cluster (this process) on CPU 1.
+    Pinned,
+}
+
+impl Pin {
+    fn name(self) -> &'static str {
+        match self {
+            Pin::Unpinned => "unpinned",
+            Pin::Pinned => "pinned",
+        }
+    }
 }
 
 fn opts() -> Option<Opts> {
@@ -52,6 +81,9 @@ fn opts() -> Option<Opts> {
         rf: 2,
         keys: 10_000,
         sluice: root.join("target/release/sluice"),
+        before: None,
+        pins: vec![Pin::Unpinned, Pin::Pinned],
+        phases: vec![false, true],
         out: root.join("target/cql-e2e"),
     };
     let mut bench = false;
@@ -68,6 +100,25 @@ fn opts() -> Option<Opts> {
             "--rf" => o.rf = v("--rf").parse().expect("count"),
             "--keys" => o.keys = v("--keys").parse().expect("count"),
             "--sluice" => o.sluice = v("--sluice").into(),
+            "--before" => o.before = Some(v("--before").into()),
+            "--pin" => {
+                o.pins = match v("--pin").as_str() {
+                    "both" => vec![Pin::Unpinned, Pin::Pinned],
+                    "pinned" => vec![Pin::Pinned],
+                    "unpinned" => vec![Pin::Unpinned],
+                    other => panic!("--pin {other:?}: both, pinned or unpinned"),
+                }
+            }
+            "--phases" => {
+                o.phases = v("--phases")
+                    .split(',')
+                    .map(|p| match p {
+                        "saturation" => false,
+                        "paced" => true,
+                        other => panic!("--phases: unknown phase {other:?}"),
+                    })
+                    .collect()
+            }
             "--out" => o.out = v("--out").into(),
             other => panic!("unknown argument {other:?} (see the header of benches/cql-e2e.rs)"),
         }
@@ -96,11 +147,11 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start_sluice(o: &Opts, cluster: &TestCluster) -> SluiceProc {
+fn start_sluice(binary: &std::path::Path, pin: Pin, cluster: &TestCluster) -> SluiceProc {
     assert!(
-        o.sluice.exists(),
+        binary.exists(),
         "no sluice binary at {} (cargo build --release --bin sluice)",
-        o.sluice.display()
+        binary.display()
     );
     let dir = tempfile::tempdir().expect("temp dir");
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("address");
@@ -112,7 +163,15 @@ fn start_sluice(o: &Opts, cluster: &TestCluster) -> SluiceProc {
     let path = dir.path().join("sluice.toml");
     std::fs::write(&path, config).expect("write config");
     let log = std::fs::File::create(dir.path().join("sluice.log")).expect("log file");
-    let child = Command::new(&o.sluice)
+    let mut cmd = match pin {
+        Pin::Unpinned => Command::new(binary),
+        Pin::Pinned => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg("0").arg(binary);
+            c
+        }
+    };
+    let child = cmd
         .arg("--config")
         .arg(&path)
         .env("RUST_LOG", "warn")
@@ -130,6 +189,45 @@ fn start_sluice(o: &Opts, cluster: &TestCluster) -> SluiceProc {
         listen,
         _dir: dir,
     }
+}
+
+/// Moves every thread of this process (load generator, test cluster) for a run.
+fn place_self(pin: Pin) {
+    let cpus = match pin {
+        Pin::Unpinned => "0-1",
+        Pin::Pinned => "1",
+    };
+    let ok = Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &std::process::id().to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "taskset -a -p -c {cpus} failed");
+}
+
+/// (busy, total) jiffies of the whole machine, from /proc/stat.
+fn machine_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let cpu: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = cpu.iter().sum();
+    let idle = cpu.get(3).copied().unwrap_or(0) + cpu.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn cpu_seconds(pid: u32) -> f64 {
@@ -171,6 +269,7 @@ enum Op {
 }
 
 struct RunResult {
+    pin: Pin,
     target: &'static str,
     op: &'static str,
     phase: &'static str,
@@ -182,6 +281,8 @@ struct RunResult {
     p99_us: f64,
     mean_us: f64,
     sluice_cpu_s: Option<f64>,
+    /// The machine's busy fraction during the run (all CPUs).
+    busy: f64,
 }
 
 impl RunResult {
@@ -206,6 +307,7 @@ async fn run(
     rep: usize,
 ) -> RunResult {
     let cpu0 = sluice_pid.map(cpu_seconds);
+    let machine0 = machine_jiffies();
     let start = Instant::now();
     let deadline = start + o.duration;
     // Paced: every worker sends one request per `interval`, on a fixed schedule.
@@ -249,6 +351,8 @@ async fn run(
         errors += e;
     }
     let seconds = start.elapsed().as_secs_f64();
+    let machine1 = machine_jiffies();
+    let busy = (machine1.0 - machine0.0) as f64 / (machine1.1 - machine0.1).max(1) as f64;
     let cpu = match (sluice_pid, cpu0) {
         (Some(p), Some(c0)) => Some(cpu_seconds(p) - c0),
         _ => None,
@@ -260,6 +364,7 @@ async fn run(
             .unwrap_or(0) as f64
     };
     RunResult {
+        pin: Pin::Unpinned,
         target,
         op: if op == Op::Read { "read" } else { "write" },
         phase: if paced { "paced" } else { "saturation" },
@@ -271,6 +376,7 @@ async fn run(
         p99_us: q(0.99),
         mean_us: lat.iter().map(|&v| v as f64).sum::<f64>() / lat.len().max(1) as f64,
         sluice_cpu_s: cpu,
+        busy,
     }
 }
 
@@ -287,24 +393,76 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// A driver session and, through sluice, the sluice process it goes through.
+struct Target {
+    name: &'static str,
+    session: Arc<Session>,
+    sluice_pid: Option<u32>,
+    read: PreparedStatement,
+    write: PreparedStatement,
+}
+
+async fn target(name: &'static str, session: Arc<Session>, sluice_pid: Option<u32>) -> Target {
+    let read = session
+        .prepare("SELECT v FROM bench.kv WHERE k = ?")
+        .await
+        .expect("prepare read");
+    let write = session
+        .prepare("INSERT INTO bench.kv (k, v) VALUES (?, ?)")
+        .await
+        .expect("prepare write");
+    Target {
+        name,
+        session,
+        sluice_pid,
+        read,
+        write,
+    }
+}
+
+const DIRECT_TA: &str = "direct token-aware";
+const DIRECT_RR: &str = "direct round-robin";
+const SLUICE: &str = "sluice round-robin";
+const BEFORE: &str = "sluice-before round-robin";
+
 fn main() {
     let Some(o) = opts() else {
         eprintln!("cql-e2e: run it with `cargo bench --bench cql-e2e -- [options]` (see benches/cql-e2e.rs)");
         return;
     };
     let cluster = TestCluster::start(ClusterSpec::new(o.nodes, 8)).expect("CQL test cluster");
-    let sluice = start_sluice(&o, &cluster);
-    let pid = sluice.child.id();
+    let mut binaries: Vec<(&'static str, PathBuf)> = Vec::new();
+    if let Some(b) = &o.before {
+        binaries.push((BEFORE, b.clone()));
+    }
+    binaries.push((SLUICE, o.sluice.clone()));
+    let mut procs: Vec<(Pin, &'static str, SluiceProc)> = Vec::new();
+    for &pin in &o.pins {
+        for (name, bin) in &binaries {
+            procs.push((pin, *name, start_sluice(bin, pin, &cluster)));
+        }
+    }
     let direct: Vec<SocketAddr> = (0..o.nodes).map(|i| cluster.address(i)).collect();
     eprintln!(
-        "[cql-e2e] {} nodes (RF {}) at {:?}; sluice pid {pid} on {}",
-        o.nodes, o.rf, direct, sluice.listen
+        "[cql-e2e] {} nodes (RF {}) at {direct:?}; load average {}",
+        o.nodes,
+        o.rf,
+        loadavg()
     );
+    for (pin, name, p) in &procs {
+        eprintln!(
+            "[cql-e2e] {name} ({}) pid {} on {}",
+            pin.name(),
+            p.child.id(),
+            p.listen
+        );
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
+    let load_before = loadavg();
     let results = rt.block_on(async {
         let ta = Arc::new(session(&direct, true).await);
         ta.query_unpaged(
@@ -321,7 +479,6 @@ fn main() {
             .expect("create table");
         ta.await_schema_agreement().await.expect("schema agreement");
         let rr = Arc::new(session(&direct, false).await);
-        let through = Arc::new(session(&[sluice.listen], false).await);
         let ins = ta
             .prepare("INSERT INTO bench.kv (k, v) VALUES (?, ?)")
             .await
@@ -331,142 +488,206 @@ fn main() {
                 .await
                 .expect("preload");
         }
-        let targets: [(&'static str, Arc<Session>, Option<u32>); 3] = [
-            ("direct token-aware", ta.clone(), None),
-            ("sluice round-robin", through.clone(), Some(pid)),
-            ("direct round-robin", rr.clone(), None),
-        ];
-        let mut prepared = Vec::new();
-        for (_, s, _) in &targets {
-            let r = s
-                .prepare("SELECT v FROM bench.kv WHERE k = ?")
-                .await
-                .expect("prepare read");
-            let w = s
-                .prepare("INSERT INTO bench.kv (k, v) VALUES (?, ?)")
-                .await
-                .expect("prepare write");
-            prepared.push((r, w));
+        // Per placement: the direct sessions, then each sluice's.
+        let mut targets: Vec<(Pin, Vec<Target>)> = Vec::new();
+        for &pin in &o.pins {
+            let mut ts = vec![target(DIRECT_TA, ta.clone(), None).await];
+            for (p, name, proc_) in &procs {
+                if *p == pin {
+                    let s = Arc::new(session(&[proc_.listen], false).await);
+                    ts.push(target(name, s, Some(proc_.child.id())).await);
+                }
+            }
+            ts.push(target(DIRECT_RR, rr.clone(), None).await);
+            targets.push((pin, ts));
         }
         let mut results = Vec::new();
-        for paced in [false, true] {
+        for &paced in &o.phases {
             for rep in 0..o.reps {
-                for (t, (name, s, p)) in targets.iter().enumerate() {
-                    for op in [Op::Read, Op::Write] {
-                        let stmt = match op {
-                            Op::Read => prepared[t].0.clone(),
-                            Op::Write => prepared[t].1.clone(),
-                        };
-                        let r = run(s.clone(), stmt, op, &o, paced, *p, name, rep).await;
-                        cluster.clear_records();
-                        eprintln!(
-                            "[cql-e2e] {} rep {rep} {name:20} {:5}: {:8.0} req/s p50 {:6.0} µs p99 {:6.0} µs errors {}{}",
-                            r.phase,
-                            r.op,
-                            r.throughput(),
-                            r.p50_us,
-                            r.p99_us,
-                            r.errors,
-                            r.cpu_us_per_request()
-                                .map(|c| format!(" sluice {c:.1} µs CPU/request"))
-                                .unwrap_or_default()
-                        );
-                        results.push(r);
+                for (pin, ts) in &targets {
+                    place_self(*pin);
+                    for t in ts {
+                        for op in [Op::Read, Op::Write] {
+                            let stmt = match op {
+                                Op::Read => t.read.clone(),
+                                Op::Write => t.write.clone(),
+                            };
+                            let mut r =
+                                run(t.session.clone(), stmt, op, &o, paced, t.sluice_pid, t.name, rep).await;
+                            r.pin = *pin;
+                            cluster.clear_records();
+                            eprintln!(
+                                "[cql-e2e] {} rep {rep} {:8} {:25} {:5}: {:8.0} req/s p50 {:6.0} µs p99 {:6.0} µs errors {} busy {:.2}{}",
+                                r.phase,
+                                pin.name(),
+                                t.name,
+                                r.op,
+                                r.throughput(),
+                                r.p50_us,
+                                r.p99_us,
+                                r.errors,
+                                r.busy,
+                                r.cpu_us_per_request()
+                                    .map(|c| format!(" sluice {c:.1} µs CPU/request"))
+                                    .unwrap_or_default()
+                            );
+                            results.push(r);
+                        }
                     }
                 }
             }
         }
+        place_self(Pin::Unpinned);
         results
     });
+    println!(
+        "\nload average (1, 5, 15 min) before the runs: {load_before}; after: {}",
+        loadavg()
+    );
     report(&o, &results);
-    drop(sluice);
+    drop(procs);
 }
+
+fn median_of<'a>(rs: impl Iterator<Item = &'a RunResult>, f: impl Fn(&RunResult) -> Option<f64>) -> f64 {
+    median(rs.filter_map(f).collect())
+}
+
+/// The median over repetitions of `f(a) / f(b)`, `a` and `b` measured in the same repetition.
+fn ratio(results: &[RunResult], a: Sel, b: Sel, f: impl Fn(&RunResult) -> Option<f64>) -> f64 {
+    let reps = results.iter().map(|r| r.rep).max().map_or(0, |m| m + 1);
+    let find = |s: Sel, rep: usize| {
+        results
+            .iter()
+            .find(|r| r.rep == rep && r.phase == s.0 && r.op == s.1 && r.pin == s.2 && r.target == s.3)
+    };
+    median(
+        (0..reps)
+            .filter_map(|rep| {
+                let (x, y) = (find(a, rep)?, find(b, rep)?);
+                Some(f(x)? / f(y)?)
+            })
+            .collect(),
+    )
+}
+
+/// (phase, op, placement, target).
+type Sel<'a> = (&'a str, &'a str, Pin, &'a str);
 
 fn report(o: &Opts, results: &[RunResult]) {
     println!(
         "\nCQL test cluster: {} in-memory nodes, RF {}, {} keys; {} concurrent requests; medians of {} interleaved runs of {:?}; paced = {} req/s in total",
         o.nodes, o.rf, o.keys, o.concurrency, o.reps, o.duration, o.rate
     );
-    println!("| phase | op | target | req/s | p50 µs | p99 µs | sluice CPU µs/request | errors |");
-    println!("|---|---|---|---|---|---|---|---|");
-    let mut json = Vec::new();
-    let mut summary = Vec::new();
+    println!("| phase | op | placement | target | req/s | p50 µs | p99 µs | sluice CPU µs/request | machine busy | errors |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let targets = [DIRECT_TA, BEFORE, SLUICE, DIRECT_RR];
     for phase in ["saturation", "paced"] {
         for op in ["read", "write"] {
-            for target in ["direct token-aware", "sluice round-robin", "direct round-robin"] {
-                let rs: Vec<&RunResult> = results
-                    .iter()
-                    .filter(|r| r.phase == phase && r.op == op && r.target == target)
-                    .collect();
-                if rs.is_empty() {
-                    continue;
-                }
-                let tput = median(rs.iter().map(|r| r.throughput()).collect());
-                let p50 = median(rs.iter().map(|r| r.p50_us).collect());
-                let p99 = median(rs.iter().map(|r| r.p99_us).collect());
-                let cpu = median(rs.iter().filter_map(|r| r.cpu_us_per_request()).collect());
-                let errors: usize = rs.iter().map(|r| r.errors).sum();
-                println!(
-                    "| {phase} | {op} | {target} | {tput:.0} | {p50:.0} | {p99:.0} | {} | {errors} |",
-                    if cpu.is_nan() {
-                        "-".to_string()
-                    } else {
-                        format!("{cpu:.1}")
+            for &pin in &o.pins {
+                for target in targets {
+                    let rs: Vec<&RunResult> = results
+                        .iter()
+                        .filter(|r| r.phase == phase && r.op == op && r.pin == pin && r.target == target)
+                        .collect();
+                    if rs.is_empty() {
+                        continue;
                     }
-                );
-                summary.push((phase, op, target, tput, p50, p99, cpu));
+                    let tput = median_of(rs.iter().copied(), |r| Some(r.throughput()));
+                    let p50 = median_of(rs.iter().copied(), |r| Some(r.p50_us));
+                    let p99 = median_of(rs.iter().copied(), |r| Some(r.p99_us));
+                    let cpu = median_of(rs.iter().copied(), RunResult::cpu_us_per_request);
+                    let busy = median_of(rs.iter().copied(), |r| Some(r.busy));
+                    let errors: usize = rs.iter().map(|r| r.errors).sum();
+                    println!(
+                        "| {phase} | {op} | {} | {target} | {tput:.0} | {p50:.0} | {p99:.0} | {} | {busy:.2} | {errors} |",
+                        pin.name(),
+                        if cpu.is_nan() {
+                            "-".to_string()
+                        } else {
+                            format!("{cpu:.1}")
+                        }
+                    );
+                }
             }
         }
     }
-    println!();
-    for op in ["read", "write"] {
-        let get = |phase: &str, target: &str| {
-            summary
+    println!("\nRatios (medians over repetitions of ratios measured in the same repetition):");
+    let tput = |r: &RunResult| Some(r.throughput());
+    let cpu = RunResult::cpu_us_per_request;
+    for &pin in &o.pins {
+        for op in ["read", "write"] {
+            let sat = |t| ("saturation", op, pin, t);
+            let paced = |t| ("paced", op, pin, t);
+            let p = pin.name();
+            let mut line = format!(
+                "{p:8} {op:5}: throughput sluice / direct token-aware = {:.2} (target >= 0.8)",
+                ratio(results, sat(SLUICE), sat(DIRECT_TA), tput)
+            );
+            if o.before.is_some() {
+                line += &format!(
+                    "; before: {:.2}; after/before throughput {:.2}, CPU per request {:.2}",
+                    ratio(results, sat(BEFORE), sat(DIRECT_TA), tput),
+                    ratio(results, sat(SLUICE), sat(BEFORE), tput),
+                    ratio(results, sat(SLUICE), sat(BEFORE), cpu),
+                );
+            }
+            let sl: Vec<&RunResult> = results
                 .iter()
-                .find(|s| s.0 == phase && s.1 == op && s.2 == target)
-                .copied()
-        };
-        if let (Some(s), Some(d)) = (
-            get("saturation", "sluice round-robin"),
-            get("saturation", "direct token-aware"),
-        ) {
-            println!(
-                "{op}: throughput sluice round-robin / direct token-aware = {:.2} (target >= 0.8); sluice CPU {:.1} µs/request (target <= 15)",
-                s.3 / d.3,
-                s.6
+                .filter(|r| r.phase == "saturation" && r.op == op && r.pin == pin && r.target == SLUICE)
+                .collect();
+            line += &format!(
+                "; sluice CPU {:.1} µs/request (target <= 6)",
+                median_of(sl.into_iter(), cpu)
             );
-        }
-        if let (Some(s), Some(d)) = (
-            get("paced", "sluice round-robin"),
-            get("paced", "direct token-aware"),
-        ) {
-            println!(
-                "{op}: paced p99 added by sluice = {:.0} µs (sluice {:.0} − direct token-aware {:.0}; target <= 250)",
-                s.5 - d.5,
-                s.5,
-                d.5
-            );
+            println!("{line}");
+            let added = |t| {
+                let d = |r: &RunResult| Some(r.p99_us);
+                let x: Vec<&RunResult> = results
+                    .iter()
+                    .filter(|r| (r.phase, r.op, r.pin, r.target) == paced(t))
+                    .collect();
+                let y: Vec<&RunResult> = results
+                    .iter()
+                    .filter(|r| (r.phase, r.op, r.pin, r.target) == paced(DIRECT_TA))
+                    .collect();
+                median_of(x.into_iter(), d) - median_of(y.into_iter(), d)
+            };
+            if results.iter().any(|r| r.phase == "paced") {
+                let mut line = format!(
+                    "{p:8} {op:5}: paced p99 added by sluice = {:.0} µs (target <= 250)",
+                    added(SLUICE)
+                );
+                if o.before.is_some() {
+                    line += &format!("; before: {:.0} µs", added(BEFORE));
+                }
+                println!("{line}");
+            }
         }
     }
-    for r in results {
-        json.push(format!(
-            "{{\"phase\":\"{}\",\"op\":\"{}\",\"target\":\"{}\",\"rep\":{},\"requests\":{},\"errors\":{},\"seconds\":{:.3},\"throughput\":{:.1},\"p50_us\":{},\"p99_us\":{},\"mean_us\":{:.1},\"sluice_cpu_s\":{}}}",
-            r.phase,
-            r.op,
-            r.target,
-            r.rep,
-            r.requests,
-            r.errors,
-            r.seconds,
-            r.throughput(),
-            r.p50_us,
-            r.p99_us,
-            r.mean_us,
-            r.sluice_cpu_s
-                .map(|c| format!("{c:.3}"))
-                .unwrap_or_else(|| "null".into())
-        ));
-    }
+    let json: Vec<String> = results
+        .iter()
+        .map(|r| {
+            format!(
+                "{{\"phase\":\"{}\",\"op\":\"{}\",\"placement\":\"{}\",\"target\":\"{}\",\"rep\":{},\"requests\":{},\"errors\":{},\"seconds\":{:.3},\"throughput\":{:.1},\"p50_us\":{},\"p99_us\":{},\"mean_us\":{:.1},\"sluice_cpu_s\":{},\"busy\":{:.3}}}",
+                r.phase,
+                r.op,
+                r.pin.name(),
+                r.target,
+                r.rep,
+                r.requests,
+                r.errors,
+                r.seconds,
+                r.throughput(),
+                r.p50_us,
+                r.p99_us,
+                r.mean_us,
+                r.sluice_cpu_s
+                    .map(|c| format!("{c:.3}"))
+                    .unwrap_or_else(|| "null".into()),
+                r.busy
+            )
+        })
+        .collect();
     let _ = std::fs::create_dir_all(&o.out);
     let path = o.out.join("results.json");
     match std::fs::write(&path, format!("[\n{}\n]\n", json.join(",\n"))) {

@@ -39,7 +39,7 @@ impl Env {
     fn new() -> Env {
         let node = |addr: &str, role: Role| Node {
             role,
-            healthy: true,
+            health: sluice::common::health::Health::assumed(true),
             primary_epoch: u64::from(role == Role::Primary),
             ..Node::new(Member::at(addr))
         };

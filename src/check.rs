@@ -83,7 +83,7 @@ async fn cluster(c: &ClusterConfig, metrics: &Arc<Metrics>) -> bool {
         } else {
             format!(" ({})", place.join(", "))
         };
-        match tokio::time::timeout(c.connect_timeout, speaks(c.protocol, &m.address)).await {
+        match tokio::time::timeout(c.connect_timeout, speaks(c.protocol(), &m.address)).await {
             Ok(Ok(what)) => println!("  node {} at {}{place}: {what}", m.id, m.address),
             Ok(Err(e)) => {
                 println!("  error: node {} at {}{place}: {e}", m.id, m.address);

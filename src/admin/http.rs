@@ -55,9 +55,9 @@ impl AdminState {
 /// promotion).
 pub fn role_label(snap: &crate::common::topology::Snapshot, i: usize) -> &'static str {
     let n = &snap.nodes[i];
-    if n.role == Role::Primary && snap.primary() != Some(i) && n.healthy {
+    if n.role == Role::Primary && snap.primary() != Some(i) && n.health.up {
         "stale-primary"
-    } else if n.role == Role::Primary && n.read_only && n.healthy {
+    } else if n.role == Role::Primary && n.read_only && n.health.up {
         // Still the primary, but taking no writes (a planned switchover's first step).
         "read-only-primary"
     } else {
@@ -221,11 +221,11 @@ pub fn topology_json(state: &AdminState) -> serde_json::Value {
                         "node": n.node,
                         "labeled_role": n.labeled_role,
                         "role": role,
-                        "healthy": n.healthy,
+                        "healthy": n.health.up,
                         "timeline": n.timeline,
                         "lsn": n.lsn.map(crate::admin::status::lsn_text),
                         "replay_lag_seconds": n.replay_lag_ms.map(|ms| ms as f64 / 1000.0),
-                        "error": n.last_error,
+                        "error": n.health.error,
                         "idle_connections": idle.get(&n.address).copied().unwrap_or(0),
                         "in_flight": n.load.load(Ordering::Relaxed),
                     })

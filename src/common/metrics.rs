@@ -22,7 +22,7 @@ pub struct NodeLabels {
 pub struct NodeStateLabels {
     pub cluster: String,
     pub node: String,
-    /// `idle` or `active`.
+    /// `idle` or `active` (connections); `up` or `down` (health changes).
     pub state: &'static str,
 }
 
@@ -131,8 +131,10 @@ pub struct Metrics {
     pub probes: Family<ResultLabels, Counter>,
     /// 1 while the probe says the node is primary.
     pub node_primary: Family<NodeLabels, Gauge>,
-    /// 1 while the node answers its probe.
+    /// 1 while the node is up (it answers its probe; CQL: nothing found it down).
     pub node_healthy: Family<NodeLabels, Gauge>,
+    /// Changes of a node between up and down, by the state it changed to.
+    pub node_health_changes: Family<NodeStateLabels, Counter>,
     /// Requests that failed inside sluice, by reason.
     pub errors: Family<ReasonLabels, Counter>,
     /// Client logins refused, by reason.
@@ -193,6 +195,7 @@ impl Metrics {
             probes: Family::default(),
             node_primary: Family::default(),
             node_healthy: Family::default(),
+            node_health_changes: Family::default(),
             errors: Family::default(),
             auth_failures: Family::default(),
             pins: Family::default(),
@@ -242,8 +245,13 @@ impl Metrics {
         );
         registry.register(
             "node_healthy",
-            "1 while the node answers its probe",
+            "1 while the node is up (it answers its probe; CQL: nothing found it down)",
             m.node_healthy.clone(),
+        );
+        registry.register(
+            "node_health_changes",
+            "Changes of a node between up and down, by the state it changed to",
+            m.node_health_changes.clone(),
         );
         registry.register("errors", "Requests failed by sluice, by reason", m.errors.clone());
         registry.register("auth_failures", "Client logins refused", m.auth_failures.clone());

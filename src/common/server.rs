@@ -80,9 +80,12 @@ async fn build(
     metrics: &Arc<Metrics>,
     console: &Arc<Console>,
 ) -> anyhow::Result<(Arc<Cluster>, Feed)> {
+    let Some(pg) = config.postgres().cloned() else {
+        anyhow::bail!("cluster {:?} is not a PostgreSQL cluster", config.name);
+    };
     let feed = discovery::start(&config.name, &config.discovery, metrics).await?;
     Ok((
-        Cluster::new(config.clone(), metrics.clone(), console.clone()),
+        Cluster::new(config.clone(), pg, metrics.clone(), console.clone()),
         feed,
     ))
 }

@@ -78,6 +78,16 @@ pub fn acceptor_verifying_clients(cert: &Path, key: &Path, client_ca: &Path) -> 
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// The acceptor a cluster's listener presents to clients (`tls_cert`/`tls_key`, verifying
+/// client certificates against `tls_client_ca` when set); `None` without TLS.
+pub fn client_acceptor(config: &crate::config::ClusterConfig) -> Result<Option<TlsAcceptor>, String> {
+    match (&config.tls_cert, &config.tls_key, &config.tls_client_ca) {
+        (Some(cert), Some(key), None) => acceptor(cert, key).map(Some),
+        (Some(cert), Some(key), Some(ca)) => acceptor_verifying_clients(cert, key, ca).map(Some),
+        _ => Ok(None),
+    }
+}
+
 /// The first byte of a TLS connection (a handshake record): CQL frames start with their
 /// protocol version instead (0x01..=0x05, with 0x80 set in responses), so one byte tells
 /// a TLS client from a plaintext one on a listener that takes both.

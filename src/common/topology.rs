@@ -12,6 +12,8 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use super::health::{Health, Source, Verdict};
+
 /// What a node is, according to the node itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -61,8 +63,9 @@ pub struct Node {
     pub node: Option<String>,
     pub labeled_role: Option<Role>,
     pub role: Role,
-    /// The last probe (or connection attempt) succeeded.
-    pub healthy: bool,
+    /// Up when the last probe succeeded; down (with the reason, for /topology) after a failed
+    /// probe or connection attempt.
+    pub health: Health,
     /// WAL position: the current LSN on a primary, the replayed LSN on a replica.
     pub lsn: Option<u64>,
     /// On a replica, how far its replay is behind in time, in milliseconds: 0 when it has
@@ -80,8 +83,6 @@ pub struct Node {
     /// Something suggested the node stopped taking writes (a 25006 from it): unconfirmed until
     /// its next probe answers.
     pub unconfirmed: bool,
-    /// Why the node is unhealthy, for /topology.
-    pub last_error: Option<String>,
     /// Requests in flight on this node, shared by every snapshot that has the node.
     pub load: Arc<AtomicU32>,
 }
@@ -96,14 +97,13 @@ impl Node {
             node: member.node,
             labeled_role: member.labeled_role,
             role: Role::Unknown,
-            healthy: false,
+            health: Health::assumed(false),
             lsn: None,
             replay_lag_ms: None,
             timeline: None,
             primary_epoch: 0,
             read_only: false,
             unconfirmed: false,
-            last_error: None,
             load: Arc::default(),
         }
     }
@@ -123,7 +123,7 @@ impl Snapshot {
         self.nodes
             .iter()
             .enumerate()
-            .filter(|(_, n)| n.healthy && n.role == Role::Primary)
+            .filter(|(_, n)| n.health.up && n.role == Role::Primary)
             .max_by_key(|(_, n)| (n.timeline, n.primary_epoch))
             .map(|(i, _)| i)
     }
@@ -164,13 +164,14 @@ impl Snapshot {
 
     /// Whether any node can serve anything.
     pub fn any_healthy(&self) -> bool {
-        self.nodes.iter().any(|n| n.healthy && n.role != Role::Unknown)
+        self.nodes.iter().any(|n| n.health.up && n.role != Role::Unknown)
     }
 }
 
-/// What a probe learned about one node.
+/// What a probe or a connection attempt learned about one PostgreSQL node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Observation {
+    /// The probe's answer (the node is up, and this is what it said).
     Up {
         role: Role,
         lsn: Option<u64>,
@@ -184,9 +185,19 @@ pub enum Observation {
     /// The node answered a write with 25006 (read-only transaction): its writability is
     /// unconfirmed until the next probe.
     Suspect,
-    Down {
-        error: String,
-    },
+    /// The probe failed, or opening a connection to the node did.
+    Down { source: Source, error: String },
+}
+
+impl Observation {
+    /// What the observation says about the node's health, if anything.
+    pub fn verdict(&self) -> Option<Verdict> {
+        match self {
+            Observation::Up { .. } => Some(Verdict::up(Source::Probe)),
+            Observation::Down { source, error } => Some(Verdict::down(*source, error.clone())),
+            Observation::Suspect => None,
+        }
+    }
 }
 
 /// What changed for a node when an observation was applied.
@@ -302,23 +313,19 @@ fn apply(cur: &Snapshot, id: &str, obs: &Observation) -> (Arc<Snapshot>, Change)
             node.role = *role;
             node.read_only = *read_only && *role == Role::Primary;
             node.unconfirmed = false;
-            node.healthy = true;
             node.lsn = *lsn;
             node.replay_lag_ms = *replay_lag_ms;
             node.timeline = *timeline;
-            node.last_error = None;
         }
-        Observation::Down { error } => {
-            node.healthy = false;
-            node.last_error = Some(error.clone());
-        }
+        Observation::Down { .. } => {}
         Observation::Suspect => node.unconfirmed = true,
     }
-    let was_primary = before.healthy && before.role == Role::Primary;
-    let is_primary = node.healthy && node.role == Role::Primary;
+    let health_changed = obs.verdict().is_some_and(|v| node.health.apply(&v));
+    let was_primary = before.health.up && before.role == Role::Primary;
+    let is_primary = node.health.up && node.role == Role::Primary;
     let change = Change {
         role_changed: before.role != node.role,
-        health_changed: before.healthy != node.healthy,
+        health_changed,
         became_primary: is_primary && !was_primary,
         lost_primary: was_primary && !is_primary,
         writable_changed: (before.read_only, before.unconfirmed) != (node.read_only, node.unconfirmed),
@@ -402,7 +409,13 @@ mod tests {
         // The replica is promoted while the old primary still answers.
         assert!(t.observe("b:2", &up(Role::Primary)).became_primary);
         assert_eq!(t.load().primary(), Some(1));
-        let c = t.observe("b:2", &Observation::Down { error: "gone".into() });
+        let c = t.observe(
+            "b:2",
+            &Observation::Down {
+                source: Source::Probe,
+                error: "gone".into(),
+            },
+        );
         assert!(c.lost_primary && c.health_changed);
         assert_eq!(t.load().primary(), Some(0));
     }
@@ -424,6 +437,7 @@ mod tests {
         t.observe(
             "a:1",
             &Observation::Down {
+                source: Source::Probe,
                 error: "killed".into(),
             },
         );
@@ -450,7 +464,13 @@ mod tests {
         );
         assert_eq!(t.load().generation, g);
         assert_eq!(t.load().nodes[0].lsn, Some(99));
-        t.observe("a:1", &Observation::Down { error: "x".into() });
+        t.observe(
+            "a:1",
+            &Observation::Down {
+                source: Source::Probe,
+                error: "x".into(),
+            },
+        );
         assert_eq!(t.load().generation, g + 1);
     }
 
@@ -473,7 +493,7 @@ mod tests {
         assert_eq!(gone, vec!["b:2".to_string()]);
         let s = t.load();
         assert_eq!(s.primary(), Some(0), "a keeps its probed role");
-        assert!(!s.nodes[1].healthy, "c is new and unprobed");
+        assert!(!s.nodes[1].health.up, "c is new and unprobed");
         let load = s.nodes[2].load.clone();
         load.store(3, std::sync::atomic::Ordering::Relaxed);
         t.observe("p", &up(Role::Replica));
@@ -481,7 +501,7 @@ mod tests {
         assert_eq!(gone, vec!["10.0.0.1:5432".to_string()]);
         let s = t.load();
         let p = &s.nodes[2];
-        assert_eq!((p.address.as_str(), p.healthy), ("10.0.0.9:5432", false));
+        assert_eq!((p.address.as_str(), p.health.up), ("10.0.0.9:5432", false));
         assert_eq!(p.load.load(std::sync::atomic::Ordering::Relaxed), 3);
     }
 

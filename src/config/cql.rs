@@ -127,7 +127,7 @@ static = ["127.0.0.1:9042", "127.0.0.2:9042", "127.0.0.3:9042"]
     #[test]
     fn contract_runs_on_defaults() {
         let c = Config::parse(CONTRACT_CQL).unwrap();
-        assert_eq!(c.clusters[0].cql.connections_per_node, 2);
+        assert_eq!(c.clusters[0].cql().unwrap().connections_per_node, 2);
         assert!(c.unsupported().is_empty(), "{:?}", c.unsupported());
     }
 
@@ -171,7 +171,7 @@ static = ["127.0.0.1:9042", "127.0.0.2:9042", "127.0.0.3:9042"]
         assert!(e.iter().any(|e| e.contains("is not a readable file")), "{e:?}");
         let c = Config::parse(&with("backend_tls = \"require\"")).unwrap();
         assert_eq!(c.clusters[0].backend_tls, BackendTlsMode::Require);
-        // Client certificates are CQL-only for now.
+        // A PostgreSQL listener verifies client certificates too, and needs its own identity.
         let pg = format!(
             "[[clusters]]\nname = \"pg\"\nprotocol = \"postgres\"\nlisten = \"127.0.0.1:6432\"\ntls_client_ca = \"{file}\"\n[clusters.discovery]\nstatic = [\"127.0.0.1:5432\"]\n[[clusters.users]]\nname = \"app\"\npassword = \"x\"\n"
         );
@@ -181,10 +181,7 @@ static = ["127.0.0.1:9042", "127.0.0.2:9042", "127.0.0.3:9042"]
             .iter()
             .map(|e| format!("{}: {}", e.path, e.reason))
             .collect();
-        assert_eq!(
-            e,
-            ["clusters[0].tls_client_ca: applies to cql clusters only (for now)"]
-        );
+        assert_eq!(e, ["clusters[0].tls_client_ca: needs tls_cert and tls_key"]);
         let pg_default = pg.replace(&format!("tls_client_ca = \"{file}\"\n"), "");
         assert_eq!(
             Config::parse(&pg_default).unwrap().clusters[0].backend_tls,
@@ -207,9 +204,12 @@ static = ["127.0.0.1:9042", "127.0.0.2:9042", "127.0.0.3:9042"]
         assert!(paths.contains(&"clusters[0].cql"), "{errs:?}");
         let ok = format!("{CONTRACT_CQL}\n[clusters.cql]\nlocal_datacenter = \"dc1\"\nusername = \"u\"\npassword = \"p\"\n");
         let c = Config::parse(&ok).unwrap();
-        assert_eq!(c.clusters[0].cql.local_datacenter.as_deref(), Some("dc1"));
         assert_eq!(
-            c.clusters[0].cql.heartbeat_timeout,
+            c.clusters[0].cql().unwrap().local_datacenter.as_deref(),
+            Some("dc1")
+        );
+        assert_eq!(
+            c.clusters[0].cql().unwrap().heartbeat_timeout,
             std::time::Duration::from_secs(2)
         );
         let health = format!("{CONTRACT_CQL}\n[clusters.cql]\nheartbeat_interval = \"250ms\"\nheartbeat_timeout = \"0s\"\nmax_consecutive_timeouts = 0\n");

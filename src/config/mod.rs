@@ -15,10 +15,12 @@ use toml::{Table, Value};
 mod cql;
 mod discovery;
 mod lifecycle;
+mod postgres;
 
 pub use cql::CqlConfig;
 pub use discovery::{Discovery, DnsDiscovery, DnsLookup, KubernetesDiscovery, PortRef, RoleLabels};
 pub use lifecycle::{ReloadConfig, ShutdownConfig};
+pub use postgres::PostgresConfig;
 
 /// `auth_query` when not set: the role's verifier from `pg_shadow` (readable by superusers; a
 /// SECURITY DEFINER function is the least-privilege alternative).
@@ -142,60 +144,68 @@ pub enum TopologyKind {
     MultiActive,
 }
 
-/// `[[clusters]]`: one database cluster behind one listener.
+/// `[[clusters]]`: one database cluster behind one listener. The keys every protocol takes
+/// are fields here; the ones only one protocol takes are in [`ProtocolConfig`], so a key that
+/// does not apply cannot be read by mistake (and is an error naming it when configured).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClusterConfig {
     pub name: String,
-    pub protocol: Protocol,
     pub listen: SocketAddr,
-    pub pool_mode: PoolMode,
-    pub consistency: Consistency,
-    pub topology: TopologyKind,
-    /// Replicas further behind the primary than this many WAL bytes get no reads.
-    pub max_replica_lag: Option<u64>,
     /// The zone sluice runs in: nodes in it are preferred.
     pub zone: Option<String>,
-    pub pool_size: usize,
     pub max_client_connections: usize,
-    pub checkout_timeout: Duration,
     pub connect_timeout: Duration,
     pub login_timeout: Duration,
-    /// Clients idle (no transaction open) longer than this are disconnected.
-    pub client_idle_timeout: Option<Duration>,
-    pub idle_timeout: Duration,
-    pub max_lifetime: Duration,
-    /// PEM certificate chain and key presented to clients that send SSLRequest.
+    /// PEM certificate chain and key presented to clients (PostgreSQL: after SSLRequest; CQL:
+    /// TLS from the first byte).
     pub tls_cert: Option<std::path::PathBuf>,
     pub tls_key: Option<std::path::PathBuf>,
     /// Refuse clients that do not use TLS.
     pub require_tls: bool,
     /// PEM CA certificates that client certificates must chain to; when set, a TLS client
-    /// must present one (CQL clusters only for now).
+    /// must present one.
     pub tls_client_ca: Option<std::path::PathBuf>,
     pub backend_tls: BackendTlsMode,
     /// PEM CA certificates for `backend_tls = "verify-full"`.
     pub backend_tls_ca: Option<std::path::PathBuf>,
     pub probe_interval: Duration,
-    pub probe_timeout: Duration,
-    pub failover_wait: Duration,
-    /// `write_hold`: while the cluster has no confirmed writable primary (a planned role
-    /// change), a request that needs the primary waits up to this long for one instead of
-    /// failing. `None`: off.
-    pub write_hold: Option<Duration>,
-    pub probe_user: Option<String>,
-    pub probe_database: String,
-    pub write_functions: Vec<String>,
     pub discovery: Discovery,
     pub users: Vec<UserConfig>,
-    /// `auth_user`: a configured user that sluice logs in as to look up the verifiers of roles
-    /// that are not configured (PgBouncer's auth_user).
-    pub auth_user: Option<String>,
-    /// `auth_query`: returns (name, verifier) of the role named by `$1`.
-    pub auth_query: String,
-    /// `auth_dbname`: the database the lookups run in (default: the client's database).
-    pub auth_dbname: Option<String>,
-    /// `[clusters.cql]` (defaults for every cluster; only CQL clusters may set it).
-    pub cql: CqlConfig,
+    /// `protocol` and the settings only that protocol has.
+    pub settings: ProtocolConfig,
+}
+
+/// The settings of one protocol: `protocol = "postgres"` with the PostgreSQL keys of
+/// `[[clusters]]`, or `protocol = "cql"` with `[clusters.cql]`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProtocolConfig {
+    Postgres(PostgresConfig),
+    Cql(CqlConfig),
+}
+
+impl ClusterConfig {
+    pub fn protocol(&self) -> Protocol {
+        match self.settings {
+            ProtocolConfig::Postgres(_) => Protocol::Postgres,
+            ProtocolConfig::Cql(_) => Protocol::Cql,
+        }
+    }
+
+    /// The PostgreSQL settings, if this is a PostgreSQL cluster.
+    pub fn postgres(&self) -> Option<&PostgresConfig> {
+        match &self.settings {
+            ProtocolConfig::Postgres(p) => Some(p),
+            ProtocolConfig::Cql(_) => None,
+        }
+    }
+
+    /// The CQL settings, if this is a CQL cluster.
+    pub fn cql(&self) -> Option<&CqlConfig> {
+        match &self.settings {
+            ProtocolConfig::Cql(c) => Some(c),
+            ProtocolConfig::Postgres(_) => None,
+        }
+    }
 }
 
 /// `[[clusters.users]]`: a user clients may log in as.
@@ -336,29 +346,6 @@ impl Config {
     }
 }
 
-/// `[[clusters]]` keys that only PostgreSQL clusters read: on a CQL cluster each is an error
-/// naming it rather than a setting that silently does nothing.
-const POSTGRES_ONLY: &[&str] = &[
-    "pool_mode",
-    "consistency",
-    "topology",
-    "max_replica_lag",
-    "pool_size",
-    "checkout_timeout",
-    "client_idle_timeout",
-    "idle_timeout",
-    "max_lifetime",
-    "probe_timeout",
-    "failover_wait",
-    "write_hold",
-    "probe_user",
-    "probe_database",
-    "write_functions",
-    "auth_user",
-    "auth_query",
-    "auth_dbname",
-];
-
 fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
     let name = f.string("name", None);
     let protocol = f.choice(
@@ -367,52 +354,18 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
         &[("postgres", Protocol::Postgres), ("cql", Protocol::Cql)],
     );
     let listen = f.socket_addr_required("listen");
-    if protocol == Some(Protocol::Cql) {
-        for key in POSTGRES_ONLY {
-            if f.has(key) {
-                f.error(key, "applies to postgres clusters only");
-            }
-        }
-    }
-    let pool_mode = f.choice(
-        "pool_mode",
-        Some(PoolMode::Transaction),
-        &[
-            ("transaction", PoolMode::Transaction),
-            ("session", PoolMode::Session),
-        ],
-    );
-    let consistency = f.choice(
-        "consistency",
-        Some(Consistency::Eventual),
-        &[
-            ("eventual", Consistency::Eventual),
-            ("read-your-writes", Consistency::ReadYourWrites),
-            ("primary", Consistency::Primary),
-        ],
-    );
-    let topology = f.choice(
-        "topology",
-        Some(TopologyKind::PrimaryReplica),
-        &[
-            ("primary-replica", TopologyKind::PrimaryReplica),
-            ("multi-active", TopologyKind::MultiActive),
-        ],
-    );
-    let max_replica_lag = f.optional_bytes("max_replica_lag");
+    // The PostgreSQL keys are read (or, on a CQL cluster, refused by name) here, before the
+    // common keys, as they always were.
+    let postgres = if protocol == Some(Protocol::Cql) {
+        postgres::refuse(&mut f);
+        None
+    } else {
+        postgres::parse_postgres(&mut f)
+    };
     let zone = f.optional_string("zone");
-    let pool_size = f.integer("pool_size", 20, 1, 10_000);
     let max_client_connections = f.integer("max_client_connections", 10_000, 1, 1_000_000);
-    let checkout_timeout = f.duration("checkout_timeout", "5s");
     let connect_timeout = f.duration("connect_timeout", "3s");
     let login_timeout = f.duration("login_timeout", "10s");
-    let client_idle_timeout = if f.has("client_idle_timeout") {
-        f.duration("client_idle_timeout", "").map(Some)
-    } else {
-        Some(None)
-    };
-    let idle_timeout = f.duration("idle_timeout", "10m");
-    let max_lifetime = f.duration("max_lifetime", "1h");
     let tls_cert = f.optional_path("tls_cert");
     let tls_key = f.optional_path("tls_key");
     let require_tls = f.boolean("require_tls", false);
@@ -442,12 +395,8 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
         (Some(Protocol::Cql), Some(BackendTlsMode::Prefer)) => Some(BackendTlsMode::Disable),
         (_, mode) => mode,
     };
-    if tls_client_ca.is_some() {
-        if protocol == Some(Protocol::Postgres) {
-            f.error("tls_client_ca", "applies to cql clusters only (for now)");
-        } else if tls_cert.is_none() {
-            f.error("tls_client_ca", "needs tls_cert and tls_key");
-        }
+    if tls_client_ca.is_some() && tls_cert.is_none() {
+        f.error("tls_client_ca", "needs tls_cert and tls_key");
     }
     if tls_cert.is_some() != tls_key.is_some() {
         f.error("tls_cert", "tls_cert and tls_key must be set together");
@@ -481,32 +430,6 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
         }
     }
     let probe_interval = f.duration("probe_interval", "1s");
-    let probe_timeout = f.duration("probe_timeout", "2s");
-    let failover_wait = f.duration("failover_wait", "5s");
-    let write_hold = if f.has("write_hold") {
-        f.duration("write_hold", "").map(Some)
-    } else {
-        Some(None)
-    };
-    let probe_user = f.optional_string("probe_user");
-    let probe_database = f.string("probe_database", Some("postgres"));
-    let write_functions = f.string_array("write_functions");
-    let auth_user = f.optional_string("auth_user");
-    let custom_query = f.has("auth_query");
-    let auth_query = f.string("auth_query", Some(DEFAULT_AUTH_QUERY));
-    let auth_dbname = f.optional_string("auth_dbname");
-    if auth_user.is_none() && (custom_query || auth_dbname.is_some()) {
-        f.error("auth_user", "is required when auth_query or auth_dbname is set");
-    }
-    if auth_query.as_deref().is_some_and(|q| !q.contains("$1")) {
-        f.error(
-            "auth_query",
-            "must name the role as $1 (e.g. ... WHERE usename = $1)",
-        );
-    }
-    if auth_user.is_some() && protocol == Some(Protocol::Cql) {
-        f.error("auth_user", "works only for postgres clusters");
-    }
     let discovery = match f.take_table("discovery") {
         Some(t) => {
             let path = f.key_path("discovery");
@@ -553,23 +476,17 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
         .collect::<Vec<_>>();
     let cql = cql::parse_cql(&mut f, protocol);
     f.finish();
+    let settings = match protocol? {
+        Protocol::Postgres => ProtocolConfig::Postgres(postgres?),
+        Protocol::Cql => ProtocolConfig::Cql(cql?),
+    };
     let cluster = ClusterConfig {
         name: name?,
-        protocol: protocol?,
         listen: listen?,
-        pool_mode: pool_mode?,
-        consistency: consistency?,
-        topology: topology?,
-        max_replica_lag: max_replica_lag?,
         zone,
-        pool_size: pool_size?,
         max_client_connections: max_client_connections?,
-        checkout_timeout: checkout_timeout?,
         connect_timeout: connect_timeout?,
         login_timeout: login_timeout?,
-        client_idle_timeout: client_idle_timeout?,
-        idle_timeout: idle_timeout?,
-        max_lifetime: max_lifetime?,
         tls_cert,
         tls_key,
         require_tls: require_tls?,
@@ -577,18 +494,9 @@ fn parse_cluster(mut f: Fields<'_>) -> Option<ClusterConfig> {
         backend_tls: backend_tls?,
         backend_tls_ca,
         probe_interval: probe_interval?,
-        probe_timeout: probe_timeout?,
-        failover_wait: failover_wait?,
-        write_hold: write_hold?,
-        probe_user,
-        probe_database: probe_database?,
-        write_functions: write_functions?,
         discovery: discovery?,
         users,
-        auth_user,
-        auth_query: auth_query?,
-        auth_dbname,
-        cql: cql?,
+        settings,
     };
     Some(cluster)
 }
@@ -696,7 +604,7 @@ fn validate_whole(config: &Config, errors: &mut Vec<ConfigError>) {
             let known = config
                 .clusters
                 .iter()
-                .any(|c| c.protocol == Protocol::Postgres && c.users.iter().any(|u| &u.name == name));
+                .any(|c| c.protocol() == Protocol::Postgres && c.users.iter().any(|u| &u.name == name));
             if !known {
                 errors.push(ConfigError {
                     path: format!("admin.{key}[{i}]"),
@@ -733,13 +641,14 @@ fn validate_whole(config: &Config, errors: &mut Vec<ConfigError>) {
         // A user entry that failed to parse has been reported already.
         let users_path = format!("clusters[{i}].users");
         let bad_user = errors.iter().any(|e| e.path.starts_with(&users_path));
-        if c.protocol == Protocol::Postgres && c.users.is_empty() && !bad_user {
+        if c.protocol() == Protocol::Postgres && c.users.is_empty() && !bad_user {
             errors.push(ConfigError {
                 path: users_path,
                 reason: "a postgres cluster needs at least one [[clusters.users]] entry".into(),
             });
         }
-        if let Some(a) = &c.auth_user {
+        let pg = c.postgres();
+        if let Some(a) = pg.and_then(|p| p.auth_user.as_ref()) {
             if !c.users.iter().any(|u| &u.name == a) {
                 errors.push(ConfigError {
                     path: format!("clusters[{i}].auth_user"),
@@ -747,7 +656,7 @@ fn validate_whole(config: &Config, errors: &mut Vec<ConfigError>) {
                 });
             }
         }
-        if let Some(p) = &c.probe_user {
+        if let Some(p) = pg.and_then(|p| p.probe_user.as_ref()) {
             if !c.users.iter().any(|u| &u.name == p) {
                 errors.push(ConfigError {
                     path: format!("clusters[{i}].probe_user"),
@@ -1115,10 +1024,19 @@ password = "app-secret"
     fn auth_query_settings() {
         let with = |keys: &str| CONTRACT_PG.replace("pool_size = 20\n", &format!("pool_size = 20\n{keys}\n"));
         let c = Config::parse(&with("auth_user = \"app\"")).unwrap();
-        assert_eq!(c.clusters[0].auth_user.as_deref(), Some("app"));
-        assert_eq!(c.clusters[0].auth_query, DEFAULT_AUTH_QUERY);
-        assert_eq!(c.clusters[0].auth_dbname, None);
-        assert_eq!(Config::parse(CONTRACT_PG).unwrap().clusters[0].auth_user, None);
+        assert_eq!(
+            c.clusters[0].postgres().unwrap().auth_user.as_deref(),
+            Some("app")
+        );
+        assert_eq!(c.clusters[0].postgres().unwrap().auth_query, DEFAULT_AUTH_QUERY);
+        assert_eq!(c.clusters[0].postgres().unwrap().auth_dbname, None);
+        assert_eq!(
+            Config::parse(CONTRACT_PG).unwrap().clusters[0]
+                .postgres()
+                .unwrap()
+                .auth_user,
+            None
+        );
         let errs = errors_of(&with("auth_user = \"ghost\"\nauth_query = \"SELECT 1\""));
         assert!(
             errs.iter()
@@ -1193,12 +1111,16 @@ password = "app-secret"
     fn contract_shape_parses_with_defaults() {
         let c = Config::parse(CONTRACT_PG).unwrap();
         let cl = &c.clusters[0];
-        assert_eq!(cl.pool_size, 20);
-        assert_eq!(cl.pool_mode, PoolMode::Transaction);
+        assert_eq!(cl.postgres().unwrap().pool_size, 20);
+        assert_eq!(cl.postgres().unwrap().pool_mode, PoolMode::Transaction);
         assert_eq!(cl.probe_interval, Duration::from_secs(1));
-        assert_eq!(cl.failover_wait, Duration::from_secs(5));
-        assert_eq!(cl.write_hold, None, "off by default: fail fast as before");
-        assert_eq!(cl.probe_database, "postgres");
+        assert_eq!(cl.postgres().unwrap().failover_wait, Duration::from_secs(5));
+        assert_eq!(
+            cl.postgres().unwrap().write_hold,
+            None,
+            "off by default: fail fast as before"
+        );
+        assert_eq!(cl.postgres().unwrap().probe_database, "postgres");
         assert_eq!(
             cl.discovery,
             Discovery::Static(vec!["127.0.0.1:55432".into(), "127.0.0.1:55433".into()])
@@ -1286,9 +1208,9 @@ password = "app-secret"
             "\"read-your-writes\"\nmax_replica_lag = \"16MB\"\ntopology = \"multi-active\"\nzone = \"a\"",
         );
         let c = &Config::parse(&text).unwrap().clusters[0];
-        assert_eq!(c.consistency, Consistency::ReadYourWrites);
-        assert_eq!(c.max_replica_lag, Some(16 << 20));
-        assert_eq!(c.topology, TopologyKind::MultiActive);
+        assert_eq!(c.postgres().unwrap().consistency, Consistency::ReadYourWrites);
+        assert_eq!(c.postgres().unwrap().max_replica_lag, Some(16 << 20));
+        assert_eq!(c.postgres().unwrap().topology, TopologyKind::MultiActive);
         assert_eq!(c.zone.as_deref(), Some("a"));
         assert_eq!(parse_bytes("512kB"), Some(512 << 10));
         assert_eq!(parse_bytes("12"), Some(12));
@@ -1394,7 +1316,10 @@ static = ["127.0.0.1:9042"]
             "write_hold = \"10s\"\n[clusters.discovery]",
         );
         assert_eq!(
-            Config::parse(&on).unwrap().clusters[0].write_hold,
+            Config::parse(&on).unwrap().clusters[0]
+                .postgres()
+                .unwrap()
+                .write_hold,
             Some(Duration::from_secs(10))
         );
         let bad = CONTRACT_PG.replace(

@@ -1,8 +1,12 @@
 //! One multiplexed connection to a node: the handshake (STARTUP, PasswordAuthenticator, USE),
 //! then any number of concurrent requests, each on a stream id of this connection (clients'
 //! stream ids are remapped here and restored on the way back).
+//!
+//! A client's request ([`Inflight`]) waits in its stream id's slot, and the connection's
+//! reader hands its answer straight to the client's writer ([`Inflight::answered`]): no task
+//! and no channel per request. sluice's own requests (heartbeats, the control connection,
+//! re-prepares) wait on a oneshot ([`BackendConn::request`]).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,6 +25,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use super::forward::Inflight;
+use super::pool::{NodeLoad, PoolKey};
 use crate::common::tls::{BackendStream, BackendTls, MaybeTls};
 
 /// Login credentials (PasswordAuthenticator, SASL PLAIN).
@@ -85,30 +91,103 @@ pub enum RequestError {
     Busy,
 }
 
-type Waiter = oneshot::Sender<Envelope>;
-
 /// What the writer half is told.
 enum Outgoing {
     Frame(Envelope),
     Close,
 }
 
+/// What waits for the answer on one stream id.
+enum Slot {
+    Free,
+    /// One of sluice's own requests.
+    Waiter(oneshot::Sender<Envelope>),
+    /// A client's request: the answer goes to the client's writer.
+    Client(Inflight),
+    /// A client's request that timed out: the id stays reserved until its late answer
+    /// arrives (and is dropped) or the connection ends, so that a late answer can never
+    /// reach another request.
+    Abandoned,
+}
+
 struct Streams {
-    waiting: HashMap<i16, Waiter>,
+    /// By stream id; grown as ids are first used (ids are reused lowest-first).
+    slots: Vec<Slot>,
     free: Vec<i16>,
+    /// Set (under the lock) when the reader has failed every waiting request: nothing may
+    /// wait here any more.
+    closed: bool,
+}
+
+impl Streams {
+    fn slot(&mut self, id: i16) -> &mut Slot {
+        let i = id as usize;
+        if i >= self.slots.len() {
+            self.slots.resize_with(i + 1, || Slot::Free);
+        }
+        &mut self.slots[i]
+    }
+
+    /// Takes what waits on `id` and frees the id (ids not in use are ignored).
+    fn take(&mut self, id: i16) -> Slot {
+        let Some(slot) = self.slots.get_mut(id as usize) else {
+            return Slot::Free;
+        };
+        let taken = std::mem::replace(slot, Slot::Free);
+        if !matches!(taken, Slot::Free) {
+            self.free.push(id);
+        }
+        taken
+    }
+}
+
+/// The node and pool a connection belongs to, as request completions need them.
+pub struct ConnInfo {
+    pub addr: SocketAddr,
+    /// What the connection is bound to (protocol version, keyspace, credentials).
+    pub key: PoolKey,
+    /// Clients' requests in flight to the node, and its timeouts in a row.
+    pub load: Arc<NodeLoad>,
+}
+
+/// What the connection's halves and its handle share.
+struct Shared {
+    info: ConnInfo,
+    streams: Mutex<Streams>,
+    closed: AtomicBool,
+    /// Cancelled when the connection ends (EOF, reset, a write error, or `close`).
+    lost: CancellationToken,
+    /// Requests waiting for an answer (clients' and sluice's own).
+    inflight: AtomicUsize,
+    /// When the connection opened, and when it last received bytes (milliseconds after that).
+    opened_at: std::time::Instant,
+    last_read_ms: AtomicU64,
+}
+
+impl Shared {
+    fn streams(&self) -> std::sync::MutexGuard<'_, Streams> {
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a request that stopped waiting (answered, timed out, lost).
+    fn ended(&self, slot: &Slot) {
+        match slot {
+            Slot::Client(_) => {
+                self.info.load.ended();
+                self.inflight.fetch_sub(1, Ordering::Relaxed);
+            }
+            Slot::Waiter(_) => {
+                self.inflight.fetch_sub(1, Ordering::Relaxed);
+            }
+            Slot::Free | Slot::Abandoned => {}
+        }
+    }
 }
 
 /// An open, multiplexed connection.
 pub struct BackendConn {
     tx: mpsc::UnboundedSender<Outgoing>,
-    streams: Arc<Mutex<Streams>>,
-    closed: Arc<AtomicBool>,
-    /// Cancelled when the connection ends (EOF, reset, a write error, or `close`).
-    lost: CancellationToken,
-    inflight: AtomicUsize,
-    /// When the connection opened, and when it last received bytes (milliseconds after that).
-    opened_at: std::time::Instant,
-    last_read_ms: Arc<AtomicU64>,
+    shared: Arc<Shared>,
 }
 
 /// An opened connection.
@@ -180,6 +259,8 @@ pub struct OpenOptions<'a> {
     pub tls: &'a BackendTls,
     /// Counts the connection while it is open (`sluice_cql_node_connections`).
     pub gauge: Option<Gauge>,
+    /// The node's load in its pool (`None` outside the pools).
+    pub load: Option<Arc<NodeLoad>>,
 }
 
 impl BackendConn {
@@ -295,20 +376,29 @@ impl BackendConn {
             ..
         } = raw;
         let (tx, rx) = mpsc::unbounded_channel();
-        let streams = Arc::new(Mutex::new(Streams {
-            waiting: HashMap::new(),
-            free: (0..=i16::MAX).rev().collect(),
-        }));
-        let closed = Arc::new(AtomicBool::new(false));
-        let lost = CancellationToken::new();
-        let opened_at = std::time::Instant::now();
-        let last_read_ms = Arc::new(AtomicU64::new(0));
+        let shared = Arc::new(Shared {
+            info: ConnInfo {
+                addr,
+                key: PoolKey {
+                    version: o.version,
+                    keyspace: o.keyspace.map(str::to_string),
+                    credentials: o.credentials.cloned(),
+                },
+                load: o.load.clone().unwrap_or_else(|| Arc::new(NodeLoad::detached())),
+            },
+            streams: Mutex::new(Streams {
+                slots: Vec::new(),
+                free: (0..=i16::MAX).rev().collect(),
+                closed: false,
+            }),
+            closed: AtomicBool::new(false),
+            lost: CancellationToken::new(),
+            inflight: AtomicUsize::new(0),
+            opened_at: std::time::Instant::now(),
+            last_read_ms: AtomicU64::new(0),
+        });
         let ends = Ends {
-            addr,
-            read_at: (opened_at, last_read_ms.clone()),
-            streams: streams.clone(),
-            closed: closed.clone(),
-            lost: lost.clone(),
+            shared: shared.clone(),
             events: o.events.clone(),
             gauge: o.gauge.clone(),
         };
@@ -323,85 +413,132 @@ impl BackendConn {
             }
         }
         Ok(Opened {
-            conn: Arc::new(BackendConn {
-                tx,
-                streams,
-                closed,
-                lost,
-                inflight: AtomicUsize::new(0),
-                opened_at,
-                last_read_ms,
-            }),
+            conn: Arc::new(BackendConn { tx, shared }),
         })
     }
 
     /// Whether the connection can no longer be used.
     pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
+        self.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// The node and pool key of the connection.
+    pub fn info(&self) -> &ConnInfo {
+        &self.shared.info
     }
 
     /// Resolves when the connection has ended (the node closed or reset it, a write failed,
     /// or it was closed here).
     pub async fn lost(&self) {
-        self.lost.cancelled().await
+        self.shared.lost.cancelled().await
     }
 
     /// How long the connection has received nothing from its node.
     pub fn silent_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last_read_ms.load(Ordering::Relaxed));
-        self.opened_at.elapsed().saturating_sub(last)
+        let last = Duration::from_millis(self.shared.last_read_ms.load(Ordering::Relaxed));
+        self.shared.opened_at.elapsed().saturating_sub(last)
     }
 
     /// Requests waiting for an answer on this connection.
     pub fn inflight(&self) -> usize {
-        self.inflight.load(Ordering::Relaxed)
+        self.shared.inflight.load(Ordering::Relaxed)
+    }
+
+    /// Reserves a free stream id for `slot`, counts it in flight and writes the request on
+    /// it; `Err` gives `slot` back.
+    // The request comes back by value when it cannot be written (rare): moving it costs
+    // less than boxing it on every error.
+    #[allow(clippy::result_large_err)]
+    fn start(&self, mut header: Header, body: Bytes, slot: Slot) -> Result<i16, (RequestError, Slot)> {
+        let id = {
+            let mut s = self.shared.streams();
+            if s.closed || self.is_closed() {
+                return Err((RequestError::Lost, slot));
+            }
+            let Some(id) = s.free.pop() else {
+                return Err((RequestError::Busy, slot));
+            };
+            if let Slot::Client(_) = &slot {
+                self.shared.info.load.started();
+            }
+            self.shared.inflight.fetch_add(1, Ordering::Relaxed);
+            *s.slot(id) = slot;
+            id
+        };
+        header.stream = id;
+        // Written outside the lock: waking the writer may take a while.
+        if self
+            .tx
+            .send(Outgoing::Frame(Envelope::new(header, body)))
+            .is_err()
+        {
+            // The writer is gone: the reader fails what waits (or already has).
+            let mut s = self.shared.streams();
+            let slot = s.take(id);
+            self.shared.ended(&slot);
+            return match slot {
+                Slot::Free => Err((RequestError::Lost, Slot::Free)),
+                slot => Err((RequestError::Lost, slot)),
+            };
+        }
+        Ok(id)
+    }
+
+    /// Writes a client's request on a free stream id; its answer (or its loss) goes to
+    /// [`Inflight`]'s completions. `Err` gives the request back unless the connection's
+    /// reader already failed it as lost.
+    #[allow(clippy::result_large_err)]
+    pub(super) fn send(&self, req: Inflight) -> Result<(), (RequestError, Option<Inflight>)> {
+        let (header, body) = (req.request().header, req.request().body.clone());
+        match self.start(header, body, Slot::Client(req)) {
+            Ok(_) => Ok(()),
+            Err((e, Slot::Client(req))) => Err((e, Some(req))),
+            Err((e, _)) => Err((e, None)),
+        }
     }
 
     /// Sends `env` on a free stream id and waits for the answer, which comes back with the
     /// original stream id restored.
     pub async fn request(&self, env: &Envelope, timeout: Duration) -> Result<Envelope, RequestError> {
-        if self.is_closed() {
-            return Err(RequestError::Lost);
-        }
         let (tx, rx) = oneshot::channel();
-        let stream = {
-            let mut s = self.streams.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(id) = s.free.pop() else {
-                return Err(RequestError::Busy);
-            };
-            s.waiting.insert(id, tx);
-            id
-        };
-        let mut header = env.header;
-        header.stream = stream;
-        self.inflight.fetch_add(1, Ordering::Relaxed);
-        let sent = self
-            .tx
-            .send(Outgoing::Frame(Envelope::new(header, env.body.clone())))
-            .is_ok();
-        let out = if !sent {
-            Err(RequestError::Lost)
-        } else {
-            // On timeout the id stays reserved until its answer arrives (or the connection
-            // dies), so a late answer can never reach another request.
-            match tokio::time::timeout(timeout, rx).await {
-                Ok(Ok(mut resp)) => {
-                    resp.header.stream = env.header.stream;
-                    Ok(resp)
-                }
-                Ok(Err(_)) => Err(RequestError::Lost),
-                Err(_) => Err(RequestError::Timeout),
+        if let Err((e, _)) = self.start(env.header, env.body.clone(), Slot::Waiter(tx)) {
+            return Err(e);
+        }
+        // On timeout the id stays reserved until its answer arrives (or the connection
+        // dies), so a late answer can never reach another request.
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(mut resp)) => {
+                resp.header.stream = env.header.stream;
+                Ok(resp)
             }
-        };
-        self.inflight.fetch_sub(1, Ordering::Relaxed);
+            Ok(Err(_)) => Err(RequestError::Lost),
+            Err(_) => Err(RequestError::Timeout),
+        }
+    }
+
+    /// Clients' requests written at or before `sent_before` that still wait: each is taken
+    /// out (its id stays reserved until the late answer arrives) and returned, to be failed
+    /// with a timeout.
+    pub(super) fn expired(&self, sent_before: std::time::Instant) -> Vec<Inflight> {
+        let mut out = Vec::new();
+        let mut s = self.shared.streams();
+        for slot in s.slots.iter_mut() {
+            if matches!(slot, Slot::Client(r) if r.sent() <= sent_before) {
+                let taken = std::mem::replace(slot, Slot::Abandoned);
+                self.shared.ended(&taken);
+                if let Slot::Client(r) = taken {
+                    out.push(r);
+                }
+            }
+        }
         out
     }
 
     /// Closes the connection (pending requests fail with `Lost`).
     pub fn close(&self) {
-        self.closed.store(true, Ordering::Release);
+        self.shared.closed.store(true, Ordering::Release);
         let _ = self.tx.send(Outgoing::Close);
-        self.lost.cancel();
+        self.shared.lost.cancel();
     }
 }
 
@@ -415,14 +552,9 @@ fn tls_mode_name(mode: crate::config::BackendTlsMode) -> &'static str {
     }
 }
 
-/// What the reader and writer halves share about the connection's end.
+/// What the reader and writer halves get.
 struct Ends {
-    addr: SocketAddr,
-    /// When the connection opened, and when it last received bytes (ms after that).
-    read_at: (std::time::Instant, Arc<AtomicU64>),
-    streams: Arc<Mutex<Streams>>,
-    closed: Arc<AtomicBool>,
-    lost: CancellationToken,
+    shared: Arc<Shared>,
     events: Option<mpsc::UnboundedSender<Envelope>>,
     gauge: Option<Gauge>,
 }
@@ -442,10 +574,9 @@ fn spawn_loops<R, W>(
     if let Some(g) = &e.gauge {
         g.inc();
     }
-    tokio::spawn(write_loop(wr, enc, rx, e.closed.clone(), e.lost.clone()));
+    tokio::spawn(write_loop(wr, enc, rx, e.shared.clone()));
     tokio::spawn(async move {
-        let conn = (e.streams, e.closed, e.lost, e.read_at);
-        read_loop(e.addr, rd, dec, buf, conn, e.events).await;
+        read_loop(rd, dec, buf, &e.shared, e.events).await;
         if let Some(g) = &e.gauge {
             g.dec();
         }
@@ -456,9 +587,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut wr: W,
     enc: Encoder,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    closed: Arc<AtomicBool>,
-    lost: CancellationToken,
+    shared: Arc<Shared>,
 ) {
+    let (closed, lost) = (&shared.closed, &shared.lost);
     let mut buf = BytesMut::new();
     let mut batch = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -488,75 +619,92 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     let _ = wr.shutdown().await;
 }
 
-/// What the reader shares with the connection: the waiting requests, the closed flag and
-/// token, and when bytes last arrived.
-type ConnState = (
-    Arc<Mutex<Streams>>,
-    Arc<AtomicBool>,
-    CancellationToken,
-    (std::time::Instant, Arc<AtomicU64>),
-);
-
+/// Reads answers until the connection ends: each goes to what waits on its stream id
+/// (taken out under one lock per read), then, at the end, every waiting request fails as
+/// lost.
 async fn read_loop<R: AsyncRead + Unpin>(
-    addr: SocketAddr,
     mut rd: R,
     mut dec: Decoder,
     mut buf: BytesMut,
-    // The waiting requests; `closed` and `lost` are set and cancelled when the connection
-    // ends; `read_at` records when bytes last arrived.
-    (streams, closed, lost, read_at): ConnState,
+    shared: &Shared,
     events: Option<mpsc::UnboundedSender<Envelope>>,
 ) {
+    let addr = shared.info.addr;
+    let mut answers: Vec<Envelope> = Vec::new();
+    let mut waiting: Vec<Slot> = Vec::new();
     'outer: loop {
+        let mut broken = false;
         loop {
             match dec.decode(&mut buf) {
-                Ok(Some(env)) => {
-                    let id = env.header.stream;
-                    if id < 0 {
-                        if let Some(tx) = &events {
-                            let _ = tx.send(env);
-                        }
-                        continue;
-                    }
-                    let waiter = {
-                        let mut s = streams.lock().unwrap_or_else(|e| e.into_inner());
-                        let w = s.waiting.remove(&id);
-                        if w.is_some() {
-                            s.free.push(id);
-                        }
-                        w
-                    };
-                    if let Some(w) = waiter {
-                        let _ = w.send(env);
+                Ok(Some(env)) if env.header.stream < 0 => {
+                    if let Some(tx) = &events {
+                        let _ = tx.send(env);
                     }
                 }
+                Ok(Some(env)) => answers.push(env),
                 Ok(None) => break,
                 Err(e) => {
                     debug!(node = %addr, error = %e, "backend sent bytes that do not frame; closing");
-                    break 'outer;
+                    broken = true;
+                    break;
                 }
             }
+        }
+        if !answers.is_empty() {
+            {
+                let mut s = shared.streams();
+                for env in &answers {
+                    let slot = s.take(env.header.stream);
+                    shared.ended(&slot);
+                    waiting.push(slot);
+                }
+            }
+            for (env, slot) in answers.drain(..).zip(waiting.drain(..)) {
+                match slot {
+                    Slot::Waiter(w) => {
+                        let _ = w.send(env);
+                    }
+                    Slot::Client(req) => req.answered(env, &shared.info),
+                    Slot::Free | Slot::Abandoned => {}
+                }
+            }
+        }
+        if broken {
+            break 'outer;
         }
         // A closed connection stops waiting at once: a frozen node sends no EOF, and the
         // requests waiting here must fail (as lost) now, not at their timeout.
         let read = tokio::select! {
             r = rd.read_buf(&mut buf) => r,
-            _ = lost.cancelled() => break,
+            _ = shared.lost.cancelled() => break,
         };
         match read {
             Ok(0) | Err(_) => break,
             Ok(_) => {
-                let (opened_at, last) = &read_at;
-                last.store(opened_at.elapsed().as_millis() as u64, Ordering::Relaxed);
+                let ms = shared.opened_at.elapsed().as_millis() as u64;
+                shared.last_read_ms.store(ms, Ordering::Relaxed);
             }
         }
-        if closed.load(Ordering::Acquire) {
+        if shared.closed.load(Ordering::Acquire) {
             break;
         }
     }
-    closed.store(true, Ordering::Release);
-    lost.cancel();
-    // Dropping the waiters fails every pending request with `Lost`.
-    let mut s = streams.lock().unwrap_or_else(|e| e.into_inner());
-    s.waiting.clear();
+    shared.closed.store(true, Ordering::Release);
+    shared.lost.cancel();
+    let pending: Vec<Slot> = {
+        let mut s = shared.streams();
+        s.closed = true;
+        let slots = std::mem::take(&mut s.slots);
+        for slot in &slots {
+            shared.ended(slot);
+        }
+        slots
+    };
+    // Dropping the waiters fails sluice's own requests with `Lost`; clients' requests are
+    // sent elsewhere or failed, by the rules of [`Inflight::lost`].
+    for slot in pending {
+        if let Slot::Client(req) = slot {
+            req.lost(&shared.info);
+        }
+    }
 }

@@ -19,9 +19,9 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::backend::{decode_response, BackendConn, OpenError, OpenOptions};
-use super::health::{Observation, Source};
 use super::snapshot::{ClusterInfo, NodeRow, PartitionKeys};
 use super::CqlCluster;
+use crate::common::health::{Source, Verdict};
 
 /// How long to gather more SCHEMA_CHANGE events before reading the schema once.
 const SCHEMA_DEBOUNCE: Duration = Duration::from_millis(20);
@@ -47,8 +47,13 @@ pub async fn run(cluster: Arc<CqlCluster>) {
     let mut logged_waiting = false;
     loop {
         let snap = cluster.snapshot();
-        let mut order: Vec<SocketAddr> = snap.nodes.iter().filter(|n| n.up).map(|n| n.addr).collect();
-        order.extend(snap.nodes.iter().filter(|n| !n.up).map(|n| n.addr));
+        let mut order: Vec<SocketAddr> = snap
+            .nodes
+            .iter()
+            .filter(|n| n.health.up)
+            .map(|n| n.addr)
+            .collect();
+        order.extend(snap.nodes.iter().filter(|n| !n.health.up).map(|n| n.addr));
         for s in cluster.current_seeds().await {
             if !order.contains(&s) {
                 order.push(s);
@@ -71,7 +76,7 @@ pub async fn run(cluster: Arc<CqlCluster>) {
                 Err(OpenError::Unreachable { reason, .. }) => {
                     cluster.observe(
                         addr,
-                        Observation::down(Source::Connect, format!("unreachable: {reason}")),
+                        Verdict::down(Source::Connect, format!("unreachable: {reason}")),
                     );
                 }
                 Err(e) => {
@@ -123,6 +128,7 @@ async fn open(
             events,
             tls: &cluster.backend_tls,
             gauge: None,
+            load: None,
         },
     )
     .await
@@ -141,12 +147,7 @@ async fn session(cluster: &Arc<CqlCluster>, addr: SocketAddr) -> Result<Ended, O
         Err(e) => return Err(e),
     };
     let conn = opened.conn;
-    cluster.observe(
-        addr,
-        Observation::Up {
-            source: Source::ControlConnection,
-        },
-    );
+    cluster.observe(addr, Verdict::up(Source::ControlConnection));
     cluster.update(|s| {
         if s.max_version == version && !s.auth_required {
             return None;
@@ -243,9 +244,9 @@ async fn session(cluster: &Arc<CqlCluster>, addr: SocketAddr) -> Result<Ended, O
                     let target = node_addr(cluster, address);
                     let source = Source::StatusEvent;
                     if change == "DOWN" {
-                        cluster.observe(target, Observation::down(source, "STATUS_CHANGE DOWN"));
+                        cluster.observe(target, Verdict::down(source, "STATUS_CHANGE DOWN"));
                     } else if change == "UP" {
-                        cluster.observe(target, Observation::Up { source });
+                        cluster.observe(target, Verdict::up(source));
                     }
                 }
                 Event::TopologyChange { .. } => ring_changed = true,
@@ -272,10 +273,10 @@ async fn session(cluster: &Arc<CqlCluster>, addr: SocketAddr) -> Result<Ended, O
         // The node keeps its socket but answers nothing: it is down until a probe's
         // handshake completes.
         let why = "control connection: no answer to a heartbeat";
-        cluster.observe(addr, Observation::down(Source::ControlConnection, why));
+        cluster.observe(addr, Verdict::down(Source::ControlConnection, why));
     } else if !cluster.pools_reachable(addr).await {
         let why = "control connection lost";
-        cluster.observe(addr, Observation::down(Source::ControlConnection, why));
+        cluster.observe(addr, Verdict::down(Source::ControlConnection, why));
     }
     warn!(cluster = %cluster.config.name, node = %addr, reason = why, "CQL control connection lost; moving to another node");
     Ok(Ended::Lost)
@@ -536,7 +537,7 @@ pub async fn probe_down_nodes(cluster: Arc<CqlCluster>) {
             .snapshot()
             .nodes
             .iter()
-            .filter(|n| !n.up)
+            .filter(|n| !n.health.up)
             .map(|n| n.addr)
             .collect();
         for addr in down {
@@ -551,12 +552,7 @@ pub async fn probe_down_nodes(cluster: Arc<CqlCluster>) {
                 Err(OpenError::Unreachable { .. }) => false,
             };
             if alive {
-                cluster.observe(
-                    addr,
-                    Observation::Up {
-                        source: Source::Probe,
-                    },
-                );
+                cluster.observe(addr, Verdict::up(Source::Probe));
             }
         }
     }

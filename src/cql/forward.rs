@@ -1,32 +1,50 @@
-//! Forwarding one request: the nodes to try in order, a shared connection to each, stream ids
-//! remapped on the way, UNPREPARED answered by preparing the statement again on that node,
-//! and requests lost with a connection sent to the next candidate (except LWTs). A request
-//! that times out is not sent elsewhere (its node may still apply it, and the client's own
-//! timeout is running): the client gets the error, and `max_consecutive_timeouts` in a row
-//! mark the node down.
+//! A client's request in two hops: the client's reader routes it and writes it into a node
+//! connection's writer ([`Inflight::dispatch`], stream id remapped there), and that
+//! connection's reader hands the answer to the client's writer ([`Inflight::answered`],
+//! stream id mapped back). No task, channel or timer per request: a task is spawned only on
+//! the rare paths (a connection to open, a request to send again that must wait for one, a
+//! statement to prepare again after UNPREPARED, a schema change to wait for), and one sweep
+//! per cluster times requests out ([`sweep_timeouts`]).
+//!
+//! The rules, as before the two hops: requests lost with a connection go to the next
+//! candidate (except LWTs: the node may have applied it), up to [`MAX_ATTEMPTS`] nodes. A
+//! request that times out is not sent elsewhere (its node may still apply it, and the
+//! client's own timeout is running): the client gets the error, and
+//! `max_consecutive_timeouts` in a row mark the node down.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use sluice_cql::codec::Envelope;
-use sluice_cql::frame::{Header, Opcode};
-use sluice_cql::request::Prepare;
+use sluice_cql::frame::{flags, Header, Opcode};
+use sluice_cql::request::Extensions;
 use sluice_cql::response::{error_code as ec, ErrorBody, ResultBody};
 use sluice_cql::{Request, Response};
+use tokio::sync::{mpsc, Semaphore};
 use tracing::debug;
 
-use super::backend::{decode_response, OpenError, RequestError};
-use super::health::{secs, Observation, Source};
-use super::pool::PoolKey;
+use super::backend::{decode_response, ConnInfo, OpenError, RequestError};
+use super::health::secs;
+use super::pool::{Pick, PoolKey};
 use super::prepared::PreparedInfo;
 use super::route::{self, Route};
+use super::session::Out;
+use super::snapshot::Snapshot;
 use super::CqlCluster;
+use crate::common::health::{Source, Verdict};
+
+use super::prepared::{prepare_on, remember_prepared};
 
 /// Nodes one request is tried on before giving up.
 pub(super) const MAX_ATTEMPTS: usize = 3;
+
 /// How long a schema change's answer waits for the control connection to read the change.
 const SCHEMA_WAIT: Duration = Duration::from_secs(2);
+
+/// RESULT kinds that need more than passing the answer on.
+const RESULT_PREPARED: i32 = 4;
+const RESULT_SCHEMA_CHANGE: i32 = 5;
 
 /// Builds a response envelope.
 pub(super) fn envelope(version: u8, stream: i16, resp: &Response) -> Envelope {
@@ -36,193 +54,425 @@ pub(super) fn envelope(version: u8, stream: i16, resp: &Response) -> Envelope {
     )
 }
 
-/// What a forwarded request needs, detached from the client connection.
-pub(super) struct RequestCtx {
+/// What a client connection's requests in flight share: where answers go and how many may
+/// be in flight.
+pub(super) struct ClientLink {
     pub cluster: Arc<CqlCluster>,
-    pub key: PoolKey,
-    pub version: u8,
+    /// The client connection's writer.
+    pub tx: mpsc::UnboundedSender<Out>,
+    /// `max_requests_per_client`: a request takes one before it is routed (the client's
+    /// reader waits when none is left) and gives it back when it is answered.
+    pub permits: Semaphore,
 }
 
-impl RequestCtx {
-    /// An error for the client, counted in `sluice_errors_total{reason}`.
-    fn error(&self, env: &Envelope, reason: &'static str, e: ErrorBody) -> Envelope {
-        self.cluster.error(reason);
-        envelope(self.version, env.header.stream, &Response::Error(e))
+/// A client's request between its routing and its answer: it waits in the stream id slot of
+/// the node connection it was written to.
+pub(super) struct Inflight {
+    client: Arc<ClientLink>,
+    /// The request as the client sent it (its stream id and version in the header).
+    request: Envelope,
+    route: Route,
+    /// When the client's reader got it (`sluice_cql_request_duration_seconds`).
+    started: Instant,
+    /// When it was last written to a node (its `request_timeout` runs from there).
+    sent: Instant,
+    /// Nodes that failed it (lost connection, no free stream id, unreachable).
+    tried: Vec<SocketAddr>,
+    /// Whether the node it was written to is a replica of its partition.
+    replica: bool,
+    /// Sent again after preparing its statement again on the node it waits on: a second
+    /// UNPREPARED from that node goes to the client.
+    reprepared: bool,
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        self.client.permits.add_permits(1);
+    }
+}
+
+impl Inflight {
+    /// A request whose permit the client's reader has taken (and forgotten).
+    pub(super) fn new(
+        client: Arc<ClientLink>,
+        request: Envelope,
+        route: Route,
+        started: Instant,
+    ) -> Inflight {
+        Inflight {
+            client,
+            request,
+            route,
+            started,
+            sent: started,
+            tried: Vec::new(),
+            replica: false,
+            reprepared: false,
+        }
     }
 
-    /// Sends the request to the best node that takes it and returns the answer.
-    pub async fn forward(&self, env: &Envelope, route: &Route) -> Envelope {
-        let cluster = &self.cluster;
-        let snap = cluster.snapshot();
-        let local_dc = cluster.local_datacenter(&snap);
-        let zone = cluster.config.zone.as_deref();
-        let (order, replicas) =
-            route::candidates_and_replicas(&snap, route, local_dc.as_deref(), zone, |a| {
-                cluster.pools.inflight(a)
-            });
-        // `sluice_cql_coordinators_total`: whether the node that answers is a replica.
-        let coordinated = |attempt: usize| {
-            if route.partition.is_some() {
-                cluster.cql_metrics.coordinator(attempt < replicas);
+    /// The request as the client sent it.
+    pub(super) fn request(&self) -> &Envelope {
+        &self.request
+    }
+
+    /// When it was last written to a node.
+    pub(super) fn sent(&self) -> Instant {
+        self.sent
+    }
+
+    fn version(&self) -> u8 {
+        self.request.header.version
+    }
+
+    /// Writes the request to the best candidate node that has an open connection; when the
+    /// best one has none, a task opens it and goes on from there. Never waits.
+    pub(super) fn dispatch(self, key: &PoolKey, snap: &Snapshot) {
+        let last = ErrorBody::new(ec::SERVER_ERROR, "sluice: no CQL node is known");
+        self.dispatch_after(key, snap, last);
+    }
+
+    fn dispatch_after(mut self, key: &PoolKey, snap: &Snapshot, mut last: ErrorBody) {
+        let cluster = self.client.cluster.clone();
+        let (order, replicas) = candidates(&cluster, snap, &self.route);
+        for (pos, i) in order.into_iter().enumerate() {
+            if self.tried.len() >= MAX_ATTEMPTS {
+                break;
             }
-        };
-        let timeout = cluster.cql.request_timeout;
-        let mut last = ErrorBody::new(ec::SERVER_ERROR, "sluice: no CQL node is known");
-        for (attempt, i) in order.into_iter().take(MAX_ATTEMPTS).enumerate() {
             let addr = snap.nodes[i].addr;
-            let conn = match cluster.pools.get(addr, &self.key, super::CQL_VERSION).await {
+            if self.tried.contains(&addr) {
+                continue;
+            }
+            let conn = match cluster.pools.try_get(addr, key) {
+                Pick::Ready(c) => c,
+                Pick::Grow(c) => {
+                    let (cluster, key) = (cluster.clone(), key.clone());
+                    tokio::spawn(async move { cluster.pools.grow(addr, &key, super::CQL_VERSION).await });
+                    c
+                }
+                Pick::Open => {
+                    tokio::spawn(self.dispatch_waiting(key.clone(), last));
+                    return;
+                }
+            };
+            self.replica = pos < replicas;
+            match conn.send(self) {
+                Ok(()) => return,
+                // The connection's reader has it now, and fails it as lost.
+                Err((_, None)) => return,
+                Err((e, Some(back))) => match back.not_sent(addr, e) {
+                    Some((back, e)) => (self, last) = (back, e),
+                    None => return,
+                },
+            }
+        }
+        self.fail("no_node", last);
+    }
+
+    /// [`Inflight::dispatch`] when a connection has to be opened first: waits for it.
+    async fn dispatch_waiting(mut self, key: PoolKey, mut last: ErrorBody) {
+        let cluster = self.client.cluster.clone();
+        let snap = cluster.snapshot();
+        let (order, replicas) = candidates(&cluster, &snap, &self.route);
+        for (pos, i) in order.into_iter().enumerate() {
+            if self.tried.len() >= MAX_ATTEMPTS {
+                break;
+            }
+            let addr = snap.nodes[i].addr;
+            if self.tried.contains(&addr) {
+                continue;
+            }
+            let conn = match cluster.pools.get(addr, &key, super::CQL_VERSION).await {
                 Ok(c) => c,
                 Err(OpenError::Unreachable { reason, .. }) => {
                     cluster.observe(
                         addr,
-                        Observation::down(Source::Connect, format!("unreachable: {reason}")),
+                        Verdict::down(Source::Connect, format!("unreachable: {reason}")),
                     );
                     last = ErrorBody::new(
                         ec::SERVER_ERROR,
                         format!("sluice: node {addr} is unreachable: {reason}"),
                     );
+                    self.tried.push(addr);
                     continue;
                 }
-                Err(OpenError::Refused { error, .. }) => return self.error(env, "backend_refused", error),
+                Err(OpenError::Refused { error, .. }) => return self.fail("backend_refused", error),
                 Err(OpenError::NeedsAuth { authenticator, .. }) => {
-                    return self.error(
-                        env,
-                        "backend_auth",
-                        ErrorBody::new(ec::AUTH_ERROR, format!("the cluster requires {authenticator}")),
-                    )
+                    let e = ErrorBody::new(ec::AUTH_ERROR, format!("the cluster requires {authenticator}"));
+                    return self.fail("backend_auth", e);
                 }
             };
-            let _inflight = cluster.pools.track(addr);
-            match conn.request(env, timeout).await {
-                Ok(resp) => {
-                    cluster.pools.answered(addr);
-                    let unprepared = match decode_response(&resp) {
-                        Ok(Response::Error(e)) => e.unprepared_id(),
-                        _ => None,
-                    };
-                    let Some(id) = unprepared else {
-                        coordinated(attempt);
-                        return resp;
-                    };
-                    let Some(info) = cluster.prepared.get(&id) else {
-                        coordinated(attempt);
-                        return resp;
-                    };
-                    debug!(node = %addr, "node does not know a prepared statement; preparing it again");
-                    let reprepared = self.prepare_on(addr, &info).await;
-                    cluster.cql_metrics.reprepare(reprepared);
-                    if !reprepared {
-                        coordinated(attempt);
-                        return resp;
-                    }
-                    match conn.request(env, timeout).await {
-                        Ok(r) => {
-                            coordinated(attempt);
-                            return r;
-                        }
-                        Err(e) => last = ErrorBody::new(ec::SERVER_ERROR, format!("sluice: {addr}: {e}")),
-                    }
-                }
-                Err(RequestError::Timeout) => {
-                    let limit = cluster.cql.max_consecutive_timeouts;
-                    let in_a_row = cluster.pools.timed_out(addr);
-                    if limit > 0 && in_a_row >= limit {
-                        let why = format!(
-                            "{in_a_row} requests in a row got no answer within {}",
-                            secs(timeout)
-                        );
-                        cluster.observe(addr, Observation::down(Source::RequestTimeouts, why));
-                    }
-                    return self.error(
-                        env,
-                        "timeout",
-                        ErrorBody::new(
-                            ec::SERVER_ERROR,
-                            format!("sluice: no answer from {addr} within {timeout:?}"),
-                        ),
-                    );
-                }
-                Err(e @ (RequestError::Lost | RequestError::Busy)) => {
-                    last = ErrorBody::new(ec::SERVER_ERROR, format!("sluice: {addr}: {e}"));
-                    if e == RequestError::Lost && route.lwt {
-                        // The node may have applied it: the client must decide.
-                        return self.error(env, "backend_lost", last);
-                    }
-                }
+            self.replica = pos < replicas;
+            self.sent = Instant::now();
+            match conn.send(self) {
+                Ok(()) | Err((_, None)) => return,
+                Err((e, Some(back))) => match back.not_sent(addr, e) {
+                    Some((back, e)) => (self, last) = (back, e),
+                    None => return,
+                },
             }
         }
-        self.error(env, "no_node", last)
+        self.fail("no_node", last);
     }
 
-    /// After a schema change by this client, waits (briefly) until the snapshot has it, so
-    /// that the client's next request on the new keyspace or table is routed by token.
-    pub async fn await_schema(&self, resp: &Envelope) {
-        if resp.header.opcode != Opcode::Result as u8 {
-            return;
+    /// Notes a node that could not take the request: the request back with the error to
+    /// report if no other node takes it, or `None` when it was failed here (an LWT whose
+    /// connection was lost).
+    fn not_sent(mut self, addr: SocketAddr, e: RequestError) -> Option<(Inflight, ErrorBody)> {
+        let last = ErrorBody::new(ec::SERVER_ERROR, format!("sluice: {addr}: {e}"));
+        self.tried.push(addr);
+        // Another node gets its own chance to learn the statement.
+        self.reprepared = false;
+        if e == RequestError::Lost && self.route.lwt {
+            // The node may have applied it: the client must decide.
+            self.fail("backend_lost", last);
+            return None;
         }
-        let Ok(Response::Result(ResultBody::SchemaChange(sc))) = decode_response(resp) else {
-            return;
-        };
-        if sc.change == "DROPPED" {
-            return;
-        }
-        let known = |s: &super::snapshot::Snapshot| match (sc.target.as_str(), &sc.name) {
-            ("KEYSPACE", _) => s.keyspaces.contains_key(&sc.keyspace),
-            ("TABLE", Some(t)) => s.tables.contains_key(&(sc.keyspace.clone(), t.clone())),
-            _ => true,
-        };
-        let deadline = tokio::time::Instant::now() + SCHEMA_WAIT;
-        while !known(&self.cluster.snapshot()) && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        Some((self, last))
     }
 
-    /// Prepares a statement on one node again; true if it worked.
-    async fn prepare_on(&self, addr: SocketAddr, info: &PreparedInfo) -> bool {
-        let key = PoolKey {
-            keyspace: info.prepare_keyspace.clone(),
-            ..self.key.clone()
+    /// The node answered.
+    pub(super) fn answered(self, resp: Envelope, conn: &ConnInfo) {
+        conn.load.answered();
+        let op = resp.header.opcode;
+        if op == Opcode::Error as u8 {
+            if !self.reprepared {
+                if let Some(info) = self.unprepared(&resp) {
+                    tokio::spawn(self.reprepare(info, resp, conn.addr, conn.key.clone()));
+                    return;
+                }
+            }
+        } else if op == Opcode::Result as u8 {
+            match result_kind(&resp) {
+                Some(RESULT_SCHEMA_CHANGE) => {
+                    tokio::spawn(async move {
+                        await_schema(&self.client.cluster, &resp).await;
+                        self.deliver(resp);
+                    });
+                    return;
+                }
+                Some(RESULT_PREPARED) => self.remember(&resp, &conn.key),
+                _ => {}
+            }
+        }
+        self.deliver(resp);
+    }
+
+    /// The connection it waited on was lost: sent to the next candidate, or failed (an LWT,
+    /// or no candidate left).
+    pub(super) fn lost(self, conn: &ConnInfo) {
+        self.elsewhere(conn.addr, &conn.key, RequestError::Lost);
+    }
+
+    fn elsewhere(self, addr: SocketAddr, key: &PoolKey, e: RequestError) {
+        let Some((mut this, last)) = self.not_sent(addr, e) else {
+            return;
         };
-        let Ok(conn) = self.cluster.pools.get(addr, &key, super::CQL_VERSION).await else {
-            return false;
-        };
-        let req = Request::Prepare(Prepare {
-            query: info.query.clone(),
-            flags: u32::from(info.v5_keyspace.is_some()),
-            keyspace: info.v5_keyspace.clone(),
-        });
-        let env = Envelope::new(
-            Header::request(self.version, 0, Opcode::Prepare),
-            req.to_body(self.version),
+        this.sent = Instant::now();
+        let snap = this.client.cluster.snapshot();
+        this.dispatch_after(key, &snap, last);
+    }
+
+    /// No answer within `timeout`: the client gets an error, and the node's timeouts in a row
+    /// may mark it down.
+    pub(super) fn timed_out(self, conn: &ConnInfo, timeout: Duration) {
+        let cluster = &self.client.cluster;
+        let limit = cluster.cql.max_consecutive_timeouts;
+        let in_a_row = conn.load.timed_out();
+        if limit > 0 && in_a_row >= limit {
+            let why = format!(
+                "{in_a_row} requests in a row got no answer within {}",
+                secs(timeout)
+            );
+            cluster.observe(conn.addr, Verdict::down(Source::RequestTimeouts, why));
+        }
+        let e = ErrorBody::new(
+            ec::SERVER_ERROR,
+            format!("sluice: no answer from {} within {timeout:?}", conn.addr),
         );
-        match conn.request(&env, self.cluster.cql.request_timeout).await {
-            Ok(r) => matches!(decode_response(&r), Ok(Response::Result(ResultBody::Prepared(_)))),
-            Err(_) => false,
+        self.fail("timeout", e);
+    }
+
+    /// The statement of an UNPREPARED answer, if sluice knows it.
+    fn unprepared(&self, resp: &Envelope) -> Option<Arc<PreparedInfo>> {
+        let Ok(Response::Error(e)) = decode_response(resp) else {
+            return None;
+        };
+        self.client.cluster.prepared.get(&e.unprepared_id()?)
+    }
+
+    /// Prepares the statement again on the node that answered UNPREPARED, then sends the
+    /// request there again (or gives the client the UNPREPARED when that fails).
+    async fn reprepare(mut self, info: Arc<PreparedInfo>, resp: Envelope, addr: SocketAddr, key: PoolKey) {
+        debug!(node = %addr, "node does not know a prepared statement; preparing it again");
+        let cluster = self.client.cluster.clone();
+        let prepared = prepare_on(&cluster, &key, self.version(), addr, &info).await;
+        cluster.cql_metrics.reprepare(prepared.is_ok());
+        match prepared {
+            Ok(()) => {}
+            // The node lost the connection or did not answer: like a lost request, the next
+            // candidate gets it (not an LWT, which gets the UNPREPARED: nothing was applied,
+            // and its driver prepares again).
+            Err(Some(e)) if !self.route.lwt => return self.elsewhere(addr, &key, e),
+            // The node refused the statement: the client sees why.
+            Err(_) => return self.deliver(resp),
+        }
+        self.reprepared = true;
+        self.sent = Instant::now();
+        match cluster.pools.get(addr, &key, super::CQL_VERSION).await {
+            Ok(conn) => match conn.send(self) {
+                Ok(()) | Err((_, None)) => {}
+                Err((e, Some(back))) => back.elsewhere(addr, &key, e),
+            },
+            Err(_) => self.elsewhere(addr, &key, RequestError::Lost),
         }
     }
 
-    /// Caches a PREPARE's result and prepares it on the other nodes in the background.
-    pub fn remember_prepared(&self, p: &Prepare, resp: &Envelope) {
-        let Ok(Response::Result(ResultBody::Prepared(result))) = decode_response(resp) else {
+    /// Remembers a PREPARE's result (and prepares it on the other nodes in the background).
+    fn remember(&self, resp: &Envelope, key: &PoolKey) {
+        let h = &self.request.header;
+        let Ok((_, body)) = Extensions::split(h, self.request.body.clone()) else {
             return;
         };
-        let prepare_keyspace = if p.keyspace.is_some() {
-            None
-        } else {
-            self.key.keyspace.clone()
+        if let Ok(Request::Prepare(p)) = Request::decode(h.version, h.opcode, body) {
+            remember_prepared(&self.client.cluster, key, h.version, &p, resp);
+        }
+    }
+
+    /// Passes a node's answer on.
+    fn deliver(self, resp: Envelope) {
+        if self.route.partition.is_some() {
+            self.client.cluster.cql_metrics.coordinator(self.replica);
+        }
+        self.finish(resp);
+    }
+
+    /// Answers the client with an error sluice made, counted in `sluice_errors_total{reason}`.
+    fn fail(self, reason: &'static str, e: ErrorBody) {
+        self.client.cluster.error(reason);
+        let resp = envelope(self.version(), self.request.header.stream, &Response::Error(e));
+        self.finish(resp);
+    }
+
+    fn finish(self, mut resp: Envelope) {
+        resp.header.stream = self.request.header.stream;
+        resp.header.version = self.version();
+        let m = &self.client.cluster.cql_metrics;
+        m.answer(&resp);
+        m.latency(self.request.header.opcode(), self.started.elapsed());
+        let _ = self.client.tx.send(Out::Envelope(resp));
+    }
+}
+
+/// After a schema change by this client, waits (briefly) until the snapshot has it, so
+/// that the client's next request on the new keyspace or table is routed by token.
+async fn await_schema(cluster: &CqlCluster, resp: &Envelope) {
+    let Ok(Response::Result(ResultBody::SchemaChange(sc))) = decode_response(resp) else {
+        return;
+    };
+    if sc.change == "DROPPED" {
+        return;
+    }
+    let known = |s: &Snapshot| match (sc.target.as_str(), &sc.name) {
+        ("KEYSPACE", _) => s.keyspaces.contains_key(&sc.keyspace),
+        ("TABLE", Some(t)) => s.tables.contains_key(&(sc.keyspace.clone(), t.clone())),
+        _ => true,
+    };
+    let deadline = tokio::time::Instant::now() + SCHEMA_WAIT;
+    while !known(&cluster.snapshot()) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The nodes to try for `route`, best first, and how many of them are its replicas.
+fn candidates(cluster: &CqlCluster, snap: &Snapshot, route: &Route) -> (Vec<usize>, usize) {
+    let local_dc = cluster.local_datacenter_in(snap);
+    let zone = cluster.config.zone.as_deref();
+    route::candidates_and_replicas(snap, route, local_dc, zone, |a| cluster.pools.inflight(a))
+}
+
+/// The kind of a RESULT answer (read in place unless extensions precede it).
+fn result_kind(resp: &Envelope) -> Option<i32> {
+    let h = &resp.header;
+    let ext = flags::TRACING | flags::WARNING | flags::CUSTOM_PAYLOAD;
+    let body = if h.flags & ext == 0 {
+        resp.body.clone()
+    } else {
+        Extensions::split(h, resp.body.clone()).ok()?.1
+    };
+    let kind: [u8; 4] = body.get(..4)?.try_into().ok()?;
+    Some(i32::from_be_bytes(kind))
+}
+
+/// Fails clients' requests that got no answer within `request_timeout`, for as long as the
+/// cluster exists (requests in flight keep it alive, so none is left waiting forever). The
+/// sweep runs every tenth of the timeout (10–100 ms): a request times out between
+/// `request_timeout` and that much later.
+pub(super) async fn sweep_timeouts(cluster: Weak<CqlCluster>) {
+    let Some(timeout) = cluster.upgrade().map(|c| c.cql.request_timeout) else {
+        return;
+    };
+    let every = (timeout / 10).clamp(Duration::from_millis(10), Duration::from_millis(100));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(cluster) = cluster.upgrade() else {
+            return;
         };
-        let info = PreparedInfo::new(&p.query, prepare_keyspace, p.keyspace.clone(), &result);
-        self.cluster.prepared.insert(result.id.clone(), info.clone());
-        let ctx = RequestCtx {
-            cluster: self.cluster.clone(),
-            key: self.key.clone(),
-            version: self.version,
+        let Some(cutoff) = Instant::now().checked_sub(timeout) else {
+            continue;
         };
-        tokio::spawn(async move {
-            let snap = ctx.cluster.snapshot();
-            for n in snap.nodes.iter().filter(|n| n.up) {
-                let _ = tokio::time::timeout(Duration::from_secs(5), ctx.prepare_on(n.addr, &info)).await;
+        for conn in cluster.pools.busy_connections() {
+            for req in conn.expired(cutoff) {
+                req.timed_out(conn.info(), timeout);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::{BufMut, Bytes, BytesMut};
+    use sluice_cql::response::SchemaChange;
+
+    use super::*;
+
+    fn result(flags: u8, prefix: &[u8], body: ResultBody) -> Envelope {
+        let mut b = BytesMut::new();
+        b.put_slice(prefix);
+        b.put_slice(&Response::Result(body).to_body(4));
+        let mut h = Header::response(4, 3, Opcode::Result);
+        h.flags = flags;
+        Envelope::new(h, b.freeze())
+    }
+
+    #[test]
+    fn result_kind_is_read_in_place_and_after_extensions() {
+        let sc = ResultBody::SchemaChange(SchemaChange {
+            change: "CREATED".into(),
+            target: "KEYSPACE".into(),
+            keyspace: "ks".into(),
+            name: None,
+            arguments: None,
         });
+        assert_eq!(result_kind(&result(0, &[], ResultBody::Void)), Some(1));
+        assert_eq!(
+            result_kind(&result(0, &[], sc.clone())),
+            Some(RESULT_SCHEMA_CHANGE)
+        );
+        // A traced answer starts with its 16-byte tracing id.
+        assert_eq!(
+            result_kind(&result(flags::TRACING, &[7; 16], sc)),
+            Some(RESULT_SCHEMA_CHANGE)
+        );
+        // Warnings: a [string list] of one "w".
+        let warned = result(flags::WARNING, &[0, 1, 0, 1, b'w'], ResultBody::Void);
+        assert_eq!(result_kind(&warned), Some(1));
+        let short = Envelope::new(
+            Header::response(4, 3, Opcode::Result),
+            Bytes::from_static(&[0, 0]),
+        );
+        assert_eq!(result_kind(&short), None);
     }
 }

@@ -90,15 +90,8 @@ impl CqlCluster {
         feed: Option<Feed>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<CqlCluster>> {
-        let client_tls = match (&config.tls_cert, &config.tls_key, &config.tls_client_ca) {
-            (Some(cert), Some(key), None) => Some(crate::common::tls::acceptor(cert, key)),
-            (Some(cert), Some(key), Some(ca)) => {
-                Some(crate::common::tls::acceptor_verifying_clients(cert, key, ca))
-            }
-            _ => None,
-        }
-        .transpose()
-        .map_err(|e| anyhow::anyhow!("cluster {:?}: client TLS: {e}", config.name))?;
+        let client_tls = crate::common::tls::client_acceptor(&config)
+            .map_err(|e| anyhow::anyhow!("cluster {:?}: client TLS: {e}", config.name))?;
         let backend_tls =
             crate::common::tls::BackendTls::new(config.backend_tls, config.backend_tls_ca.as_deref())
                 .map_err(|e| anyhow::anyhow!("cluster {:?}: backend_tls: {e}", config.name))?;
@@ -120,7 +113,9 @@ impl CqlCluster {
                 }
             })
             .collect();
-        let cql = config.cql.clone();
+        let Some(cql) = config.cql().cloned() else {
+            anyhow::bail!("cluster {:?} is not a CQL cluster", config.name);
+        };
         let credentials = match (&cql.username, &cql.password) {
             (Some(u), Some(p)) => Some(Credentials {
                 user: u.clone(),
@@ -169,14 +164,18 @@ impl CqlCluster {
         }))
     }
 
-    /// Starts the control connection, the prober of down nodes and the heartbeat of node
-    /// connections (and, with discovery, the follower of the member list).
+    /// Starts the control connection, the prober of down nodes, the heartbeat of node
+    /// connections and the sweep of timed-out requests (and, with discovery, the follower of
+    /// the member list).
     fn spawn_background(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
         let mut tasks = vec![
             tokio::spawn(control::run(self.clone())),
             tokio::spawn(control::probe_down_nodes(self.clone())),
             tokio::spawn(health::heartbeat(self.clone())),
         ];
+        // Not among the tasks stopped with the cluster: requests in flight may outlive it
+        // (see `sweep_timeouts`).
+        tokio::spawn(forward::sweep_timeouts(Arc::downgrade(self)));
         if let Some(feed) = &self.feed {
             tasks.push(tokio::spawn(follow_members(
                 Arc::downgrade(self),
@@ -242,7 +241,7 @@ impl CqlCluster {
                     cluster: self.config.name.clone(),
                     node: n.addr.to_string(),
                 })
-                .set(i64::from(n.up));
+                .set(i64::from(n.health.up));
         }
         before
     }
@@ -264,15 +263,20 @@ impl CqlCluster {
     /// The data center whose replicas are preferred. With Kubernetes or DNS discovery `zone`
     /// is the pods' zone, not a data center, so it is not the default there.
     fn local_datacenter(&self, snap: &Snapshot) -> Option<String> {
+        self.local_datacenter_in(snap).map(str::to_string)
+    }
+
+    /// [`CqlCluster::local_datacenter`], borrowed (the request path allocates nothing for it).
+    fn local_datacenter_in<'a>(&'a self, snap: &'a Snapshot) -> Option<&'a str> {
         let zone = match self.feed {
-            None => self.config.zone.clone(),
+            None => self.config.zone.as_deref(),
             Some(_) => None,
         };
         self.cql
             .local_datacenter
-            .clone()
+            .as_deref()
             .or(zone)
-            .or_else(|| snap.first_datacenter().map(str::to_string))
+            .or_else(|| snap.first_datacenter())
     }
 
     /// Why the cluster cannot take traffic yet, if it cannot.
@@ -308,12 +312,12 @@ impl CqlCluster {
                     "id": n.pod,
                     "zone": n.zone,
                     "role": "replica",
-                    "healthy": n.up,
+                    "healthy": n.health.up,
                     "datacenter": n.datacenter,
                     "rack": n.rack,
                     "tokens": n.tokens.len(),
                     "ownership": share,
-                    "error": n.last_error,
+                    "error": n.health.error,
                     "open_connections": self.pools.open_connections(n.addr),
                     "inflight": self.pools.inflight(n.addr),
                 })
@@ -351,7 +355,7 @@ pub fn split(mut config: Config) -> (Config, Vec<ClusterConfig>) {
     let (cql, rest): (Vec<_>, Vec<_>) = config
         .clusters
         .into_iter()
-        .partition(|c| c.protocol == Protocol::Cql);
+        .partition(|c| c.protocol() == Protocol::Cql);
     config.clusters = rest;
     (config, cql)
 }

@@ -2,13 +2,16 @@
 //! every client: a new one is opened only while all of them are busy, up to
 //! `connections_per_node`.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
+
+/// The maps looked up on every request: keys are node addresses and pool keys, so a fast
+/// (seeded) hash beats SipHash's flooding resistance here.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 use super::backend::{BackendConn, Credentials, OpenError, OpenOptions};
 use super::metrics::CqlMetrics;
@@ -23,17 +26,73 @@ pub struct PoolKey {
     pub credentials: Option<Credentials>,
 }
 
-/// The connections to one node.
-pub struct NodePool {
-    keyed: Mutex<HashMap<PoolKey, Vec<Arc<BackendConn>>>>,
-    opening: tokio::sync::Mutex<()>,
+/// Clients' requests in flight to one node, shared by the node's pool and its connections
+/// (which count a request from the moment it is written until its answer, timeout or loss).
+pub struct NodeLoad {
     /// Requests sent to this node and not answered yet (all keys).
     inflight: AtomicUsize,
     /// Requests in a row that got no answer within the request timeout.
     timeouts: AtomicUsize,
-    /// `sluice_cql_node_connections` and `sluice_cql_node_inflight` of this node.
-    connections_gauge: Gauge,
+    /// `sluice_cql_node_inflight` of this node.
     inflight_gauge: Gauge,
+}
+
+impl NodeLoad {
+    /// Load of a connection outside the pools (the control connection, probes): counted
+    /// nowhere.
+    pub fn detached() -> NodeLoad {
+        NodeLoad {
+            inflight: AtomicUsize::new(0),
+            timeouts: AtomicUsize::new(0),
+            inflight_gauge: Gauge::default(),
+        }
+    }
+
+    /// A client's request was written to the node.
+    pub fn started(&self) {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        self.inflight_gauge.inc();
+    }
+
+    /// A client's request got its answer, timed out, or was lost with its connection.
+    pub fn ended(&self) {
+        self.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.inflight_gauge.dec();
+    }
+
+    /// A request got its answer: the timeouts in a row start again from 0.
+    pub fn answered(&self) {
+        if self.timeouts.load(Ordering::Relaxed) != 0 {
+            self.timeouts.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a request that timed out; returns how many in a row have.
+    pub fn timed_out(&self) -> usize {
+        self.timeouts.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+/// The connections to one node.
+pub struct NodePool {
+    keyed: Mutex<HashMap<PoolKey, Vec<Arc<BackendConn>>>>,
+    opening: tokio::sync::Mutex<()>,
+    /// Set while a connection is being added in the background ([`Pick::Grow`]).
+    growing: AtomicBool,
+    load: Arc<NodeLoad>,
+    /// `sluice_cql_node_connections` of this node.
+    connections_gauge: Gauge,
+}
+
+/// What [`Pools::try_get`] found.
+pub enum Pick {
+    /// The least busy open connection.
+    Ready(Arc<BackendConn>),
+    /// The least busy open connection; every connection is busy and there is room for
+    /// another, which the caller opens in the background ([`Pools::grow`]).
+    Grow(Arc<BackendConn>),
+    /// No open connection: one must be opened first ([`Pools::get`]).
+    Open,
 }
 
 impl NodePool {
@@ -41,12 +100,32 @@ impl NodePool {
     /// another (`grow`), in which case `None` says "open one".
     fn pick(&self, key: &PoolKey, per_node: usize, grow: bool) -> Option<Arc<BackendConn>> {
         let mut keyed = self.keyed.lock().unwrap_or_else(|e| e.into_inner());
-        let conns = keyed.entry(key.clone()).or_default();
+        let conns = keyed.get_mut(key)?;
         conns.retain(|c| !c.is_closed());
         let best = conns.iter().min_by_key(|c| c.inflight()).cloned();
         match best {
             Some(c) if !grow || conns.len() >= per_node || c.inflight() == 0 => Some(c),
             _ => None,
+        }
+    }
+
+    /// [`Pick`] without waiting: the request path never waits for a connection that exists.
+    fn try_pick(&self, key: &PoolKey, per_node: usize) -> Pick {
+        let mut keyed = self.keyed.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(conns) = keyed.get_mut(key) else {
+            return Pick::Open;
+        };
+        if conns.iter().any(|c| c.is_closed()) {
+            conns.retain(|c| !c.is_closed());
+        }
+        let Some(best) = conns.iter().min_by_key(|c| c.inflight()) else {
+            return Pick::Open;
+        };
+        let busy = best.inflight() > 0 && conns.len() < per_node;
+        if busy && !self.growing.swap(true, Ordering::AcqRel) {
+            Pick::Grow(best.clone())
+        } else {
+            Pick::Ready(best.clone())
         }
     }
 
@@ -72,16 +151,6 @@ impl NodePool {
     }
 }
 
-/// Counts a request in flight on a node for as long as it lives.
-pub struct InflightGuard(Arc<NodePool>);
-
-impl Drop for InflightGuard {
-    fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
-        self.0.inflight_gauge.dec();
-    }
-}
-
 /// Every node's connections.
 pub struct Pools {
     nodes: RwLock<HashMap<SocketAddr, Arc<NodePool>>>,
@@ -99,7 +168,7 @@ impl Pools {
         metrics: Arc<CqlMetrics>,
     ) -> Pools {
         Pools {
-            nodes: RwLock::new(HashMap::new()),
+            nodes: RwLock::new(HashMap::default()),
             per_node,
             connect_timeout,
             tls,
@@ -120,10 +189,13 @@ impl Pools {
                 Arc::new(NodePool {
                     keyed: Mutex::default(),
                     opening: tokio::sync::Mutex::default(),
-                    inflight: AtomicUsize::new(0),
-                    timeouts: AtomicUsize::new(0),
+                    growing: AtomicBool::new(false),
+                    load: Arc::new(NodeLoad {
+                        inflight: AtomicUsize::new(0),
+                        timeouts: AtomicUsize::new(0),
+                        inflight_gauge,
+                    }),
                     connections_gauge,
-                    inflight_gauge,
                 })
             })
             .clone()
@@ -135,7 +207,7 @@ impl Pools {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&addr)
-            .map_or(0, |n| n.inflight.load(Ordering::Relaxed))
+            .map_or(0, |n| n.load.inflight.load(Ordering::Relaxed))
     }
 
     /// Open connections to a node.
@@ -147,31 +219,43 @@ impl Pools {
             .map_or(0, |n| n.count())
     }
 
-    /// Marks a request in flight to `addr` until the guard drops.
-    pub fn track(&self, addr: SocketAddr) -> InflightGuard {
-        let n = self.node(addr);
-        n.inflight.fetch_add(1, Ordering::Relaxed);
-        n.inflight_gauge.inc();
-        InflightGuard(n)
-    }
-
-    /// Counts a request to `addr` that timed out; returns how many in a row have.
-    pub fn timed_out(&self, addr: SocketAddr) -> usize {
-        self.node(addr).timeouts.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
-    /// A request to `addr` got its answer: the timeouts in a row start again from 0.
-    pub fn answered(&self, addr: SocketAddr) {
-        self.reset_timeouts(addr);
-    }
-
     /// Forgets the timeouts in a row of a node (it was marked down or up).
     pub fn reset_timeouts(&self, addr: SocketAddr) {
         if let Some(n) = self.nodes.read().unwrap_or_else(|e| e.into_inner()).get(&addr) {
-            if n.timeouts.load(Ordering::Relaxed) != 0 {
-                n.timeouts.store(0, Ordering::Relaxed);
-            }
+            n.load.answered();
         }
+    }
+
+    /// Open connections with clients' requests in flight (for the timeout sweep).
+    pub fn busy_connections(&self) -> Vec<Arc<BackendConn>> {
+        let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for n in nodes.values() {
+            if n.load.inflight.load(Ordering::Relaxed) == 0 {
+                continue;
+            }
+            let keyed = n.keyed.lock().unwrap_or_else(|e| e.into_inner());
+            out.extend(keyed.values().flatten().filter(|c| c.inflight() > 0).cloned());
+        }
+        out
+    }
+
+    /// An open connection to `addr` for `key` without waiting, if there is one (see
+    /// [`Pick`]).
+    pub fn try_get(&self, addr: SocketAddr, key: &PoolKey) -> Pick {
+        let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner());
+        match nodes.get(&addr) {
+            Some(n) => n.try_pick(key, self.per_node),
+            None => Pick::Open,
+        }
+    }
+
+    /// Opens one more connection to `addr` for `key` after [`Pick::Grow`] (errors are left
+    /// to the requests that need the node: the pool keeps the connections it has).
+    pub async fn grow(&self, addr: SocketAddr, key: &PoolKey, cql_version: &str) {
+        let node = self.node(addr);
+        let _ = self.get(addr, key, cql_version).await;
+        node.growing.store(false, Ordering::Release);
     }
 
     /// Open connections that have received nothing for `idle` (with their protocol version),
@@ -231,6 +315,7 @@ impl Pools {
                 events: None,
                 tls: &self.tls,
                 gauge: Some(node.connections_gauge.clone()),
+                load: Some(node.load.clone()),
             },
         )
         .await;

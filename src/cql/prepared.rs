@@ -2,12 +2,21 @@
 //! (partition-key bind indexes and keyspace) and to prepare it again on a node that answers
 //! UNPREPARED.
 
-use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use bytes::Bytes;
-use sluice_cql::response::Prepared;
+use sluice_cql::codec::Envelope;
+use sluice_cql::frame::{Header, Opcode};
+use sluice_cql::request::Prepare;
+use sluice_cql::response::{Prepared, ResultBody};
 use sluice_cql::statement::{parse, Statement};
+use sluice_cql::{Request, Response};
+
+use super::backend::{decode_response, RequestError};
+use super::pool::PoolKey;
+use super::CqlCluster;
 
 /// Statements remembered at most; past this the cache starts over (clients re-prepare on
 /// UNPREPARED, so forgetting is safe, only slower).
@@ -70,10 +79,11 @@ impl PreparedInfo {
     }
 }
 
-/// Prepared statements by id, shared by every client of a cluster.
+/// Prepared statements by id, shared by every client of a cluster (looked up on every
+/// EXECUTE: ids are the nodes' digests, so a fast seeded hash is enough).
 #[derive(Default)]
 pub struct Cache {
-    map: RwLock<HashMap<Bytes, Arc<PreparedInfo>>>,
+    map: RwLock<std::collections::HashMap<Bytes, Arc<PreparedInfo>, foldhash::fast::RandomState>>,
 }
 
 impl Cache {
@@ -99,4 +109,65 @@ impl Cache {
     pub fn len(&self) -> usize {
         self.map.read().unwrap_or_else(|e| e.into_inner()).len()
     }
+}
+
+/// Prepares a statement on one node again. `Err(Some(_))`: no answer (the connection was
+/// lost, or could not be opened, or the request timed out); `Err(None)`: the node answered
+/// with something else than PREPARED.
+pub(super) async fn prepare_on(
+    cluster: &CqlCluster,
+    key: &PoolKey,
+    version: u8,
+    addr: SocketAddr,
+    info: &PreparedInfo,
+) -> Result<(), Option<RequestError>> {
+    let key = PoolKey {
+        keyspace: info.prepare_keyspace.clone(),
+        ..key.clone()
+    };
+    let Ok(conn) = cluster.pools.get(addr, &key, super::CQL_VERSION).await else {
+        return Err(Some(RequestError::Lost));
+    };
+    let req = Request::Prepare(Prepare {
+        query: info.query.clone(),
+        flags: u32::from(info.v5_keyspace.is_some()),
+        keyspace: info.v5_keyspace.clone(),
+    });
+    let env = Envelope::new(Header::request(version, 0, Opcode::Prepare), req.to_body(version));
+    match conn.request(&env, cluster.cql.request_timeout).await {
+        Ok(r) => match decode_response(&r) {
+            Ok(Response::Result(ResultBody::Prepared(_))) => Ok(()),
+            _ => Err(None),
+        },
+        Err(e) => Err(Some(e)),
+    }
+}
+
+/// Caches a PREPARE's result (sent on a connection bound to `key`) and prepares it on the
+/// other nodes in the background.
+pub(super) fn remember_prepared(
+    cluster: &Arc<CqlCluster>,
+    key: &PoolKey,
+    version: u8,
+    p: &Prepare,
+    resp: &Envelope,
+) {
+    let Ok(Response::Result(ResultBody::Prepared(result))) = decode_response(resp) else {
+        return;
+    };
+    let prepare_keyspace = if p.keyspace.is_some() {
+        None
+    } else {
+        key.keyspace.clone()
+    };
+    let info = PreparedInfo::new(&p.query, prepare_keyspace, p.keyspace.clone(), &result);
+    cluster.prepared.insert(result.id.clone(), info.clone());
+    let (cluster, key) = (cluster.clone(), key.clone());
+    tokio::spawn(async move {
+        let snap = cluster.snapshot();
+        for n in snap.nodes.iter().filter(|n| n.health.up) {
+            let prepare = prepare_on(&cluster, &key, version, n.addr, &info);
+            let _ = tokio::time::timeout(Duration::from_secs(5), prepare).await;
+        }
+    });
 }

@@ -196,7 +196,7 @@ pub fn candidates_and_replicas(
         Some((ks, t)) => snap
             .replicas(ks, *t)
             .into_iter()
-            .filter(|&i| snap.nodes[i].up)
+            .filter(|&i| snap.nodes[i].health.up)
             .collect(),
         None => Vec::new(),
     };
@@ -205,11 +205,13 @@ pub fn candidates_and_replicas(
         out.sort_by_key(|&i| key(i));
     }
     let mut others: Vec<usize> = (0..snap.nodes.len())
-        .filter(|i| snap.nodes[*i].up && !replicas.contains(i))
+        .filter(|i| snap.nodes[*i].health.up && !replicas.contains(i))
         .collect();
     others.sort_by_key(|&i| key(i));
     out.extend(others);
-    let mut down: Vec<usize> = (0..snap.nodes.len()).filter(|i| !snap.nodes[*i].up).collect();
+    let mut down: Vec<usize> = (0..snap.nodes.len())
+        .filter(|i| !snap.nodes[*i].health.up)
+        .collect();
     down.sort_by_key(|&i| key(i));
     out.extend(down);
     (out, replicas.len())
@@ -226,6 +228,7 @@ mod tests {
 
     use super::super::snapshot::{ClusterInfo, NodeRow};
     use super::*;
+    use crate::common::health::{Source, Verdict};
 
     fn snap() -> Snapshot {
         let rows: Vec<NodeRow> = [(1, "dc1", -100), (2, "dc1", 0), (3, "dc2", 100)]
@@ -313,7 +316,10 @@ mod tests {
         assert_eq!(candidates(&s, &plain, None, None, busy), vec![0, 2, 1]);
         assert_eq!(candidates(&s, &plain, Some("dc2"), None, busy), vec![2, 0, 1]);
         let down = s
-            .with_status("127.0.0.3:9042".parse().unwrap(), false, None)
+            .with_verdict(
+                "127.0.0.3:9042".parse().unwrap(),
+                &Verdict::down(Source::Probe, "x"),
+            )
             .unwrap();
         assert_eq!(candidates(&down, &plain, None, None, |_| 0), vec![0, 1, 2]);
     }

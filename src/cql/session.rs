@@ -1,7 +1,9 @@
 //! One client connection: framing and version negotiation, OPTIONS/STARTUP/REGISTER and
 //! authentication answered by sluice, `USE` tracked per connection, `system.local`/`peers`
 //! answered with sluice's own topology, and everything else forwarded to a node chosen per
-//! request (see [`super::route`]), concurrently, with the answers going back in any order.
+//! request (see [`super::route`]), concurrently, with the answers going back in any order:
+//! the reader writes each request into a node connection's writer, and that connection's
+//! reader writes the answer into this client's writer ([`super::forward`]).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -21,19 +23,19 @@ use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::backend::{Credentials, OpenError};
-use super::forward::{envelope, RequestCtx, MAX_ATTEMPTS};
-use super::health::{Observation, Source};
+use super::forward::{envelope, ClientLink, Inflight, MAX_ATTEMPTS};
 use super::metrics::RouteKind;
 use super::pool::PoolKey;
 use super::prepared::PreparedInfo;
 use super::route::{self, Route};
 use super::systables::{self, LocalView};
 use super::CqlCluster;
+use crate::common::health::{Source, Verdict};
 
 const AUTHENTICATOR: &str = "org.apache.cassandra.auth.PasswordAuthenticator";
 
 /// What the writer half of a client connection is told.
-enum Out {
+pub(super) enum Out {
     Envelope(Envelope),
     Framing(Framing),
     Raw(Bytes),
@@ -127,7 +129,11 @@ async fn serve<R, W>(
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(write_loop(wr, rx));
     let mut c = Client {
-        permits: Arc::new(Semaphore::new(cluster.cql.max_requests_per_client)),
+        link: Arc::new(ClientLink {
+            permits: Semaphore::new(cluster.cql.max_requests_per_client),
+            cluster: cluster.clone(),
+            tx: tx.clone(),
+        }),
         cluster,
         tx: tx.clone(),
         local,
@@ -136,6 +142,7 @@ async fn serve<R, W>(
         auth: Auth::NotNeeded,
         credentials: None,
         keyspace: None,
+        pool_key: None,
         framing: None,
     };
     let mut dec = Decoder::new(DEFAULT_MAX_BODY);
@@ -306,8 +313,12 @@ struct Client {
     /// The client's own credentials, once accepted.
     credentials: Option<Credentials>,
     keyspace: Option<String>,
+    /// The key of the node connections this client's requests go on (built when first
+    /// needed, again after USE or a login).
+    pool_key: Option<PoolKey>,
     framing: Option<Framing>,
-    permits: Arc<Semaphore>,
+    /// What its requests in flight share.
+    link: Arc<ClientLink>,
 }
 
 impl Client {
@@ -536,12 +547,14 @@ impl Client {
                 return;
             }
             self.credentials = Some(creds);
+            self.pool_key = None;
             self.auth = Auth::Done;
             self.send(h, &Response::AuthSuccess(None));
             return;
         }
         // Passthrough: a node checks the credentials by accepting a connection with them.
         self.credentials = Some(creds.clone());
+        self.pool_key = None;
         let key = self.key(None);
         let snap = self.cluster.snapshot();
         let order = route::candidates(&snap, &Route::default(), None, None, |a| {
@@ -563,8 +576,7 @@ impl Client {
                 }
                 Err(OpenError::Unreachable { reason, .. }) => {
                     let why = format!("unreachable: {reason}");
-                    self.cluster
-                        .observe(addr, Observation::down(Source::Connect, why));
+                    self.cluster.observe(addr, Verdict::down(Source::Connect, why));
                 }
                 Err(OpenError::NeedsAuth { .. }) => {}
             }
@@ -639,33 +651,20 @@ impl Client {
             RouteKind::Any
         };
         self.cluster.cql_metrics.request(h.opcode(), kind);
-        let prepare = match &req {
-            Request::Prepare(p) => Some(p.clone()),
-            _ => None,
-        };
-        let Ok(permit) = self.permits.clone().acquire_owned().await else {
-            return;
-        };
-        let ctx = RequestCtx {
-            cluster: self.cluster.clone(),
-            key: self.key(self.keyspace.clone()),
-            version: self.v(),
-        };
-        let tx = self.tx.clone();
-        tokio::spawn(async move {
-            let mut resp = ctx.forward(&env, &route).await;
-            ctx.await_schema(&resp).await;
-            resp.header.stream = h.stream;
-            resp.header.version = ctx.version;
-            if let Some(p) = prepare {
-                ctx.remember_prepared(&p, &resp);
-            }
-            let m = &ctx.cluster.cql_metrics;
-            m.answer(&resp);
-            m.latency(h.opcode(), started.elapsed());
-            let _ = tx.send(Out::Envelope(resp));
-            drop(permit);
-        });
+        drop(req);
+        // The permit goes back when the request is answered (`Inflight` drops).
+        match self.link.permits.try_acquire() {
+            Ok(p) => p.forget(),
+            Err(_) => match self.link.permits.acquire().await {
+                Ok(p) => p.forget(),
+                Err(_) => return,
+            },
+        }
+        if self.pool_key.is_none() {
+            self.pool_key = Some(self.key(self.keyspace.clone()));
+        }
+        let key = self.pool_key.as_ref().expect("set above");
+        Inflight::new(self.link.clone(), env, route, started).dispatch(key, &snap);
     }
 
     /// `USE ks`: checked by opening (or reusing) a connection bound to that keyspace.
@@ -680,6 +679,7 @@ impl Client {
             match self.cluster.pools.get(addr, &key, super::CQL_VERSION).await {
                 Ok(_) => {
                     self.keyspace = Some(ks.to_string());
+                    self.pool_key = None;
                     self.send(h, &Response::Result(ResultBody::SetKeyspace(ks.to_string())));
                     return;
                 }
@@ -696,8 +696,7 @@ impl Client {
                 }
                 Err(OpenError::Unreachable { reason, .. }) => {
                     let why = format!("unreachable: {reason}");
-                    self.cluster
-                        .observe(addr, Observation::down(Source::Connect, why));
+                    self.cluster.observe(addr, Verdict::down(Source::Connect, why));
                 }
             }
         }

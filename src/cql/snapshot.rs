@@ -5,6 +5,8 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
+use crate::common::health::{Health, Verdict};
+
 use sluice_cql::ring::{Location, Ring, Strategy};
 use sluice_cql::types::ColumnType;
 
@@ -20,9 +22,8 @@ pub struct NodeInfo {
     pub datacenter: String,
     pub rack: String,
     pub tokens: Vec<i64>,
-    pub up: bool,
-    /// Why the node is down, for /topology.
-    pub last_error: Option<String>,
+    /// Up until something finds it down (with the reason, for /topology).
+    pub health: Health,
     /// The pod (discovered member) at this node's IP, and its zone, when discovery knows it.
     pub pod: Option<String>,
     pub zone: Option<String>,
@@ -37,8 +38,7 @@ impl NodeInfo {
             datacenter: String::new(),
             rack: String::new(),
             tokens: Vec::new(),
-            up: true,
-            last_error: None,
+            health: Health::assumed(true),
             pod: None,
             zone: None,
         }
@@ -129,8 +129,7 @@ impl Snapshot {
                 datacenter: r.datacenter.clone(),
                 rack: r.rack.clone(),
                 tokens: r.tokens.clone(),
-                up: old.is_none_or(|o| o.up),
-                last_error: old.and_then(|o| o.last_error.clone()),
+                health: old.map_or(Health::assumed(true), |o| o.health.clone()),
                 pod: old.and_then(|o| o.pod.clone()),
                 zone: old.and_then(|o| o.zone.clone()),
             });
@@ -184,15 +183,17 @@ impl Snapshot {
         next
     }
 
-    /// The next snapshot with a node marked up or down; `None` if nothing changes.
-    pub fn with_status(&self, addr: SocketAddr, up: bool, error: Option<String>) -> Option<Snapshot> {
+    /// The next snapshot with a verdict on a node's health applied; `None` if nothing changes
+    /// (a node found down again for another reason does change: /topology shows the latest).
+    pub fn with_verdict(&self, addr: SocketAddr, verdict: &Verdict) -> Option<Snapshot> {
         let i = self.index_of(addr)?;
-        if self.nodes[i].up == up && (up || self.nodes[i].last_error == error) {
+        let mut health = self.nodes[i].health.clone();
+        health.apply(verdict);
+        if health == self.nodes[i].health {
             return None;
         }
         let mut next = self.clone();
-        next.nodes[i].up = up;
-        next.nodes[i].last_error = if up { None } else { error };
+        next.nodes[i].health = health;
         next.generation = self.generation + 1;
         Some(next)
     }
@@ -207,7 +208,7 @@ impl Snapshot {
 
     /// Whether any node is believed up.
     pub fn any_up(&self) -> bool {
-        self.nodes.iter().any(|n| n.up)
+        self.nodes.iter().any(|n| n.health.up)
     }
 
     /// The data center of the first up node that has one (used when none is configured).
@@ -223,6 +224,7 @@ impl Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::common::health::Source;
 
     fn row(ip: &str, dc: &str, tokens: &[i64]) -> NodeRow {
         NodeRow {
@@ -238,14 +240,16 @@ mod tests {
     fn ring_keeps_status_and_seeds() {
         let seed: SocketAddr = "127.0.0.1:9042".parse().unwrap();
         let s = Snapshot::seeds(&[seed]);
-        let s = s.with_status(seed, false, Some("refused".into())).unwrap();
+        let s = s
+            .with_verdict(seed, &Verdict::down(Source::Connect, "refused"))
+            .unwrap();
         let s = s.with_ring(
             &[row("127.0.0.1", "dc1", &[0]), row("127.0.0.2", "dc1", &[100])],
             ClusterInfo::default(),
             &[seed],
         );
         assert_eq!(s.nodes.len(), 2);
-        assert!(!s.nodes[0].up && s.nodes[1].up);
+        assert!(!s.nodes[0].health.up && s.nodes[1].health.up);
         let mut ks = HashMap::new();
         ks.insert("k".to_string(), Strategy::Simple { rf: 1 });
         let s = s.with_schema(ks, HashMap::new());
@@ -254,10 +258,13 @@ mod tests {
         assert!(s.replicas("unknown", 1).is_empty());
         let g = s.generation;
         assert!(s
-            .with_status("127.0.0.2:9042".parse().unwrap(), true, None)
+            .with_verdict("127.0.0.2:9042".parse().unwrap(), &Verdict::up(Source::Probe))
             .is_none());
         let s2 = s
-            .with_status("127.0.0.2:9042".parse().unwrap(), false, None)
+            .with_verdict(
+                "127.0.0.2:9042".parse().unwrap(),
+                &Verdict::down(Source::Probe, "x"),
+            )
             .unwrap();
         assert_eq!(s2.generation, g + 1);
     }

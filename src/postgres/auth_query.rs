@@ -91,7 +91,7 @@ impl Cluster {
     /// up; others are, with `auth_query`, when `auth_user` is set. `None` for no such role (or
     /// no SCRAM verifier, or a lookup that failed: the client is refused like a wrong password).
     pub async fn lookup_user(&self, name: &str, database: &str) -> Option<Arc<User>> {
-        let auth_user = self.config.auth_user.as_deref()?;
+        let auth_user = self.pg.auth_user.as_deref()?;
         if let Some(answer) = self.dynamic.fresh(name) {
             return answer;
         }
@@ -123,7 +123,7 @@ impl Cluster {
             None => return Err(format!("auth_user {auth_user:?} is not configured")),
         };
         let params = own_startup_params();
-        let database = self.config.auth_dbname.as_deref().unwrap_or(database);
+        let database = self.pg.auth_dbname.as_deref().unwrap_or(database);
         let mut conn = Backend::connect(ConnectOptions {
             addr: &addr,
             user: auth_user,
@@ -136,7 +136,7 @@ impl Cluster {
         .await
         .map_err(|e| e.to_string())?;
         let sql = self
-            .config
+            .pg
             .auth_query
             .replace("$1", &sluice_postgres::quote_literal(name));
         let rows = tokio::time::timeout(self.config.connect_timeout, conn.simple_query(&sql))

@@ -10,9 +10,10 @@ use sluice_postgres::scram::ScramSecret;
 use sluice_postgres::Classifier;
 use tracing::{error, info, warn};
 
+use crate::common::health::{self, Source};
 use crate::common::metrics::{ClusterLabels, Metrics, NodeLabels, ResultLabels, RouteLabels};
 use crate::common::topology::{Member, Node, Observation, Role, Topology};
-use crate::config::{ClusterConfig, Discovery, TopologyKind};
+use crate::config::{ClusterConfig, Discovery, PostgresConfig, TopologyKind};
 use crate::postgres::backend::{
     own_startup_params, same_startup, Backend, BackendError, ConnectOptions, Credential, PassThrough,
     StartupParams, NO_CREDENTIAL,
@@ -204,6 +205,8 @@ impl Drop for Checkout {
 /// A cluster at run time.
 pub struct Cluster {
     pub config: ClusterConfig,
+    /// The PostgreSQL settings of `config`.
+    pub pg: PostgresConfig,
     /// Answers clients' SSLRequest when a certificate is configured.
     pub client_tls: Option<tokio_rustls::TlsAcceptor>,
     /// How connections to backends are made.
@@ -255,6 +258,7 @@ impl Cluster {
     /// Builds the run-time state (derives SCRAM secrets: slow on purpose, done once).
     pub fn new(
         config: ClusterConfig,
+        pg: PostgresConfig,
         metrics: Arc<Metrics>,
         console: Arc<crate::admin::console::Console>,
     ) -> Arc<Cluster> {
@@ -283,12 +287,10 @@ impl Cluster {
         let dummy: [u8; 16] = rng.random();
         let salt: [u8; 16] = rng.random();
         // Both were loaded once already when the configuration was validated.
-        let client_tls = match (&config.tls_cert, &config.tls_key) {
-            (Some(cert), Some(key)) => crate::common::tls::acceptor(cert, key)
-                .map_err(|e| error!(cluster = %config.name, "client TLS disabled: {e}"))
-                .ok(),
-            _ => None,
-        };
+        let client_tls = crate::common::tls::client_acceptor(&config)
+            .map_err(|e| error!(cluster = %config.name, "client TLS disabled: {e}"))
+            .ok()
+            .flatten();
         let backend_tls =
             crate::common::tls::BackendTls::new(config.backend_tls, config.backend_tls_ca.as_deref())
                 .unwrap_or_else(|e| {
@@ -298,11 +300,11 @@ impl Cluster {
         let pools = Pools::new(
             &config.name,
             PoolSettings {
-                size: config.pool_size,
-                checkout_timeout: config.checkout_timeout,
+                size: pg.pool_size,
+                checkout_timeout: pg.checkout_timeout,
                 connect_timeout: config.connect_timeout,
-                idle_timeout: config.idle_timeout,
-                max_lifetime: config.max_lifetime,
+                idle_timeout: pg.idle_timeout,
+                max_lifetime: pg.max_lifetime,
             },
             backend_tls.clone(),
             metrics.clone(),
@@ -312,7 +314,7 @@ impl Cluster {
             backend_tls,
             topology: Topology::new(Vec::new()),
             pools,
-            classifier: Classifier::new(&config.write_functions),
+            classifier: Classifier::new(&pg.write_functions),
             users,
             dummy_secret: ScramSecret::new(&String::from_utf8_lossy(&dummy), &salt, SCRAM_ITERATIONS),
             tiebreak: AtomicUsize::new(0),
@@ -338,9 +340,10 @@ impl Cluster {
             refusals: Default::default(),
             metrics,
             config,
+            pg,
         });
         cluster.metrics.init_cluster(&cluster.config.name);
-        if cluster.config.write_hold.is_some() {
+        if cluster.pg.write_hold.is_some() {
             cluster.metrics.init_write_hold(&cluster.config.name);
         }
         cluster.set_members(&members);
@@ -355,8 +358,7 @@ impl Cluster {
         let supervisor = tokio::spawn(async move { c.supervise_probes().await });
         let c = self.clone();
         let reaper = tokio::spawn(async move {
-            let every =
-                (c.config.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
+            let every = (c.pg.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
             loop {
                 tokio::time::sleep(every).await;
                 c.pools.reap();
@@ -405,7 +407,7 @@ impl Cluster {
     /// Starts or ends the write hold of a `write_hold` cluster as the topology changes: one log
     /// line each way and the `sluice_write_hold_active` gauge.
     fn track_hold(&self) {
-        if self.config.write_hold.is_none() {
+        if self.pg.write_hold.is_none() {
             return;
         }
         let snap = self.topology.load();
@@ -424,7 +426,7 @@ impl Cluster {
             (Some(reason), None)
                 if hold.seen_writable
                     || (!snap.nodes.is_empty()
-                        && snap.nodes.iter().all(|n| n.healthy || n.last_error.is_some())) =>
+                        && snap.nodes.iter().all(|n| n.health.up || n.health.error.is_some())) =>
             {
                 info!(cluster = %self.config.name, reason, "write hold started: new writes wait for a confirmed writable primary");
                 hold.since = Some(std::time::Instant::now());
@@ -442,7 +444,7 @@ impl Cluster {
     /// its probe, run at once, says what it is. (A client's own `BEGIN READ ONLY` followed by
     /// a write costs the other writes one probe round trip.)
     pub fn write_refused(&self, address: &str, code: &str) {
-        if self.config.write_hold.is_none() || !matches!(code, "25006" | "57P01" | "57P03") {
+        if self.pg.write_hold.is_none() || !matches!(code, "25006" | "57P01" | "57P03") {
             return;
         }
         let snap = self.topology.load();
@@ -508,10 +510,10 @@ impl Cluster {
         parked: &mut Option<Checkout>,
     ) -> Option<Checkout> {
         parked.as_ref()?;
-        let mut policy = Policy::of(&self.config, min_lsn);
+        let mut policy = Policy::of(&self.config, &self.pg, min_lsn);
         // As on `attach_inner`'s first pass, which starts the hold's clock now.
         policy.writable_only = self
-            .config
+            .pg
             .write_hold
             .is_some_and(|h| !h.is_zero() && intent == Intent::Primary && !policy.multi_active);
         let snap = self.topology.load();
@@ -567,14 +569,14 @@ impl Cluster {
         parked: &mut Option<Checkout>,
         held_since: &mut Option<tokio::time::Instant>,
     ) -> Result<Checkout, AttachError> {
-        let mut policy = Policy::of(&self.config, min_lsn);
+        let mut policy = Policy::of(&self.config, &self.pg, min_lsn);
         let start = tokio::time::Instant::now();
         let hold = self
-            .config
+            .pg
             .write_hold
             .filter(|_| intent == Intent::Primary && !policy.multi_active);
         let hold_deadline = hold.map(|h| start + h);
-        let deadline = start + self.config.failover_wait.max(hold.unwrap_or_default());
+        let deadline = start + self.pg.failover_wait.max(hold.unwrap_or_default());
         let credential = self.credential(user);
         loop {
             policy.writable_only = hold_deadline.is_some_and(|d| tokio::time::Instant::now() < d);
@@ -616,10 +618,12 @@ impl Cluster {
                                 // flight on it. Its probe (probe_timeout) decides; retry meanwhile.
                                 warn!(node = %address, error = %e, "backend connection timed out; retrying");
                             } else {
-                                warn!(node = %address, error = %e, "backend connection failed; marking the node down");
                                 self.observe(
                                     &snap.nodes[node].id,
-                                    &Observation::Down { error: e.to_string() },
+                                    &Observation::Down {
+                                        source: Source::Connect,
+                                        error: e.to_string(),
+                                    },
                                 );
                             }
                         }
@@ -678,7 +682,7 @@ impl Cluster {
         startup: &StartupParams,
         fresh: bool,
     ) -> Result<(ServerParams, Option<Checkout>), AttachError> {
-        let multi_active = self.config.topology == TopologyKind::MultiActive;
+        let multi_active = self.pg.topology == TopologyKind::MultiActive;
         let primary = {
             let snap = self.topology.load();
             snap.primary().map(|i| snap.nodes[i].address.clone())
@@ -786,13 +790,24 @@ impl Cluster {
         self.metrics
             .node_primary
             .get_or_create(&labels)
-            .set(i64::from(node.healthy && node.role == Role::Primary));
+            .set(i64::from(node.health.up && node.role == Role::Primary));
         self.metrics
             .node_healthy
             .get_or_create(&labels)
-            .set(i64::from(node.healthy));
-        if change.role_changed || change.health_changed {
-            info!(node = %node.address, role = ?node.role, healthy = node.healthy, error = node.last_error.as_deref().unwrap_or(""), generation = snap.generation, "topology changed");
+            .set(i64::from(node.health.up));
+        if change.health_changed {
+            if let Some(verdict) = obs.verdict() {
+                health::announce(
+                    &self.metrics,
+                    "PostgreSQL",
+                    &self.config.name,
+                    &node.address,
+                    &verdict,
+                );
+            }
+        }
+        if change.role_changed {
+            info!(node = %node.address, role = ?node.role, healthy = node.health.up, generation = snap.generation, "node role changed");
         }
         if change.role_changed || change.health_changed || change.writable_changed {
             self.track_hold();
@@ -800,7 +815,7 @@ impl Cluster {
         // The node has the last word on its role; a label that says otherwise is counted
         // (once per disagreement) and logged, never followed.
         let disagrees =
-            node.healthy && node.role != Role::Unknown && node.labeled_role.is_some_and(|l| l != node.role);
+            node.health.up && node.role != Role::Unknown && node.labeled_role.is_some_and(|l| l != node.role);
         let was = self
             .metrics
             .role_disagreement
@@ -813,7 +828,7 @@ impl Cluster {
             warn!(node = %node.address, id = %node.id, labeled = ?node.labeled_role, probed = ?node.role, "the node's role label disagrees with the node; following the node");
         }
         if change.lost_primary
-            || (change.health_changed && !node.healthy)
+            || (change.health_changed && !node.health.up)
             || (change.role_changed && node.role != Role::Primary)
         {
             // Idle connections to a demoted or dead node must not serve anyone again.
@@ -823,7 +838,7 @@ impl Cluster {
 
     async fn probe_loop(self: Arc<Self>, id: String) {
         let probe_user = self
-            .config
+            .pg
             .probe_user
             .clone()
             .or_else(|| self.config.users.first().map(|u| u.name.clone()))
@@ -864,12 +879,12 @@ impl Cluster {
                 addr: &address,
                 user: &probe_user,
                 credential,
-                database: &self.config.probe_database,
+                database: &self.pg.probe_database,
                 params: &startup,
                 timeout: self.config.connect_timeout,
                 tls: &self.backend_tls,
             };
-            let result = tokio::time::timeout(self.config.probe_timeout, probe_once(&mut conn, opts)).await;
+            let result = tokio::time::timeout(self.pg.probe_timeout, probe_once(&mut conn, opts)).await;
             let obs = match result {
                 Ok(Ok(p)) => Observation::Up {
                     role: p.role,
@@ -880,12 +895,16 @@ impl Cluster {
                 },
                 Ok(Err(e)) => {
                     conn = None;
-                    Observation::Down { error: e.to_string() }
+                    Observation::Down {
+                        source: Source::Probe,
+                        error: e.to_string(),
+                    }
                 }
                 Err(_) => {
                     conn = None;
                     Observation::Down {
-                        error: format!("probe timed out after {:?}", self.config.probe_timeout),
+                        source: Source::Probe,
+                        error: format!("probe timed out after {:?}", self.pg.probe_timeout),
                     }
                 }
             };
@@ -925,7 +944,7 @@ impl Cluster {
         let snap = self.topology.load();
         let node = snap
             .primary()
-            .or_else(|| snap.nodes.iter().position(|n| n.healthy))?;
+            .or_else(|| snap.nodes.iter().position(|n| n.health.up))?;
         Some(snap.nodes[node].address.to_string())
     }
 

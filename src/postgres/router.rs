@@ -7,7 +7,7 @@
 use sluice_postgres::{Class, Classification, Hint};
 
 use crate::common::topology::{Role, Snapshot};
-use crate::config::{ClusterConfig, Consistency, PoolMode, TopologyKind};
+use crate::config::{ClusterConfig, Consistency, PoolMode, PostgresConfig, TopologyKind};
 
 /// Where a request must go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,11 +36,11 @@ impl Intent {
     /// The intent for a client's next request: in session pooling the whole session runs on
     /// the primary; a hot standby refuses serializable transactions, so a client whose
     /// transactions are serializable stays on the primary; otherwise [`Intent::of`].
-    pub fn for_request(c: Classification, config: &ClusterConfig, serializable: bool) -> Intent {
-        match config.pool_mode {
+    pub fn for_request(c: Classification, pg: &PostgresConfig, serializable: bool) -> Intent {
+        match pg.pool_mode {
             PoolMode::Session => Intent::Primary,
             PoolMode::Transaction if serializable => Intent::Primary,
-            PoolMode::Transaction => Intent::of(c, config.consistency),
+            PoolMode::Transaction => Intent::of(c, pg.consistency),
         }
     }
 
@@ -73,11 +73,11 @@ pub struct Policy<'a> {
 impl<'a> Policy<'a> {
     /// The cluster's policy; `min_lsn` (the client's last commit) applies under
     /// `consistency = "read-your-writes"` only.
-    pub fn of(config: &'a ClusterConfig, min_lsn: Option<u64>) -> Policy<'a> {
+    pub fn of(config: &'a ClusterConfig, pg: &PostgresConfig, min_lsn: Option<u64>) -> Policy<'a> {
         Policy {
-            multi_active: config.topology == TopologyKind::MultiActive,
-            min_lsn: min_lsn.filter(|_| config.consistency == Consistency::ReadYourWrites),
-            max_lag: config.max_replica_lag,
+            multi_active: pg.topology == TopologyKind::MultiActive,
+            min_lsn: min_lsn.filter(|_| pg.consistency == Consistency::ReadYourWrites),
+            max_lag: pg.max_replica_lag,
             zone: config.zone.as_deref(),
             writable_only: false,
         }
@@ -107,7 +107,7 @@ pub fn choose(
 ) -> Result<usize, NoRoute> {
     if policy.multi_active {
         return least_loaded(snap, load, tiebreak, policy, |n| {
-            n.healthy && n.role != Role::Unknown
+            n.health.up && n.role != Role::Unknown
         })
         .ok_or(NoRoute::NoNode);
     }
@@ -126,7 +126,7 @@ pub fn choose(
                 floor && lag
             };
             least_loaded(snap, load, tiebreak, policy, |n| {
-                n.healthy && n.role == Role::Replica && caught_up(n.lsn)
+                n.health.up && n.role == Role::Replica && caught_up(n.lsn)
             })
             .or(primary)
             .ok_or(NoRoute::NoNode)
@@ -168,7 +168,7 @@ mod tests {
     fn node(role: Role, healthy: bool) -> Node {
         Node {
             role,
-            healthy,
+            health: crate::common::health::Health::assumed(healthy),
             primary_epoch: u64::from(role == Role::Primary),
             ..Node::new(Member::at("x:1"))
         }
@@ -327,34 +327,39 @@ mod tests {
         c.clusters.remove(0)
     }
 
+    fn pg(c: &ClusterConfig) -> &PostgresConfig {
+        c.postgres().expect("a postgres cluster")
+    }
+
     #[test]
     fn the_request_intent_follows_pool_mode_isolation_and_consistency() {
         let read = cls(Class::Read, None);
         let write = cls(Class::Write, None);
         let tx = cluster("");
-        assert_eq!(Intent::for_request(read, &tx, false), Intent::Replica);
-        assert_eq!(Intent::for_request(write, &tx, false), Intent::Primary);
+        assert_eq!(Intent::for_request(read, pg(&tx), false), Intent::Replica);
+        assert_eq!(Intent::for_request(write, pg(&tx), false), Intent::Primary);
         // A hot standby refuses serializable transactions.
-        assert_eq!(Intent::for_request(read, &tx, true), Intent::Primary);
+        assert_eq!(Intent::for_request(read, pg(&tx), true), Intent::Primary);
         let session = cluster("pool_mode = \"session\"");
-        assert_eq!(Intent::for_request(read, &session, false), Intent::Primary);
+        assert_eq!(Intent::for_request(read, pg(&session), false), Intent::Primary);
         let primary = cluster("consistency = \"primary\"");
         assert_eq!(
-            Intent::for_request(cls(Class::Read, Some(Hint::Replica)), &primary, false),
+            Intent::for_request(cls(Class::Read, Some(Hint::Replica)), pg(&primary), false),
             Intent::Primary
         );
     }
 
     #[test]
     fn the_policy_takes_the_clients_lsn_only_under_read_your_writes() {
-        assert_eq!(Policy::of(&cluster(""), Some(7)).min_lsn, None);
+        assert_eq!(Policy::of(&cluster(""), pg(&cluster("")), Some(7)).min_lsn, None);
         let ryw = cluster("consistency = \"read-your-writes\"\nzone = \"a\"\nmax_replica_lag = 100");
-        let p = Policy::of(&ryw, Some(7));
+        let p = Policy::of(&ryw, pg(&ryw), Some(7));
         assert_eq!(
             (p.min_lsn, p.max_lag, p.zone, p.multi_active),
             (Some(7), Some(100), Some("a"), false)
         );
-        assert!(Policy::of(&cluster("topology = \"multi-active\""), None).multi_active);
+        let multi = cluster("topology = \"multi-active\"");
+        assert!(Policy::of(&multi, pg(&multi), None).multi_active);
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod console;
 mod drivers;
 mod failover;
 mod health;
+mod inflight;
 mod kubernetes;
 mod metrics;
 mod reload;

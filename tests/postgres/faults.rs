@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,8 +51,9 @@ struct Write {
 }
 
 /// Inserts numbered rows (`writer * 1_000_000 + n`) through sluice until `stop`, one at a time,
-/// reconnecting when the connection is lost; returns every attempt.
-async fn writer(addr: SocketAddr, w: i64, stop: Arc<AtomicBool>) -> Vec<Write> {
+/// reconnecting when the connection is lost; counts acknowledged writes in `acked` (for tests
+/// that wait for progress); returns every attempt.
+async fn writer(addr: SocketAddr, w: i64, stop: Arc<AtomicBool>, acked: Arc<AtomicU64>) -> Vec<Write> {
     const INSERT: &str = "INSERT INTO w (id, writer) VALUES ($1, $2)";
     let mut log = Vec::new();
     // A connection and its prepared INSERT (prepared once: sluice prepares it again on
@@ -84,7 +85,9 @@ async fn writer(addr: SocketAddr, w: i64, stop: Arc<AtomicBool>) -> Vec<Write> {
         let started = Instant::now();
         let r = tokio::time::timeout(CLIENT_TIMEOUT, c.execute(statement, &[&id, &(w as i32)])).await;
         let outcome = outcome(&r);
-        if outcome != "ok" {
+        if outcome == "ok" {
+            acked.fetch_add(1, Ordering::SeqCst);
+        } else {
             eprintln!(
                 "[faults] writer {w}: id {id} failed after {:?}: {}",
                 started.elapsed(),
@@ -144,10 +147,16 @@ pool_size = 8"#,
         env.cluster.make_synchronous();
 
         let stop = Arc::new(AtomicBool::new(false));
+        let acked: Vec<Arc<AtomicU64>> = (1..=WRITERS).map(|_| Arc::default()).collect();
         let tasks: Vec<_> = (1..=WRITERS)
-            .map(|w| tokio::spawn(writer(addr, w, stop.clone())))
+            .zip(&acked)
+            .map(|(w, a)| tokio::spawn(writer(addr, w, stop.clone(), a.clone())))
             .collect();
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Every writer is writing (acknowledged writes) before the kill.
+        let counts = || acked.iter().map(|a| a.load(Ordering::SeqCst)).collect::<Vec<_>>();
+        while counts().iter().any(|&n| n < 5) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
 
         env.cluster.kill9(old_primary);
         let t_kill = Instant::now();
@@ -160,8 +169,15 @@ pool_size = 8"#,
             "[faults] replica {new_primary} promoted {:?} after the kill",
             t_promoted - t_kill
         );
-        // Let the writers run on the new primary for a while.
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // Let the writers run on the new primary until each has written there several times.
+        let at_promotion = counts();
+        while counts()
+            .iter()
+            .zip(&at_promotion)
+            .any(|(now, then)| now - then < 5)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         stop.store(true, Ordering::Relaxed);
         let mut writes = Vec::new();
         for t in tasks {
@@ -468,8 +484,34 @@ pool_size = 8"#,
         "the node never served reads again after SIGCONT"
     );
     assert!(ports.contains_key(&Some(healthy)));
-    env.sluice
-        .assert_no_unexpected_errors(&[&format!("127.0.0.1:{stalled}")]);
+    // Reported once each way, with who noticed and why (`common::health::announce`), and
+    // counted.
+    let node = format!("127.0.0.1:{stalled}");
+    let logs = env.sluice.logs();
+    let down: Vec<&String> = logs
+        .iter()
+        .filter(|l| l.contains("PostgreSQL node is down") && l.contains(&node))
+        .collect();
+    let up = logs
+        .iter()
+        .filter(|l| l.contains("PostgreSQL node is up") && l.contains(&node))
+        .count();
+    assert_eq!(down.len(), 1, "one WARN line for the mark-down: {down:?}");
+    assert!(
+        down[0].contains("WARN") && down[0].contains("source=\"probe\"") && down[0].contains("timed out"),
+        "{}",
+        down[0]
+    );
+    // Up twice: when first probed at start-up, and after SIGCONT.
+    assert_eq!(up, 2, "INFO lines for the node coming up");
+    let (_, metrics) = env.sluice.http_get("/metrics");
+    for (state, n) in [("down", 1), ("up", 2)] {
+        let series = format!(
+            "sluice_node_health_changes_total{{cluster=\"app\",node=\"{node}\",state=\"{state}\"}} {n}"
+        );
+        assert!(metrics.contains(&series), "want {series}");
+    }
+    env.sluice.assert_no_unexpected_errors(&[&node]);
 }
 
 /// Runs `SELECT 1` (and a write) on each client in turn until `stop`; returns every failure.
@@ -661,7 +703,7 @@ pool_size = 6"#,
         let stop = Arc::new(AtomicBool::new(false));
         let readers: Vec<_> = (0..2).map(|_| tokio::spawn(reader(addr, stop.clone()))).collect();
         let stop_writer = Arc::new(AtomicBool::new(false));
-        let writer_task = tokio::spawn(writer(addr, 7, stop_writer.clone()));
+        let writer_task = tokio::spawn(writer(addr, 7, stop_writer.clone(), Arc::default()));
         let victim = env.app_client().await;
         let sleeper = "/* sluice: primary */ SELECT pg_sleep(60)";
         let running = tokio::spawn(async move {

@@ -4,32 +4,21 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::ExtendedKeyUsagePurpose;
 
+use crate::support::certs::{write, Ca};
 use crate::support::{bounded, exec, pg_bin, PgCluster, Sluice};
 
 /// A CA and a certificate for 127.0.0.1/localhost signed by it, as PEM files in `dir`:
 /// (ca.pem, server.pem, server.key).
 fn make_certs(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "sluice test CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
-    // A subject different from the issuer's, or OpenSSL takes the leaf for self-signed.
-    params.distinguished_name.push(DnType::CommonName, "localhost");
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let paths = (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server.key"));
-    std::fs::write(&paths.0, ca.pem()).unwrap();
-    std::fs::write(&paths.1, cert.pem()).unwrap();
-    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
-    (paths.0, paths.1, paths.2)
+    let ca = Ca::new("sluice test CA");
+    let (cert, key) = ca.sign(&["127.0.0.1", "localhost"], ExtendedKeyUsagePurpose::ServerAuth);
+    (
+        write(dir, "ca.pem", &ca.pem),
+        write(dir, "server.pem", &cert),
+        write(dir, "server.key", &key),
+    )
 }
 
 /// Makes the files readable by the `postgres` OS user (which runs the servers), key 0600.
@@ -135,5 +124,97 @@ async fn tls_on_both_sides() {
         assert!(topology.contains("\"healthy\":true"), "{topology}");
     })
     .await;
+    sluice.assert_no_unexpected_errors(&[]);
+}
+
+/// `tls_client_ca` on a PostgreSQL listener: a TLS client must present a certificate that chains
+/// to the configured CA (psql's `sslcert`/`sslkey`); one without a certificate, or with one from
+/// another CA, fails the handshake and never reaches a server; plaintext clients are still
+/// served unless `require_tls` says otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_with_tls_client_ca() {
+    let cluster = PgCluster::start(0);
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = make_certs(dir.path());
+    let client_ca = Ca::new("client CA");
+    let (good_cert, good_key) = client_ca.sign(&["app"], ExtendedKeyUsagePurpose::ClientAuth);
+    let (bad_cert, bad_key) = Ca::new("stranger CA").sign(&["app"], ExtendedKeyUsagePurpose::ClientAuth);
+    let good = (
+        write(dir.path(), "good.pem", &good_cert),
+        write(dir.path(), "good.key", &good_key),
+    );
+    let bad = (
+        write(dir.path(), "bad.pem", &bad_cert),
+        write(dir.path(), "bad.key", &bad_key),
+    );
+    {
+        // libpq refuses a private key that others may read.
+        use std::os::unix::fs::PermissionsExt;
+        for k in [&good.1, &bad.1] {
+            std::fs::set_permissions(k, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+    }
+    let (toml, _, _) = crate::support::sluice_config(
+        &cluster,
+        &format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"\ntls_client_ca = \"{}\"",
+            cert.display(),
+            key.display(),
+            write(dir.path(), "client-ca.pem", &client_ca.pem).display()
+        ),
+    );
+    let sluice = Sluice::start(&toml);
+    let port = sluice.listen_addr().port();
+    let root = format!("sslmode=verify-full sslrootcert={}", ca.display());
+    let run = move |conninfo: String| async move {
+        tokio::task::spawn_blocking(move || psql(port, &conninfo, "SELECT 'through sluice'"))
+            .await
+            .unwrap()
+    };
+    bounded(60, async {
+        let out = run(format!(
+            "{root} sslcert={} sslkey={}",
+            good.0.display(),
+            good.1.display()
+        ))
+        .await;
+        assert!(
+            out.status.success(),
+            "a client certificate from the configured CA: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "through sluice");
+
+        // Without a certificate, and with one from another CA: the handshake fails.
+        for conninfo in [
+            format!("{root} sslcert=/nonexistent sslkey=/nonexistent"),
+            format!("{root} sslcert={} sslkey={}", bad.0.display(), bad.1.display()),
+        ] {
+            let out = run(conninfo.clone()).await;
+            assert!(!out.status.success(), "{conninfo}: must fail");
+            let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+            assert!(
+                err.contains("certificate") || err.contains("ssl"),
+                "{conninfo}: {err}"
+            );
+        }
+
+        // Plaintext is still served (require_tls is off).
+        let out = run("sslmode=disable".into()).await;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    })
+    .await;
+    // Both refused handshakes are counted (sluice counts right after the alert it sends, so the
+    // count may trail psql's exit by a moment).
+    let counted = "sluice_errors_total{cluster=\"app\",reason=\"tls_handshake\"} 2";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, metrics) = sluice.http_get("/metrics");
+        if metrics.contains(counted) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "want {counted}:\n{metrics}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     sluice.assert_no_unexpected_errors(&[]);
 }

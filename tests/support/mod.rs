@@ -3,6 +3,7 @@
 //! Every test binary includes this module; not every binary uses every helper.
 #![allow(dead_code, unused_imports)]
 
+pub mod certs;
 mod http;
 mod pg;
 mod proxy;

@@ -94,7 +94,7 @@ pub fn pools(console: &Console) -> Table {
                 s(r.servers_login),
                 s(r.max_wait_us / 1_000_000),
                 s(r.max_wait_us % 1_000_000),
-                s(pool_mode(c.config.pool_mode)),
+                s(pool_mode(c.pg.pool_mode)),
                 None,
                 s(&c.config.name),
             ]);
@@ -300,11 +300,11 @@ pub fn databases(console: &Console) -> Table {
                 port.clone(),
                 s(&d.name),
                 None,
-                s(c.config.pool_size),
+                s(c.pg.pool_size),
                 s(0),
                 s(0),
-                s(c.config.max_lifetime.as_secs()),
-                s(pool_mode(c.config.pool_mode)),
+                s(c.pg.max_lifetime.as_secs()),
+                s(pool_mode(c.pg.pool_mode)),
                 None,
                 s(0),
                 s(servers),
@@ -403,29 +403,30 @@ pub fn config(console: &Console) -> Table {
     ]);
     for c in console.view.clusters.load().iter() {
         let k = &c.config;
-        let consistency = match k.consistency {
+        let p = &c.pg;
+        let consistency = match p.consistency {
             crate::config::Consistency::Eventual => "eventual",
             crate::config::Consistency::ReadYourWrites => "read-your-writes",
             crate::config::Consistency::Primary => "primary",
         };
         let entries: [(&str, String, &str); 13] = [
             ("listen", k.listen.to_string(), ""),
-            ("pool_mode", pool_mode(k.pool_mode).into(), "transaction"),
+            ("pool_mode", pool_mode(p.pool_mode).into(), "transaction"),
             ("consistency", consistency.into(), "eventual"),
-            ("pool_size", k.pool_size.to_string(), "20"),
+            ("pool_size", p.pool_size.to_string(), "20"),
             (
                 "max_client_connections",
                 k.max_client_connections.to_string(),
                 "10000",
             ),
-            ("checkout_timeout", d(k.checkout_timeout), "5s"),
+            ("checkout_timeout", d(p.checkout_timeout), "5s"),
             ("connect_timeout", d(k.connect_timeout), "3s"),
             ("login_timeout", d(k.login_timeout), "10s"),
-            ("idle_timeout", d(k.idle_timeout), "10m"),
-            ("max_lifetime", d(k.max_lifetime), "1h"),
+            ("idle_timeout", d(p.idle_timeout), "10m"),
+            ("max_lifetime", d(p.max_lifetime), "1h"),
             ("probe_interval", d(k.probe_interval), "1s"),
-            ("failover_wait", d(k.failover_wait), "5s"),
-            ("write_hold", k.write_hold.map_or_else(|| "off".into(), d), "off"),
+            ("failover_wait", d(p.failover_wait), "5s"),
+            ("write_hold", p.write_hold.map_or_else(|| "off".into(), d), "off"),
         ];
         for (key, value, default) in entries {
             // A changed cluster setting takes effect by RELOAD (the cluster is rebuilt).

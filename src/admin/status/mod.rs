@@ -122,7 +122,7 @@ pub fn pg_nodes(c: &Cluster) -> Vec<NodeRow> {
                 id: n.id.clone(),
                 address: n.address.clone(),
                 role,
-                healthy: n.healthy,
+                healthy: n.health.up,
                 lag_bytes,
                 lag_ms: if role == "replica" { n.replay_lag_ms } else { None },
                 lsn: n.lsn.map(lsn_text),
@@ -130,7 +130,7 @@ pub fn pg_nodes(c: &Cluster) -> Vec<NodeRow> {
                 zone: n.zone.clone(),
                 in_flight: u64::from(n.load.load(Ordering::Relaxed)),
                 connections: idle.get(&n.address).copied().unwrap_or(0),
-                error: n.last_error.clone(),
+                error: n.health.error.clone(),
             }
         })
         .collect()
@@ -145,7 +145,7 @@ pub fn cql_nodes(c: &CqlCluster) -> Vec<NodeRow> {
             id: n.pod.clone().unwrap_or_else(|| n.addr.to_string()),
             address: n.addr.to_string(),
             role: "ring-member",
-            healthy: n.up,
+            healthy: n.health.up,
             lag_bytes: None,
             lag_ms: None,
             lsn: None,
@@ -153,7 +153,7 @@ pub fn cql_nodes(c: &CqlCluster) -> Vec<NodeRow> {
             zone: n.zone.clone(),
             in_flight: c.pools.inflight(n.addr) as u64,
             connections: c.pools.open_connections(n.addr),
-            error: n.last_error.clone(),
+            error: n.health.error.clone(),
         })
         .collect()
 }
@@ -204,7 +204,7 @@ pub fn cql_ring(c: &CqlCluster) -> Vec<RingRow> {
             address: n.addr.to_string(),
             datacenter: n.datacenter.clone(),
             rack: n.rack.clone(),
-            up: n.up,
+            up: n.health.up,
             tokens: n.tokens.len(),
             ownership: share,
         })
@@ -222,7 +222,7 @@ pub fn overview(state: &AdminState) -> Vec<ClusterView> {
             name: c.config.name.clone(),
             protocol: "postgres",
             listen: c.config.listen.to_string(),
-            pool_mode: Some(pool_mode(c.config.pool_mode)),
+            pool_mode: Some(pool_mode(c.pg.pool_mode)),
             clients: c.clients.load(Ordering::Relaxed),
             discovery_error: statuses
                 .get(&c.config.name)

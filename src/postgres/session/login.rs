@@ -103,7 +103,7 @@ pub async fn login(
     // mode: the client has no server process of its own; sluice issues a key.
     let session_key = checkout
         .as_ref()
-        .filter(|_| cluster.config.pool_mode == PoolMode::Session)
+        .filter(|_| cluster.pg.pool_mode == PoolMode::Session)
         .map(|c| c.conn.key());
     let cancel_key = match session_key.and_then(|k| cluster.try_register_cancel(k, &client.info)) {
         Some(registered) => registered,
@@ -141,7 +141,7 @@ pub async fn login(
     // The connection that answered the login serves the client's first request (session
     // mode: every request) without another checkout.
     if let Some(mut checkout) = checkout {
-        if cluster.config.pool_mode == PoolMode::Session {
+        if cluster.pg.pool_mode == PoolMode::Session {
             session.attach(checkout);
         } else {
             checkout.park();
@@ -268,6 +268,7 @@ async fn handshake(
                     Ok(tls) => *slot = Some(MaybeTls::Tls(Box::new(tls))),
                     Err(e) => {
                         info!(error = %e, "client TLS handshake failed");
+                        cluster.metrics.error(&cluster.config.name, "tls_handshake");
                         return Ok(None);
                     }
                 }
@@ -366,7 +367,7 @@ async fn handshake(
         fatal(out, "57P03", &e.to_string());
         return Ok(None);
     }
-    let fresh = cluster.config.pool_mode == PoolMode::Session;
+    let fresh = cluster.pg.pool_mode == PoolMode::Session;
     let checkout = match cluster.login_params(&user, &database, &startup, fresh).await {
         Ok((params, checkout)) => {
             // What the primary announced to a connection opened with the client's own startup

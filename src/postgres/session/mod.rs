@@ -407,7 +407,7 @@ impl Session {
                     self.batch_class(first)
                 }
             };
-            let intent = Intent::for_request(class, &self.cluster.config, self.serializable());
+            let intent = Intent::for_request(class, &self.cluster.pg, self.serializable());
             let had_parked = matches!(self.link, Link::Parked(_));
             match self.attach_counted(intent).await {
                 Ok(checkout) => self.attach(checkout),
@@ -441,7 +441,7 @@ impl Session {
             || a.st.copy_in
             || a.checkout.role == Role::Primary
             || self.pinned.is_some()
-            || self.cluster.config.pool_mode == PoolMode::Session
+            || self.cluster.pg.pool_mode == PoolMode::Session
         {
             return Ok(false);
         }
@@ -452,7 +452,7 @@ impl Session {
                 self.batch_class(first)
             }
         };
-        Ok(Intent::for_request(class, &self.cluster.config, self.serializable()) == Intent::Primary)
+        Ok(Intent::for_request(class, &self.cluster.pg, self.serializable()) == Intent::Primary)
     }
 
     /// Whether `msg` uses the unnamed statement while a Parse of it in an earlier batch is still
@@ -598,8 +598,7 @@ impl Session {
         debug!(parent: &self.span(), node = %be.addr, "attached backend");
         let mut replays = 0;
         let foreign = be.owner != self.client.info.id && be.tainted;
-        if self.cluster.config.pool_mode == PoolMode::Transaction && (foreign || be.settings != self.settings)
-        {
+        if self.cluster.pg.pool_mode == PoolMode::Transaction && (foreign || be.settings != self.settings) {
             // The backend carries someone else's settings (or may: another client wrote or
             // set something there): make them the client's.
             for sql in settings::replay_sql(&self.settings, foreign) {
@@ -623,7 +622,7 @@ impl Session {
 
     /// Ties the client to its backend for the rest of the session.
     fn pin(&mut self, reason: PinReason) {
-        if self.pinned.is_none() && self.cluster.config.pool_mode == PoolMode::Transaction {
+        if self.pinned.is_none() && self.cluster.pg.pool_mode == PoolMode::Transaction {
             info!(parent: &self.span(), reason = reason.label(), "client pinned to its backend connection");
             self.cluster.pinned(reason.label());
             self.pinned = Some(reason);
@@ -668,7 +667,7 @@ impl Session {
     async fn detach_at_end(&mut self) {
         self.release_parked();
         let Some(a) = self.link.attached_mut() else { return };
-        if a.is_clean() && self.cluster.config.pool_mode == PoolMode::Session {
+        if a.is_clean() && self.cluster.pg.pool_mode == PoolMode::Session {
             let be = a.checkout.conn.conn();
             // Boxed: once per session, and a large future to keep out of every session's.
             let reset = Box::pin(tokio::time::timeout(

@@ -76,8 +76,8 @@ async fn node_down(
     loop {
         {
             let snap = topology.load();
-            if let Some(n) = snap.nodes.iter().find(|n| *n.address == **node && !n.healthy) {
-                return n.last_error.clone().unwrap_or_default();
+            if let Some(n) = snap.nodes.iter().find(|n| *n.address == **node && !n.health.up) {
+                return n.health.error.clone().unwrap_or_default();
             }
         }
         if changes.changed().await.is_err() {
@@ -157,7 +157,7 @@ impl Session {
         // A client with no backend is between transactions: it may idle only so long. The
         // timer is made once per session (only when the limit is configured) and restarted here.
         if let (Some(limit), false) = (
-            self.cluster.config.client_idle_timeout,
+            self.cluster.pg.client_idle_timeout,
             self.link.attached().is_some(),
         ) {
             let deadline = tokio::time::Instant::now() + limit;

@@ -153,7 +153,7 @@ impl Session {
                         }
                         b'E' => {
                             a.st.server_fatal |= peek::error_is_fatal(msg.body());
-                            if self.cluster.config.write_hold.is_some()
+                            if self.cluster.pg.write_hold.is_some()
                                 && a.checkout.role == crate::common::topology::Role::Primary
                             {
                                 // A primary turning read-only or shutting down: hold writes.
@@ -263,10 +263,10 @@ impl Session {
     /// Everything sent has been answered. Reads settings or the WAL position if the request
     /// needs it, else returns the backend to the pool (transaction mode, nothing pinned).
     fn request_done(&mut self) {
-        if self.cluster.config.pool_mode == PoolMode::Session {
+        if self.cluster.pg.pool_mode == PoolMode::Session {
             return; // the backend is the client's for the whole session: nothing to carry over
         }
-        let ryw = self.cluster.config.consistency == Consistency::ReadYourWrites;
+        let ryw = self.cluster.pg.consistency == Consistency::ReadYourWrites;
         let on_primary = self.attached_to_primary();
         let Some(a) = self.link.attached_mut() else { return };
         if a.st.status != b'I' || a.st.in_batch {

@@ -221,7 +221,7 @@ impl Session {
             b'P' | b'B' | b'D' | b'E' | b'H' | b'C' => a.st.in_batch = true,
             _ => {}
         }
-        if self.cluster.config.pool_mode == PoolMode::Session {
+        if self.cluster.pg.pool_mode == PoolMode::Session {
             self.to_backend.get().extend_from_slice(msg.raw());
             return Ok(());
         }

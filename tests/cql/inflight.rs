@@ -1,0 +1,191 @@
+//! Requests in flight on a node connection (the two-hop path: no task per request, the node
+//! connection's reader answers the client): a request that timed out keeps its stream id on
+//! the node connection until the late answer comes, so the late answer reaches nobody; and a
+//! connection lost with requests in flight sends them to another replica, except an LWT,
+//! which fails (the node may have applied it).
+
+use std::time::{Duration, Instant};
+
+use sluice_cql::response::{error_code, ResultBody};
+use sluice_cql::{Compression, Response};
+
+use crate::client::{error_of, int, query, text, Client};
+use crate::support::bounded;
+use crate::Env;
+
+/// The node of the control connection (from the "control connection ready" line).
+async fn control_index(env: &Env) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let node = env
+            .sluice
+            .logs()
+            .iter()
+            .rev()
+            .filter(|l| l.contains("CQL control connection ready"))
+            .filter_map(|l| l.split(" node=").nth(1))
+            .filter_map(|rest| rest.split_whitespace().next())
+            .map(str::to_string)
+            .next();
+        if let Some(node) = node {
+            let addr: std::net::SocketAddr = node.parse().unwrap();
+            return env.cluster.node_of(addr.ip()).expect("a cluster node");
+        }
+        assert!(Instant::now() < deadline, "no control connection");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A key of `keyspace` whose replicas, in ring order, are exactly `replicas`.
+fn key_on(env: &Env, keyspace: &str, prefix: &str, replicas: &[usize]) -> String {
+    (0..10_000)
+        .map(|i| format!("{prefix}{i}"))
+        .find(|k| {
+            env.cluster
+                .replicas(keyspace, sluice_cql::murmur3::token(k.as_bytes()))
+                == replicas
+        })
+        .unwrap_or_else(|| panic!("no key with replicas {replicas:?}"))
+}
+
+/// Waits until sluice counts `want` requests in flight to node `node`.
+async fn inflight_reaches(env: &Env, node: usize, want: f64) {
+    let series = format!(
+        "sluice_cql_node_inflight{{cluster=\"ring\",node=\"{}\"}}",
+        env.cluster.address(node)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if env.sluice.metric(&series) == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} = {:?}, never {want}",
+            env.sluice.metric(&series)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_answer_after_a_timeout_is_dropped_not_delivered_to_a_reused_stream_id() {
+    // One connection per node (the late answer and the next request share it); no
+    // heartbeat and no marking down by timeouts, so the frozen node stays in use.
+    let env = Env::start(
+        2,
+        "",
+        "[clusters.cql]\nrequest_timeout = \"300ms\"\nmax_consecutive_timeouts = 0\nheartbeat_interval = \"60s\"\nconnections_per_node = 1\n",
+    );
+    bounded(60, async {
+        let mut c = Client::connect(env.addr(), 4, Compression::None).await;
+        c.ok("CREATE KEYSPACE lt WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}")
+            .await;
+        c.ok("CREATE TABLE lt.kv (k text PRIMARY KEY, v int)").await;
+        let victim = (control_index(&env).await + 1) % 2;
+        let a = key_on(&env, "lt", "a", &[victim]);
+        let b = key_on(&env, "lt", "b", &[victim]);
+        c.ok(&format!("INSERT INTO lt.kv (k, v) VALUES ('{a}', 1)")).await;
+        c.ok(&format!("INSERT INTO lt.kv (k, v) VALUES ('{b}', 2)")).await;
+
+        env.cluster.freeze(victim);
+        let select = |k: &str| query(&format!("SELECT v FROM lt.kv WHERE k = '{k}'"), vec![]);
+        c.send(7, &select(&a)).await;
+        let (stream, r) = c.recv().await.expect("an answer");
+        assert_eq!(stream, 7);
+        let e = error_of(&r);
+        assert_eq!(e.code, error_code::SERVER_ERROR, "{e:?}");
+        assert!(e.message.contains("no answer from"), "{e:?}");
+
+        // The node wakes up and answers the first request late, then the next one, on the
+        // same connection: the client's stream 7 gets only the answer to its new request.
+        env.cluster.thaw(victim);
+        c.send(7, &select(&b)).await;
+        let (stream, r) = c.recv().await.expect("an answer");
+        assert_eq!(stream, 7);
+        match r {
+            Response::Result(ResultBody::Rows(rows)) => {
+                assert_eq!(
+                    rows.rows().unwrap(),
+                    vec![vec![Some(int(2))]],
+                    "the late answer came through"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        // Nothing else arrives: the next request's answer is the next envelope.
+        c.send(8, &select(&a)).await;
+        let (stream, r) = c.recv().await.expect("an answer");
+        assert_eq!(stream, 8);
+        assert!(matches!(r, Response::Result(ResultBody::Rows(_))), "{r:?}");
+        inflight_reaches(&env, victim, 0.0).await;
+        let timeouts = env
+            .sluice
+            .metric("sluice_errors_total{cluster=\"ring\",reason=\"timeout\"}");
+        assert_eq!(timeouts, Some(1.0));
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_on_a_lost_connection_go_to_another_replica_except_lwts() {
+    let env = Env::start(3, "", "[clusters.cql]\nheartbeat_interval = \"60s\"\n");
+    bounded(60, async {
+        let mut c = Client::connect(env.addr(), 4, Compression::None).await;
+        c.ok("CREATE KEYSPACE lc WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 2}")
+            .await;
+        c.ok("CREATE TABLE lc.kv (k text PRIMARY KEY, v int)").await;
+        // The victim is not the control connection's node, and it comes first both in ring
+        // order (for the LWT) and by index among equally busy replicas (for the read).
+        let control = control_index(&env).await;
+        let victim = (0..3).find(|&n| n != control).unwrap();
+        let other = (victim + 1..3).next().unwrap();
+        let k = key_on(&env, "lc", "k", &[victim, other]);
+        c.ok(&format!("INSERT INTO lc.kv (k, v) VALUES ('{k}', 1)")).await;
+        let before = crate::user_records(&env.cluster, "lc").len();
+        assert!(before > 0);
+
+        env.cluster.freeze(victim);
+        c.send(1, &query(&format!("SELECT v FROM lc.kv WHERE k = '{k}'"), vec![]))
+            .await;
+        c.send(
+            2,
+            &query(
+                "INSERT INTO lc.kv (k, v) VALUES (?, ?) IF NOT EXISTS",
+                vec![text(&k), int(5)],
+            ),
+        )
+        .await;
+        // Both wait on the frozen node; then its connections drop.
+        inflight_reaches(&env, victim, 2.0).await;
+        env.cluster.kill(victim);
+        let mut answers = std::collections::HashMap::new();
+        for _ in 0..2 {
+            let (stream, r) = c.recv().await.expect("an answer");
+            answers.insert(stream, r);
+        }
+        match &answers[&1] {
+            Response::Result(ResultBody::Rows(rows)) => {
+                assert_eq!(rows.rows().unwrap(), vec![vec![Some(int(1))]])
+            }
+            other => panic!("the read was not sent to the other replica: {other:?}"),
+        }
+        let e = error_of(&answers[&2]);
+        assert_eq!(e.code, error_code::SERVER_ERROR, "{e:?}");
+        assert!(e.message.contains("connection to the node was lost"), "{e:?}");
+        // The read was answered by the other replica; the LWT reached no other node (the
+        // frozen node may have read and applied both without answering: a stopped process
+        // can stop after reading).
+        let records = crate::user_records(&env.cluster, "lc");
+        let after: Vec<_> = records.iter().skip(before).collect();
+        assert!(after.iter().any(|r| r.node == other && !r.lwt), "{after:?}");
+        assert!(after.iter().all(|r| r.node == victim || !r.lwt), "{after:?}");
+        let lost = env
+            .sluice
+            .metric("sluice_errors_total{cluster=\"ring\",reason=\"backend_lost\"}");
+        assert_eq!(lost, Some(1.0));
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[]);
+}
