@@ -23,12 +23,14 @@ pub fn now_micros() -> u64 {
 pub struct ClientInfo {
     /// The session id (unique in the cluster).
     pub id: u64,
-    pub user: String,
-    pub database: String,
+    /// Shared by the clients of the same user (see `Activity::names`).
+    pub user: Arc<str>,
+    pub database: Arc<str>,
     pub addr: SocketAddr,
     pub local: Option<SocketAddr>,
     pub tls: bool,
-    pub application_name: String,
+    /// Its startup parameters (shared by the clients that sent the same ones).
+    pub startup: crate::postgres::backend::StartupParams,
     /// When the client connected, in microseconds since the Unix epoch.
     pub connect_time: u64,
     /// When its current request started waiting for a backend (or for a `RESUME`); 0 when it
@@ -38,6 +40,18 @@ pub struct ClientInfo {
     pub request_time: AtomicU64,
     /// 1 while it holds a backend for a request or transaction.
     pub active: AtomicUsize,
+    /// Where its cancel requests go (see `Cluster::try_register_cancel`).
+    pub cancel: crate::postgres::cluster::CancelState,
+}
+
+impl ClientInfo {
+    /// The application_name the client logged in with.
+    pub fn application_name(&self) -> &str {
+        self.startup
+            .iter()
+            .find(|(k, _)| k == "application_name")
+            .map_or("", |(_, v)| v)
+    }
 }
 
 /// Totals of one database since sluice started (`SHOW STATS`), striped by runtime thread
@@ -195,6 +209,10 @@ impl Drop for Busy {
 pub struct Activity {
     clients: Mutex<HashMap<u64, Arc<ClientInfo>>>,
     databases: Mutex<HashMap<String, Arc<DbActivity>>>,
+    /// User and database names, shared by the clients that use them.
+    pub names: crate::common::intern::Interner<str>,
+    /// Startup parameters, shared by the clients that sent the same ones.
+    pub startups: crate::common::intern::Interner<Vec<(String, String)>>,
 }
 
 /// Removes a client from its cluster's list when its session ends.

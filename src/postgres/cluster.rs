@@ -95,7 +95,8 @@ impl User {
 /// Where a cancel request for one client must go right now.
 #[derive(Debug, Clone)]
 pub struct CancelTarget {
-    pub addr: String,
+    /// The node's address (shared with its pool: no allocation per request).
+    pub addr: Arc<str>,
     pub pid: i32,
     pub secret: i32,
 }
@@ -134,8 +135,9 @@ impl CancelState {
     }
 }
 
-/// The cancel keys sluice handed to its clients.
-pub type CancelSlot = Arc<CancelState>;
+/// A client's cancel state, reached by its cancel key: the client's own record (one
+/// allocation per client for both the console's list and the cancel keys).
+pub type CancelSlot = Arc<crate::postgres::activity::ClientInfo>;
 
 /// Why a request could not get a backend.
 #[derive(Debug, thiserror::Error)]
@@ -498,6 +500,65 @@ impl Cluster {
         result
     }
 
+    /// `attach` when a backend is parked for the client and the router sends the request to its
+    /// node: that backend, with no await (no pool, no wait, no clock read). This is the usual
+    /// case of a client whose transactions follow each other, and it keeps the slow path's
+    /// large future out of every session's (the session boxes it). `None`: `attach` decides;
+    /// a parked backend the router did not choose has gone back to its pool.
+    pub fn resume_parked(
+        &self,
+        intent: Intent,
+        min_lsn: Option<u64>,
+        parked: &mut Option<Checkout>,
+    ) -> Option<Checkout> {
+        parked.as_ref()?;
+        let mut policy = Policy::of(&self.config, &self.pg, min_lsn);
+        // As on `attach_inner`'s first pass, which starts the hold's clock now.
+        policy.writable_only = self
+            .pg
+            .write_hold
+            .is_some_and(|h| !h.is_zero() && intent == Intent::Primary && !policy.multi_active);
+        let snap = self.topology.peek();
+        let node = self.choose(intent, &snap, &policy).ok()?;
+        match parked.take()?.resume(&snap.nodes[node]) {
+            Ok(p) => {
+                self.routed[usize::from(intent == Intent::Replica)].inc();
+                Some(p)
+            }
+            Err(p) => {
+                drop(p); // back to the pool; `attach` checks one out
+                None
+            }
+        }
+    }
+
+    /// The router's choice for one request on this snapshot.
+    fn choose(
+        &self,
+        intent: Intent,
+        snap: &crate::common::topology::Snapshot,
+        policy: &Policy<'_>,
+    ) -> Result<usize, NoRoute> {
+        // Each node's requests in flight, on the stack for up to 16 nodes (this runs for every
+        // transaction); only where the router compares them (a request for the primary has one
+        // candidate), since reading them reads every thread's counters.
+        let mut stack = [0u32; 16];
+        let heap: Vec<u32>;
+        let loads: &[u32] = if intent == Intent::Primary && !policy.multi_active {
+            &[]
+        } else if snap.nodes.len() <= stack.len() {
+            for (l, n) in stack.iter_mut().zip(&snap.nodes) {
+                *l = n.load.get();
+            }
+            &stack[..snap.nodes.len()]
+        } else {
+            heap = snap.nodes.iter().map(|n| n.load.get()).collect();
+            &heap
+        };
+        let tiebreak = next_tiebreak();
+        router::choose(intent, snap, loads, tiebreak, policy)
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn attach_inner(
         &self,
@@ -521,28 +582,7 @@ impl Cluster {
         loop {
             policy.writable_only = hold_deadline.is_some_and(|d| tokio::time::Instant::now() < d);
             let snap = self.topology.peek();
-            let choice = {
-                // Each node's requests in flight, on the stack for up to 16 nodes (this runs
-                // for every transaction); only where the router compares them (a request for
-                // the primary has one candidate), since reading them reads every thread's
-                // counters.
-                let mut stack = [0u32; 16];
-                let heap: Vec<u32>;
-                let loads: &[u32] = if intent == Intent::Primary && !policy.multi_active {
-                    &[]
-                } else if snap.nodes.len() <= stack.len() {
-                    for (l, n) in stack.iter_mut().zip(&snap.nodes) {
-                        *l = n.load.get();
-                    }
-                    &stack[..snap.nodes.len()]
-                } else {
-                    heap = snap.nodes.iter().map(|n| n.load.get()).collect();
-                    &heap
-                };
-                let tiebreak = next_tiebreak();
-                router::choose(intent, &snap, loads, tiebreak, &policy)
-            };
-            match choice {
+            match self.choose(intent, &snap, &policy) {
                 Ok(node) => {
                     if let Some(p) = parked.take() {
                         match p.resume(&snap.nodes[node]) {
@@ -914,27 +954,26 @@ impl Cluster {
 
     /// Registers `key` for a new client, unless another client holds it (keys of backends
     /// on different servers may coincide).
-    pub fn try_register_cancel(&self, key: (i32, i32)) -> Option<((i32, i32), CancelSlot)> {
+    pub fn try_register_cancel(&self, key: (i32, i32), client: &CancelSlot) -> Option<(i32, i32)> {
         let mut cancels = self.cancels.lock().expect("cancel lock");
         match cancels.entry(key) {
             std::collections::hash_map::Entry::Occupied(_) => None,
             std::collections::hash_map::Entry::Vacant(v) => {
-                let slot = CancelSlot::default();
-                v.insert(slot.clone());
-                Some((key, slot))
+                v.insert(client.clone());
+                Some(key)
             }
         }
     }
 
     /// Registers a new random cancel key for a new client.
-    pub fn register_random_cancel(&self) -> ((i32, i32), CancelSlot) {
+    pub fn register_random_cancel(&self, client: &CancelSlot) -> (i32, i32) {
         use rand::Rng;
         loop {
             let key = {
                 let mut rng = rand::rng();
                 (rng.random::<i32>() & 0x7fff_ffff, rng.random::<i32>())
             };
-            if let Some(registered) = self.try_register_cancel(key) {
+            if let Some(registered) = self.try_register_cancel(key, client) {
                 return registered;
             }
         }

@@ -7,6 +7,13 @@
 /// `CREATE DATABASE ... TEMPLATE name` needs unused (a single statement; names fold to lower
 /// case unless quoted, as PostgreSQL folds them).
 pub fn database_to_release(sql: &[u8]) -> Option<String> {
+    // A first look without allocating: this runs for every simple query, and only these three
+    // commands qualify (a leading comment disqualifies a statement below too).
+    let head = sql.trim_ascii_start();
+    let starts_with = |k: &[u8]| head.get(..k.len()).is_some_and(|h| h.eq_ignore_ascii_case(k));
+    if !(starts_with(b"DROP") || starts_with(b"ALTER") || starts_with(b"CREATE")) {
+        return None;
+    }
     let words = words(sql)?;
     let word = |i: usize| words.get(i).map(|w| w.text.as_str());
     let is = |i: usize, keyword: &str| {

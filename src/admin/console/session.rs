@@ -67,16 +67,20 @@ pub async fn serve(
         cluster,
         ClientInfo {
             id: cluster.next_session_id(),
-            user: login.user.clone(),
+            user: login.user.as_str().into(),
             database: "sluice".into(),
             addr: login.peer,
             local: None,
             tls,
-            application_name: login.application_name.clone(),
+            startup: std::sync::Arc::new(vec![(
+                "application_name".to_string(),
+                login.application_name.clone(),
+            )]),
             connect_time: now_micros(),
             wait_since: 0.into(),
             request_time: 0.into(),
             active: 0.into(),
+            cancel: Default::default(),
         },
     );
     info!(user = %login.user, access = ?login.access, "admin console session");

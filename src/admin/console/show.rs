@@ -162,7 +162,7 @@ pub fn clients(console: &Console) -> Table {
                 s(""),
                 s(0),
                 s(if cl.tls { "TLS" } else { "" }),
-                s(&cl.application_name),
+                s(cl.application_name()),
                 s(0),
                 s(cl.id),
                 s(&c.config.name),
@@ -293,7 +293,7 @@ pub fn databases(console: &Console) -> Table {
                 .filter(|p| p.database == d.name)
                 .map(|p| p.active + p.idle + p.connecting)
                 .sum();
-            let connected = clients.iter().filter(|cl| cl.database == d.name).count();
+            let connected = clients.iter().filter(|cl| *cl.database == *d.name).count();
             t.push(vec![
                 s(&d.name),
                 host.clone(),
@@ -349,7 +349,7 @@ pub fn users(console: &Console) -> Table {
                 .filter(|p| p.user == name)
                 .map(|p| p.active + p.idle + p.connecting)
                 .sum();
-            let connected = clients.iter().filter(|cl| cl.user == name).count();
+            let connected = clients.iter().filter(|cl| *cl.user == *name).count();
             t.push(vec![
                 s(&name),
                 s(""),

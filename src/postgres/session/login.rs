@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::settings;
 use super::{fatal, Link, Session};
+use crate::common::buffers::Buffer;
 use crate::common::tls::{ClientStream, MaybeTls};
 use crate::config::PoolMode;
 use crate::postgres::backend::StartupParams;
@@ -34,12 +35,12 @@ pub async fn login(
     cluster: &Arc<Cluster>,
     tcp: TcpStream,
     peer: std::net::SocketAddr,
-    span: tracing::Span,
 ) -> std::io::Result<Option<Box<Session>>> {
     let local = tcp.local_addr().ok();
     // The stream may turn into a TLS stream half-way through the handshake.
     let mut slot: Option<ClientStream> = Some(MaybeTls::Plain(tcp));
-    let mut buf = BytesMut::with_capacity(1024);
+    // Small: a login's messages are; the session reads into buffers from the thread's pool.
+    let mut buf = BytesMut::with_capacity(512);
     let mut out = BytesMut::new();
     let held = HeldClock::default();
     let result = within_login_timeout(
@@ -82,24 +83,20 @@ pub async fn login(
         cluster,
         crate::postgres::activity::ClientInfo {
             id: cluster.next_session_id(),
-            user: user.clone(),
-            database: database.clone(),
+            user: cluster.activity.names.share_str(&user),
+            database: cluster.activity.names.share_str(&database),
             addr: peer,
             local,
             tls,
-            application_name: startup
-                .iter()
-                .find(|(k, _)| k == "application_name")
-                .map(|(_, v)| v.clone())
-                .unwrap_or_default(),
+            startup,
             connect_time: crate::postgres::activity::now_micros(),
             wait_since: 0.into(),
             request_time: 0.into(),
             active: 0.into(),
+            cancel: Default::default(),
         },
     );
-    let db = cluster.activity.database(&database);
-    let (rd, wr) = tokio::io::split(stream);
+    let db = cluster.activity.database(&client.info.database);
     // Session mode: the client keeps the backend that answered its login for its whole
     // session, so it is told that backend's own key, and `pg_backend_pid()`, NOTIFY pids and
     // `pg_terminate_backend` agree with BackendKeyData as on a direct connection. Transaction
@@ -108,40 +105,38 @@ pub async fn login(
         .as_ref()
         .filter(|_| cluster.pg.pool_mode == PoolMode::Session)
         .map(|c| c.conn.key());
-    let (cancel_key, cancel_slot) = match session_key.and_then(|k| cluster.try_register_cancel(k)) {
+    let cancel_key = match session_key.and_then(|k| cluster.try_register_cancel(k, &client.info)) {
         Some(registered) => registered,
-        None => cluster.register_random_cancel(),
+        None => cluster.register_random_cancel(&client.info),
     };
-    let mut greeting = BytesMut::new();
-    server::backend_key_data(&mut greeting, cancel_key.0, cancel_key.1);
-    server::ready_for_query(&mut greeting, b'I');
+    let mut greeting = Buffer::default();
+    server::backend_key_data(greeting.get(), cancel_key.0, cancel_key.1);
+    server::ready_for_query(greeting.get(), b'I');
+    // What the client sent right behind its login (drivers may pipeline a first query).
+    let mut cbuf = Buffer::default();
+    if !buf.is_empty() {
+        cbuf.get().extend_from_slice(&buf);
+    }
+    drop(buf);
     let mut session = Box::new(Session {
         cluster: cluster.clone(),
-        id: client.info.id,
         client,
         db,
         busy: None,
-        user,
-        database,
-        startup,
         startup_serializable,
-        rd,
-        wr,
-        cbuf: buf,
+        stream,
+        cbuf,
         out: greeting,
-        to_backend: BytesMut::new(),
+        to_backend: Buffer::default(),
         link: Link::Idle,
         statements: Default::default(),
-        settings: Default::default(),
-        custom_settings: Vec::new(),
+        settings: settings::none(),
         functions,
         pinned: None,
-        min_lsn: None,
-        held: None,
+        rare: None,
         cancel_key,
-        cancel_slot,
-        span,
         topology_changes: cluster.topology.subscribe(),
+        idle_timer: None,
     });
     // The connection that answered the login serves the client's first request (session
     // mode: every request) without another checkout.
@@ -150,7 +145,7 @@ pub async fn login(
             session.attach(checkout);
         } else {
             checkout.park();
-            session.cancel_slot.set(None);
+            session.client.info.cancel.set(None);
             session.link = Link::Parked(checkout);
         }
     }
@@ -355,7 +350,10 @@ async fn handshake(
         })));
     }
     server::authentication_ok(out);
-    let startup = settings::startup_params(startup_params);
+    let startup = cluster
+        .activity
+        .startups
+        .share(settings::startup_params(startup_params));
     // A new client of a paused database waits for RESUME, like its transactions, bounded by
     // pause_timeout only.
     held.hold();
@@ -570,6 +568,7 @@ async fn forward_cancel(cluster: &Cluster, pid: i32, secret: &[u8]) {
         debug!("cancel request for an unknown key");
         return;
     };
+    let slot = &slot.cancel;
     let Some(target) = slot.target() else {
         if slot.queued() {
             // The query still waits for a backend: it is given up, with 57014.
@@ -583,7 +582,7 @@ async fn forward_cancel(cluster: &Cluster, pid: i32, secret: &[u8]) {
     let mut msg = BytesMut::new();
     frontend::cancel_request(target.pid, target.secret, &mut msg);
     let send = async {
-        let mut s = TcpStream::connect(&target.addr).await?;
+        let mut s = TcpStream::connect(&*target.addr).await?;
         s.write_all(&msg).await?;
         // The server closes the connection when it has read the request.
         let mut sink = [0u8; 1];

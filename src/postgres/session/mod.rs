@@ -11,32 +11,35 @@
 //! read-your-writes) are answered to sluice, never relayed; see `replies.rs`.
 
 mod gate;
+mod in_flight;
 mod login;
+mod relay;
 mod replies;
 mod settings;
+#[cfg(test)]
+mod sizes;
 mod statements;
 
-use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::BytesMut;
 use sluice_postgres::server::{self, ErrorFields};
 use sluice_postgres::{peek, split_message, Classification, Message, PinReason};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::io::{ReadHalf, WriteHalf};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::common::buffers::Buffer;
 use crate::common::tls::ClientStream;
 use crate::common::topology::Role;
 use crate::config::PoolMode;
-use crate::postgres::backend::StartupParams;
-use crate::postgres::cluster::{AttachError, CancelSlot, CancelTarget, Checkout, Cluster};
+use crate::postgres::cluster::{AttachError, CancelTarget, Checkout, Cluster};
 use crate::postgres::router::Intent;
+use in_flight::{Attached, InFlightBox};
 use replies::Unit;
 use settings::Settings;
-use statements::{BackendName, Pending, Statement};
 
 /// The largest message a client may send (a Bind or CopyData with a large value).
 pub const MAX_CLIENT_MESSAGE: usize = 64 * 1024 * 1024;
@@ -44,47 +47,29 @@ pub const MAX_CLIENT_MESSAGE: usize = 64 * 1024 * 1024;
 /// the client.
 const BACKEND_BACKLOG: usize = 256 * 1024;
 
-/// What one step of backend I/O did.
-enum BackendIo {
-    /// Some of the pending bytes went to the server.
-    Wrote,
-    /// Bytes read from the server (0: it closed the connection).
-    Read(usize),
-}
-
-/// Writes pending bytes to the backend and reads its replies, whichever is ready first
-/// (writing first: it usually completes at once).
-async fn backend_io(
-    stream: &mut crate::common::tls::BackendStream,
-    rbuf: &mut BytesMut,
-    pending: &mut BytesMut,
-) -> std::io::Result<BackendIo> {
-    use std::pin::Pin;
-    use std::task::Poll;
-    use tokio::io::AsyncWrite;
-    std::future::poll_fn(|cx| {
-        if !pending.is_empty() {
-            match Pin::new(&mut *stream).poll_write(cx, pending) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => {
-                    pending.advance(n);
-                    return Poll::Ready(Ok(BackendIo::Wrote));
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {}
-            }
-        }
-        tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, rbuf).map_ok(BackendIo::Read)
-    })
-    .await
-}
-
 /// Serves one client connection to the end.
-pub async fn serve(cluster: Arc<Cluster>, stream: TcpStream, peer: SocketAddr) {
-    // The span names the client in every log line about it. Only login runs inside it; the
-    // session logs with it as parent, so the relay does not enter and leave a span on every
-    // poll (measurable per transaction).
-    let span = tracing::info_span!("client", %peer, cluster = %cluster.config.name);
+///
+/// Not an `async fn`: its arguments would stay in the connection's task for the whole session
+/// (an async fn keeps room for them). They go into the boxed login instead, which is freed once
+/// the client has logged in; the task keeps only the session's relay.
+pub fn serve(cluster: Arc<Cluster>, stream: TcpStream, peer: SocketAddr) -> impl Future<Output = ()> + Send {
+    // Boxed: the login future (SCRAM, TLS accept, the first backend connection) is several
+    // KiB and only needed once; inline it would stay part of every idle client's task.
+    let login = Box::pin(admit_and_log_in(cluster.clone(), stream, peer));
+    async move {
+        if let Some(session) = login.await {
+            session.run().await
+        }
+        cluster.client_disconnected();
+    }
+}
+
+/// Admission, then the login inside the client's span.
+async fn admit_and_log_in(
+    cluster: Arc<Cluster>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<Box<Session>> {
     let admitted = cluster.client_connected();
     let _ = stream.set_nodelay(true);
     if !admitted {
@@ -92,21 +77,29 @@ pub async fn serve(cluster: Arc<Cluster>, stream: TcpStream, peer: SocketAddr) {
         fatal(&mut out, "53300", "sorry, too many clients already");
         let mut stream = stream;
         let _ = stream.write_all(&out).await;
-    } else {
-        // Boxed: the login future (SCRAM, TLS accept, the first backend connection) is
-        // several KiB and only needed once; inline it would stay part of every idle
-        // client's task for the whole session.
-        let login = Box::pin(login::login(&cluster, stream, peer, span.clone()).instrument(span.clone()));
-        match login.await {
-            Ok(Some(session)) => {
-                drop(span);
-                session.run().await
-            }
-            Ok(None) => {}
-            Err(e) => debug!(parent: &span, error = %e, "client i/o error during login"),
+        return None;
+    }
+    let span = client_span(&peer, &cluster.config.name);
+    match login::login(&cluster, stream, peer)
+        .instrument(span.clone())
+        .await
+    {
+        Ok(session) => session,
+        Err(e) => {
+            debug!(parent: &span, error = %e, "client i/o error during login");
+            None
         }
     }
-    cluster.client_disconnected();
+}
+
+/// The span that names a client in every log line about it: `client{peer=.. cluster=..}`.
+///
+/// Only the login runs inside one. A logged-in session makes it for each line it logs rather
+/// than keeping one: a live span costs a registry slot, a field map and its formatted fields
+/// (a few hundred bytes per idle client), and entering it on every poll of the relay would
+/// cost time per transaction. Log lines read the same either way.
+fn client_span(peer: &SocketAddr, cluster: &str) -> tracing::Span {
+    tracing::info_span!("client", %peer, cluster = %cluster)
 }
 
 /// Appends an ErrorResponse with this severity.
@@ -182,292 +175,105 @@ impl Link {
     }
 }
 
-/// What woke the relay on the session's server connection.
-enum LinkEvent {
-    Backend(std::io::Result<BackendIo>),
-    Reclaimed,
-}
-
-/// The backend a client holds right now.
-struct Attached {
-    checkout: Checkout,
-    /// One entry per ReadyForQuery still to come, in order, saying whose it is.
-    units: VecDeque<Unit>,
-    /// Extended-protocol messages forwarded since the last Sync.
-    in_batch: bool,
-    /// Responses (ParseComplete/CloseComplete) still to come, and whether each is sluice's own.
-    fixups: VecDeque<Pending>,
-    /// The client's unnamed statement is known to this backend (parsed since attaching).
-    unnamed_ready: bool,
-    /// The transaction status of the last ReadyForQuery (b'I' idle, b'T' in a transaction,
-    /// b'E' in a failed transaction).
-    status: u8,
-    /// A request since the last settings capture ran SET, RESET or DISCARD.
-    settings_dirty: bool,
-    /// A write ran since the last WAL position capture (read-your-writes).
-    wrote: bool,
-    /// The server is in COPY FROM STDIN mode (until the client's CopyDone or CopyFail).
-    copy_in: bool,
-    /// A CopyDone/CopyFail the client sent before the server's CopyInResponse arrived (drivers
-    /// send the data right behind the COPY): the number of the unit whose reply the COPY is part
-    /// of, and whether the batch's Sync came after it. That COPY is over when the response
-    /// arrives; a COPY that failed before copying never answers, and its entry goes stale.
-    copy_ended_early: Option<(u64, bool)>,
-    /// Bytes of a large message still to relay as they arrive (see `replies.rs`).
-    streaming: usize,
-    /// Units ever queued and answered: a Parse or Close belongs to the batch that the next
-    /// unit queued after it ends (see `Pending::batch`).
-    units_pushed: u64,
-    units_done: u64,
-    /// Backend statement names to show as the client's names in errors of this batch, and
-    /// whether each came from a Parse of an existing name (a 42P05 error is about that Parse,
-    /// whatever Binds of the same statement were sent before it).
-    renames: Vec<(BackendName, Bytes, bool)>,
-    /// The server sent a FATAL error: it ends the session, and the client has it.
-    server_fatal: bool,
-}
-
-impl Attached {
-    /// Queues the owner of the next ReadyForQuery still to come.
-    fn push_unit(&mut self, unit: Unit) {
-        self.units.push_back(unit);
-        self.units_pushed += 1;
-    }
-
-    /// A ReadyForQuery arrived (or, for a Sync sent during COPY FROM STDIN, will not): whose it is.
-    fn pop_unit(&mut self) -> Option<Unit> {
-        let unit = self.units.pop_front();
-        self.units_done += u64::from(unit.is_some());
-        unit
-    }
-
-    /// Expects a ParseComplete or CloseComplete for a Parse or Close sent now.
-    fn push_fixup(
-        &mut self,
-        swallow: bool,
-        backend: statements::BackendChange,
-        client: statements::ClientChange,
-    ) {
-        self.fixups.push_back(Pending {
-            swallow,
-            backend,
-            client,
-            batch: self.units_pushed,
-            alone: false,
-            marker: false,
-        });
-    }
-
-    /// A ParseComplete or CloseComplete arrived: its entry is done. Returns whether sluice sent
-    /// the message (the reply is not relayed).
-    fn complete_fixup(&mut self) -> bool {
-        let Some(p) = self.fixups.pop_front() else {
-            return false;
-        };
-        if p.marker {
-            if let Some(next) = self.fixups.front_mut() {
-                next.alone = true;
-            }
-        }
-        p.swallow
-    }
-
-    /// Nothing in flight and no transaction open: the connection may serve someone else.
-    fn is_clean(&self) -> bool {
-        self.units.is_empty() && !self.in_batch && !self.copy_in && self.streaming == 0 && self.status == b'I'
-    }
-}
-
-/// A logged-in client.
-pub struct Session {
-    cluster: Arc<Cluster>,
-    /// Unique in the cluster: marks the backends this session used last.
-    id: u64,
-    /// The client as the admin console lists it (`SHOW CLIENTS`, `SHOW POOLS`).
-    client: crate::postgres::activity::Registered,
-    /// Its database's activity (transactions in flight, totals).
-    db: Arc<crate::postgres::activity::DbActivity>,
-    /// The client's transaction in flight (from its first message to the ReadyForQuery that
-    /// ends it): what a console `PAUSE` waits for.
-    busy: Option<crate::postgres::activity::Busy>,
-    user: String,
-    database: String,
-    /// What the client's backends are opened with (its own startup parameters).
-    startup: StartupParams,
-    /// The startup parameters make every transaction serializable.
-    startup_serializable: bool,
-    rd: ReadHalf<ClientStream>,
-    wr: WriteHalf<ClientStream>,
-    /// Client bytes not yet framed.
-    cbuf: BytesMut,
-    /// Bytes for the client.
-    out: BytesMut,
-    /// Bytes for the backend.
-    to_backend: BytesMut,
-    /// The server connection the session holds, if any, and what it is for.
-    link: Link,
-    /// The client's prepared statements by the client's name ("" is the unnamed one).
-    statements: HashMap<Bytes, Arc<Statement>>,
-    /// The client's session settings, replayed on each backend it gets.
-    settings: Settings,
+/// Session state that most clients never need.
+#[derive(Default)]
+struct Rare {
     /// Custom (`a.b`) settings the client has set, read back with the others.
     custom_settings: Vec<String>,
-    /// The functions of the client's database, for classification.
-    functions: Arc<crate::postgres::functions::CatalogSlot>,
-    /// Session state ties the client to its current backend for good.
-    pinned: Option<PinReason>,
     /// The WAL position of the client's last write (read-your-writes).
     min_lsn: Option<u64>,
     /// A client message that starts a write while the replica backend it is attached to still
     /// answers earlier requests (the client's pipelined reads, or sluice's settings capture):
     /// it waits, with everything after it, until that backend is done and can be let go.
     held: Option<Message>,
+}
+
+/// A logged-in client.
+pub struct Session {
+    cluster: Arc<Cluster>,
+    /// The client as the admin console lists it (`SHOW CLIENTS`, `SHOW POOLS`); also its
+    /// user, database and session id (unique in the cluster: marks the backends this session
+    /// used last).
+    client: crate::postgres::activity::Registered,
+    /// Its database's activity (transactions in flight, totals).
+    db: Arc<crate::postgres::activity::DbActivity>,
+    /// The client's transaction in flight (from its first message to the ReadyForQuery that
+    /// ends it): what a console `PAUSE` waits for.
+    busy: Option<crate::postgres::activity::Busy>,
+    /// The startup parameters make every transaction serializable.
+    startup_serializable: bool,
+    /// The client connection, read and written by this one task (no `tokio::io::split`: its
+    /// halves share the stream behind an `Arc` and a lock).
+    stream: ClientStream,
+    /// Client bytes not yet framed. Like `out` and `to_backend`, it holds a buffer only while
+    /// it holds bytes: an idle client has none (see `common::buffers`).
+    cbuf: Buffer,
+    /// Bytes for the client.
+    out: Buffer,
+    /// Bytes for the backend.
+    to_backend: Buffer,
+    /// The server connection the session holds, if any, and what it is for.
+    link: Link,
+    /// The client's prepared statements by the client's name ("" is the unnamed one).
+    statements: statements::Statements,
+    /// The client's session settings, replayed on each backend it gets.
+    settings: Settings,
+    /// The functions of the client's database, for classification.
+    functions: Arc<crate::postgres::functions::CatalogSlot>,
+    /// Session state ties the client to its current backend for good.
+    pinned: Option<PinReason>,
+    /// What few clients need, boxed when first needed (an idle session stays small).
+    rare: Option<Box<Rare>>,
     cancel_key: (i32, i32),
-    cancel_slot: CancelSlot,
-    /// Names the client in log lines (see `serve`).
-    span: tracing::Span,
     /// Topology generations, subscribed once per session: the relay watches for the node of a
     /// request in flight being marked down.
     topology_changes: tokio::sync::watch::Receiver<u64>,
+    /// `client_idle_timeout` between transactions (made on first use, when configured).
+    idle_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Session {
+    /// The rarely needed state, made when first needed.
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Default::default)
+    }
+
+    /// The WAL position of the client's last write (read-your-writes).
+    fn min_lsn(&self) -> Option<u64> {
+        self.rare.as_ref().and_then(|r| r.min_lsn)
+    }
+
+    /// Custom (`a.b`) settings the client has set.
+    fn custom_settings(&self) -> &[String] {
+        self.rare.as_ref().map_or(&[], |r| &r.custom_settings)
+    }
+
+    /// Names the client in a log line (see `client_span`).
+    fn span(&self) -> tracing::Span {
+        client_span(&self.client.info.addr, &self.cluster.config.name)
+    }
+
     async fn run(mut self: Box<Self>) {
         let end = self.relay().await;
-        match &end {
-            End::ClientGone => debug!(parent: &self.span, "client left"),
-            End::ClientFault(why) => {
-                info!(parent: &self.span, reason = %why, "client disconnected for a protocol violation")
-            }
-            End::BackendFault(why) => {
-                warn!(parent: &self.span, reason = %why, "client disconnected after a backend failure")
-            }
-        }
+        self.log_end(end);
         self.detach_at_end().await;
         self.cluster.unregister_cancel(self.cancel_key);
         // The error that ends the session (e.g. 08006 when the backend closed) is still in
         // `out` when the backend read saw EOF: the client must get it before the close.
         let _ = self.flush_client().await;
-        let _ = self.wr.shutdown().await;
+        let _ = self.stream.shutdown().await;
     }
 
-    async fn relay(&mut self) -> End {
-        loop {
-            self.end_transaction_if_done();
-            if let Err(end) = self.process_client_messages().await {
-                let _ = self.flush_client().await;
-                return end;
+    /// Says how the session ended (consuming the reason: nothing of it stays in the task's
+    /// future while the session winds down).
+    fn log_end(&self, end: End) {
+        match end {
+            End::ClientGone => debug!(parent: &self.span(), "client left"),
+            End::ClientFault(why) => {
+                info!(parent: &self.span(), reason = %why, "client disconnected for a protocol violation")
             }
-            if self.flush_client().await.is_err() {
-                return End::ClientGone;
-            }
-            // A request in flight on a node that sluice has marked down (probe timeout, refused
-            // connections) would wait as long as the node hangs: end it instead.
-            let in_flight_on = self
-                .link
-                .attached()
-                .filter(|a| !a.units.is_empty() || a.in_batch || a.copy_in)
-                .map(|a| a.checkout.conn.node_shared());
-            let topology = &self.cluster.topology;
-            let changes = &mut self.topology_changes;
-            let node_down = async {
-                let Some(node) = in_flight_on else {
-                    return std::future::pending().await;
-                };
-                loop {
-                    let snap = topology.load();
-                    if let Some(n) = snap.nodes.iter().find(|n| *n.address == *node && !n.health.up) {
-                        return n.health.error.clone().unwrap_or_default();
-                    }
-                    if changes.changed().await.is_err() {
-                        return std::future::pending().await;
-                    }
-                }
-            };
-            // A client with no backend is between transactions: it may idle only so long.
-            let idle_limit = match (&self.link, self.cluster.pg.client_idle_timeout) {
-                (Link::Attached(_), _) => None,
-                (_, limit) => limit,
-            };
-            let idle = async {
-                match idle_limit {
-                    Some(limit) => tokio::time::sleep(limit).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let Session {
-                rd,
-                cbuf,
-                link,
-                to_backend,
-                ..
-            } = self;
-            // Past this much unsent to the backend, the client waits (TCP backpressure), as it
-            // would on a direct connection to a server that is slow to read.
-            let backlogged = to_backend.len() >= BACKEND_BACKLOG || self.held.is_some();
-            let client_read = async {
-                if backlogged {
-                    return std::future::pending().await;
-                }
-                rd.read_buf(cbuf).await
-            };
-            // What the session's server connection may do: an attached backend reads the
-            // replies while the client's messages are written to it (a server blocked on
-            // sending replies stops reading, so a proxy that only wrote would deadlock on a long
-            // pipeline, and an error would reach the client only after it had sent everything:
-            // asyncpg's executemany stops early on a server error); a parked one may be
-            // reclaimed by its pool.
-            let link_io = async {
-                match link {
-                    Link::Attached(a) => {
-                        let be = a.checkout.conn.conn();
-                        LinkEvent::Backend(backend_io(&mut be.stream, &mut be.rbuf, to_backend).await)
-                    }
-                    Link::Parked(c) => {
-                        to_backend.clear();
-                        c.conn.reclaimed().await;
-                        LinkEvent::Reclaimed
-                    }
-                    Link::Idle | Link::FailedUntilSync => {
-                        to_backend.clear();
-                        std::future::pending().await
-                    }
-                }
-            };
-            tokio::select! {
-                // Polled in this order, without select's random start (it costs on every poll).
-                // While a backend streams without pause, client messages wait in the socket;
-                // they are read as soon as it pauses.
-                biased;
-                event = link_io => match event {
-                    LinkEvent::Backend(Ok(BackendIo::Wrote)) => {}
-                    LinkEvent::Backend(Ok(BackendIo::Read(0))) => {
-                        return self.backend_lost("the server closed the connection")
-                    }
-                    LinkEvent::Backend(Err(e)) => return self.backend_lost(&e.to_string()),
-                    LinkEvent::Backend(Ok(BackendIo::Read(_))) => {
-                        if let Err(end) = self.process_backend_messages() {
-                            let _ = self.flush_client().await;
-                            return end;
-                        }
-                    }
-                    // Another client needs a connection of that pool, or it idled out.
-                    LinkEvent::Reclaimed => self.release_parked(),
-                },
-                () = idle => {
-                    info!(parent: &self.span, "client idle past client_idle_timeout; disconnecting");
-                    fatal(&mut self.out, "57P05", "terminating connection due to idle-session timeout");
-                    return End::ClientGone;
-                }
-                r = client_read => match r {
-                    Ok(0) | Err(_) => return End::ClientGone,
-                    Ok(n) => {
-                        self.db.totals.received.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-                    }
-                },
-                why = node_down => {
-                    return self.backend_lost(&format!("the node was marked down ({why})"));
-                }
+            End::BackendFault(why) => {
+                warn!(parent: &self.span(), reason = %why, "client disconnected after a backend failure")
             }
         }
     }
@@ -480,7 +286,7 @@ impl Session {
             .attached_mut()
             .map(|a| a.checkout.conn.node().to_string())
             .unwrap_or_default();
-        let told = self.link.attached().is_some_and(|a| a.server_fatal);
+        let told = self.link.attached().is_some_and(|a| a.st.server_fatal);
         if let Some(a) = self.link.attached_mut() {
             a.checkout.conn.discard();
         }
@@ -489,52 +295,26 @@ impl Session {
             .error(&self.cluster.config.name, "backend_lost");
         let msg = format!("sluice: lost the connection to database node {node}: {why}");
         if !told {
-            fatal(&mut self.out, "08006", &msg);
+            fatal(self.out.get(), "08006", &msg);
         }
         End::BackendFault(msg)
-    }
-
-    /// Writes `out` to the client. A client slow to read must not keep a parked backend from
-    /// others: while writing, the parked backend still goes back when its pool needs it.
-    async fn flush_client(&mut self) -> std::io::Result<()> {
-        self.db
-            .totals
-            .sent
-            .fetch_add(self.out.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        while !self.out.is_empty() {
-            let Session { wr, out, link, .. } = self;
-            let reclaim = async {
-                match link {
-                    Link::Parked(c) => c.conn.reclaimed().await,
-                    _ => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                // The write first: it usually completes at once, and then the parked backend's
-                // watch is never even set up.
-                biased;
-                n = wr.write(out) => match n? {
-                    0 => return Err(std::io::ErrorKind::WriteZero.into()),
-                    n => out.advance(n),
-                },
-                () = reclaim => self.release_parked(),
-            }
-        }
-        Ok(())
     }
 
     /// Handles every complete client message in the buffer.
     async fn process_client_messages(&mut self) -> Result<(), End> {
         loop {
-            if let Some(msg) = self.held.take() {
-                if self.link.attached().is_some_and(|a| !a.units.is_empty()) {
-                    self.held = Some(msg);
+            if let Some(msg) = self.rare.as_mut().and_then(|r| r.held.take()) {
+                if self.link.attached().is_some_and(|a| !a.st.units.is_empty()) {
+                    self.rare().held = Some(msg);
                     return Ok(());
                 }
                 self.handle_client_message(msg).await?;
                 continue;
             }
-            let msg = match split_message(&mut self.cbuf, MAX_CLIENT_MESSAGE) {
+            if self.cbuf.is_empty() {
+                return Ok(());
+            }
+            let msg = match split_message(self.cbuf.get(), MAX_CLIENT_MESSAGE) {
                 Ok(Some(m)) => m,
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(self.violation(&format!("invalid message framing: {e}"))),
@@ -545,7 +325,7 @@ impl Session {
 
     fn violation(&mut self, why: &str) -> End {
         let msg = format!("sluice: protocol violation: {why}");
-        fatal(&mut self.out, "08P01", &msg);
+        fatal(self.out.get(), "08P01", &msg);
         self.cluster
             .metrics
             .error(&self.cluster.config.name, "protocol_violation");
@@ -587,12 +367,12 @@ impl Session {
             if let Some(database) = sluice_postgres::commands::database_to_release(sql) {
                 // DROP DATABASE and friends need the database unused: sluice's idle (and
                 // parked) connections to it go first.
-                debug!(parent: &self.span, %database, "closing pooled connections to the database");
+                debug!(parent: &self.span(), %database, "closing pooled connections to the database");
                 self.cluster.pools.drain_database(&database);
             }
         }
         if self.must_wait_for_replica(&msg, query_class)? || self.unnamed_undecided(&msg) {
-            self.held = Some(msg);
+            self.rare().held = Some(msg);
             return Ok(());
         }
         if matches!(tag, b'Q' | b'E') {
@@ -605,14 +385,14 @@ impl Session {
             if matches!(self.link, Link::FailedUntilSync) {
                 if tag == b'S' {
                     self.link = Link::Idle;
-                    server::ready_for_query(&mut self.out, b'I');
+                    server::ready_for_query(self.out.get(), b'I');
                 }
                 return Ok(());
             }
             match tag {
                 // Nothing to run: answer locally.
                 b'S' => {
-                    server::ready_for_query(&mut self.out, b'I');
+                    server::ready_for_query(self.out.get(), b'I');
                     return Ok(());
                 }
                 // Flush with nothing in flight, and COPY data outside COPY, are ignored (the
@@ -633,7 +413,7 @@ impl Session {
                 Ok(checkout) => self.attach(checkout),
                 Err(e) => {
                     if had_parked {
-                        self.cancel_slot.set(None);
+                        self.client.info.cancel.set(None);
                     }
                     return self.attach_failed(tag, e);
                 }
@@ -655,10 +435,10 @@ impl Session {
             return Ok(false);
         };
         let starts_request = msg.tag() == b'Q'
-            || (!a.in_batch && matches!(msg.tag(), b'P' | b'B' | b'D' | b'E' | b'C' | b'F'));
+            || (!a.st.in_batch && matches!(msg.tag(), b'P' | b'B' | b'D' | b'E' | b'C' | b'F'));
         if !starts_request
-            || a.units.is_empty()
-            || a.copy_in
+            || a.st.units.is_empty()
+            || a.st.copy_in
             || a.checkout.role == Role::Primary
             || self.pinned.is_some()
             || self.cluster.pg.pool_mode == PoolMode::Session
@@ -685,8 +465,8 @@ impl Session {
         };
         // The pending-Parse condition first: it is almost always false, and then the message
         // need not be decoded here a second time.
-        let undecided = a.fixups.iter().any(|p| {
-            p.batch < a.units_pushed
+        let undecided = a.st.fixups.iter().any(|p| {
+            p.batch < a.st.units_pushed
                 && matches!(p.backend, statements::BackendChange::Unnamed(false))
                 && p.client.as_ref().is_some_and(|(n, _)| n.is_empty())
         });
@@ -714,7 +494,8 @@ impl Session {
     /// `Cluster::attach` for the client's next request, given up when the client sends a
     /// CancelRequest meanwhile (waiting for a pool slot or for a primary).
     async fn attach_cancellable(&mut self, intent: Intent) -> Result<Checkout, AttachError> {
-        let slot = self.cancel_slot.clone();
+        let client = self.client.info.clone();
+        let slot = &client.cancel;
         // Registered before the request is marked as waiting, so that no cancel is missed.
         let woken = slot.wake.notified();
         tokio::pin!(woken);
@@ -725,10 +506,10 @@ impl Session {
         let mut parked = self.link.take_parked();
         let attach = self.cluster.attach(
             intent,
-            &self.user,
-            &self.database,
-            &self.startup,
-            self.min_lsn,
+            &self.client.info.user,
+            &self.client.info.database,
+            &self.client.info.startup,
+            self.min_lsn(),
             &mut parked,
         );
         let result = tokio::select! {
@@ -807,43 +588,31 @@ impl Session {
     }
 
     fn attach(&mut self, mut checkout: Checkout) {
+        let addr = checkout.conn.node_shared();
         let be = checkout.conn.conn();
-        self.cancel_slot.set(Some(CancelTarget {
-            addr: be.addr.clone(),
+        self.client.info.cancel.set(Some(CancelTarget {
+            addr,
             pid: be.pid,
             secret: be.secret,
         }));
-        debug!(parent: &self.span, node = %be.addr, "attached backend");
+        debug!(parent: &self.span(), node = %be.addr, "attached backend");
         let mut replays = 0;
-        let foreign = be.owner != self.id && be.tainted;
+        let foreign = be.owner != self.client.info.id && be.tainted;
         if self.cluster.pg.pool_mode == PoolMode::Transaction && (foreign || be.settings != self.settings) {
             // The backend carries someone else's settings (or may: another client wrote or
             // set something there): make them the client's.
             for sql in settings::replay_sql(&self.settings, foreign) {
-                self.to_backend.extend_from_slice(&simple_query(&sql));
+                self.to_backend.get().extend_from_slice(&simple_query(&sql));
                 replays += 1;
             }
             be.settings = self.settings.clone();
             be.tainted = false;
             self.cluster.settings_replayed();
         }
-        be.owner = self.id;
+        be.owner = self.client.info.id;
         let mut attached = Attached {
             checkout,
-            units: VecDeque::new(),
-            in_batch: false,
-            fixups: VecDeque::new(),
-            unnamed_ready: false,
-            status: b'I',
-            settings_dirty: false,
-            wrote: false,
-            copy_in: false,
-            copy_ended_early: None,
-            streaming: 0,
-            units_pushed: 0,
-            units_done: 0,
-            renames: Vec::new(),
-            server_fatal: false,
+            st: InFlightBox::take(),
         };
         for _ in 0..replays {
             attached.push_unit(Unit::Replay);
@@ -854,7 +623,7 @@ impl Session {
     /// Ties the client to its backend for the rest of the session.
     fn pin(&mut self, reason: PinReason) {
         if self.pinned.is_none() && self.cluster.pg.pool_mode == PoolMode::Transaction {
-            info!(parent: &self.span, reason = reason.label(), "client pinned to its backend connection");
+            info!(parent: &self.span(), reason = reason.label(), "client pinned to its backend connection");
             self.cluster.pinned(reason.label());
             self.pinned = Some(reason);
         }
@@ -878,7 +647,7 @@ impl Session {
     /// Lets go of the parked backend (back to its pool).
     fn release_parked(&mut self) {
         if self.link.take_parked().is_some() {
-            self.cancel_slot.set(None);
+            self.client.info.cancel.set(None);
         }
     }
 
@@ -888,7 +657,7 @@ impl Session {
             if !a.is_clean() || self.pinned.is_some() {
                 a.checkout.conn.discard();
             }
-            self.cancel_slot.set(None);
+            self.client.info.cancel.set(None);
         }
     }
 
@@ -900,8 +669,12 @@ impl Session {
         let Some(a) = self.link.attached_mut() else { return };
         if a.is_clean() && self.cluster.pg.pool_mode == PoolMode::Session {
             let be = a.checkout.conn.conn();
-            let reset =
-                tokio::time::timeout(std::time::Duration::from_secs(2), be.simple_query("DISCARD ALL")).await;
+            // Boxed: once per session, and a large future to keep out of every session's.
+            let reset = Box::pin(tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                be.simple_query("DISCARD ALL"),
+            ))
+            .await;
             be.prepared.clear();
             be.settings = Default::default();
             be.owner = 0;
@@ -927,20 +700,20 @@ impl Session {
         self.cluster.metrics.error(&self.cluster.config.name, reason);
         if let AttachError::Pool(PoolError::Connect(BackendError::Server { raw, .. })) = &e {
             // The server's own refusal (e.g. unknown database) says it best.
-            self.out.extend_from_slice(raw);
+            self.out.get().extend_from_slice(raw);
             if raw_is_fatal(raw) {
                 return Err(End::BackendFault(e.to_string()));
             }
         } else {
             if matches!(e, AttachError::Cancelled) {
-                debug!(parent: &self.span, "request cancelled while it waited for a backend");
+                debug!(parent: &self.span(), "request cancelled while it waited for a backend");
             } else {
-                warn!(parent: &self.span, error = %e, "request failed");
+                warn!(parent: &self.span(), error = %e, "request failed");
             }
-            error_with(&mut self.out, "ERROR", code, &e.to_string());
+            error_with(self.out.get(), "ERROR", code, &e.to_string());
         }
         if tag == b'Q' {
-            server::ready_for_query(&mut self.out, b'I');
+            server::ready_for_query(self.out.get(), b'I');
         } else {
             self.link = Link::FailedUntilSync;
         }

@@ -69,34 +69,34 @@ impl Session {
     /// and lets go of the backend when the client's transaction is over.
     pub(super) fn process_backend_messages(&mut self) -> Result<(), End> {
         loop {
-            let span = &self.span;
+            let who = (&self.client.info.addr, &self.cluster.config.name);
             let Some(a) = self.link.attached_mut() else {
                 return Ok(());
             };
-            let own_unit = !matches!(a.units.front(), None | Some(Unit::Client | Unit::ClientSync));
+            let own_unit = !matches!(a.st.units.front(), None | Some(Unit::Client | Unit::ClientSync));
             let rbuf = &mut a.checkout.conn.conn().rbuf;
             // The rest of a large row or COPY chunk already being streamed to the client.
-            if a.streaming > 0 {
-                let n = a.streaming.min(rbuf.len());
+            if a.st.streaming > 0 {
+                let n = a.st.streaming.min(rbuf.len());
                 if n == 0 {
                     return Ok(());
                 }
-                self.out.extend_from_slice(&rbuf.split_to(n));
-                a.streaming -= n;
+                self.out.get().extend_from_slice(&rbuf.split_to(n));
+                a.st.streaming -= n;
                 continue;
             }
             if !own_unit {
                 // The usual case: complete replies for the client, relayed in one copy up to
                 // and including the ReadyForQuery that ends them.
-                let (n, ready) = relayable_run(rbuf, !a.fixups.is_empty());
+                let (n, ready) = relayable_run(rbuf, !a.st.fixups.is_empty());
                 if n > 0 {
-                    self.out.extend_from_slice(&rbuf[..n]);
+                    self.out.get().extend_from_slice(&rbuf[..n]);
                     rbuf.advance(n);
                     if let Some(status) = ready {
-                        a.status = status;
+                        a.st.status = status;
                         a.pop_unit();
                         self.settle();
-                        if self.link.attached().is_some_and(|a| a.units.is_empty()) {
+                        if self.link.attached().is_some_and(|a| a.st.units.is_empty()) {
                             self.request_done();
                         }
                     }
@@ -107,8 +107,8 @@ impl Session {
                 // of it.
                 if let Some(total) = large_relayed_message(rbuf) {
                     let n = rbuf.len();
-                    self.out.extend_from_slice(&rbuf.split_to(n));
-                    a.streaming = total - n;
+                    self.out.get().extend_from_slice(&rbuf.split_to(n));
+                    a.st.streaming = total - n;
                     continue;
                 }
             }
@@ -121,20 +121,20 @@ impl Session {
                 }
             };
             let tag = msg.tag();
-            match a.units.front_mut() {
+            match a.st.units.front_mut() {
                 None | Some(Unit::Client | Unit::ClientSync) => {
                     match tag {
                         // COPY FROM STDIN started by Execute: the Sync sent with it is ignored
                         // by the server, as is any Sync until CopyDone/CopyFail.
                         b'G' => {
-                            let ended = a.copy_ended_early.take();
+                            let ended = a.st.copy_ended_early.take();
                             let (ended_early, sync_after) = match ended {
-                                Some((unit, sync_after)) if unit == a.units_done + 1 => (true, sync_after),
+                                Some((unit, sync_after)) if unit == a.st.units_done + 1 => (true, sync_after),
                                 _ => (false, false),
                             };
-                            a.copy_in = !ended_early;
+                            a.st.copy_in = !ended_early;
                             // A Sync sent before the CopyDone arrived in COPY mode: ignored.
-                            if !sync_after && matches!(a.units.front(), Some(Unit::ClientSync)) {
+                            if !sync_after && matches!(a.st.units.front(), Some(Unit::ClientSync)) {
                                 a.pop_unit();
                             }
                         }
@@ -142,17 +142,17 @@ impl Session {
                         // not relayed.
                         b'1' | b'3' if a.complete_fixup() => continue,
                         b'Z' => {
-                            a.status = peek::ready_status(msg.body()).unwrap_or(b'I');
+                            a.st.status = peek::ready_status(msg.body()).unwrap_or(b'I');
                             a.pop_unit();
-                            self.out.extend_from_slice(msg.raw());
+                            self.out.get().extend_from_slice(msg.raw());
                             self.settle();
-                            if self.link.attached().is_some_and(|a| a.units.is_empty()) {
+                            if self.link.attached().is_some_and(|a| a.st.units.is_empty()) {
                                 self.request_done();
                             }
                             continue;
                         }
                         b'E' => {
-                            a.server_fatal |= peek::error_is_fatal(msg.body());
+                            a.st.server_fatal |= peek::error_is_fatal(msg.body());
                             if self.cluster.pg.write_hold.is_some()
                                 && a.checkout.role == crate::common::topology::Role::Primary
                             {
@@ -164,22 +164,22 @@ impl Session {
                             // Bind with the wrong parameter count, ...) names the client's.
                             if let Some(from) = statements::backend_name_in(msg.body()) {
                                 let duplicate = peek::error_code_and_message(msg.body()).0 == "42P05";
-                                let to = a
-                                    .renames
-                                    .iter()
-                                    .find(|(f, _, dup)| *f == from && *dup == duplicate)
-                                    .or_else(|| a.renames.iter().find(|(f, _, _)| *f == from))
-                                    .map(|(_, to, _)| to.clone())
-                                    .or_else(|| {
-                                        self.statements
-                                            .iter()
-                                            .find(|(_, st)| st.backend_name() == from)
-                                            .map(|(name, _)| name.clone())
-                                    });
+                                let to =
+                                    a.st.renames
+                                        .iter()
+                                        .find(|(f, _, dup)| *f == from && *dup == duplicate)
+                                        .or_else(|| a.st.renames.iter().find(|(f, _, _)| *f == from))
+                                        .map(|(_, to, _)| to.clone())
+                                        .or_else(|| {
+                                            self.statements
+                                                .iter()
+                                                .find(|(_, st)| st.backend_name() == from)
+                                                .map(|(name, _)| name.clone())
+                                        });
                                 if let Some(to) = to {
                                     let quoted = |n: &[u8]| [&b"\""[..], n, b"\""].concat();
                                     peek::encode_error_renamed(
-                                        &mut self.out,
+                                        self.out.get(),
                                         b'E',
                                         msg.body(),
                                         &quoted(&from),
@@ -191,7 +191,7 @@ impl Session {
                         }
                         _ => {}
                     }
-                    self.out.extend_from_slice(msg.raw());
+                    self.out.get().extend_from_slice(msg.raw());
                 }
                 Some(unit) => {
                     match (tag, unit) {
@@ -209,7 +209,8 @@ impl Session {
                         }
                         (b'E', own) => {
                             let (code, message) = peek::error_code_and_message(msg.body());
-                            warn!(parent: span, %code, %message, "sluice's own query on the backend failed");
+                            let span = super::client_span(who.0, who.1);
+                            warn!(parent: &span, %code, %message, "sluice's own query on the backend failed");
                             if matches!(own, Unit::ReadSettings(_)) {
                                 *own = Unit::Failed;
                             } else if matches!(own, Unit::Replay) {
@@ -220,11 +221,11 @@ impl Session {
                                 let note = format!(
                                     "sluice: could not apply the session's settings on this connection: {message}"
                                 );
-                                super::error_with(&mut self.out, "WARNING", "01000", &note);
+                                super::error_with(self.out.get(), "WARNING", "01000", &note);
                             }
                         }
                         (b'Z', _) => {
-                            a.status = peek::ready_status(msg.body()).unwrap_or(b'I');
+                            a.st.status = peek::ready_status(msg.body()).unwrap_or(b'I');
                             let done = a.pop_unit().expect("front exists");
                             self.settle();
                             self.finish_own_query(done);
@@ -242,16 +243,19 @@ impl Session {
         match unit {
             Unit::ReadSettings(rows) => {
                 let s: Settings = Arc::new(rows);
-                debug!(parent: &self.span, settings = s.len(), "session settings captured");
+                debug!(parent: &self.span(), settings = s.len(), "session settings captured");
                 if let Some(a) = self.link.attached_mut() {
                     a.checkout.conn.conn().settings = s.clone();
                 }
                 self.settings = s;
             }
-            Unit::WalPosition(Some(lsn)) => self.min_lsn = Some(self.min_lsn.map_or(lsn, |m| m.max(lsn))),
+            Unit::WalPosition(Some(lsn)) => {
+                let min = &mut self.rare().min_lsn;
+                *min = Some(min.map_or(lsn, |m| m.max(lsn)));
+            }
             Unit::WalPosition(None) | Unit::Replay | Unit::Client | Unit::ClientSync | Unit::Failed => {}
         }
-        if self.link.attached().is_some_and(|a| a.units.is_empty()) {
+        if self.link.attached().is_some_and(|a| a.st.units.is_empty()) {
             self.request_done();
         }
     }
@@ -265,22 +269,26 @@ impl Session {
         let ryw = self.cluster.pg.consistency == Consistency::ReadYourWrites;
         let on_primary = self.attached_to_primary();
         let Some(a) = self.link.attached_mut() else { return };
-        if a.status != b'I' || a.in_batch {
+        if a.st.status != b'I' || a.st.in_batch {
             return; // a transaction or an extended-protocol batch is still open
         }
-        a.renames.clear();
-        if a.settings_dirty {
-            a.settings_dirty = false;
+        a.st.renames.clear();
+        if a.st.settings_dirty {
+            a.st.settings_dirty = false;
             self.to_backend
-                .extend_from_slice(&simple_query(&settings::read_settings_sql(&self.custom_settings)));
+                .get()
+                .extend_from_slice(&simple_query(&settings::read_settings_sql(
+                    self.rare.as_ref().map_or(&[], |r| &r.custom_settings),
+                )));
             a.push_unit(Unit::ReadSettings(Vec::new()));
             return;
         }
-        if a.wrote && ryw && on_primary {
-            a.wrote = false;
+        if a.st.wrote && ryw && on_primary {
+            a.st.wrote = false;
             // The insert position: with synchronous_commit = off the commit record may not be
             // written yet, so pg_current_wal_lsn() can be behind it.
             self.to_backend
+                .get()
                 .extend_from_slice(&simple_query("SELECT pg_catalog.pg_current_wal_insert_lsn()"));
             a.push_unit(Unit::WalPosition(None));
             return;

@@ -21,6 +21,12 @@ use sluice_postgres::quote_literal as literal;
 /// backends that currently carry the same values.
 pub type Settings = Arc<Vec<(String, String)>>;
 
+/// No settings, shared: a new session's (a default `Arc` would be one allocation per client).
+pub fn none() -> Settings {
+    static NONE: std::sync::LazyLock<Settings> = std::sync::LazyLock::new(Settings::default);
+    NONE.clone()
+}
+
 /// Startup parameters that are not passed on to backends: sluice sets user and database itself,
 /// and protocol extensions (`_pq_.*`) are not negotiated through it.
 const NOT_PASSED_ON: &[&str] = &["user", "database", "replication"];

@@ -111,6 +111,47 @@ pub struct Pending {
     pub marker: bool,
 }
 
+/// The client's prepared statements by the client's name ("" is the unnamed one). The map is
+/// boxed when the client first prepares one: a client of the simple protocol never does, and an
+/// idle session carries a pointer instead of an empty map.
+#[derive(Default)]
+#[allow(clippy::box_collection)] // 8 bytes in every session instead of an empty map's 48
+pub struct Statements(Option<Box<HashMap<Bytes, Arc<Statement>>>>);
+
+impl Statements {
+    pub fn get(&self, name: &[u8]) -> Option<&Arc<Statement>> {
+        self.0.as_ref()?.get(name)
+    }
+
+    pub fn get_key_value(&self, name: &[u8]) -> Option<(&Bytes, &Arc<Statement>)> {
+        self.0.as_ref()?.get_key_value(name)
+    }
+
+    pub fn contains_key(&self, name: &[u8]) -> bool {
+        self.get(name).is_some()
+    }
+
+    pub fn insert(&mut self, name: Bytes, statement: Arc<Statement>) -> Option<Arc<Statement>> {
+        self.0
+            .get_or_insert_with(Default::default)
+            .insert(name, statement)
+    }
+
+    pub fn remove(&mut self, name: &[u8]) -> Option<Arc<Statement>> {
+        self.0.as_mut()?.remove(name)
+    }
+
+    pub fn clear(&mut self) {
+        if let Some(m) = &mut self.0 {
+            m.clear();
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&Bytes, &Arc<Statement>)> {
+        self.0.iter().flat_map(|m| m.iter())
+    }
+}
+
 fn statement_hash(query: &[u8], rest: &[u8]) -> u64 {
     let mut h = DefaultHasher::new();
     query.hash(&mut h);
@@ -155,7 +196,7 @@ impl Session {
         Forward {
             a,
             statements,
-            to_backend,
+            to_backend: to_backend.get(),
         }
     }
 
@@ -163,23 +204,25 @@ impl Session {
     /// transaction mode. `query_class` is the classification of a simple query.
     pub(super) fn forward(&mut self, msg: Message, query_class: Option<Classification>) -> Result<(), End> {
         let a = self.forwarding().a;
-        let batch_start = !a.in_batch;
+        let batch_start = !a.st.in_batch;
         match msg.tag() {
             b'Q' | b'F' => a.push_unit(Unit::Client),
             b'S' => {
-                a.in_batch = false;
-                if !a.copy_in {
+                a.st.in_batch = false;
+                if !a.st.copy_in {
                     a.push_unit(Unit::ClientSync);
                 }
             }
             // CopyDone and CopyFail end COPY FROM STDIN.
-            b'c' | b'f' if a.copy_in => a.copy_in = false,
-            b'c' | b'f' => a.copy_ended_early = Some((a.units_pushed + u64::from(a.in_batch), a.in_batch)),
-            b'P' | b'B' | b'D' | b'E' | b'H' | b'C' => a.in_batch = true,
+            b'c' | b'f' if a.st.copy_in => a.st.copy_in = false,
+            b'c' | b'f' => {
+                a.st.copy_ended_early = Some((a.st.units_pushed + u64::from(a.st.in_batch), a.st.in_batch))
+            }
+            b'P' | b'B' | b'D' | b'E' | b'H' | b'C' => a.st.in_batch = true,
             _ => {}
         }
         if self.cluster.pg.pool_mode == PoolMode::Session {
-            self.to_backend.extend_from_slice(msg.raw());
+            self.to_backend.get().extend_from_slice(msg.raw());
             return Ok(());
         }
         match msg.tag() {
@@ -187,7 +230,8 @@ impl Session {
                 if let (Some(c), Ok(sql)) = (query_class, peek::query(msg.body())) {
                     self.note_effects(c, sql);
                     if c.class == Class::Write && crate::postgres::functions::changes_functions(sql) {
-                        self.cluster.refresh_functions(&self.user, &self.database);
+                        self.cluster
+                            .refresh_functions(&self.client.info.user, &self.client.info.database);
                     }
                 }
                 let f = self.forwarding();
@@ -195,13 +239,13 @@ impl Session {
                     .ok()
                     .and_then(|sql| f.rewrite_session_commands(sql));
                 match rewritten {
-                    Some(q) => self.to_backend.extend_from_slice(&q),
-                    None => self.to_backend.extend_from_slice(msg.raw()),
+                    Some(q) => self.to_backend.get().extend_from_slice(&q),
+                    None => self.to_backend.get().extend_from_slice(msg.raw()),
                 }
             }
             b'F' => {
                 self.taint();
-                self.to_backend.extend_from_slice(msg.raw());
+                self.to_backend.get().extend_from_slice(msg.raw());
             }
             b'P' => {
                 let p = peek::parse(msg.body()).map_err(|e| self.violation(&e.to_string()))?;
@@ -219,7 +263,7 @@ impl Session {
                         peek::encode_bind(f.to_backend, b.portal, &name, b.rest);
                         // A Bind the server refuses (wrong parameter count) names the statement.
                         if let Some((client_name, _)) = f.statements.get_key_value(b.statement) {
-                            f.a.renames.push((name, client_name.clone(), false));
+                            f.a.st.renames.push((name, client_name.clone(), false));
                         }
                     }
                     None => f.to_backend.extend_from_slice(msg.raw()),
@@ -243,7 +287,7 @@ impl Session {
                 self.forwarding().close(&msg, &t);
             }
             // Execute, Flush, CopyData, Sync, CopyDone, CopyFail.
-            _ => self.to_backend.extend_from_slice(msg.raw()),
+            _ => self.to_backend.get().extend_from_slice(msg.raw()),
         }
         Ok(())
     }
@@ -270,7 +314,7 @@ impl Session {
             let backend_name = f.ensure_prepared(&name).expect("a named statement");
             peek::encode_parse(f.to_backend, &backend_name, p.query, p.rest);
             f.a.push_fixup(false, BackendChange::None, None);
-            f.a.renames.push((backend_name, name, true));
+            f.a.st.renames.push((backend_name, name, true));
             return;
         }
         let stmt = self.statement_for(p);
@@ -285,13 +329,13 @@ impl Session {
             // have failed; later, a Close of the unnamed statement just before it tells.
             let replaces = statements.contains_key(&name);
             let alone = batch_start && executed.is_none();
-            let was_ready = a.unnamed_ready;
+            let was_ready = a.st.unnamed_ready;
             if replaces && !alone {
                 peek::encode_target(to_backend, b'C', b'S', b"");
                 a.push_fixup(true, BackendChange::None, None);
-                a.fixups.back_mut().expect("just pushed").marker = true;
+                a.st.fixups.back_mut().expect("just pushed").marker = true;
             }
-            a.unnamed_ready = true;
+            a.st.unnamed_ready = true;
             if executed.is_some() {
                 peek::encode_parse(to_backend, b"", p.query, p.rest);
             } else {
@@ -299,7 +343,7 @@ impl Session {
             }
             let before = statements.insert(name.clone(), stmt);
             a.push_fixup(false, BackendChange::Unnamed(was_ready), Some((name, before)));
-            a.fixups.back_mut().expect("just pushed").alone = alone;
+            a.st.fixups.back_mut().expect("just pushed").alone = alone;
             return;
         }
         let prepared = &mut a.checkout.conn.conn().prepared;
@@ -320,12 +364,12 @@ impl Session {
     /// answer was skipped after an error, so what it did did not happen (undone newest first).
     pub(super) fn settle(&mut self) {
         let Some(a) = self.link.attached_mut() else { return };
-        let ended = a.units_done;
-        let skipped = a.fixups.iter().take_while(|p| p.batch < ended).count();
+        let ended = a.st.units_done;
+        let skipped = a.st.fixups.iter().take_while(|p| p.batch < ended).count();
         if skipped == 0 {
             return;
         }
-        let skipped: Vec<Pending> = a.fixups.drain(..skipped).collect();
+        let skipped: Vec<Pending> = a.st.fixups.drain(..skipped).collect();
         let prepared = &mut a.checkout.conn.conn().prepared;
         for p in skipped.into_iter().rev() {
             match p.backend {
@@ -336,13 +380,13 @@ impl Session {
                 BackendChange::Closed(h) => {
                     prepared.insert(h);
                 }
-                BackendChange::Unnamed(was_ready) => a.unnamed_ready = was_ready,
+                BackendChange::Unnamed(was_ready) => a.st.unnamed_ready = was_ready,
             }
             if let Some((name, before)) = p.client {
                 if p.alone && name.is_empty() {
                     // A Parse of the unnamed statement that failed: the old one is gone.
                     self.statements.remove(&name);
-                    a.unnamed_ready = false;
+                    a.st.unnamed_ready = false;
                     continue;
                 }
                 match before {
@@ -362,8 +406,8 @@ impl Session {
             match sluice_postgres::custom_setting_names(sql) {
                 Some(names) => {
                     for n in names {
-                        if !self.custom_settings.contains(&n) {
-                            self.custom_settings.push(n);
+                        if !self.custom_settings().contains(&n) {
+                            self.rare().custom_settings.push(n);
                         }
                     }
                 }
@@ -371,8 +415,8 @@ impl Session {
             }
         }
         let a = self.forwarding().a;
-        a.settings_dirty |= c.effects.settings;
-        a.wrote |= c.class == Class::Write;
+        a.st.settings_dirty |= c.effects.settings;
+        a.st.wrote |= c.class == Class::Write;
         if c.class == Class::Write || c.effects.settings {
             self.taint();
         }
@@ -391,7 +435,7 @@ impl Session {
 /// `Session::forwarding`), so the backend is there by type.
 struct Forward<'s> {
     a: &'s mut Attached,
-    statements: &'s mut HashMap<Bytes, Arc<Statement>>,
+    statements: &'s mut Statements,
     to_backend: &'s mut BytesMut,
 }
 
@@ -421,7 +465,7 @@ impl Forward<'_> {
             }
             _ => {
                 to_backend.extend_from_slice(msg.raw());
-                if name.is_empty() && std::mem::take(&mut a.unnamed_ready) {
+                if name.is_empty() && std::mem::take(&mut a.st.unnamed_ready) {
                     BackendChange::Unnamed(true)
                 } else {
                     BackendChange::None
@@ -438,22 +482,22 @@ impl Forward<'_> {
     /// then reports it missing, in order).
     fn ensure_prepared(&mut self, name: &[u8]) -> Option<BackendName> {
         let Some(stmt) = self.statements.get(name).cloned() else {
-            if name.is_empty() && !self.a.unnamed_ready {
+            if name.is_empty() && !self.a.st.unnamed_ready {
                 // The client has no unnamed statement, but the backend may hold another
                 // client's: drop it, so the server says it does not exist, as it would to
                 // this client directly.
                 peek::encode_target(self.to_backend, b'C', b'S', b"");
                 self.a.push_fixup(true, BackendChange::Unnamed(false), None);
-                self.a.unnamed_ready = true;
+                self.a.st.unnamed_ready = true;
             }
             return None;
         };
         if name.is_empty() {
-            if !self.a.unnamed_ready {
+            if !self.a.st.unnamed_ready {
                 self.prepare_executed(&stmt.query);
                 peek::encode_parse(self.to_backend, b"", &stmt.query, &stmt.rest);
                 self.a.push_fixup(true, BackendChange::Unnamed(false), None);
-                self.a.unnamed_ready = true;
+                self.a.st.unnamed_ready = true;
             }
             return None;
         }
@@ -500,8 +544,9 @@ impl Forward<'_> {
         peek::encode_parse(self.to_backend, &stmt.backend_name(), &stmt.query, &stmt.rest);
         self.to_backend.extend_from_slice(&[b'S', 0, 0, 0, 4]);
         let a = &mut *self.a;
-        a.units.insert(a.units.len() - 1, Unit::Replay);
-        a.units_pushed += 1;
+        let last = a.st.units.len() - 1;
+        a.st.units.insert(last, Unit::Replay);
+        a.st.units_pushed += 1;
     }
 
     /// `EXECUTE name` of a statement the client prepared with Parse runs the backend's copy of
@@ -527,7 +572,7 @@ impl Forward<'_> {
         match parse_deallocate(sql)? {
             Deallocate::All => {
                 self.a.checkout.conn.conn().prepared.clear();
-                self.a.unnamed_ready = false;
+                self.a.st.unnamed_ready = false;
                 self.statements.clear();
                 None
             }

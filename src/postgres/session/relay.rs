@@ -1,0 +1,282 @@
+//! The relay loop of a logged-in session: waits for whatever comes next (client bytes, the
+//! backend's replies, a reclaimed parked backend, a node marked down, the idle timeout) in one
+//! small future, and writes to the client and the backend.
+
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tracing::info;
+
+use super::{fatal, End, Link, Session, BACKEND_BACKLOG};
+use crate::common::buffers::Buffer;
+
+/// What one step of backend I/O did.
+pub(super) enum BackendIo {
+    /// Some of the pending bytes went to the server.
+    Wrote,
+    /// Bytes read from the server (0: it closed the connection).
+    Read(usize),
+}
+
+/// Writes pending bytes to the backend and reads its replies, whichever is ready first
+/// (writing first: it usually completes at once).
+fn poll_backend_io(
+    stream: &mut crate::common::tls::BackendStream,
+    rbuf: &mut BytesMut,
+    pending: &mut Buffer,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<BackendIo>> {
+    if !pending.is_empty() {
+        match Pin::new(&mut *stream).poll_write(cx, &pending[..]) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => {
+                pending.get().advance(n);
+                pending.release();
+                return Poll::Ready(Ok(BackendIo::Wrote));
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {}
+        }
+    }
+    tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, rbuf).map_ok(BackendIo::Read)
+}
+
+/// What the relay acts on next.
+pub(super) enum Event {
+    /// The attached backend's connection wrote or read.
+    Backend(std::io::Result<BackendIo>),
+    /// The parked backend's pool wants it back.
+    Reclaimed,
+    /// The node of the request in flight was marked down (why).
+    NodeDown(String),
+    /// The client was idle past `client_idle_timeout`.
+    IdleTimeout,
+    /// Bytes read from the client (0: it closed the connection).
+    Client(std::io::Result<usize>),
+}
+
+/// Whether the client has idled past `client_idle_timeout` (never without the timer).
+fn poll_idle_out(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>, cx: &mut Context<'_>) -> Poll<()> {
+    match timer {
+        Some(t) => t.as_mut().poll(cx),
+        None => Poll::Pending,
+    }
+}
+
+/// Resolves (with the node's last error) when `node` is marked down in the topology.
+async fn node_down(
+    topology: &crate::common::topology::Topology,
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+    node: &Arc<str>,
+) -> String {
+    loop {
+        {
+            let snap = topology.load();
+            if let Some(n) = snap.nodes.iter().find(|n| *n.address == **node && !n.health.up) {
+                return n.health.error.clone().unwrap_or_default();
+            }
+        }
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
+impl Session {
+    pub(super) async fn relay(&mut self) -> End {
+        loop {
+            self.end_transaction_if_done();
+            if let Err(end) = self.process_client_messages().await {
+                let _ = self.flush_client().await;
+                return end;
+            }
+            self.cbuf.release();
+            if self.flush_client().await.is_err() {
+                return End::ClientGone;
+            }
+            let event = self.next_event().await;
+            if let Some(end) = self.on_event(event) {
+                // The error that ends the session goes out before the backend is let go.
+                let _ = self.flush_client().await;
+                return end;
+            }
+        }
+    }
+
+    /// Acts on one event; `Some` ends the session (with what the client should be told in
+    /// `out`).
+    fn on_event(&mut self, event: Event) -> Option<End> {
+        match event {
+            Event::Backend(Ok(BackendIo::Wrote)) => None,
+            Event::Backend(Ok(BackendIo::Read(0))) => {
+                Some(self.backend_lost("the server closed the connection"))
+            }
+            Event::Backend(Err(e)) => Some(self.backend_lost(&e.to_string())),
+            Event::Backend(Ok(BackendIo::Read(_))) => self.process_backend_messages().err(),
+            // Another client needs a connection of that pool, or it idled out.
+            Event::Reclaimed => {
+                self.release_parked();
+                None
+            }
+            Event::NodeDown(why) => Some(self.backend_lost(&format!("the node was marked down ({why})"))),
+            Event::IdleTimeout => {
+                info!(parent: &self.span(), "client idle past client_idle_timeout; disconnecting");
+                fatal(
+                    self.out.get(),
+                    "57P05",
+                    "terminating connection due to idle-session timeout",
+                );
+                Some(End::ClientGone)
+            }
+            Event::Client(Ok(0) | Err(_)) => Some(End::ClientGone),
+            Event::Client(Ok(n)) => {
+                self.db
+                    .totals
+                    .received
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Waits for what the relay acts on next. One small future whatever the state: each state
+    /// awaits only what can happen in it, in one `match`, so their futures share storage (this
+    /// future is part of every idle client's task).
+    pub(super) async fn next_event(&mut self) -> Event {
+        // A request in flight on a node that sluice has marked down (probe timeout, refused
+        // connections) would wait as long as the node hangs: end it instead.
+        let in_flight_on = self
+            .link
+            .attached()
+            .filter(|a| !a.st.units.is_empty() || a.st.in_batch || a.st.copy_in)
+            .map(|a| a.checkout.conn.node_shared());
+        // A client with no backend is between transactions: it may idle only so long. The
+        // timer is made once per session (only when the limit is configured) and restarted here.
+        if let (Some(limit), false) = (
+            self.cluster.pg.client_idle_timeout,
+            self.link.attached().is_some(),
+        ) {
+            let deadline = tokio::time::Instant::now() + limit;
+            match &mut self.idle_timer {
+                Some(t) => t.as_mut().reset(deadline),
+                None => self.idle_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        let Session {
+            stream,
+            cbuf,
+            link,
+            to_backend,
+            rare,
+            cluster,
+            topology_changes,
+            idle_timer,
+            ..
+        } = self;
+        // Past this much unsent to the backend, the client waits (TCP backpressure), as it
+        // would on a direct connection to a server that is slow to read.
+        let backlogged =
+            to_backend.len() >= BACKEND_BACKLOG || rare.as_ref().is_some_and(|r| r.held.is_some());
+        let mut client = move |cx: &mut Context<'_>| {
+            if backlogged {
+                return Poll::Pending;
+            }
+            cbuf.poll_read_from(stream, cx).map(Event::Client)
+        };
+        // What the session's server connection may do, polled first: an attached backend reads
+        // the replies while the client's messages are written to it (a server blocked on
+        // sending replies stops reading, so a proxy that only wrote would deadlock on a long
+        // pipeline, and an error would reach the client only after it had sent everything:
+        // asyncpg's executemany stops early on a server error); a parked one may be reclaimed
+        // by its pool; a client without a backend may idle out. While a backend streams
+        // without pause, client messages wait in the socket; they are read as soon as it
+        // pauses. Hand-polled per state, so that only the waits of one state take room in
+        // this future (it is part of every idle client's task).
+        match link {
+            Link::Attached(a) => {
+                let be = a.checkout.conn.conn();
+                let Some(node) = in_flight_on else {
+                    return poll_fn(|cx| {
+                        if let Poll::Ready(r) = poll_backend_io(&mut be.stream, &mut be.rbuf, to_backend, cx)
+                        {
+                            return Poll::Ready(Event::Backend(r));
+                        }
+                        client(cx)
+                    })
+                    .await;
+                };
+                let mut down = pin!(node_down(&cluster.topology, topology_changes, &node));
+                poll_fn(|cx| {
+                    if let Poll::Ready(r) = poll_backend_io(&mut be.stream, &mut be.rbuf, to_backend, cx) {
+                        return Poll::Ready(Event::Backend(r));
+                    }
+                    if let Poll::Ready(why) = down.as_mut().poll(cx) {
+                        return Poll::Ready(Event::NodeDown(why));
+                    }
+                    client(cx)
+                })
+                .await
+            }
+            Link::Parked(c) => {
+                to_backend.clear();
+                let mut reclaimed = pin!(c.conn.reclaimed());
+                poll_fn(|cx| {
+                    if reclaimed.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Event::Reclaimed);
+                    }
+                    if poll_idle_out(idle_timer, cx).is_ready() {
+                        return Poll::Ready(Event::IdleTimeout);
+                    }
+                    client(cx)
+                })
+                .await
+            }
+            Link::Idle | Link::FailedUntilSync => {
+                to_backend.clear();
+                poll_fn(|cx| {
+                    if poll_idle_out(idle_timer, cx).is_ready() {
+                        return Poll::Ready(Event::IdleTimeout);
+                    }
+                    client(cx)
+                })
+                .await
+            }
+        }
+    }
+
+    /// Writes `out` to the client. A client slow to read must not keep a parked backend from
+    /// others: while writing, the parked backend still goes back when its pool needs it.
+    pub(super) async fn flush_client(&mut self) -> std::io::Result<()> {
+        self.db
+            .totals
+            .sent
+            .fetch_add(self.out.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        while !self.out.is_empty() {
+            let Session {
+                stream, out, link, ..
+            } = self;
+            let reclaim = async {
+                match link {
+                    Link::Parked(c) => c.conn.reclaimed().await,
+                    _ => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                // The write first: it usually completes at once, and then the parked backend's
+                // watch is never even set up.
+                biased;
+                n = stream.write(&out[..]) => match n? {
+                    0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                    n => out.get().advance(n),
+                },
+                () = reclaim => self.release_parked(),
+            }
+        }
+        self.out.release();
+        Ok(())
+    }
+}

@@ -1,0 +1,80 @@
+//! What an idle client costs, by type: the session's task future and the state it keeps.
+//! `cargo test --lib session::sizes -- --nocapture` prints them (benches/README.md, "Small
+//! idle clients and a leaner relay", has the breakdown); the test fails if the task future
+//! grows past a bound.
+
+use std::future::Future;
+use std::mem::size_of;
+
+use super::in_flight::InFlight;
+use super::*;
+
+fn output_size1<A, F: FnOnce(A) -> Fut, Fut: Future>(_: F) -> usize {
+    size_of::<Fut>()
+}
+
+fn output_size2<A, B, F: FnOnce(A, B) -> Fut, Fut: Future>(_: F) -> usize {
+    size_of::<Fut>()
+}
+
+fn output_size3<A, B, C, F: FnOnce(A, B, C) -> Fut, Fut: Future>(_: F) -> usize {
+    size_of::<Fut>()
+}
+
+#[test]
+fn an_idle_session_is_small() {
+    let task = output_size3(serve);
+    let sizes = [
+        ("serve (the connection's task future)", task),
+        ("  login (boxed while it runs)", output_size3(login::login)),
+        ("  Session::run", output_size1(Session::run)),
+        ("    Session::relay", output_size1(Session::relay)),
+        ("      Session::next_event", output_size1(Session::next_event)),
+        ("      Session::flush_client", output_size1(Session::flush_client)),
+        (
+            "      Session::process_client_messages",
+            output_size1(Session::process_client_messages),
+        ),
+        (
+            "        Session::handle_client_message",
+            output_size2(Session::handle_client_message),
+        ),
+        (
+            "        Session::attach_counted (slow path boxed)",
+            output_size2(Session::attach_counted),
+        ),
+        (
+            "        Session::start_transaction (wait boxed)",
+            output_size1(Session::start_transaction),
+        ),
+        ("    Session::detach_at_end", output_size1(Session::detach_at_end)),
+        ("Session (boxed)", size_of::<Session>()),
+        ("  Link", size_of::<Link>()),
+        ("  ClientStream", size_of::<ClientStream>()),
+        ("  Buffer", size_of::<Buffer>()),
+        ("  Settings", size_of::<Settings>()),
+        ("  statements", size_of::<statements::Statements>()),
+        ("  Rare (boxed when first needed)", size_of::<Rare>()),
+        (
+            "  Option<Busy>",
+            size_of::<Option<crate::postgres::activity::Busy>>(),
+        ),
+        ("InFlight (per attached backend, recycled)", size_of::<InFlight>()),
+        ("Checkout", size_of::<Checkout>()),
+        (
+            "ClientInfo (Arc, console)",
+            size_of::<crate::postgres::activity::ClientInfo>(),
+        ),
+        (
+            "CancelState (Arc, cancel keys)",
+            size_of::<crate::postgres::cluster::CancelState>(),
+        ),
+    ];
+    for (what, size) in sizes {
+        println!("{what:<60} {size:>6} B");
+    }
+    // Every idle client's task holds this future: keep it small. Tokio allocates it with the
+    // task's header (96 B) in 128-byte steps; at 408 B (debug) the task takes 512 B, against
+    // 1,656 B on main before this bound (6f1dbbb).
+    assert!(task <= 416, "the session task future grew to {task} B");
+}
