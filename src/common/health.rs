@@ -6,9 +6,10 @@
 //! `sluice_node_healthy{cluster,node}` gauge and
 //! `sluice_node_health_changes_total{cluster,node,state}`.
 //!
-//! What counts as evidence differs by protocol and lives with it (PostgreSQL: `src/postgres/
-//! cluster.rs` probes and connects; CQL: `src/cql/health.rs`, `control.rs`, `forward.rs`); the
-//! rule for a change and how it is reported are here.
+//! What counts as evidence differs by protocol and lives with it (PostgreSQL: probes in
+//! `src/postgres/cluster/probes.rs`, failed connects in `cluster/attach.rs`; CQL:
+//! `src/cql/health.rs`, `control.rs`, `forward.rs`); the rule for a change and how it is
+//! reported are here.
 
 use tracing::{info, warn};
 
