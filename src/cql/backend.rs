@@ -592,21 +592,15 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     let (closed, lost) = (&shared.closed, &shared.lost);
     let mut buf = BytesMut::new();
     let mut batch = Vec::new();
-    while let Some(first) = rx.recv().await {
-        let mut stop = false;
-        let mut next = Some(first);
-        while let Some(msg) = next.take() {
-            match msg {
-                Outgoing::Frame(e) => batch.push(e),
-                Outgoing::Close => {
-                    stop = true;
-                    break;
-                }
+    loop {
+        let next = super::next_batch(&mut rx, 256, |msg| match msg {
+            Outgoing::Frame(e) => {
+                batch.push(e);
+                true
             }
-            if batch.len() < 256 {
-                next = rx.try_recv().ok();
-            }
-        }
+            Outgoing::Close => false,
+        });
+        let Some(stop) = next.await else { break };
         enc.encode_all(&batch, &mut buf);
         batch.clear();
         if wr.write_all(&buf).await.is_err() || stop || closed.load(Ordering::Acquire) {

@@ -207,31 +207,27 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedRec
     let mut enc = Encoder::new();
     let mut buf = BytesMut::new();
     let mut pending: Vec<Envelope> = Vec::new();
-    while let Some(first) = rx.recv().await {
-        let mut close = false;
-        let mut next = Some(first);
-        while let Some(msg) = next.take() {
-            match msg {
-                Out::Envelope(e) => pending.push(e),
-                Out::Framing(f) => {
-                    enc.encode_all(&pending, &mut buf);
-                    pending.clear();
-                    enc.set_framing(f);
-                }
-                Out::Raw(b) => {
-                    enc.encode_all(&pending, &mut buf);
-                    pending.clear();
-                    buf.put_slice(&b);
-                }
-                Out::Close => {
-                    close = true;
-                    break;
-                }
+    loop {
+        let batch = super::next_batch(&mut rx, 512, |msg| match msg {
+            Out::Envelope(e) => {
+                pending.push(e);
+                true
             }
-            if pending.len() < 512 {
-                next = rx.try_recv().ok();
+            Out::Framing(f) => {
+                enc.encode_all(&pending, &mut buf);
+                pending.clear();
+                enc.set_framing(f);
+                true
             }
-        }
+            Out::Raw(b) => {
+                enc.encode_all(&pending, &mut buf);
+                pending.clear();
+                buf.put_slice(&b);
+                true
+            }
+            Out::Close => false,
+        });
+        let Some(close) = batch.await else { break };
         enc.encode_all(&pending, &mut buf);
         pending.clear();
         if wr.write_all(&buf).await.is_err() {

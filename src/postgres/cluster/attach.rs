@@ -300,9 +300,13 @@ impl Cluster {
             .write_hold
             .is_some_and(|h| !h.is_zero() && intent == Intent::Primary && !policy.multi_active);
         let snap = self.topology.peek();
-        let node = self.choose(intent, &snap, &policy).ok()?;
+        // The choice `attach` would make, without using up the tie-break: when the parked
+        // backend is not on the chosen node, `attach` makes the same choice (one rotation step
+        // per request, as without parking, so equal replicas still take turns).
+        let node = self.choose_at(intent, &snap, &policy, current_tiebreak()).ok()?;
         match parked.take()?.resume(&snap.nodes[node]) {
             Ok(p) => {
+                next_tiebreak();
                 self.routed[usize::from(intent == Intent::Replica)].inc();
                 Some(p)
             }
@@ -313,12 +317,23 @@ impl Cluster {
         }
     }
 
-    /// The router's choice for one request on this snapshot.
+    /// The router's choice for one request on this snapshot (one step of the tie-break's
+    /// rotation).
     pub(super) fn choose(
         &self,
         intent: Intent,
         snap: &crate::common::topology::Snapshot,
         policy: &Policy<'_>,
+    ) -> Result<usize, NoRoute> {
+        self.choose_at(intent, snap, policy, next_tiebreak())
+    }
+
+    fn choose_at(
+        &self,
+        intent: Intent,
+        snap: &crate::common::topology::Snapshot,
+        policy: &Policy<'_>,
+        tiebreak: usize,
     ) -> Result<usize, NoRoute> {
         // Each node's requests in flight, on the stack for up to 16 nodes (this runs for every
         // transaction); only where the router compares them (a request for the primary has one
@@ -336,11 +351,17 @@ impl Cluster {
             heap = snap.nodes.iter().map(|n| n.load.get()).collect();
             &heap
         };
-        let tiebreak = next_tiebreak();
         router::choose(intent, snap, loads, tiebreak, policy)
     }
 }
 
+/// Where the tie-break between equally good nodes starts, without advancing it.
+fn current_tiebreak() -> usize {
+    TIEBREAK.with(|t| t.get())
+}
+
+/// Where the tie-break starts, advancing it by one for the next choice (per thread: every
+/// session of a thread takes its turn).
 pub(super) fn next_tiebreak() -> usize {
     TIEBREAK.with(|t| {
         let n = t.get();
