@@ -149,39 +149,11 @@ async fn unavailable_is_passed_through_when_too_few_replicas_live() {
     .await;
 }
 
-/// The node of the last "CQL control connection ready" line sluice logged (after `skip`
-/// lines), as `ip:port`.
-fn control_node(env: &Env, skip: usize) -> Option<String> {
-    env.sluice
-        .logs()
-        .iter()
-        .skip(skip)
-        .rev()
-        .filter(|l| l.contains("CQL control connection ready"))
-        .filter_map(|l| l.split(" node=").nth(1))
-        .filter_map(|rest| rest.split_whitespace().next())
-        .map(str::to_string)
-        .next()
-}
-
-/// Waits until the control connection is ready somewhere, and returns the node's index.
-async fn control_index(env: &Env) -> usize {
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(node) = control_node(env, 0) {
-            let addr: std::net::SocketAddr = node.parse().unwrap();
-            return env.cluster.node_of(addr.ip()).expect("a cluster node");
-        }
-        assert!(std::time::Instant::now() < deadline, "no control connection");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Makes the control connection's node fail with `fail`, and checks that the control
 /// connection is ready on another node soon after (issue 12: within 2 s; checked against a
 /// generous deadline so that a busy machine does not fail the test).
 async fn control_moves_when(env: &Env, fail: impl FnOnce(usize), with_traffic: bool) -> usize {
-    let first = control_index(env).await;
+    let first = env.control_index(Duration::from_secs(15)).await;
     let traffic = with_traffic.then(|| {
         let addr = env.addr();
         tokio::spawn(async move {
@@ -196,7 +168,7 @@ async fn control_moves_when(env: &Env, fail: impl FnOnce(usize), with_traffic: b
     let failed_at = std::time::Instant::now();
     fail(first);
     let moved = loop {
-        if let Some(node) = control_node(env, skip) {
+        if let Some(node) = env.control_node(skip) {
             break node;
         }
         assert!(

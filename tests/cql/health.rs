@@ -18,29 +18,6 @@ use crate::{user_records, Env};
 /// timeout) plus a generous margin for a busy machine.
 const DETECTION_BOUND: Duration = Duration::from_secs(10);
 
-/// The node of the control connection (from the "control connection ready" line).
-async fn control_index(env: &Env) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let node = env
-            .sluice
-            .logs()
-            .iter()
-            .rev()
-            .filter(|l| l.contains("CQL control connection ready"))
-            .filter_map(|l| l.split(" node=").nth(1))
-            .filter_map(|rest| rest.split_whitespace().next())
-            .map(str::to_string)
-            .next();
-        if let Some(node) = node {
-            let addr: std::net::SocketAddr = node.parse().unwrap();
-            return env.cluster.node_of(addr.ip()).expect("a cluster node");
-        }
-        assert!(Instant::now() < deadline, "no control connection");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Waits until `/topology` shows `addr` with `healthy`, within `within`; returns how long.
 async fn wait_health(env: &Env, addr: &str, healthy: bool, within: Duration) -> Duration {
     let start = Instant::now();
@@ -116,7 +93,7 @@ async fn a_silent_node_is_marked_down(
     c.ok("CREATE KEYSPACE nh WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 2}")
         .await;
     c.ok("CREATE TABLE nh.kv (k text PRIMARY KEY, v int)").await;
-    let control = control_index(env).await;
+    let control = env.control_index(Duration::from_secs(15)).await;
     let victim = (control + 1) % env.cluster.len();
     let victim_addr = env.cluster.address(victim).to_string();
     let stop = Arc::new(AtomicBool::new(false));

@@ -13,29 +13,6 @@ use crate::client::{error_of, int, query, text, Client};
 use crate::support::bounded;
 use crate::Env;
 
-/// The node of the control connection (from the "control connection ready" line).
-async fn control_index(env: &Env) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let node = env
-            .sluice
-            .logs()
-            .iter()
-            .rev()
-            .filter(|l| l.contains("CQL control connection ready"))
-            .filter_map(|l| l.split(" node=").nth(1))
-            .filter_map(|rest| rest.split_whitespace().next())
-            .map(str::to_string)
-            .next();
-        if let Some(node) = node {
-            let addr: std::net::SocketAddr = node.parse().unwrap();
-            return env.cluster.node_of(addr.ip()).expect("a cluster node");
-        }
-        assert!(Instant::now() < deadline, "no control connection");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A key of `keyspace` whose replicas, in ring order, are exactly `replicas`.
 fn key_on(env: &Env, keyspace: &str, prefix: &str, replicas: &[usize]) -> String {
     (0..10_000)
@@ -82,7 +59,7 @@ async fn a_late_answer_after_a_timeout_is_dropped_not_delivered_to_a_reused_stre
         c.ok("CREATE KEYSPACE lt WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}")
             .await;
         c.ok("CREATE TABLE lt.kv (k text PRIMARY KEY, v int)").await;
-        let victim = (control_index(&env).await + 1) % 2;
+        let victim = (env.control_index(Duration::from_secs(15)).await + 1) % 2;
         let a = key_on(&env, "lt", "a", &[victim]);
         let b = key_on(&env, "lt", "b", &[victim]);
         c.ok(&format!("INSERT INTO lt.kv (k, v) VALUES ('{a}', 1)")).await;
@@ -138,7 +115,7 @@ async fn requests_in_flight_on_a_lost_connection_go_to_another_replica_except_lw
         c.ok("CREATE TABLE lc.kv (k text PRIMARY KEY, v int)").await;
         // The victim is not the control connection's node, and it comes first both in ring
         // order (for the LWT) and by index among equally busy replicas (for the read).
-        let control = control_index(&env).await;
+        let control = env.control_index(Duration::from_secs(15)).await;
         let victim = (0..3).find(|&n| n != control).unwrap();
         let other = (victim + 1..3).next().unwrap();
         let k = key_on(&env, "lc", "k", &[victim, other]);

@@ -48,6 +48,35 @@ impl Env {
     pub fn addr(&self) -> SocketAddr {
         self.sluice.listen_addr()
     }
+
+    /// The node of the last "CQL control connection ready" line sluice logged (after `skip`
+    /// lines), as `ip:port`.
+    pub fn control_node(&self, skip: usize) -> Option<String> {
+        self.sluice
+            .logs()
+            .iter()
+            .skip(skip)
+            .rev()
+            .filter(|l| l.contains("CQL control connection ready"))
+            .filter_map(|l| l.split(" node=").nth(1))
+            .filter_map(|rest| rest.split_whitespace().next())
+            .map(str::to_string)
+            .next()
+    }
+
+    /// Waits (up to `within`) until the control connection is ready somewhere, and returns
+    /// the index of its node in the test cluster.
+    pub async fn control_index(&self, within: std::time::Duration) -> usize {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(node) = self.control_node(0) {
+                let addr: SocketAddr = node.parse().unwrap();
+                return self.cluster.node_of(addr.ip()).expect("a cluster node");
+            }
+            assert!(std::time::Instant::now() < deadline, "no control connection");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
 }
 
 /// A sluice configuration for `cluster` on fresh ports.

@@ -40,33 +40,6 @@ async fn at_least(env: &Env, name: &str, labels: &str, want: f64) {
     }
 }
 
-/// The index of the node the control connection is on (from sluice's log).
-async fn control_node(env: &Env) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let found = env
-            .sluice
-            .logs()
-            .iter()
-            .rev()
-            .filter(|l| l.contains("CQL control connection ready"))
-            .filter_map(|l| {
-                l.split(" node=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()
-                    .map(str::to_string)
-            })
-            .next();
-        if let Some(node) = found {
-            let addr: std::net::SocketAddr = node.parse().unwrap();
-            return env.cluster.node_of(addr.ip()).unwrap();
-        }
-        assert!(Instant::now() < deadline, "no control connection");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cql_requests_move_the_expected_counters() {
     let env = Env::start(3, "", "");
@@ -184,7 +157,7 @@ async fn cql_requests_move_the_expected_counters() {
         at_least(&env, "control_events_total", "event=\"schema_change\"", 1.0).await;
 
         // A node restarts and forgets the prepared statement: sluice prepares it again.
-        let control = control_node(&env).await;
+        let control = env.control_index(Duration::from_secs(10)).await;
         let n = (control + 1) % 3;
         let key = (0..1000)
             .map(|i| format!("p{i}"))
