@@ -912,6 +912,15 @@ impl<'e> Fields<'e> {
         }
     }
 
+    /// A duration that is off when absent: `Some(None)`; `None` after an error.
+    fn optional_duration(&mut self, key: &str) -> Option<Option<Duration>> {
+        if self.has(key) {
+            self.duration(key, "").map(Some)
+        } else {
+            Some(None)
+        }
+    }
+
     fn duration(&mut self, key: &str, default: &str) -> Option<Duration> {
         let s = match self.take(key) {
             None => default.to_string(),

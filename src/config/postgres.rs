@@ -99,12 +99,12 @@ pub(super) fn parse_postgres(f: &mut Fields<'_>) -> Option<PostgresConfig> {
     let max_replica_lag = f.optional_bytes("max_replica_lag");
     let pool_size = f.integer("pool_size", 20, 1, 10_000);
     let checkout_timeout = f.duration("checkout_timeout", "5s");
-    let client_idle_timeout = optional_duration(f, "client_idle_timeout");
+    let client_idle_timeout = f.optional_duration("client_idle_timeout");
     let idle_timeout = f.duration("idle_timeout", "10m");
     let max_lifetime = f.duration("max_lifetime", "1h");
     let probe_timeout = f.duration("probe_timeout", "2s");
     let failover_wait = f.duration("failover_wait", "5s");
-    let write_hold = optional_duration(f, "write_hold");
+    let write_hold = f.optional_duration("write_hold");
     let probe_user = f.optional_string("probe_user");
     let probe_database = f.string("probe_database", Some("postgres"));
     let write_functions = f.string_array("write_functions");
@@ -141,13 +141,4 @@ pub(super) fn parse_postgres(f: &mut Fields<'_>) -> Option<PostgresConfig> {
         auth_query: auth_query?,
         auth_dbname,
     })
-}
-
-/// A duration key that is off when absent: `Some(None)`; `None` after an error.
-fn optional_duration(f: &mut Fields<'_>, key: &str) -> Option<Option<Duration>> {
-    if f.has(key) {
-        f.duration(key, "").map(Some)
-    } else {
-        Some(None)
-    }
 }
