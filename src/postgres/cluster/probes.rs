@@ -47,10 +47,8 @@ impl Cluster {
             .node_primary
             .get_or_create(&labels)
             .set(i64::from(node.health.up && node.role == Role::Primary));
-        self.metrics
-            .node_healthy
-            .get_or_create(&labels)
-            .set(i64::from(node.health.up));
+        // `sluice_node_healthy` moves with the health report: every change, the first
+        // observation of a node included, goes through `announce`.
         if change.health_changed {
             if let Some(verdict) = obs.verdict() {
                 health::announce(
