@@ -3,7 +3,7 @@
 //! stream ids are remapped here and restored on the way back).
 //!
 //! A client's request ([`Inflight`]) waits in its stream id's slot, and the connection's
-//! reader hands its answer straight to the client's writer ([`Inflight::answered`]): no task
+//! reader hands its answer straight to the client's outbox ([`Inflight::answered`]): no task
 //! and no channel per request. sluice's own requests (heartbeats, the control connection,
 //! re-prepares) wait on a oneshot ([`BackendConn::request`]).
 
@@ -19,13 +19,14 @@ use sluice_cql::frame::Header;
 use sluice_cql::request::{Extensions, Query, QueryParams};
 use sluice_cql::response::ErrorBody;
 use sluice_cql::{Compression, Request, Response};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::forward::Inflight;
+use super::outbox::{Cork, Out, Outbox};
 use super::pool::{NodeLoad, PoolKey};
 use crate::common::tls::{BackendStream, BackendTls, MaybeTls};
 
@@ -91,18 +92,12 @@ pub enum RequestError {
     Busy,
 }
 
-/// What the writer half is told.
-enum Outgoing {
-    Frame(Envelope),
-    Close,
-}
-
 /// What waits for the answer on one stream id.
 enum Slot {
     Free,
     /// One of sluice's own requests.
     Waiter(oneshot::Sender<Envelope>),
-    /// A client's request: the answer goes to the client's writer.
+    /// A client's request: the answer goes to the client's outbox.
     Client(Inflight),
     /// A client's request that timed out: the id stays reserved until its late answer
     /// arrives (and is dropped) or the connection ends, so that a late answer can never
@@ -186,8 +181,17 @@ impl Shared {
 
 /// An open, multiplexed connection.
 pub struct BackendConn {
-    tx: mpsc::UnboundedSender<Outgoing>,
+    /// The socket's write half: requests are written from the task that sends them.
+    out: Arc<Outbox>,
     shared: Arc<Shared>,
+}
+
+impl Drop for BackendConn {
+    /// Nobody can send on it any more: the writer ends once it has written what is queued
+    /// (then the connection counts as lost, as when the node closes it).
+    fn drop(&mut self) {
+        self.out.close();
+    }
 }
 
 /// An opened connection.
@@ -375,7 +379,6 @@ impl BackendConn {
             buf,
             ..
         } = raw;
-        let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             info: ConnInfo {
                 addr,
@@ -402,18 +405,19 @@ impl BackendConn {
             events: o.events.clone(),
             gauge: o.gauge.clone(),
         };
-        match stream {
+        // The requests waiting for a node are bounded by the stream ids, not here.
+        let out = match stream {
             MaybeTls::Plain(tcp) => {
                 let (rd, wr) = tcp.into_split();
-                spawn_loops(rd, wr, enc, dec, buf, rx, ends);
+                spawn_loops(rd, Outbox::new(wr, enc, usize::MAX), dec, buf, ends)
             }
             MaybeTls::Tls(tls) => {
                 let (rd, wr) = tokio::io::split(*tls);
-                spawn_loops(rd, wr, enc, dec, buf, rx, ends);
+                spawn_loops(rd, Outbox::new(wr, enc, usize::MAX), dec, buf, ends)
             }
-        }
+        };
         Ok(Opened {
-            conn: Arc::new(BackendConn { tx, shared }),
+            conn: Arc::new(BackendConn { out, shared }),
         })
     }
 
@@ -466,12 +470,8 @@ impl BackendConn {
             id
         };
         header.stream = id;
-        // Written outside the lock: waking the writer may take a while.
-        if self
-            .tx
-            .send(Outgoing::Frame(Envelope::new(header, body)))
-            .is_err()
-        {
+        // Written outside the lock: the write may be a system call.
+        if self.out.push(Out::Envelope(Envelope::new(header, body))).is_err() {
             // The writer is gone: the reader fails what waits (or already has).
             let mut s = self.shared.streams();
             let slot = s.take(id);
@@ -537,7 +537,7 @@ impl BackendConn {
     /// Closes the connection (pending requests fail with `Lost`).
     pub fn close(&self) {
         self.shared.closed.store(true, Ordering::Release);
-        let _ = self.tx.send(Outgoing::Close);
+        self.out.close();
         self.shared.lost.cancel();
     }
 }
@@ -559,58 +559,28 @@ struct Ends {
     gauge: Option<Gauge>,
 }
 
-fn spawn_loops<R, W>(
-    rd: R,
-    wr: W,
-    enc: Encoder,
-    dec: Decoder,
-    buf: BytesMut,
-    rx: mpsc::UnboundedReceiver<Outgoing>,
-    e: Ends,
-) where
+/// Starts the reader and the outbox's writer task; returns the outbox.
+fn spawn_loops<R>(rd: R, out: Arc<Outbox>, dec: Decoder, buf: BytesMut, e: Ends) -> Arc<Outbox>
+where
     R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
 {
     if let Some(g) = &e.gauge {
         g.inc();
     }
-    tokio::spawn(write_loop(wr, enc, rx, e.shared.clone()));
+    // The writer ends when a write fails, or when the connection is closed or dropped (once
+    // what is queued is written): the connection is lost from then on.
+    let shared = e.shared.clone();
+    tokio::spawn(out.clone().run(move || {
+        shared.closed.store(true, Ordering::Release);
+        shared.lost.cancel();
+    }));
     tokio::spawn(async move {
         read_loop(rd, dec, buf, &e.shared, e.events).await;
         if let Some(g) = &e.gauge {
             g.dec();
         }
     });
-}
-
-async fn write_loop<W: AsyncWrite + Unpin>(
-    mut wr: W,
-    enc: Encoder,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    shared: Arc<Shared>,
-) {
-    let (closed, lost) = (&shared.closed, &shared.lost);
-    let mut buf = BytesMut::new();
-    let mut batch = Vec::new();
-    loop {
-        let next = super::next_batch(&mut rx, 256, |msg| match msg {
-            Outgoing::Frame(e) => {
-                batch.push(e);
-                true
-            }
-            Outgoing::Close => false,
-        });
-        let Some(stop) = next.await else { break };
-        enc.encode_all(&batch, &mut buf);
-        batch.clear();
-        if wr.write_all(&buf).await.is_err() || stop || closed.load(Ordering::Acquire) {
-            break;
-        }
-        buf.clear();
-    }
-    closed.store(true, Ordering::Release);
-    lost.cancel();
-    let _ = wr.shutdown().await;
+    out
 }
 
 /// Reads answers until the connection ends: each goes to what waits on its stream id
@@ -645,6 +615,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
         }
         if !answers.is_empty() {
+            // The answers to one client leave in one write (and requests sent elsewhere, in
+            // one write per node), once all are delivered.
+            let _cork = Cork::new();
             {
                 let mut s = shared.streams();
                 for env in &answers {
@@ -696,6 +669,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     };
     // Dropping the waiters fails sluice's own requests with `Lost`; clients' requests are
     // sent elsewhere or failed, by the rules of [`Inflight::lost`].
+    let _cork = Cork::new();
     for slot in pending {
         if let Slot::Client(req) = slot {
             req.lost(&shared.info);

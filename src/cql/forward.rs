@@ -1,7 +1,8 @@
 //! A client's request in two hops: the client's reader routes it and writes it into a node
-//! connection's writer ([`Inflight::dispatch`], stream id remapped there), and that
-//! connection's reader hands the answer to the client's writer ([`Inflight::answered`],
-//! stream id mapped back). No task, channel or timer per request: a task is spawned only on
+//! connection's outbox ([`Inflight::dispatch`], stream id remapped there), and that
+//! connection's reader hands the answer to the client's outbox ([`Inflight::answered`],
+//! stream id mapped back); an outbox writes into its socket from the producer's own task
+//! when the socket is idle ([`super::outbox`]). No task, channel or timer per request: a task is spawned only on
 //! the rare paths (a connection to open, a request to send again that must wait for one, a
 //! statement to prepare again after UNPREPARED, a schema change to wait for), and one sweep
 //! per cluster times requests out ([`sweep_timeouts`]).
@@ -21,15 +22,15 @@ use sluice_cql::frame::{flags, Header, Opcode};
 use sluice_cql::request::Extensions;
 use sluice_cql::response::{error_code as ec, ErrorBody, ResultBody};
 use sluice_cql::{Request, Response};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tracing::debug;
 
 use super::backend::{decode_response, ConnInfo, OpenError, RequestError};
 use super::health::secs;
+use super::outbox::{Out, Outbox};
 use super::pool::{Pick, PoolKey};
 use super::prepared::PreparedInfo;
 use super::route::{self, Route};
-use super::session::Out;
 use super::snapshot::Snapshot;
 use super::CqlCluster;
 use crate::common::health::{Source, Verdict};
@@ -58,8 +59,8 @@ pub(super) fn envelope(version: u8, stream: i16, resp: &Response) -> Envelope {
 /// be in flight.
 pub(super) struct ClientLink {
     pub cluster: Arc<CqlCluster>,
-    /// The client connection's writer.
-    pub tx: mpsc::UnboundedSender<Out>,
+    /// The client connection's write half.
+    pub out: Arc<Outbox>,
     /// `max_requests_per_client`: a request takes one before it is routed (the client's
     /// reader waits when none is left) and gives it back when it is answered.
     pub permits: Semaphore,
@@ -360,7 +361,7 @@ impl Inflight {
         let m = &self.client.cluster.cql_metrics;
         m.answer(&resp);
         m.latency(self.request.header.opcode(), self.started.elapsed());
-        let _ = self.client.tx.send(Out::Envelope(resp));
+        let _ = self.client.out.push(Out::Envelope(resp));
     }
 }
 

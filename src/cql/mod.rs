@@ -7,6 +7,7 @@ mod control;
 mod forward;
 mod health;
 mod metrics;
+mod outbox;
 mod pool;
 mod prepared;
 mod route;
@@ -528,27 +529,4 @@ impl Service for CqlCluster {
     ) -> impl Future<Output = ()> + Send + 'static {
         serve_client(self, stream, peer)
     }
-}
-
-/// One step of a batched writer (a node connection's and a client connection's): waits for a
-/// message, then hands it and whatever is already queued (up to `max` messages) to `take`,
-/// which returns false for a close, so that one `write` carries them all. `None` once the
-/// channel is closed and empty; else whether a close was taken.
-pub(crate) async fn next_batch<T>(
-    rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
-    max: usize,
-    mut take: impl FnMut(T) -> bool,
-) -> Option<bool> {
-    let mut next = Some(rx.recv().await?);
-    let mut taken = 0;
-    while let Some(msg) = next.take() {
-        if !take(msg) {
-            return Some(true);
-        }
-        taken += 1;
-        if taken < max {
-            next = rx.try_recv().ok();
-        }
-    }
-    Some(false)
 }

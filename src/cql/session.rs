@@ -2,12 +2,16 @@
 //! authentication answered by sluice, `USE` tracked per connection, `system.local`/`peers`
 //! answered with sluice's own topology, and everything else forwarded to a node chosen per
 //! request (see [`super::route`]), concurrently, with the answers going back in any order:
-//! the reader writes each request into a node connection's writer, and that connection's
-//! reader writes the answer into this client's writer ([`super::forward`]).
+//! the reader writes each request into a node connection's outbox, and that connection's
+//! reader writes the answer into this client's outbox ([`super::forward`],
+//! [`super::outbox`]).
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use sluice_cql::codec::{Decoder, Encoder, Envelope, Framing};
@@ -19,12 +23,13 @@ use sluice_cql::types::ColumnType;
 use sluice_cql::{Compression, Request, Response};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::backend::{Credentials, OpenError};
 use super::forward::{envelope, ClientLink, Inflight, MAX_ATTEMPTS};
 use super::metrics::RouteKind;
+use super::outbox::{Cork, Out, Outbox};
 use super::pool::PoolKey;
 use super::prepared::PreparedInfo;
 use super::route::{self, Route};
@@ -34,13 +39,10 @@ use crate::common::health::{Source, Verdict};
 
 const AUTHENTICATOR: &str = "org.apache.cassandra.auth.PasswordAuthenticator";
 
-/// What the writer half of a client connection is told.
-pub(super) enum Out {
-    Envelope(Envelope),
-    Framing(Framing),
-    Raw(Bytes),
-    Close,
-}
+/// How many bytes of answers may wait for a client before its reader stops reading its
+/// requests (answers to requests already in flight still come: at most
+/// `max_requests_per_client` more).
+const CLIENT_OUTBOX_BOUND: usize = 1 << 20;
 
 struct ClientCount(Arc<CqlCluster>);
 
@@ -126,16 +128,16 @@ async fn serve<R, W>(
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(write_loop(wr, rx));
+    let out = Outbox::new(wr, Encoder::new(), CLIENT_OUTBOX_BOUND);
+    let writer = tokio::spawn(out.clone().run(|| {}));
     let mut c = Client {
         link: Arc::new(ClientLink {
             permits: Semaphore::new(cluster.cql.max_requests_per_client),
             cluster: cluster.clone(),
-            tx: tx.clone(),
+            out: out.clone(),
         }),
         cluster,
-        tx: tx.clone(),
+        out: out.clone(),
         local,
         version: None,
         started: false,
@@ -154,15 +156,32 @@ async fn serve<R, W>(
             if !(4..=max).contains(&v) {
                 debug!(version = v, "unsupported protocol version");
                 c.cluster.cql_metrics.error_code(ec::PROTOCOL_ERROR);
-                let _ = tx.send(Out::Raw(version_error(&buf, max)));
+                let _ = out.push(Out::Raw(version_error(&buf, max)));
                 break;
             }
             c.version = Some(v);
         }
+        // What the requests of one read produce (requests to a node, local answers) leaves
+        // in one write per socket when they are handled, unless a request has to wait.
+        let mut cork = Some(Cork::new());
         loop {
             match dec.decode(&mut buf) {
                 Ok(Some(env)) => {
-                    if !c.handle(env).await {
+                    let handled = {
+                        let mut handle = std::pin::pin!(c.handle(env));
+                        match poll_once(handle.as_mut()).await {
+                            Poll::Ready(ok) => ok,
+                            // It waits (for a permit, a connection, a login): what was
+                            // corked goes now, and nothing stays corked while it waits.
+                            Poll::Pending => {
+                                drop(cork.take());
+                                let ok = handle.await;
+                                cork = Some(Cork::new());
+                                ok
+                            }
+                        }
+                    };
+                    if !handled {
                         break 'outer;
                     }
                     if let Some(f) = c.framing.take() {
@@ -182,6 +201,10 @@ async fn serve<R, W>(
                 }
             }
         }
+        drop(cork);
+        if out.full() {
+            out.room().await;
+        }
         let read = if c.ready() {
             rd.read_buf(&mut buf).await
         } else {
@@ -198,47 +221,13 @@ async fn serve<R, W>(
             Ok(_) => {}
         }
     }
-    let _ = tx.send(Out::Close);
-    drop(tx);
+    out.close();
     let _ = writer.await;
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedReceiver<Out>) {
-    let mut enc = Encoder::new();
-    let mut buf = BytesMut::new();
-    let mut pending: Vec<Envelope> = Vec::new();
-    loop {
-        let batch = super::next_batch(&mut rx, 512, |msg| match msg {
-            Out::Envelope(e) => {
-                pending.push(e);
-                true
-            }
-            Out::Framing(f) => {
-                enc.encode_all(&pending, &mut buf);
-                pending.clear();
-                enc.set_framing(f);
-                true
-            }
-            Out::Raw(b) => {
-                enc.encode_all(&pending, &mut buf);
-                pending.clear();
-                buf.put_slice(&b);
-                true
-            }
-            Out::Close => false,
-        });
-        let Some(close) = batch.await else { break };
-        enc.encode_all(&pending, &mut buf);
-        pending.clear();
-        if wr.write_all(&buf).await.is_err() {
-            return;
-        }
-        buf.clear();
-        if close {
-            let _ = wr.shutdown().await;
-            return;
-        }
-    }
+/// Polls `fut` once, without waiting.
+async fn poll_once<F: Future + Unpin>(mut fut: F) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut fut).poll(cx))).await
 }
 
 /// Refuses a client in its own protocol, as PostgreSQL clients get an ErrorResponse: the
@@ -301,7 +290,8 @@ enum Auth {
 
 struct Client {
     cluster: Arc<CqlCluster>,
-    tx: mpsc::UnboundedSender<Out>,
+    /// The connection's write half.
+    out: Arc<Outbox>,
     local: SocketAddr,
     version: Option<u8>,
     started: bool,
@@ -327,7 +317,7 @@ impl Client {
     }
 
     fn send(&self, h: &Header, resp: &Response) {
-        let _ = self.tx.send(Out::Envelope(envelope(self.v(), h.stream, resp)));
+        let _ = self.out.push(Out::Envelope(envelope(self.v(), h.stream, resp)));
     }
 
     fn error(&self, h: &Header, e: ErrorBody) {
@@ -425,7 +415,7 @@ impl Client {
                     return true;
                 }
                 if types.iter().any(|t| t == "SCHEMA_CHANGE") {
-                    tokio::spawn(relay_schema_events(self.cluster.clone(), self.tx.clone(), v));
+                    tokio::spawn(relay_schema_events(self.cluster.clone(), self.out.clone(), v));
                 }
                 self.send(&h, &Response::Ready);
             }
@@ -494,11 +484,11 @@ impl Client {
         self.framing = Some(framing);
         if v < 5 {
             // v4: READY is already compressed; v5 switches to segments after it.
-            let _ = self.tx.send(Out::Framing(framing));
+            let _ = self.out.push(Out::Framing(framing));
             self.send(h, &reply);
         } else {
             self.send(h, &reply);
-            let _ = self.tx.send(Out::Framing(framing));
+            let _ = self.out.push(Out::Framing(framing));
         }
         true
     }
@@ -808,21 +798,21 @@ impl Client {
 }
 
 /// Forwards SCHEMA_CHANGE events of the cluster to a client that registered for them.
-async fn relay_schema_events(cluster: Arc<CqlCluster>, tx: mpsc::UnboundedSender<Out>, version: u8) {
+async fn relay_schema_events(cluster: Arc<CqlCluster>, out: Arc<Outbox>, version: u8) {
     let mut rx = cluster.schema_events.subscribe();
     loop {
         tokio::select! {
             ev = rx.recv() => match ev {
                 Ok(sc) => {
                     let resp = Response::Event(Event::SchemaChange(sc));
-                    if tx.send(Out::Envelope(envelope(version, -1, &resp))).is_err() {
+                    if out.push(Out::Envelope(envelope(version, -1, &resp))).is_err() {
                         return;
                     }
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(_) => return,
             },
-            _ = tx.closed() => return,
+            _ = out.ended() => return,
         }
     }
 }

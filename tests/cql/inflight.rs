@@ -2,7 +2,8 @@
 //! connection's reader answers the client): a request that timed out keeps its stream id on
 //! the node connection until the late answer comes, so the late answer reaches nobody; and a
 //! connection lost with requests in flight sends them to another replica, except an LWT,
-//! which fails (the node may have applied it).
+//! which fails (the node may have applied it). A client that never reads its answers holds
+//! up no other client of the node connection it shares, and stops being read.
 
 use std::time::{Duration, Instant};
 
@@ -162,6 +163,84 @@ async fn requests_in_flight_on_a_lost_connection_go_to_another_replica_except_lw
             .sluice
             .metric("sluice_errors_total{cluster=\"ring\",reason=\"backend_lost\"}");
         assert_eq!(lost, Some(1.0));
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[]);
+}
+
+/// `sluice_cql_request_duration_seconds_count` of QUERY: queries answered so far.
+fn queries_answered(env: &Env) -> f64 {
+    env.sluice
+        .metric("sluice_cql_request_duration_seconds_count{cluster=\"ring\",opcode=\"query\"}")
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_blocks_no_one() {
+    // One node and one connection to it: the two clients' requests and answers share it.
+    // `max_requests_per_client = 64`: what a client may have in flight beyond the answers
+    // waiting for it.
+    let env = Env::start(
+        1,
+        "",
+        "[clusters.cql]\nconnections_per_node = 1\nheartbeat_interval = \"60s\"\nmax_requests_per_client = 64\n",
+    );
+    bounded(120, async {
+        let mut c = Client::connect(env.addr(), 4, Compression::None).await;
+        c.ok("CREATE KEYSPACE nr WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}")
+            .await;
+        c.ok("CREATE TABLE nr.kv (k text PRIMARY KEY, v text)").await;
+        let big = "x".repeat(256 * 1024);
+        let insert = query(
+            "INSERT INTO nr.kv (k, v) VALUES (?, ?)",
+            vec![text("big"), text(&big)],
+        );
+        assert!(matches!(c.call(insert).await, Response::Result(_)));
+        c.ok("INSERT INTO nr.kv (k, v) VALUES ('small', 'v')").await;
+        let before = queries_answered(&env);
+
+        // 2,000 requests for 256 KiB answers (500 MiB), pipelined, never read: far more than
+        // the sockets' buffers hold.
+        const STUCK: usize = 2000;
+        let mut stuck = Client::connect(env.addr(), 4, Compression::None).await;
+        let stuck_sender = tokio::spawn(async move {
+            let select = query("SELECT v FROM nr.kv WHERE k = 'big'", vec![]);
+            for i in 0..STUCK {
+                stuck.send(1 + (i % 30_000) as i16, &select).await;
+            }
+            stuck
+        });
+        // Its answers fill every buffer between sluice and it (100 × 256 KiB = 25 MiB).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while queries_answered(&env) < before + 100.0 {
+            assert!(
+                Instant::now() < deadline,
+                "sluice answered {} of the stuck client's requests",
+                queries_answered(&env) - before
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        // The other client, on the same node connection, gets every answer (each within
+        // `Client::recv`'s bound).
+        const OTHER: usize = 200;
+        let small = || query("SELECT v FROM nr.kv WHERE k = 'small'", vec![]);
+        for _ in 0..OTHER {
+            match c.call(small()).await {
+                Response::Result(ResultBody::Rows(rows)) => {
+                    assert_eq!(rows.rows().unwrap(), vec![vec![Some(text("v"))]])
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // sluice stopped reading the stuck client: it answered no more than what the buffers,
+        // the client's outbox bound and its 64 requests in flight hold, not all 2,000.
+        let stuck_answered = queries_answered(&env) - before - OTHER as f64;
+        assert!(
+            stuck_answered < (STUCK / 2) as f64,
+            "sluice answered {stuck_answered} requests of a client that reads nothing"
+        );
+        stuck_sender.abort();
     })
     .await;
     env.sluice.assert_no_unexpected_errors(&[]);
