@@ -3,8 +3,10 @@
 //! token-aware and a round-robin scylla driver, and through `target/release/sluice` with a
 //! round-robin driver that knows only sluice (and, with `--before PATH`, through a second
 //! sluice binary too, e.g. one built from main, for before/after ratios in the same run). Runs
-//! are interleaved and repeated; the table shows medians of throughput, p50/p99 latency and
-//! sluice's CPU time per request (utime + stime from /proc/PID/stat around each run).
+//! are interleaved and repeated; the table shows medians of throughput, p50/p99 latency,
+//! sluice's CPU time per request (utime + stime from /proc/PID/stat around each run) and its
+//! context switches per request (voluntary + involuntary, summed over its threads from
+//! /proc/PID/task/*/status around each run).
 //!
 //! ```text
 //! cargo build --release --bin sluice
@@ -242,6 +244,30 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Context switches of every thread of `pid` so far: (voluntary, involuntary), from
+/// /proc/PID/task/*/status (/proc/PID/status counts the main thread only).
+fn context_switches(pid: u32) -> (u64, u64) {
+    let mut total = (0, 0);
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return total;
+    };
+    for task in tasks.flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        for line in status.lines() {
+            let count = |prefix: &str| {
+                line.strip_prefix(prefix)
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            };
+            if let Some(n) = count("voluntary_ctxt_switches:") {
+                total.0 += n;
+            } else if let Some(n) = count("nonvoluntary_ctxt_switches:") {
+                total.1 += n;
+            }
+        }
+    }
+    total
+}
+
 async fn session(nodes: &[SocketAddr], token_aware: bool) -> Session {
     let policy = DefaultPolicy::builder().token_aware(token_aware).build();
     let profile = ExecutionProfile::builder().load_balancing_policy(policy).build();
@@ -281,6 +307,8 @@ struct RunResult {
     p99_us: f64,
     mean_us: f64,
     sluice_cpu_s: Option<f64>,
+    /// sluice's context switches during the run: (voluntary, involuntary).
+    sluice_ctxsw: Option<(u64, u64)>,
     /// The machine's busy fraction during the run (all CPUs).
     busy: f64,
 }
@@ -292,6 +320,12 @@ impl RunResult {
 
     fn cpu_us_per_request(&self) -> Option<f64> {
         self.sluice_cpu_s.map(|c| c * 1e6 / self.requests.max(1) as f64)
+    }
+
+    /// sluice's context switches (voluntary + involuntary) per request.
+    fn ctxsw_per_request(&self) -> Option<f64> {
+        self.sluice_ctxsw
+            .map(|(v, n)| (v + n) as f64 / self.requests.max(1) as f64)
     }
 }
 
@@ -307,6 +341,7 @@ async fn run(
     rep: usize,
 ) -> RunResult {
     let cpu0 = sluice_pid.map(cpu_seconds);
+    let ctx0 = sluice_pid.map(context_switches);
     let machine0 = machine_jiffies();
     let start = Instant::now();
     let deadline = start + o.duration;
@@ -357,6 +392,13 @@ async fn run(
         (Some(p), Some(c0)) => Some(cpu_seconds(p) - c0),
         _ => None,
     };
+    let ctxsw = match (sluice_pid, ctx0) {
+        (Some(p), Some((v0, n0))) => {
+            let (v1, n1) = context_switches(p);
+            Some((v1.saturating_sub(v0), n1.saturating_sub(n0)))
+        }
+        _ => None,
+    };
     lat.sort_unstable();
     let q = |x: f64| {
         lat.get(((lat.len() as f64 * x) as usize).min(lat.len().saturating_sub(1)))
@@ -376,6 +418,7 @@ async fn run(
         p99_us: q(0.99),
         mean_us: lat.iter().map(|&v| v as f64).sum::<f64>() / lat.len().max(1) as f64,
         sluice_cpu_s: cpu,
+        sluice_ctxsw: ctxsw,
         busy,
     }
 }
@@ -517,7 +560,7 @@ fn main() {
                             r.pin = *pin;
                             cluster.clear_records();
                             eprintln!(
-                                "[cql-e2e] {} rep {rep} {:8} {:25} {:5}: {:8.0} req/s p50 {:6.0} µs p99 {:6.0} µs errors {} busy {:.2}{}",
+                                "[cql-e2e] {} rep {rep} {:8} {:25} {:5}: {:8.0} req/s p50 {:6.0} µs p99 {:6.0} µs errors {} busy {:.2}{}{}",
                                 r.phase,
                                 pin.name(),
                                 t.name,
@@ -529,6 +572,9 @@ fn main() {
                                 r.busy,
                                 r.cpu_us_per_request()
                                     .map(|c| format!(" sluice {c:.1} µs CPU/request"))
+                                    .unwrap_or_default(),
+                                r.ctxsw_per_request()
+                                    .map(|c| format!(", {c:.2} context switches/request"))
                                     .unwrap_or_default()
                             );
                             results.push(r);
@@ -578,8 +624,8 @@ fn report(o: &Opts, results: &[RunResult]) {
         "\nCQL test cluster: {} in-memory nodes, RF {}, {} keys; {} concurrent requests; medians of {} interleaved runs of {:?}; paced = {} req/s in total",
         o.nodes, o.rf, o.keys, o.concurrency, o.reps, o.duration, o.rate
     );
-    println!("| phase | op | placement | target | req/s | p50 µs | p99 µs | sluice CPU µs/request | machine busy | errors |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| phase | op | placement | target | req/s | p50 µs | p99 µs | sluice CPU µs/request | sluice context switches/request | machine busy | errors |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let targets = [DIRECT_TA, BEFORE, SLUICE, DIRECT_RR];
     for phase in ["saturation", "paced"] {
         for op in ["read", "write"] {
@@ -596,15 +642,21 @@ fn report(o: &Opts, results: &[RunResult]) {
                     let p50 = median_of(rs.iter().copied(), |r| Some(r.p50_us));
                     let p99 = median_of(rs.iter().copied(), |r| Some(r.p99_us));
                     let cpu = median_of(rs.iter().copied(), RunResult::cpu_us_per_request);
+                    let ctx = median_of(rs.iter().copied(), RunResult::ctxsw_per_request);
                     let busy = median_of(rs.iter().copied(), |r| Some(r.busy));
                     let errors: usize = rs.iter().map(|r| r.errors).sum();
                     println!(
-                        "| {phase} | {op} | {} | {target} | {tput:.0} | {p50:.0} | {p99:.0} | {} | {busy:.2} | {errors} |",
+                        "| {phase} | {op} | {} | {target} | {tput:.0} | {p50:.0} | {p99:.0} | {} | {} | {busy:.2} | {errors} |",
                         pin.name(),
                         if cpu.is_nan() {
                             "-".to_string()
                         } else {
                             format!("{cpu:.1}")
+                        },
+                        if ctx.is_nan() {
+                            "-".to_string()
+                        } else {
+                            format!("{ctx:.2}")
                         }
                     );
                 }
@@ -614,6 +666,7 @@ fn report(o: &Opts, results: &[RunResult]) {
     println!("\nRatios (medians over repetitions of ratios measured in the same repetition):");
     let tput = |r: &RunResult| Some(r.throughput());
     let cpu = RunResult::cpu_us_per_request;
+    let ctx = RunResult::ctxsw_per_request;
     for &pin in &o.pins {
         for op in ["read", "write"] {
             let sat = |t| ("saturation", op, pin, t);
@@ -625,10 +678,11 @@ fn report(o: &Opts, results: &[RunResult]) {
             );
             if o.before.is_some() {
                 line += &format!(
-                    "; before: {:.2}; after/before throughput {:.2}, CPU per request {:.2}",
+                    "; before: {:.2}; after/before throughput {:.2}, CPU per request {:.2}, context switches per request {:.2}",
                     ratio(results, sat(BEFORE), sat(DIRECT_TA), tput),
                     ratio(results, sat(SLUICE), sat(BEFORE), tput),
                     ratio(results, sat(SLUICE), sat(BEFORE), cpu),
+                    ratio(results, sat(SLUICE), sat(BEFORE), ctx),
                 );
             }
             let sl: Vec<&RunResult> = results
@@ -636,8 +690,9 @@ fn report(o: &Opts, results: &[RunResult]) {
                 .filter(|r| r.phase == "saturation" && r.op == op && r.pin == pin && r.target == SLUICE)
                 .collect();
             line += &format!(
-                "; sluice CPU {:.1} µs/request (target <= 6)",
-                median_of(sl.into_iter(), cpu)
+                "; sluice CPU {:.1} µs/request (target <= 6), {:.2} context switches/request",
+                median_of(sl.iter().copied(), cpu),
+                median_of(sl.iter().copied(), ctx)
             );
             println!("{line}");
             let added = |t| {
@@ -668,7 +723,7 @@ fn report(o: &Opts, results: &[RunResult]) {
         .iter()
         .map(|r| {
             format!(
-                "{{\"phase\":\"{}\",\"op\":\"{}\",\"placement\":\"{}\",\"target\":\"{}\",\"rep\":{},\"requests\":{},\"errors\":{},\"seconds\":{:.3},\"throughput\":{:.1},\"p50_us\":{},\"p99_us\":{},\"mean_us\":{:.1},\"sluice_cpu_s\":{},\"busy\":{:.3}}}",
+                "{{\"phase\":\"{}\",\"op\":\"{}\",\"placement\":\"{}\",\"target\":\"{}\",\"rep\":{},\"requests\":{},\"errors\":{},\"seconds\":{:.3},\"throughput\":{:.1},\"p50_us\":{},\"p99_us\":{},\"mean_us\":{:.1},\"sluice_cpu_s\":{},\"sluice_voluntary_ctxt_switches\":{},\"sluice_nonvoluntary_ctxt_switches\":{},\"busy\":{:.3}}}",
                 r.phase,
                 r.op,
                 r.pin.name(),
@@ -683,6 +738,12 @@ fn report(o: &Opts, results: &[RunResult]) {
                 r.mean_us,
                 r.sluice_cpu_s
                     .map(|c| format!("{c:.3}"))
+                    .unwrap_or_else(|| "null".into()),
+                r.sluice_ctxsw
+                    .map(|(v, _)| v.to_string())
+                    .unwrap_or_else(|| "null".into()),
+                r.sluice_ctxsw
+                    .map(|(_, n)| n.to_string())
                     .unwrap_or_else(|| "null".into()),
                 r.busy
             )
