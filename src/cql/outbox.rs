@@ -12,9 +12,13 @@
 //! everything queued before what it was given, so frames leave in the order they were
 //! pushed.
 //!
-//! A [`Cork`] (one per thread, only across code that does not wait) queues what is pushed
-//! and writes each outbox it touched once when it ends: a node reader's answers to one
-//! client, or a client reader's requests to one node, leave in one write.
+//! A [`Cork`] (one per thread, only across code that does not wait) queues what is pushed;
+//! when it ends, each outbox it touched is written once by the thread's flusher, a task
+//! woken at most once per scheduler round (after the tasks already woken in that round), so
+//! that the answers of the three node readers that ran in one round leave in one write to
+//! their client, and the requests of every client read in that round in one write per node
+//! (writing at the end of each reader's batch instead cost up to one write system call per
+//! node reader and client, more CPU per request than the wake-ups it saved: benches/README.md).
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -400,13 +404,19 @@ impl Drop for Cork {
         if !self.outer {
             return;
         }
-        let mut touched = CORKED.with(|c| {
+        let touched = CORKED.with(|c| {
             let mut c = c.borrow_mut();
             c.on = false;
-            std::mem::take(&mut c.touched)
+            if c.touched.is_empty() {
+                return None;
+            }
+            Some(std::mem::take(&mut c.touched))
         });
-        for o in touched.drain(..) {
-            o.kick();
+        let Some(mut touched) = touched else { return };
+        match Flusher::current() {
+            Some(f) => f.defer(&mut touched),
+            // Outside a runtime: written now.
+            None => touched.drain(..).for_each(|o| o.kick()),
         }
         // Keeps the list's allocation for the next cork.
         CORKED.with(|c| {
@@ -415,6 +425,99 @@ impl Drop for Cork {
                 c.touched = touched;
             }
         });
+    }
+}
+
+/// A thread's flusher: writes the outboxes its corks touched, once per scheduler round.
+struct Flusher {
+    state: Mutex<FlushState>,
+}
+
+struct FlushState {
+    /// Outboxes to write.
+    due: Vec<Arc<Outbox>>,
+    /// The flusher task, when it waits.
+    waker: Option<Waker>,
+    /// False once the task is gone (its runtime shut down): a new one is started.
+    alive: bool,
+}
+
+thread_local! {
+    static FLUSHER: RefCell<Option<Arc<Flusher>>> = const { RefCell::new(None) };
+}
+
+impl Flusher {
+    fn lock(&self) -> MutexGuard<'_, FlushState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// This thread's flusher (started on the current runtime if there is none yet); `None`
+    /// outside a runtime.
+    fn current() -> Option<Arc<Flusher>> {
+        FLUSHER.with(|f| {
+            let mut f = f.borrow_mut();
+            if let Some(cur) = f.as_ref().filter(|cur| cur.lock().alive) {
+                return Some(cur.clone());
+            }
+            let handle = tokio::runtime::Handle::try_current().ok()?;
+            let new = Arc::new(Flusher {
+                state: Mutex::new(FlushState {
+                    due: Vec::new(),
+                    waker: None,
+                    alive: true,
+                }),
+            });
+            handle.spawn(new.clone().run());
+            *f = Some(new.clone());
+            Some(new)
+        })
+    }
+
+    /// Hands `touched` over (it comes back empty); wakes the task if it has nothing to do.
+    fn defer(&self, touched: &mut Vec<Arc<Outbox>>) {
+        let mut st = self.lock();
+        let idle = st.due.is_empty();
+        for o in touched.drain(..) {
+            if !st.due.iter().any(|d| Arc::ptr_eq(d, &o)) {
+                st.due.push(o);
+            }
+        }
+        let waker = if idle { st.waker.take() } else { None };
+        drop(st);
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// The task: writes what is due whenever it is woken, for as long as its runtime runs.
+    async fn run(self: Arc<Self>) {
+        struct Gone(Arc<Flusher>);
+        impl Drop for Gone {
+            fn drop(&mut self) {
+                let mut st = self.0.lock();
+                st.alive = false;
+                // Written now: nobody else would.
+                let due = std::mem::take(&mut st.due);
+                drop(st);
+                due.into_iter().for_each(|o| o.kick());
+            }
+        }
+        let _gone = Gone(self.clone());
+        let mut due = Vec::new();
+        poll_fn(|cx| {
+            {
+                let mut st = self.lock();
+                std::mem::swap(&mut st.due, &mut due);
+                if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    st.waker = Some(cx.waker().clone());
+                }
+            }
+            for o in due.drain(..) {
+                o.kick();
+            }
+            Poll::<()>::Pending
+        })
+        .await
     }
 }
 
