@@ -72,6 +72,13 @@ impl Pin {
     }
 }
 
+const USAGE: &str = "cargo bench --bench cql-e2e -- [--duration S] [--reps N] [--concurrency C] [--rate R]
+                               [--nodes N] [--rf RF] [--keys K] [--sluice PATH]
+                               [--before PATH] [--pin both|pinned|unpinned]
+                               [--phases saturation,paced] [--out DIR]
+(or the bench binary itself, target/release/deps/cql_e2e-*, with --bench first; see the
+header of benches/cql-e2e.rs)";
+
 fn opts() -> Option<Opts> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let mut o = Opts {
@@ -94,6 +101,10 @@ fn opts() -> Option<Opts> {
         let mut v = |name: &str| args.next().unwrap_or_else(|| panic!("{name} needs a value"));
         match a.as_str() {
             "--bench" => bench = true,
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
             "--duration" => o.duration = Duration::from_secs_f64(v("--duration").parse().expect("seconds")),
             "--reps" => o.reps = v("--reps").parse().expect("count"),
             "--concurrency" => o.concurrency = v("--concurrency").parse().expect("count"),

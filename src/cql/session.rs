@@ -161,8 +161,9 @@ async fn serve<R, W>(
             }
             c.version = Some(v);
         }
-        // What the requests of one read produce (requests to a node, local answers) leaves
-        // in one write per socket when they are handled, unless a request has to wait.
+        // What the requests of one read produce (requests to nodes, local answers) is
+        // written once per socket by the thread's flusher ([`Cork`]); nothing stays corked
+        // while a request waits.
         let mut cork = Some(Cork::new());
         loop {
             match dec.decode(&mut buf) {
