@@ -400,14 +400,23 @@ impl Session {
                 b'H' | b'd' | b'c' | b'f' => return Ok(()),
                 _ => {}
             }
+            let serializable = self.serializable();
             let class = match query_class {
                 Some(c) => c,
+                // Every request goes to the primary whatever it is (session pooling,
+                // serializable transactions, `consistency = "primary"`): no classification of
+                // the request and no scan of its batch, only the check that classifying it
+                // would have made (a malformed message is refused before a backend is taken).
+                None if !Intent::depends_on_class(&self.cluster.pg, serializable) => {
+                    self.check_request(&msg)?;
+                    Classification::WRITE
+                }
                 None => {
                     let first = self.classify(&msg)?;
                     self.batch_class(first)
                 }
             };
-            let intent = Intent::for_request(class, &self.cluster.pg, self.serializable());
+            let intent = Intent::for_request(class, &self.cluster.pg, serializable);
             let had_parked = matches!(self.link, Link::Parked(_));
             match self.attach_counted(intent).await {
                 Ok(checkout) => self.attach(checkout),
@@ -585,6 +594,18 @@ impl Session {
             },
             _ => Classification::WRITE,
         })
+    }
+
+    /// Refuses an extended-protocol request message that `classify` could not read (the same
+    /// protocol violation, with the same words), without classifying it.
+    fn check_request(&mut self, msg: &Message) -> Result<(), End> {
+        let read = match msg.tag() {
+            b'P' => peek::parse(msg.body()).map(drop),
+            b'B' => peek::bind(msg.body()).map(drop),
+            b'D' => peek::target(msg.body()).map(drop),
+            _ => Ok(()),
+        };
+        read.map_err(|e| self.violation(&e.to_string()))
     }
 
     fn attach(&mut self, mut checkout: Checkout) {
