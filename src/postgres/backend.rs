@@ -148,8 +148,10 @@ pub struct Backend {
     pub secret: i32,
     pub created: Instant,
     pub last_used: Instant,
-    /// Names (as hashes) of the statements sluice prepared on this connection.
-    pub prepared: HashSet<u64>,
+    /// Names (as hashes) of the statements sluice prepared on this connection. Looked up for
+    /// every Bind: hashed with foldhash, not SipHash (randomly seeded per set, and the keys are
+    /// sluice's own statement hashes, so no client picks what collides here).
+    pub prepared: HashSet<u64, foldhash::fast::RandomState>,
     /// The session settings this connection carries (see `session::settings`).
     pub settings: Arc<Vec<(String, String)>>,
     /// The startup parameters it was opened with (pooled connections serve only clients that
@@ -197,7 +199,7 @@ impl Backend {
             secret: 0,
             created: now,
             last_used: now,
-            prepared: HashSet::new(),
+            prepared: HashSet::default(),
             settings: Default::default(),
             startup: opts.params.clone(),
             owner: 0,

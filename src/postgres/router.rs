@@ -37,11 +37,23 @@ impl Intent {
     /// the primary; a hot standby refuses serializable transactions, so a client whose
     /// transactions are serializable stays on the primary; otherwise [`Intent::of`].
     pub fn for_request(c: Classification, pg: &PostgresConfig, serializable: bool) -> Intent {
-        match pg.pool_mode {
-            PoolMode::Session => Intent::Primary,
-            PoolMode::Transaction if serializable => Intent::Primary,
-            PoolMode::Transaction => Intent::of(c, pg.consistency),
+        if Intent::depends_on_class(pg, serializable) {
+            Intent::of(c, pg.consistency)
+        } else {
+            Intent::Primary
         }
+    }
+
+    /// Whether [`Intent::for_request`] can give different intents for different statement
+    /// classes: only in transaction pooling, for a client whose transactions are not
+    /// serializable, under a consistency that lets reads go to replicas. Otherwise every request
+    /// goes to the primary, and a caller need not classify a request (or scan the rest of its
+    /// batch) to route it.
+    ///
+    /// A function of the configuration and the session rather than of an `Intent`: both
+    /// intents also come out of class-dependent rules, so an intent alone cannot tell.
+    pub fn depends_on_class(pg: &PostgresConfig, serializable: bool) -> bool {
+        pg.pool_mode == PoolMode::Transaction && !serializable && pg.consistency != Consistency::Primary
     }
 
     /// The label used in metrics and logs.
@@ -347,6 +359,40 @@ mod tests {
             Intent::for_request(cls(Class::Read, Some(Hint::Replica)), pg(&primary), false),
             Intent::Primary
         );
+    }
+
+    #[test]
+    fn the_class_matters_only_where_the_intent_can_change_with_it() {
+        let every_class = [
+            cls(Class::Read, None),
+            cls(Class::Write, None),
+            cls(Class::Read, Some(Hint::Primary)),
+            cls(Class::Write, Some(Hint::Replica)),
+        ];
+        for keys in [
+            "",
+            "consistency = \"primary\"",
+            "consistency = \"read-your-writes\"",
+            "pool_mode = \"session\"",
+            "pool_mode = \"session\"\nconsistency = \"eventual\"",
+        ] {
+            let c = cluster(keys);
+            for serializable in [false, true] {
+                let intents: Vec<Intent> = every_class
+                    .iter()
+                    .map(|&class| Intent::for_request(class, pg(&c), serializable))
+                    .collect();
+                let varies = intents.iter().any(|&i| i != intents[0]);
+                assert_eq!(
+                    Intent::depends_on_class(pg(&c), serializable),
+                    varies,
+                    "{keys:?}, serializable = {serializable}"
+                );
+                if !varies {
+                    assert_eq!(intents[0], Intent::Primary, "{keys:?}");
+                }
+            }
+        }
     }
 
     #[test]

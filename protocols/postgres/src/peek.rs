@@ -17,7 +17,7 @@ pub enum PeekError {
 
 /// Splits a C string off the front: (string without NUL, rest after NUL).
 fn cstr<'a>(buf: &'a [u8], what: &'static str) -> Result<(&'a [u8], &'a [u8]), PeekError> {
-    match buf.iter().position(|&b| b == 0) {
+    match memchr::memchr(0, buf) {
         Some(nul) => Ok((&buf[..nul], &buf[nul + 1..])),
         None => Err(PeekError::Malformed(what)),
     }

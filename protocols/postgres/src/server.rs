@@ -201,7 +201,7 @@ pub fn notice_response(buf: &mut BytesMut, e: &ErrorFields<'_>) {
 /// gives empty data. Decoded by hand: pgwire's decoder panics on a truncated body.
 pub fn decode_sasl_initial_response(body: &[u8]) -> Result<(String, Bytes), PeekError> {
     const BAD: PeekError = PeekError::Malformed("SASLInitialResponse");
-    let nul = body.iter().position(|&b| b == 0).ok_or(BAD)?;
+    let nul = memchr::memchr(0, body).ok_or(BAD)?;
     let mechanism = std::str::from_utf8(&body[..nul]).map_err(|_| BAD)?.to_owned();
     let rest = &body[nul + 1..];
     let (len, data) = match rest {

@@ -25,6 +25,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
+use futures_util::future::{FutureExt, OptionFuture};
 use sluice_postgres::server::{self, ErrorFields};
 use sluice_postgres::{peek, split_message, Classification, Message, PinReason};
 use tokio::io::AsyncWriteExt;
@@ -56,12 +57,12 @@ pub fn serve(cluster: Arc<Cluster>, stream: TcpStream, peer: SocketAddr) -> impl
     // Boxed: the login future (SCRAM, TLS accept, the first backend connection) is several
     // KiB and only needed once; inline it would stay part of every idle client's task.
     let login = Box::pin(admit_and_log_in(cluster.clone(), stream, peer));
-    async move {
-        if let Some(session) = login.await {
-            session.run().await
-        }
-        cluster.client_disconnected();
-    }
+    // Chained with combinators rather than written as one `async` block: a block would keep
+    // the finished login's slot, the session and the cluster beside the relay's future for the
+    // whole session; `then` holds either the login or the session's future, never both.
+    login
+        .then(|session| OptionFuture::from(session.map(Session::run)))
+        .map(move |_| cluster.client_disconnected())
 }
 
 /// Admission, then the login inside the client's span.
@@ -253,15 +254,20 @@ impl Session {
         client_span(&self.client.info.addr, &self.cluster.config.name)
     }
 
-    async fn run(mut self: Box<Self>) {
-        let end = self.relay().await;
-        self.log_end(end);
-        self.detach_at_end().await;
-        self.cluster.unregister_cancel(self.cancel_key);
-        // The error that ends the session (e.g. 08006 when the backend closed) is still in
-        // `out` when the backend read saw EOF: the client must get it before the close.
-        let _ = self.flush_client().await;
-        let _ = self.stream.shutdown().await;
+    // Not an `async fn`: an async fn keeps its arguments twice in its state machine (as
+    // captured and as moved into its body), and this one is part of every client's task.
+    #[allow(clippy::manual_async_fn)]
+    fn run(mut self: Box<Self>) -> impl Future<Output = ()> + Send {
+        async move {
+            let end = self.relay().await;
+            self.log_end(end);
+            self.detach_at_end().await;
+            self.cluster.unregister_cancel(self.cancel_key);
+            // The error that ends the session (e.g. 08006 when the backend closed) is still in
+            // `out` when the backend read saw EOF: the client must get it before the close.
+            let _ = self.flush_client().await;
+            let _ = self.stream.shutdown().await;
+        }
     }
 
     /// Says how the session ended (consuming the reason: nothing of it stays in the task's
@@ -301,25 +307,30 @@ impl Session {
     }
 
     /// Handles every complete client message in the buffer.
-    async fn process_client_messages(&mut self) -> Result<(), End> {
-        loop {
-            if let Some(msg) = self.rare.as_mut().and_then(|r| r.held.take()) {
-                if self.link.attached().is_some_and(|a| !a.st.units.is_empty()) {
-                    self.rare().held = Some(msg);
+    ///
+    /// Not an `async fn`: it would keep `self` twice.
+    #[allow(clippy::manual_async_fn)]
+    fn process_client_messages(&mut self) -> impl Future<Output = Result<(), End>> + Send + '_ {
+        async move {
+            loop {
+                if let Some(msg) = self.rare.as_mut().and_then(|r| r.held.take()) {
+                    if self.link.attached().is_some_and(|a| !a.st.units.is_empty()) {
+                        self.rare().held = Some(msg);
+                        return Ok(());
+                    }
+                    self.handle_client_message(msg).await?;
+                    continue;
+                }
+                if self.cbuf.is_empty() {
                     return Ok(());
                 }
+                let msg = match split_message(self.cbuf.get(), MAX_CLIENT_MESSAGE) {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return Ok(()),
+                    Err(e) => return Err(self.violation(&format!("invalid message framing: {e}"))),
+                };
                 self.handle_client_message(msg).await?;
-                continue;
             }
-            if self.cbuf.is_empty() {
-                return Ok(());
-            }
-            let msg = match split_message(self.cbuf.get(), MAX_CLIENT_MESSAGE) {
-                Ok(Some(m)) => m,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(self.violation(&format!("invalid message framing: {e}"))),
-            };
-            self.handle_client_message(msg).await?;
         }
     }
 
@@ -400,14 +411,23 @@ impl Session {
                 b'H' | b'd' | b'c' | b'f' => return Ok(()),
                 _ => {}
             }
+            let serializable = self.serializable();
             let class = match query_class {
                 Some(c) => c,
+                // Every request goes to the primary whatever it is (session pooling,
+                // serializable transactions, `consistency = "primary"`): no classification of
+                // the request and no scan of its batch, only the check that classifying it
+                // would have made (a malformed message is refused before a backend is taken).
+                None if !Intent::depends_on_class(&self.cluster.pg, serializable) => {
+                    self.check_request(&msg)?;
+                    Classification::WRITE
+                }
                 None => {
                     let first = self.classify(&msg)?;
                     self.batch_class(first)
                 }
             };
-            let intent = Intent::for_request(class, &self.cluster.pg, self.serializable());
+            let intent = Intent::for_request(class, &self.cluster.pg, serializable);
             let had_parked = matches!(self.link, Link::Parked(_));
             match self.attach_counted(intent).await {
                 Ok(checkout) => self.attach(checkout),
@@ -585,6 +605,18 @@ impl Session {
             },
             _ => Classification::WRITE,
         })
+    }
+
+    /// Refuses an extended-protocol request message that `classify` could not read (the same
+    /// protocol violation, with the same words), without classifying it.
+    fn check_request(&mut self, msg: &Message) -> Result<(), End> {
+        let read = match msg.tag() {
+            b'P' => peek::parse(msg.body()).map(drop),
+            b'B' => peek::bind(msg.body()).map(drop),
+            b'D' => peek::target(msg.body()).map(drop),
+            _ => Ok(()),
+        };
+        read.map_err(|e| self.violation(&e.to_string()))
     }
 
     fn attach(&mut self, mut checkout: Checkout) {

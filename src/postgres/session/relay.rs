@@ -68,42 +68,53 @@ fn poll_idle_out(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>, cx: &mut Cont
 }
 
 /// Resolves (with the node's last error) when `node` is marked down in the topology.
-async fn node_down(
-    topology: &crate::common::topology::Topology,
-    changes: &mut tokio::sync::watch::Receiver<u64>,
-    node: &Arc<str>,
-) -> String {
-    loop {
-        {
-            let snap = topology.load();
-            if let Some(n) = snap.nodes.iter().find(|n| *n.address == **node && !n.health.up) {
-                return n.health.error.clone().unwrap_or_default();
+///
+/// Not an `async fn`: an async fn keeps its arguments twice in its state machine, and this
+/// future is part of the relay's while a request is in flight.
+#[allow(clippy::manual_async_fn)]
+fn node_down<'a>(
+    topology: &'a crate::common::topology::Topology,
+    changes: &'a mut tokio::sync::watch::Receiver<u64>,
+    node: Arc<str>,
+) -> impl Future<Output = String> + Send + 'a {
+    async move {
+        loop {
+            {
+                let snap = topology.load();
+                if let Some(n) = snap.nodes.iter().find(|n| *n.address == *node && !n.health.up) {
+                    return n.health.error.clone().unwrap_or_default();
+                }
             }
-        }
-        if changes.changed().await.is_err() {
-            return std::future::pending().await;
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
         }
     }
 }
 
 impl Session {
-    pub(super) async fn relay(&mut self) -> End {
-        loop {
-            self.end_transaction_if_done();
-            if let Err(end) = self.process_client_messages().await {
-                let _ = self.flush_client().await;
-                return end;
-            }
-            self.cbuf.release();
-            if self.flush_client().await.is_err() {
-                return End::ClientGone;
-            }
-            let event = self.next_event().await;
-            if let Some(end) = self.on_event(event) {
-                // The error that ends the session goes out before the backend is let go.
-                let _ = self.flush_client().await;
-                return end;
-            }
+    /// Relays until the session ends. Not an `async fn`: an async fn keeps its arguments
+    /// twice in its state machine, and this one is part of every client's task.
+    #[allow(clippy::manual_async_fn)]
+    pub(super) fn relay(&mut self) -> impl Future<Output = End> + Send + '_ {
+        async move {
+            let end = loop {
+                self.end_transaction_if_done();
+                if let Err(end) = self.process_client_messages().await {
+                    break end;
+                }
+                self.cbuf.release();
+                if self.flush_client().await.is_err() {
+                    return End::ClientGone;
+                }
+                let event = self.next_event().await;
+                if let Some(end) = self.on_event(event) {
+                    break end;
+                }
+            };
+            // The error that ends the session goes out before the backend is let go.
+            let _ = self.flush_client().await;
+            end
         }
     }
 
@@ -146,6 +157,10 @@ impl Session {
     /// Waits for what the relay acts on next. One small future whatever the state: each state
     /// awaits only what can happen in it, in one `match`, so their futures share storage (this
     /// future is part of every idle client's task).
+    ///
+    /// An `async fn` on purpose: as a function returning an `async move` block, everything it
+    /// polls would be captured for the whole wait instead of moved into the one closure that
+    /// polls it (56 B more).
     pub(super) async fn next_event(&mut self) -> Event {
         // A request in flight on a node that sluice has marked down (probe timeout, refused
         // connections) would wait as long as the node hangs: end it instead.
@@ -199,8 +214,10 @@ impl Session {
         match link {
             Link::Attached(a) => {
                 let be = a.checkout.conn.conn();
+                // The closures take what they use (`move`): nothing they borrow stays behind
+                // as a separate local in this future.
                 let Some(node) = in_flight_on else {
-                    return poll_fn(|cx| {
+                    return poll_fn(move |cx| {
                         if let Poll::Ready(r) = poll_backend_io(&mut be.stream, &mut be.rbuf, to_backend, cx)
                         {
                             return Poll::Ready(Event::Backend(r));
@@ -209,8 +226,8 @@ impl Session {
                     })
                     .await;
                 };
-                let mut down = pin!(node_down(&cluster.topology, topology_changes, &node));
-                poll_fn(|cx| {
+                let mut down = pin!(node_down(&cluster.topology, topology_changes, node));
+                poll_fn(move |cx| {
                     if let Poll::Ready(r) = poll_backend_io(&mut be.stream, &mut be.rbuf, to_backend, cx) {
                         return Poll::Ready(Event::Backend(r));
                     }
@@ -224,7 +241,7 @@ impl Session {
             Link::Parked(c) => {
                 to_backend.clear();
                 let mut reclaimed = pin!(c.conn.reclaimed());
-                poll_fn(|cx| {
+                poll_fn(move |cx| {
                     if reclaimed.as_mut().poll(cx).is_ready() {
                         return Poll::Ready(Event::Reclaimed);
                     }
@@ -237,7 +254,7 @@ impl Session {
             }
             Link::Idle | Link::FailedUntilSync => {
                 to_backend.clear();
-                poll_fn(|cx| {
+                poll_fn(move |cx| {
                     if poll_idle_out(idle_timer, cx).is_ready() {
                         return Poll::Ready(Event::IdleTimeout);
                     }
@@ -250,33 +267,38 @@ impl Session {
 
     /// Writes `out` to the client. A client slow to read must not keep a parked backend from
     /// others: while writing, the parked backend still goes back when its pool needs it.
-    pub(super) async fn flush_client(&mut self) -> std::io::Result<()> {
+    ///
+    /// Not an `async fn`: it would keep `self` twice.
+    #[allow(clippy::manual_async_fn)]
+    pub(super) fn flush_client(&mut self) -> impl Future<Output = std::io::Result<()>> + Send + '_ {
         self.db
             .totals
             .sent
             .fetch_add(self.out.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        while !self.out.is_empty() {
-            let Session {
-                stream, out, link, ..
-            } = self;
-            let reclaim = async {
-                match link {
-                    Link::Parked(c) => c.conn.reclaimed().await,
-                    _ => std::future::pending().await,
+        async move {
+            while !self.out.is_empty() {
+                let Session {
+                    stream, out, link, ..
+                } = self;
+                let reclaim = async {
+                    match link {
+                        Link::Parked(c) => c.conn.reclaimed().await,
+                        _ => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    // The write first: it usually completes at once, and then the parked backend's
+                    // watch is never even set up.
+                    biased;
+                    n = stream.write(&out[..]) => match n? {
+                        0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                        n => out.get().advance(n),
+                    },
+                    () = reclaim => self.release_parked(),
                 }
-            };
-            tokio::select! {
-                // The write first: it usually completes at once, and then the parked backend's
-                // watch is never even set up.
-                biased;
-                n = stream.write(&out[..]) => match n? {
-                    0 => return Err(std::io::ErrorKind::WriteZero.into()),
-                    n => out.get().advance(n),
-                },
-                () = reclaim => self.release_parked(),
             }
+            self.out.release();
+            Ok(())
         }
-        self.out.release();
-        Ok(())
     }
 }

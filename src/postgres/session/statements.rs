@@ -114,9 +114,13 @@ pub struct Pending {
 /// The client's prepared statements by the client's name ("" is the unnamed one). The map is
 /// boxed when the client first prepares one: a client of the simple protocol never does, and an
 /// idle session carries a pointer instead of an empty map.
+///
+/// Hashed with foldhash rather than SipHash: a Bind or Describe looks a name up on every
+/// extended-protocol request. Its per-map random seed still keeps a client from choosing names
+/// that collide, and a client could only slow down its own session's map anyway.
 #[derive(Default)]
 #[allow(clippy::box_collection)] // 8 bytes in every session instead of an empty map's 48
-pub struct Statements(Option<Box<HashMap<Bytes, Arc<Statement>>>>);
+pub struct Statements(Option<Box<HashMap<Bytes, Arc<Statement>, foldhash::fast::RandomState>>>);
 
 impl Statements {
     pub fn get(&self, name: &[u8]) -> Option<&Arc<Statement>> {
