@@ -15,12 +15,17 @@ pub enum PeekError {
     Malformed(&'static str),
 }
 
-/// Splits a C string off the front: (string without NUL, rest after NUL).
+/// Splits a C string off the front: (string without NUL, rest after NUL); `None` without a
+/// NUL. The one place the crate looks for a terminator (startup packets, SASL and every
+/// peeked message use it).
+pub(crate) fn split_cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
+    let nul = memchr::memchr(0, buf)?;
+    Some((&buf[..nul], &buf[nul + 1..]))
+}
+
+/// [`split_cstr`], with `what` named in the error when there is no NUL.
 fn cstr<'a>(buf: &'a [u8], what: &'static str) -> Result<(&'a [u8], &'a [u8]), PeekError> {
-    match memchr::memchr(0, buf) {
-        Some(nul) => Ok((&buf[..nul], &buf[nul + 1..])),
-        None => Err(PeekError::Malformed(what)),
-    }
+    split_cstr(buf).ok_or(PeekError::Malformed(what))
 }
 
 /// Query ('Q') body -> SQL without the trailing NUL.

@@ -201,9 +201,8 @@ pub fn notice_response(buf: &mut BytesMut, e: &ErrorFields<'_>) {
 /// gives empty data. Decoded by hand: pgwire's decoder panics on a truncated body.
 pub fn decode_sasl_initial_response(body: &[u8]) -> Result<(String, Bytes), PeekError> {
     const BAD: PeekError = PeekError::Malformed("SASLInitialResponse");
-    let nul = memchr::memchr(0, body).ok_or(BAD)?;
-    let mechanism = std::str::from_utf8(&body[..nul]).map_err(|_| BAD)?.to_owned();
-    let rest = &body[nul + 1..];
+    let (mechanism, rest) = crate::peek::split_cstr(body).ok_or(BAD)?;
+    let mechanism = std::str::from_utf8(mechanism).map_err(|_| BAD)?.to_owned();
     let (len, data) = match rest {
         [a, b, c, d, data @ ..] => (i32::from_be_bytes([*a, *b, *c, *d]), data),
         _ => return Err(BAD),

@@ -7,6 +7,8 @@
 
 use bytes::Bytes;
 
+use crate::peek::split_cstr;
+
 const SSL_REQUEST_CODE: i32 = 80_877_103;
 const GSSENC_REQUEST_CODE: i32 = 80_877_104;
 const CANCEL_REQUEST_CODE: i32 = 80_877_102;
@@ -121,22 +123,17 @@ impl StartupPacket {
 fn parse_params(mut rest: &[u8]) -> Result<Vec<(String, String)>, StartupError> {
     let mut params = Vec::new();
     loop {
-        let (name, after) = cstr(rest).ok_or(StartupError::Malformed("missing terminator"))?;
+        let (name, after) = split_cstr(rest).ok_or(StartupError::Malformed("missing terminator"))?;
         if name.is_empty() {
             if !after.is_empty() {
                 return Err(StartupError::Malformed("bytes after the final terminator"));
             }
             return Ok(params);
         }
-        let (value, after) = cstr(after).ok_or(StartupError::Malformed("parameter without a value"))?;
+        let (value, after) = split_cstr(after).ok_or(StartupError::Malformed("parameter without a value"))?;
         params.push((utf8(name)?, utf8(value)?));
         rest = after;
     }
-}
-
-fn cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
-    let nul = memchr::memchr(0, buf)?;
-    Some((&buf[..nul], &buf[nul + 1..]))
 }
 
 fn utf8(b: &[u8]) -> Result<String, StartupError> {
