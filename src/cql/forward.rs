@@ -2,10 +2,10 @@
 //! connection's outbox ([`Inflight::dispatch`], stream id remapped there), and that
 //! connection's reader hands the answer to the client's outbox ([`Inflight::answered`],
 //! stream id mapped back); an outbox writes into its socket from the producer's own task
-//! when the socket is idle ([`super::outbox`]). No task, channel or timer per request: a task is spawned only on
-//! the rare paths (a connection to open, a request to send again that must wait for one, a
-//! statement to prepare again after UNPREPARED, a schema change to wait for), and one sweep
-//! per cluster times requests out ([`sweep_timeouts`]).
+//! when the socket is idle ([`super::outbox`]). No task, channel or timer per request: a
+//! task is spawned only on the rare paths (a connection to open, a request to send again
+//! that must wait for one, a statement to prepare again after UNPREPARED, a schema change to
+//! wait for), and one sweep per cluster times requests out ([`sweep_timeouts`]).
 //!
 //! The rules, as before the two hops: requests lost with a connection go to the next
 //! candidate (except LWTs: the node may have applied it), up to [`MAX_ATTEMPTS`] nodes. A

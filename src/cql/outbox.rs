@@ -270,11 +270,6 @@ impl Outbox {
         }
     }
 
-    /// Whether more than the bound waits to be written (see [`Outbox::room`]).
-    pub(super) fn full(&self) -> bool {
-        self.lock().pending > self.bound
-    }
-
     /// Waits until no more than the bound waits to be written (or nothing will be any
     /// more): a client's reader waits here before reading more requests, so that a client
     /// that does not read its answers stops being read instead of filling memory.
@@ -335,14 +330,13 @@ impl Outbox {
             let done = poll_fn(|cx| io.poll_write_all(cx)).await;
             self.put_back(io, Poll::Ready(done));
         }
-        let io = {
+        let (io, room) = {
             let mut st = self.lock();
             st.ended = true;
             st.queue.clear();
-            st.io.take()
+            (st.io.take(), self.room_waker(&mut st))
         };
         self.ended.cancel();
-        let room = self.room_waker(&mut self.lock());
         if let Some(w) = room {
             w.wake();
         }
@@ -572,7 +566,7 @@ mod tests {
             // Corked: queued, not written.
             assert_eq!(out.lock().queue.len(), 5);
         }
-        assert!(out.full(), "more than the bound waits");
+        assert!(out.lock().pending > out.bound, "more than the bound waits");
         out.push(env(6, 40)).unwrap();
         out.close();
         assert_eq!(out.push(env(7, 1)), Err(Closed));

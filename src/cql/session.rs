@@ -6,9 +6,7 @@
 //! reader writes the answer into this client's outbox ([`super::forward`],
 //! [`super::outbox`]).
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
@@ -170,7 +168,7 @@ async fn serve<R, W>(
                 Ok(Some(env)) => {
                     let handled = {
                         let mut handle = std::pin::pin!(c.handle(env));
-                        match poll_once(handle.as_mut()).await {
+                        match futures_util::poll!(handle.as_mut()) {
                             Poll::Ready(ok) => ok,
                             // It waits (for a permit, a connection, a login): what was
                             // corked goes now, and nothing stays corked while it waits.
@@ -203,9 +201,7 @@ async fn serve<R, W>(
             }
         }
         drop(cork);
-        if out.full() {
-            out.room().await;
-        }
+        out.room().await;
         let read = if c.ready() {
             rd.read_buf(&mut buf).await
         } else {
@@ -224,11 +220,6 @@ async fn serve<R, W>(
     }
     out.close();
     let _ = writer.await;
-}
-
-/// Polls `fut` once, without waiting.
-async fn poll_once<F: Future + Unpin>(mut fut: F) -> Poll<F::Output> {
-    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut fut).poll(cx))).await
 }
 
 /// Refuses a client in its own protocol, as PostgreSQL clients get an ErrorResponse: the
