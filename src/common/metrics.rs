@@ -42,7 +42,8 @@ pub struct RouteLabels {
 pub struct ResultLabels {
     pub cluster: String,
     pub node: String,
-    /// `ok` or `error`.
+    /// `ok` or `error` (PostgreSQL probes also `slow`: late, while the node answers its
+    /// clients).
     pub result: &'static str,
 }
 

@@ -190,6 +190,10 @@ struct CorePart {
     /// Wakes this core's parked holders: one per waiting checkout, all of them on each
     /// reaper pass and drain.
     reclaim: Notify,
+    /// Reads that brought bytes from the node on this core's connections: a probe that goes
+    /// unanswered on a node whose connections still make progress found a slow node, not a
+    /// dead one (`cluster::probes`).
+    progress: AtomicU64,
 }
 
 /// What `SHOW SERVERS` says about one server connection.
@@ -372,6 +376,12 @@ impl Pooled {
             notified.await;
             woken = true;
         }
+    }
+
+    /// Counts a read that brought bytes from the node (see [`Pools::progress`]). Only the
+    /// connection's core writes its part's counter: no contended cache line.
+    pub fn note_progress(&self) {
+        self.part().progress.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Whether checkouts (on any core) are waiting for this connection's pool.
@@ -595,6 +605,7 @@ impl Pools {
                     waiting: AtomicUsize::new(0),
                     parked: AtomicUsize::new(0),
                     reclaim: Notify::new(),
+                    progress: AtomicU64::new(0),
                 }
             })
             .collect();
@@ -614,6 +625,18 @@ impl Pools {
         next.insert(key.clone(), p.clone());
         self.pools.store(Arc::new(next));
         p
+    }
+
+    /// How many reads have brought bytes from `node` on pooled connections so far, over all
+    /// its pools and cores: while this moves, the node is answering its clients.
+    pub fn progress(&self, node: &str) -> u64 {
+        self.pools
+            .load()
+            .values()
+            .filter(|p| p.key.node == node)
+            .flat_map(|p| p.cores.iter())
+            .map(|c| c.progress.load(Ordering::Relaxed))
+            .sum()
     }
 
     fn all(&self) -> Vec<Arc<Pool>> {

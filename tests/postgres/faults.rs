@@ -514,6 +514,134 @@ pool_size = 8"#,
     env.sluice.assert_no_unexpected_errors(&[&node]);
 }
 
+/// The probe's own server process frozen (SIGSTOP) while clients keep reading from the node:
+/// the probe goes unanswered past `probe_timeout`, but the node answers everyone else, so it
+/// stays up (no read fails), the late probe is counted (`result="slow"`) and logged once, not
+/// per probe. Once the readers stop, nothing comes from the node and the same unanswered
+/// probe marks it down; a new probe connection brings it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_probe_left_unanswered_does_not_mark_down_a_node_that_answers_its_clients() {
+    const READERS: usize = 3;
+    let env = Env::start(
+        0,
+        r#"probe_interval = "200ms"
+probe_timeout = "600ms"
+pool_size = 4"#,
+    );
+    let primary = env.cluster.primary_port();
+    let node = format!("127.0.0.1:{primary}");
+    let slow = format!("sluice_probes_total{{cluster=\"app\",node=\"{node}\",result=\"slow\"}}");
+    let downs = format!("sluice_node_health_changes_total{{cluster=\"app\",node=\"{node}\",state=\"down\"}}");
+    let addr = env.sluice.listen_addr();
+    let reads = bounded(90, async {
+        let direct = env.cluster.superuser_client(primary).await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks: Vec<_> = (0..READERS)
+            .map(|_| tokio::spawn(reader(addr, stop.clone())))
+            .collect();
+        // The probe's server process: the one whose last query was the probe's.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let probe_pid: i32 = loop {
+            let rows = direct
+                .query(
+                    "SELECT pid FROM pg_stat_activity WHERE query LIKE 'SELECT pg_is_in_recovery(), %'",
+                    &[],
+                )
+                .await
+                .expect("pg_stat_activity");
+            if let [row] = &rows[..] {
+                break row.get(0);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no single probe connection: {} rows",
+                rows.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let kill = |signal: &str| {
+            let ok = std::process::Command::new("kill")
+                .args(["-s", signal, &probe_pid.to_string()])
+                .status()
+                .expect("run kill")
+                .success();
+            assert!(ok, "kill -s {signal} {probe_pid}");
+        };
+        kill("STOP");
+        let t_stop = Instant::now();
+        // Late past probe_timeout (600 ms) several times over while the readers are served.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while env.sluice.metric(&slow).unwrap_or(0.0) < 4.0 {
+            assert!(Instant::now() < deadline, "the probe was never counted slow");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let late = t_stop.elapsed();
+        let (nodes, body) = env.sluice.topology_nodes();
+        assert!(
+            nodes
+                .iter()
+                .any(|n| n["address"] == node.as_str() && n["healthy"] == true),
+            "marked down while answering its clients ({late:?} after the probe froze): {body}"
+        );
+        assert_eq!(
+            env.sluice.metric(&downs).unwrap_or(0.0),
+            0.0,
+            "marked down meanwhile"
+        );
+        // Nobody reads now: the unanswered probe marks the node down.
+        stop.store(true, Ordering::Relaxed);
+        let mut reads = Vec::new();
+        for t in tasks {
+            reads.extend(t.await.expect("reader task"));
+        }
+        let t_idle = Instant::now();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while env.sluice.metric(&downs).unwrap_or(0.0) < 1.0 {
+            assert!(
+                Instant::now() < deadline,
+                "never marked down after the readers stopped"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        eprintln!(
+            "[faults] probe frozen: still up {late:?} after (probe_timeout 600 ms) while {READERS} \
+             readers were served; marked down {:?} after they stopped",
+            t_idle.elapsed()
+        );
+        kill("CONT");
+        wait_health(&env, primary, true, Duration::from_secs(10)).await;
+        reads
+    })
+    .await;
+
+    let ok = reads.iter().filter(|r| r.outcome == "ok").count();
+    let failed: Vec<&str> = reads
+        .iter()
+        .filter(|r| r.outcome != "ok")
+        .map(|r| r.outcome.as_str())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "reads failed while the node was up: {failed:?}"
+    );
+    assert!(ok > 20, "too few reads: {ok}");
+    let logs = env.sluice.logs();
+    let warned = logs
+        .iter()
+        .filter(|l| l.contains("has not answered its probe within probe_timeout") && l.contains(&node))
+        .count();
+    assert_eq!(warned, 1, "the late probe is logged once, not per probe");
+    let down: Vec<&String> = logs
+        .iter()
+        .filter(|l| l.contains("PostgreSQL node is down") && l.contains(&node))
+        .collect();
+    assert!(
+        down.len() == 1 && down[0].contains("probe timed out"),
+        "one mark-down, by the probe: {down:?}"
+    );
+    env.sluice.assert_no_unexpected_errors(&[&node]);
+}
+
 /// Runs `SELECT 1` (and a write) on each client in turn until `stop`; returns every failure.
 async fn bystanders(clients: Vec<Client>, stop: Arc<AtomicBool>) -> (usize, Vec<String>) {
     let mut done = 0;

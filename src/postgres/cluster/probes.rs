@@ -106,6 +106,7 @@ impl Cluster {
         let mut ticker = tokio::time::interval(self.config.probe_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut again = false;
+        let mut slow = Slow::default();
         let mut last_refusals = self.refusals.load(Ordering::SeqCst);
         loop {
             if !std::mem::take(&mut again) {
@@ -138,27 +139,19 @@ impl Cluster {
                 timeout: self.config.connect_timeout,
                 tls: &self.backend_tls,
             };
-            let result = tokio::time::timeout(self.pg.probe_timeout, probe_once(&mut conn, opts)).await;
-            let obs = match result {
-                Ok(Ok(p)) => Observation::Up {
+            let obs = match self.probe_patiently(&mut conn, opts, &mut slow).await {
+                Ok(p) => Observation::Up {
                     role: p.role,
                     lsn: p.lsn,
                     timeline: p.timeline,
                     replay_lag_ms: p.replay_lag_ms,
                     read_only: p.read_only,
                 },
-                Ok(Err(e)) => {
+                Err(error) => {
                     conn = None;
                     Observation::Down {
                         source: Source::Probe,
-                        error: e.to_string(),
-                    }
-                }
-                Err(_) => {
-                    conn = None;
-                    Observation::Down {
-                        source: Source::Probe,
-                        error: format!("probe timed out after {:?}", self.pg.probe_timeout),
+                        error,
                     }
                 }
             };
@@ -167,22 +160,85 @@ impl Cluster {
                 again = true;
                 continue;
             }
-            self.metrics
-                .probes
-                .get_or_create(&ResultLabels {
-                    cluster: self.config.name.clone(),
-                    node: address.clone(),
-                    result: if matches!(obs, Observation::Up { .. }) {
-                        "ok"
-                    } else {
-                        "error"
-                    },
-                })
-                .inc();
+            self.count_probe(
+                &address,
+                if matches!(obs, Observation::Up { .. }) {
+                    "ok"
+                } else {
+                    "error"
+                },
+            );
             self.observe(&id, &obs);
         }
     }
+
+    /// Runs one probe; `Err` says why the node is down. The answer is due within
+    /// `probe_timeout`, but a late answer alone does not make a node down: while the node's
+    /// pooled connections keep reading bytes from it, it is answering its clients, and the
+    /// probe waits on (a saturated machine keeps a probe's query waiting for seconds: up to
+    /// 2 s measured here under `pgbench -c 16`, directly against PostgreSQL as well as through
+    /// sluice). The node is down once the probe has waited `probe_timeout` and nothing came
+    /// from the node in the last half of it: a node that freezes is marked down within
+    /// `probe_timeout` of its last answer to anyone.
+    async fn probe_patiently(
+        &self,
+        conn: &mut Option<Backend>,
+        opts: ConnectOptions<'_>,
+        slow: &mut Slow,
+    ) -> Result<Probed, String> {
+        let timeout = self.pg.probe_timeout;
+        let step = timeout / 2;
+        let mut probe = std::pin::pin!(probe_once(conn, opts));
+        let mut seen = self.pools.progress(opts.addr);
+        let mut waited = Duration::ZERO;
+        let result = loop {
+            match tokio::time::timeout(step, probe.as_mut()).await {
+                Ok(r) => break r.map_err(|e| e.to_string()),
+                Err(_) => {
+                    waited += step;
+                    let now = self.pools.progress(opts.addr);
+                    let answering = now != seen;
+                    seen = now;
+                    if waited < timeout {
+                        continue;
+                    }
+                    if !answering {
+                        break Err(format!("probe timed out after {waited:?}"));
+                    }
+                    if !std::mem::replace(&mut slow.0, true) {
+                        warn!(node = %opts.addr, probe_timeout = ?timeout, "the node has not answered its probe within probe_timeout but is answering its clients; not marking it down");
+                    }
+                    self.count_probe(opts.addr, "slow");
+                }
+            }
+        };
+        match &result {
+            Ok(_) if waited < timeout && std::mem::take(&mut slow.0) => {
+                info!(node = %opts.addr, "the node answers its probe within probe_timeout again");
+            }
+            // Marked down: the health report says so.
+            Err(_) => slow.0 = false,
+            Ok(_) => {}
+        }
+        result
+    }
+
+    fn count_probe(&self, node: &str, result: &'static str) {
+        self.metrics
+            .probes
+            .get_or_create(&ResultLabels {
+                cluster: self.config.name.clone(),
+                node: node.to_string(),
+                result,
+            })
+            .inc();
+    }
 }
+
+/// Whether a node's probes are answered late (past `probe_timeout`, while the node answers its
+/// clients): logged when it starts and when it ends, not per probe.
+#[derive(Default)]
+pub(super) struct Slow(bool);
 
 /// The probe tasks of a cluster, aborted when the supervisor that owns them stops.
 #[derive(Default)]

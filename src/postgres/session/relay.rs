@@ -127,7 +127,13 @@ impl Session {
                 Some(self.backend_lost("the server closed the connection"))
             }
             Event::Backend(Err(e)) => Some(self.backend_lost(&e.to_string())),
-            Event::Backend(Ok(BackendIo::Read(_))) => self.process_backend_messages().err(),
+            Event::Backend(Ok(BackendIo::Read(_))) => {
+                // The node answers: a probe it leaves unanswered meanwhile found it slow, not dead.
+                if let Some(a) = self.link.attached() {
+                    a.checkout.conn.note_progress();
+                }
+                self.process_backend_messages().err()
+            }
             // Another client needs a connection of that pool, or it idled out.
             Event::Reclaimed => {
                 self.release_parked();
