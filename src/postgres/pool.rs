@@ -355,19 +355,28 @@ impl Pooled {
         self.epoch == self.slot.pool.epoch.load(Ordering::Acquire) && c.looks_alive()
     }
 
-    /// Resolves when a parked connection should go back to the pool: a checkout (on any
-    /// core) is waiting for capacity, or the connection outlived `idle_timeout`/`max_lifetime`
-    /// (checked when the reaper passes).
+    /// Whether a parked connection should go back to the pool now: a checkout (on any core)
+    /// is waiting for capacity, or its pool was drained. Two atomic loads: a parked session
+    /// looks here first each time it wakes, before the registered wait of [`Self::reclaimed`].
+    pub fn reclaim_due(&self) -> bool {
+        let pool = &self.slot.pool;
+        pool.waiting.load(Ordering::SeqCst) > 0 || self.epoch != pool.epoch.load(Ordering::Acquire)
+    }
+
+    /// Resolves when a parked connection should go back to the pool: [`Self::reclaim_due`],
+    /// or the connection outlived `idle_timeout`/`max_lifetime` (checked when the reaper
+    /// passes).
     pub async fn reclaimed(&self) {
         let pool = &self.slot.pool;
         let mut woken = false;
         loop {
+            // Made before looking, and registered when first polled: a checkout that starts
+            // to wait after the look still wakes this holder, as `notify_one` without a
+            // registered waiter leaves a permit for the next one polled, and a drain's or the
+            // reaper's `notify_waiters` reaches every `Notified` made before it (registering
+            // with `enable` first would take the waiter list's lock once more per request).
             let notified = self.part().reclaim.notified();
-            tokio::pin!(notified);
-            // Registered before looking, so that a checkout starting to wait after the look
-            // still wakes this holder.
-            notified.as_mut().enable();
-            if pool.waiting.load(Ordering::SeqCst) > 0 || self.epoch != pool.epoch.load(Ordering::Acquire) {
+            if self.reclaim_due() {
                 return;
             }
             if woken && self.conn.as_ref().is_none_or(|c| pool.expired(c, Instant::now())) {

@@ -246,15 +246,26 @@ impl Session {
             }
             Link::Parked(c) => {
                 to_backend.clear();
-                let mut reclaimed = pin!(c.conn.reclaimed());
+                let conn = &c.conn;
+                let mut reclaimed = pin!(conn.reclaimed());
+                // The reclaim first, as its cheap check (two atomic loads); its registered
+                // wait (a lock to register, another to unregister) is polled only when the
+                // client has nothing either, so that a client's next request, the usual
+                // wake-up, does not poll it again.
                 poll_fn(move |cx| {
-                    if reclaimed.as_mut().poll(cx).is_ready() {
+                    if conn.reclaim_due() {
                         return Poll::Ready(Event::Reclaimed);
                     }
                     if poll_idle_out(idle_timer, cx).is_ready() {
                         return Poll::Ready(Event::IdleTimeout);
                     }
-                    client(cx)
+                    if let Poll::Ready(e) = client(cx) {
+                        return Poll::Ready(e);
+                    }
+                    if reclaimed.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Event::Reclaimed);
+                    }
+                    Poll::Pending
                 })
                 .await
             }

@@ -559,6 +559,11 @@ impl Forward<'_> {
     /// another name: returns the Query to send instead. `DEALLOCATE ALL` and `DISCARD ALL` drop
     /// every statement on the backend: forget them so they are prepared again when needed.
     fn rewrite_session_commands(mut self, sql: &[u8]) -> Option<BytesMut> {
+        // Only EXECUTE, DEALLOCATE and DISCARD are rewritten: a query starting with any other
+        // letter is not parsed further (the cost of this per simple query is one byte).
+        if !matches!(sql.trim_ascii_start().first(), Some(b'E' | b'e' | b'D' | b'd')) {
+            return None;
+        }
         if let Some((name, rest)) = parse_execute(sql) {
             let stmt = self.statements.get(name.as_slice())?.clone();
             let backend_name = stmt.backend_name();
