@@ -31,10 +31,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use bytes::BytesMut;
+use futures_util::task::AtomicWaker;
 use tokio::sync::{Notify, Semaphore};
 use tracing::debug;
 
 use crate::common::metrics::{ClusterLabels, Metrics, NodeStateLabels};
+use crate::common::tls::BackendStream;
 use crate::postgres::backend::{
     same_startup, Backend, BackendError, ConnectOptions, Credential, StartupParams,
 };
@@ -208,12 +211,17 @@ pub struct ServerInfo {
     /// The pool's epoch when it was opened: once `drain` has moved past it, the connection
     /// is closed when its client releases it (idle ones are closed at once).
     pub epoch: u64,
+    /// Wakes the session waiting on this connection when its pool is drained (see
+    /// [`Drained`]).
+    pub drained: Arc<AtomicWaker>,
 }
 
 /// Keeps a connection in its pool's server list until the connection is dropped.
 pub struct Registration {
     id: u64,
     servers: Arc<Mutex<HashMap<u64, ServerInfo>>>,
+    /// The same as the server list's entry (see [`Drained`]).
+    drained: Arc<AtomicWaker>,
 }
 
 impl Drop for Registration {
@@ -393,9 +401,51 @@ impl Pooled {
         self.part().progress.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The connection's socket and read buffer, with what tells when its pool is drained and
+    /// its node's address: what the relay waits on while a request is in flight.
+    pub fn relay_parts(&mut self) -> (&mut BackendStream, &mut BytesMut, Drained<'_>, &Arc<str>) {
+        let pool = &self.slot.pool;
+        let Backend {
+            stream,
+            rbuf,
+            registration,
+            ..
+        } = &mut **self.conn.as_mut().expect("present until drop");
+        let drained = Drained {
+            waker: registration.as_ref().map(|r| &*r.drained),
+            current: &pool.epoch,
+            epoch: self.epoch,
+        };
+        (stream, rbuf, drained, &pool.node)
+    }
+
     /// Whether checkouts (on any core) are waiting for this connection's pool.
     pub fn contended(&self) -> bool {
         self.slot.pool.waiting.load(Ordering::SeqCst) > 0
+    }
+}
+
+/// Resolves once the pool of a checked-out connection has been drained since the checkout: a
+/// node marked down is drained (`Cluster::observe`), and so are a demoted node, `RECONNECT`
+/// and a dropped database. A session with a request in flight waits on this instead of on
+/// every topology change: one `AtomicWaker::register` per wait, no lock.
+pub struct Drained<'a> {
+    waker: Option<&'a AtomicWaker>,
+    current: &'a AtomicU64,
+    epoch: u64,
+}
+
+impl Drained<'_> {
+    pub fn poll(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        // Registered before looking: a drain after the look wakes this task.
+        if let Some(w) = self.waker {
+            w.register(cx.waker());
+        }
+        if self.current.load(Ordering::Acquire) != self.epoch {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
     }
 }
 
@@ -794,11 +844,14 @@ impl Pools {
             local: conn.stream.tcp().local_addr().ok(),
             tls: matches!(conn.stream, crate::common::tls::MaybeTls::Tls(_)),
             epoch,
+            drained: Arc::new(AtomicWaker::new()),
         };
+        let drained = info.drained.clone();
         pool.servers.lock().expect("servers lock").insert(id, info);
         conn.registration = Some(Registration {
             id,
             servers: pool.servers.clone(),
+            drained,
         });
     }
 
@@ -881,6 +934,10 @@ impl Pools {
                 p.idle_gauge.dec_by(drained.len() as i64);
                 // Parked holders give their connections back now (see `Pooled::reclaimed`).
                 part.reclaim.notify_waiters();
+            }
+            // Sessions waiting on a connection of the pool look at why (see `Drained`).
+            for server in p.servers.lock().expect("servers lock").values() {
+                server.drained.wake();
             }
         }
     }

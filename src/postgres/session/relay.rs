@@ -67,27 +67,26 @@ fn poll_idle_out(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>, cx: &mut Cont
     }
 }
 
-/// Resolves (with the node's last error) when `node` is marked down in the topology.
-///
-/// Not an `async fn`: an async fn keeps its arguments twice in its state machine, and this
-/// future is part of the relay's while a request is in flight.
-#[allow(clippy::manual_async_fn)]
-fn node_down<'a>(
-    topology: &'a crate::common::topology::Topology,
-    changes: &'a mut tokio::sync::watch::Receiver<u64>,
+/// Why `node` is marked down in the topology now (its last error), if it is.
+fn down_now(topology: &crate::common::topology::Topology, node: &str) -> Option<String> {
+    let snap = topology.load();
+    let n = snap.nodes.iter().find(|n| *n.address == *node && !n.health.up)?;
+    Some(n.health.error.clone().unwrap_or_default())
+}
+
+/// Resolves (with the node's last error) when `node` is marked down in the topology: the
+/// in-flight wait's fallback once the node's pool was drained for another reason.
+async fn node_down(
+    topology: &crate::common::topology::Topology,
+    changes: &mut tokio::sync::watch::Receiver<u64>,
     node: Arc<str>,
-) -> impl Future<Output = String> + Send + 'a {
-    async move {
-        loop {
-            {
-                let snap = topology.load();
-                if let Some(n) = snap.nodes.iter().find(|n| *n.address == *node && !n.health.up) {
-                    return n.health.error.clone().unwrap_or_default();
-                }
-            }
-            if changes.changed().await.is_err() {
-                return std::future::pending().await;
-            }
+) -> String {
+    loop {
+        if let Some(why) = down_now(topology, &node) {
+            return why;
+        }
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
         }
     }
 }
@@ -170,11 +169,10 @@ impl Session {
     pub(super) async fn next_event(&mut self) -> Event {
         // A request in flight on a node that sluice has marked down (probe timeout, refused
         // connections) would wait as long as the node hangs: end it instead.
-        let in_flight_on = self
+        let in_flight = self
             .link
             .attached()
-            .filter(|a| !a.st.units.is_empty() || a.st.in_batch || a.st.copy_in)
-            .map(|a| a.checkout.conn.node_shared());
+            .is_some_and(|a| !a.st.units.is_empty() || a.st.in_batch || a.st.copy_in);
         // A client with no backend is between transactions: it may idle only so long. The
         // timer is made once per session (only when the limit is configured) and restarted here.
         if let (Some(limit), false) = (
@@ -219,25 +217,39 @@ impl Session {
         // this future (it is part of every idle client's task).
         match link {
             Link::Attached(a) => {
-                let be = a.checkout.conn.conn();
-                // The closures take what they use (`move`): nothing they borrow stays behind
-                // as a separate local in this future.
-                let Some(node) = in_flight_on else {
+                let (stream, rbuf, drained, node) = a.checkout.conn.relay_parts();
+                if !in_flight {
+                    // The closures take what they use (`move`): nothing they borrow stays
+                    // behind as a separate local in this future.
                     return poll_fn(move |cx| {
-                        if let Poll::Ready(r) = poll_backend_io(&mut be.stream, &mut be.rbuf, to_backend, cx)
-                        {
+                        if let Poll::Ready(r) = poll_backend_io(stream, rbuf, to_backend, cx) {
                             return Poll::Ready(Event::Backend(r));
                         }
                         client(cx)
                     })
                     .await;
-                };
-                let mut down = pin!(node_down(&cluster.topology, topology_changes, node));
+                }
+                // A request in flight ends when its node is marked down. Marking a node down
+                // drains its pools, which wakes this wait (`Drained`); a drain for another
+                // reason (a demoted node, RECONNECT) leaves the request alone and watches the
+                // topology from then on (boxed: rare, and this future is part of every
+                // session's).
+                let topology = &cluster.topology;
+                let mut changes = Some(topology_changes);
+                let mut watching: Option<Pin<Box<dyn Future<Output = String> + Send + '_>>> = None;
                 poll_fn(move |cx| {
-                    if let Poll::Ready(r) = poll_backend_io(&mut be.stream, &mut be.rbuf, to_backend, cx) {
+                    if let Poll::Ready(r) = poll_backend_io(stream, rbuf, to_backend, cx) {
                         return Poll::Ready(Event::Backend(r));
                     }
-                    if let Poll::Ready(why) = down.as_mut().poll(cx) {
+                    if watching.is_none() && drained.poll(cx).is_ready() {
+                        if let Some(why) = down_now(topology, node) {
+                            return Poll::Ready(Event::NodeDown(why));
+                        }
+                        if let Some(changes) = changes.take() {
+                            watching = Some(Box::pin(node_down(topology, changes, node.clone())));
+                        }
+                    }
+                    if let Some(Poll::Ready(why)) = watching.as_mut().map(|w| w.as_mut().poll(cx)) {
                         return Poll::Ready(Event::NodeDown(why));
                     }
                     client(cx)
