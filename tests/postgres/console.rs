@@ -726,6 +726,76 @@ async fn reconnect_marks_busy_server_connections_close_needed() {
     env.sluice.assert_no_unexpected_errors(&[]);
 }
 
+/// RECONNECT drains the pools while a query is in flight: the query is left alone and
+/// answered (a drain ends nothing by itself); a node marked down afterwards (frozen with
+/// SIGSTOP, its probe unanswered) still ends the query in flight on it at once with 08006,
+/// not when the query would have finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_leaves_a_query_in_flight_alone_and_a_node_marked_down_still_ends_it() {
+    let env = start(0, "probe_interval = \"200ms\"\nprobe_timeout = \"600ms\"", "");
+    let primary = env.cluster.primary_port();
+    let outcome = bounded(60, async {
+        let admin = console(&env, "boss").await;
+        let app = env.app_client().await;
+        // 1. In flight across a RECONNECT: answered.
+        let running = tokio::spawn(async move {
+            let r = app.simple_query("SELECT pg_sleep(1.5), 'slept'").await;
+            (r, app)
+        });
+        wait_running(&env, primary, "SELECT pg_sleep(1.5), 'slept'").await;
+        show(&admin, "RECONNECT app").await;
+        let (r, app) = running.await.expect("query task");
+        let rows = r.expect("the query in flight across RECONNECT failed");
+        assert!(
+            rows.iter()
+                .any(|m| matches!(m, SimpleQueryMessage::Row(row) if row.get(1) == Some("slept"))),
+            "no row"
+        );
+        // 2. In flight across another RECONNECT, then the node freezes: ended with 08006.
+        let running = tokio::spawn(async move {
+            let started = Instant::now();
+            let r = app.simple_query("SELECT pg_sleep(30)").await;
+            (r, started.elapsed())
+        });
+        wait_running(&env, primary, "SELECT pg_sleep(30)").await;
+        show(&admin, "RECONNECT app").await;
+        env.cluster.signal_node(primary, "STOP");
+        let (r, took) = running.await.expect("query task");
+        env.cluster.signal_node(primary, "CONT");
+        (r.err().and_then(|e| e.code().map(|c| c.code().to_string())), took)
+    })
+    .await;
+    eprintln!("[console] query in flight on a node frozen after RECONNECT: {outcome:?}");
+    assert_eq!(outcome.0.as_deref(), Some("08006"), "{outcome:?}");
+    assert!(
+        outcome.1 < Duration::from_secs(10),
+        "ended only after {:?}",
+        outcome.1
+    );
+    env.sluice
+        .assert_no_unexpected_errors(&[&format!("127.0.0.1:{primary}")]);
+}
+
+/// Waits (10 s at most) until `query` runs on the node at `port`.
+async fn wait_running(env: &Env, port: u16, query: &str) {
+    let direct = env.cluster.superuser_client(port).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows = direct
+            .query(
+                "SELECT 1 FROM pg_stat_activity WHERE query = $1 AND state = 'active'",
+                &[&query],
+            )
+            .await
+            .expect("pg_stat_activity");
+        if !rows.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{query:?} is not running");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnect_reload_and_shutdown() {
     let env = start(0, "", "");

@@ -135,7 +135,6 @@ pub async fn login(
         pinned: None,
         rare: None,
         cancel_key,
-        topology_changes: cluster.topology.subscribe(),
         idle_timer: None,
     });
     // The connection that answered the login serves the client's first request (session

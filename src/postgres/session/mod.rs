@@ -226,9 +226,6 @@ pub struct Session {
     /// What few clients need, boxed when first needed (an idle session stays small).
     rare: Option<Box<Rare>>,
     cancel_key: (i32, i32),
-    /// Topology generations, subscribed once per session: the relay watches for the node of a
-    /// request in flight being marked down.
-    topology_changes: tokio::sync::watch::Receiver<u64>,
     /// `client_idle_timeout` between transactions (made on first use, when configured).
     idle_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }

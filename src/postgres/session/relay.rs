@@ -4,7 +4,6 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
@@ -72,23 +71,6 @@ fn down_now(topology: &crate::common::topology::Topology, node: &str) -> Option<
     let snap = topology.load();
     let n = snap.nodes.iter().find(|n| *n.address == *node && !n.health.up)?;
     Some(n.health.error.clone().unwrap_or_default())
-}
-
-/// Resolves (with the node's last error) when `node` is marked down in the topology: the
-/// in-flight wait's fallback once the node's pool was drained for another reason.
-async fn node_down(
-    topology: &crate::common::topology::Topology,
-    changes: &mut tokio::sync::watch::Receiver<u64>,
-    node: Arc<str>,
-) -> String {
-    loop {
-        if let Some(why) = down_now(topology, &node) {
-            return why;
-        }
-        if changes.changed().await.is_err() {
-            return std::future::pending().await;
-        }
-    }
 }
 
 impl Session {
@@ -192,7 +174,6 @@ impl Session {
             to_backend,
             rare,
             cluster,
-            topology_changes,
             idle_timer,
             ..
         } = self;
@@ -230,27 +211,18 @@ impl Session {
                     .await;
                 }
                 // A request in flight ends when its node is marked down. Marking a node down
-                // drains its pools, which wakes this wait (`Drained`); a drain for another
-                // reason (a demoted node, RECONNECT) leaves the request alone and watches the
-                // topology from then on (boxed: rare, and this future is part of every
-                // session's).
+                // drains its pools, which wakes this wait (`Drained`); once its pool has been
+                // drained (also for another reason: a demoted node, RECONNECT), every wake-up
+                // looks at the topology, and the request goes on unless its node is down.
                 let topology = &cluster.topology;
-                let mut changes = Some(topology_changes);
-                let mut watching: Option<Pin<Box<dyn Future<Output = String> + Send + '_>>> = None;
                 poll_fn(move |cx| {
                     if let Poll::Ready(r) = poll_backend_io(stream, rbuf, to_backend, cx) {
                         return Poll::Ready(Event::Backend(r));
                     }
-                    if watching.is_none() && drained.poll(cx).is_ready() {
+                    if drained.poll(cx).is_ready() {
                         if let Some(why) = down_now(topology, node) {
                             return Poll::Ready(Event::NodeDown(why));
                         }
-                        if let Some(changes) = changes.take() {
-                            watching = Some(Box::pin(node_down(topology, changes, node.clone())));
-                        }
-                    }
-                    if let Some(Poll::Ready(why)) = watching.as_mut().map(|w| w.as_mut().poll(cx)) {
-                        return Poll::Ready(Event::NodeDown(why));
                     }
                     client(cx)
                 })
