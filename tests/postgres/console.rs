@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, SimpleQueryMessage};
 
+use crate::faults::backend_running;
 use crate::pgbench::pgbench;
 
 use crate::support::{self, bounded, pg_bin, simple_column, try_connect, PgCluster, Sluice};
@@ -736,13 +737,14 @@ async fn reconnect_leaves_a_query_in_flight_alone_and_a_node_marked_down_still_e
     let primary = env.cluster.primary_port();
     let outcome = bounded(60, async {
         let admin = console(&env, "boss").await;
+        let direct = env.cluster.superuser_client(primary).await;
         let app = env.app_client().await;
         // 1. In flight across a RECONNECT: answered.
         let running = tokio::spawn(async move {
             let r = app.simple_query("SELECT pg_sleep(1.5), 'slept'").await;
             (r, app)
         });
-        wait_running(&env, primary, "SELECT pg_sleep(1.5), 'slept'").await;
+        backend_running(&direct, "SELECT pg_sleep(1.5), 'slept'").await;
         show(&admin, "RECONNECT app").await;
         let (r, app) = running.await.expect("query task");
         let rows = r.expect("the query in flight across RECONNECT failed");
@@ -757,7 +759,7 @@ async fn reconnect_leaves_a_query_in_flight_alone_and_a_node_marked_down_still_e
             let r = app.simple_query("SELECT pg_sleep(30)").await;
             (r, started.elapsed())
         });
-        wait_running(&env, primary, "SELECT pg_sleep(30)").await;
+        backend_running(&direct, "SELECT pg_sleep(30)").await;
         show(&admin, "RECONNECT app").await;
         env.cluster.signal_node(primary, "STOP");
         let (r, took) = running.await.expect("query task");
@@ -774,26 +776,6 @@ async fn reconnect_leaves_a_query_in_flight_alone_and_a_node_marked_down_still_e
     );
     env.sluice
         .assert_no_unexpected_errors(&[&format!("127.0.0.1:{primary}")]);
-}
-
-/// Waits (10 s at most) until `query` runs on the node at `port`.
-async fn wait_running(env: &Env, port: u16, query: &str) {
-    let direct = env.cluster.superuser_client(port).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let rows = direct
-            .query(
-                "SELECT 1 FROM pg_stat_activity WHERE query = $1 AND state = 'active'",
-                &[&query],
-            )
-            .await
-            .expect("pg_stat_activity");
-        if !rows.is_empty() {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{query:?} is not running");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -668,7 +668,7 @@ async fn bystanders(clients: Vec<Client>, stop: Arc<AtomicBool>) -> (usize, Vec<
 }
 
 /// The pid of the backend running `needle` (polled, 10 s at most).
-async fn backend_running(direct: &Client, needle: &str) -> i32 {
+pub(crate) async fn backend_running(direct: &Client, needle: &str) -> i32 {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let rows = direct
