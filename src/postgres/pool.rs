@@ -360,15 +360,20 @@ impl Pooled {
     /// reaper wakes parked holders, not here: no clock read per request.)
     pub fn still_good(&self) -> bool {
         let Some(c) = self.conn.as_ref() else { return false };
-        self.epoch == self.slot.pool.epoch.load(Ordering::Acquire) && c.looks_alive()
+        !self.drained() && c.looks_alive()
+    }
+
+    /// Whether the pool was drained since this checkout (`Pools::drain`): the connection
+    /// is closed when it comes back.
+    fn drained(&self) -> bool {
+        self.epoch != self.slot.pool.epoch.load(Ordering::Acquire)
     }
 
     /// Whether a parked connection should go back to the pool now: a checkout (on any core)
     /// is waiting for capacity, or its pool was drained. Two atomic loads: a parked session
     /// looks here first each time it wakes, before the registered wait of [`Self::reclaimed`].
     pub fn reclaim_due(&self) -> bool {
-        let pool = &self.slot.pool;
-        pool.waiting.load(Ordering::SeqCst) > 0 || self.epoch != pool.epoch.load(Ordering::Acquire)
+        self.contended() || self.drained()
     }
 
     /// Resolves when a parked connection should go back to the pool: [`Self::reclaim_due`],
@@ -582,7 +587,7 @@ impl Drop for Pooled {
         let pool = &self.slot.pool;
         pool.active_gauge.dec();
         let Some(mut conn) = self.conn.take() else { return };
-        if self.reusable && self.epoch == pool.epoch.load(Ordering::Acquire) {
+        if self.reusable && !self.drained() {
             conn.last_used = Instant::now();
             pool.cores[self.slot.core]
                 .idle

@@ -106,7 +106,8 @@ impl Cluster {
         let mut ticker = tokio::time::interval(self.config.probe_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut again = false;
-        let mut slow = Slow::default();
+        // Whether this node's probes are late now (logged when that starts and ends).
+        let mut slow = false;
         let mut last_refusals = self.refusals.load(Ordering::SeqCst);
         loop {
             if !std::mem::take(&mut again) {
@@ -179,12 +180,13 @@ impl Cluster {
     /// 2 s measured here under `pgbench -c 16`, directly against PostgreSQL as well as through
     /// sluice). The node is down once the probe has waited `probe_timeout` and nothing came
     /// from the node in the last half of it: a node that freezes is marked down within
-    /// `probe_timeout` of its last answer to anyone.
+    /// `probe_timeout` of its last answer to anyone. `slow` is whether this node's probes are
+    /// late now: late probes are logged when that starts and when it ends, not per probe.
     async fn probe_patiently(
         &self,
         conn: &mut Option<Backend>,
         opts: ConnectOptions<'_>,
-        slow: &mut Slow,
+        slow: &mut bool,
     ) -> Result<Probed, String> {
         let timeout = self.pg.probe_timeout;
         let step = timeout / 2;
@@ -205,7 +207,7 @@ impl Cluster {
                     if !answering {
                         break Err(format!("probe timed out after {waited:?}"));
                     }
-                    if !std::mem::replace(&mut slow.0, true) {
+                    if !std::mem::replace(slow, true) {
                         warn!(node = %opts.addr, probe_timeout = ?timeout, "the node has not answered its probe within probe_timeout but is answering its clients; not marking it down");
                     }
                     self.count_probe(opts.addr, "slow");
@@ -213,11 +215,11 @@ impl Cluster {
             }
         };
         match &result {
-            Ok(_) if waited < timeout && std::mem::take(&mut slow.0) => {
+            Ok(_) if waited < timeout && std::mem::take(slow) => {
                 info!(node = %opts.addr, "the node answers its probe within probe_timeout again");
             }
             // Marked down: the health report says so.
-            Err(_) => slow.0 = false,
+            Err(_) => *slow = false,
             Ok(_) => {}
         }
         result
@@ -234,11 +236,6 @@ impl Cluster {
             .inc();
     }
 }
-
-/// Whether a node's probes are answered late (past `probe_timeout`, while the node answers its
-/// clients): logged when it starts and when it ends, not per probe.
-#[derive(Default)]
-pub(super) struct Slow(bool);
 
 /// The probe tasks of a cluster, aborted when the supervisor that owns them stops.
 #[derive(Default)]
