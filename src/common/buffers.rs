@@ -27,11 +27,12 @@ const KEEP_UP_TO: usize = 64 * 1024;
 const POOLED_PER_THREAD: usize = 16;
 
 thread_local! {
-    static POOL: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    #[allow(clippy::vec_box)]
+    static POOL: RefCell<Vec<Box<BytesMut>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// An empty buffer of at least [`BUFFER_SIZE`] bytes, from the thread's pool if it has one.
-fn take() -> BytesMut {
+fn take() -> Box<BytesMut> {
     let mut b = POOL
         .try_with(|p| p.borrow_mut().pop())
         .ok()
@@ -44,7 +45,7 @@ fn take() -> BytesMut {
 }
 
 /// Gives an emptied buffer back to the thread's pool (or frees it).
-fn give(mut b: BytesMut) {
+fn give(mut b: Box<BytesMut>) {
     b.clear();
     if b.capacity() > KEEP_UP_TO {
         return;
@@ -59,8 +60,11 @@ fn give(mut b: BytesMut) {
 }
 
 /// A byte buffer that holds memory only while it holds bytes.
+///
+/// One pointer: the `BytesMut` lives in a box that goes to and from the pool with it, so an
+/// idle connection's three buffers take 24 bytes of its session instead of 96.
 #[derive(Default)]
-pub struct Buffer(Option<BytesMut>);
+pub struct Buffer(Option<Box<BytesMut>>);
 
 impl Buffer {
     /// The buffer, for writing into it: one is taken from the pool if none is held.
@@ -105,7 +109,7 @@ impl std::ops::Deref for Buffer {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
-        self.0.as_deref().unwrap_or_default()
+        self.0.as_deref().map_or(&[], |b| &b[..])
     }
 }
 

@@ -7,8 +7,11 @@
 //!
 //! A session whose transaction is over may keep its connection parked instead of returning it
 //! (see `Session::park`): a checkout that finds no free slot asks one parked holder to give its
-//! connection back ([`Pooled::reclaimed`]), and the reaper wakes parked holders so that
-//! `idle_timeout` and `max_lifetime` apply to parked connections too.
+//! connection back ([`Pooled::poll_reclaimed`]), and the reaper wakes parked holders so that
+//! `idle_timeout` and `max_lifetime` apply to parked connections too. Each connection has its
+//! own [`ConnSignal`] for this: the session holding it registers its waker there (one atomic
+//! operation, no lock, nothing to unregister), and the pool wakes exactly the holders it
+//! means.
 //!
 //! **Per core.** `pool_size` is one bound over all cores, split into a share per core. Each
 //! core hands out its own capacity to its own sessions (a fair semaphore per core) and keeps
@@ -26,14 +29,14 @@
 //! statements.
 
 use std::collections::HashMap;
-use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use futures_util::task::AtomicWaker;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tracing::debug;
 
 use crate::common::metrics::{ClusterLabels, Metrics, NodeStateLabels};
@@ -188,11 +191,6 @@ struct CorePart {
     idle: Mutex<Vec<Box<Backend>>>,
     /// Checkouts of this core waiting for capacity.
     waiting: AtomicUsize,
-    /// Connections of this core parked with their sessions.
-    parked: AtomicUsize,
-    /// Wakes this core's parked holders: one per waiting checkout, all of them on each
-    /// reaper pass and drain.
-    reclaim: Notify,
     /// Reads that brought bytes from the node on this core's connections: a probe that goes
     /// unanswered on a node whose connections still make progress found a slow node, not a
     /// dead one (`cluster::probes`).
@@ -211,17 +209,48 @@ pub struct ServerInfo {
     /// The pool's epoch when it was opened: once `drain` has moved past it, the connection
     /// is closed when its client releases it (idle ones are closed at once).
     pub epoch: u64,
-    /// Wakes the session waiting on this connection when its pool is drained (see
-    /// [`Drained`]).
-    pub drained: Arc<AtomicWaker>,
+    /// Wakes the session holding this connection (see [`ConnSignal`]).
+    pub signal: Arc<ConnSignal>,
+}
+
+/// `ConnSignal::parked_on` of a connection that is not parked (or was asked back already).
+const NOT_PARKED: usize = usize::MAX;
+
+/// How a pool reaches the session holding one of its connections: to ask a parked one back
+/// (a checkout waits, the reaper checks its age, the pool was drained) and to end the wait of
+/// a request in flight on a drained pool ([`Drained`]). One per connection, shared by its
+/// entry in the pool's server list and the connection itself.
+///
+/// Hand-written instead of a `tokio::sync::Notify` per core: a `Notify` waiter lives in the
+/// waiting future (every idle client's task would carry one) and takes the waiter list's lock
+/// to register and again to unregister on every request; this is one `AtomicWaker` register.
+#[derive(Debug)]
+pub struct ConnSignal {
+    /// The task of the session holding the connection.
+    waker: AtomicWaker,
+    /// The core of the session that parked the connection, or [`NOT_PARKED`]: a checkout that
+    /// waits on that core (else on any) claims one parked connection here and wakes its holder.
+    parked_on: AtomicUsize,
+    /// Set by the reaper: the parked holder checks `idle_timeout` and `max_lifetime`.
+    recheck: AtomicBool,
+}
+
+impl ConnSignal {
+    fn new() -> ConnSignal {
+        ConnSignal {
+            waker: AtomicWaker::new(),
+            parked_on: AtomicUsize::new(NOT_PARKED),
+            recheck: AtomicBool::new(false),
+        }
+    }
 }
 
 /// Keeps a connection in its pool's server list until the connection is dropped.
 pub struct Registration {
     id: u64,
     servers: Arc<Mutex<HashMap<u64, ServerInfo>>>,
-    /// The same as the server list's entry (see [`Drained`]).
-    drained: Arc<AtomicWaker>,
+    /// The same as the server list's entry.
+    signal: Arc<ConnSignal>,
 }
 
 impl Drop for Registration {
@@ -299,7 +328,7 @@ pub struct Pooled {
     slot: Slot,
     epoch: u64,
     reusable: bool,
-    /// Counted in its core's `parked`.
+    /// Parked with its session (see [`ConnSignal::parked_on`]).
     parked: bool,
 }
 
@@ -334,6 +363,12 @@ impl Pooled {
         &self.slot.pool.cores[self.slot.core]
     }
 
+    /// The connection's signal (every pooled connection has one: see `Pools::register`).
+    fn signal(&self) -> Option<&ConnSignal> {
+        let r = self.conn.as_ref()?.registration.as_ref()?;
+        Some(&r.signal)
+    }
+
     /// The client's transaction is over and the session keeps the connection for its next
     /// one: from now on it counts as idle for `idle_timeout`, and a checkout that waits may
     /// ask for it.
@@ -343,16 +378,30 @@ impl Pooled {
         }
         if !self.parked {
             self.parked = true;
-            self.part().parked.fetch_add(1, Ordering::SeqCst);
+            if let Some(s) = self.signal() {
+                s.parked_on.store(self.slot.core, Ordering::SeqCst);
+            }
         }
     }
 
-    /// The parked connection serves its session again.
+    /// The parked connection serves its session again. A waiting checkout that had claimed
+    /// it (and woken this session, which took it back for its own request instead) claims
+    /// another parked connection.
     pub fn unpark(&mut self) {
-        if self.parked {
-            self.parked = false;
-            self.part().parked.fetch_sub(1, Ordering::SeqCst);
+        if self.leave_parked() == Some(NOT_PARKED) && self.contended() {
+            self.slot.pool.reclaim_one(self.slot.core);
         }
+    }
+
+    /// Not parked any more; what `parked_on` was, if it was parked.
+    fn leave_parked(&mut self) -> Option<usize> {
+        if !std::mem::take(&mut self.parked) {
+            return None;
+        }
+        Some(
+            self.signal()
+                .map_or(NOT_PARKED, |s| s.parked_on.swap(NOT_PARKED, Ordering::SeqCst)),
+        )
     }
 
     /// Whether a parked connection may serve its session again: its node was not drained and
@@ -376,27 +425,32 @@ impl Pooled {
         self.contended() || self.drained()
     }
 
-    /// Resolves when a parked connection should go back to the pool: [`Self::reclaim_due`],
-    /// or the connection outlived `idle_timeout`/`max_lifetime` (checked when the reaper
-    /// passes).
-    pub async fn reclaimed(&self) {
-        let pool = &self.slot.pool;
-        let mut woken = false;
-        loop {
-            // Made before looking, and registered when first polled: a checkout that starts
-            // to wait after the look still wakes this holder, as `notify_one` without a
-            // registered waiter leaves a permit for the next one polled, and a drain's or the
-            // reaper's `notify_waiters` reaches every `Notified` made before it (registering
-            // with `enable` first would take the waiter list's lock once more per request).
-            let notified = self.part().reclaim.notified();
-            if self.reclaim_due() {
-                return;
+    /// Ready when a parked connection should go back to the pool: [`Self::reclaim_due`], or
+    /// the connection outlived `idle_timeout`/`max_lifetime` (checked when the reaper asks).
+    /// Registers the task to be woken when that changes; it stays registered (a later poll
+    /// replaces it), so there is nothing to undo when the session wakes for another reason.
+    pub fn poll_reclaimed(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if let Some(s) = self.signal() {
+            // Registered and marked parked again (a checkout may have claimed it and then
+            // found capacity elsewhere) before looking: a checkout that starts to wait or a
+            // drain after the look finds it and wakes this task (SeqCst on both sides).
+            s.waker.register(cx.waker());
+            if self.parked {
+                s.parked_on.store(self.slot.core, Ordering::SeqCst);
             }
-            if woken && self.conn.as_ref().is_none_or(|c| pool.expired(c, Instant::now())) {
-                return;
+            if s.recheck.swap(false, Ordering::AcqRel)
+                && self
+                    .conn
+                    .as_ref()
+                    .is_none_or(|c| self.slot.pool.expired(c, Instant::now()))
+            {
+                return std::task::Poll::Ready(());
             }
-            notified.await;
-            woken = true;
+        }
+        if self.reclaim_due() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
         }
     }
 
@@ -417,7 +471,7 @@ impl Pooled {
             ..
         } = &mut **self.conn.as_mut().expect("present until drop");
         let drained = Drained {
-            waker: registration.as_ref().map(|r| &*r.drained),
+            waker: registration.as_ref().map(|r| &r.signal.waker),
             current: &pool.epoch,
             epoch: self.epoch,
         };
@@ -518,15 +572,26 @@ impl Pool {
         false
     }
 
-    /// Wakes one holder of a parked connection: on `core` if there is one (its connection
-    /// stays on the core), else on another core (which passes the capacity on).
+    /// Claims one parked connection and wakes its holder, which gives it back: one parked on
+    /// `core` if there is one (the connection stays on the core), else one on another core
+    /// (which passes the capacity on). Each waiting checkout claims a different one.
     fn reclaim_one(&self, core: usize) {
-        let n = self.cores.len();
-        if let Some(c) = (0..n)
-            .map(|i| (core + i) % n)
-            .find(|&c| self.cores[c].parked.load(Ordering::SeqCst) > 0)
-        {
-            self.cores[c].reclaim.notify_one();
+        let servers = self.servers.lock().expect("servers lock");
+        let claim = |s: &&ServerInfo, on: Option<usize>| {
+            let parked_on = s.signal.parked_on.load(Ordering::SeqCst);
+            parked_on != NOT_PARKED
+                && on.is_none_or(|c| c == parked_on)
+                && s.signal
+                    .parked_on
+                    .compare_exchange(parked_on, NOT_PARKED, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+        };
+        let claimed = servers
+            .values()
+            .find(|s| claim(s, Some(core)))
+            .or_else(|| servers.values().find(|s| claim(s, None)));
+        if let Some(s) = claimed {
+            s.signal.waker.wake();
         }
     }
 
@@ -583,7 +648,7 @@ impl Pool {
 
 impl Drop for Pooled {
     fn drop(&mut self) {
-        self.unpark();
+        self.leave_parked();
         let pool = &self.slot.pool;
         pool.active_gauge.dec();
         let Some(mut conn) = self.conn.take() else { return };
@@ -667,8 +732,6 @@ impl Pools {
                     share,
                     idle: Mutex::new(Vec::new()),
                     waiting: AtomicUsize::new(0),
-                    parked: AtomicUsize::new(0),
-                    reclaim: Notify::new(),
                     progress: AtomicU64::new(0),
                 }
             })
@@ -849,14 +912,14 @@ impl Pools {
             local: conn.stream.tcp().local_addr().ok(),
             tls: matches!(conn.stream, crate::common::tls::MaybeTls::Tls(_)),
             epoch,
-            drained: Arc::new(AtomicWaker::new()),
+            signal: Arc::new(ConnSignal::new()),
         };
-        let drained = info.drained.clone();
+        let signal = info.signal.clone();
         pool.servers.lock().expect("servers lock").insert(id, info);
         conn.registration = Some(Registration {
             id,
             servers: pool.servers.clone(),
-            drained,
+            signal,
         });
     }
 
@@ -937,12 +1000,11 @@ impl Pools {
             for part in p.cores.iter() {
                 let drained = std::mem::take(&mut *part.idle.lock().expect("pool lock"));
                 p.idle_gauge.dec_by(drained.len() as i64);
-                // Parked holders give their connections back now (see `Pooled::reclaimed`).
-                part.reclaim.notify_waiters();
             }
-            // Sessions waiting on a connection of the pool look at why (see `Drained`).
+            // Parked holders give their connections back now (`Pooled::poll_reclaimed`), and
+            // sessions with a request in flight look at why (see `Drained`).
             for server in p.servers.lock().expect("servers lock").values() {
-                server.drained.wake();
+                server.signal.waker.wake();
             }
         }
     }
@@ -957,8 +1019,13 @@ impl Pools {
                 let before = idle.len();
                 idle.retain(|c| !p.expired(c, now));
                 p.idle_gauge.dec_by((before - idle.len()) as i64);
-                drop(idle);
-                part.reclaim.notify_waiters();
+            }
+            // Parked holders check their connections' age (`Pooled::poll_reclaimed`).
+            for server in p.servers.lock().expect("servers lock").values() {
+                if server.signal.parked_on.load(Ordering::SeqCst) != NOT_PARKED {
+                    server.signal.recheck.store(true, Ordering::Release);
+                    server.signal.waker.wake();
+                }
             }
         }
     }

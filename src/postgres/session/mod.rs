@@ -309,22 +309,23 @@ impl Session {
     #[allow(clippy::manual_async_fn)]
     fn process_client_messages(&mut self) -> impl Future<Output = Result<(), End>> + Send + '_ {
         async move {
+            // One await point: each would keep room of its own for the message in this future.
             loop {
-                if let Some(msg) = self.rare.as_mut().and_then(|r| r.held.take()) {
+                let msg = if let Some(msg) = self.rare.as_mut().and_then(|r| r.held.take()) {
                     if self.link.attached().is_some_and(|a| !a.st.units.is_empty()) {
                         self.rare().held = Some(msg);
                         return Ok(());
                     }
-                    self.handle_client_message(msg).await?;
-                    continue;
-                }
-                if self.cbuf.is_empty() {
-                    return Ok(());
-                }
-                let msg = match split_message(self.cbuf.get(), MAX_CLIENT_MESSAGE) {
-                    Ok(Some(m)) => m,
-                    Ok(None) => return Ok(()),
-                    Err(e) => return Err(self.violation(&format!("invalid message framing: {e}"))),
+                    msg
+                } else {
+                    if self.cbuf.is_empty() {
+                        return Ok(());
+                    }
+                    match split_message(self.cbuf.get(), MAX_CLIENT_MESSAGE) {
+                        Ok(Some(m)) => m,
+                        Ok(None) => return Ok(()),
+                        Err(e) => return Err(self.violation(&format!("invalid message framing: {e}"))),
+                    }
                 };
                 self.handle_client_message(msg).await?;
             }
@@ -340,103 +341,109 @@ impl Session {
         End::ClientFault(msg)
     }
 
-    async fn handle_client_message(&mut self, msg: Message) -> Result<(), End> {
-        let tag = msg.tag();
-        if !matches!(
-            tag,
-            b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' | b'd' | b'c' | b'f' | b'F' | b'X'
-        ) {
-            return Err(self.violation(&format!("unexpected message type {:?}", char::from(tag))));
-        }
-        if tag == b'X' {
-            return Err(End::ClientGone);
-        }
-        // A message that starts a transaction passes the console's pause gate first.
-        let answered_locally = matches!(self.link, Link::FailedUntilSync)
-            || (self.link.attached().is_none() && matches!(tag, b'S' | b'H' | b'd' | b'c' | b'f'));
-        if !answered_locally {
-            self.end_transaction_if_done();
-            if self.busy.is_none() {
-                if let Err(e) = self.start_transaction().await {
-                    return self.attach_failed(tag, e);
+    /// Acts on one client message: answers it, forwards it, or first takes a backend for it.
+    /// Not an `async fn`: it would keep the message twice (as its argument and as the local
+    /// it is moved into) in every client's task.
+    #[allow(clippy::manual_async_fn)]
+    fn handle_client_message(&mut self, msg: Message) -> impl Future<Output = Result<(), End>> + Send + '_ {
+        async move {
+            let tag = msg.tag();
+            if !matches!(
+                tag,
+                b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' | b'd' | b'c' | b'f' | b'F' | b'X'
+            ) {
+                return Err(self.violation(&format!("unexpected message type {:?}", char::from(tag))));
+            }
+            if tag == b'X' {
+                return Err(End::ClientGone);
+            }
+            // A message that starts a transaction passes the console's pause gate first.
+            let answered_locally = matches!(self.link, Link::FailedUntilSync)
+                || (self.link.attached().is_none() && matches!(tag, b'S' | b'H' | b'd' | b'c' | b'f'));
+            if !answered_locally {
+                self.end_transaction_if_done();
+                if self.busy.is_none() {
+                    if let Err(e) = self.start_transaction().await {
+                        return self.attach_failed(tag, e);
+                    }
                 }
             }
-        }
-        // A simple query is classified once, for routing and for its session effects.
-        let query_class = if tag == b'Q' {
-            match peek::query(msg.body()) {
-                Ok(sql) => Some(self.classify_sql(sql)),
-                Err(e) => return Err(self.violation(&e.to_string())),
-            }
-        } else {
-            None
-        };
-        if let Some(sql) = (tag == b'Q').then(|| peek::query(msg.body()).ok()).flatten() {
-            if let Some(database) = sluice_postgres::commands::database_to_release(sql) {
-                // DROP DATABASE and friends need the database unused: sluice's idle (and
-                // parked) connections to it go first.
-                debug!(parent: &self.span(), %database, "closing pooled connections to the database");
-                self.cluster.pools.drain_database(&database);
-            }
-        }
-        if self.must_wait_for_replica(&msg, query_class)? || self.unnamed_undecided(&msg) {
-            self.rare().held = Some(msg);
-            return Ok(());
-        }
-        if matches!(tag, b'Q' | b'E') {
-            self.db
-                .totals
-                .queries
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        if self.link.attached().is_none() {
-            if matches!(self.link, Link::FailedUntilSync) {
-                if tag == b'S' {
-                    self.link = Link::Idle;
-                    server::ready_for_query(self.out.get(), b'I');
+            // A simple query is classified once, for routing and for its session effects.
+            let query_class = if tag == b'Q' {
+                match peek::query(msg.body()) {
+                    Ok(sql) => Some(self.classify_sql(sql)),
+                    Err(e) => return Err(self.violation(&e.to_string())),
                 }
+            } else {
+                None
+            };
+            if let Some(sql) = (tag == b'Q').then(|| peek::query(msg.body()).ok()).flatten() {
+                if let Some(database) = sluice_postgres::commands::database_to_release(sql) {
+                    // DROP DATABASE and friends need the database unused: sluice's idle (and
+                    // parked) connections to it go first.
+                    debug!(parent: &self.span(), %database, "closing pooled connections to the database");
+                    self.cluster.pools.drain_database(&database);
+                }
+            }
+            if self.must_wait_for_replica(&msg, query_class)? || self.unnamed_undecided(&msg) {
+                self.rare().held = Some(msg);
                 return Ok(());
             }
-            match tag {
-                // Nothing to run: answer locally.
-                b'S' => {
-                    server::ready_for_query(self.out.get(), b'I');
+            if matches!(tag, b'Q' | b'E') {
+                self.db
+                    .totals
+                    .queries
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            if self.link.attached().is_none() {
+                if matches!(self.link, Link::FailedUntilSync) {
+                    if tag == b'S' {
+                        self.link = Link::Idle;
+                        server::ready_for_query(self.out.get(), b'I');
+                    }
                     return Ok(());
                 }
-                // Flush with nothing in flight, and COPY data outside COPY, are ignored (the
-                // server ignores the latter too).
-                b'H' | b'd' | b'c' | b'f' => return Ok(()),
-                _ => {}
-            }
-            let serializable = self.serializable();
-            let class = match query_class {
-                Some(c) => c,
-                // Every request goes to the primary whatever it is (session pooling,
-                // serializable transactions, `consistency = "primary"`): no classification of
-                // the request and no scan of its batch, only the check that classifying it
-                // would have made (a malformed message is refused before a backend is taken).
-                None if !Intent::depends_on_class(&self.cluster.pg, serializable) => {
-                    self.check_request(&msg)?;
-                    Classification::WRITE
-                }
-                None => {
-                    let first = self.classify(&msg)?;
-                    self.batch_class(first)
-                }
-            };
-            let intent = Intent::for_request(class, &self.cluster.pg, serializable);
-            let had_parked = matches!(self.link, Link::Parked(_));
-            match self.attach_counted(intent).await {
-                Ok(checkout) => self.attach(checkout),
-                Err(e) => {
-                    if had_parked {
-                        self.client.info.cancel.set(None);
+                match tag {
+                    // Nothing to run: answer locally.
+                    b'S' => {
+                        server::ready_for_query(self.out.get(), b'I');
+                        return Ok(());
                     }
-                    return self.attach_failed(tag, e);
+                    // Flush with nothing in flight, and COPY data outside COPY, are ignored (the
+                    // server ignores the latter too).
+                    b'H' | b'd' | b'c' | b'f' => return Ok(()),
+                    _ => {}
+                }
+                let serializable = self.serializable();
+                let class = match query_class {
+                    Some(c) => c,
+                    // Every request goes to the primary whatever it is (session pooling,
+                    // serializable transactions, `consistency = "primary"`): no classification of
+                    // the request and no scan of its batch, only the check that classifying it
+                    // would have made (a malformed message is refused before a backend is taken).
+                    None if !Intent::depends_on_class(&self.cluster.pg, serializable) => {
+                        self.check_request(&msg)?;
+                        Classification::WRITE
+                    }
+                    None => {
+                        let first = self.classify(&msg)?;
+                        self.batch_class(first)
+                    }
+                };
+                let intent = Intent::for_request(class, &self.cluster.pg, serializable);
+                let had_parked = matches!(self.link, Link::Parked(_));
+                match self.attach_counted(intent).await {
+                    Ok(checkout) => self.attach(checkout),
+                    Err(e) => {
+                        if had_parked {
+                            self.client.info.cancel.set(None);
+                        }
+                        return self.attach_failed(tag, e);
+                    }
                 }
             }
+            self.forward(msg, query_class)
         }
-        self.forward(msg, query_class)
     }
 
     /// Whether `msg` starts a request that needs the primary while the attached backend is a

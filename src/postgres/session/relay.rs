@@ -3,11 +3,11 @@
 //! small future, and writes to the client and the backend.
 
 use std::future::{poll_fn, Future};
-use std::pin::{pin, Pin};
+use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWrite;
 use tracing::info;
 
 use super::{fatal, End, Link, Session, BACKEND_BACKLOG};
@@ -231,25 +231,14 @@ impl Session {
             Link::Parked(c) => {
                 to_backend.clear();
                 let conn = &c.conn;
-                let mut reclaimed = pin!(conn.reclaimed());
-                // The reclaim first, as its cheap check (two atomic loads); its registered
-                // wait (a lock to register, another to unregister) is polled only when the
-                // client has nothing either, so that a client's next request, the usual
-                // wake-up, does not poll it again.
                 poll_fn(move |cx| {
-                    if conn.reclaim_due() {
+                    if conn.poll_reclaimed(cx).is_ready() {
                         return Poll::Ready(Event::Reclaimed);
                     }
                     if poll_idle_out(idle_timer, cx).is_ready() {
                         return Poll::Ready(Event::IdleTimeout);
                     }
-                    if let Poll::Ready(e) = client(cx) {
-                        return Poll::Ready(e);
-                    }
-                    if reclaimed.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Event::Reclaimed);
-                    }
-                    Poll::Pending
+                    client(cx)
                 })
                 .await
             }
@@ -281,21 +270,24 @@ impl Session {
                 let Session {
                     stream, out, link, ..
                 } = self;
-                let reclaim = async {
-                    match link {
-                        Link::Parked(c) => c.conn.reclaimed().await,
-                        _ => std::future::pending().await,
+                // The write first: it usually completes at once, and then the parked backend is
+                // not even looked at.
+                let written = poll_fn(|cx| {
+                    if let Poll::Ready(r) = Pin::new(&mut *stream).poll_write(cx, &out[..]) {
+                        return Poll::Ready(Some(r));
                     }
-                };
-                tokio::select! {
-                    // The write first: it usually completes at once, and then the parked backend's
-                    // watch is never even set up.
-                    biased;
-                    n = stream.write(&out[..]) => match n? {
+                    match link {
+                        Link::Parked(c) if c.conn.poll_reclaimed(cx).is_ready() => Poll::Ready(None),
+                        _ => Poll::Pending,
+                    }
+                })
+                .await;
+                match written {
+                    Some(n) => match n? {
                         0 => return Err(std::io::ErrorKind::WriteZero.into()),
                         n => out.get().advance(n),
                     },
-                    () = reclaim => self.release_parked(),
+                    None => self.release_parked(),
                 }
             }
             self.out.release();
