@@ -79,7 +79,7 @@ pub async fn serve(
             connect_time: now_micros(),
             wait_since: 0.into(),
             request_time: 0.into(),
-            active: 0.into(),
+            active: false.into(),
             cancel: Default::default(),
         },
     );

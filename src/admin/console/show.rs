@@ -136,7 +136,7 @@ pub fn clients(console: &Console) -> Table {
     for c in console.view.clusters.load().iter() {
         for cl in c.activity.clients() {
             let since = cl.wait_since.load(Ordering::Relaxed);
-            let active = cl.active.load(Ordering::Relaxed) > 0;
+            let active = cl.active.load(Ordering::Relaxed);
             let state = match (since, active) {
                 (0, true) => "active",
                 (0, false) => "idle",

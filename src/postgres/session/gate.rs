@@ -23,7 +23,7 @@ impl Session {
         let now = crate::postgres::activity::now_micros();
         info.request_time.store(now, Relaxed);
         if let Some(busy) = self.cluster.console.try_enter(&self.db) {
-            info.active.store(1, Relaxed);
+            info.active.store(true, Relaxed);
             self.busy = Some(busy);
             return None;
         }
@@ -58,7 +58,7 @@ impl Session {
         let waited = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.db.totals.wait_us.fetch_add(waited, Relaxed);
         let busy = result?;
-        info.active.store(1, Relaxed);
+        info.active.store(true, Relaxed);
         self.busy = Some(busy);
         Ok(())
     }
@@ -71,7 +71,7 @@ impl Session {
             self.client
                 .info
                 .active
-                .store(0, std::sync::atomic::Ordering::Relaxed);
+                .store(false, std::sync::atomic::Ordering::Relaxed);
         }
     }
 

@@ -92,7 +92,7 @@ pub async fn login(
             connect_time: crate::postgres::activity::now_micros(),
             wait_since: 0.into(),
             request_time: 0.into(),
-            active: 0.into(),
+            active: false.into(),
             cancel: Default::default(),
         },
     );

@@ -370,21 +370,20 @@ impl Session {
             }
             // A simple query is classified once, for routing and for its session effects.
             let query_class = if tag == b'Q' {
-                match peek::query(msg.body()) {
-                    Ok(sql) => Some(self.classify_sql(sql)),
+                let sql = match peek::query(msg.body()) {
+                    Ok(sql) => sql,
                     Err(e) => return Err(self.violation(&e.to_string())),
-                }
-            } else {
-                None
-            };
-            if let Some(sql) = (tag == b'Q').then(|| peek::query(msg.body()).ok()).flatten() {
+                };
                 if let Some(database) = sluice_postgres::commands::database_to_release(sql) {
                     // DROP DATABASE and friends need the database unused: sluice's idle (and
                     // parked) connections to it go first.
                     debug!(parent: &self.span(), %database, "closing pooled connections to the database");
                     self.cluster.pools.drain_database(&database);
                 }
-            }
+                Some(self.classify_sql(sql))
+            } else {
+                None
+            };
             if self.must_wait_for_replica(&msg, query_class)? || self.unnamed_undecided(&msg) {
                 self.rare().held = Some(msg);
                 return Ok(());

@@ -22,11 +22,15 @@ pub(super) enum BackendIo {
 }
 
 /// Writes pending bytes to the backend and reads its replies, whichever is ready first
-/// (writing first: it usually completes at once).
+/// (writing first: it usually completes at once). With `read_on`, a write that sent
+/// everything goes on to the read in the same poll (the usual request, written whole, needs no
+/// round through the relay loop); without it, as when the client's reading waits for the
+/// backlog to shrink, the write is reported so that the relay looks at the client again.
 fn poll_backend_io(
     stream: &mut crate::common::tls::BackendStream,
     rbuf: &mut BytesMut,
     pending: &mut Buffer,
+    read_on: bool,
     cx: &mut Context<'_>,
 ) -> Poll<std::io::Result<BackendIo>> {
     if !pending.is_empty() {
@@ -35,7 +39,9 @@ fn poll_backend_io(
             Poll::Ready(Ok(n)) => {
                 pending.get().advance(n);
                 pending.release();
-                return Poll::Ready(Ok(BackendIo::Wrote));
+                if !(read_on && pending.is_empty()) {
+                    return Poll::Ready(Ok(BackendIo::Wrote));
+                }
             }
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => {}
@@ -203,7 +209,7 @@ impl Session {
                     // The closures take what they use (`move`): nothing they borrow stays
                     // behind as a separate local in this future.
                     return poll_fn(move |cx| {
-                        if let Poll::Ready(r) = poll_backend_io(stream, rbuf, to_backend, cx) {
+                        if let Poll::Ready(r) = poll_backend_io(stream, rbuf, to_backend, !backlogged, cx) {
                             return Poll::Ready(Event::Backend(r));
                         }
                         client(cx)
@@ -216,7 +222,7 @@ impl Session {
                 // looks at the topology, and the request goes on unless its node is down.
                 let topology = &cluster.topology;
                 poll_fn(move |cx| {
-                    if let Poll::Ready(r) = poll_backend_io(stream, rbuf, to_backend, cx) {
+                    if let Poll::Ready(r) = poll_backend_io(stream, rbuf, to_backend, !backlogged, cx) {
                         return Poll::Ready(Event::Backend(r));
                     }
                     if drained.poll(cx).is_ready() {

@@ -231,7 +231,8 @@ impl Session {
         }
         match msg.tag() {
             b'Q' => {
-                if let (Some(c), Ok(sql)) = (query_class, peek::query(msg.body())) {
+                let sql = peek::query(msg.body()).ok();
+                if let (Some(c), Some(sql)) = (query_class, sql) {
                     self.note_effects(c, sql);
                     if c.class == Class::Write && crate::postgres::functions::changes_functions(sql) {
                         self.cluster
@@ -239,9 +240,7 @@ impl Session {
                     }
                 }
                 let f = self.forwarding();
-                let rewritten = peek::query(msg.body())
-                    .ok()
-                    .and_then(|sql| f.rewrite_session_commands(sql));
+                let rewritten = sql.and_then(|sql| f.rewrite_session_commands(sql));
                 match rewritten {
                     Some(q) => self.to_backend.get().extend_from_slice(&q),
                     None => self.to_backend.get().extend_from_slice(msg.raw()),
