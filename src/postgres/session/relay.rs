@@ -183,11 +183,13 @@ impl Session {
             idle_timer,
             ..
         } = self;
-        // Past this much unsent to the backend, the client waits (TCP backpressure), as it
-        // would on a direct connection to a server that is slow to read.
-        let backlogged =
-            to_backend.len() >= BACKEND_BACKLOG || rare.as_ref().is_some_and(|r| r.held.is_some());
-        let mut client = move |cx: &mut Context<'_>| {
+        // A held message waits for the backend's replies: the client's next ones wait in its
+        // socket meanwhile.
+        let held = rare.as_ref().is_some_and(|r| r.held.is_some());
+        // Past this much unsent to the backend, the client waits too (TCP backpressure), as
+        // it would on a direct connection to a server that is slow to read.
+        let backlogged = move |to_backend: &Buffer| held || to_backend.len() >= BACKEND_BACKLOG;
+        let mut client = move |cx: &mut Context<'_>, backlogged: bool| {
             if backlogged {
                 return Poll::Pending;
             }
@@ -209,10 +211,11 @@ impl Session {
                     // The closures take what they use (`move`): nothing they borrow stays
                     // behind as a separate local in this future.
                     return poll_fn(move |cx| {
-                        if let Poll::Ready(r) = poll_backend_io(stream, rbuf, to_backend, !backlogged, cx) {
+                        let wait = backlogged(to_backend);
+                        if let Poll::Ready(r) = poll_backend_io(stream, rbuf, to_backend, !wait, cx) {
                             return Poll::Ready(Event::Backend(r));
                         }
-                        client(cx)
+                        client(cx, wait)
                     })
                     .await;
                 }
@@ -222,7 +225,8 @@ impl Session {
                 // looks at the topology, and the request goes on unless its node is down.
                 let topology = &cluster.topology;
                 poll_fn(move |cx| {
-                    if let Poll::Ready(r) = poll_backend_io(stream, rbuf, to_backend, !backlogged, cx) {
+                    let wait = backlogged(to_backend);
+                    if let Poll::Ready(r) = poll_backend_io(stream, rbuf, to_backend, !wait, cx) {
                         return Poll::Ready(Event::Backend(r));
                     }
                     if drained.poll(cx).is_ready() {
@@ -230,7 +234,7 @@ impl Session {
                             return Poll::Ready(Event::NodeDown(why));
                         }
                     }
-                    client(cx)
+                    client(cx, wait)
                 })
                 .await
             }
@@ -244,7 +248,7 @@ impl Session {
                     if poll_idle_out(idle_timer, cx).is_ready() {
                         return Poll::Ready(Event::IdleTimeout);
                     }
-                    client(cx)
+                    client(cx, held)
                 })
                 .await
             }
@@ -254,7 +258,7 @@ impl Session {
                     if poll_idle_out(idle_timer, cx).is_ready() {
                         return Poll::Ready(Event::IdleTimeout);
                     }
-                    client(cx)
+                    client(cx, held)
                 })
                 .await
             }
