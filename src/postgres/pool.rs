@@ -425,33 +425,38 @@ impl Pooled {
         self.contended() || self.drained()
     }
 
-    /// Ready when a parked connection should go back to the pool: [`Self::reclaim_due`], or
-    /// the connection outlived `idle_timeout`/`max_lifetime` (checked when the reaper asks).
-    /// Registers the task to be woken when that changes; it stays registered (a later poll
-    /// replaces it), so there is nothing to undo when the session wakes for another reason.
+    /// Ready when a parked connection should go back to the pool: a waiting checkout claimed
+    /// it, [`Self::reclaim_due`], or it outlived `idle_timeout`/`max_lifetime` (checked when the
+    /// reaper asks). Registers the task to be woken when that changes; it stays registered (a
+    /// later poll replaces it), so there is nothing to undo when the session wakes for another
+    /// reason. The caller gives the connection back when this is ready.
     pub fn poll_reclaimed(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        if let Some(s) = self.signal() {
-            // Registered and marked parked again (a checkout may have claimed it and then
-            // found capacity elsewhere) before looking: a checkout that starts to wait or a
-            // drain after the look finds it and wakes this task (SeqCst on both sides).
-            s.waker.register(cx.waker());
-            if self.parked {
-                s.parked_on.store(self.slot.core, Ordering::SeqCst);
-            }
-            if s.recheck.swap(false, Ordering::AcqRel)
+        let Some(s) = self.signal() else {
+            return if self.reclaim_due() {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            };
+        };
+        // Registered before looking: a checkout that starts to wait, a drain or the reaper
+        // after the look wakes this task (the checkout counts itself as waiting before it
+        // looks for a parked connection to claim, and both sides use SeqCst).
+        s.waker.register(cx.waker());
+        let due = (self.parked && s.parked_on.load(Ordering::SeqCst) == NOT_PARKED)
+            || self.reclaim_due()
+            || (s.recheck.swap(false, Ordering::AcqRel)
                 && self
                     .conn
                     .as_ref()
-                    .is_none_or(|c| self.slot.pool.expired(c, Instant::now()))
-            {
-                return std::task::Poll::Ready(());
-            }
+                    .is_none_or(|c| self.slot.pool.expired(c, Instant::now())));
+        if !due {
+            return std::task::Poll::Pending;
         }
-        if self.reclaim_due() {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
+        // It goes back now: no checkout claims it from here on (a claim made before this is
+        // the one its return answers; one made after would be lost on a connection on its way
+        // back while another stays parked).
+        s.parked_on.store(NOT_PARKED, Ordering::SeqCst);
+        std::task::Poll::Ready(())
     }
 
     /// Counts a read that brought bytes from the node (see [`Pools::progress`]). Only the

@@ -458,3 +458,77 @@ async fn pool_size_bounds_connections_over_all_cores() {
     .await;
     env.sluice.assert_no_unexpected_errors(&[]);
 }
+
+/// Two checkouts that wait at the same time each get a parked connection: each claims a
+/// different one of the two that idle clients keep parked. Both open a transaction, so each
+/// needs a connection of its own at once: a connection claimed twice would leave the other
+/// checkout waiting while a connection sits parked, until the reaper's next pass (every 10 s
+/// with the default `idle_timeout`) happened to wake its holder, or until `checkout_timeout`
+/// (3 s here: 53300) failed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_checkouts_each_claim_a_different_parked_connection() {
+    let env = Env::start(
+        0,
+        "pool_size = 2\ncheckout_timeout = \"3s\"\nconsistency = \"primary\"",
+    );
+    bounded(120, async {
+        let direct = env.cluster.superuser_client(env.cluster.primary_port()).await;
+        let clients = [
+            env.app_client().await,
+            env.app_client().await,
+            env.app_client().await,
+            env.app_client().await,
+        ];
+        let pid = |got: Result<Vec<tokio_postgres::SimpleQueryMessage>, tokio_postgres::Error>| {
+            let rows = got.unwrap_or_else(|e| panic!("{}", describe(&e)));
+            rows.iter()
+                .find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                    _ => None,
+                })
+                .expect("a row")
+        };
+        // Clients 0 and 1, then 2 and 3, then 0 and 1 again...: each pair opens transactions
+        // at once while the other pair keeps both connections parked.
+        for round in 0..24 {
+            let (x, y) = (&clients[2 * (round % 2)], &clients[2 * (round % 2) + 1]);
+            let sql = "BEGIN; SELECT pg_backend_pid()";
+            let (px, py) = tokio::join!(x.simple_query(sql), y.simple_query(sql));
+            let (px, py) = (pid(px), pid(py));
+            assert_ne!(px, py, "round {round}: two open transactions on one connection");
+            exec(x, "COMMIT").await;
+            exec(y, "COMMIT").await;
+            if round == 0 {
+                // The function catalog's connection of the first login goes first: from now
+                // on the pool holds the two parked connections and nothing else.
+                while app_backends(&direct).await > 2 {
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+            }
+        }
+        assert!(app_backends(&direct).await <= 2);
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[]);
+}
+
+/// `idle_timeout` applies to a parked connection too: the reaper asks its session, which
+/// gives it back to be closed, while the client stays connected and runs its next query on a
+/// new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_idle_past_idle_timeout_is_closed() {
+    let env = Env::start(0, "idle_timeout = \"400ms\"\nconsistency = \"primary\"");
+    bounded(60, async {
+        let direct = env.cluster.superuser_client(env.cluster.primary_port()).await;
+        let a = env.app_client().await;
+        let first = simple_column(&a, "SELECT pg_backend_pid()").await;
+        // Parked with A until the reaper finds it idle past 400 ms.
+        while app_backends(&direct).await > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let next = simple_column(&a, "SELECT pg_backend_pid()").await;
+        assert_ne!(next, first, "the expired connection served again");
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[]);
+}
