@@ -74,13 +74,17 @@ fn an_idle_session_is_small() {
         println!("{what:<60} {size:>6} B");
     }
     // Every idle client's task holds this future: keep it small. Tokio allocates it with the
-    // task's header (96 B) in 128-byte steps: at 160 B (debug) the task takes 256 B, one byte
-    // more and it takes 384 B. It was 1,656 B on main before the first bound (6f1dbbb), then
+    // task's header (96 B) in 128-byte steps: up to 160 B the task takes 256 B, one byte more
+    // and it takes 384 B. The bound is on the debug build's size, which is not the release
+    // build's: at 160 B in debug the release task took 384 B (heaptrack; +100 B per idle
+    // client), at 152 B it takes 256 B. So the bound is 152: a future that grows fails here,
+    // and its release size is to be checked with heaptrack (benches/README.md) before the
+    // bound moves. It was 1,656 B on main before the first bound (6f1dbbb), then
     // 408 B (512 B task) until `serve` was chained with combinators and `run`, `relay`,
     // `flush_client`, `process_client_messages` and `node_down` became functions returning
     // `async move` blocks (an async fn keeps its arguments twice); 256 B since the wait of a
     // request in flight is woken by its pool's drain instead of holding a topology watch;
     // 152 B since a parked backend's reclaim is a registered waker on the connection instead
     // of a `Notify` waiter in the future and `handle_client_message` is awaited once.
-    assert!(task <= 160, "the session task future grew to {task} B");
+    assert!(task <= 152, "the session task future grew to {task} B");
 }
