@@ -442,11 +442,17 @@ impl Backend {
         Ok(())
     }
 
+    /// Whether an idle connection is still usable: the server has sent nothing since its last
+    /// ReadyForQuery (a server that ends a connection sends a FATAL error or closes it). Looks
+    /// at the socket's readiness first and peeks only when the reactor saw it readable: no
+    /// waker is registered and no lock taken (this runs for every reuse of a parked backend).
     pub fn looks_alive(&self) -> bool {
-        let mut probe = [0u8; 1];
-        let mut buf = tokio::io::ReadBuf::new(&mut probe);
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        self.stream.tcp().poll_peek(&mut cx, &mut buf).is_pending()
+        let tcp = self.stream.tcp();
+        let peeked = tcp.try_io(tokio::io::Interest::READABLE, || {
+            let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+            socket2::SockRef::from(tcp).peek(&mut probe)
+        });
+        matches!(peeked, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 }
 
