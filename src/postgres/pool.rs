@@ -419,9 +419,8 @@ impl Pooled {
     }
 
     /// Whether a parked connection should go back to the pool now: a checkout (on any core)
-    /// is waiting for capacity, or its pool was drained. Two atomic loads: a parked session
-    /// looks here first each time it wakes, before the registered wait of [`Self::reclaimed`].
-    pub fn reclaim_due(&self) -> bool {
+    /// is waiting for capacity, or its pool was drained (two atomic loads).
+    fn reclaim_due(&self) -> bool {
         self.contended() || self.drained()
     }
 
@@ -431,31 +430,31 @@ impl Pooled {
     /// later poll replaces it), so there is nothing to undo when the session wakes for another
     /// reason. The caller gives the connection back when this is ready.
     pub fn poll_reclaimed(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        let Some(s) = self.signal() else {
-            return if self.reclaim_due() {
-                std::task::Poll::Ready(())
-            } else {
-                std::task::Poll::Pending
-            };
-        };
+        let signal = self.signal();
         // Registered before looking: a checkout that starts to wait, a drain or the reaper
         // after the look wakes this task (the checkout counts itself as waiting before it
         // looks for a parked connection to claim, and both sides use SeqCst).
-        s.waker.register(cx.waker());
-        let due = (self.parked && s.parked_on.load(Ordering::SeqCst) == NOT_PARKED)
-            || self.reclaim_due()
-            || (s.recheck.swap(false, Ordering::AcqRel)
-                && self
-                    .conn
-                    .as_ref()
-                    .is_none_or(|c| self.slot.pool.expired(c, Instant::now())));
+        if let Some(s) = signal {
+            s.waker.register(cx.waker());
+        }
+        let due = self.reclaim_due()
+            || signal.is_some_and(|s| {
+                (self.parked && s.parked_on.load(Ordering::SeqCst) == NOT_PARKED)
+                    || (s.recheck.swap(false, Ordering::AcqRel)
+                        && self
+                            .conn
+                            .as_ref()
+                            .is_none_or(|c| self.slot.pool.expired(c, Instant::now())))
+            });
         if !due {
             return std::task::Poll::Pending;
         }
         // It goes back now: no checkout claims it from here on (a claim made before this is
         // the one its return answers; one made after would be lost on a connection on its way
         // back while another stays parked).
-        s.parked_on.store(NOT_PARKED, Ordering::SeqCst);
+        if let Some(s) = signal {
+            s.parked_on.store(NOT_PARKED, Ordering::SeqCst);
+        }
         std::task::Poll::Ready(())
     }
 

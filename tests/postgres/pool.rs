@@ -479,23 +479,16 @@ async fn waiting_checkouts_each_claim_a_different_parked_connection() {
             env.app_client().await,
             env.app_client().await,
         ];
-        let pid = |got: Result<Vec<tokio_postgres::SimpleQueryMessage>, tokio_postgres::Error>| {
-            let rows = got.unwrap_or_else(|e| panic!("{}", describe(&e)));
-            rows.iter()
-                .find_map(|m| match m {
-                    tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
-                    _ => None,
-                })
-                .expect("a row")
-        };
         // Clients 0 and 1, then 2 and 3, then 0 and 1 again...: each pair opens transactions
         // at once while the other pair keeps both connections parked.
         for round in 0..24 {
             let (x, y) = (&clients[2 * (round % 2)], &clients[2 * (round % 2) + 1]);
             let sql = "BEGIN; SELECT pg_backend_pid()";
-            let (px, py) = tokio::join!(x.simple_query(sql), y.simple_query(sql));
-            let (px, py) = (pid(px), pid(py));
-            assert_ne!(px, py, "round {round}: two open transactions on one connection");
+            let (px, py) = tokio::join!(simple_column(x, sql), simple_column(y, sql));
+            assert_ne!(
+                px[0], py[0],
+                "round {round}: two open transactions on one connection"
+            );
             exec(x, "COMMIT").await;
             exec(y, "COMMIT").await;
             if round == 0 {
