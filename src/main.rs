@@ -12,6 +12,11 @@ use sluice::check;
 use sluice::common::{runtime, server};
 use sluice::config::{self, Config};
 
+/// glibc's malloc, with small 128-byte-aligned blocks (tokio's tasks and I/O registrations) in
+/// slabs of their own: `sluice::common::alloc`.
+#[global_allocator]
+static ALLOCATOR: sluice::common::alloc::Allocator = sluice::common::alloc::Allocator;
+
 #[derive(Parser)]
 #[command(
     name = "sluice",

@@ -4,6 +4,7 @@
 //! report for both protocols), TLS on both sides, the Prometheus metrics, counters striped by
 //! runtime thread, I/O buffers lent per thread and shared names.
 
+pub mod alloc;
 pub mod buffers;
 pub mod health;
 pub mod intern;

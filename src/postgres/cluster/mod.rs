@@ -225,7 +225,8 @@ impl Cluster {
                 async move { cluster.load_functions(&slot, &user, &database).await }
             };
             if first {
-                load.await;
+                // Boxed: once per database, and every login's future would carry it inline.
+                Box::pin(load).await;
             } else {
                 tokio::spawn(load);
             }
