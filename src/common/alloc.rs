@@ -4,14 +4,16 @@
 //! x86_64 and aarch64), so each client connection asks for two 256-byte blocks aligned to 128.
 //! glibc serves those with `posix_memalign`, which cuts an aligned chunk out of a larger one
 //! and leaves the pieces before and after it as small free chunks that later requests rarely
-//! fit: with 10,000 idle clients that slack was a fifth of their memory (benches/README.md).
+//! fit: with 10,000 idle clients that slack was 220 of each client's 1,465 bytes
+//! (benches/README.md, "Morning of 2026-12-07").
 //! Here such blocks (alignment 32 to 128, at most 512 bytes) come from 64 KiB slabs of their
 //! own, one free list per 128-byte size class, with no header and no slack; everything else
 //! goes to `malloc` unchanged.
 //!
 //! Hand-written (about 80 lines) because the allocator crates replace `malloc` as a whole:
-//! jemalloc and mimalloc were measured here and made a fresh sluice 2–12 MiB larger than
-//! everything they saved per client.
+//! measured here, jemalloc made a fresh sluice 1.6 MiB larger and 10,000 idle clients cost
+//! as much in total, mimalloc made it 12 MiB larger (benches/README.md). Slabs are kept for
+//! reuse, not returned to the system, as glibc keeps most freed small chunks.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::ptr;
@@ -176,6 +178,38 @@ mod tests {
         assert_eq!(unsafe { a.alloc(l) }, last, "a freed block is reused first");
         for b in blocks {
             unsafe { a.dealloc(b, l) };
+        }
+    }
+
+    #[test]
+    fn threads_allocating_at_once_never_share_a_block() {
+        let l = Layout::from_size_align(384, 128).unwrap();
+        let threads: Vec<_> = (0..4u8)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    let a = Allocator;
+                    let mut held = Vec::new();
+                    for round in 0..2_000usize {
+                        let p = unsafe { a.alloc(l) };
+                        assert!(!p.is_null());
+                        unsafe { p.write_bytes(t, 384) };
+                        held.push(p as usize);
+                        if round % 3 == 0 {
+                            let q = held.swap_remove(round % held.len()) as *mut u8;
+                            assert!((0..384).all(|i| unsafe { *q.add(i) } == t), "a block was shared");
+                            unsafe { a.dealloc(q, l) };
+                        }
+                    }
+                    for q in held {
+                        let q = q as *mut u8;
+                        assert!((0..384).all(|i| unsafe { *q.add(i) } == t), "a block was shared");
+                        unsafe { a.dealloc(q, l) };
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
         }
     }
 
