@@ -169,6 +169,9 @@ struct Pool {
     epoch: AtomicU64,
     /// Checkouts waiting for capacity, over all cores: parked connections must come back.
     waiting: AtomicUsize,
+    /// Connections parked with their sessions now (`ConnSignal::parked_on` set): a waiting
+    /// checkout looks through the server list for one to claim only when there is one.
+    parked: AtomicUsize,
     settings: PoolSettings,
     idle_gauge: prometheus_client::metrics::gauge::Gauge,
     active_gauge: prometheus_client::metrics::gauge::Gauge,
@@ -382,6 +385,9 @@ impl Pooled {
         if !self.parked {
             self.parked = true;
             if let Some(s) = self.signal() {
+                // Counted before the session first looks for waiting checkouts (its next
+                // `poll_reclaimed`): see `Pool::reclaim_one`.
+                self.slot.pool.parked.fetch_add(1, Ordering::SeqCst);
                 s.parked_on.store(self.slot.core, Ordering::SeqCst);
             }
         }
@@ -401,10 +407,7 @@ impl Pooled {
         if !std::mem::take(&mut self.parked) {
             return None;
         }
-        Some(
-            self.signal()
-                .map_or(NOT_PARKED, |s| s.parked_on.swap(NOT_PARKED, Ordering::SeqCst)),
-        )
+        Some(self.signal().map_or(NOT_PARKED, |s| self.slot.pool.unmark(s)))
     }
 
     /// Whether a parked connection may serve its session again: its node was not drained and
@@ -456,7 +459,7 @@ impl Pooled {
         // the one its return answers; one made after would be lost on a connection on its way
         // back while another stays parked).
         if let Some(s) = signal {
-            s.parked_on.store(NOT_PARKED, Ordering::SeqCst);
+            self.slot.pool.unmark(s);
         }
         std::task::Poll::Ready(())
     }
@@ -582,16 +585,30 @@ impl Pool {
     /// Claims one parked connection and wakes its holder, which gives it back: one parked on
     /// `core` if there is one (the connection stays on the core), else one on another core
     /// (which passes the capacity on). Each waiting checkout claims a different one.
+    ///
+    /// With none parked it returns at once: the server list is not looked through (20
+    /// entries twice, ~550 instructions per waiting checkout at 128 clients). Nothing is
+    /// missed: the checkout counted itself waiting before it reads the count, and a session
+    /// counts its connection parked before it first looks for waiting checkouts, both SeqCst,
+    /// so a session whose park this does not see sees the waiting checkout and gives the
+    /// connection back by itself (as one parked while the list is looked through does).
     fn reclaim_one(&self, core: usize) {
+        if self.parked.load(Ordering::SeqCst) == 0 {
+            return;
+        }
         let servers = self.servers.lock().expect("servers lock");
         let claim = |s: &&ServerInfo, on: Option<usize>| {
             let parked_on = s.signal.parked_on.load(Ordering::SeqCst);
-            parked_on != NOT_PARKED
+            let claimed = parked_on != NOT_PARKED
                 && on.is_none_or(|c| c == parked_on)
                 && s.signal
                     .parked_on
                     .compare_exchange(parked_on, NOT_PARKED, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok()
+                    .is_ok();
+            if claimed {
+                self.parked.fetch_sub(1, Ordering::SeqCst);
+            }
+            claimed
         };
         let claimed = servers
             .values()
@@ -600,6 +617,15 @@ impl Pool {
         if let Some(s) = claimed {
             s.signal.waker.wake();
         }
+    }
+
+    /// Clears a connection's parked mark; what it was (uncounted if it was parked).
+    fn unmark(&self, signal: &ConnSignal) -> usize {
+        let was = signal.parked_on.swap(NOT_PARKED, Ordering::SeqCst);
+        if was != NOT_PARKED {
+            self.parked.fetch_sub(1, Ordering::SeqCst);
+        }
+        was
     }
 
     /// A checkout on `core` let go of its capacity (its connection, if reusable, is in the
@@ -751,6 +777,7 @@ impl Pools {
             cores,
             epoch: AtomicU64::new(0),
             waiting: AtomicUsize::new(0),
+            parked: AtomicUsize::new(0),
             settings: self.settings,
             idle_gauge: gauge("idle"),
             active_gauge: gauge("active"),
