@@ -597,26 +597,29 @@ impl Pool {
             return;
         }
         let servers = self.servers.lock().expect("servers lock");
-        let claim = |s: &&ServerInfo, on: Option<usize>| {
-            let parked_on = s.signal.parked_on.load(Ordering::SeqCst);
-            let claimed = parked_on != NOT_PARKED
-                && on.is_none_or(|c| c == parked_on)
-                && s.signal
-                    .parked_on
-                    .compare_exchange(parked_on, NOT_PARKED, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok();
-            if claimed {
-                self.parked.fetch_sub(1, Ordering::SeqCst);
-            }
-            claimed
-        };
         let claimed = servers
             .values()
-            .find(|s| claim(s, Some(core)))
-            .or_else(|| servers.values().find(|s| claim(s, None)));
+            .find(|s| self.claim(&s.signal, Some(core)))
+            .or_else(|| servers.values().find(|s| self.claim(&s.signal, None)));
         if let Some(s) = claimed {
             s.signal.waker.wake();
         }
+    }
+
+    /// Claims a connection parked on `on` (any core if `None`): clears its parked mark if it
+    /// is still set, uncounted. Whether it was this call that cleared it.
+    fn claim(&self, signal: &ConnSignal, on: Option<usize>) -> bool {
+        let parked_on = signal.parked_on.load(Ordering::SeqCst);
+        let claimed = parked_on != NOT_PARKED
+            && on.is_none_or(|c| c == parked_on)
+            && signal
+                .parked_on
+                .compare_exchange(parked_on, NOT_PARKED, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok();
+        if claimed {
+            self.parked.fetch_sub(1, Ordering::SeqCst);
+        }
+        claimed
     }
 
     /// Clears a connection's parked mark; what it was (uncounted if it was parked).
