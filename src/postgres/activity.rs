@@ -5,8 +5,8 @@
 //! Sessions update these with relaxed atomics, a few per transaction; the console reads them.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -19,41 +19,130 @@ pub fn now_micros() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
-/// One logged-in client.
+/// What a client logged in as: shared by the clients that logged in with the same user,
+/// database and startup parameters (one pointer in each client's record instead of three).
+#[derive(PartialEq)]
+pub struct Identity {
+    pub user: Arc<str>,
+    pub database: Arc<str>,
+    /// Its startup parameters.
+    pub startup: crate::postgres::backend::StartupParams,
+}
+
+/// A socket address in 19 bytes: `SocketAddr` takes 32 for IPv6's flow information and scope
+/// id, which nothing here shows, and every client record holds two.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct CompactAddr {
+    ip: IpAddr,
+    /// Big-endian (a `u16` would align the struct to 2 bytes and pad it to 20).
+    port: [u8; 2],
+}
+
+impl CompactAddr {
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+
+    pub fn port(&self) -> u16 {
+        u16::from_be_bytes(self.port)
+    }
+
+    pub fn get(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, self.port())
+    }
+}
+
+impl From<SocketAddr> for CompactAddr {
+    fn from(a: SocketAddr) -> Self {
+        CompactAddr {
+            ip: a.ip(),
+            port: a.port().to_be_bytes(),
+        }
+    }
+}
+
+impl std::fmt::Display for CompactAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.get().fmt(f)
+    }
+}
+
+/// One logged-in client (or admin console session): the record the console lists and cancel
+/// requests find by the client's key.
+///
+/// Every idle client holds one, so it is kept small: 120 bytes, which with the `Arc`'s counts
+/// and the allocator's header is a 144-byte chunk (216 bytes and a 240-byte chunk when it held
+/// its names, addresses and times at full width).
 pub struct ClientInfo {
     /// The session id (unique in the cluster).
     pub id: u64,
-    /// Shared by the clients of the same user (see `Activity::names`).
-    pub user: Arc<str>,
-    pub database: Arc<str>,
-    pub addr: SocketAddr,
-    pub local: Option<SocketAddr>,
-    pub tls: bool,
-    /// Its startup parameters (shared by the clients that sent the same ones).
-    pub startup: crate::postgres::backend::StartupParams,
-    /// When the client connected, in microseconds since the Unix epoch.
-    pub connect_time: u64,
-    /// When its current request started waiting for a backend (or for a `RESUME`); 0 when it
-    /// is not waiting.
+    /// Who it logged in as.
+    pub who: Arc<Identity>,
+    /// The key of its cancel requests, as told to it in BackendKeyData (set by
+    /// `Activity::register`, unique among the cluster's clients).
+    pub cancel_key: (i32, i32),
+    /// When its current request started waiting for a backend (or for a `RESUME`), in
+    /// microseconds since the Unix epoch; 0 when it is not waiting.
     pub wait_since: AtomicU64,
-    /// When it last started a request.
-    pub request_time: AtomicU64,
-    /// Set while it holds a backend for a request or transaction (a flag, not a count: the
-    /// record is part of every idle client's cost, and 7 bytes of it made it a size class
-    /// larger).
-    pub active: AtomicBool,
-    /// Where its cancel requests go (see `Cluster::try_register_cancel`).
+    /// When the client connected, in seconds since the Unix epoch (the console shows seconds).
+    pub connect_time: u32,
+    /// When it last started a request, in seconds since the Unix epoch.
+    pub request_time: AtomicU32,
+    /// Where its cancel requests go.
     pub cancel: crate::postgres::cluster::CancelState,
+    pub addr: CompactAddr,
+    pub local: Option<CompactAddr>,
+    pub tls: bool,
+    /// Set while it holds a backend for a request or transaction (a flag, not a count).
+    pub active: AtomicBool,
 }
 
 impl ClientInfo {
+    /// A record for a client that has just logged in (its cancel key is chosen when it is
+    /// registered).
+    pub fn new(
+        id: u64,
+        who: Arc<Identity>,
+        addr: SocketAddr,
+        local: Option<SocketAddr>,
+        tls: bool,
+    ) -> ClientInfo {
+        ClientInfo {
+            id,
+            who,
+            cancel_key: (0, 0),
+            wait_since: 0.into(),
+            connect_time: now_secs(),
+            request_time: 0.into(),
+            cancel: Default::default(),
+            addr: addr.into(),
+            local: local.map(Into::into),
+            tls,
+            active: false.into(),
+        }
+    }
+
+    pub fn user(&self) -> &str {
+        &self.who.user
+    }
+
+    pub fn database(&self) -> &str {
+        &self.who.database
+    }
+
     /// The application_name the client logged in with.
     pub fn application_name(&self) -> &str {
-        self.startup
+        self.who
+            .startup
             .iter()
             .find(|(k, _)| k == "application_name")
             .map_or("", |(_, v)| v)
     }
+}
+
+/// Seconds since the Unix epoch, now (as kept in [`ClientInfo`]; saturates in 2106).
+pub fn now_secs() -> u32 {
+    u32::try_from(now_micros() / 1_000_000).unwrap_or(u32::MAX)
 }
 
 /// Totals of one database since sluice started (`SHOW STATS`), striped by runtime thread
@@ -149,6 +238,8 @@ pub const STATS_PERIOD: Duration = Duration::from_secs(60);
 /// One database of one cluster.
 pub struct DbActivity {
     pub name: String,
+    /// Its functions, for classification (see `functions.rs`).
+    pub functions: crate::postgres::functions::CatalogSlot,
     /// Transactions in flight: what `PAUSE` waits for. (Striped: every transaction adds and
     /// subtracts one; with SeqCst on both sides, PAUSE's sum still pairs with its flag.)
     pub busy: Striped,
@@ -209,29 +300,28 @@ impl Drop for Busy {
 /// The clients and databases of one cluster.
 #[derive(Default)]
 pub struct Activity {
-    clients: Mutex<HashMap<u64, Arc<ClientInfo>>>,
+    /// Logged-in clients by cancel key: one map serves both the console's list and cancel
+    /// requests (a second one, by session id, cost every idle client ~28 bytes of table).
+    clients: Mutex<HashMap<(i32, i32), Arc<ClientInfo>>>,
     databases: Mutex<HashMap<String, Arc<DbActivity>>>,
     /// User and database names, shared by the clients that use them.
     pub names: crate::common::intern::Interner<str>,
     /// Startup parameters, shared by the clients that sent the same ones.
     pub startups: crate::common::intern::Interner<Vec<(String, String)>>,
+    /// Whole identities, shared likewise.
+    pub identities: crate::common::intern::Interner<Identity>,
 }
 
-/// Removes a client from its cluster's list when its session ends.
-pub struct Registered {
+/// Keeps a console session listed until it drops (a client's session unlists itself when it
+/// ends: see `Session`'s `Drop`).
+pub struct Listed<'a> {
+    activity: &'a Activity,
     pub info: Arc<ClientInfo>,
-    activity: std::sync::Weak<crate::postgres::cluster::Cluster>,
 }
 
-impl Drop for Registered {
+impl Drop for Listed<'_> {
     fn drop(&mut self) {
-        if let Some(c) = self.activity.upgrade() {
-            c.activity
-                .clients
-                .lock()
-                .expect("clients lock")
-                .remove(&self.info.id);
-        }
+        self.activity.unregister(&self.info);
     }
 }
 
@@ -244,6 +334,7 @@ impl Activity {
         }
         let d = Arc::new(DbActivity {
             name: database.to_string(),
+            functions: Default::default(),
             busy: Striped::default(),
             totals: DbTotals::default(),
             period: Mutex::new((Instant::now(), Totals::default(), Averages::default())),
@@ -278,25 +369,112 @@ impl Activity {
         v
     }
 
-    /// Lists a logged-in client until the returned guard drops.
-    pub fn register(cluster: &Arc<crate::postgres::cluster::Cluster>, info: ClientInfo) -> Registered {
-        let info = Arc::new(info);
-        cluster
-            .activity
-            .clients
-            .lock()
-            .expect("clients lock")
-            .insert(info.id, info.clone());
-        Registered {
-            info,
-            activity: Arc::downgrade(cluster),
+    /// Who logged in as `user` to `database` with these startup parameters, shared with the
+    /// clients that logged in the same way.
+    pub fn identity(
+        &self,
+        user: &str,
+        database: &str,
+        startup: crate::postgres::backend::StartupParams,
+    ) -> Arc<Identity> {
+        self.identities.share(Arc::new(Identity {
+            user: self.names.share_str(user),
+            database: self.names.share_str(database),
+            startup: self.startups.share(startup),
+        }))
+    }
+
+    /// Lists a logged-in client under a cancel key: `preferred` if no other client holds it
+    /// (keys of backends on different servers may coincide), else a random one. The client
+    /// stays listed until [`Activity::unregister`].
+    pub fn register(&self, mut info: ClientInfo, preferred: Option<(i32, i32)>) -> Arc<ClientInfo> {
+        use rand::Rng;
+        let mut clients = self.clients.lock().expect("clients lock");
+        let mut key = preferred;
+        loop {
+            let k = key.take().unwrap_or_else(|| {
+                let mut rng = rand::rng();
+                (rng.random::<i32>() & 0x7fff_ffff, rng.random::<i32>())
+            });
+            if let std::collections::hash_map::Entry::Vacant(v) = clients.entry(k) {
+                info.cancel_key = k;
+                let info = Arc::new(info);
+                v.insert(info.clone());
+                return info;
+            }
         }
+    }
+
+    /// Lists a console session until the returned guard drops.
+    pub fn register_console(&self, info: ClientInfo) -> Listed<'_> {
+        Listed {
+            activity: self,
+            info: self.register(info, None),
+        }
+    }
+
+    /// Takes a client off the list (and forgets its cancel key).
+    pub fn unregister(&self, info: &Arc<ClientInfo>) {
+        let mut clients = self.clients.lock().expect("clients lock");
+        if clients
+            .get(&info.cancel_key)
+            .is_some_and(|c| Arc::ptr_eq(c, info))
+        {
+            clients.remove(&info.cancel_key);
+        }
+    }
+
+    /// The client with this cancel key, if it is connected.
+    pub fn by_cancel_key(&self, key: (i32, i32)) -> Option<Arc<ClientInfo>> {
+        self.clients.lock().expect("clients lock").get(&key).cloned()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn client(a: &Activity, id: u64, app: &str) -> ClientInfo {
+        let startup = Arc::new(vec![("application_name".to_string(), app.to_string())]);
+        let who = a.identity("alice", "app", startup);
+        ClientInfo::new(id, who, "[::1]:40000".parse().unwrap(), None, false)
+    }
+
+    #[test]
+    fn a_cancel_key_is_the_preferred_one_unless_taken() {
+        let a = Activity::default();
+        let first = a.register(client(&a, 1, "x"), Some((7, 9)));
+        assert_eq!(first.cancel_key, (7, 9));
+        // Backends on different servers may have the same key: the second client gets another.
+        let second = a.register(client(&a, 2, "x"), Some((7, 9)));
+        assert_ne!(second.cancel_key, (7, 9));
+        assert!(Arc::ptr_eq(&a.by_cancel_key((7, 9)).unwrap(), &first));
+        assert!(Arc::ptr_eq(&a.by_cancel_key(second.cancel_key).unwrap(), &second));
+        assert_eq!(a.clients().iter().map(|c| c.id).collect::<Vec<_>>(), [1, 2]);
+        // Same login, same identity; another application_name, another.
+        assert!(Arc::ptr_eq(&first.who, &second.who));
+        let third = a.register(client(&a, 3, "y"), None);
+        assert!(!Arc::ptr_eq(&first.who, &third.who));
+        assert_eq!(third.application_name(), "y");
+        a.unregister(&first);
+        assert!(a.by_cancel_key((7, 9)).is_none());
+        {
+            let _console = a.register_console(client(&a, 4, "console"));
+            assert_eq!(a.clients().len(), 3);
+        }
+        assert_eq!(a.clients().iter().map(|c| c.id).collect::<Vec<_>>(), [2, 3]);
+    }
+
+    #[test]
+    fn compact_addresses_keep_ip_and_port() {
+        for text in ["127.0.0.1:5432", "[::1]:6432", "[2001:db8::7]:1"] {
+            let addr: SocketAddr = text.parse().unwrap();
+            let c = CompactAddr::from(addr);
+            assert_eq!((c.ip(), c.port(), c.get()), (addr.ip(), addr.port(), addr));
+            assert_eq!(c.to_string(), text);
+        }
+        assert_eq!(std::mem::size_of::<Option<CompactAddr>>(), 19);
+    }
 
     #[test]
     fn averages_are_rates_and_means() {

@@ -9,7 +9,6 @@
 //! are unknown, and a call of an unknown function is a write, so a new function never reaches a
 //! replica before sluice has seen its volatility.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -52,24 +51,6 @@ impl CatalogSlot {
             .lock()
             .expect("catalog lock")
             .is_none_or(|at| at.elapsed() > REFRESH)
-    }
-}
-
-/// The catalogs of one cluster's databases.
-#[derive(Default)]
-pub struct Catalogs {
-    slots: Mutex<HashMap<String, Arc<CatalogSlot>>>,
-}
-
-impl Catalogs {
-    /// The slot of `database`.
-    pub fn slot(&self, database: &str) -> Arc<CatalogSlot> {
-        self.slots
-            .lock()
-            .expect("catalogs lock")
-            .entry(database.to_string())
-            .or_default()
-            .clone()
     }
 }
 

@@ -162,7 +162,7 @@ struct Pool {
     /// Connections being opened now.
     connecting: AtomicUsize,
     /// `key.node`, shared: a session watching its node clones this instead of the string.
-    node: Arc<str>,
+    node: Arc<String>,
     /// One part per core.
     cores: Box<[CorePart]>,
     /// Bumped by `drain`; connections from an older epoch are closed when they come back.
@@ -361,7 +361,7 @@ impl Pooled {
     }
 
     /// The node this connection goes to, shared (no allocation).
-    pub fn node_shared(&self) -> Arc<str> {
+    pub fn node_shared(&self) -> Arc<String> {
         self.slot.pool.node.clone()
     }
 
@@ -472,7 +472,7 @@ impl Pooled {
 
     /// The connection's socket and read buffer, with what tells when its pool is drained and
     /// its node's address: what the relay waits on while a request is in flight.
-    pub fn relay_parts(&mut self) -> (&mut BackendStream, &mut BytesMut, Drained<'_>, &Arc<str>) {
+    pub fn relay_parts(&mut self) -> (&mut BackendStream, &mut BytesMut, Drained<'_>, &Arc<String>) {
         let pool = &self.slot.pool;
         let Backend {
             stream,
@@ -776,7 +776,7 @@ impl Pools {
             key: key.clone(),
             servers: Default::default(),
             connecting: AtomicUsize::new(0),
-            node: Arc::from(node),
+            node: Arc::new(node.to_string()),
             cores,
             epoch: AtomicU64::new(0),
             waiting: AtomicUsize::new(0),

@@ -11,7 +11,7 @@ use tracing::{debug, info};
 use super::command::{self, Flow};
 use super::Access;
 use crate::common::tls::ClientStream;
-use crate::postgres::activity::{now_micros, Activity, ClientInfo};
+use crate::postgres::activity::ClientInfo;
 use crate::postgres::cluster::Cluster;
 
 /// The longest command the console reads.
@@ -63,26 +63,21 @@ pub async fn serve(
     server::backend_key_data(&mut out, 0, 0);
     server::ready_for_query(&mut out, b'I');
     let tls = matches!(stream, crate::common::tls::MaybeTls::Tls(_));
-    let _registered = Activity::register(
-        cluster,
-        ClientInfo {
-            id: cluster.next_session_id(),
-            user: login.user.as_str().into(),
-            database: "sluice".into(),
-            addr: login.peer,
-            local: None,
-            tls,
-            startup: std::sync::Arc::new(vec![(
-                "application_name".to_string(),
-                login.application_name.clone(),
-            )]),
-            connect_time: now_micros(),
-            wait_since: 0.into(),
-            request_time: 0.into(),
-            active: false.into(),
-            cancel: Default::default(),
-        },
+    let who = cluster.activity.identity(
+        &login.user,
+        "sluice",
+        std::sync::Arc::new(vec![(
+            "application_name".to_string(),
+            login.application_name.clone(),
+        )]),
     );
+    let _listed = cluster.activity.register_console(ClientInfo::new(
+        cluster.next_session_id(),
+        who,
+        login.peer,
+        None,
+        tls,
+    ));
     info!(user = %login.user, access = ?login.access, "admin console session");
     // After an extended-protocol message: everything until Sync is dropped, as a server does
     // after an error.

@@ -145,16 +145,16 @@ pub fn clients(console: &Console) -> Table {
             let wait = if since == 0 { 0 } else { now.saturating_sub(since) };
             t.push(vec![
                 s("C"),
-                s(&cl.user),
-                s(&cl.database),
+                s(cl.user()),
+                s(cl.database()),
                 s("none"),
                 s(state),
                 s(cl.addr.ip()),
                 s(cl.addr.port()),
                 cl.local.map(|a| a.ip().to_string()),
                 cl.local.map(|a| a.port().to_string()),
-                timestamp(cl.connect_time),
-                timestamp(cl.request_time.load(Ordering::Relaxed)),
+                timestamp(u64::from(cl.connect_time) * 1_000_000),
+                timestamp(u64::from(cl.request_time.load(Ordering::Relaxed)) * 1_000_000),
                 s(wait / 1_000_000),
                 s(wait % 1_000_000),
                 s(0),
@@ -293,7 +293,7 @@ pub fn databases(console: &Console) -> Table {
                 .filter(|p| p.database == d.name)
                 .map(|p| p.active + p.idle + p.connecting)
                 .sum();
-            let connected = clients.iter().filter(|cl| *cl.database == *d.name).count();
+            let connected = clients.iter().filter(|cl| cl.database() == d.name).count();
             t.push(vec![
                 s(&d.name),
                 host.clone(),
@@ -349,7 +349,7 @@ pub fn users(console: &Console) -> Table {
                 .filter(|p| p.user == name)
                 .map(|p| p.active + p.idle + p.connecting)
                 .sum();
-            let connected = clients.iter().filter(|cl| *cl.user == *name).count();
+            let connected = clients.iter().filter(|cl| cl.user() == name).count();
             t.push(vec![
                 s(&name),
                 s(""),

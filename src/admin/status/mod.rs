@@ -175,7 +175,7 @@ pub fn pg_pools(c: &Cluster) -> Vec<PoolRow> {
     }
     let mut rows = BTreeMap::new();
     for cl in c.activity.clients() {
-        let r = row(&mut rows, &cl.database, &cl.user);
+        let r = row(&mut rows, cl.database(), cl.user());
         let since = cl.wait_since.load(Ordering::Relaxed);
         if since == 0 {
             r.clients_active += 1;

@@ -8,7 +8,7 @@ mod probes;
 
 pub use attach::{AttachError, Checkout};
 pub use auth::{random_nonce, User, UserCredential};
-pub use cancel::{CancelSlot, CancelState, CancelTarget};
+pub use cancel::{Cancel, CancelState, CancelTarget};
 pub use login::ServerParams;
 pub use probes::parse_lsn;
 
@@ -33,7 +33,6 @@ use crate::postgres::backend::{
     own_startup_params, same_startup, Backend, BackendError, ConnectOptions, Credential, PassThrough,
     StartupParams, NO_CREDENTIAL,
 };
-use crate::postgres::functions::CatalogSlot;
 use crate::postgres::pool::{PoolError, PoolSettings, Pooled, Pools};
 use crate::postgres::router::{self, Intent, NoRoute, Policy};
 
@@ -60,13 +59,10 @@ pub struct Cluster {
     server_params: Mutex<HashMap<(String, String), Vec<KnownParams>>>,
     /// `sluice_queries_total` for `Intent::Primary` and `Intent::Replica`, resolved once.
     routed: [crate::common::metrics::QueryCounter; 2],
-    cancels: Mutex<HashMap<(i32, i32), CancelSlot>>,
     /// Connected clients, for `max_client_connections`.
     pub clients: AtomicUsize,
     /// Sessions started, for session ids.
     sessions: std::sync::atomic::AtomicU64,
-    /// Each database's functions, for classification.
-    pub functions: crate::postgres::functions::Catalogs,
     /// The admin console (shared by every cluster): who may use it, and what is paused.
     pub console: Arc<crate::admin::console::Console>,
     /// Logged-in clients and per-database activity, for the console.
@@ -158,10 +154,8 @@ impl Cluster {
                     })
                     .clone()
             }),
-            cancels: Mutex::new(HashMap::new()),
             clients: AtomicUsize::new(0),
             sessions: std::sync::atomic::AtomicU64::new(0),
-            functions: Default::default(),
             console,
             activity: Default::default(),
             dynamic: Default::default(),
@@ -213,16 +207,19 @@ impl Cluster {
         }
     }
 
-    /// The function catalog of `database` (see `functions.rs`): loaded now if it never was
-    /// (the caller waits), reloaded in the background if stale.
-    pub async fn function_catalog(self: &Arc<Self>, user: &str, database: &str) -> Arc<CatalogSlot> {
-        let slot = self.functions.slot(database);
-        if crate::postgres::functions::due(&slot) {
-            let first = slot.get().is_none();
+    /// The activity record of `database` with its function catalog (see `functions.rs`):
+    /// loaded now if it never was (the caller waits), reloaded in the background if stale.
+    pub async fn function_catalog(
+        self: &Arc<Self>,
+        user: &str,
+        database: &str,
+    ) -> Arc<crate::postgres::activity::DbActivity> {
+        let db = self.activity.database(database);
+        if crate::postgres::functions::due(&db.functions) {
+            let first = db.functions.get().is_none();
             let load = {
-                let (cluster, slot, user, database) =
-                    (self.clone(), slot.clone(), user.to_string(), database.to_string());
-                async move { cluster.load_functions(&slot, &user, &database).await }
+                let (cluster, db, user) = (self.clone(), db.clone(), user.to_string());
+                async move { cluster.load_functions(&db.functions, &user, &db.name).await }
             };
             if first {
                 // Boxed: once per database, and every login's future would carry it inline.
@@ -231,19 +228,23 @@ impl Cluster {
                 tokio::spawn(load);
             }
         }
-        slot
+        db
     }
 
     /// Reloads the function catalog of `database` in the background (a client changed its
     /// functions).
     pub fn refresh_functions(self: &Arc<Self>, user: &str, database: &str) {
-        let slot = self.functions.slot(database);
-        slot.invalidate();
+        self.activity.database(database).functions.invalidate();
         let (cluster, user, database) = (self.clone(), user.to_string(), database.to_string());
         tokio::spawn(async move { cluster.function_catalog(&user, &database).await });
     }
 
-    async fn load_functions(&self, slot: &CatalogSlot, user: &str, database: &str) {
+    async fn load_functions(
+        &self,
+        slot: &crate::postgres::functions::CatalogSlot,
+        user: &str,
+        database: &str,
+    ) {
         let Some(addr) = self.lookup_node() else { return };
         let credential = self.credential(user);
         let params = own_startup_params();

@@ -19,9 +19,10 @@ impl Session {
     /// returns the time (for `wait_for_resume`).
     fn try_start_transaction(&mut self) -> Option<u64> {
         use std::sync::atomic::Ordering::Relaxed;
-        let info = &self.client.info;
+        let info = &self.client;
         let now = crate::postgres::activity::now_micros();
-        info.request_time.store(now, Relaxed);
+        info.request_time
+            .store(u32::try_from(now / 1_000_000).unwrap_or(u32::MAX), Relaxed);
         if let Some(busy) = self.cluster.console.try_enter(&self.db) {
             info.active.store(true, Relaxed);
             self.busy = Some(busy);
@@ -34,26 +35,21 @@ impl Session {
     /// large, which would otherwise be part of every session's.
     async fn wait_for_resume(&mut self, now: u64) -> Result<(), AttachError> {
         use std::sync::atomic::Ordering::Relaxed;
-        let info = &self.client.info;
+        let info = &self.client;
         debug!(parent: &self.span(), database = %self.db.name, "transaction held: the database is paused");
         info.wait_since.store(now, Relaxed);
         // A parked backend goes back while the client waits: PAUSE closes the database's
         // connections, and other clients may need the slot.
         self.release_parked();
-        let info = &self.client.info;
-        let client = self.client.info.clone();
-        let slot = &client.cancel;
-        let woken = slot.wake.notified();
-        tokio::pin!(woken);
-        woken.as_mut().enable();
-        slot.set_queued(true);
+        let client = self.client.clone();
+        let info = &*client;
+        let woken = info.cancel.queue().await;
         let started = std::time::Instant::now();
         let result = tokio::select! {
             biased;
             r = self.cluster.console.enter(&self.db) => r.map_err(AttachError::from),
             () = woken => Err(AttachError::Cancelled),
         };
-        slot.set_queued(false);
         info.wait_since.store(0, Relaxed);
         let waited = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.db.totals.wait_us.fetch_add(waited, Relaxed);
@@ -69,7 +65,6 @@ impl Session {
         if self.busy.is_some() && self.link.attached().is_none_or(Attached::is_clean) {
             self.busy = None;
             self.client
-                .info
                 .active
                 .store(false, std::sync::atomic::Ordering::Relaxed);
         }
@@ -108,11 +103,10 @@ impl Session {
         use std::sync::atomic::Ordering::Relaxed;
         let started = std::time::Instant::now();
         self.client
-            .info
             .wait_since
             .store(crate::postgres::activity::now_micros(), Relaxed);
         let attached = self.attach_cancellable(intent).await;
-        self.client.info.wait_since.store(0, Relaxed);
+        self.client.wait_since.store(0, Relaxed);
         let totals = &self.db.totals;
         let waited = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         totals.wait_us.fetch_add(waited, Relaxed);

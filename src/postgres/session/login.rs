@@ -19,8 +19,7 @@ use super::{fatal, Link, Session};
 use crate::common::buffers::Buffer;
 use crate::common::tls::{ClientStream, MaybeTls};
 use crate::config::PoolMode;
-use crate::postgres::backend::StartupParams;
-use crate::postgres::cluster::{AttachError, Checkout, Cluster};
+use crate::postgres::cluster::{AttachError, Cancel, Checkout, Cluster};
 
 /// Longest password/SASL message a client may send.
 const MAX_AUTH_MESSAGE: usize = 16 * 1024;
@@ -69,32 +68,12 @@ pub async fn login(
         None => return Ok(None),
     };
     let Greeted {
-        user,
-        database,
-        startup,
+        who,
         startup_serializable,
         checkout,
-        functions,
+        db,
     } = greeted;
     let tls = matches!(stream, MaybeTls::Tls(_));
-    let client = crate::postgres::activity::Activity::register(
-        cluster,
-        crate::postgres::activity::ClientInfo {
-            id: cluster.next_session_id(),
-            user: cluster.activity.names.share_str(&user),
-            database: cluster.activity.names.share_str(&database),
-            addr: peer,
-            local,
-            tls,
-            startup,
-            connect_time: crate::postgres::activity::now_micros(),
-            wait_since: 0.into(),
-            request_time: 0.into(),
-            active: false.into(),
-            cancel: Default::default(),
-        },
-    );
-    let db = cluster.activity.database(&client.info.database);
     // Session mode: the client keeps the backend that answered its login for its whole
     // session, so it is told that backend's own key, and `pg_backend_pid()`, NOTIFY pids and
     // `pg_terminate_backend` agree with BackendKeyData as on a direct connection. Transaction
@@ -103,10 +82,11 @@ pub async fn login(
         .as_ref()
         .filter(|_| cluster.pg.pool_mode == PoolMode::Session)
         .map(|c| c.conn.key());
-    let cancel_key = match session_key.and_then(|k| cluster.try_register_cancel(k, &client.info)) {
-        Some(registered) => registered,
-        None => cluster.register_random_cancel(&client.info),
-    };
+    let client = cluster.activity.register(
+        crate::postgres::activity::ClientInfo::new(cluster.next_session_id(), who, peer, local, tls),
+        session_key,
+    );
+    let cancel_key = client.cancel_key;
     let mut greeting = Buffer::default();
     server::backend_key_data(greeting.get(), cancel_key.0, cancel_key.1);
     server::ready_for_query(greeting.get(), b'I');
@@ -129,10 +109,8 @@ pub async fn login(
         link: Link::Idle,
         statements: Default::default(),
         settings: settings::none(),
-        functions,
         pinned: None,
         rare: None,
-        cancel_key,
         idle_timer: None,
     });
     // The connection that answered the login serves the client's first request (session
@@ -142,7 +120,7 @@ pub async fn login(
             session.attach(checkout);
         } else {
             checkout.park();
-            session.client.info.cancel.set(None);
+            session.client.cancel.set(None);
             session.link = Link::Parked(checkout);
         }
     }
@@ -160,13 +138,12 @@ enum Outcome {
 
 /// A client that has logged in.
 struct Greeted {
-    user: String,
-    database: String,
-    startup: StartupParams,
+    who: Arc<crate::postgres::activity::Identity>,
     startup_serializable: bool,
     /// The backend whose parameters the client was told, if one was checked out for it.
     checkout: Option<Checkout>,
-    functions: Arc<crate::postgres::functions::CatalogSlot>,
+    /// Its database's activity record, with the function catalog loaded.
+    db: Arc<crate::postgres::activity::DbActivity>,
 }
 
 /// Time a login spent held by the console's PAUSE, which `login_timeout` does not count
@@ -350,10 +327,9 @@ async fn handshake(
         })));
     }
     server::authentication_ok(out);
-    let startup = cluster
+    let who = cluster
         .activity
-        .startups
-        .share(settings::startup_params(startup_params));
+        .identity(&user, &database, settings::startup_params(startup_params));
     // A new client of a paused database waits for RESUME, like its transactions, bounded by
     // pause_timeout only.
     held.hold();
@@ -368,7 +344,7 @@ async fn handshake(
         return Ok(None);
     }
     let fresh = cluster.pg.pool_mode == PoolMode::Session;
-    let checkout = match cluster.login_params(&user, &database, &startup, fresh).await {
+    let checkout = match cluster.login_params(&user, &database, &who.startup, fresh).await {
         Ok((params, checkout)) => {
             // What the primary announced to a connection opened with the client's own startup
             // parameters: what a direct connection would have been told.
@@ -393,14 +369,12 @@ async fn handshake(
             return Ok(None);
         }
     };
-    let functions = cluster.function_catalog(&user, &database).await;
+    let db = cluster.function_catalog(&user, &database).await;
     debug!(%user, %database, "client logged in");
     Ok(Some(Outcome::Client(Greeted {
-        functions,
+        db,
         startup_serializable: settings::startup_serializable(startup_params),
-        user,
-        database,
-        startup,
+        who,
         checkout,
     })))
 }
@@ -566,20 +540,15 @@ async fn forward_cancel(cluster: &Cluster, pid: i32, secret: &[u8]) {
     let Ok(secret) = <[u8; 4]>::try_from(secret) else {
         return;
     };
-    let Some(slot) = cluster.cancel_slot((pid, i32::from_be_bytes(secret))) else {
+    let Some(client) = cluster.activity.by_cancel_key((pid, i32::from_be_bytes(secret))) else {
         debug!("cancel request for an unknown key");
         return;
     };
-    let slot = &slot.cancel;
-    let Some(target) = slot.target() else {
-        if slot.queued() {
-            // The query still waits for a backend: it is given up, with 57014.
-            slot.wake.notify_waiters();
-            debug!("cancel request for a query waiting for a backend");
-        } else {
-            debug!("cancel request for an idle client");
-        }
-        return;
+    let target = match client.cancel.cancel() {
+        Cancel::Forward(target) => target,
+        // The query still waits for a backend: it is given up, with 57014.
+        Cancel::Dequeued => return debug!("cancel request for a query waiting for a backend"),
+        Cancel::Idle => return debug!("cancel request for an idle client"),
     };
     let mut msg = BytesMut::new();
     frontend::cancel_request(target.pid, target.secret, &mut msg);

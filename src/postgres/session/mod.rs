@@ -195,8 +195,9 @@ pub struct Session {
     /// The client as the admin console lists it (`SHOW CLIENTS`, `SHOW POOLS`); also its
     /// user, database and session id (unique in the cluster: marks the backends this session
     /// used last).
-    client: crate::postgres::activity::Registered,
-    /// Its database's activity (transactions in flight, totals).
+    /// Listed in its cluster's `Activity` until the session drops.
+    client: Arc<crate::postgres::activity::ClientInfo>,
+    /// Its database's activity (transactions in flight, totals) and function catalog.
     db: Arc<crate::postgres::activity::DbActivity>,
     /// The client's transaction in flight (from its first message to the ReadyForQuery that
     /// ends it): what a console `PAUSE` waits for.
@@ -219,15 +220,19 @@ pub struct Session {
     statements: statements::Statements,
     /// The client's session settings, replayed on each backend it gets.
     settings: Settings,
-    /// The functions of the client's database, for classification.
-    functions: Arc<crate::postgres::functions::CatalogSlot>,
     /// Session state ties the client to its current backend for good.
     pinned: Option<PinReason>,
     /// What few clients need, boxed when first needed (an idle session stays small).
     rare: Option<Box<Rare>>,
-    cancel_key: (i32, i32),
     /// `client_idle_timeout` between transactions (made on first use, when configured).
     idle_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Drop for Session {
+    /// Takes the client off its cluster's list (and forgets its cancel key).
+    fn drop(&mut self) {
+        self.cluster.activity.unregister(&self.client);
+    }
 }
 
 impl Session {
@@ -248,7 +253,7 @@ impl Session {
 
     /// Names the client in a log line (see `client_span`).
     fn span(&self) -> tracing::Span {
-        client_span(&self.client.info.addr, &self.cluster.config.name)
+        client_span(&self.client.addr.get(), &self.cluster.config.name)
     }
 
     // Not an `async fn`: an async fn keeps its arguments twice in its state machine (as
@@ -259,7 +264,6 @@ impl Session {
             let end = self.relay().await;
             self.log_end(end);
             self.detach_at_end().await;
-            self.cluster.unregister_cancel(self.cancel_key);
             // The error that ends the session (e.g. 08006 when the backend closed) is still in
             // `out` when the backend read saw EOF: the client must get it before the close.
             let _ = self.flush_client().await;
@@ -435,7 +439,7 @@ impl Session {
                     Ok(checkout) => self.attach(checkout),
                     Err(e) => {
                         if had_parked {
-                            self.client.info.cancel.set(None);
+                            self.client.cancel.set(None);
                         }
                         return self.attach_failed(tag, e);
                     }
@@ -517,31 +521,26 @@ impl Session {
     /// `Cluster::attach` for the client's next request, given up when the client sends a
     /// CancelRequest meanwhile (waiting for a pool slot or for a primary).
     async fn attach_cancellable(&mut self, intent: Intent) -> Result<Checkout, AttachError> {
-        let client = self.client.info.clone();
-        let slot = &client.cancel;
-        // Registered before the request is marked as waiting, so that no cancel is missed.
-        let woken = slot.wake.notified();
-        tokio::pin!(woken);
-        woken.as_mut().enable();
-        slot.set_queued(true);
+        let client = self.client.clone();
+        // Queued before the attach is first polled, so that no cancel is missed.
+        let woken = client.cancel.queue().await;
         // The parked backend serves the request if the router chooses its node; otherwise it
         // goes back to its pool (also when the wait is cancelled).
         let mut parked = self.link.take_parked();
+        let who = &self.client.who;
         let attach = self.cluster.attach(
             intent,
-            &self.client.info.user,
-            &self.client.info.database,
-            &self.client.info.startup,
+            &who.user,
+            &who.database,
+            &who.startup,
             self.min_lsn(),
             &mut parked,
         );
-        let result = tokio::select! {
+        tokio::select! {
             biased;
             r = attach => r,
             () = woken => Err(AttachError::Cancelled),
-        };
-        slot.set_queued(false);
-        result
+        }
     }
 
     /// The class of an extended-protocol batch that starts with a message of class `first`: a
@@ -578,7 +577,7 @@ impl Session {
     fn classify_sql(&self, sql: &[u8]) -> Classification {
         self.cluster
             .classifier
-            .classify_in(sql, self.functions.get().as_deref())
+            .classify_in(sql, self.db.functions.get().as_deref())
     }
 
     /// The class of an extended-protocol request that starts with `msg`.
@@ -625,14 +624,14 @@ impl Session {
     fn attach(&mut self, mut checkout: Checkout) {
         let addr = checkout.conn.node_shared();
         let be = checkout.conn.conn();
-        self.client.info.cancel.set(Some(CancelTarget {
+        self.client.cancel.set(Some(CancelTarget {
             addr,
             pid: be.pid,
             secret: be.secret,
         }));
         debug!(parent: &self.span(), node = %be.addr, "attached backend");
         let mut replays = 0;
-        let foreign = be.owner != self.client.info.id && be.tainted;
+        let foreign = be.owner != self.client.id && be.tainted;
         if self.cluster.pg.pool_mode == PoolMode::Transaction && (foreign || be.settings != self.settings) {
             // The backend carries someone else's settings (or may: another client wrote or
             // set something there): make them the client's.
@@ -644,7 +643,7 @@ impl Session {
             be.tainted = false;
             self.cluster.settings_replayed();
         }
-        be.owner = self.client.info.id;
+        be.owner = self.client.id;
         let mut attached = Attached {
             checkout,
             st: InFlightBox::take(),
@@ -682,7 +681,7 @@ impl Session {
     /// Lets go of the parked backend (back to its pool).
     fn release_parked(&mut self) {
         if self.link.take_parked().is_some() {
-            self.client.info.cancel.set(None);
+            self.client.cancel.set(None);
         }
     }
 
@@ -692,7 +691,7 @@ impl Session {
             if !a.is_clean() || self.pinned.is_some() {
                 a.checkout.conn.discard();
             }
-            self.client.info.cancel.set(None);
+            self.client.cancel.set(None);
         }
     }
 

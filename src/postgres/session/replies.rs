@@ -69,7 +69,7 @@ impl Session {
     /// and lets go of the backend when the client's transaction is over.
     pub(super) fn process_backend_messages(&mut self) -> Result<(), End> {
         loop {
-            let who = (&self.client.info.addr, &self.cluster.config.name);
+            let who = (self.client.addr, &self.cluster.config.name);
             let Some(a) = self.link.attached_mut() else {
                 return Ok(());
             };
@@ -209,7 +209,7 @@ impl Session {
                         }
                         (b'E', own) => {
                             let (code, message) = peek::error_code_and_message(msg.body());
-                            let span = super::client_span(who.0, who.1);
+                            let span = super::client_span(&who.0.get(), who.1);
                             warn!(parent: &span, %code, %message, "sluice's own query on the backend failed");
                             if matches!(own, Unit::ReadSettings(_)) {
                                 *own = Unit::Failed;

@@ -63,11 +63,11 @@ fn an_idle_session_is_small() {
         ("InFlight (per attached backend, recycled)", size_of::<InFlight>()),
         ("Checkout", size_of::<Checkout>()),
         (
-            "ClientInfo (Arc, console)",
+            "ClientInfo (Arc: console list, cancel keys)",
             size_of::<crate::postgres::activity::ClientInfo>(),
         ),
         (
-            "CancelState (Arc, cancel keys)",
+            "  CancelState",
             size_of::<crate::postgres::cluster::CancelState>(),
         ),
     ];
@@ -93,4 +93,14 @@ fn an_idle_session_is_small() {
     // rare branches (auth_query's lookup, a database's first function catalog load) were
     // boxed and the login timeout stopped storing the handshake twice; 2,720 B since.
     assert!(login <= 3 * 1024, "the boxed login future grew to {login} B");
+    // The two other allocations of every idle client, bounded where glibc's chunk size steps
+    // (a request of n bytes takes a chunk of n + 8 rounded up to 16): the session box at
+    // 216 B takes 224 (it was 240 B, a 256-byte chunk, while it kept its cancel key, its
+    // function catalog and a second pointer to its cluster); the client record at 120 B, an
+    // `Arc` of 136 B, takes 144 (216 B and 240 before: full-width addresses and times, three
+    // pointers for its names, a `Notify` for cancels).
+    let session = size_of::<Session>();
+    assert!(session <= 216, "the session grew to {session} B");
+    let info = size_of::<crate::postgres::activity::ClientInfo>();
+    assert!(info <= 120, "the client record grew to {info} B");
 }

@@ -236,7 +236,7 @@ impl Session {
                     self.note_effects(c, sql);
                     if c.class == Class::Write && crate::postgres::functions::changes_functions(sql) {
                         self.cluster
-                            .refresh_functions(&self.client.info.user, &self.client.info.database);
+                            .refresh_functions(self.client.user(), self.client.database());
                     }
                 }
                 let f = self.forwarding();
