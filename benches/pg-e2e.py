@@ -42,10 +42,12 @@ pgbench (the default command)
 memory
   starts the same servers (no pgbench data), then for sluice and PgBouncer: opens N (10,000)
   authenticated clients (SCRAM; a small asyncio client in this file), holds them idle for a few
-  seconds and reports RSS before/after and per connection. Before that (on the fresh processes),
+  seconds and reports RSS before/after and per connection (and the anonymous part of RSS, the
+  process's own memory without the shared pages of its binary and libraries; with --baseline,
+  the baseline binary's idle clients too, interleaved). Before that (on the fresh processes),
   one client sends a query with a ~2 GB result of 1 kB rows and does not read for a few seconds,
   and the proxy's RSS is sampled over time (it must stay bounded); then the same with a single
-  64 MiB row, read afterwards. Writes memory.json to --out.
+  64 MiB row, read afterwards (--slow-seconds 0 skips these). Writes memory.json to --out.
 """
 
 import argparse
@@ -156,10 +158,12 @@ def cpu_seconds(pid):
     return (int(rest[11]) + int(rest[12])) / CLK_TCK
 
 
-def rss_kib(pid):
+def rss_kib(pid, field="VmRSS"):
+    """Resident memory in KiB: all of it (`VmRSS`), or its private, anonymous part (`RssAnon`:
+    heap, stacks; without the shared pages of the binary and its libraries)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
 
@@ -974,14 +978,15 @@ async def memory_idle(env, name, n, hold, concurrency, query=None):
     w.close()
     await asyncio.sleep(1)
     base = rss_kib(pid)
+    anon_base = rss_kib(pid, "RssAnon")
     t0 = time.time()
     conns, errors = await open_idle(port, n, concurrency, query)
     opened = time.time() - t0
     samples = []
     for _ in range(max(1, int(hold))):
         await asyncio.sleep(1)
-        samples.append(rss_kib(pid))
-    peak = max(samples)
+        samples.append((rss_kib(pid), rss_kib(pid, "RssAnon")))
+    peak, anon_peak = max(samples)
     cpu = cpu_seconds(pid)
     for _, w in conns:
         w.close()
@@ -990,13 +995,15 @@ async def memory_idle(env, name, n, hold, concurrency, query=None):
     res = {"target": name, "query": query, "clients": len(conns), "errors": len(errors),
            "error_examples": errors[:3], "open_s": round(opened, 1),
            "rss_base_kib": base, "rss_idle_kib": peak, "rss_after_close_kib": after,
+           "anon_base_kib": anon_base, "anon_idle_kib": anon_peak,
            "rss_idle_mib": round(peak / 1024, 1),
            "per_client_bytes": round((peak - base) * 1024 / max(1, len(conns))),
            "cpu_s_total": cpu}
     log(f"{name}: {len(conns)} idle clients ({len(errors)} failed; first ran {query!r}) in "
         f"{opened:.1f} s: RSS "
         f"{base / 1024:.1f} MiB -> {peak / 1024:.1f} MiB "
-        f"({res['per_client_bytes']} B per client), {after / 1024:.1f} MiB after they left")
+        f"({res['per_client_bytes']} B per client; anonymous {anon_base / 1024:.1f} -> "
+        f"{anon_peak / 1024:.1f} MiB), {after / 1024:.1f} MiB after they left")
     return res
 
 
@@ -1047,23 +1054,26 @@ def cmd_memory(args):
         env.start_postgres(0)
         env.start_proxy("pgbouncer")
         env.start_proxy("sluice")
+        # --baseline: the same idle-client runs with the baseline binary, interleaved.
+        proxies = ("sluice", "pgbouncer")
+        if args.baseline:
+            env.start_proxy(BASE + "sluice")
+            proxies = ("sluice", BASE + "sluice", "pgbouncer")
         out["versions"] = versions(env)
         # The slow readers first, while the proxies' heaps are small: growth is not hidden
-        # by memory freed after the idle clients left.
+        # by memory freed after the idle clients left. (--slow-seconds 0: none.)
         out["slow"] = []
         big_rows = "SELECT repeat('x', 1000) FROM generate_series(1, 2000000)"  # ~2 GB of rows
         one_row = "SELECT repeat('x', 64 * 1024 * 1024)"  # one 64 MiB DataRow
-        for name in ("sluice", "pgbouncer"):
-            out["slow"].append(asyncio.run(asyncio.wait_for(
-                memory_slow_reader(env, name, big_rows, args.slow_seconds, False), 300)))
-        for name in ("sluice", "pgbouncer"):
-            out["slow"].append(asyncio.run(asyncio.wait_for(
-                memory_slow_reader(env, name, one_row, args.slow_seconds, True), 300)))
+        for sql, read_after in ((big_rows, False), (one_row, True)):
+            for name in ("sluice", "pgbouncer") if args.slow_seconds > 0 else ():
+                out["slow"].append(asyncio.run(asyncio.wait_for(
+                    memory_slow_reader(env, name, sql, args.slow_seconds, read_after), 300)))
         # Idle right after logging in, then idle after one query each (the usual state of an
         # application's pooled connections: buffers have been used once).
         out["idle"] = []
         for query in (None, "SELECT 1"):
-            for name in ("sluice", "pgbouncer"):
+            for name in proxies:
                 env.restart(name)
                 out["idle"].append(asyncio.run(asyncio.wait_for(
                     memory_idle(env, name, args.clients, args.hold, args.concurrency, query),
@@ -1073,13 +1083,15 @@ def cmd_memory(args):
     with open(os.path.join(args.out, "memory.json"), "w") as f:
         json.dump(out, f, indent=1)
     print()
-    print("| proxy | idle clients | each ran first | RSS before | RSS with clients | per client |")
-    print("|---|---|---|---|---|---|")
+    print("| proxy | idle clients | each ran first | RSS before | RSS with clients | per client "
+          "| anonymous RSS before → with clients |")
+    print("|---|---|---|---|---|---|---|")
     for r in out["idle"]:
         print(f"| {r['target']} | {r['clients']} ({r['errors']} failed) | "
               f"{r['query'] or '(nothing)'} | "
               f"{r['rss_base_kib'] / 1024:.1f} MiB | {r['rss_idle_mib']:.1f} MiB | "
-              f"{r['per_client_bytes']} B |")
+              f"{r['per_client_bytes']} B | {r['anon_base_kib'] / 1024:.1f} → "
+              f"{r['anon_idle_kib'] / 1024:.1f} MiB |")
     print()
     print("| proxy | slow reader of | RSS before | peak RSS | growth |")
     print("|---|---|---|---|---|")
@@ -1151,7 +1163,7 @@ def main():
     ap.add_argument("--hold", type=float, default=5, help="memory: seconds to hold them")
     ap.add_argument("--concurrency", type=int, default=200, help="memory: logins in flight")
     ap.add_argument("--slow-seconds", type=float, default=8,
-                    help="memory: seconds the slow client does not read")
+                    help="memory: seconds the slow client does not read (0: no slow client)")
     args = ap.parse_args()
     if args.baseline:
         if not os.path.exists(args.baseline):
