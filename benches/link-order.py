@@ -11,12 +11,17 @@ functions it never runs (Kubernetes and DNS discovery, the CQL path, config erro
 those windows counts in RSS. Put together, they take a few windows; the same code runs, and
 what a CQL or Kubernetes-discovery sluice runs besides is where it was before.
 
-How: sluice runs under callgrind (`--demangle=no`, so the names are the linker's) against
-the PostgreSQL primary and replica that `pg-e2e.py hold` starts, while this script logs in
-with psql and runs pgbench (select-only simple, extended and prepared, a read-write run, a
-run that reconnects per transaction). Every function of the sluice binary that ran is
-listed, by instructions spent in it, most first. Names that a later build no longer has are
-skipped by the linker (`--no-warn-symbol-ordering`), so a stale list costs only locality.
+How: sluice runs under callgrind (`--demangle=no`, so the names are the linker's) with
+`RUST_LOG=info`, serving a PostgreSQL cluster (the primary and replica that `pg-e2e.py hold`
+starts) and a CQL cluster (three nodes of `sluice-cql-testcluster`, built in debug), while
+this script logs in with psql and runs pgbench (select-only simple, extended and prepared, a
+read-write run, a run that reconnects per transaction), reads the admin endpoints (what
+Kubernetes probes and Prometheus ask for), and runs reads and writes through the CQL listener
+with the DataStax Python driver. Every function of the sluice binary that ran is listed, by
+instructions spent in it, most first. Names that a later build no longer has are skipped by
+the linker (`--no-warn-symbol-ordering`), so a stale list costs only locality; the names
+change with the crate's metadata (dependencies, toolchain), so run this again after such a
+change (and after a large change of the code that runs).
 """
 
 import argparse
@@ -62,8 +67,52 @@ def run(cmd, env):
         raise SystemExit(f"{' '.join(cmd)} failed: {r.stderr[-2000:]}")
 
 
+def http_get(port, path):
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:
+        return r.read()
+
+
+def cql_workload(port):
+    """Schema, writes, reads and prepared statements through sluice's CQL listener."""
+    from cassandra.cluster import Cluster
+    from cassandra.policies import RoundRobinPolicy
+    cluster = Cluster(["127.0.0.1"], port=port, load_balancing_policy=RoundRobinPolicy(),
+                      protocol_version=4, connect_timeout=60, control_connection_timeout=60)
+    try:
+        s = cluster.connect()
+        s.default_timeout = 60
+        s.execute("CREATE KEYSPACE IF NOT EXISTS lo WITH replication = "
+                  "{'class': 'SimpleStrategy', 'replication_factor': 2}")
+        s.execute("CREATE TABLE IF NOT EXISTS lo.kv (k int PRIMARY KEY, v text)")
+        insert = s.prepare("INSERT INTO lo.kv (k, v) VALUES (?, ?)")
+        select = s.prepare("SELECT v FROM lo.kv WHERE k = ?")
+        for i in range(300):
+            s.execute(insert, (i, f"v{i}"))
+            assert s.execute(select, (i,)).one().v == f"v{i}"
+        for i in range(50):
+            s.execute("SELECT v FROM lo.kv WHERE k = %s", (i,))
+    finally:
+        cluster.shutdown()
+
+
 def profile(sluice, work):
     """Runs the workload against a callgrind-run sluice; returns the callgrind output path."""
+    log("cargo build -p sluice-cql-testcluster")
+    subprocess.run(["cargo", "build", "-q", "-p", "sluice-cql-testcluster"], cwd=ROOT, check=True,
+                   timeout=1800)
+    cql_nodes = free_port()
+    ring = subprocess.Popen([os.path.join(ROOT, "target", "debug", "sluice-cql-testcluster"),
+                             "--nodes", "3", "--port", str(cql_nodes)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        return profile_with(sluice, work, cql_nodes)
+    finally:
+        ring.kill()
+        ring.wait()
+
+
+def profile_with(sluice, work, cql_nodes):
     hold = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "benches", "pg-e2e.py"), "hold", "--no-build",
          "--sluice", sluice, "--scale", "1", "--hold", "3600", "--out", work],
@@ -76,21 +125,39 @@ def profile(sluice, work):
                 break
         if info is None:
             raise SystemExit("pg-e2e.py hold did not start")
-        port, admin = free_port(), free_port()
+        port, admin, cql = free_port(), free_port(), free_port()
         cfg = os.path.join(work, "profiled.toml")
         with open(os.path.join(info["work"], "sluice.toml")) as f:
             text = f.read()
         text = re.sub(r'(\[admin\]\nlisten = "127.0.0.1:)\d+', rf"\g<1>{admin}", text)
         text = re.sub(r'(protocol = "postgres"\nlisten = "127.0.0.1:)\d+', rf"\g<1>{port}", text)
+        seeds = ", ".join(f'"127.0.0.{i}:{cql_nodes}"' for i in (1, 2, 3))
+        text += f"""
+[[clusters]]
+name = "ring"
+protocol = "cql"
+listen = "127.0.0.1:{cql}"
+
+[clusters.discovery]
+static = [{seeds}]
+"""
         with open(cfg, "w") as f:
             f.write(text)
         out = os.path.join(work, "callgrind.out")
         log(f"sluice under callgrind on port {port}")
         sl = subprocess.Popen(["valgrind", "--tool=callgrind", "--demangle=no",
                                f"--callgrind-out-file={out}", sluice, "--config", cfg],
-                              stdout=subprocess.DEVNULL, stderr=open(out + ".log", "w"))
+                              stdout=subprocess.DEVNULL, stderr=open(out + ".log", "w"),
+                              env=dict(os.environ, RUST_LOG="info"))
         try:
             wait_port(port)
+            wait_port(admin)
+            # As pg-e2e.py does before it measures: until both nodes have been probed.
+            end = time.time() + 120
+            while not all(r in http_get(admin, "/topology") for r in (b'"primary"', b'"replica"')):
+                if time.time() > end:
+                    raise SystemExit("sluice did not see a primary and a replica")
+                time.sleep(0.5)
             env = dict(os.environ, PGPASSWORD=info["password"], PGHOST="127.0.0.1",
                        PGPORT=str(port), PGUSER=info["user"], PGDATABASE=info["db"])
             run(["psql", "-X", "-c", "SELECT 1", "-c", "SHOW server_version"], env)
@@ -100,6 +167,13 @@ def profile(sluice, work):
             log("pgbench read-write, and with a login per transaction")
             run(["pgbench", "-n", "-c", "2", "-j", "1", "-t", "100"], env)
             run(["pgbench", "-n", "-S", "-C", "-c", "2", "-j", "1", "-t", "30"], env)
+            log("admin endpoints")
+            for _ in range(3):
+                for path in ("/", "/metrics", "/healthz", "/readyz", "/topology"):
+                    http_get(admin, path)
+            log("CQL through sluice")
+            wait_port(cql)
+            cql_workload(cql)
         finally:
             sl.send_signal(signal.SIGINT)
             sl.wait(timeout=120)
