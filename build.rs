@@ -1,12 +1,13 @@
-//! Release builds place the functions a running PostgreSQL sluice executes together at the
-//! start of the binary's code, hottest first (`src/link/order.txt`, written by
+//! Release builds place the functions a running sluice executes (PostgreSQL and CQL) together
+//! at the start of the binary's code, hottest first (`src/link/order.txt`, written by
 //! `benches/link-order.py` from a callgrind profile).
 //!
 //! The kernel maps a program's code in 64 KiB windows around each page it touches, and the
-//! ~1.3 MB of code that start-up, logins, the relay, the pool and the probes run was spread
-//! over ~120 windows (7 MiB) of the 12 MiB of code, between functions that never run; every
-//! window counts in the process's RSS. Ordered, they take about a fifth of that
-//! (benches/README.md, "Afternoon of 2026-12-07"). What runs is unchanged.
+//! ~2 MB of code that start-up, logins, the relay, the pool, the probes and the admin
+//! endpoints run was spread over ~120 of the 193 windows of the 12 MB of code, between
+//! functions that never run; every window counts in the process's RSS. Ordered, a sluice
+//! that has served a login maps 5.1 MiB of file pages instead of 9.9 (benches/README.md,
+//! "Later on 2026-12-07"). What runs is unchanged.
 //!
 //! Only where the linker is LLD (`--symbol-ordering-file` is LLD's): the default for
 //! `x86_64-unknown-linux-gnu` since Rust 1.90, unless a linker or linker flags are configured.

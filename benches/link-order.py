@@ -1,27 +1,32 @@
 #!/usr/bin/env python3
-"""Writes src/link/order.txt: the functions a PostgreSQL sluice runs, hottest first, for the
+"""Writes src/link/order.txt: the functions a running sluice executes, hottest first, for the
 linker to place together at the start of the binary's code (see build.rs).
 
     python3 benches/link-order.py [--sluice target/release/sluice]
 
 Why: the kernel maps a program's code in 64 KiB windows around each page it touches
 ("fault-around"), and the code that a running sluice touches (start-up, login, the relay, the
-pool, the probes) was spread over ~120 of the release binary's ~190 windows, between
-functions it never runs (Kubernetes and DNS discovery, the CQL path, config errors). Each of
-those windows counts in RSS. Put together, they take a few windows; the same code runs, and
-what a CQL or Kubernetes-discovery sluice runs besides is where it was before.
+pool, the probes, the admin endpoints) was spread over ~120 of the release binary's ~190
+windows, between functions it never runs (Kubernetes and DNS discovery, config errors).
+Each of those windows counts in RSS. Put together, they take about 35; the same code runs,
+and what a Kubernetes- or DNS-discovery sluice runs besides is where it was before.
 
 How: sluice runs under callgrind (`--demangle=no`, so the names are the linker's) with
-`RUST_LOG=info`, serving a PostgreSQL cluster (the primary and replica that `pg-e2e.py hold`
-starts) and a CQL cluster (three nodes of `sluice-cql-testcluster`, built in debug), while
-this script logs in with psql and runs pgbench (select-only simple, extended and prepared, a
-read-write run, a run that reconnects per transaction), reads the admin endpoints (what
-Kubernetes probes and Prometheus ask for), and runs reads and writes through the CQL listener
-with the DataStax Python driver. Every function of the sluice binary that ran is listed, by
-instructions spent in it, most first. Names that a later build no longer has are skipped by
-the linker (`--no-warn-symbol-ordering`), so a stale list costs only locality; the names
-change with the crate's metadata (dependencies, toolchain), so run this again after such a
-change (and after a large change of the code that runs).
+`RUST_LOG=info`, twice. First it serves a PostgreSQL cluster alone (the primary and replica
+that `pg-e2e.py hold` starts, static discovery); then also a CQL cluster (three nodes of
+`sluice-cql-testcluster`, built in debug) and a PostgreSQL cluster discovered from a
+Kubernetes API (`k8s-apiserver`, built in debug, serving the recorded CloudNativePG scenario
+with the pods' addresses mapped to 127.0.0.11–13, where nothing listens: sluice watches the
+endpoints and reports the nodes down). Meanwhile this script logs in with psql and runs
+pgbench (select-only simple, extended and prepared, a read-write run, a run that reconnects
+per transaction), reads the admin endpoints (what Kubernetes probes and Prometheus ask for),
+and in the second run reads and writes through the CQL listener with the DataStax Python
+driver. Every function of the sluice binary that ran is listed, by instructions spent in
+it, most first: those of the first run, then those only the second ran (so a PostgreSQL
+sluice finds what it runs in as few pages as possible). Names that a later build no longer
+has are skipped by the linker (`--no-warn-symbol-ordering`), so a stale list costs only
+locality; the names change with the crate's metadata (dependencies, toolchain), so run this
+again after such a change (and after a large change of the code that runs).
 """
 
 import argparse
@@ -49,10 +54,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_port(port, timeout=120):
+def wait_port(port, timeout=120, proc=None, logfile=None):
     import socket
     end = time.time() + timeout
     while time.time() < end:
+        if proc is not None and proc.poll() is not None:
+            with open(logfile) as f:
+                raise SystemExit(f"exited ({proc.returncode}) before listening on {port}:\n"
+                                 + f.read()[-3000:])
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
@@ -68,9 +77,15 @@ def run(cmd, env):
 
 
 def http_get(port, path):
+    """The body of a GET, whatever the status (`/readyz` answers 503 while a cluster has no
+    healthy node, as the one discovered from Kubernetes here)."""
+    import urllib.error
     import urllib.request
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:
-        return r.read()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:
+            return r.read()
+    except urllib.error.HTTPError as e:
+        return e.read()
 
 
 def cql_workload(port):
@@ -101,18 +116,33 @@ def profile(sluice, work):
     log("cargo build -p sluice-cql-testcluster")
     subprocess.run(["cargo", "build", "-q", "-p", "sluice-cql-testcluster"], cwd=ROOT, check=True,
                    timeout=1800)
-    cql_nodes = free_port()
+    log("cargo build -p k8s-apiserver")
+    subprocess.run(["cargo", "build", "-q", "-p", "k8s-apiserver"], cwd=ROOT, check=True,
+                   timeout=1800)
+    cql_nodes, api = free_port(), free_port()
     ring = subprocess.Popen([os.path.join(ROOT, "target", "debug", "sluice-cql-testcluster"),
                              "--nodes", "3", "--port", str(cql_nodes)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kubeconfig = os.path.join(work, "kubeconfig")
+    rewrites = []
+    for i, pod in enumerate(("10.244.1.11", "10.244.2.11", "10.244.3.11")):
+        rewrites += ["--rewrite", f'"{pod}"="127.0.0.{11 + i}"']
+    apiserver = subprocess.Popen(
+        [os.path.join(ROOT, "target", "debug", "k8s-apiserver"), "--scenario", "cnpg-failover",
+         "--listen", f"127.0.0.1:{api}", "--kubeconfig", kubeconfig] + rewrites,
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        return profile_with(sluice, work, cql_nodes)
+        wait_port(api)
+        return [profile_with(sluice, work, cql_nodes, kubeconfig, full) for full in (False, True)]
     finally:
-        ring.kill()
-        ring.wait()
+        for p in (ring, apiserver):
+            p.kill()
+            p.wait()
 
 
-def profile_with(sluice, work, cql_nodes):
+def profile_with(sluice, work, cql_nodes, kubeconfig, full):
+    """One profiled run: the PostgreSQL cluster alone (static discovery, as pg-e2e.py runs it),
+    or (`full`) with the CQL and the Kubernetes-discovered clusters beside it."""
     hold = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "benches", "pg-e2e.py"), "hold", "--no-build",
          "--sluice", sluice, "--scale", "1", "--hold", "3600", "--out", work],
@@ -132,7 +162,7 @@ def profile_with(sluice, work, cql_nodes):
         text = re.sub(r'(\[admin\]\nlisten = "127.0.0.1:)\d+', rf"\g<1>{admin}", text)
         text = re.sub(r'(protocol = "postgres"\nlisten = "127.0.0.1:)\d+', rf"\g<1>{port}", text)
         seeds = ", ".join(f'"127.0.0.{i}:{cql_nodes}"' for i in (1, 2, 3))
-        text += f"""
+        text += "" if not full else f"""
 [[clusters]]
 name = "ring"
 protocol = "cql"
@@ -140,17 +170,33 @@ listen = "127.0.0.1:{cql}"
 
 [clusters.discovery]
 static = [{seeds}]
+
+[[clusters]]
+name = "pg"
+protocol = "postgres"
+listen = "127.0.0.1:{free_port()}"
+pool_mode = "transaction"
+
+[clusters.discovery.kubernetes]
+namespace = "db"
+service = "pg-r"
+port = "postgres"
+roles = "cloudnative-pg"
+
+[[clusters.users]]
+name = "app"
+password = "app-secret"
 """
         with open(cfg, "w") as f:
             f.write(text)
-        out = os.path.join(work, "callgrind.out")
-        log(f"sluice under callgrind on port {port}")
+        out = os.path.join(work, "callgrind.full.out" if full else "callgrind.pg.out")
+        log(f"sluice under callgrind on port {port} ({'all clusters' if full else 'PostgreSQL'})")
         sl = subprocess.Popen(["valgrind", "--tool=callgrind", "--demangle=no",
                                f"--callgrind-out-file={out}", sluice, "--config", cfg],
                               stdout=subprocess.DEVNULL, stderr=open(out + ".log", "w"),
-                              env=dict(os.environ, RUST_LOG="info"))
+                              env=dict(os.environ, RUST_LOG="info", KUBECONFIG=kubeconfig))
         try:
-            wait_port(port)
+            wait_port(port, proc=sl, logfile=out + ".log")
             wait_port(admin)
             # As pg-e2e.py does before it measures: until both nodes have been probed.
             end = time.time() + 120
@@ -171,6 +217,14 @@ static = [{seeds}]
             for _ in range(3):
                 for path in ("/", "/metrics", "/healthz", "/readyz", "/topology"):
                     http_get(admin, path)
+            if not full:
+                return out
+            # The Kubernetes cluster's members, as its watch reported them.
+            end = time.time() + 120
+            while b"127.0.0.11" not in http_get(admin, "/topology"):
+                if time.time() > end:
+                    raise SystemExit("sluice did not list the Kubernetes cluster's pods")
+                time.sleep(0.5)
             log("CQL through sluice")
             wait_port(cql)
             cql_workload(cql)
@@ -234,13 +288,22 @@ def functions(callgrind_out, binary):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sluice", default=os.path.join(ROOT, "target", "release", "sluice"))
-    ap.add_argument("--callgrind-out", help="use this callgrind output instead of profiling")
+    ap.add_argument("--callgrind-out", nargs="+",
+                    help="use these callgrind outputs (first the PostgreSQL-only run, then the "
+                         "full one) instead of profiling")
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="sluice-link-order-") as work:
-        out = args.callgrind_out or profile(args.sluice, work)
-        fns = functions(out, args.sluice)
-    names = [n for _, n in fns if n and not n.startswith("0x")]
+        outs = args.callgrind_out or profile(args.sluice, work)
+        # What a PostgreSQL sluice runs first (the common deployment, and what pg-e2e.py
+        # measures), then what the CQL and Kubernetes clusters add: a sluice that runs only
+        # the first part finds it in as few pages as possible.
+        names, seen = [], set()
+        for out in outs:
+            for _, n in functions(out, args.sluice):
+                if n and not n.startswith("0x") and n not in seen:
+                    seen.add(n)
+                    names.append(n)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         for n in names:

@@ -161,7 +161,9 @@ struct Pool {
     servers: Arc<Mutex<HashMap<u64, ServerInfo>>>,
     /// Connections being opened now.
     connecting: AtomicUsize,
-    /// `key.node`, shared: a session watching its node clones this instead of the string.
+    /// `key.node`, shared: a session watching its node, and a client's cancel target, clone
+    /// this instead of the string (an `Arc<String>`: a thin pointer, as every client record
+    /// holds one).
     node: Arc<String>,
     /// One part per core.
     cores: Box<[CorePart]>,
