@@ -49,6 +49,8 @@ impl CancelState {
 
     /// Points cancel requests at this backend (or at none).
     pub fn set(&self, target: Option<CancelTarget>) {
+        // The guard is a temporary of this statement: the old target's `Arc` is let go of
+        // after the lock.
         let old = std::mem::replace(&mut self.slot().target, target);
         drop(old);
     }
