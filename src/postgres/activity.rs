@@ -140,9 +140,14 @@ impl ClientInfo {
     }
 }
 
-/// Seconds since the Unix epoch, now (as kept in [`ClientInfo`]; saturates in 2106).
+/// Seconds since the Unix epoch, now (as kept in [`ClientInfo`]).
 pub fn now_secs() -> u32 {
-    u32::try_from(now_micros() / 1_000_000).unwrap_or(u32::MAX)
+    secs(now_micros())
+}
+
+/// Microseconds since the Unix epoch as the seconds [`ClientInfo`] keeps (saturates in 2106).
+pub fn secs(micros: u64) -> u32 {
+    u32::try_from(micros / 1_000_000).unwrap_or(u32::MAX)
 }
 
 /// Totals of one database since sluice started (`SHOW STATS`), striped by runtime thread
@@ -305,11 +310,11 @@ pub struct Activity {
     clients: Mutex<HashMap<(i32, i32), Arc<ClientInfo>>>,
     databases: Mutex<HashMap<String, Arc<DbActivity>>>,
     /// User and database names, shared by the clients that use them.
-    pub names: crate::common::intern::Interner<str>,
+    names: crate::common::intern::Interner<str>,
     /// Startup parameters, shared by the clients that sent the same ones.
-    pub startups: crate::common::intern::Interner<Vec<(String, String)>>,
-    /// Whole identities, shared likewise.
-    pub identities: crate::common::intern::Interner<Identity>,
+    startups: crate::common::intern::Interner<Vec<(String, String)>>,
+    /// Whole identities, shared likewise (see [`Activity::identity`]).
+    identities: crate::common::intern::Interner<Identity>,
 }
 
 /// Keeps a console session listed until it drops (a client's session unlists itself when it

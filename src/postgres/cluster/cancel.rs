@@ -55,11 +55,6 @@ impl CancelState {
         drop(old);
     }
 
-    /// The backend running the client's query, if any.
-    pub fn target(&self) -> Option<CancelTarget> {
-        self.slot().target.clone()
-    }
-
     /// Marks the client's request as waiting for a backend until the returned future is
     /// dropped; it completes when a cancel request gives the wait up. The calling task's
     /// waker is registered at once, so that a cancel request that comes before the future is

@@ -22,7 +22,7 @@ impl Session {
         let info = &self.client;
         let now = crate::postgres::activity::now_micros();
         info.request_time
-            .store(u32::try_from(now / 1_000_000).unwrap_or(u32::MAX), Relaxed);
+            .store(crate::postgres::activity::secs(now), Relaxed);
         if let Some(busy) = self.cluster.console.try_enter(&self.db) {
             info.active.store(true, Relaxed);
             self.busy = Some(busy);
@@ -35,14 +35,12 @@ impl Session {
     /// large, which would otherwise be part of every session's.
     async fn wait_for_resume(&mut self, now: u64) -> Result<(), AttachError> {
         use std::sync::atomic::Ordering::Relaxed;
-        let info = &self.client;
         debug!(parent: &self.span(), database = %self.db.name, "transaction held: the database is paused");
-        info.wait_since.store(now, Relaxed);
+        self.client.wait_since.store(now, Relaxed);
         // A parked backend goes back while the client waits: PAUSE closes the database's
         // connections, and other clients may need the slot.
         self.release_parked();
-        let client = self.client.clone();
-        let info = &*client;
+        let info = &self.client;
         let woken = info.cancel.queue().await;
         let started = std::time::Instant::now();
         let result = tokio::select! {

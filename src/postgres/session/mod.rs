@@ -521,12 +521,11 @@ impl Session {
     /// `Cluster::attach` for the client's next request, given up when the client sends a
     /// CancelRequest meanwhile (waiting for a pool slot or for a primary).
     async fn attach_cancellable(&mut self, intent: Intent) -> Result<Checkout, AttachError> {
-        let client = self.client.clone();
-        // Queued before the attach is first polled, so that no cancel is missed.
-        let woken = client.cancel.queue().await;
         // The parked backend serves the request if the router chooses its node; otherwise it
         // goes back to its pool (also when the wait is cancelled).
         let mut parked = self.link.take_parked();
+        // Queued before the attach is first polled, so that no cancel is missed.
+        let woken = self.client.cancel.queue().await;
         let who = &self.client.who;
         let attach = self.cluster.attach(
             intent,
