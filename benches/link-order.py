@@ -43,15 +43,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "src", "link", "order.txt")
 
 
+def _pg_e2e():
+    """benches/pg-e2e.py as a module (its name has a dash): its helpers, not copies of them."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("pg_e2e", os.path.join(ROOT, "benches", "pg-e2e.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PG_E2E = _pg_e2e()
+free_port = PG_E2E.free_port
+
+
+def http_get(port, path):
+    """The response (status line, headers, body) to a GET of the admin listener, whatever its
+    status (`/readyz` answers 503 while a cluster has no healthy node, as the one discovered
+    from Kubernetes here)."""
+    return PG_E2E.http_get("127.0.0.1", port, path)
+
+
 def log(msg):
     print(f"[link-order {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port, timeout=120, proc=None, logfile=None):
@@ -74,18 +87,6 @@ def run(cmd, env):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {r.stderr[-2000:]}")
-
-
-def http_get(port, path):
-    """The body of a GET, whatever the status (`/readyz` answers 503 while a cluster has no
-    healthy node, as the one discovered from Kubernetes here)."""
-    import urllib.error
-    import urllib.request
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:
-            return r.read()
-    except urllib.error.HTTPError as e:
-        return e.read()
 
 
 def cql_workload(port):
@@ -200,7 +201,7 @@ password = "app-secret"
             wait_port(admin)
             # As pg-e2e.py does before it measures: until both nodes have been probed.
             end = time.time() + 120
-            while not all(r in http_get(admin, "/topology") for r in (b'"primary"', b'"replica"')):
+            while not all(r in http_get(admin, "/topology") for r in ('"primary"', '"replica"')):
                 if time.time() > end:
                     raise SystemExit("sluice did not see a primary and a replica")
                 time.sleep(0.5)
@@ -221,7 +222,7 @@ password = "app-secret"
                 return out
             # The Kubernetes cluster's members, as its watch reported them.
             end = time.time() + 120
-            while b"127.0.0.11" not in http_get(admin, "/topology"):
+            while "127.0.0.11" not in http_get(admin, "/topology"):
                 if time.time() > end:
                     raise SystemExit("sluice did not list the Kubernetes cluster's pods")
                 time.sleep(0.5)
