@@ -584,6 +584,27 @@ impl Pool {
         false
     }
 
+    /// A checkout took free capacity of `core` without waiting. While other checkouts wait,
+    /// that capacity may be what a parked connection's return freed for one of them (it was
+    /// claimed for a checkout that had not yet got in line): a parked connection is claimed
+    /// in its place, so the waiting checkout is not left waiting while another stays parked.
+    fn took_free(&self, core: usize) {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.reclaim_one(core);
+        }
+    }
+
+    /// A checkout on `core`, counted as waiting, found no free capacity there: free capacity
+    /// of another core comes here, and unless that served it alone, a parked connection is
+    /// claimed. Borrowed capacity goes to the first in line on this core, and it may be what a
+    /// claim made by another waiting checkout freed for that one: with others waiting (on any
+    /// core), a parked connection is still needed.
+    fn ask_for_capacity(&self, core: usize) {
+        if !self.borrow(core) || self.waiting.load(Ordering::SeqCst) > 1 {
+            self.reclaim_one(core);
+        }
+    }
+
     /// Claims one parked connection and wakes its holder, which gives it back: one parked on
     /// `core` if there is one (the connection stays on the core), else one on another core
     /// (which passes the capacity on). Each waiting checkout claims a different one.
@@ -828,18 +849,17 @@ impl Pools {
         let part = &pool.cores[core];
         let start = Instant::now();
         match part.permits.try_acquire() {
-            Ok(permit) => permit.forget(),
+            Ok(permit) => {
+                permit.forget();
+                pool.took_free(core);
+            }
             Err(_) => {
                 // No free capacity on this core: counted as waiting first (see `pass_on`),
                 // then free capacity of another core comes here, a session holding a parked
                 // connection is asked to give it back, and the checkout waits in line.
                 let _waiting = Waiting::new(&pool, core);
                 fence(Ordering::SeqCst);
-                // (Borrowed capacity goes to the first in line: with others waiting before this
-                // checkout, a parked connection is still needed.)
-                if !pool.borrow(core) || part.waiting.load(Ordering::SeqCst) > 1 {
-                    pool.reclaim_one(core);
-                }
+                pool.ask_for_capacity(core);
                 let acquired =
                     tokio::time::timeout(self.settings.checkout_timeout, part.permits.acquire()).await;
                 match acquired {
@@ -1117,6 +1137,79 @@ mod tests {
 
     fn free(pool: &Pool) -> Vec<usize> {
         pool.cores.iter().map(|c| c.permits.available_permits()).collect()
+    }
+
+    /// A connection in `pool`'s server list, parked by a session on `core` (what
+    /// `Pooled::park` marks).
+    fn parked(pool: &Pool, id: u64, core: usize) -> Arc<ConnSignal> {
+        let signal = Arc::new(ConnSignal::new());
+        let info = ServerInfo {
+            id,
+            pid: 0,
+            connect_time: 0,
+            local: None,
+            tls: false,
+            epoch: 0,
+            signal: signal.clone(),
+        };
+        pool.servers.lock().expect("servers lock").insert(id, info);
+        pool.parked.fetch_add(1, Ordering::SeqCst);
+        signal.parked_on.store(core, Ordering::SeqCst);
+        signal
+    }
+
+    fn claimed(signal: &ConnSignal) -> bool {
+        signal.parked_on.load(Ordering::SeqCst) == NOT_PARKED
+    }
+
+    /// The race CI found (a checkout waited out `checkout_timeout` while a connection stayed
+    /// parked): a checkout on core 0 claims a parked connection, whose return frees a unit on
+    /// core 0 before that checkout gets in line; a checkout on core 1 borrows that unit. It
+    /// must claim the other parked connection for the first one, which otherwise waits for
+    /// capacity nobody frees.
+    #[test]
+    fn a_unit_a_claim_freed_and_another_checkout_borrowed_is_replaced_by_another_claim() {
+        let pools = pools(2, 2);
+        let pool = pools.pool("n:1", "u", "d");
+        let (p_slot, q_slot) = (take(&pool, 0), take(&pool, 1));
+        let (p, q) = (parked(&pool, 1, 0), parked(&pool, 2, 1));
+        let x = Waiting::new(&pool, 0);
+        pool.ask_for_capacity(0);
+        assert!(
+            claimed(&p) && !claimed(&q),
+            "x claims the connection parked on its core"
+        );
+        drop(p_slot); // p's session gives it back: a free unit on core 0, x not yet in line
+        assert_eq!(free(&pool), [1, 0]);
+        let y = Waiting::new(&pool, 1);
+        pool.ask_for_capacity(1);
+        assert_eq!(free(&pool), [0, 1], "y borrowed the unit p's return freed");
+        assert!(claimed(&q), "y claims q for x");
+        drop(q_slot);
+        assert_eq!(
+            free(&pool).iter().sum::<usize>(),
+            2,
+            "both units free for x and y"
+        );
+        drop((x, y));
+    }
+
+    /// The same with a checkout that does not wait: taking the unit a claim freed for a
+    /// waiting checkout, it claims another parked connection in its place.
+    #[test]
+    fn free_capacity_taken_while_others_wait_claims_a_parked_connection() {
+        let pools = pools(2, 2);
+        let pool = pools.pool("n:1", "u", "d");
+        let (p_slot, _q_slot) = (take(&pool, 0), take(&pool, 1));
+        let (p, q) = (parked(&pool, 1, 0), parked(&pool, 2, 1));
+        let _x = Waiting::new(&pool, 0);
+        pool.ask_for_capacity(0);
+        assert!(claimed(&p));
+        drop(p_slot);
+        let _z = take(&pool, 0);
+        pool.took_free(0);
+        assert!(claimed(&q), "z claims q for x");
+        assert_eq!(pool.parked.load(Ordering::SeqCst), 0);
     }
 
     #[test]
