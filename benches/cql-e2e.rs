@@ -12,9 +12,15 @@
 //! cargo build --release --bin sluice
 //! cargo bench --bench cql-e2e -- [--duration S] [--reps N] [--concurrency C] [--rate R]
 //!                                [--nodes N] [--rf RF] [--keys K] [--sluice PATH]
-//!                                [--before PATH] [--pin both|pinned|unpinned]
+//!                                [--before PATH] [--haproxy PATH] [--pin both|pinned|unpinned]
 //!                                [--phases saturation,paced] [--out DIR]
 //! ```
+//!
+//! With `--haproxy PATH`, HAProxy in TCP mode (one frontend per node, placed like sluice) is
+//! measured too, with a token-aware driver that reaches every node through it (an address
+//! translator maps each node to its frontend): the ceiling of any transparent proxy here, as
+//! each request takes the same extra hop through another process that sluice's does, with
+//! no parsing at all.
 //!
 //! Two phases: saturation (C concurrent requests in flight, as fast as possible) and paced
 //! (C workers sharing R requests per second, below saturation) for the added p99 latency.
@@ -49,6 +55,7 @@ struct Opts {
     keys: usize,
     sluice: PathBuf,
     before: Option<PathBuf>,
+    haproxy: Option<PathBuf>,
     pins: Vec<Pin>,
     phases: Vec<bool>,
     out: PathBuf,
@@ -74,7 +81,7 @@ impl Pin {
 
 const USAGE: &str = "cargo bench --bench cql-e2e -- [--duration S] [--reps N] [--concurrency C] [--rate R]
                                [--nodes N] [--rf RF] [--keys K] [--sluice PATH]
-                               [--before PATH] [--pin both|pinned|unpinned]
+                               [--before PATH] [--haproxy PATH] [--pin both|pinned|unpinned]
                                [--phases saturation,paced] [--out DIR]
 (or the bench binary itself, target/release/deps/cql_e2e-*, with --bench first; see the
 header of benches/cql-e2e.rs)";
@@ -91,6 +98,7 @@ fn opts() -> Option<Opts> {
         keys: 10_000,
         sluice: root.join("target/release/sluice"),
         before: None,
+        haproxy: None,
         pins: vec![Pin::Unpinned, Pin::Pinned],
         phases: vec![false, true],
         out: root.join("target/cql-e2e"),
@@ -114,6 +122,7 @@ fn opts() -> Option<Opts> {
             "--keys" => o.keys = v("--keys").parse().expect("count"),
             "--sluice" => o.sluice = v("--sluice").into(),
             "--before" => o.before = Some(v("--before").into()),
+            "--haproxy" => o.haproxy = Some(v("--haproxy").into()),
             "--pin" => {
                 o.pins = match v("--pin").as_str() {
                     "both" => vec![Pin::Unpinned, Pin::Pinned],
@@ -139,10 +148,11 @@ fn opts() -> Option<Opts> {
     bench.then_some(o)
 }
 
-/// The sluice child process; killed on drop.
+/// A proxy child process (sluice or HAProxy); killed on drop.
 struct SluiceProc {
     child: Child,
-    listen: SocketAddr,
+    /// Where clients connect: sluice's listener, or HAProxy's frontend for each node.
+    listen: Vec<SocketAddr>,
     _dir: tempfile::TempDir,
 }
 
@@ -176,15 +186,7 @@ fn start_sluice(binary: &std::path::Path, pin: Pin, cluster: &TestCluster) -> Sl
     let path = dir.path().join("sluice.toml");
     std::fs::write(&path, config).expect("write config");
     let log = std::fs::File::create(dir.path().join("sluice.log")).expect("log file");
-    let mut cmd = match pin {
-        Pin::Unpinned => Command::new(binary),
-        Pin::Pinned => {
-            let mut c = Command::new("taskset");
-            c.arg("-c").arg("0").arg(binary);
-            c
-        }
-    };
-    let child = cmd
+    let child = placed(binary, pin)
         .arg("--config")
         .arg(&path)
         .env("RUST_LOG", "warn")
@@ -192,11 +194,62 @@ fn start_sluice(binary: &std::path::Path, pin: Pin, cluster: &TestCluster) -> Sl
         .stderr(log)
         .spawn()
         .expect("start sluice");
+    wait_listening(&[listen], "sluice");
+    SluiceProc {
+        child,
+        listen: vec![listen],
+        _dir: dir,
+    }
+}
+
+/// A command running `binary` where `pin` places a proxy (CPU 0 when pinned).
+fn placed(binary: &std::path::Path, pin: Pin) -> Command {
+    match pin {
+        Pin::Unpinned => Command::new(binary),
+        Pin::Pinned => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg("0").arg(binary);
+            c
+        }
+    }
+}
+
+fn wait_listening(addrs: &[SocketAddr], what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(listen).is_err() {
-        assert!(Instant::now() < deadline, "sluice did not listen within 30 s");
+    while addrs.iter().any(|a| std::net::TcpStream::connect(a).is_err()) {
+        assert!(Instant::now() < deadline, "{what} did not listen within 30 s");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// HAProxy in TCP mode, one frontend per node of `cluster` (in node order), placed as `pin`
+/// says; its thread count is HAProxy's default (one per CPU it may use).
+fn start_haproxy(binary: &std::path::Path, pin: Pin, cluster: &TestCluster, nodes: usize) -> SluiceProc {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let listen: Vec<SocketAddr> = (0..nodes)
+        .map(|_| format!("127.0.0.1:{}", free_port()).parse().expect("address"))
+        .collect();
+    let mut config = String::from(
+        "global\n    maxconn 4096\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n",
+    );
+    for (i, front) in listen.iter().enumerate() {
+        config += &format!(
+            "\nlisten node{i}\n    bind {front}\n    server node{i} {}\n",
+            cluster.address(i)
+        );
+    }
+    let path = dir.path().join("haproxy.cfg");
+    std::fs::write(&path, config).expect("write config");
+    let log = std::fs::File::create(dir.path().join("haproxy.log")).expect("log file");
+    let child = placed(binary, pin)
+        .arg("-db")
+        .arg("-f")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start haproxy");
+    wait_listening(&listen, "haproxy");
     SluiceProc {
         child,
         listen,
@@ -280,9 +333,21 @@ fn context_switches(pid: u32) -> (u64, u64) {
 }
 
 async fn session(nodes: &[SocketAddr], token_aware: bool) -> Session {
+    session_via(nodes, token_aware, None).await
+}
+
+/// `session`, reaching the nodes the cluster names at the addresses `via` maps them to.
+async fn session_via(
+    nodes: &[SocketAddr],
+    token_aware: bool,
+    via: Option<std::collections::HashMap<SocketAddr, SocketAddr>>,
+) -> Session {
     let policy = DefaultPolicy::builder().token_aware(token_aware).build();
     let profile = ExecutionProfile::builder().load_balancing_policy(policy).build();
     let mut b = SessionBuilder::new().default_execution_profile_handle(profile.into_handle());
+    if let Some(map) = via {
+        b = b.address_translator(Arc::new(map));
+    }
     for n in nodes {
         b = b.known_node_addr(*n);
     }
@@ -478,6 +543,7 @@ const DIRECT_TA: &str = "direct token-aware";
 const DIRECT_RR: &str = "direct round-robin";
 const SLUICE: &str = "sluice round-robin";
 const BEFORE: &str = "sluice-before round-robin";
+const HAPROXY: &str = "haproxy L4 token-aware";
 
 fn main() {
     let Some(o) = opts() else {
@@ -495,6 +561,9 @@ fn main() {
         for (name, bin) in &binaries {
             procs.push((pin, *name, start_sluice(bin, pin, &cluster)));
         }
+        if let Some(h) = &o.haproxy {
+            procs.push((pin, HAPROXY, start_haproxy(h, pin, &cluster, o.nodes)));
+        }
     }
     let direct: Vec<SocketAddr> = (0..o.nodes).map(|i| cluster.address(i)).collect();
     eprintln!(
@@ -505,7 +574,7 @@ fn main() {
     );
     for (pin, name, p) in &procs {
         eprintln!(
-            "[cql-e2e] {name} ({}) pid {} on {}",
+            "[cql-e2e] {name} ({}) pid {} on {:?}",
             pin.name(),
             p.child.id(),
             p.listen
@@ -548,7 +617,20 @@ fn main() {
             let mut ts = vec![target(DIRECT_TA, ta.clone(), None).await];
             for (p, name, proc_) in &procs {
                 if *p == pin {
-                    let s = Arc::new(session(&[proc_.listen], false).await);
+                    let s = if *name == HAPROXY {
+                        // A peer's address is its IP with the contact point's port (the test
+                        // cluster, like Cassandra's system.peers, lists no port): both forms
+                        // map to the node's frontend.
+                        let contact = proc_.listen[0].port();
+                        let via = direct
+                            .iter()
+                            .zip(&proc_.listen)
+                            .flat_map(|(n, f)| [(*n, *f), (SocketAddr::new(n.ip(), contact), *f)])
+                            .collect();
+                        Arc::new(session_via(&proc_.listen[..1], true, Some(via)).await)
+                    } else {
+                        Arc::new(session(&proc_.listen, false).await)
+                    };
                     ts.push(target(name, s, Some(proc_.child.id())).await);
                 }
             }
@@ -635,9 +717,9 @@ fn report(o: &Opts, results: &[RunResult]) {
         "\nCQL test cluster: {} in-memory nodes, RF {}, {} keys; {} concurrent requests; medians of {} interleaved runs of {:?}; paced = {} req/s in total",
         o.nodes, o.rf, o.keys, o.concurrency, o.reps, o.duration, o.rate
     );
-    println!("| phase | op | placement | target | req/s | p50 µs | p99 µs | sluice CPU µs/request | sluice context switches/request | machine busy | errors |");
+    println!("| phase | op | placement | target | req/s | p50 µs | p99 µs | proxy CPU µs/request | proxy context switches/request | machine busy | errors |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    let targets = [DIRECT_TA, BEFORE, SLUICE, DIRECT_RR];
+    let targets = [DIRECT_TA, BEFORE, SLUICE, HAPROXY, DIRECT_RR];
     for phase in ["saturation", "paced"] {
         for op in ["read", "write"] {
             for &pin in &o.pins {
@@ -687,6 +769,13 @@ fn report(o: &Opts, results: &[RunResult]) {
                 "{p:8} {op:5}: throughput sluice / direct token-aware = {:.2} (target >= 0.8)",
                 ratio(results, sat(SLUICE), sat(DIRECT_TA), tput)
             );
+            if o.haproxy.is_some() {
+                line += &format!(
+                    "; haproxy L4 token-aware / direct token-aware = {:.2}, sluice / haproxy = {:.2}",
+                    ratio(results, sat(HAPROXY), sat(DIRECT_TA), tput),
+                    ratio(results, sat(SLUICE), sat(HAPROXY), tput),
+                );
+            }
             if o.before.is_some() {
                 line += &format!(
                     "; before: {:.2}; after/before throughput {:.2}, CPU per request {:.2}, context switches per request {:.2}",
