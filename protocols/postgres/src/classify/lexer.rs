@@ -158,6 +158,7 @@ impl<'a> Lexer<'a> {
         }
     }
 
+    #[inline(never)]
     fn line_comment(&mut self) {
         let start = self.pos + 2;
         let end = memchr::memchr2(b'\n', b'\r', &self.s[start..]).map_or(self.s.len(), |i| start + i);
@@ -166,6 +167,7 @@ impl<'a> Lexer<'a> {
     }
 
     /// `/* ... */`, nesting like PostgreSQL's.
+    #[inline(never)]
     fn block_comment(&mut self) {
         let start = self.pos + 2;
         let mut i = start;
@@ -196,6 +198,7 @@ impl<'a> Lexer<'a> {
 
     /// Rest of a single-quoted string (opening quote consumed); `''` is an escaped quote and, in
     /// escape strings, so is `\'`.
+    #[inline(never)]
     fn string(&mut self, backslash: bool) {
         let mut i = self.pos;
         // Only quotes (and backslashes, when they escape) matter: jump from one to the next.
@@ -223,6 +226,7 @@ impl<'a> Lexer<'a> {
         self.unterminated = true;
     }
 
+    #[inline(never)]
     fn quoted_ident(&mut self) -> Tok<'a> {
         let start = self.pos + 1;
         let mut i = start;
@@ -241,6 +245,7 @@ impl<'a> Lexer<'a> {
     }
 
     /// `$1` parameter, `$tag$ ... $tag$` string, or a lone `$`.
+    #[inline(never)]
     fn dollar(&mut self) -> Tok<'a> {
         let start = self.pos;
         let s = self.s;

@@ -161,8 +161,16 @@ enum Verdict {
     Write,
 }
 
+/// Whether `word` is `keyword`, ignoring ASCII case. Inlined, so that the length check, which
+/// rejects most words, costs a comparison, and the keyword's bytes are folded at compile time
+/// (`<[u8]>::eq_ignore_ascii_case` is an out-of-line call of ~100 instructions per match).
+#[inline(always)]
 fn kw(word: &[u8], keyword: &[u8]) -> bool {
-    word.eq_ignore_ascii_case(keyword)
+    word.len() == keyword.len()
+        && word
+            .iter()
+            .zip(keyword)
+            .all(|(a, b)| a.to_ascii_lowercase() == b.to_ascii_lowercase())
 }
 
 fn is_word(t: Option<Tok<'_>>, keyword: &[u8]) -> bool {
@@ -201,6 +209,7 @@ impl<'a, 'l> Stmt<'a, 'l> {
         }
     }
 
+    #[inline(always)]
     fn next(&mut self) -> Option<Tok<'a>> {
         if self.done || self.nested_end {
             return None;
