@@ -166,11 +166,7 @@ enum Verdict {
 /// (`<[u8]>::eq_ignore_ascii_case` is an out-of-line call of ~100 instructions per match).
 #[inline(always)]
 fn kw(word: &[u8], keyword: &[u8]) -> bool {
-    word.len() == keyword.len()
-        && word
-            .iter()
-            .zip(keyword)
-            .all(|(a, b)| a.to_ascii_lowercase() == b.to_ascii_lowercase())
+    word.len() == keyword.len() && word.iter().zip(keyword).all(|(a, b)| a.eq_ignore_ascii_case(b))
 }
 
 fn is_word(t: Option<Tok<'_>>, keyword: &[u8]) -> bool {
