@@ -470,7 +470,7 @@ async fn refresh_schema(cluster: &CqlCluster, version: u8, conn: &BackendConn) -
         "SELECT keyspace_name, replication FROM system_schema.keyspaces",
     )
     .await?;
-    let mut keyspaces = HashMap::new();
+    let mut keyspaces = super::snapshot::Keyspaces::default();
     for r in named_rows(&ks_rows)? {
         let Some(name) = text(&r, "keyspace_name") else {
             continue;

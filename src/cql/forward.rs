@@ -129,11 +129,12 @@ impl Inflight {
     /// Writes the request to the best candidate node that has an open connection; when the
     /// best one has none, a task opens it and goes on from there. Never waits.
     pub(super) fn dispatch(self, key: &PoolKey, snap: &Snapshot) {
-        let last = ErrorBody::new(ec::SERVER_ERROR, "sluice: no CQL node is known");
-        self.dispatch_after(key, snap, last);
+        self.dispatch_after(key, snap, None);
     }
 
-    fn dispatch_after(mut self, key: &PoolKey, snap: &Snapshot, mut last: ErrorBody) {
+    /// [`Inflight::dispatch`] after a node failed it with `last` (`None`: no node tried yet;
+    /// the error for that case is made only if it is needed: no allocation per request).
+    fn dispatch_after(mut self, key: &PoolKey, snap: &Snapshot, mut last: Option<ErrorBody>) {
         let cluster = self.client.cluster.clone();
         let (order, replicas) = candidates(&cluster, snap, &self.route);
         for (pos, i) in order.into_iter().enumerate() {
@@ -162,16 +163,17 @@ impl Inflight {
                 // The connection's reader has it now, and fails it as lost.
                 Err((_, None)) => return,
                 Err((e, Some(back))) => match back.not_sent(addr, e) {
-                    Some((back, e)) => (self, last) = (back, e),
+                    Some((back, e)) => (self, last) = (back, Some(e)),
                     None => return,
                 },
             }
         }
-        self.fail("no_node", last);
+        self.fail("no_node", last.unwrap_or_else(no_node));
     }
 
     /// [`Inflight::dispatch`] when a connection has to be opened first: waits for it.
-    async fn dispatch_waiting(mut self, key: PoolKey, mut last: ErrorBody) {
+    async fn dispatch_waiting(mut self, key: PoolKey, last: Option<ErrorBody>) {
+        let mut last = last.unwrap_or_else(no_node);
         let cluster = self.client.cluster.clone();
         let snap = cluster.snapshot();
         let (order, replicas) = candidates(&cluster, &snap, &self.route);
@@ -271,7 +273,7 @@ impl Inflight {
         };
         this.sent = Instant::now();
         let snap = this.client.cluster.snapshot();
-        this.dispatch_after(key, &snap, last);
+        this.dispatch_after(key, &snap, Some(last));
     }
 
     /// No answer within `timeout`: the client gets an error, and the node's timeouts in a row
@@ -390,6 +392,11 @@ fn candidates(cluster: &CqlCluster, snap: &Snapshot, route: &Route) -> (Vec<usiz
     let local_dc = cluster.local_datacenter_in(snap);
     let zone = cluster.config.zone.as_deref();
     route::candidates_and_replicas(snap, route, local_dc, zone, |a| cluster.pools.inflight(a))
+}
+
+/// What a request that no node took is failed with when no node was tried.
+fn no_node() -> ErrorBody {
+    ErrorBody::new(ec::SERVER_ERROR, "sluice: no CQL node is known")
 }
 
 /// The kind of a RESULT answer (read in place unless extensions precede it).

@@ -33,8 +33,9 @@ pub struct PreparedInfo {
     pub v5_keyspace: Option<String>,
     /// Bind indexes of the partition key components, in partition-key order.
     pub pk_indexes: Vec<u16>,
-    /// The keyspace whose replication places the statement's partitions.
-    pub keyspace: Option<String>,
+    /// The keyspace whose replication places the statement's partitions (shared with every
+    /// request's route).
+    pub keyspace: Option<std::sync::Arc<str>>,
     pub lwt: bool,
     /// Reads only (safe to retry on another node).
     pub read: bool,
@@ -64,7 +65,8 @@ impl PreparedInfo {
                     .and_then(|s| s.table())
                     .and_then(|t| t.keyspace.clone())
             })
-            .or_else(|| prepare_keyspace.clone());
+            .or_else(|| prepare_keyspace.clone())
+            .map(std::sync::Arc::from);
         PreparedInfo {
             query: query.to_string(),
             prepare_keyspace,

@@ -4,6 +4,7 @@
 //! try in order.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use sluice_cql::murmur3::{composite_key, token};
 use sluice_cql::request::{Batch, BatchTarget, QueryParams};
@@ -17,8 +18,9 @@ use super::snapshot::Snapshot;
 /// Where a request should go.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Route {
-    /// Keyspace and token of the one partition the request addresses.
-    pub partition: Option<(String, i64)>,
+    /// Keyspace and token of the one partition the request addresses (the keyspace shared
+    /// with the prepared statement's entry: no copy per request).
+    pub partition: Option<(Arc<str>, i64)>,
     /// A lightweight transaction: goes to the first replica in ring order.
     pub lwt: bool,
     /// Only reads: safe to send again to another node if a connection is lost.
@@ -40,7 +42,7 @@ pub fn statement_partition(
     stmt: &Statement,
     values: &[Value],
     names: Option<&[String]>,
-) -> Option<(String, i64)> {
+) -> Option<(Arc<str>, i64)> {
     let table = stmt.table()?;
     let keyspace = table.keyspace.as_deref().or(default_keyspace)?;
     let pk = snap.tables.get(&(keyspace.to_string(), table.table.clone()))?;
@@ -60,7 +62,7 @@ pub fn statement_partition(
     if key.is_empty() {
         return None;
     }
-    Some((keyspace.to_string(), token(&key)))
+    Some((Arc::from(keyspace), token(&key)))
 }
 
 /// Route of a QUERY (`stmt` is `None` when the text does not parse).
@@ -83,20 +85,22 @@ pub fn for_query(
 }
 
 /// The partition an EXECUTE addresses through its prepared statement's key indexes.
-fn prepared_partition(info: &PreparedInfo, values: &[Value]) -> Option<(String, i64)> {
-    if info.pk_indexes.is_empty() {
-        return None;
-    }
-    let parts: Option<Vec<&[u8]>> = info
-        .pk_indexes
-        .iter()
-        .map(|&i| values.get(i as usize)?.as_bytes().map(|b| &b[..]))
-        .collect();
-    let key = composite_key(&parts?);
-    if key.is_empty() {
-        return None;
-    }
-    Some((info.keyspace.clone()?, token(&key)))
+fn prepared_partition(info: &PreparedInfo, values: &[Value]) -> Option<(Arc<str>, i64)> {
+    let part = |i: u16| values.get(usize::from(i))?.as_bytes().map(|b| &b[..]);
+    let t = match info.pk_indexes[..] {
+        [] => return None,
+        // A one-column key is its value as it is: hashed in place, no copy.
+        [i] => token(part(i).filter(|k| !k.is_empty())?),
+        ref many => {
+            let parts: Option<Vec<&[u8]>> = many.iter().map(|&i| part(i)).collect();
+            let key = composite_key(&parts?);
+            if key.is_empty() {
+                return None;
+            }
+            token(&key)
+        }
+    };
+    Some((info.keyspace.clone()?, t))
 }
 
 /// Route of an EXECUTE of a statement sluice saw prepared (`None`: unknown id). When the
@@ -128,7 +132,7 @@ pub fn for_execute(snap: &Snapshot, info: Option<&PreparedInfo>, params: &QueryP
 pub fn for_batch(snap: &Snapshot, keyspace: Option<&str>, cache: &Cache, b: &Batch) -> Route {
     let keyspace = b.keyspace.as_deref().or(keyspace);
     let mut lwt = false;
-    let mut partition: Option<(String, i64)> = None;
+    let mut partition: Option<(Arc<str>, i64)> = None;
     let mut routable = !b.statements.is_empty();
     for s in &b.statements {
         let p = match &s.target {
@@ -192,41 +196,37 @@ pub fn candidates_and_replicas(
     let remote = |i: usize| local_dc.is_some_and(|dc| snap.nodes[i].datacenter != dc);
     let other_zone = |i: usize| local_zone.is_some_and(|z| snap.nodes[i].zone.as_deref() != Some(z));
     let key = |i: usize| (remote(i), other_zone(i), inflight(snap.nodes[i].addr), i);
-    let replicas: Vec<usize> = match &route.partition {
-        Some((ks, t)) => snap
-            .replicas(ks, *t)
-            .into_iter()
-            .filter(|&i| snap.nodes[i].health.up)
-            .collect(),
-        None => Vec::new(),
-    };
-    let mut out: Vec<usize> = replicas.clone();
+    let up = |i: usize| snap.nodes[i].health.up;
+    // One vector, three groups: live replicas, other live nodes, down nodes.
+    let mut out: Vec<usize> = Vec::with_capacity(snap.nodes.len());
+    if let Some((ks, t)) = &route.partition {
+        snap.replicas_into(ks, *t, &mut out);
+        out.retain(|&i| up(i));
+    }
+    let replicas = out.len();
     if !route.lwt {
         out.sort_by_key(|&i| key(i));
     }
-    let mut others: Vec<usize> = (0..snap.nodes.len())
-        .filter(|i| snap.nodes[*i].health.up && !replicas.contains(i))
-        .collect();
-    others.sort_by_key(|&i| key(i));
-    out.extend(others);
-    let mut down: Vec<usize> = (0..snap.nodes.len())
-        .filter(|i| !snap.nodes[*i].health.up)
-        .collect();
-    down.sort_by_key(|&i| key(i));
-    out.extend(down);
-    (out, replicas.len())
+    for i in 0..snap.nodes.len() {
+        if up(i) && !out[..replicas].contains(&i) {
+            out.push(i);
+        }
+    }
+    let live = out.len();
+    out[replicas..].sort_by_key(|&i| key(i));
+    out.extend((0..snap.nodes.len()).filter(|&i| !up(i)));
+    out[live..].sort_by_key(|&i| key(i));
+    (out, replicas)
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use bytes::Bytes;
     use sluice_cql::request::BatchStatement;
     use sluice_cql::ring::Strategy;
     use sluice_cql::types::ColumnType;
 
-    use super::super::snapshot::{ClusterInfo, NodeRow};
+    use super::super::snapshot::{ClusterInfo, Keyspaces, NodeRow, PartitionKeys};
     use super::*;
     use crate::common::health::{Source, Verdict};
 
@@ -242,9 +242,9 @@ mod tests {
             })
             .collect();
         let s = Snapshot::seeds(&[]).with_ring(&rows, ClusterInfo::default(), &[]);
-        let mut ks = HashMap::new();
+        let mut ks = Keyspaces::default();
         ks.insert("ks".to_string(), Strategy::Simple { rf: 2 });
-        let mut tables = HashMap::new();
+        let mut tables = PartitionKeys::default();
         tables.insert(
             ("ks".to_string(), "kv".to_string()),
             vec![("k".to_string(), ColumnType::Varchar)],

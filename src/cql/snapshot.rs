@@ -2,7 +2,6 @@
 //! down), the token ring, each keyspace's replication and each table's partition key. The
 //! control connection builds a new one on every change; requests read the current one.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use crate::common::health::{Health, Verdict};
@@ -10,6 +9,12 @@ use crate::common::health::{Health, Verdict};
 use sluice_cql::ring::{Location, Ring, Strategy};
 use sluice_cql::types::ColumnType;
 
+/// Hashed with foldhash: the router looks a keyspace up on every request (SipHash, std's
+/// default, cost ~170 instructions per lookup).
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// Replication of each keyspace.
+pub type Keyspaces = HashMap<String, Strategy>;
 /// Partition key columns (name and type, in order) of each (keyspace, table).
 pub type PartitionKeys = HashMap<(String, String), Vec<(String, ColumnType)>>;
 
@@ -73,7 +78,7 @@ pub struct Snapshot {
     pub ring: Ring,
     pub info: ClusterInfo,
     /// Replication of each keyspace.
-    pub keyspaces: HashMap<String, Strategy>,
+    pub keyspaces: Keyspaces,
     /// Partition key columns of each (keyspace, table), in order.
     pub tables: PartitionKeys,
     /// Whether the ring has been read at least once.
@@ -175,7 +180,7 @@ impl Snapshot {
     }
 
     /// The next snapshot after reading the schema.
-    pub fn with_schema(&self, keyspaces: HashMap<String, Strategy>, tables: PartitionKeys) -> Snapshot {
+    pub fn with_schema(&self, keyspaces: Keyspaces, tables: PartitionKeys) -> Snapshot {
         let mut next = self.clone();
         next.keyspaces = keyspaces;
         next.tables = tables;
@@ -199,10 +204,17 @@ impl Snapshot {
     }
 
     /// Replicas (node indexes, ring order) of `token` in `keyspace`; empty when unknown.
+    #[cfg(test)]
     pub fn replicas(&self, keyspace: &str, token: i64) -> Vec<usize> {
-        match self.keyspaces.get(keyspace) {
-            Some(s) => self.ring.replicas(token, s),
-            None => Vec::new(),
+        let mut out = Vec::new();
+        self.replicas_into(keyspace, token, &mut out);
+        out
+    }
+
+    /// [`Self::replicas`], appended to `out`.
+    pub fn replicas_into(&self, keyspace: &str, token: i64, out: &mut Vec<usize>) {
+        if let Some(s) = self.keyspaces.get(keyspace) {
+            self.ring.replicas_into(token, s, out);
         }
     }
 
@@ -250,9 +262,9 @@ mod tests {
         );
         assert_eq!(s.nodes.len(), 2);
         assert!(!s.nodes[0].health.up && s.nodes[1].health.up);
-        let mut ks = HashMap::new();
+        let mut ks = HashMap::default();
         ks.insert("k".to_string(), Strategy::Simple { rf: 1 });
-        let s = s.with_schema(ks, HashMap::new());
+        let s = s.with_schema(ks, HashMap::default());
         assert_eq!(s.replicas("k", 50), vec![1]);
         assert_eq!(s.replicas("k", 150), vec![0]);
         assert!(s.replicas("unknown", 1).is_empty());

@@ -130,30 +130,35 @@ impl Ring {
 
     /// The replicas of `token`, in Cassandra's order.
     pub fn replicas(&self, token: i64, strategy: &Strategy) -> Vec<usize> {
+        let mut out = Vec::new();
+        self.replicas_into(token, strategy, &mut out);
+        out
+    }
+
+    /// [`Self::replicas`], appended to `out` (whose own entries are not looked at): a router
+    /// that builds its whole list of nodes in one vector allocates once per request.
+    pub fn replicas_into(&self, token: i64, strategy: &Strategy, out: &mut Vec<usize>) {
+        let start = out.len();
         match strategy {
-            Strategy::Local => Vec::new(),
+            Strategy::Local => {}
             Strategy::Everywhere => {
-                let mut out = Vec::new();
                 for n in self.walk(token) {
-                    if !out.contains(&n) {
+                    if !out[start..].contains(&n) {
                         out.push(n);
                     }
                 }
-                out
             }
             Strategy::Simple { rf } => {
-                let mut out = Vec::with_capacity(*rf);
                 for n in self.walk(token) {
-                    if out.len() >= *rf {
+                    if out.len() - start >= *rf {
                         break;
                     }
-                    if !out.contains(&n) {
+                    if !out[start..].contains(&n) {
                         out.push(n);
                     }
                 }
-                out
             }
-            Strategy::NetworkTopology { dcs } => self.nts_replicas(token, dcs),
+            Strategy::NetworkTopology { dcs } => out.extend(self.nts_replicas(token, dcs)),
         }
     }
 
