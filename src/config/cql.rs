@@ -14,7 +14,8 @@ pub struct CqlConfig {
     /// The data center whose replicas are preferred; by default the cluster's `zone`, else the
     /// data center of the first node sluice reaches.
     pub local_datacenter: Option<String>,
-    /// Multiplexed backend connections per node and (protocol version, keyspace, user).
+    /// Multiplexed backend connections per node, (protocol version, keyspace, user) and core
+    /// (runtime thread): a request's answers are read on its client's thread.
     pub connections_per_node: usize,
     /// Credentials sluice logs in with towards the cluster (PasswordAuthenticator). Without
     /// them, clients' own credentials pass through.

@@ -184,6 +184,8 @@ pub struct BackendConn {
     /// The socket's write half: requests are written from the task that sends them.
     out: Arc<Outbox>,
     shared: Arc<Shared>,
+    /// The core whose runtime runs the connection's reader and writer.
+    core: usize,
 }
 
 impl Drop for BackendConn {
@@ -417,7 +419,11 @@ impl BackendConn {
             }
         };
         Ok(Opened {
-            conn: Arc::new(BackendConn { out, shared }),
+            conn: Arc::new(BackendConn {
+                out,
+                shared,
+                core: crate::common::runtime::current_core(),
+            }),
         })
     }
 
@@ -441,6 +447,11 @@ impl BackendConn {
     pub fn silent_for(&self) -> Duration {
         let last = Duration::from_millis(self.shared.last_read_ms.load(Ordering::Relaxed));
         self.shared.opened_at.elapsed().saturating_sub(last)
+    }
+
+    /// The core whose runtime reads the connection's answers (see [`crate::common::runtime`]).
+    pub fn core(&self) -> usize {
+        self.core
     }
 
     /// Requests waiting for an answer on this connection.

@@ -394,8 +394,8 @@ pub struct CqlClusters {
     running: Vec<Running>,
     listeners: std::collections::HashMap<SocketAddr, Listener<CqlCluster>>,
     retiring: Vec<Running>,
-    /// The runtimes the listeners accept on (one socket per core). CQL node connections
-    /// stay shared by every core: see `pool.rs`.
+    /// The runtimes the listeners accept on (one socket per core). Each core opens node
+    /// connections of its own for its clients' requests: see `pool.rs`.
     cores: Cores,
 }
 

@@ -201,7 +201,11 @@ async fn network_topology_prefers_local_datacenter_replicas() {
 /// Thousands of requests in flight from a few clients share a few backend connections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_concurrent_requests_share_few_connections() {
-    let env = Env::start(3, "", "[clusters.cql]\nconnections_per_node = 2\n");
+    let env = Env::start(
+        3,
+        "",
+        "[clusters.cql]\nconnections_per_node = 2\n\n[runtime]\nthreads = 2\n",
+    );
     bounded(90, async {
         let mut c = Client::connect(env.addr(), 5, Compression::None).await;
         schema(&mut c, "many", 1).await;
@@ -232,8 +236,9 @@ async fn thousands_of_concurrent_requests_share_few_connections() {
         let (_, topo) = env.sluice.http_get("/topology");
         let topo: serde_json::Value = serde_json::from_str(&topo).unwrap();
         for n in topo["clusters"][0]["nodes"].as_array().unwrap() {
-            // One key (v5, keyspace "many", no user) per node, plus the no-keyspace one.
-            assert!(n["open_connections"].as_u64().unwrap() <= 4, "{n}");
+            // One key (v5, keyspace "many", no user) per node, plus the no-keyspace one, on
+            // each of sluice's two threads.
+            assert!(n["open_connections"].as_u64().unwrap() <= 8, "{n}");
         }
     })
     .await;
