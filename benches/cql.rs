@@ -1,6 +1,7 @@
 //! Benchmarks for the CQL pieces on the per-request hot path: v4 frame decode/encode, v5
 //! segment decode/encode (uncompressed and LZ4), v4 LZ4 bodies, request routing parses, and the
-//! Murmur3 token of 64-byte keys.
+//! Murmur3 token of 64-byte keys, and a token's replicas: walked on the ring per request or
+//! looked up in a replica map made once.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use sluice_cql::codec::{Decoder, Encoder, Envelope, Framing};
 use sluice_cql::frame::Header;
 use sluice_cql::request::{Execute, Query, QueryParams};
+use sluice_cql::ring::{Location, Ring, Strategy};
 use sluice_cql::wire::Value;
 use sluice_cql::{murmur3, Compression, Request};
 
@@ -117,6 +119,68 @@ fn bench_statement(c: &mut Criterion) {
     group.finish();
 }
 
+/// A ring of `dcs` data centers × `nodes` nodes (three racks each), `vnodes` tokens per node
+/// spread by a fixed pseudo-random sequence.
+fn ring(dcs: usize, nodes: usize, vnodes: usize) -> Ring {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let spec: Vec<(Location, Vec<i64>)> = (0..dcs * nodes)
+        .map(|i| {
+            let loc = Location {
+                datacenter: format!("dc{}", i / nodes),
+                rack: format!("r{}", i % 3),
+            };
+            let tokens = (0..vnodes)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as i64
+                })
+                .collect();
+            (loc, tokens)
+        })
+        .collect();
+    Ring::new(&spec)
+}
+
+/// The replicas of one token: the ring walked per request (as before 2026-12-07) against a
+/// lookup in the replica map made once per ring and schema (what requests do now).
+fn bench_replicas(c: &mut Criterion) {
+    let nts = Strategy::NetworkTopology {
+        dcs: vec![("dc0".into(), 3), ("dc1".into(), 3)],
+    };
+    let simple = Strategy::Simple { rf: 3 };
+    let mut group = c.benchmark_group("replicas");
+    group.throughput(Throughput::Elements(1));
+    for (name, ring) in [("6x16", ring(2, 3, 16)), ("60x256", ring(2, 30, 256))] {
+        for (sname, strategy) in [("nts", &nts), ("simple", &simple)] {
+            let map = ring.replica_map(strategy);
+            let mut out = Vec::with_capacity(8);
+            let mut t: i64 = 0;
+            group.bench_function(format!("{sname}_{name}/walk"), |b| {
+                b.iter(|| {
+                    t = t.wrapping_add(0x2545_f491_4f6c_dd1d);
+                    out.clear();
+                    ring.replicas_into(black_box(t), strategy, &mut out);
+                    black_box(out.len())
+                })
+            });
+            group.bench_function(format!("{sname}_{name}/map"), |b| {
+                b.iter(|| {
+                    t = t.wrapping_add(0x2545_f491_4f6c_dd1d);
+                    out.clear();
+                    map.replicas_into(&ring, black_box(t), &mut out);
+                    black_box(out.len())
+                })
+            });
+        }
+        group.bench_function(format!("build_nts_map_{name}"), |b| {
+            b.iter(|| black_box(ring.replica_map(&nts)))
+        });
+    }
+    group.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(20)
@@ -127,6 +191,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_framing, bench_lz4_body, bench_murmur3, bench_statement
+    targets = bench_framing, bench_lz4_body, bench_murmur3, bench_statement, bench_replicas
 }
 criterion_main!(benches);

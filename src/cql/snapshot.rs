@@ -3,10 +3,11 @@
 //! control connection builds a new one on every change; requests read the current one.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use crate::common::health::{Health, Verdict};
 
-use sluice_cql::ring::{Location, Ring, Strategy};
+use sluice_cql::ring::{Location, ReplicaMap, Ring, Strategy};
 use sluice_cql::types::ColumnType;
 
 /// Hashed with foldhash: the router looks a keyspace up on every request (SipHash, std's
@@ -87,6 +88,10 @@ pub struct Snapshot {
     pub max_version: u8,
     /// The backend wants PasswordAuthenticator logins.
     pub auth_required: bool,
+    /// Each keyspace's replicas of every token range of `ring` (keyspaces with the same
+    /// replication share one), made whenever the ring or the schema changes: a request looks
+    /// its replicas up instead of walking the ring.
+    placements: HashMap<String, Arc<ReplicaMap>>,
 }
 
 impl Snapshot {
@@ -121,6 +126,27 @@ impl Snapshot {
         self.ring = Ring::new(&spec);
     }
 
+    /// Makes `placements` for the current ring and keyspaces.
+    fn rebuild_placements(&mut self) {
+        let mut made: Vec<(&Strategy, Arc<ReplicaMap>)> = Vec::new();
+        let mut placements = HashMap::default();
+        for (name, strategy) in &self.keyspaces {
+            if *strategy == Strategy::Local {
+                continue;
+            }
+            let map = match made.iter().find(|(s, _)| *s == strategy) {
+                Some((_, m)) => m.clone(),
+                None => {
+                    let m = Arc::new(self.ring.replica_map(strategy));
+                    made.push((strategy, m.clone()));
+                    m
+                }
+            };
+            placements.insert(name.clone(), map);
+        }
+        self.placements = placements;
+    }
+
     /// The next snapshot after reading the ring: `rows` are every node (local + peers). Nodes
     /// that are no longer listed go away unless they are seeds; up/down state is kept.
     pub fn with_ring(&self, rows: &[NodeRow], info: ClusterInfo, seeds: &[SocketAddr]) -> Snapshot {
@@ -151,6 +177,9 @@ impl Snapshot {
         next.info = info;
         next.ring_known = true;
         next.rebuild_ring();
+        if next.ring != self.ring {
+            next.rebuild_placements();
+        }
         if next.nodes != self.nodes || next.info != self.info || !self.ring_known {
             next.generation = self.generation + 1;
         }
@@ -184,6 +213,7 @@ impl Snapshot {
         let mut next = self.clone();
         next.keyspaces = keyspaces;
         next.tables = tables;
+        next.rebuild_placements();
         next.generation = self.generation + 1;
         next
     }
@@ -213,8 +243,8 @@ impl Snapshot {
 
     /// [`Self::replicas`], appended to `out`.
     pub fn replicas_into(&self, keyspace: &str, token: i64, out: &mut Vec<usize>) {
-        if let Some(s) = self.keyspaces.get(keyspace) {
-            self.ring.replicas_into(token, s, out);
+        if let Some(m) = self.placements.get(keyspace) {
+            m.replicas_into(&self.ring, token, out);
         }
     }
 
@@ -279,5 +309,39 @@ mod tests {
             )
             .unwrap();
         assert_eq!(s2.generation, g + 1);
+    }
+
+    /// Replicas are looked up in maps made from the ring and the schema: a new ring or a new
+    /// schema makes new ones (no request sees the replicas of a ring that has changed).
+    #[test]
+    fn replicas_follow_ring_and_schema_changes() {
+        let ring = |a: &[i64], b: &[i64]| [row("127.0.0.1", "dc1", a), row("127.0.0.2", "dc2", b)];
+        let s = Snapshot::seeds(&[]).with_ring(&ring(&[0], &[100]), ClusterInfo::default(), &[]);
+        let mut ks = HashMap::default();
+        ks.insert("one".to_string(), Strategy::Simple { rf: 1 });
+        ks.insert("two".to_string(), Strategy::Simple { rf: 2 });
+        ks.insert(
+            "nts".to_string(),
+            Strategy::NetworkTopology {
+                dcs: vec![("dc2".into(), 1)],
+            },
+        );
+        ks.insert("local".to_string(), Strategy::Local);
+        let s = s.with_schema(ks.clone(), HashMap::default());
+        assert_eq!(s.replicas("one", 50), vec![1]);
+        assert_eq!(s.replicas("two", 50), vec![1, 0]);
+        assert_eq!(s.replicas("nts", 50), vec![1]);
+        assert!(s.replicas("local", 50).is_empty());
+        // Node 0 takes over the range (token 60): the maps follow the new ring.
+        let s = s.with_ring(&ring(&[0, 60], &[100]), ClusterInfo::default(), &[]);
+        assert_eq!(s.replicas("one", 50), vec![0]);
+        assert_eq!(s.replicas("two", 50), vec![0, 1]);
+        assert_eq!(s.replicas("nts", 50), vec![1]);
+        // A schema change replaces them too.
+        ks.insert("one".to_string(), Strategy::Simple { rf: 2 });
+        ks.remove("nts");
+        let s = s.with_schema(ks, HashMap::default());
+        assert_eq!(s.replicas("one", 50), vec![0, 1]);
+        assert!(s.replicas("nts", 50).is_empty());
     }
 }

@@ -158,69 +158,155 @@ impl Ring {
                     }
                 }
             }
-            Strategy::NetworkTopology { dcs } => out.extend(self.nts_replicas(token, dcs)),
+            Strategy::NetworkTopology { dcs } => self.nts_replicas(token, dcs, out),
         }
     }
 
     /// NetworkTopologyStrategy as in Cassandra 4.0: walk the ring; in each data center take a
     /// node from every rack not seen yet, and accept nodes from seen racks only while the
     /// data center has more replicas to place than it has racks.
-    fn nts_replicas(&self, token: i64, dcs: &[(String, usize)]) -> Vec<usize> {
-        struct Dc {
-            rf_left: usize,
-            rack_repeats: isize,
+    fn nts_replicas(&self, token: i64, dcs: &[(String, usize)], out: &mut Vec<usize>) {
+        NtsPlan::new(self, dcs).place(self, self.start(token), out, &mut Vec::new());
+    }
+
+    /// Every token range's replicas under `strategy`, computed once: a request then looks
+    /// its replicas up ([`ReplicaMap::replicas_into`]) instead of walking the ring (for
+    /// NetworkTopologyStrategy the walk first sorts every node of the ring into data centers
+    /// and racks).
+    pub fn replica_map(&self, strategy: &Strategy) -> ReplicaMap {
+        let mut map = ReplicaMap::default();
+        let mut one = Vec::new();
+        let plan = match strategy {
+            Strategy::NetworkTopology { dcs } => Some(NtsPlan::new(self, dcs)),
+            _ => None,
+        };
+        let mut scratch = Vec::new();
+        for pos in 0..self.entries.len() {
+            one.clear();
+            match &plan {
+                Some(plan) => plan.place(self, pos, &mut one, &mut scratch),
+                None => self.replicas_into(self.entries[pos].0, strategy, &mut one),
+            }
+            map.nodes.extend(one.iter().map(|&n| n as u32));
+            map.ends.push(map.nodes.len() as u32);
         }
+        map
+    }
+}
+
+/// What NetworkTopologyStrategy's walk needs of a ring, worked out once per ring: each node's
+/// data center (as an index into the replication factors) and rack (as a small number).
+struct NtsPlan {
+    /// Per node: the index of its data center in `dcs`, if that one gets replicas.
+    node_dc: Vec<Option<usize>>,
+    /// Per node: its (data center, rack) as a number below `racks`.
+    node_rack: Vec<usize>,
+    racks: usize,
+    /// Per data center that gets replicas: (replicas to place, placements allowed on racks
+    /// already used).
+    dcs: Vec<(usize, isize)>,
+}
+
+impl NtsPlan {
+    fn new(ring: &Ring, dcs: &[(String, usize)]) -> NtsPlan {
+        // Only nodes that own tokens count, as in Cassandra's token metadata.
         let mut nodes_in_dc: HashMap<&str, HashSet<usize>> = HashMap::new();
         let mut racks_in_dc: HashMap<&str, HashSet<&str>> = HashMap::new();
-        for &(_, n) in &self.entries {
-            let loc = &self.locations[n];
+        for &(_, n) in &ring.entries {
+            let loc = &ring.locations[n];
             nodes_in_dc.entry(&loc.datacenter).or_default().insert(n);
             racks_in_dc.entry(&loc.datacenter).or_default().insert(&loc.rack);
         }
-        let mut state: HashMap<&str, Dc> = HashMap::new();
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut plan = NtsPlan {
+            node_dc: vec![None; ring.locations.len()],
+            node_rack: vec![0; ring.locations.len()],
+            racks: 0,
+            dcs: Vec::new(),
+        };
         for (dc, rf) in dcs {
             let nodes = nodes_in_dc.get(dc.as_str()).map_or(0, HashSet::len);
             if *rf == 0 || nodes == 0 {
                 continue;
             }
             let racks = racks_in_dc.get(dc.as_str()).map_or(0, HashSet::len);
-            state.insert(
-                dc.as_str(),
-                Dc {
-                    rf_left: (*rf).min(nodes),
-                    rack_repeats: *rf as isize - racks as isize,
-                },
-            );
+            let placing = ((*rf).min(nodes), *rf as isize - racks as isize);
+            // A data center named twice: the last factor counts (as in a map).
+            match index.get(dc.as_str()) {
+                Some(&i) => plan.dcs[i] = placing,
+                None => {
+                    index.insert(dc.as_str(), plan.dcs.len());
+                    plan.dcs.push(placing);
+                }
+            }
         }
-        let mut to_fill = state.len();
-        let mut out: Vec<usize> = Vec::new();
-        let mut seen_racks: HashSet<(&str, &str)> = HashSet::new();
-        for n in self.walk(token) {
+        let mut rack_ids: HashMap<(&str, &str), usize> = HashMap::new();
+        for (n, loc) in ring.locations.iter().enumerate() {
+            plan.node_dc[n] = index.get(loc.datacenter.as_str()).copied();
+            let next = rack_ids.len();
+            plan.node_rack[n] = *rack_ids.entry((&loc.datacenter, &loc.rack)).or_insert(next);
+        }
+        plan.racks = rack_ids.len();
+        plan
+    }
+
+    /// Appends the replicas of the range at ring position `start` to `out` (`seen` is scratch
+    /// space for the racks used).
+    fn place(&self, ring: &Ring, start: usize, out: &mut Vec<usize>, seen: &mut Vec<bool>) {
+        let first = out.len();
+        let mut left = self.dcs.clone();
+        let mut to_fill = left.len();
+        seen.clear();
+        seen.resize(self.racks, false);
+        let n = ring.entries.len();
+        for k in 0..n {
             if to_fill == 0 {
                 break;
             }
-            let loc = &self.locations[n];
-            let Some(dc) = state.get_mut(loc.datacenter.as_str()) else {
+            let node = ring.entries[(start + k) % n].1;
+            let Some(d) = self.node_dc[node] else {
                 continue;
             };
-            if dc.rf_left == 0 || out.contains(&n) {
+            let dc = &mut left[d];
+            if dc.0 == 0 || out[first..].contains(&node) {
                 continue;
             }
-            if seen_racks.insert((&loc.datacenter, &loc.rack)) {
-                dc.rf_left -= 1;
-                out.push(n);
-            } else if dc.rack_repeats > 0 {
-                dc.rack_repeats -= 1;
-                dc.rf_left -= 1;
-                out.push(n);
+            let rack = self.node_rack[node];
+            if !seen[rack] {
+                seen[rack] = true;
+            } else if dc.1 > 0 {
+                dc.1 -= 1;
             } else {
                 continue;
             }
-            if dc.rf_left == 0 {
+            dc.0 -= 1;
+            out.push(node);
+            if dc.0 == 0 {
                 to_fill -= 1;
             }
         }
-        out
+    }
+}
+
+/// The replicas of each token range of one ring under one strategy ([`Ring::replica_map`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplicaMap {
+    /// Where ring position i's replicas end in `nodes` (they start where i - 1's end).
+    ends: Vec<u32>,
+    nodes: Vec<u32>,
+}
+
+impl ReplicaMap {
+    /// Appends the replicas of `token` to `out`, as [`Ring::replicas_into`] would; `ring`
+    /// must be the one the map was made from.
+    pub fn replicas_into(&self, ring: &Ring, token: i64, out: &mut Vec<usize>) {
+        if ring.entries.len() != self.ends.len() || self.ends.is_empty() {
+            return;
+        }
+        let pos = ring.start(token);
+        let from = if pos == 0 { 0 } else { self.ends[pos - 1] as usize };
+        let to = self.ends[pos] as usize;
+        out.extend(self.nodes[from..to].iter().map(|&n| n as usize));
     }
 }
 

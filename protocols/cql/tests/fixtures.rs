@@ -150,6 +150,7 @@ fn ring_json_replicas_match_cassandra() {
             .collect();
         let strategy = Strategy::from_replication(repl.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         assert_ne!(strategy, Strategy::Local);
+        let map = r.replica_map(&strategy);
         for key in ks["keys"].as_array().unwrap() {
             let t = token(&unhex(key["key_hex"].as_str().unwrap()));
             assert_eq!(t, key["token"].as_i64().unwrap());
@@ -165,6 +166,10 @@ fn ring_json_replicas_match_cassandra() {
                 .map(|a| a.as_str().unwrap())
                 .collect();
             assert_eq!(got, want, "{} {}", ks["name"], key["key"]);
+            let mut looked_up = Vec::new();
+            map.replicas_into(&r, t, &mut looked_up);
+            let looked_up: Vec<&str> = looked_up.into_iter().map(|i| addresses[i]).collect();
+            assert_eq!(looked_up, want, "replica map: {} {}", ks["name"], key["key"]);
             checked += 1;
         }
     }

@@ -5,6 +5,7 @@ use proptest::prelude::*;
 use sluice_cql::codec::{Decoder, Encoder, Envelope, Framing};
 use sluice_cql::frame::{Header, Opcode};
 use sluice_cql::request::{Extensions, Query, QueryParams};
+use sluice_cql::ring::{self, Location, Ring};
 use sluice_cql::segment::split_segment;
 use sluice_cql::statement::parse;
 use sluice_cql::wire::Value;
@@ -133,5 +134,133 @@ proptest! {
     fn murmur3_is_total(key in proptest::collection::vec(any::<u8>(), 0..100)) {
         let t = murmur3::token(&key);
         prop_assert!(key.is_empty() || t != i64::MIN);
+    }
+}
+
+/// NetworkTopologyStrategy as the ring code computed it before replica maps: sets of every
+/// data center's nodes and racks built per request (the reference the faster walk and the
+/// precomputed map must agree with).
+fn nts_reference(ring_spec: &[(Location, Vec<i64>)], token: i64, dcs: &[(String, usize)]) -> Vec<usize> {
+    use std::collections::{HashMap, HashSet};
+    let mut entries: Vec<(i64, usize)> = {
+        let mut by_token: HashMap<i64, usize> = HashMap::new();
+        for (i, (_, tokens)) in ring_spec.iter().enumerate() {
+            for t in tokens {
+                by_token.insert(*t, i);
+            }
+        }
+        by_token.into_iter().collect()
+    };
+    entries.sort_unstable();
+    if entries.is_empty() {
+        return Vec::new();
+    }
+    let mut nodes_in_dc: HashMap<&str, HashSet<usize>> = HashMap::new();
+    let mut racks_in_dc: HashMap<&str, HashSet<&str>> = HashMap::new();
+    for &(_, n) in &entries {
+        let loc = &ring_spec[n].0;
+        nodes_in_dc.entry(&loc.datacenter).or_default().insert(n);
+        racks_in_dc.entry(&loc.datacenter).or_default().insert(&loc.rack);
+    }
+    let mut state: HashMap<&str, (usize, isize)> = HashMap::new();
+    for (dc, rf) in dcs {
+        let nodes = nodes_in_dc.get(dc.as_str()).map_or(0, HashSet::len);
+        if *rf == 0 || nodes == 0 {
+            continue;
+        }
+        let racks = racks_in_dc.get(dc.as_str()).map_or(0, HashSet::len);
+        state.insert(dc.as_str(), ((*rf).min(nodes), *rf as isize - racks as isize));
+    }
+    let start = match entries.partition_point(|(t, _)| *t < token) {
+        i if i == entries.len() => 0,
+        i => i,
+    };
+    let mut to_fill = state.len();
+    let mut out = Vec::new();
+    let mut seen: HashSet<(&str, &str)> = HashSet::new();
+    for k in 0..entries.len() {
+        if to_fill == 0 {
+            break;
+        }
+        let n = entries[(start + k) % entries.len()].1;
+        let loc = &ring_spec[n].0;
+        let Some(dc) = state.get_mut(loc.datacenter.as_str()) else {
+            continue;
+        };
+        if dc.0 == 0 || out.contains(&n) {
+            continue;
+        }
+        if seen.insert((&loc.datacenter, &loc.rack)) {
+        } else if dc.1 > 0 {
+            dc.1 -= 1;
+        } else {
+            continue;
+        }
+        dc.0 -= 1;
+        out.push(n);
+        if dc.0 == 0 {
+            to_fill -= 1;
+        }
+    }
+    out
+}
+
+fn ring_specs() -> impl proptest::strategy::Strategy<Value = Vec<(Location, Vec<i64>)>> {
+    proptest::collection::vec(
+        (
+            0..3usize,
+            0..3usize,
+            proptest::collection::vec(-1000i64..1000, 0..6),
+        ),
+        0..9,
+    )
+    .prop_map(|nodes| {
+        nodes
+            .into_iter()
+            .map(|(dc, rack, tokens)| {
+                (
+                    Location {
+                        datacenter: format!("dc{dc}"),
+                        rack: format!("r{rack}"),
+                    },
+                    tokens,
+                )
+            })
+            .collect()
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Replica placement agrees with the reference for any ring, replication and token, and
+    /// a replica map made once answers as the walk does.
+    #[test]
+    fn replica_maps_agree_with_the_walk(
+        spec in ring_specs(),
+        rfs in proptest::collection::vec((0..4usize, 0..5usize), 0..4),
+        simple_rf in 0..5usize,
+        tokens in proptest::collection::vec(-1100i64..1100, 1..16),
+    ) {
+        let ring = Ring::new(&spec);
+        let dcs: Vec<(String, usize)> = rfs.iter().map(|(dc, rf)| (format!("dc{dc}"), *rf)).collect();
+        let strategies = [
+            ring::Strategy::NetworkTopology { dcs: dcs.clone() },
+            ring::Strategy::Simple { rf: simple_rf },
+            ring::Strategy::Everywhere,
+            ring::Strategy::Local,
+        ];
+        for strategy in &strategies {
+            let map = ring.replica_map(strategy);
+            for &t in &tokens {
+                let walked = ring.replicas(t, strategy);
+                if let ring::Strategy::NetworkTopology { dcs } = strategy {
+                    prop_assert_eq!(&walked, &nts_reference(&spec, t, dcs));
+                }
+                let mut looked_up = vec![usize::MAX];
+                map.replicas_into(&ring, t, &mut looked_up);
+                prop_assert_eq!(&looked_up[1..], &walked[..], "{:?} token {}", strategy, t);
+            }
+        }
     }
 }
