@@ -72,6 +72,8 @@ pub struct Ring {
     /// (token, node index), sorted by token.
     entries: Vec<(i64, usize)>,
     locations: Vec<Location>,
+    /// How many nodes own tokens: no walk needs to go on once it has met them all.
+    owners: usize,
 }
 
 impl Ring {
@@ -86,9 +88,11 @@ impl Ring {
         }
         let mut entries: Vec<(i64, usize)> = by_token.into_iter().collect();
         entries.sort_unstable();
+        let owners = entries.iter().map(|&(_, n)| n).collect::<HashSet<usize>>().len();
         Ring {
             entries,
             locations: nodes.iter().map(|(l, _)| l.clone()).collect(),
+            owners,
         }
     }
 
@@ -143,6 +147,9 @@ impl Ring {
             Strategy::Local => {}
             Strategy::Everywhere => {
                 for n in self.walk(token) {
+                    if out.len() - start == self.owners {
+                        break;
+                    }
                     if !out[start..].contains(&n) {
                         out.push(n);
                     }
@@ -150,7 +157,7 @@ impl Ring {
             }
             Strategy::Simple { rf } => {
                 for n in self.walk(token) {
-                    if out.len() - start >= *rf {
+                    if out.len() - start >= (*rf).min(self.owners) {
                         break;
                     }
                     if !out[start..].contains(&n) {
