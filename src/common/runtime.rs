@@ -3,8 +3,9 @@
 //!
 //! Core 0 runs on the thread that starts sluice (its `block_on` runs the server: reload,
 //! admin, probes, discovery); cores 1.. each get a thread of their own. Each core accepts on
-//! its own `SO_REUSEPORT` socket of every client address (`common::listener`), and the
-//! PostgreSQL pools keep idle connections per core (`postgres::pool`). What the cores share
+//! its own `SO_REUSEPORT` socket of every client address (`common::listener`), the
+//! PostgreSQL pools keep idle connections per core (`postgres::pool`), and each core opens
+//! CQL node connections of its own (`cql::pool`). What the cores share
 //! (configuration, topology, metrics, pool bounds) is shared through atomics and `ArcSwap`
 //! snapshots, which need no runtime.
 

@@ -78,7 +78,8 @@ pub struct Snapshot {
     pub nodes: Vec<NodeInfo>,
     pub ring: Ring,
     pub info: ClusterInfo,
-    /// Replication of each keyspace.
+    /// Replication of each keyspace (set through [`Snapshot::with_schema`], which also makes
+    /// the replica maps requests use).
     pub keyspaces: Keyspaces,
     /// Partition key columns of each (keyspace, table), in order.
     pub tables: PartitionKeys,
