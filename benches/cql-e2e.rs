@@ -11,7 +11,8 @@
 //! ```text
 //! cargo build --release --bin sluice
 //! cargo bench --bench cql-e2e -- [--duration S] [--reps N] [--concurrency C] [--rate R]
-//!                                [--nodes N] [--rf RF] [--keys K] [--sluice PATH]
+//!                                [--nodes N] [--rf RF] [--strategy simple|nts] [--tokens T]
+//!                                [--keys K] [--sluice PATH]
 //!                                [--before PATH] [--haproxy PATH] [--pin both|pinned|unpinned]
 //!                                [--phases saturation,paced] [--out DIR]
 //! ```
@@ -52,6 +53,11 @@ struct Opts {
     rate: f64,
     nodes: usize,
     rf: usize,
+    /// The bench keyspace's replication: SimpleStrategy, or NetworkTopologyStrategy (what
+    /// production keyspaces use).
+    nts: bool,
+    /// Tokens per node (vnodes).
+    tokens: usize,
     keys: usize,
     sluice: PathBuf,
     before: Option<PathBuf>,
@@ -80,7 +86,8 @@ impl Pin {
 }
 
 const USAGE: &str = "cargo bench --bench cql-e2e -- [--duration S] [--reps N] [--concurrency C] [--rate R]
-                               [--nodes N] [--rf RF] [--keys K] [--sluice PATH]
+                               [--nodes N] [--rf RF] [--strategy simple|nts] [--tokens T]
+                               [--keys K] [--sluice PATH]
                                [--before PATH] [--haproxy PATH] [--pin both|pinned|unpinned]
                                [--phases saturation,paced] [--out DIR]
 (or the bench binary itself, target/release/deps/cql_e2e-*, with --bench first; see the
@@ -95,6 +102,8 @@ fn opts() -> Option<Opts> {
         rate: 2000.0,
         nodes: 3,
         rf: 2,
+        nts: false,
+        tokens: 8,
         keys: 10_000,
         sluice: root.join("target/release/sluice"),
         before: None,
@@ -119,6 +128,14 @@ fn opts() -> Option<Opts> {
             "--rate" => o.rate = v("--rate").parse().expect("requests per second"),
             "--nodes" => o.nodes = v("--nodes").parse().expect("count"),
             "--rf" => o.rf = v("--rf").parse().expect("count"),
+            "--strategy" => {
+                o.nts = match v("--strategy").as_str() {
+                    "simple" => false,
+                    "nts" => true,
+                    other => panic!("--strategy {other:?}: simple or nts"),
+                }
+            }
+            "--tokens" => o.tokens = v("--tokens").parse().expect("count"),
             "--keys" => o.keys = v("--keys").parse().expect("count"),
             "--sluice" => o.sluice = v("--sluice").into(),
             "--before" => o.before = Some(v("--before").into()),
@@ -550,7 +567,7 @@ fn main() {
         eprintln!("cql-e2e: run it with `cargo bench --bench cql-e2e -- [options]` (see benches/cql-e2e.rs)");
         return;
     };
-    let cluster = TestCluster::start(ClusterSpec::new(o.nodes, 8)).expect("CQL test cluster");
+    let cluster = TestCluster::start(ClusterSpec::new(o.nodes, o.tokens)).expect("CQL test cluster");
     let mut binaries: Vec<(&'static str, PathBuf)> = Vec::new();
     if let Some(b) = &o.before {
         binaries.push((BEFORE, b.clone()));
@@ -588,11 +605,14 @@ fn main() {
     let load_before = loadavg();
     let results = rt.block_on(async {
         let ta = Arc::new(session(&direct, true).await);
+        let replication = if o.nts {
+            // The test cluster's nodes are all in `datacenter1`.
+            format!("{{'class': 'NetworkTopologyStrategy', 'datacenter1': {}}}", o.rf)
+        } else {
+            format!("{{'class': 'SimpleStrategy', 'replication_factor': {}}}", o.rf)
+        };
         ta.query_unpaged(
-            format!(
-                "CREATE KEYSPACE bench WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': {}}}",
-                o.rf
-            ),
+            format!("CREATE KEYSPACE bench WITH replication = {replication}"),
             &[],
         )
         .await
@@ -714,8 +734,16 @@ type Sel<'a> = (&'a str, &'a str, Pin, &'a str);
 
 fn report(o: &Opts, results: &[RunResult]) {
     println!(
-        "\nCQL test cluster: {} in-memory nodes, RF {}, {} keys; {} concurrent requests; medians of {} interleaved runs of {:?}; paced = {} req/s in total",
-        o.nodes, o.rf, o.keys, o.concurrency, o.reps, o.duration, o.rate
+        "\nCQL test cluster: {} in-memory nodes × {} tokens, {} RF {}, {} keys; {} concurrent requests; medians of {} interleaved runs of {:?}; paced = {} req/s in total",
+        o.nodes,
+        o.tokens,
+        if o.nts { "NetworkTopologyStrategy" } else { "SimpleStrategy" },
+        o.rf,
+        o.keys,
+        o.concurrency,
+        o.reps,
+        o.duration,
+        o.rate
     );
     println!("| phase | op | placement | target | req/s | p50 µs | p99 µs | proxy CPU µs/request | proxy context switches/request | machine busy | errors |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
