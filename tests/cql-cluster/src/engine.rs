@@ -71,7 +71,7 @@ fn required(consistency: u16, rf: usize) -> usize {
 
 fn replicas(shared: &Shared, db: &Db, ks: &str, token: i64) -> Vec<usize> {
     match db.keyspaces.get(ks) {
-        Some(k) if k.strategy != Strategy::Local => shared.ring.replicas(token, &k.strategy),
+        Some(k) if k.strategy != Strategy::Local => shared.replicas(&k.strategy, token),
         _ => Vec::new(),
     }
 }
