@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::common::health::{Health, Verdict};
 
-use sluice_cql::ring::{Location, ReplicaMap, Ring, Strategy};
+use sluice_cql::ring::{Location, ReplicaMap, ReplicaMaps, Ring, Strategy};
 use sluice_cql::types::ColumnType;
 
 /// Hashed with foldhash: the router looks a keyspace up on every request (SipHash, std's
@@ -129,23 +129,13 @@ impl Snapshot {
 
     /// Makes `placements` for the current ring and keyspaces.
     fn rebuild_placements(&mut self) {
-        let mut made: Vec<(&Strategy, Arc<ReplicaMap>)> = Vec::new();
-        let mut placements = HashMap::default();
-        for (name, strategy) in &self.keyspaces {
-            if *strategy == Strategy::Local {
-                continue;
-            }
-            let map = match made.iter().find(|(s, _)| *s == strategy) {
-                Some((_, m)) => m.clone(),
-                None => {
-                    let m = Arc::new(self.ring.replica_map(strategy));
-                    made.push((strategy, m.clone()));
-                    m
-                }
-            };
-            placements.insert(name.clone(), map);
-        }
-        self.placements = placements;
+        let mut maps = ReplicaMaps::default();
+        self.placements = self
+            .keyspaces
+            .iter()
+            .filter(|(_, strategy)| **strategy != Strategy::Local)
+            .map(|(name, strategy)| (name.clone(), maps.get(&self.ring, strategy)))
+            .collect();
     }
 
     /// The next snapshot after reading the ring: `rows` are every node (local + peers). Nodes
@@ -214,7 +204,11 @@ impl Snapshot {
         let mut next = self.clone();
         next.keyspaces = keyspaces;
         next.tables = tables;
-        next.rebuild_placements();
+        // A table's DDL refreshes the schema too: the maps are made again only when some
+        // keyspace's replication changed.
+        if next.keyspaces != self.keyspaces {
+            next.rebuild_placements();
+        }
         next.generation = self.generation + 1;
         next
     }
@@ -333,6 +327,15 @@ mod tests {
         assert_eq!(s.replicas("two", 50), vec![1, 0]);
         assert_eq!(s.replicas("nts", 50), vec![1]);
         assert!(s.replicas("local", 50).is_empty());
+        // The same replication again (a table's DDL): the maps are kept, not made again;
+        // keyspaces with the same replication share one.
+        let again = s.with_schema(ks.clone(), HashMap::default());
+        assert!(Arc::ptr_eq(&s.placements["one"], &again.placements["one"]));
+        assert_eq!(again.replicas("two", 50), vec![1, 0]);
+        let mut same = ks.clone();
+        same.insert("uno".to_string(), Strategy::Simple { rf: 1 });
+        let shared = s.with_schema(same, HashMap::default());
+        assert!(Arc::ptr_eq(&shared.placements["one"], &shared.placements["uno"]));
         // Node 0 takes over the range (token 60): the maps follow the new ring.
         let s = s.with_ring(&ring(&[0, 60], &[100]), ClusterInfo::default(), &[]);
         assert_eq!(s.replicas("one", 50), vec![0]);

@@ -3,6 +3,7 @@
 //! getendpoints` (the first replica owns the first ring token >= the key's token).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 /// Where a node is.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -292,6 +293,25 @@ impl NtsPlan {
                 to_fill -= 1;
             }
         }
+    }
+}
+
+/// The replica maps of one ring, one per distinct replication, made on first use: keyspaces
+/// with the same replication share one.
+#[derive(Debug, Default)]
+pub struct ReplicaMaps {
+    made: Vec<(Strategy, Arc<ReplicaMap>)>,
+}
+
+impl ReplicaMaps {
+    /// The map of `strategy` on `ring` (which must be the same ring on every call).
+    pub fn get(&mut self, ring: &Ring, strategy: &Strategy) -> Arc<ReplicaMap> {
+        if let Some((_, m)) = self.made.iter().find(|(s, _)| s == strategy) {
+            return m.clone();
+        }
+        let m = Arc::new(ring.replica_map(strategy));
+        self.made.push((strategy.clone(), m.clone()));
+        m
     }
 }
 

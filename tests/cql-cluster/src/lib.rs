@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use sluice_cql::frame::Opcode;
 use sluice_cql::response::Event;
-use sluice_cql::ring::{Location, ReplicaMap, Ring};
+use sluice_cql::ring::{Location, ReplicaMaps, Ring};
 use tokio::task::JoinHandle;
 
 pub use sluice_cql::ring::Strategy;
@@ -208,7 +208,7 @@ pub(crate) struct Shared {
     pub nodes: Vec<NodeInfo>,
     pub ring: Ring,
     /// A replica map per replication seen, made on first use (the ring never changes).
-    pub placements: Mutex<Vec<(Strategy, Arc<ReplicaMap>)>>,
+    pub placements: Mutex<ReplicaMaps>,
     pub credentials: Option<(String, String)>,
     /// TLS on every connection, when the spec asks for it.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
@@ -232,17 +232,11 @@ impl Shared {
     /// The maps agree with the walk (sluice-cql's property test) and with a real Cassandra
     /// ring's recorded replicas (its fixtures test).
     pub(crate) fn replicas(&self, strategy: &Strategy, token: i64) -> Vec<usize> {
-        let map = {
-            let mut made = self.placements.lock().unwrap_or_else(|e| e.into_inner());
-            match made.iter().find(|(s, _)| s == strategy) {
-                Some((_, m)) => m.clone(),
-                None => {
-                    let m = Arc::new(self.ring.replica_map(strategy));
-                    made.push((strategy.clone(), m.clone()));
-                    m
-                }
-            }
-        };
+        let map = self
+            .placements
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&self.ring, strategy);
         let mut out = Vec::new();
         map.replicas_into(&self.ring, token, &mut out);
         out
@@ -355,7 +349,7 @@ impl TestCluster {
                 })
                 .collect(),
             ring,
-            placements: Mutex::new(Vec::new()),
+            placements: Mutex::new(ReplicaMaps::default()),
             credentials: spec.credentials.clone(),
             tls: spec.tls.as_ref().map(TlsIdentity::acceptor).transpose()?,
             up: (0..n).map(|_| AtomicBool::new(true)).collect(),
