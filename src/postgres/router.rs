@@ -20,9 +20,12 @@ pub enum Intent {
 
 impl Intent {
     /// The intent for a classified statement under a consistency policy. Hints win over the
-    /// class; `consistency = "primary"` wins over everything.
+    /// class; `consistency = "primary"` wins over everything. A statement that pins the client
+    /// to its connection (`SELECT set_config($1, ...)`, whose setting sluice cannot carry over,
+    /// LISTEN, a temporary table, ...) runs on the primary whatever its class or hint: the
+    /// pinned connection serves every later request of the client, writes included.
     pub fn of(c: Classification, consistency: Consistency) -> Intent {
-        if consistency == Consistency::Primary {
+        if consistency == Consistency::Primary || c.effects.pin.is_some() {
             return Intent::Primary;
         }
         match (c.hint, c.class) {
@@ -232,6 +235,20 @@ mod tests {
         assert_eq!(
             Intent::of(cls(Class::Read, None), ReadYourWrites),
             Intent::Replica
+        );
+        // A read that pins the client to its connection: on a replica, the pinned client's
+        // writes would fail there.
+        let pinning = |hint| Classification {
+            effects: Effects {
+                pin: Some(sluice_postgres::PinReason::UntrackedSetting),
+                ..Effects::default()
+            },
+            ..cls(Class::Read, hint)
+        };
+        assert_eq!(Intent::of(pinning(None), Eventual), Intent::Primary);
+        assert_eq!(
+            Intent::of(pinning(Some(Hint::Replica)), ReadYourWrites),
+            Intent::Primary
         );
     }
 

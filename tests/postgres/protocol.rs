@@ -343,3 +343,142 @@ async fn large_rows_stream_through_intact() {
     .await;
     env.sluice.assert_no_unexpected_errors(&[]);
 }
+
+/// Reads whole messages until one with tag `last` has arrived; returns them all.
+async fn read_until_tag(stream: &mut TcpStream, last: u8) -> Vec<crate::raw::Reply> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    loop {
+        while buf.len() >= 5 {
+            let len = u32::from_be_bytes(buf[1..5].try_into().unwrap()) as usize;
+            if buf.len() < 1 + len {
+                break;
+            }
+            let m = buf.split_to(1 + len);
+            out.push((m[0], m[5..].to_vec()));
+            if m[0] == last {
+                assert!(buf.is_empty(), "more after {:?}: {out:?}", char::from(last));
+                return out;
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read_buf(&mut buf))
+            .await
+            .expect("no reply within 10 s")
+            .expect("read");
+        assert!(n > 0, "EOF; got {out:?}");
+    }
+}
+
+/// asyncpg prepares with Parse, Describe and Flush, and runs with Bind, Execute and Sync; when
+/// it cannot encode an argument it sends nothing more for that statement, and the batch stays
+/// open. Its next request, a write, must reach the primary, not the replica the batch's reads
+/// went to (asyncpg's own suite, test_codecs.test_composites: "cannot execute DROP TYPE in a
+/// read-only transaction"). An error in the batch makes the server skip the client's messages
+/// up to its Sync: a write after it runs nowhere, through sluice as directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_after_an_unsynced_batch_of_reads_reaches_the_primary() {
+    let env = Env::start(1, "pool_size = 1\ncheckout_timeout = \"2s\"");
+    let primary = env.cluster.primary_port();
+    bounded(60, async {
+        let setup = env.app_client().await;
+        exec(&setup, "CREATE TABLE unsynced (a int)").await;
+        let mut s: TcpStream = raw_login(env.sluice.listen_addr()).await;
+        let on_replica = "SELECT pg_is_in_recovery()";
+
+        // A read, left open after Flush, then a simple Query that writes.
+        let mut b = BytesMut::new();
+        parse(&mut b, "", on_replica);
+        bind(&mut b, "", "");
+        execute(&mut b, "");
+        frontend::flush(&mut b);
+        s.write_all(&b).await.unwrap();
+        let r = read_until_tag(&mut s, b'C').await;
+        assert_eq!(tags(&r), "12DC");
+        assert_eq!(r[2].1[6..], *b"t", "the read ran on the replica");
+        let r = crate::raw::query(&mut s, "INSERT INTO unsynced VALUES (1)").await;
+        assert_eq!(tags(&r), "CZ", "simple Query after an open batch: {r:?}");
+
+        // Parse, Describe, Flush of a read (asyncpg's prepare), then a write's Parse, Bind,
+        // Execute and Sync: the batch moves to the primary.
+        let mut b = BytesMut::new();
+        parse(&mut b, "reads", on_replica);
+        frontend::describe(b'S', "reads", &mut b).unwrap();
+        frontend::flush(&mut b);
+        s.write_all(&b).await.unwrap();
+        assert_eq!(tags(&read_until_tag(&mut s, b'T').await), "1tT");
+        let mut b = BytesMut::new();
+        parse(&mut b, "", "INSERT INTO unsynced VALUES (2)");
+        bind(&mut b, "", "");
+        execute(&mut b, "");
+        frontend::sync(&mut b);
+        s.write_all(&b).await.unwrap();
+        let r = read_until_ready(&mut s, 1).await;
+        assert_eq!(tags(&r), "12CZ", "extended write after an open batch: {r:?}");
+        // The statement prepared on the replica still runs, wherever it lands.
+        let mut b = BytesMut::new();
+        bind(&mut b, "", "reads");
+        execute(&mut b, "");
+        frontend::sync(&mut b);
+        s.write_all(&b).await.unwrap();
+        assert_eq!(tags(&read_until_ready(&mut s, 1).await), "2DCZ");
+
+        // An error in the open batch: the write behind it is skipped up to the Sync.
+        let mut b = BytesMut::new();
+        parse(&mut b, "", "SELECT pg_is_in_recovery(), 1/0");
+        bind(&mut b, "", "");
+        execute(&mut b, "");
+        frontend::flush(&mut b);
+        s.write_all(&b).await.unwrap();
+        let r = read_until_tag(&mut s, b'E').await;
+        assert_eq!(sqlstate(&r.last().unwrap().1), "22012");
+        let mut b = BytesMut::new();
+        parse(&mut b, "", "INSERT INTO unsynced VALUES (3)");
+        bind(&mut b, "", "");
+        execute(&mut b, "");
+        frontend::sync(&mut b);
+        s.write_all(&b).await.unwrap();
+        let r = read_until_ready(&mut s, 1).await;
+        assert_eq!(tags(&r), "Z", "skipped up to the Sync, as directly: {r:?}");
+        assert_eq!(r[0].1, b"I");
+        // The same with the error still to come when the write arrives (one write).
+        let mut b = BytesMut::new();
+        parse(&mut b, "", on_replica);
+        bind(&mut b, "", "");
+        execute(&mut b, "");
+        frontend::flush(&mut b);
+        s.write_all(&b).await.unwrap();
+        assert_eq!(tags(&read_until_tag(&mut s, b'C').await), "12DC");
+        let mut b = BytesMut::new();
+        parse(&mut b, "", "SELECT pg_is_in_recovery(), 1/0");
+        bind(&mut b, "", "");
+        execute(&mut b, "");
+        parse(&mut b, "", "INSERT INTO unsynced VALUES (3)");
+        bind(&mut b, "", "");
+        execute(&mut b, "");
+        frontend::sync(&mut b);
+        s.write_all(&b).await.unwrap();
+        let r = read_until_ready(&mut s, 1).await;
+        // (1/0 of constants fails when the Bind plans the statement.)
+        assert_eq!(tags(&r), "1EZ", "skipped up to the Sync, as directly: {r:?}");
+        assert_eq!(sqlstate(&r[1].1), "22012");
+
+        // A write's batch open on the primary, ended by a Query: the connection is free
+        // again for another client (pool_size = 1).
+        let mut b = BytesMut::new();
+        parse(&mut b, "w", "INSERT INTO unsynced VALUES (4)");
+        frontend::describe(b'S', "w", &mut b).unwrap();
+        frontend::flush(&mut b);
+        s.write_all(&b).await.unwrap();
+        assert_eq!(tags(&read_until_tag(&mut s, b'n').await), "1tn");
+        let r = crate::raw::query(&mut s, "SELECT 1").await;
+        assert_eq!(tags(&r), "TDCZ");
+        let other = env.app_client().await;
+        exec(&other, "INSERT INTO unsynced VALUES (5)").await;
+
+        let direct = env.cluster.superuser_client(primary).await;
+        let rows = simple_column(&direct, "SELECT a FROM unsynced ORDER BY a").await;
+        assert_eq!(rows, ["1", "2", "5"], "what the primary has");
+    })
+    .await;
+}

@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::raw::{query, read_until_ready, sqlstate, tags, Reply};
-use crate::support::{bounded, exec, simple_column, simple_rows};
+use crate::support::{bounded, describe, exec, simple_column, simple_rows};
 use crate::Env;
 
 /// Logs in over a raw socket as `user` with these extra startup parameters; returns the stream
@@ -421,6 +421,39 @@ async fn a_setting_made_by_a_read_does_not_make_the_next_write_read_only() {
         .await;
         env.sluice.assert_no_unexpected_errors(&[]);
     }
+}
+
+/// `set_config` with the setting's name as a parameter (row-level security's
+/// `set_config($1, $2, false)`): sluice cannot know the name to carry it over, so the client
+/// stays on its connection. That connection must be the primary's, read though the statement
+/// is: pinned to a replica, every later write of the client failed there with 25006.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setting_named_by_a_parameter_pins_the_client_to_the_primary() {
+    let env = Env::start(1, "consistency = \"eventual\"\npool_size = 2");
+    bounded(60, async {
+        let c = env.app_client().await;
+        exec(&c, "CREATE TABLE pinned_writes (tenant text)").await;
+        c.query_one(
+            "SELECT pg_catalog.set_config($1, $2, false)",
+            &[&"app.tenant", &"t1"],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("set_config: {}", describe(&e)));
+        for _ in 0..3 {
+            c.execute(
+                "INSERT INTO pinned_writes SELECT current_setting('app.tenant')",
+                &[],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("a write after set_config($1, ...): {}", describe(&e)));
+        }
+        let rows = simple_column(&c, "SELECT tenant FROM pinned_writes").await;
+        assert_eq!(rows, ["t1", "t1", "t1"]);
+        let recovery = simple_column(&c, "SELECT pg_is_in_recovery()").await;
+        assert_eq!(recovery, ["f"], "the pinned client reads on the primary");
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[]);
 }
 
 /// Session mode: the client keeps one server process, so BackendKeyData is that process's own

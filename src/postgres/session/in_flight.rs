@@ -24,6 +24,9 @@ pub(super) struct InFlight {
     pub(super) units: VecDeque<Unit>,
     /// Extended-protocol messages forwarded since the last Sync.
     pub(super) in_batch: bool,
+    /// The server reported an error in the batch now open: it skips the client's messages up
+    /// to the Sync.
+    pub(super) batch_failed: bool,
     /// Responses (ParseComplete/CloseComplete) still to come, and whether each is sluice's own.
     pub(super) fixups: VecDeque<Pending>,
     /// The client's unnamed statement is known to this backend (parsed since attaching).
@@ -61,6 +64,7 @@ impl Default for InFlight {
         InFlight {
             units: VecDeque::new(),
             in_batch: false,
+            batch_failed: false,
             fixups: VecDeque::new(),
             unnamed_ready: false,
             status: b'I',
@@ -157,8 +161,10 @@ impl Attached {
         self.st.units_pushed += 1;
     }
 
-    /// A ReadyForQuery arrived (or, for a Sync sent during COPY FROM STDIN, will not): whose it is.
+    /// A ReadyForQuery arrived (or, for a Sync sent during COPY FROM STDIN, will not): whose it
+    /// is. No batch is open on the server after it.
     pub(super) fn pop_unit(&mut self) -> Option<Unit> {
+        self.st.batch_failed = false;
         let unit = self.st.units.pop_front();
         self.st.units_done += u64::from(unit.is_some());
         unit

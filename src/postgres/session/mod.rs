@@ -449,10 +449,18 @@ impl Session {
         }
     }
 
-    /// Whether `msg` starts a request that needs the primary while the attached backend is a
-    /// replica with replies still to come. Until they arrive, sluice cannot know whether they
-    /// leave a transaction open (then the request belongs on that backend) or not (then the
-    /// backend is let go and the request routed anew): it waits.
+    /// Whether `msg` needs the primary while the attached backend is a replica, and must wait
+    /// before it is routed: for the replies still to come, which may leave a transaction open
+    /// (then the request belongs on that backend) or not (then the backend is let go and the
+    /// request routed anew); or for the end of the client's extended-protocol batch, which
+    /// sluice ends with a Sync of its own (`Unit::EndBatch`) when the batch is open with nothing
+    /// else to wait for. asyncpg prepares a statement with Parse, Describe and Flush, without
+    /// Sync, and after a client-side error (an argument it cannot encode) sends nothing more
+    /// for it: its next request, a write, would otherwise run in that batch on the replica.
+    /// A Parse or Bind of a write inside a batch that so far only read moves the batch the same
+    /// way, as does a Query or FunctionCall, which ends the batch on the server anyway. An error
+    /// in the batch before it makes the server skip the client's messages up to its Sync, and
+    /// sluice skips them too (`Session::batch_ended`).
     fn must_wait_for_replica(
         &mut self,
         msg: &Message,
@@ -461,10 +469,18 @@ impl Session {
         let Some(a) = self.link.attached() else {
             return Ok(false);
         };
-        let starts_request = msg.tag() == b'Q'
-            || (!a.st.in_batch && matches!(msg.tag(), b'P' | b'B' | b'D' | b'E' | b'C' | b'F'));
-        if !starts_request
-            || a.st.units.is_empty()
+        let (tag, in_batch) = (msg.tag(), a.st.in_batch);
+        // A batch's Describe, Execute and Close use what it has prepared and bound: they
+        // start nothing new.
+        let may_need_primary =
+            matches!(tag, b'Q' | b'F' | b'P' | b'B') || (!in_batch && matches!(tag, b'D' | b'E' | b'C'));
+        let waiting = !a.st.units.is_empty();
+        // With nothing to wait for, an open batch is ended only outside a transaction (in one,
+        // a read-only one on a replica, a write fails there as it would directly) and while
+        // the server has reported no error in it (then it skips the write, as directly).
+        let end_batch = !waiting && in_batch && a.st.status == b'I' && !a.st.batch_failed;
+        if !may_need_primary
+            || !(waiting || end_batch)
             || a.st.copy_in
             || a.checkout.role == Role::Primary
             || self.pinned.is_some()
@@ -474,12 +490,25 @@ impl Session {
         }
         let class = match query_class {
             Some(c) => c,
+            // Inside a batch each Parse and Bind is looked at as it comes: the batch moves at
+            // its first write, and what it read before stays where it ran.
+            None if in_batch => self.classify(msg)?,
             None => {
                 let first = self.classify(msg)?;
                 self.batch_class(first)
             }
         };
-        Ok(Intent::for_request(class, &self.cluster.pg, self.serializable()) == Intent::Primary)
+        if Intent::for_request(class, &self.cluster.pg, self.serializable()) != Intent::Primary {
+            return Ok(false);
+        }
+        if end_batch {
+            if let Some(a) = self.link.attached_mut() {
+                a.st.in_batch = false;
+                a.push_unit(Unit::EndBatch);
+                self.to_backend.get().extend_from_slice(&SYNC);
+            }
+        }
+        Ok(true)
     }
 
     /// Whether `msg` uses the unnamed statement while a Parse of it in an earlier batch is still
@@ -760,6 +789,9 @@ impl Session {
             .is_some_and(|a| a.checkout.role == Role::Primary)
     }
 }
+
+/// A Sync message.
+const SYNC: [u8; 5] = [b'S', 0, 0, 0, 4];
 
 /// A Query message.
 fn simple_query(sql: &str) -> BytesMut {

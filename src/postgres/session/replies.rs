@@ -8,7 +8,7 @@ use sluice_postgres::{peek, peek_message, split_message};
 use tracing::{debug, warn};
 
 use super::settings::{self, Settings};
-use super::{simple_query, statements, End, Session};
+use super::{simple_query, statements, End, Link, Session};
 use crate::config::{Consistency, PoolMode};
 use crate::postgres::backend::MAX_BACKEND_MESSAGE;
 
@@ -28,6 +28,10 @@ pub enum Unit {
     WalPosition(Option<u64>),
     /// One of sluice's own queries that failed: its result is ignored.
     Failed,
+    /// Sluice's Sync ending the client's extended-protocol batch on a replica before the
+    /// client's next message, a write, goes to the primary (see `Session::must_wait_for_replica`):
+    /// the replies before it are the client's and relayed, its ReadyForQuery is swallowed.
+    EndBatch,
 }
 
 /// Messages at least this large are streamed to the client instead of buffered whole.
@@ -49,11 +53,13 @@ fn large_relayed_message(buf: &[u8]) -> Option<usize> {
 /// untouched, and the transaction status if the run ends with a ReadyForQuery. It stops before
 /// a message that needs a closer look: CopyInResponse, an ErrorResponse (it may end the
 /// session or name sluice's statement), a ParseComplete/CloseComplete while some may be
-/// sluice's own (`fixups_pending`), anything malformed.
-fn relayable_run(buf: &[u8], fixups_pending: bool) -> (usize, Option<u8>) {
+/// sluice's own (`fixups_pending`), a ReadyForQuery that is sluice's own (`own_ready`),
+/// anything malformed.
+fn relayable_run(buf: &[u8], fixups_pending: bool, own_ready: bool) -> (usize, Option<u8>) {
     let mut at = 0;
     while let Some((tag, total)) = peek_message(&buf[at..], MAX_BACKEND_MESSAGE) {
         match tag {
+            b'Z' if own_ready => break,
             b'G' | b'E' => break,
             b'1' | b'3' if fixups_pending => break,
             b'Z' if total == 6 => return (at + total, Some(buf[at + 5])),
@@ -73,7 +79,12 @@ impl Session {
             let Some(a) = self.link.attached_mut() else {
                 return Ok(());
             };
-            let own_unit = !matches!(a.st.units.front(), None | Some(Unit::Client | Unit::ClientSync));
+            let own_unit = !matches!(
+                a.st.units.front(),
+                None | Some(Unit::Client | Unit::ClientSync | Unit::EndBatch)
+            );
+            // Sluice's own ReadyForQuery is left to the message-by-message path.
+            let ends_batch = matches!(a.st.units.front(), Some(Unit::EndBatch));
             let rbuf = &mut a.checkout.conn.conn().rbuf;
             // The rest of a large row or COPY chunk already being streamed to the client.
             if a.st.streaming > 0 {
@@ -88,7 +99,7 @@ impl Session {
             if !own_unit {
                 // The usual case: complete replies for the client, relayed in one copy up to
                 // and including the ReadyForQuery that ends them.
-                let (n, ready) = relayable_run(rbuf, !a.st.fixups.is_empty());
+                let (n, ready) = relayable_run(rbuf, !a.st.fixups.is_empty(), ends_batch);
                 if n > 0 {
                     self.out.get().extend_from_slice(&rbuf[..n]);
                     rbuf.advance(n);
@@ -122,7 +133,7 @@ impl Session {
             };
             let tag = msg.tag();
             match a.st.units.front_mut() {
-                None | Some(Unit::Client | Unit::ClientSync) => {
+                None | Some(Unit::Client | Unit::ClientSync | Unit::EndBatch) => {
                     match tag {
                         // COPY FROM STDIN started by Execute: the Sync sent with it is ignored
                         // by the server, as is any Sync until CopyDone/CopyFail.
@@ -143,7 +154,12 @@ impl Session {
                         b'1' | b'3' if a.complete_fixup() => continue,
                         b'Z' => {
                             a.st.status = peek::ready_status(msg.body()).unwrap_or(b'I');
-                            a.pop_unit();
+                            let failed = a.st.batch_failed;
+                            if let Some(Unit::EndBatch) = a.pop_unit() {
+                                self.settle();
+                                self.batch_ended(failed);
+                                continue;
+                            }
                             self.out.get().extend_from_slice(msg.raw());
                             self.settle();
                             if self.link.attached().is_some_and(|a| a.st.units.is_empty()) {
@@ -153,6 +169,10 @@ impl Session {
                         }
                         b'E' => {
                             a.st.server_fatal |= peek::error_is_fatal(msg.body());
+                            // No ReadyForQuery before it: the error is the open batch's.
+                            if matches!(a.st.units.front(), None | Some(Unit::EndBatch)) {
+                                a.st.batch_failed = true;
+                            }
                             if self.cluster.pg.write_hold.is_some()
                                 && a.checkout.role == crate::common::topology::Role::Primary
                             {
@@ -253,11 +273,27 @@ impl Session {
                 let min = &mut self.rare().min_lsn;
                 *min = Some(min.map_or(lsn, |m| m.max(lsn)));
             }
-            Unit::WalPosition(None) | Unit::Replay | Unit::Client | Unit::ClientSync | Unit::Failed => {}
+            Unit::WalPosition(None)
+            | Unit::Replay
+            | Unit::Client
+            | Unit::ClientSync
+            | Unit::Failed
+            | Unit::EndBatch => {}
         }
         if self.link.attached().is_some_and(|a| a.st.units.is_empty()) {
             self.request_done();
         }
+    }
+
+    /// Sluice's Sync ended the client's batch on a replica (`Unit::EndBatch`): the backend goes,
+    /// and the held message is routed anew. After an error in the batch the server would have
+    /// skipped the client's messages up to its Sync: sluice does, and answers that Sync.
+    fn batch_ended(&mut self, failed: bool) {
+        if !failed {
+            return self.request_done();
+        }
+        self.detach();
+        self.link = Link::FailedUntilSync;
     }
 
     /// Everything sent has been answered. Reads settings or the WAL position if the request
@@ -320,25 +356,34 @@ mod tests {
         );
         let reply = [t.clone(), d.clone(), c.clone(), z.clone()].concat();
         let next = [reply.clone(), d.clone()].concat();
-        assert_eq!(relayable_run(&next, false), (reply.len(), Some(b'T')));
+        assert_eq!(relayable_run(&next, false, false), (reply.len(), Some(b'T')));
         let partial = [t.clone(), d[..4].to_vec()].concat();
         assert_eq!(
-            relayable_run(&partial, false),
+            relayable_run(&partial, false, false),
             (t.len(), None),
             "incomplete: stops before"
         );
         let parsed = [msg(b'1', b""), z.clone()].concat();
-        assert_eq!(relayable_run(&parsed, true), (0, None), "may be sluice's own");
-        assert_eq!(relayable_run(&parsed, false), (parsed.len(), Some(b'T')));
-        let copy_in = [d.clone(), msg(b'G', b"\0\0\0")].concat();
-        assert_eq!(relayable_run(&copy_in, false), (d.len(), None));
         assert_eq!(
-            relayable_run(&msg(b'Z', b"II"), false),
+            relayable_run(&parsed, true, false),
+            (0, None),
+            "may be sluice's own"
+        );
+        assert_eq!(relayable_run(&parsed, false, false), (parsed.len(), Some(b'T')));
+        assert_eq!(
+            relayable_run(&next, false, true),
+            (reply.len() - z.len(), None),
+            "sluice's own ReadyForQuery: stops before"
+        );
+        let copy_in = [d.clone(), msg(b'G', b"\0\0\0")].concat();
+        assert_eq!(relayable_run(&copy_in, false, false), (d.len(), None));
+        assert_eq!(
+            relayable_run(&msg(b'Z', b"II"), false, false),
             (0, None),
             "malformed: slow path"
         );
         assert_eq!(
-            relayable_run(&[b'D', 0, 0, 0, 1, 0], false),
+            relayable_run(&[b'D', 0, 0, 0, 1, 0], false, false),
             (0, None),
             "bad length"
         );

@@ -210,7 +210,12 @@ impl Session {
         let a = self.forwarding().a;
         let batch_start = !a.st.in_batch;
         match msg.tag() {
-            b'Q' | b'F' => a.push_unit(Unit::Client),
+            // A Query or FunctionCall ends an open batch: the server commits its implicit
+            // transaction when the Query is done.
+            b'Q' | b'F' => {
+                a.st.in_batch = false;
+                a.push_unit(Unit::Client);
+            }
             b'S' => {
                 a.st.in_batch = false;
                 if !a.st.copy_in {
@@ -545,7 +550,7 @@ impl Forward<'_> {
     /// and Sync, answers swallowed).
     fn prepare_before_query(&mut self, stmt: &Statement) {
         peek::encode_parse(self.to_backend, &stmt.backend_name(), &stmt.query, &stmt.rest);
-        self.to_backend.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+        self.to_backend.extend_from_slice(&super::SYNC);
         let a = &mut *self.a;
         let last = a.st.units.len() - 1;
         a.st.units.insert(last, Unit::Replay);

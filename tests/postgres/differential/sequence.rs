@@ -57,35 +57,6 @@ const TEXTS: &[(Text, u32)] = &[
 /// Statement names: the unnamed one, two named ones and one that differs only in case.
 const NAMES: &[&str] = &["", "s1", "s2", "S1"];
 
-/// Whether a batch of `msgs` writes after a Flush (no Sync between): such a batch may have
-/// started on a replica, where sluice routed it by the messages it had when it started.
-pub fn write_after_flush(msgs: &[Msg]) -> bool {
-    let mut texts: HashMap<&str, Text> = HashMap::new();
-    let mut flushed = false;
-    for m in msgs {
-        let writes = match m {
-            Msg::Parse { name, text } => {
-                texts.insert(name, *text);
-                *text == INSERT
-            }
-            Msg::Bind { statement, .. } => texts.get(statement) == Some(&INSERT),
-            Msg::Flush => {
-                flushed = true;
-                false
-            }
-            Msg::Sync => {
-                flushed = false;
-                false
-            }
-            _ => false,
-        };
-        if writes && flushed {
-            return true;
-        }
-    }
-    false
-}
-
 /// One frontend message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Msg {

@@ -296,6 +296,7 @@ impl Classifier {
         let mut lx = Lexer::new(sql, !standard_conforming_strings);
         let mut write = false;
         let mut effects = Effects::default();
+        let mut set_config = false;
         loop {
             let mut st = Stmt::new(&mut lx);
             let (verdict, e) = self.statement(&mut st, false, cat);
@@ -309,9 +310,15 @@ impl Classifier {
                 effects.pin = effects.pin.or(Some(PinReason::AdvisoryLock));
             }
             effects.settings |= st.set_config;
+            set_config |= st.set_config;
             if st.eof {
                 break;
             }
+        }
+        // `set_config` of a setting whose name is not a literal: sluice cannot carry it to the
+        // client's next connection, so the client stays on this one.
+        if set_config && effects.pin.is_none() && custom_setting_names(sql).is_none() {
+            effects.pin = Some(PinReason::UntrackedSetting);
         }
         // A quote or comment left open: PostgreSQL rejects the string, and it may have split it
         // differently from us, so do not trust a Read.

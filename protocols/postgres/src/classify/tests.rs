@@ -337,10 +337,13 @@ fn set_config_changes_settings() {
     let r = c.classify(b"SELECT set_config('app.tenant_id', 'a', false)");
     assert_eq!(r.class, Class::Read, "set_config runs on a standby");
     assert!(r.effects.settings);
-    assert!(
-        c.classify(b"SELECT pg_catalog.set_config($1, $2, false)")
-            .effects
-            .settings
+    assert_eq!(r.effects.pin, None, "a literal name is carried over");
+    let untracked = c.classify(b"SELECT pg_catalog.set_config($1, $2, false)");
+    assert!(untracked.effects.settings);
+    assert_eq!(
+        untracked.effects.pin,
+        Some(PinReason::UntrackedSetting),
+        "a name sluice cannot know pins the client"
     );
     assert!(
         !c.classify(b"SELECT current_setting('app.tenant_id')")
