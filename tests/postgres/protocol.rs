@@ -10,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_postgres::NoTls;
 
-use crate::raw::{raw_login, read_until_ready, sqlstate, tags};
+use crate::raw::{raw_login, read_until_ready, read_until_tag, sqlstate, tags};
 use crate::support::{bounded, describe, exec, simple_column};
 use crate::Env;
 
@@ -53,9 +53,7 @@ async fn pipelined_batches_and_protocol_errors_behave_like_postgres() {
         parse(&mut b, "ins", "INSERT INTO pipe VALUES (1)");
         bind(&mut b, "", "ins");
         execute(&mut b, "");
-        parse(&mut b, "", "SELECT count(*) FROM pipe");
-        bind(&mut b, "", "");
-        execute(&mut b, "");
+        unnamed(&mut b, "SELECT count(*) FROM pipe");
         frontend::sync(&mut b);
         bind(&mut b, "", "ins"); // duplicate key: fails, and the rest of this batch is skipped
         execute(&mut b, "");
@@ -344,30 +342,11 @@ async fn large_rows_stream_through_intact() {
     env.sluice.assert_no_unexpected_errors(&[]);
 }
 
-/// Reads whole messages until one with tag `last` has arrived; returns them all.
-async fn read_until_tag(stream: &mut TcpStream, last: u8) -> Vec<crate::raw::Reply> {
-    use tokio::io::AsyncReadExt;
-    let mut buf = BytesMut::new();
-    let mut out = Vec::new();
-    loop {
-        while buf.len() >= 5 {
-            let len = u32::from_be_bytes(buf[1..5].try_into().unwrap()) as usize;
-            if buf.len() < 1 + len {
-                break;
-            }
-            let m = buf.split_to(1 + len);
-            out.push((m[0], m[5..].to_vec()));
-            if m[0] == last {
-                assert!(buf.is_empty(), "more after {:?}: {out:?}", char::from(last));
-                return out;
-            }
-        }
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read_buf(&mut buf))
-            .await
-            .expect("no reply within 10 s")
-            .expect("read");
-        assert!(n > 0, "EOF; got {out:?}");
-    }
+/// Parse, Bind and Execute of `sql` as the unnamed statement and portal.
+fn unnamed(buf: &mut BytesMut, sql: &str) {
+    parse(buf, "", sql);
+    bind(buf, "", "");
+    execute(buf, "");
 }
 
 /// asyncpg prepares with Parse, Describe and Flush, and runs with Bind, Execute and Sync; when
@@ -388,9 +367,7 @@ async fn a_write_after_an_unsynced_batch_of_reads_reaches_the_primary() {
 
         // A read, left open after Flush, then a simple Query that writes.
         let mut b = BytesMut::new();
-        parse(&mut b, "", on_replica);
-        bind(&mut b, "", "");
-        execute(&mut b, "");
+        unnamed(&mut b, on_replica);
         frontend::flush(&mut b);
         s.write_all(&b).await.unwrap();
         let r = read_until_tag(&mut s, b'C').await;
@@ -408,9 +385,7 @@ async fn a_write_after_an_unsynced_batch_of_reads_reaches_the_primary() {
         s.write_all(&b).await.unwrap();
         assert_eq!(tags(&read_until_tag(&mut s, b'T').await), "1tT");
         let mut b = BytesMut::new();
-        parse(&mut b, "", "INSERT INTO unsynced VALUES (2)");
-        bind(&mut b, "", "");
-        execute(&mut b, "");
+        unnamed(&mut b, "INSERT INTO unsynced VALUES (2)");
         frontend::sync(&mut b);
         s.write_all(&b).await.unwrap();
         let r = read_until_ready(&mut s, 1).await;
@@ -425,17 +400,13 @@ async fn a_write_after_an_unsynced_batch_of_reads_reaches_the_primary() {
 
         // An error in the open batch: the write behind it is skipped up to the Sync.
         let mut b = BytesMut::new();
-        parse(&mut b, "", "SELECT pg_is_in_recovery(), 1/0");
-        bind(&mut b, "", "");
-        execute(&mut b, "");
+        unnamed(&mut b, "SELECT pg_is_in_recovery(), 1/0");
         frontend::flush(&mut b);
         s.write_all(&b).await.unwrap();
         let r = read_until_tag(&mut s, b'E').await;
         assert_eq!(sqlstate(&r.last().unwrap().1), "22012");
         let mut b = BytesMut::new();
-        parse(&mut b, "", "INSERT INTO unsynced VALUES (3)");
-        bind(&mut b, "", "");
-        execute(&mut b, "");
+        unnamed(&mut b, "INSERT INTO unsynced VALUES (3)");
         frontend::sync(&mut b);
         s.write_all(&b).await.unwrap();
         let r = read_until_ready(&mut s, 1).await;
@@ -443,19 +414,13 @@ async fn a_write_after_an_unsynced_batch_of_reads_reaches_the_primary() {
         assert_eq!(r[0].1, b"I");
         // The same with the error still to come when the write arrives (one write).
         let mut b = BytesMut::new();
-        parse(&mut b, "", on_replica);
-        bind(&mut b, "", "");
-        execute(&mut b, "");
+        unnamed(&mut b, on_replica);
         frontend::flush(&mut b);
         s.write_all(&b).await.unwrap();
         assert_eq!(tags(&read_until_tag(&mut s, b'C').await), "12DC");
         let mut b = BytesMut::new();
-        parse(&mut b, "", "SELECT pg_is_in_recovery(), 1/0");
-        bind(&mut b, "", "");
-        execute(&mut b, "");
-        parse(&mut b, "", "INSERT INTO unsynced VALUES (3)");
-        bind(&mut b, "", "");
-        execute(&mut b, "");
+        unnamed(&mut b, "SELECT pg_is_in_recovery(), 1/0");
+        unnamed(&mut b, "INSERT INTO unsynced VALUES (3)");
         frontend::sync(&mut b);
         s.write_all(&b).await.unwrap();
         let r = read_until_ready(&mut s, 1).await;

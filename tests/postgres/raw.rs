@@ -70,6 +70,17 @@ pub type Reply = (u8, Vec<u8>);
 
 /// Reads whole messages until `n` ReadyForQuery have arrived; returns them all.
 pub async fn read_until_ready(stream: &mut TcpStream, n: usize) -> Vec<Reply> {
+    read_until(stream, b'Z', n, false).await
+}
+
+/// Reads whole messages until the `n`th with tag `last` has arrived; returns them all. Asserts
+/// that nothing more came with it (the replies of a batch ended by Flush have no
+/// ReadyForQuery to wait for).
+pub async fn read_until_tag(stream: &mut TcpStream, last: u8) -> Vec<Reply> {
+    read_until(stream, last, 1, true).await
+}
+
+async fn read_until(stream: &mut TcpStream, last: u8, n: usize, nothing_after: bool) -> Vec<Reply> {
     let mut buf = BytesMut::new();
     let mut out = Vec::new();
     let mut seen = 0;
@@ -80,19 +91,24 @@ pub async fn read_until_ready(stream: &mut TcpStream, n: usize) -> Vec<Reply> {
                 break;
             }
             let m = buf.split_to(1 + len);
-            if m[0] == b'Z' {
+            if m[0] == last {
                 seen += 1;
             }
             out.push((m[0], m[5..].to_vec()));
         }
         if seen >= n {
+            assert!(
+                !nothing_after || buf.is_empty(),
+                "more after {:?}: {out:?} then {buf:?}",
+                char::from(last)
+            );
             break;
         }
         let r = tokio::time::timeout(Duration::from_secs(10), stream.read_buf(&mut buf))
             .await
-            .expect("no reply within 10 s")
+            .unwrap_or_else(|_| panic!("no {:?} within 10 s; got {out:?}", char::from(last)))
             .expect("read");
-        assert!(r > 0, "EOF while waiting for ReadyForQuery; got {out:?}");
+        assert!(r > 0, "EOF while waiting for {:?}; got {out:?}", char::from(last));
     }
     out
 }

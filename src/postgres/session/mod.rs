@@ -572,8 +572,9 @@ impl Session {
     }
 
     /// The class of an extended-protocol batch that starts with a message of class `first`: a
-    /// write if any Parse or Bind already buffered before its Sync is one (the whole batch
-    /// runs on the node chosen for its first message).
+    /// write if any Parse or Bind already buffered before its Sync is one (the batch runs on
+    /// the node chosen for its first message; one that began on a replica moves to the primary
+    /// at a write that arrives later, see `must_wait_for_replica`).
     fn batch_class(&self, first: Classification) -> Classification {
         if first.class == sluice_postgres::Class::Write {
             return first;
