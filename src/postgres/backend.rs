@@ -4,7 +4,7 @@
 //! SCRAM client; server messages are framed with `sluice_postgres` and the few fields needed
 //! during startup are read by hand below (a handful of fixed layouts).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -152,6 +152,9 @@ pub struct Backend {
     /// every Bind: hashed with foldhash, not SipHash (randomly seeded per set, and the keys are
     /// sluice's own statement hashes, so no client picks what collides here).
     pub prepared: HashSet<u64, foldhash::fast::RandomState>,
+    /// The result shape (`sluice_postgres::backend::row_shape`) of statements in `prepared`, as
+    /// sluice's own Describe after its Parse reported it; missing until that answer arrives.
+    pub shapes: HashMap<u64, u64, foldhash::fast::RandomState>,
     /// The session settings this connection carries (see `session::settings`).
     pub settings: Arc<Vec<(String, String)>>,
     /// The startup parameters it was opened with (pooled connections serve only clients that
@@ -200,6 +203,7 @@ impl Backend {
             created: now,
             last_used: now,
             prepared: HashSet::default(),
+            shapes: HashMap::default(),
             settings: Default::default(),
             startup: opts.params.clone(),
             owner: 0,

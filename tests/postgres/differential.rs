@@ -192,6 +192,9 @@ struct Variant {
     /// `None`: PostgreSQL itself, which validates the comparison machinery.
     config: Option<&'static str>,
     clients: usize,
+    /// Reads may go to a replica: a batch that began with reads there moves to the primary at
+    /// a write sent after a Flush, without the portals it bound (`portal_used_across_flush`).
+    replica_reads: bool,
 }
 
 const VARIANTS: &[Variant] = &[
@@ -199,21 +202,25 @@ const VARIANTS: &[Variant] = &[
         name: "postgres against itself",
         config: None,
         clients: 4,
+        replica_reads: false,
     },
     Variant {
         name: "session pooling",
         config: Some("pool_mode = \"session\"\nconsistency = \"primary\""),
         clients: 4,
+        replica_reads: false,
     },
     Variant {
         name: "transaction pooling, 4 clients on 2 backends",
         config: Some("pool_mode = \"transaction\"\nconsistency = \"primary\"\npool_size = 2"),
         clients: 4,
+        replica_reads: false,
     },
     Variant {
         name: "transaction pooling, eventual consistency",
         config: Some("pool_mode = \"transaction\"\nconsistency = \"eventual\"\npool_size = 2"),
         clients: 4,
+        replica_reads: true,
     },
 ];
 
@@ -253,6 +260,10 @@ async fn check_variant(
         let Some(d) = first_difference(want, got) else {
             continue;
         };
+        let portal_error = ["42P03", "34000"].iter().any(|c| d.signature().contains(c));
+        if v.replica_reads && portal_error && sequence::portal_used_across_flush(&cases[i].msgs) {
+            continue;
+        }
         failing += 1;
         if distinct.iter().any(|f| f.diff.kind() == d.kind()) {
             continue;

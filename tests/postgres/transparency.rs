@@ -667,3 +667,71 @@ async fn saslprep_passwords_log_in_in_either_form() {
     .await;
     env.sluice.assert_no_unexpected_errors(&[]);
 }
+
+/// A prepared statement whose rows change type (ALTER TABLE ... TYPE) fails with 0A000 "cached
+/// plan must not change result type" on the server connection it was prepared on, and the
+/// driver prepares it again. On another server connection, where sluice prepares it anew, it
+/// must fail the same way, not return rows of the new shape under the old description (asyncpg
+/// then failed with "insufficient data in buffer" on every later use).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_whose_rows_changed_type_fails_as_on_its_own_connection() {
+    let env = Env::start(0, "consistency = \"primary\"\npool_size = 2");
+    let primary = env.cluster.primary_port();
+    bounded(60, async {
+        let direct = env.cluster.superuser_client(primary).await;
+        let c = env.app_client().await;
+        exec(
+            &c,
+            "CREATE TABLE shapes (a int, b int); INSERT INTO shapes VALUES (1, 2)",
+        )
+        .await;
+        let (same, moved) = (
+            c.prepare("SELECT * FROM shapes").await.unwrap(),
+            c.prepare("SELECT a, b FROM shapes").await.unwrap(),
+        );
+        for st in [&same, &moved] {
+            let row = c.query_one(st, &[]).await.unwrap();
+            assert_eq!(row.get::<_, i32>(1), 2);
+        }
+        // The statement's backend, then a column's type changes.
+        let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+        exec(&direct, "ALTER TABLE shapes ALTER COLUMN b TYPE text").await;
+        // On its own server connection: PostgreSQL's own error.
+        let err = c
+            .query_one(&same, &[])
+            .await
+            .expect_err("the server refuses the statement");
+        assert_eq!(err.code().map(|c| c.code()), Some("0A000"), "{err}");
+        // On another one (the first is gone): sluice prepares it there anew; the same error.
+        let terminated: bool = direct
+            .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(terminated);
+        let err = loop {
+            match c.query_one(&moved, &[]).await {
+                // The client's next request may still meet the terminated connection.
+                Err(e) if e.code().map(|c| c.code()) == Some("08006") => continue,
+                r => break r.expect_err("the statement's rows changed type"),
+            }
+        };
+        assert_eq!(err.code().map(|c| c.code()), Some("0A000"), "{err}");
+        assert_eq!(
+            err.as_db_error().map(|e| e.message()),
+            Some("cached plan must not change result type")
+        );
+        // In a transaction it aborts the transaction, as PostgreSQL's error does.
+        exec(&c, "BEGIN").await;
+        let err = c.query_one(&moved, &[]).await.expect_err("again");
+        assert_eq!(err.code().map(|c| c.code()), Some("0A000"), "{err}");
+        let err = c.query_one("SELECT 1", &[]).await.expect_err("aborted");
+        assert_eq!(err.code().map(|c| c.code()), Some("25P02"), "{err}");
+        exec(&c, "ROLLBACK").await;
+        // Prepared again, it reads the new rows.
+        let again = c.prepare("SELECT a, b FROM shapes").await.unwrap();
+        let row = c.query_one(&again, &[]).await.unwrap();
+        assert_eq!(row.get::<_, String>(1), "2");
+    })
+    .await;
+}

@@ -95,9 +95,71 @@ pub fn data_row(mut body: &[u8]) -> Option<Vec<Option<String>>> {
     Some(out)
 }
 
+/// What a statement's rows look like, as a number: each column's name, type OID and type
+/// modifier from a RowDescription ('T') body, hashed; `Some(1)` for NoData ('n': no rows).
+/// Two descriptions of one statement with different numbers are rows PostgreSQL would refuse to
+/// return under the first one ("cached plan must not change result type"). `None` when
+/// malformed.
+pub fn row_shape(tag: u8, mut body: &[u8]) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    if tag == b'n' {
+        return Some(1);
+    }
+    if tag != b'T' || body.len() < 2 {
+        return None;
+    }
+    // Deterministic (fixed keys): shapes are compared across connections.
+    let mut h = std::hash::DefaultHasher::new();
+    let n = body.get_i16();
+    n.hash(&mut h);
+    for _ in 0..n {
+        let end = body.iter().position(|&b| b == 0)?;
+        body[..end].hash(&mut h);
+        body = body.get(end + 1..)?;
+        // Table OID (4), column number (2), type OID (4), type size (2), modifier (4), format (2).
+        let field = body.get(..18)?;
+        field[6..10].hash(&mut h);
+        field[12..16].hash(&mut h);
+        body = &body[18..];
+    }
+    // Never the numbers meaning "unknown" (0) or NoData (1).
+    Some(h.finish().max(2))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row_description(columns: &[(&str, u32, i32)]) -> Vec<u8> {
+        let mut b = (columns.len() as i16).to_be_bytes().to_vec();
+        for (name, oid, typmod) in columns {
+            b.extend_from_slice(name.as_bytes());
+            b.push(0);
+            b.extend_from_slice(&16384u32.to_be_bytes());
+            b.extend_from_slice(&1i16.to_be_bytes());
+            b.extend_from_slice(&oid.to_be_bytes());
+            b.extend_from_slice(&4i16.to_be_bytes());
+            b.extend_from_slice(&typmod.to_be_bytes());
+            b.extend_from_slice(&0i16.to_be_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn row_shapes_differ_by_name_type_and_modifier_only() {
+        let shape = |cols: &[(&str, u32, i32)]| row_shape(b'T', &row_description(cols)).unwrap();
+        let ints = shape(&[("a", 23, -1), ("b", 23, -1)]);
+        assert_eq!(ints, shape(&[("a", 23, -1), ("b", 23, -1)]));
+        assert_ne!(ints, shape(&[("a", 23, -1), ("b", 25, -1)]), "type");
+        assert_ne!(ints, shape(&[("a", 23, -1), ("c", 23, -1)]), "name");
+        assert_ne!(ints, shape(&[("a", 23, -1), ("b", 23, 8)]), "modifier");
+        assert_ne!(ints, shape(&[("a", 23, -1)]), "count");
+        let mut other_table = row_description(&[("a", 23, -1), ("b", 23, -1)]);
+        other_table[4..8].copy_from_slice(&99u32.to_be_bytes());
+        assert_eq!(row_shape(b'T', &other_table), Some(ints), "table OID ignored");
+        assert_eq!(row_shape(b'n', b""), Some(1));
+        assert_eq!(row_shape(b'T', &row_description(&[("a", 23, -1)])[..9]), None);
+    }
 
     #[test]
     fn data_row_reads_text_and_nulls() {

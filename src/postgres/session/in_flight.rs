@@ -29,6 +29,9 @@ pub(super) struct InFlight {
     pub(super) batch_failed: bool,
     /// Responses (ParseComplete/CloseComplete) still to come, and whether each is sluice's own.
     pub(super) fixups: VecDeque<Pending>,
+    /// The answer (ParameterDescription, then RowDescription or NoData) to sluice's own
+    /// Describe that comes next, swallowed: whose shape it reports.
+    pub(super) describing: Option<statements::Describe>,
     /// The client's unnamed statement is known to this backend (parsed since attaching).
     pub(super) unnamed_ready: bool,
     /// The transaction status of the last ReadyForQuery (b'I' idle, b'T' in a transaction,
@@ -66,6 +69,7 @@ impl Default for InFlight {
             in_batch: false,
             batch_failed: false,
             fixups: VecDeque::new(),
+            describing: None,
             unnamed_ready: false,
             status: b'I',
             settings_dirty: false,
@@ -185,6 +189,7 @@ impl Attached {
             batch,
             alone: false,
             marker: false,
+            describe: None,
         });
     }
 
@@ -194,12 +199,24 @@ impl Attached {
         let Some(p) = self.st.fixups.pop_front() else {
             return false;
         };
+        // sluice's own Describe after this Parse answers next.
+        self.st.describing = p.describe;
         if p.marker {
             if let Some(next) = self.st.fixups.front_mut() {
                 next.alone = true;
             }
         }
         p.swallow
+    }
+
+    /// Whether sluice's own Describe of the statement `hash` is still to be answered.
+    pub(super) fn describe_pending(&self, hash: u64) -> bool {
+        self.st.describing.as_ref().is_some_and(|d| d.hash == hash)
+            || self
+                .st
+                .fixups
+                .iter()
+                .any(|p| p.describe.as_ref().is_some_and(|d| d.hash == hash))
     }
 
     /// Nothing in flight and no transaction open: the connection may serve someone else.

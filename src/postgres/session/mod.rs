@@ -316,7 +316,9 @@ impl Session {
             // One await point: each would keep room of its own for the message in this future.
             loop {
                 let msg = if let Some(msg) = self.rare.as_mut().and_then(|r| r.held.take()) {
-                    if self.link.attached().is_some_and(|a| !a.st.units.is_empty()) {
+                    if self.link.attached().is_some_and(|a| !a.st.units.is_empty())
+                        || self.shape_pending(&msg)
+                    {
                         self.rare().held = Some(msg);
                         return Ok(());
                     }
@@ -444,6 +446,10 @@ impl Session {
                         return self.attach_failed(tag, e);
                     }
                 }
+            }
+            if self.awaits_shape(&msg) {
+                self.rare().held = Some(msg);
+                return Ok(());
             }
             self.forward(msg, query_class)
         }

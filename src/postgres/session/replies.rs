@@ -52,16 +52,16 @@ fn large_relayed_message(buf: &[u8]) -> Option<usize> {
 /// The length of the run of complete messages at the front of `buf` that go to the client
 /// untouched, and the transaction status if the run ends with a ReadyForQuery. It stops before
 /// a message that needs a closer look: CopyInResponse, an ErrorResponse (it may end the
-/// session or name sluice's statement), a ParseComplete/CloseComplete while some may be
-/// sluice's own (`fixups_pending`), a ReadyForQuery that is sluice's own (`own_ready`),
-/// anything malformed.
+/// session or name sluice's statement), a ParseComplete/CloseComplete or the answer to a
+/// Describe while some may be sluice's own (`fixups_pending`), a ReadyForQuery that is sluice's
+/// own (`own_ready`), anything malformed.
 fn relayable_run(buf: &[u8], fixups_pending: bool, own_ready: bool) -> (usize, Option<u8>) {
     let mut at = 0;
     while let Some((tag, total)) = peek_message(&buf[at..], MAX_BACKEND_MESSAGE) {
         match tag {
             b'Z' if own_ready => break,
             b'G' | b'E' => break,
-            b'1' | b'3' if fixups_pending => break,
+            b'1' | b'3' | b't' | b'T' | b'n' if fixups_pending => break,
             b'Z' if total == 6 => return (at + total, Some(buf[at + 5])),
             b'Z' => break,
             _ => at += total,
@@ -99,7 +99,8 @@ impl Session {
             if !own_unit {
                 // The usual case: complete replies for the client, relayed in one copy up to
                 // and including the ReadyForQuery that ends them.
-                let (n, ready) = relayable_run(rbuf, !a.st.fixups.is_empty(), ends_batch);
+                let careful = !a.st.fixups.is_empty() || a.st.describing.is_some();
+                let (n, ready) = relayable_run(rbuf, careful, ends_batch);
                 if n > 0 {
                     self.out.get().extend_from_slice(&rbuf[..n]);
                     rbuf.advance(n);
@@ -152,6 +153,25 @@ impl Session {
                         // Every ParseComplete/CloseComplete pops its entry; sluice's own are
                         // not relayed.
                         b'1' | b'3' if a.complete_fixup() => continue,
+                        // The answer to sluice's own Describe after its Parse: the shape of
+                        // the statement's rows, on this backend and, for the client's Parse, as
+                        // the client's statement has them.
+                        b't' if a.st.describing.is_some() => continue,
+                        b'T' | b'n' if a.st.describing.is_some() => {
+                            let d = a.st.describing.take().expect("checked");
+                            if let Some(shape) = sluice_postgres::backend::row_shape(tag, msg.body()) {
+                                a.checkout.conn.conn().shapes.insert(d.hash, shape);
+                                if let Some(stmt) = d.client {
+                                    let _ = stmt.shape.compare_exchange(
+                                        0,
+                                        shape,
+                                        std::sync::atomic::Ordering::Relaxed,
+                                        std::sync::atomic::Ordering::Relaxed,
+                                    );
+                                }
+                            }
+                            continue;
+                        }
                         b'Z' => {
                             a.st.status = peek::ready_status(msg.body()).unwrap_or(b'I');
                             let failed = a.st.batch_failed;
@@ -179,6 +199,21 @@ impl Session {
                                 // A primary turning read-only or shutting down: hold writes.
                                 let code = peek::error_code_and_message(msg.body()).0;
                                 self.cluster.write_refused(a.checkout.conn.node(), &code);
+                            }
+                            // sluice's stand-in for a Bind whose statement now returns other
+                            // rows (`statements::PLAN_CHANGED`): PostgreSQL's error for it.
+                            if msg
+                                .body()
+                                .windows(statements::PLAN_CHANGED.len())
+                                .any(|w| w == statements::PLAN_CHANGED)
+                            {
+                                super::error_with(
+                                    self.out.get(),
+                                    "ERROR",
+                                    "0A000",
+                                    "cached plan must not change result type",
+                                );
+                                continue;
                             }
                             // An error that names sluice's statement (a duplicate Parse, a
                             // Bind with the wrong parameter count, ...) names the client's.

@@ -18,6 +18,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -36,6 +37,28 @@ pub struct Statement {
     pub rest: Bytes,
     pub hash: u64,
     pub class: Classification,
+    /// What its rows looked like when the client prepared it (`row_shape`; 0 until sluice's
+    /// own Describe after the client's Parse answers). PostgreSQL refuses to run a statement
+    /// whose rows no longer look so ("cached plan must not change result type"); sluice
+    /// refuses the same way when it runs on a server connection that prepared it later.
+    pub shape: AtomicU64,
+}
+
+/// A Flush message.
+const FLUSH: [u8; 5] = [b'H', 0, 0, 0, 4];
+
+/// The Bind sluice sends instead of the client's when the backend's copy of the statement
+/// returns rows of another shape than the client's: the server refuses it (and skips to the
+/// Sync, aborting a transaction, as for the error PostgreSQL would give), and sluice relays
+/// that error as PostgreSQL's 0A000.
+pub const PLAN_CHANGED: &[u8] = b"sluice_cached_plan_changed";
+
+/// sluice's own Describe sent after one of its Parses: whose shape it reports.
+#[derive(Debug)]
+pub struct Describe {
+    pub hash: u64,
+    /// The client's statement, when the Parse was the client's: its shape is set.
+    pub client: Option<Arc<Statement>>,
 }
 
 impl Statement {
@@ -54,6 +77,23 @@ fn backend_name(hash: u64) -> BackendName {
         *d = b"0123456789abcdef"[(hash >> (60 - 4 * i)) as usize & 0xf];
     }
     name
+}
+
+/// Sends sluice's own Describe of `stmt` right after its Parse: the answer says what the
+/// backend's copy returns (`Attached`'s `shapes`), and for the client's own Parse (`client`)
+/// what the client's statement returns.
+fn describe_after_parse(
+    a: &mut Attached,
+    to_backend: &mut BytesMut,
+    stmt: &Arc<Statement>,
+    client: bool,
+) -> Describe {
+    peek::encode_target(to_backend, b'D', b'S', &stmt.backend_name());
+    a.checkout.conn.conn().shapes.remove(&stmt.hash);
+    Describe {
+        hash: stmt.hash,
+        client: client.then(|| stmt.clone()),
+    }
 }
 
 /// The first backend statement name (`sluice_` and 16 hex digits) in `text`, e.g. an error
@@ -109,6 +149,8 @@ pub struct Pending {
     /// Answered, it makes the next message `alone` (a Close of the unnamed statement sent just
     /// before a Parse of it).
     pub marker: bool,
+    /// A Parse that sluice's own Describe follows (its answers are swallowed).
+    pub describe: Option<Describe>,
 }
 
 /// The client's prepared statements by the client's name ("" is the unnamed one). The map is
@@ -175,6 +217,7 @@ impl Session {
                 rest: Bytes::copy_from_slice(p.rest),
                 hash: statement_hash(p.query, p.rest),
                 class: self.classify_sql(p.query),
+                shape: AtomicU64::new(0),
             })
         })
     }
@@ -202,6 +245,63 @@ impl Session {
             statements,
             to_backend: to_backend.get(),
         }
+    }
+
+    /// Whether the client's Bind `msg` must wait for the shape of its statement's rows on the
+    /// attached backend (see `Statement::shape`): when the backend does not hold the statement,
+    /// sluice prepares it there now, with its own Describe and a Flush so that the server
+    /// answers at once, and the Bind waits for the answer. Only statements whose shape the
+    /// client's Parse reported are compared; nothing waits after an error in the batch (the
+    /// server skips the Bind, and leaves the Describe unanswered).
+    pub(super) fn awaits_shape(&mut self, msg: &Message) -> bool {
+        if msg.tag() != b'B' || self.cluster.pg.pool_mode != PoolMode::Transaction {
+            return false;
+        }
+        let Ok(b) = peek::bind(msg.body()) else {
+            return false;
+        };
+        let Some(stmt) = self.statements.get(b.statement) else {
+            return false;
+        };
+        let hash = stmt.hash;
+        if b.statement.is_empty() || stmt.shape.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let Some(a) = self.link.attached_mut() else {
+            return false;
+        };
+        if a.st.batch_failed {
+            return false;
+        }
+        let conn = a.checkout.conn.conn();
+        if conn.shapes.contains_key(&hash) {
+            return false;
+        }
+        if conn.prepared.contains(&hash) {
+            if !a.describe_pending(hash) {
+                return false;
+            }
+        } else {
+            self.forwarding().ensure_prepared(b.statement);
+        }
+        // The server holds its answers back until a Flush or Sync, and the client's next one
+        // waits behind this Bind.
+        self.to_backend.get().extend_from_slice(&FLUSH);
+        true
+    }
+
+    /// Whether the message held back by `awaits_shape` still waits.
+    pub(super) fn shape_pending(&self, msg: &Message) -> bool {
+        let Some(a) = self.link.attached() else {
+            return false;
+        };
+        if msg.tag() != b'B' || a.st.batch_failed {
+            return false;
+        }
+        peek::bind(msg.body())
+            .ok()
+            .and_then(|b| self.statements.get(b.statement))
+            .is_some_and(|stmt| a.describe_pending(stmt.hash))
     }
 
     /// Sends one client message to the attached backend, rewriting statement names in
@@ -268,7 +368,12 @@ impl Session {
                 let mut f = self.forwarding();
                 match f.ensure_prepared(b.statement) {
                     Some(name) => {
-                        peek::encode_bind(f.to_backend, b.portal, &name, b.rest);
+                        let target = if f.plan_changed(b.statement) {
+                            PLAN_CHANGED
+                        } else {
+                            &name[..]
+                        };
+                        peek::encode_bind(f.to_backend, b.portal, target, b.rest);
                         // A Bind the server refuses (wrong parameter count) names the statement.
                         if let Some((client_name, _)) = f.statements.get_key_value(b.statement) {
                             f.a.st.renames.push((name, client_name.clone(), false));
@@ -364,14 +469,17 @@ impl Session {
         }
         peek::encode_parse(to_backend, &stmt.backend_name(), &stmt.query, &stmt.rest);
         let hash = stmt.hash;
+        let describe = describe_after_parse(a, to_backend, &stmt, true);
         let before = statements.insert(name.clone(), stmt);
         a.push_fixup(false, BackendChange::Prepared(hash), Some((name, before)));
+        a.st.fixups.back_mut().expect("just pushed").describe = Some(describe);
     }
 
     /// After each ReadyForQuery: every Parse or Close of a batch that has now ended without an
     /// answer was skipped after an error, so what it did did not happen (undone newest first).
     pub(super) fn settle(&mut self) {
         let Some(a) = self.link.attached_mut() else { return };
+        a.st.describing = None;
         let ended = a.st.units_done;
         let skipped = a.st.fixups.iter().take_while(|p| p.batch < ended).count();
         if skipped == 0 {
@@ -484,6 +592,26 @@ impl Forward<'_> {
         a.push_fixup(false, backend, client);
     }
 
+    /// Whether the backend's copy of the client's statement `name` returns rows of another
+    /// shape than the client's statement did when the client prepared it (a column's type
+    /// changed since, and this backend prepared it afterwards): PostgreSQL would refuse to run
+    /// it. Unknown shapes are not compared.
+    fn plan_changed(&mut self, name: &[u8]) -> bool {
+        let Some(stmt) = self.statements.get(name) else {
+            return false;
+        };
+        let client = stmt.shape.load(Ordering::Relaxed);
+        client != 0
+            && self
+                .a
+                .checkout
+                .conn
+                .conn()
+                .shapes
+                .get(&stmt.hash)
+                .is_some_and(|&backend| backend != client)
+    }
+
     /// Makes sure the attached backend holds the client's statement `name` (sending a Parse
     /// whose response is swallowed if not), and returns the backend's name for it. `None` means
     /// "forward as is": the unnamed statement, or a name the client never prepared (the server
@@ -514,7 +642,9 @@ impl Forward<'_> {
             self.prepare_executed(&stmt.query);
             self.a.checkout.conn.conn().prepared.insert(stmt.hash);
             peek::encode_parse(self.to_backend, &backend_name, &stmt.query, &stmt.rest);
+            let describe = describe_after_parse(self.a, self.to_backend, &stmt, false);
             self.a.push_fixup(true, BackendChange::Prepared(stmt.hash), None);
+            self.a.st.fixups.back_mut().expect("just pushed").describe = Some(describe);
         }
         Some(backend_name)
     }
