@@ -86,6 +86,11 @@ impl Default for InFlight {
 }
 
 impl InFlight {
+    /// Answers to a Parse, Close or Describe are still to come.
+    pub(super) fn own_answers_pending(&self) -> bool {
+        !self.fixups.is_empty() || self.describing.is_some()
+    }
+
     /// As new, keeping the queues' memory unless a long pipeline made them large.
     fn reset(&mut self) {
         const KEEP: usize = 64;
@@ -221,7 +226,8 @@ impl Attached {
 
     /// Nothing in flight and no transaction open: the connection may serve someone else.
     pub(super) fn is_clean(&self) -> bool {
-        self.st.units.is_empty()
+        !self.st.own_answers_pending()
+            && self.st.units.is_empty()
             && !self.st.in_batch
             && !self.st.copy_in
             && self.st.streaming == 0

@@ -340,8 +340,11 @@ impl Session {
         let ryw = self.cluster.pg.consistency == Consistency::ReadYourWrites;
         let on_primary = self.attached_to_primary();
         let Some(a) = self.link.attached_mut() else { return };
-        if a.st.status != b'I' || a.st.in_batch {
-            return; // a transaction or an extended-protocol batch is still open
+        if a.st.status != b'I' || a.st.in_batch || a.st.own_answers_pending() {
+            // A transaction or an extended-protocol batch is still open, or answers to sluice's
+            // own Parse/Describe (sent ahead of a held Bind, see `awaits_shape`) are still to
+            // come: the backend stays.
+            return;
         }
         a.st.renames.clear();
         if a.st.settings_dirty {
