@@ -735,3 +735,51 @@ async fn a_statement_whose_rows_changed_type_fails_as_on_its_own_connection() {
     })
     .await;
 }
+
+/// The other side of the same check: a server connection may hold another client's copy of
+/// the statement text, prepared before a column's type changed. A client that prepared the
+/// text afterwards gets its rows, as directly: sluice prepares the statement afresh there
+/// instead of letting the server refuse the stale copy with 0A000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_clients_copy_of_a_statement_from_before_a_change_is_not_used() {
+    let env = Env::start(0, "consistency = \"primary\"\npool_size = 2");
+    let primary = env.cluster.primary_port();
+    bounded(60, async {
+        let direct = env.cluster.superuser_client(primary).await;
+        exec(
+            &direct,
+            "CREATE TABLE stale (a int, b int); INSERT INTO stale VALUES (1, 2)",
+        )
+        .await;
+        exec(&direct, "GRANT ALL ON stale TO app").await;
+        // B's copy, on B's server connection, from before the change.
+        let b = env.app_client().await;
+        let old = b.prepare("SELECT * FROM stale").await.unwrap();
+        assert_eq!(b.query_one(&old, &[]).await.unwrap().get::<_, i32>(1), 2);
+        exec(&direct, "ALTER TABLE stale ALTER COLUMN b TYPE text").await;
+        // A prepares the text afterwards on a connection of its own (B keeps its own parked).
+        let a = env.app_client().await;
+        let new = a.prepare("SELECT * FROM stale").await.unwrap();
+        assert_eq!(a.query_one(&new, &[]).await.unwrap().get::<_, String>(1), "2");
+        let a_pid: i32 = a.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+        // B leaves its connection, with its old copy, to the pool; A's own goes away.
+        drop(b);
+        let terminated: bool = direct
+            .query_one("SELECT pg_terminate_backend($1)", &[&a_pid])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(terminated);
+        let row = loop {
+            match a.query_one(&new, &[]).await {
+                Err(e) if e.code().map(|c| c.code()) == Some("08006") => continue,
+                r => {
+                    break r
+                        .unwrap_or_else(|e| panic!("A's statement on B's old connection: {}", describe(&e)))
+                }
+            }
+        };
+        assert_eq!(row.get::<_, String>(1), "2");
+    })
+    .await;
+}

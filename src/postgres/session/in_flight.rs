@@ -32,6 +32,9 @@ pub(super) struct InFlight {
     /// The answer (ParameterDescription, then RowDescription or NoData) to sluice's own
     /// Describe that comes next, swallowed: whose shape it reports.
     pub(super) describing: Option<statements::Describe>,
+    /// Statements sluice prepared afresh ahead of a held Bind (see `awaits_shape`): their
+    /// shape is the text's now, and is not prepared again for this client.
+    pub(super) reprepared: Vec<u64>,
     /// The client's unnamed statement is known to this backend (parsed since attaching).
     pub(super) unnamed_ready: bool,
     /// The transaction status of the last ReadyForQuery (b'I' idle, b'T' in a transaction,
@@ -70,6 +73,7 @@ impl Default for InFlight {
             batch_failed: false,
             fixups: VecDeque::new(),
             describing: None,
+            reprepared: Vec::new(),
             unnamed_ready: false,
             status: b'I',
             settings_dirty: false,

@@ -263,8 +263,8 @@ impl Session {
         let Some(stmt) = self.statements.get(b.statement) else {
             return false;
         };
-        let hash = stmt.hash;
-        if b.statement.is_empty() || stmt.shape.load(Ordering::Relaxed) == 0 {
+        let (hash, client) = (stmt.hash, stmt.shape.load(Ordering::Relaxed));
+        if b.statement.is_empty() || client == 0 {
             return false;
         }
         let Some(a) = self.link.attached_mut() else {
@@ -274,15 +274,31 @@ impl Session {
             return false;
         }
         let conn = a.checkout.conn.conn();
-        if conn.shapes.contains_key(&hash) {
-            return false;
-        }
-        if conn.prepared.contains(&hash) {
-            if !a.describe_pending(hash) {
-                return false;
+        match conn.shapes.get(&hash) {
+            // The same rows: the server itself checks that they still look so.
+            Some(&backend) if backend == client => return false,
+            // Prepared afresh for this request already: `plan_changed` refuses the Bind.
+            Some(_) if a.st.reprepared.contains(&hash) => return false,
+            // The backend's copy is older or newer than the client's statement (another
+            // client's, prepared before or after a change of the rows): the client's statement
+            // is what the text gives now, and it fails only if that differs from the client's.
+            Some(_) => {
+                conn.prepared.remove(&hash);
+                conn.shapes.remove(&hash);
+                peek::encode_target(self.to_backend.get(), b'C', b'S', &backend_name(hash));
+                a.push_fixup(true, BackendChange::Closed(hash), None);
+                a.st.reprepared.push(hash);
+                self.forwarding().ensure_prepared(b.statement);
             }
-        } else {
-            self.forwarding().ensure_prepared(b.statement);
+            None if conn.prepared.contains(&hash) => {
+                if !a.describe_pending(hash) {
+                    return false;
+                }
+            }
+            None => {
+                a.st.reprepared.push(hash);
+                self.forwarding().ensure_prepared(b.statement);
+            }
         }
         // The server holds its answers back until a Flush or Sync, and the client's next one
         // waits behind this Bind.
