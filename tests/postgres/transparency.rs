@@ -672,66 +672,50 @@ async fn saslprep_passwords_log_in_in_either_form() {
 /// plan must not change result type" on the server connection it was prepared on, and the
 /// driver prepares it again. On another server connection, where sluice prepares it anew, it
 /// must fail the same way, not return rows of the new shape under the old description (asyncpg
-/// then failed with "insufficient data in buffer" on every later use).
+/// then failed with "insufficient data in buffer" on every later use). Reads are prepared on
+/// the replica and transactions run on the primary (`pool_size = 1`): which server connection
+/// holds what is known.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_whose_rows_changed_type_fails_as_on_its_own_connection() {
-    let env = Env::start(0, "consistency = \"primary\"\npool_size = 2");
-    let primary = env.cluster.primary_port();
+    let env = Env::start(1, "consistency = \"eventual\"\npool_size = 1");
     bounded(60, async {
-        let direct = env.cluster.superuser_client(primary).await;
-        let c = env.app_client().await;
+        let direct = env.cluster.superuser_client(env.cluster.primary_port()).await;
+        let mut c = env.app_client().await;
         exec(
             &c,
             "CREATE TABLE shapes (a int, b int); INSERT INTO shapes VALUES (1, 2)",
         )
         .await;
-        let (same, moved) = (
-            c.prepare("SELECT * FROM shapes").await.unwrap(),
-            c.prepare("SELECT a, b FROM shapes").await.unwrap(),
-        );
-        for st in [&same, &moved] {
-            let row = c.query_one(st, &[]).await.unwrap();
-            assert_eq!(row.get::<_, i32>(1), 2);
-        }
-        // The statement's backend, then a column's type changes.
-        let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+        env.cluster.wait_replicated().await;
+        // `own`: prepared on the primary, in a transaction; `moved`: a read, on the replica.
+        let tx = c.transaction().await.unwrap();
+        let own = tx.prepare("SELECT * FROM shapes").await.unwrap();
+        assert_eq!(tx.query_one(&own, &[]).await.unwrap().get::<_, i32>(1), 2);
+        tx.commit().await.unwrap();
+        let moved = c.prepare("SELECT a, b FROM shapes").await.unwrap();
+        assert_eq!(c.query_one(&moved, &[]).await.unwrap().get::<_, i32>(1), 2);
         exec(&direct, "ALTER TABLE shapes ALTER COLUMN b TYPE text").await;
-        // On its own server connection: PostgreSQL's own error.
-        let err = c
-            .query_one(&same, &[])
-            .await
-            .expect_err("the server refuses the statement");
+        // On its own server connection: PostgreSQL's own error, which aborts the transaction.
+        exec(&c, "BEGIN").await;
+        let err = c.query_one(&own, &[]).await.expect_err("the server refuses it");
         assert_eq!(err.code().map(|c| c.code()), Some("0A000"), "{err}");
-        // On another one (the first is gone): sluice prepares it there anew; the same error.
-        let terminated: bool = direct
-            .query_one("SELECT pg_terminate_backend($1)", &[&pid])
-            .await
-            .unwrap()
-            .get(0);
-        assert!(terminated);
-        let err = loop {
-            match c.query_one(&moved, &[]).await {
-                // The client's next request may still meet the terminated connection.
-                Err(e) if e.code().map(|c| c.code()) == Some("08006") => continue,
-                r => break r.expect_err("the statement's rows changed type"),
-            }
-        };
+        exec(&c, "ROLLBACK").await;
+        // On the primary, where sluice prepares it anew: the same error, the same abort.
+        exec(&c, "BEGIN").await;
+        let err = c.query_one(&moved, &[]).await.expect_err("the rows changed type");
         assert_eq!(err.code().map(|c| c.code()), Some("0A000"), "{err}");
         assert_eq!(
             err.as_db_error().map(|e| e.message()),
             Some("cached plan must not change result type")
         );
-        // In a transaction it aborts the transaction, as PostgreSQL's error does.
-        exec(&c, "BEGIN").await;
-        let err = c.query_one(&moved, &[]).await.expect_err("again");
-        assert_eq!(err.code().map(|c| c.code()), Some("0A000"), "{err}");
         let err = c.query_one("SELECT 1", &[]).await.expect_err("aborted");
         assert_eq!(err.code().map(|c| c.code()), Some("25P02"), "{err}");
         exec(&c, "ROLLBACK").await;
         // Prepared again, it reads the new rows.
-        let again = c.prepare("SELECT a, b FROM shapes").await.unwrap();
-        let row = c.query_one(&again, &[]).await.unwrap();
-        assert_eq!(row.get::<_, String>(1), "2");
+        let tx = c.transaction().await.unwrap();
+        let again = tx.prepare("SELECT a, b FROM shapes").await.unwrap();
+        assert_eq!(tx.query_one(&again, &[]).await.unwrap().get::<_, String>(1), "2");
+        tx.commit().await.unwrap();
     })
     .await;
 }
@@ -742,44 +726,35 @@ async fn a_statement_whose_rows_changed_type_fails_as_on_its_own_connection() {
 /// instead of letting the server refuse the stale copy with 0A000.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_clients_copy_of_a_statement_from_before_a_change_is_not_used() {
-    let env = Env::start(0, "consistency = \"primary\"\npool_size = 2");
-    let primary = env.cluster.primary_port();
+    let env = Env::start(1, "consistency = \"eventual\"\npool_size = 1");
     bounded(60, async {
-        let direct = env.cluster.superuser_client(primary).await;
+        let direct = env.cluster.superuser_client(env.cluster.primary_port()).await;
         exec(
             &direct,
             "CREATE TABLE stale (a int, b int); INSERT INTO stale VALUES (1, 2)",
         )
         .await;
         exec(&direct, "GRANT ALL ON stale TO app").await;
-        // B's copy, on B's server connection, from before the change.
-        let b = env.app_client().await;
-        let old = b.prepare("SELECT * FROM stale").await.unwrap();
-        assert_eq!(b.query_one(&old, &[]).await.unwrap().get::<_, i32>(1), 2);
+        // B's copy, on the primary's one pooled connection, from before the change.
+        let mut b = env.app_client().await;
+        let tx = b.transaction().await.unwrap();
+        let old = tx.prepare("SELECT * FROM stale").await.unwrap();
+        assert_eq!(tx.query_one(&old, &[]).await.unwrap().get::<_, i32>(1), 2);
+        tx.commit().await.unwrap();
         exec(&direct, "ALTER TABLE stale ALTER COLUMN b TYPE text").await;
-        // A prepares the text afterwards on a connection of its own (B keeps its own parked).
+        env.cluster.wait_replicated().await;
+        // A prepares the text afterwards, as a read: on the replica.
         let a = env.app_client().await;
         let new = a.prepare("SELECT * FROM stale").await.unwrap();
-        assert_eq!(a.query_one(&new, &[]).await.unwrap().get::<_, String>(1), "2");
-        let a_pid: i32 = a.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
-        // B leaves its connection, with its old copy, to the pool; A's own goes away.
-        drop(b);
-        let terminated: bool = direct
-            .query_one("SELECT pg_terminate_backend($1)", &[&a_pid])
+        // In a transaction it runs on the primary's connection, which holds B's copy.
+        exec(&a, "BEGIN").await;
+        let row = a
+            .query_one(&new, &[])
             .await
-            .unwrap()
-            .get(0);
-        assert!(terminated);
-        let row = loop {
-            match a.query_one(&new, &[]).await {
-                Err(e) if e.code().map(|c| c.code()) == Some("08006") => continue,
-                r => {
-                    break r
-                        .unwrap_or_else(|e| panic!("A's statement on B's old connection: {}", describe(&e)))
-                }
-            }
-        };
+            .unwrap_or_else(|e| panic!("A's statement where B's old copy is: {}", describe(&e)));
         assert_eq!(row.get::<_, String>(1), "2");
+        exec(&a, "COMMIT").await;
+        drop(b);
     })
     .await;
 }
