@@ -189,6 +189,25 @@ pub fn error_response(buf: &mut BytesMut, e: &ErrorFields<'_>) {
     put(buf, &ErrorResponse::new(e.to_fields()), "ErrorResponse");
 }
 
+/// PostgreSQL's ErrorResponse for a prepared statement whose rows changed type since it was
+/// prepared (0A000 "cached plan must not change result type"), with the source file and
+/// function PostgreSQL names, which drivers look at: asyncpg tells this error from other 0A000
+/// errors by the function (`RevalidateCachedQuery`) and then prepares the statement again.
+/// The source line, which differs between PostgreSQL versions, is left out.
+pub fn cached_plan_changed(buf: &mut BytesMut) {
+    let mut fields = ErrorFields {
+        severity: "ERROR",
+        code: "0A000",
+        message: "cached plan must not change result type",
+        detail: None,
+        hint: None,
+    }
+    .to_fields();
+    fields.push((b'F', "plancache.c".to_owned()));
+    fields.push((b'R', "RevalidateCachedQuery".to_owned()));
+    put(buf, &ErrorResponse::new(fields), "ErrorResponse");
+}
+
 /// NoticeResponse with fields S, V, C, M, D?, H?.
 pub fn notice_response(buf: &mut BytesMut, e: &ErrorFields<'_>) {
     put(buf, &NoticeResponse::new(e.to_fields()), "NoticeResponse");

@@ -207,12 +207,7 @@ impl Session {
                                 .windows(statements::PLAN_CHANGED.len())
                                 .any(|w| w == statements::PLAN_CHANGED)
                             {
-                                super::error_with(
-                                    self.out.get(),
-                                    "ERROR",
-                                    "0A000",
-                                    "cached plan must not change result type",
-                                );
+                                sluice_postgres::server::cached_plan_changed(self.out.get());
                                 continue;
                             }
                             // An error that names sluice's statement (a duplicate Parse, a
