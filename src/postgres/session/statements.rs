@@ -249,8 +249,11 @@ impl Session {
 
     /// Whether the client's Bind `msg` must wait for the shape of its statement's rows on the
     /// attached backend (see `Statement::shape`): when the backend does not hold the statement,
-    /// sluice prepares it there now, with its own Describe and a Flush so that the server
-    /// answers at once, and the Bind waits for the answer. Only statements whose shape the
+    /// or holds a copy whose rows look otherwise than the client's (another client's, from
+    /// before or after a change), sluice prepares it there afresh now, with its own Describe
+    /// and a Flush so that the server answers at once, and the Bind waits for the answer; then
+    /// `plan_changed` decides as PostgreSQL would on the client's own connection. Only
+    /// statements whose shape the
     /// client's Parse reported are compared; nothing waits after an error in the batch (the
     /// server skips the Bind, and leaves the Describe unanswered).
     pub(super) fn awaits_shape(&mut self, msg: &Message) -> bool {
