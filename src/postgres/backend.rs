@@ -154,6 +154,7 @@ pub struct Backend {
     pub prepared: HashSet<u64, foldhash::fast::RandomState>,
     /// The result shape (`sluice_postgres::backend::row_shape`) of statements in `prepared`, as
     /// sluice's own Describe after its Parse reported it; missing until that answer arrives.
+    /// An entry outlives its statement's Close: read it through [`Backend::shape`].
     pub shapes: HashMap<u64, u64, foldhash::fast::RandomState>,
     /// The session settings this connection carries (see `session::settings`).
     pub settings: Arc<Vec<(String, String)>>,
@@ -172,6 +173,15 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// The shape of the rows of statement `hash` on this connection, while it holds the
+    /// statement and its shape is known.
+    pub fn shape(&self, hash: u64) -> Option<u64> {
+        self.prepared
+            .contains(&hash)
+            .then(|| self.shapes.get(&hash).copied())
+            .flatten()
+    }
+
     /// Connects and authenticates (trust, cleartext, md5 or SCRAM-SHA-256), waiting for the
     /// first ReadyForQuery. The whole exchange is bounded by `opts.timeout`.
     pub async fn connect(opts: ConnectOptions<'_>) -> Result<Backend, BackendError> {

@@ -99,8 +99,7 @@ impl Session {
             if !own_unit {
                 // The usual case: complete replies for the client, relayed in one copy up to
                 // and including the ReadyForQuery that ends them.
-                let careful = !a.st.fixups.is_empty() || a.st.describing.is_some();
-                let (n, ready) = relayable_run(rbuf, careful, ends_batch);
+                let (n, ready) = relayable_run(rbuf, a.st.own_answers_pending(), ends_batch);
                 if n > 0 {
                     self.out.get().extend_from_slice(&rbuf[..n]);
                     rbuf.advance(n);

@@ -277,9 +277,9 @@ impl Session {
             return false;
         }
         let conn = a.checkout.conn.conn();
-        match conn.shapes.get(&hash) {
+        match conn.shape(hash) {
             // The same rows: the server itself checks that they still look so.
-            Some(&backend) if backend == client => return false,
+            Some(backend) if backend == client => return false,
             // Prepared afresh for this request already: `plan_changed` refuses the Bind.
             Some(_) if a.st.reprepared.contains(&hash) => return false,
             // The backend's copy is older or newer than the client's statement (another
@@ -287,7 +287,6 @@ impl Session {
             // is what the text gives now, and it fails only if that differs from the client's.
             Some(_) => {
                 conn.prepared.remove(&hash);
-                conn.shapes.remove(&hash);
                 peek::encode_target(self.to_backend.get(), b'C', b'S', &backend_name(hash));
                 a.push_fixup(true, BackendChange::Closed(hash), None);
                 a.st.reprepared.push(hash);
@@ -626,9 +625,8 @@ impl Forward<'_> {
                 .checkout
                 .conn
                 .conn()
-                .shapes
-                .get(&stmt.hash)
-                .is_some_and(|&backend| backend != client)
+                .shape(stmt.hash)
+                .is_some_and(|backend| backend != client)
     }
 
     /// Makes sure the attached backend holds the client's statement `name` (sending a Parse
