@@ -281,6 +281,7 @@ curl -s --max-time 5 "http://127.0.0.1:$ADMIN_PORT/metrics" >"$OUT/sluice-metric
 
 echo
 echo "PostgreSQL $PG_VERSION regression suite ($SCHEDULE, pg_regress --use-existing), directly and through sluice"
+python3 "$HERE/pg_regress_classify.py" --self-test || status=1
 if ! python3 "$HERE/pg_regress_classify.py" --out "$OUT" --variants "$(IFS=,; echo "${SELECTED[*]}")" \
         --sql-dir "$REGRESS/sql" --known "$HERE/pg_regress-known-failures.txt" | tee "$OUT/comparison.txt"; then
     status=1

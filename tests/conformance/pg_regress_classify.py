@@ -28,7 +28,9 @@ rule below explains is "unexplained" and fails the run. pg_regress diffs an outp
 expected file closest to it, which for an output that stale reads cut short can be another
 file than the one the direct run matched (a test's `_1` variant that skips itself); a diff that
 is unexplained is therefore judged once more against the direct run's own output, and accepted
-only if that diff is a stale read by the same rules.
+only if that diff is a stale read by the same rules. That second diff pairs the two outputs
+statement by statement (`statement_diff`), so a change always stays under the statement that
+printed it (GNU diff may slide a stale read's rows under a neighbouring write: CI, incremental_sort).
 
   write-on-replica  any added (+) line says the statement ran on a standby: "read-only
                     transaction", "recovery is in progress", "during recovery", "hot standby",
@@ -107,7 +109,9 @@ stale read of the same test):
   catalog-race        a read or describe failing with `cache lookup failed for ...` or `could
                       not open relation with OID N`: the read saw a catalog row (pg_indexes, \d's
                       queries) of an object that the replica's replay of the test's DDL dropped
-                      before the read opened it.
+                      before the read opened it; or the planner's `could not find commutator
+                      for operator N` (an internal planner error, seen in equivclass only on the
+                      replica, planning over expression indexes it was still replaying).
   replay-conflict     a read cancelled by WAL replay: `canceling statement due to conflict with
                       recovery`, or `deadlock detected` where the client's process waits for an
                       AccessShareLock (a read's only lock; on a standby only the startup
@@ -170,7 +174,8 @@ MISSING_RE = re.compile(r"^ERROR:  (.*) does not exist(?:, skipping)?$|"
                         r"^Did not find any relation named \"(.*)\"\.?$")
 CAST_RE = re.compile(r"^ERROR:  cannot cast type (.+) to (.+)$")
 OPERATOR_RE = re.compile(r"^ERROR:  operator does not exist: (.*)$")
-RACE_RE = re.compile(r"^ERROR:  (cache lookup failed for |could not open relation with OID \d+$)")
+RACE_RE = re.compile(r"^ERROR:  (cache lookup failed for |could not open relation with OID \d+$|"
+                     r"could not find commutator for operator \d+$)")
 # a standby query cancelled by WAL replay (recovery conflict), or in a lock deadlock with the
 # startup process (a read takes only AccessShareLock: on a standby only replay can block it)
 REPLAY_CONFLICT_RE = re.compile(r"^ERROR:  (canceling statement due to conflict with recovery|"
@@ -335,6 +340,65 @@ def groups(lines):
     return out
 
 
+def _blocks(lines, sqlset):
+    """[(echoed input lines, output lines, 1-based line of the first output line)]: psql -a
+    echoes every input line before running it, so an output file is a sequence of echoed
+    statements (cut where a line ends one, as in `statement`), each followed by what it
+    printed."""
+    out = []
+    for n, line in enumerate(lines, 1):
+        if line.strip() and line.rstrip() in sqlset:
+            if out and not out[-1][1] and out[-1][0] and not (
+                    _ends(out[-1][0][-1]) and sum(x.count("$$") for x in out[-1][0]) % 2 == 0):
+                out[-1][0].append(line)
+                out[-1][2] = n + 1
+                continue
+            out.append([[line], [], n + 1])
+        elif out:
+            out[-1][1].append(line)
+        else:
+            out.append([[], [line], n])
+    return out
+
+
+def statement_diff(oracle, results, sql):
+    """Unified-diff lines of `results` against `oracle` (two outputs of the same test), aligned
+    statement by statement rather than line by line: both files are cut at their echoed input,
+    the statements are paired by their text, and only the outputs of paired statements are
+    diffed, one change group per statement. A line diff of two outputs that differ a lot (a
+    stale read's rows) can pair lines of neighbouring statements and so put a read's change
+    under a write that prints nothing; this cannot."""
+    sqlset = {line.rstrip() for line in sql.split("\n") if line.strip()}
+    a, b = _blocks(oracle, sqlset), _blocks(results, sqlset)
+    out = []
+
+    def group(old, new, removed, added):
+        if removed or added:
+            out.append(f"@@ -{old},{len(removed)} +{new},{len(added)} @@")
+            out.extend("-" + r for r in removed)
+            out.extend("+" + x for x in added)
+    keys = difflib.SequenceMatcher(None, [tuple(x[0]) for x in a], [tuple(x[0]) for x in b],
+                                   autojunk=False)
+    for op, i1, i2, j1, j2 in keys.get_opcodes():
+        if op != "equal":  # input echoed in one output only (an output line equal to an input line)
+            old = a[i1][2] if i1 < len(a) else len(oracle) + 1
+            new = b[j1][2] if j1 < len(b) else len(results) + 1
+            group(old, new, [l for x in a[i1:i2] for l in x[0] + x[1]],
+                  [l for x in b[j1:j2] for l in x[0] + x[1]])
+            continue
+        for x, y in zip(a[i1:i2], b[j1:j2]):
+            if x[1] == y[1]:
+                continue
+            removed, added = [], []
+            lines = difflib.SequenceMatcher(None, x[1], y[1], autojunk=False)
+            for o, k1, k2, l1, l2 in lines.get_opcodes():
+                if o != "equal":
+                    removed += x[1][k1:k2]
+                    added += y[1][l1:l2]
+            group(x[2], y[2], removed, added)
+    return out
+
+
 def decisive(lines):
     """The first added error line of the first hunk that has one, else the first changed line."""
     for hunk in hunks(lines):
@@ -357,6 +421,12 @@ def _strip_comment(line):
     return line
 
 
+def _ends(line):
+    """Whether an input line ends a statement: `;` or a psql backslash command (\\g...)."""
+    s = _strip_comment(line).strip()
+    return s.endswith(";") or s.startswith("\\") or re.search(r"\\(g\w*|crosstabview)\b", s)
+
+
 def statement(results, start, sqlset):
     """The input (SQL statement or psql command) whose output holds the change group starting at
     results line `start`: psql -a echoes every input line before running it, so it is the
@@ -369,12 +439,8 @@ def statement(results, start, sqlset):
     if i < 0:
         return ""
     text, j = [results[i]], i
-
-    def ends(line):
-        s = _strip_comment(line).strip()
-        return s.endswith(";") or s.startswith("\\") or re.search(r"\\(g\w*|crosstabview)\b", s)
     while j > 0 and (not results[j - 1].strip() or results[j - 1].rstrip() in sqlset):
-        if ends(results[j - 1]) and sum(t.count("$$") for t in text) % 2 == 0:
+        if _ends(results[j - 1]) and sum(t.count("$$") for t in text) % 2 == 0:
             break
         j -= 1
         text.insert(0, results[j])
@@ -686,7 +752,7 @@ def main():
                     if os.path.exists(direct_res):
                         with open(direct_res, errors="replace") as f:
                             oracle = f.read().split("\n")
-                        again = list(difflib.unified_diff(oracle, results, lineterm="", n=3))[2:]
+                        again = statement_diff(oracle, results, sql or "")
                         k2, why2, cats2 = classify(again, sql, results, expected)
                         if k2 == "stale-read":
                             kind, why, cats, lines = k2, why2, cats2, again
@@ -769,5 +835,31 @@ def main():
     return status
 
 
+def self_test():
+    """Checks of statement_diff on a small made-up test (run by pg_regress.sh before the suite)."""
+    sql = "create table t (a int);\ninsert into t values (1), (2);\nselect a from t;\n" \
+          "delete from t;\nselect a from t;\n"
+    direct = ["create table t (a int);", "insert into t values (1), (2);", "select a from t;",
+              " a ", "---", " 1", " 2", "(2 rows)", "", "delete from t;", "select a from t;",
+              " a ", "---", "(0 rows)", ""]
+    # the first read stale (no rows yet): a line diff may pair its lost rows with the second
+    # read's output, under the DELETE between them; statement by statement they stay the read's
+    stale = direct[:5] + ["(0 rows)", ""] + direct[9:]
+    diff = statement_diff(direct, stale, sql)
+    assert diff == ["@@ -4,3 +4,1 @@", "- 1", "- 2", "-(2 rows)", "+(0 rows)"], diff
+    assert statement(stale, 4, {l for l in sql.split("\n") if l}) == "select a from t;"
+    assert classify(diff, sql, stale)[:2] == ("stale-read", ""), classify(diff, sql, stale)
+    # what a write prints is never a stale read
+    failed = direct[:10] + ["ERROR:  deadlock detected"] + direct[10:]
+    kind, why, _ = classify(statement_diff(direct, failed, sql), sql, failed)
+    assert kind == "unexplained" and "delete from t;" in why, (kind, why)
+    # an output line equal to an input line (a stray echo) cuts the output differently: what
+    # lands under the write stays unexplained (conservative)
+    odd = direct[:6] + ["delete from t;"] + direct[7:]
+    assert classify(statement_diff(direct, odd, sql), sql, odd)[0] == "unexplained"
+    print("pg_regress_classify self-test: ok")
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(self_test() if sys.argv[1:] == ["--self-test"] else main())
