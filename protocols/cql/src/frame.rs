@@ -253,8 +253,9 @@ pub fn split_frame(buf: &mut BytesMut, max_body: usize) -> Result<Option<Frame>,
         buf.reserve((total - buf.len()).min(MAX_RESERVE));
         return Ok(None);
     }
-    let mut whole = buf.split_to(total);
-    let body = whole.split_off(header_len).freeze();
+    // The header is parsed already: skipped, not split off (one split per frame, not two).
+    bytes::Buf::advance(buf, header_len);
+    let body = buf.split_to(length).freeze();
     Ok(Some(Frame { header, body }))
 }
 
