@@ -9,7 +9,7 @@
 
 use bytes::{Bytes, BytesMut};
 use libfuzzer_sys::fuzz_target;
-use sluice_cql::request::Extensions;
+use sluice_cql::request::{ExecutePeek, Extensions};
 use sluice_cql::{Compression, Decoder, Framing, Opcode, Request, Response};
 
 /// A body cap small enough to be hit (sluice's default is far larger).
@@ -70,9 +70,8 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
-/// Decodes one message. A decoded message re-encodes to bytes that decode and re-encode to
-/// the same bytes again (the first encoding may normalise what the peer sent, e.g. drop flags
-/// that carry nothing).
+/// Decodes one message: a response re-encodes stably as `request` says of requests, and an
+/// EXECUTE is also checked by `peek_agrees`.
 fn message(h: sluice_cql::Header, body: Bytes) {
     if h.version < 3 {
         return;
@@ -91,7 +90,36 @@ fn message(h: sluice_cql::Header, body: Bytes) {
                 "response re-encoding is stable"
             );
         }
-    } else if let Ok(r) = Request::decode(v, op, msg) {
+    } else {
+        if op == Opcode::Execute as u8 {
+            peek_agrees(v, &msg);
+        }
+        request(v, op, msg);
+    }
+}
+
+/// An EXECUTE the routing peek takes is one the decoder accepts, with the same id, flags and
+/// values (sluice routes it from the peek and relays the client's bytes).
+fn peek_agrees(v: u8, body: &Bytes) {
+    let Some(p) = ExecutePeek::read(v, body) else {
+        return;
+    };
+    let Ok(Request::Execute(e)) = Request::decode(v, Opcode::Execute as u8, body.clone()) else {
+        panic!("the peek took an EXECUTE the decoder refuses");
+    };
+    assert_eq!(p.id, &e.id[..]);
+    assert_eq!(p.flags, e.params.flags);
+    let values = e.params.values.unwrap_or_default();
+    assert_eq!(p.len(), values.len());
+    for (i, value) in values.iter().enumerate() {
+        assert_eq!(p.value(i), value.as_bytes().map(|b| &b[..]));
+    }
+}
+
+/// A decoded message re-encodes to bytes that decode and re-encode to the same bytes again
+/// (the first encoding may normalise what the peer sent, e.g. drop flags that carry nothing).
+fn request(v: u8, op: u8, msg: Bytes) {
+    if let Ok(r) = Request::decode(v, op, msg) {
         let once = encode(|out| r.encode(v, out));
         let again = Request::decode(v, op, once.clone()).expect("re-encoded request decodes");
         assert_eq!(

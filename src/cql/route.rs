@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use sluice_cql::murmur3::{composite_key, token};
-use sluice_cql::request::{Batch, BatchTarget, QueryParams};
+use sluice_cql::request::{Batch, BatchTarget, ExecutePeek, QueryParams};
 use sluice_cql::statement::{Bind, Statement, Term};
 use sluice_cql::value::serialize;
 use sluice_cql::wire::Value;
@@ -86,7 +86,16 @@ pub fn for_query(
 
 /// The partition an EXECUTE addresses through its prepared statement's key indexes.
 fn prepared_partition(info: &PreparedInfo, values: &[Value]) -> Option<(Arc<str>, i64)> {
-    let part = |i: u16| values.get(usize::from(i))?.as_bytes().map(|b| &b[..]);
+    partition_of_values(info, |i| values.get(i)?.as_bytes().map(|b| &b[..]))
+}
+
+/// [`prepared_partition`] over values read by `value` (the bytes of value `i`; `None` when it
+/// is missing, null or unset).
+fn partition_of_values<'v>(
+    info: &PreparedInfo,
+    value: impl Fn(usize) -> Option<&'v [u8]>,
+) -> Option<(Arc<str>, i64)> {
+    let part = |i: u16| value(usize::from(i));
     let t = match info.pk_indexes[..] {
         [] => return None,
         // A one-column key is its value as it is: hashed in place, no copy.
@@ -126,6 +135,23 @@ pub fn for_execute(snap: &Snapshot, info: Option<&PreparedInfo>, params: &QueryP
         lwt: info.lwt,
         read: info.read,
     }
+}
+
+/// Route of an EXECUTE read in place ([`ExecutePeek`]), as [`for_execute`] would route it
+/// decoded; `None` when that needs the statement's text (no key indexes from the node).
+pub fn for_peeked_execute(info: Option<&PreparedInfo>, e: &ExecutePeek<'_>) -> Option<Route> {
+    let Some(info) = info else {
+        return Some(Route::default());
+    };
+    let partition = partition_of_values(info, |i| e.value(i));
+    if partition.is_none() && info.statement.is_some() {
+        return None;
+    }
+    Some(Route {
+        partition,
+        lwt: info.lwt,
+        read: info.read,
+    })
 }
 
 /// Route of a BATCH: its partition when every statement addresses the same one.

@@ -14,7 +14,7 @@ use std::task::Poll;
 use bytes::{BufMut, Bytes, BytesMut};
 use sluice_cql::codec::{Decoder, Encoder, Envelope, Framing};
 use sluice_cql::frame::{Header, Opcode, DEFAULT_MAX_BODY};
-use sluice_cql::request::{Extensions, Prepare};
+use sluice_cql::request::{ExecutePeek, Extensions, Prepare};
 use sluice_cql::response::{error_code as ec, ColumnSpec, ErrorBody, Event, ResultBody};
 use sluice_cql::statement::{parse, Bind, Statement};
 use sluice_cql::types::ColumnType;
@@ -367,6 +367,17 @@ impl Client {
                 return true;
             }
         };
+        // An EXECUTE is routed from its body read in place: no request is built (or allocated,
+        // or moved) for it. What the peek does not take goes through the decoder below, which
+        // also reports what is wrong with it.
+        if h.opcode == Opcode::Execute as u8 && self.ready() {
+            let started = std::time::Instant::now();
+            let snap = self.cluster.snapshot();
+            if let Some(route) = self.route_execute(v, &body) {
+                self.send_routed(&h, env, route, started, &snap).await;
+                return true;
+            }
+        }
         let req = match Request::decode(v, h.opcode, body) {
             Ok(r) => r,
             Err(e) => {
@@ -620,6 +631,32 @@ impl Client {
             Request::Batch(b) => route::for_batch(&snap, self.keyspace.as_deref(), &self.cluster.prepared, b),
             _ => Route::default(),
         };
+        drop(req);
+        self.send_routed(&h, env, route, started, &snap).await;
+    }
+
+    /// The route of an EXECUTE read in place ([`ExecutePeek`]); `None` when it needs the
+    /// decoded request: a body the peek does not take, a virtual table sluice answers itself,
+    /// or a key found only with the statement's text.
+    fn route_execute(&self, version: u8, body: &Bytes) -> Option<Route> {
+        let e = ExecutePeek::read(version, body)?;
+        let info = self.cluster.prepared.get(e.id);
+        if info.as_ref().is_some_and(|i| i.virtual_table.is_some()) {
+            return None;
+        }
+        route::for_peeked_execute(info.as_deref(), &e)
+    }
+
+    /// Counts a routed request and hands it to the best node (see [`Inflight::dispatch`]), once
+    /// the client has a permit for it.
+    async fn send_routed(
+        &mut self,
+        h: &Header,
+        env: Envelope,
+        route: Route,
+        started: std::time::Instant,
+        snap: &super::snapshot::Snapshot,
+    ) {
         self.cluster.routed(route.partition.is_some());
         let kind = if route.lwt {
             RouteKind::Lwt
@@ -629,7 +666,6 @@ impl Client {
             RouteKind::Any
         };
         self.cluster.cql_metrics.request(h.opcode(), kind);
-        drop(req);
         // The permit goes back when the request is answered (`Inflight` drops).
         match self.link.permits.try_acquire() {
             Ok(p) => p.forget(),
@@ -642,7 +678,7 @@ impl Client {
             self.pool_key = Some(self.key(self.keyspace.clone()));
         }
         let key = self.pool_key.as_ref().expect("set above");
-        Inflight::new(self.link.clone(), env, route, started).dispatch(key, &snap);
+        Inflight::new(self.link.clone(), env, route, started).dispatch(key, snap);
     }
 
     /// `USE ks`: checked by opening (or reusing) a connection bound to that keyspace.

@@ -277,6 +277,124 @@ pub struct Execute {
     pub params: QueryParams,
 }
 
+/// What routing reads of an EXECUTE, taken from its body in place: no [`Request`] is built
+/// for it, so nothing is allocated and nothing large is moved per request. Written by hand
+/// (a walk of the body with the same checks as [`Request::decode`]) because that decoder
+/// builds owned parameters, which is what the hot path avoids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecutePeek<'a> {
+    pub id: &'a [u8],
+    /// The query flags (`query_flags`).
+    pub flags: u32,
+    /// The bound values' `[value]`s, one after another.
+    values: &'a [u8],
+    count: u16,
+}
+
+impl<'a> ExecutePeek<'a> {
+    /// Reads an EXECUTE body of protocol `version`. `None` for a body it does not take — named
+    /// values, a v5 keyspace, or anything [`Request::decode`] would refuse (let the decoder
+    /// handle and report it); when it returns a peek, the decoder accepts the body and reads
+    /// the same id, flags and values.
+    pub fn read(version: u8, body: &'a [u8]) -> Option<ExecutePeek<'a>> {
+        fn take<'a>(rest: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+            if rest.len() < n {
+                return None;
+            }
+            let (b, after) = rest.split_at(n);
+            *rest = after;
+            Some(b)
+        }
+        let short = |b: &[u8]| usize::from(u16::from_be_bytes([b[0], b[1]]));
+        let int = |b: &[u8]| i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        let mut rest = body;
+        let r = &mut rest;
+        let n = short(take(r, 2)?);
+        let id = take(r, n)?;
+        if version >= 5 {
+            let n = short(take(r, 2)?);
+            take(r, n)?; // result metadata id
+        }
+        take(r, 2)?; // consistency
+        let flags = if version >= 5 {
+            int(take(r, 4)?) as u32
+        } else {
+            u32::from(take(r, 1)?[0])
+        };
+        if flags & qf::NAMES != 0 || (version >= 5 && flags & qf::KEYSPACE != 0) {
+            return None;
+        }
+        let (mut values, mut count) = (&body[..0], 0u16);
+        if flags & qf::VALUES != 0 {
+            count = short(take(r, 2)?) as u16;
+            let start = *r;
+            // As `Reader::count`: a count the body cannot hold is refused before reading.
+            if usize::from(count) * 4 > r.len() {
+                return None;
+            }
+            for _ in 0..count {
+                match int(take(r, 4)?) {
+                    -1 | -2 => {}
+                    n if n < 0 => return None,
+                    n => {
+                        take(r, n as usize)?;
+                    }
+                }
+            }
+            values = &start[..start.len() - r.len()];
+        }
+        if flags & qf::PAGE_SIZE != 0 {
+            take(r, 4)?;
+        }
+        if flags & qf::PAGING_STATE != 0 {
+            let n = int(take(r, 4)?);
+            if n >= 0 {
+                take(r, n as usize)?;
+            }
+        }
+        if flags & qf::SERIAL_CONSISTENCY != 0 {
+            take(r, 2)?;
+        }
+        if flags & qf::TIMESTAMP != 0 {
+            take(r, 8)?;
+        }
+        if version >= 5 && flags & qf::NOW_IN_SECONDS != 0 {
+            take(r, 4)?;
+        }
+        Some(ExecutePeek {
+            id,
+            flags,
+            values,
+            count,
+        })
+    }
+
+    /// How many values are bound.
+    pub fn len(&self) -> usize {
+        usize::from(self.count)
+    }
+
+    /// Whether no value is bound.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The bytes of value `i`: `None` when there is no such value or it is null or unset.
+    pub fn value(&self, i: usize) -> Option<&'a [u8]> {
+        let mut rest = self.values;
+        for k in 0..self.len() {
+            let n = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+            let len = usize::try_from(n).unwrap_or(0);
+            let v = rest.get(4..4 + len)?;
+            if k == i {
+                return (n >= 0).then_some(v);
+            }
+            rest = &rest[4 + len..];
+        }
+        None
+    }
+}
+
 /// What a batch statement runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BatchTarget {

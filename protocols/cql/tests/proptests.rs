@@ -4,7 +4,7 @@ use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use sluice_cql::codec::{Decoder, Encoder, Envelope, Framing};
 use sluice_cql::frame::{Header, Opcode};
-use sluice_cql::request::{Extensions, Query, QueryParams};
+use sluice_cql::request::{Execute, ExecutePeek, Extensions, Query, QueryParams};
 use sluice_cql::ring::{self, Location, Ring};
 use sluice_cql::segment::split_segment;
 use sluice_cql::statement::parse;
@@ -128,6 +128,75 @@ proptest! {
         let q = Request::Query(Query { query, params });
         let body = q.to_body(version);
         prop_assert_eq!(Request::decode(version, Opcode::Query as u8, body).unwrap(), q);
+    }
+
+    #[test]
+    fn an_execute_peek_reads_what_the_decoder_reads(version in 4u8..6, id_len in 0u8..6, flags in any::<u16>(),
+                                                     lens in proptest::collection::vec(-3i32..6, 0..4), extra_count in 0u16..3,
+                                                     tail in proptest::collection::vec(prop_oneof![Just(0u8), Just(1), Just(0xff), any::<u8>()], 0..24),
+                                                     cut in any::<prop::sample::Index>(), cut_it in any::<bool>()) {
+        // Bodies with a plausible head (an id, a consistency, random flags), values of random
+        // lengths (some invalid), a random rest, sometimes cut short: whenever the peek takes
+        // one, the decoder accepts it and reads the same.
+        let mut body = vec![0, id_len];
+        body.extend(std::iter::repeat_n(7u8, usize::from(id_len)));
+        if version >= 5 {
+            body.extend([0, 1, 9]); // result metadata id
+        }
+        body.extend([0, 1]);
+        if version >= 5 {
+            body.extend(u32::from(flags & 0x1ff).to_be_bytes());
+        } else {
+            body.push(flags as u8);
+        }
+        if flags & 1 != 0 {
+            body.extend((lens.len() as u16 + extra_count).to_be_bytes());
+            for &n in &lens {
+                body.extend(n.to_be_bytes());
+                body.extend(std::iter::repeat_n(5u8, n.max(0) as usize));
+            }
+        }
+        body.extend(tail);
+        if cut_it {
+            body.truncate(cut.index(body.len() + 1));
+        }
+        if let Some(p) = ExecutePeek::read(version, &body) {
+            let Ok(Request::Execute(e)) = Request::decode(version, Opcode::Execute as u8, Bytes::from(body.clone())) else {
+                return Err(TestCaseError::fail("the peek took a body the decoder refuses"));
+            };
+            prop_assert_eq!(p.id, &e.id[..]);
+            prop_assert_eq!(p.flags, e.params.flags);
+            let values = e.params.values.unwrap_or_default();
+            prop_assert_eq!(p.len(), values.len());
+            for (i, v) in values.iter().enumerate() {
+                prop_assert_eq!(p.value(i), v.as_bytes().map(|b| &b[..]));
+            }
+            prop_assert_eq!(p.value(values.len()), None);
+        }
+    }
+
+    #[test]
+    fn an_execute_peek_reads_every_encoded_execute(id in proptest::collection::vec(any::<u8>(), 0..20), consistency in any::<u16>(),
+                         page in proptest::option::of(any::<i32>()), timestamp in proptest::option::of(any::<i64>()),
+                         paging in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..8)),
+                         values in proptest::option::of(proptest::collection::vec(proptest::option::of(proptest::collection::vec(any::<u8>(), 0..16)), 0..5)),
+                         unset in any::<bool>(), v5 in any::<bool>()) {
+        let version = if v5 { 5 } else { 4 };
+        let mut params = QueryParams::new(consistency);
+        params.page_size = page;
+        params.timestamp = timestamp;
+        params.paging_state = paging.map(Bytes::from);
+        params.values = values.map(|vs| vs.into_iter().map(|v| v.map_or(if unset { Value::Unset } else { Value::Null }, |b| Value::Set(Bytes::from(b)))).collect());
+        params.flags = params.encoded_flags();
+        let e = Request::Execute(Execute { id: Bytes::from(id.clone()), result_metadata_id: v5.then(|| Bytes::from_static(b"m")), params: params.clone() });
+        let body = e.to_body(version);
+        let p = ExecutePeek::read(version, &body).expect("an encoded EXECUTE is peeked");
+        prop_assert_eq!(p.id, &id[..]);
+        let values = params.values.unwrap_or_default();
+        prop_assert_eq!(p.len(), values.len());
+        for (i, v) in values.iter().enumerate() {
+            prop_assert_eq!(p.value(i), v.as_bytes().map(|b| &b[..]));
+        }
     }
 
     #[test]
