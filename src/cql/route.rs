@@ -328,6 +328,67 @@ mod tests {
     }
 
     #[test]
+    fn a_peeked_execute_routes_as_the_decoded_one() {
+        use sluice_cql::request::{Execute, Request};
+        let s = snap();
+        let info = |query: &str, pk_indexes: Vec<u16>| PreparedInfo {
+            query: query.into(),
+            prepare_keyspace: Some("ks".into()),
+            v5_keyspace: None,
+            pk_indexes,
+            keyspace: Some("ks".into()),
+            lwt: false,
+            read: true,
+            statement: sluice_cql::statement::parse(query).ok(),
+            virtual_table: None,
+        };
+        let by_index = info("SELECT * FROM kv WHERE k = ?", vec![0]);
+        let composite = info("SELECT * FROM ev WHERE bucket = ? AND tenant = ?", vec![1, 0]);
+        let no_indexes = info("SELECT * FROM kv WHERE k = ?", vec![]);
+        let t = Value::Set(Bytes::from_static(b"t"));
+        let three = Value::Set(Bytes::copy_from_slice(&3i32.to_be_bytes()));
+        for (info, values, peeked) in [
+            (
+                Some(&by_index),
+                vec![Value::Set(Bytes::from_static(b"user:1"))],
+                true,
+            ),
+            (Some(&composite), vec![three, t], true),
+            (Some(&by_index), vec![Value::Null], false), // no key: the statement's text decides
+            (
+                Some(&no_indexes),
+                vec![Value::Set(Bytes::from_static(b"user:1"))],
+                false,
+            ),
+            (None, vec![], true),
+        ] {
+            let mut params = QueryParams::new(1);
+            params.values = Some(values);
+            params.flags = params.encoded_flags();
+            for version in [4, 5] {
+                let body = Request::Execute(Execute {
+                    id: Bytes::from_static(b"id"),
+                    result_metadata_id: (version == 5).then(|| Bytes::from_static(b"m")),
+                    params: params.clone(),
+                })
+                .to_body(version);
+                let e = ExecutePeek::read(version, &body).expect("peeked");
+                let decoded = for_execute(&s, info, &params);
+                match for_peeked_execute(info, &e) {
+                    Some(r) => {
+                        assert!(peeked, "{:?}", info.map(|i| &i.query));
+                        assert_eq!(
+                            (r.partition, r.lwt, r.read),
+                            (decoded.partition, decoded.lwt, decoded.read)
+                        );
+                    }
+                    None => assert!(!peeked),
+                }
+            }
+        }
+    }
+
+    #[test]
     fn lwt_goes_to_the_first_replica_and_others_by_load() {
         let s = snap();
         let t = 50; // owned by node 2 (token 100), then node 0 (wraps).

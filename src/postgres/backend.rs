@@ -468,6 +468,16 @@ impl Backend {
         });
         matches!(peeked, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
+
+    /// [`Backend::looks_alive`] asked of the kernel instead of the reactor: a non-blocking peek,
+    /// one system call. The reactor's readiness can lag behind a close that has just arrived
+    /// (a terminated backend was handed out as alive, once in a full test run), so a
+    /// connection that has been idle a while is checked this way before it is reused.
+    pub fn alive_now(&self) -> bool {
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        let peeked = socket2::SockRef::from(self.stream.tcp()).peek(&mut probe);
+        matches!(peeked, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
 }
 
 /// SSLRequest and, when the server agrees, the TLS handshake (per `opts.tls.mode`).
