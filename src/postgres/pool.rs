@@ -940,10 +940,14 @@ impl Pools {
                     let conn = idle.remove(i);
                     pool.idle_gauge.dec();
                     // Under load connections come back within milliseconds and the reactor's
-                    // view is enough; one idle longer is asked of the kernel (a system call
-                    // per checkout only when checkouts are that rare).
-                    let rested = now.duration_since(conn.last_used) >= EXACT_LIVENESS_AFTER;
-                    if !pool.expired(&conn, now) && conn.looks_alive() && (!rested || conn.alive_now()) {
+                    // view is enough; one idle longer is asked of the kernel instead (a system
+                    // call per checkout only when checkouts are that rare).
+                    let alive = if now.duration_since(conn.last_used) >= EXACT_LIVENESS_AFTER {
+                        conn.alive_now()
+                    } else {
+                        conn.looks_alive()
+                    };
+                    if !pool.expired(&conn, now) && alive {
                         found = Some(conn);
                         break;
                     }
