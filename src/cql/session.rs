@@ -371,9 +371,9 @@ impl Client {
         // or moved) for it. What the peek does not take goes through the decoder below, which
         // also reports what is wrong with it.
         if h.opcode == Opcode::Execute as u8 && self.ready() {
-            let started = std::time::Instant::now();
-            let snap = self.cluster.snapshot();
             if let Some(route) = self.route_execute(v, &body) {
+                let started = std::time::Instant::now();
+                let snap = self.cluster.snapshot();
                 self.send_routed(&h, env, route, started, &snap).await;
                 return true;
             }
