@@ -10,7 +10,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use prometheus_client::metrics::gauge::Gauge;
@@ -155,7 +155,7 @@ struct Shared {
     /// Requests waiting for an answer (clients' and sluice's own).
     inflight: AtomicUsize,
     /// When the connection opened, and when it last received bytes (milliseconds after that).
-    opened_at: std::time::Instant,
+    opened_at: Instant,
     last_read_ms: AtomicU64,
 }
 
@@ -399,7 +399,7 @@ impl BackendConn {
             closed: AtomicBool::new(false),
             lost: CancellationToken::new(),
             inflight: AtomicUsize::new(0),
-            opened_at: std::time::Instant::now(),
+            opened_at: Instant::now(),
             last_read_ms: AtomicU64::new(0),
         });
         let ends = Ends {
@@ -607,6 +607,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let addr = shared.info.addr;
     let mut answers: Vec<Envelope> = Vec::new();
     let mut waiting: Vec<Slot> = Vec::new();
+    // When the bytes in `buf` were read: the end of their requests' latency.
+    let mut received = Instant::now();
     'outer: loop {
         let mut broken = false;
         loop {
@@ -642,7 +644,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     Slot::Waiter(w) => {
                         let _ = w.send(env);
                     }
-                    Slot::Client(req) => req.answered(env, &shared.info),
+                    Slot::Client(req) => req.answered(env, &shared.info, received),
                     Slot::Free | Slot::Abandoned => {}
                 }
             }
@@ -659,7 +661,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
         match read {
             Ok(0) | Err(_) => break,
             Ok(_) => {
-                let ms = shared.opened_at.elapsed().as_millis() as u64;
+                received = Instant::now();
+                let ms = received.saturating_duration_since(shared.opened_at).as_millis() as u64;
                 shared.last_read_ms.store(ms, Ordering::Relaxed);
             }
         }

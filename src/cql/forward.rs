@@ -136,6 +136,16 @@ impl Inflight {
     /// the error for that case is made only if it is needed: no allocation per request).
     fn dispatch_after(mut self, key: &PoolKey, snap: &Snapshot, mut last: Option<ErrorBody>) {
         let cluster = self.client.cluster.clone();
+        if self.tried.is_empty() {
+            // The best node first, without building the list of all of them.
+            let Some((i, replica)) = best_candidate(&cluster, snap, &self.route) else {
+                return self.fail("no_node", last.unwrap_or_else(no_node));
+            };
+            match self.try_node(&cluster, key, snap.nodes[i].addr, replica, last) {
+                Some(back) => (self, last) = back,
+                None => return,
+            }
+        }
         let (order, replicas) = candidates(&cluster, snap, &self.route);
         for (pos, i) in order.into_iter().enumerate() {
             if self.tried.len() >= MAX_ATTEMPTS {
@@ -145,30 +155,44 @@ impl Inflight {
             if self.tried.contains(&addr) {
                 continue;
             }
-            let conn = match cluster.pools.try_get(addr, key) {
-                Pick::Ready(c) => c,
-                Pick::Grow(c) => {
-                    let (cluster, key) = (cluster.clone(), key.clone());
-                    tokio::spawn(async move { cluster.pools.grow(addr, &key, super::CQL_VERSION).await });
-                    c
-                }
-                Pick::Open => {
-                    tokio::spawn(self.dispatch_waiting(key.clone(), last));
-                    return;
-                }
-            };
-            self.replica = pos < replicas;
-            match conn.send(self) {
-                Ok(()) => return,
-                // The connection's reader has it now, and fails it as lost.
-                Err((_, None)) => return,
-                Err((e, Some(back))) => match back.not_sent(addr, e) {
-                    Some((back, e)) => (self, last) = (back, Some(e)),
-                    None => return,
-                },
+            match self.try_node(&cluster, key, addr, pos < replicas, last) {
+                Some(back) => (self, last) = back,
+                None => return,
             }
         }
         self.fail("no_node", last.unwrap_or_else(no_node));
+    }
+
+    /// Writes the request to `addr` if it has an open connection, or hands it to a task that
+    /// opens one and goes on from there; the request back (with the error to report if no
+    /// other node takes it) when the node could not take it, `None` when it is on its way.
+    fn try_node(
+        mut self,
+        cluster: &Arc<CqlCluster>,
+        key: &PoolKey,
+        addr: SocketAddr,
+        replica: bool,
+        last: Option<ErrorBody>,
+    ) -> Option<(Inflight, Option<ErrorBody>)> {
+        let conn = match cluster.pools.try_get(addr, key) {
+            Pick::Ready(c) => c,
+            Pick::Grow(c) => {
+                let (cluster, key) = (cluster.clone(), key.clone());
+                tokio::spawn(async move { cluster.pools.grow(addr, &key, super::CQL_VERSION).await });
+                c
+            }
+            Pick::Open => {
+                tokio::spawn(self.dispatch_waiting(key.clone(), last));
+                return None;
+            }
+        };
+        self.replica = replica;
+        match conn.send(self) {
+            Ok(()) => None,
+            // The connection's reader has it now, and fails it as lost.
+            Err((_, None)) => None,
+            Err((e, Some(back))) => back.not_sent(addr, e).map(|(back, e)| (back, Some(e))),
+        }
     }
 
     /// [`Inflight::dispatch`] when a connection has to be opened first: waits for it.
@@ -234,8 +258,8 @@ impl Inflight {
         Some((self, last))
     }
 
-    /// The node answered.
-    pub(super) fn answered(self, resp: Envelope, conn: &ConnInfo) {
+    /// The node answered; its answer was read at `at`.
+    pub(super) fn answered(self, resp: Envelope, conn: &ConnInfo, at: Instant) {
         conn.load.answered();
         let op = resp.header.opcode;
         if op == Opcode::Error as u8 {
@@ -250,7 +274,7 @@ impl Inflight {
                 Some(RESULT_SCHEMA_CHANGE) => {
                     tokio::spawn(async move {
                         await_schema(&self.client.cluster, &resp).await;
-                        self.deliver(resp);
+                        self.deliver(resp, Instant::now());
                     });
                     return;
                 }
@@ -258,7 +282,7 @@ impl Inflight {
                 _ => {}
             }
         }
-        self.deliver(resp);
+        self.deliver(resp, at);
     }
 
     /// The connection it waited on was lost: sent to the next candidate, or failed (an LWT,
@@ -318,7 +342,7 @@ impl Inflight {
             // and its driver prepares again).
             Err(Some(e)) if !self.route.lwt => return self.elsewhere(addr, &key, e),
             // The node refused the statement: the client sees why.
-            Err(_) => return self.deliver(resp),
+            Err(_) => return self.deliver(resp, Instant::now()),
         }
         self.reprepared = true;
         self.sent = Instant::now();
@@ -342,27 +366,31 @@ impl Inflight {
         }
     }
 
-    /// Passes a node's answer on.
-    fn deliver(self, resp: Envelope) {
+    /// Passes a node's answer on (`at`: when it was read).
+    fn deliver(self, resp: Envelope, at: Instant) {
         if self.route.partition.is_some() {
             self.client.cluster.cql_metrics.coordinator(self.replica);
         }
-        self.finish(resp);
+        self.finish(resp, at);
     }
 
     /// Answers the client with an error sluice made, counted in `sluice_errors_total{reason}`.
     fn fail(self, reason: &'static str, e: ErrorBody) {
         self.client.cluster.error(reason);
         let resp = envelope(self.version(), self.request.header.stream, &Response::Error(e));
-        self.finish(resp);
+        self.finish(resp, Instant::now());
     }
 
-    fn finish(self, mut resp: Envelope) {
+    /// Writes the answer to the client; `at` ends the request's latency.
+    fn finish(self, mut resp: Envelope, at: Instant) {
         resp.header.stream = self.request.header.stream;
         resp.header.version = self.version();
         let m = &self.client.cluster.cql_metrics;
         m.answer(&resp);
-        m.latency(self.request.header.opcode(), self.started.elapsed());
+        m.latency(
+            self.request.header.opcode(),
+            at.saturating_duration_since(self.started),
+        );
         let _ = self.client.out.push(Out::Envelope(resp));
     }
 }
@@ -392,6 +420,13 @@ fn candidates(cluster: &CqlCluster, snap: &Snapshot, route: &Route) -> (Vec<usiz
     let local_dc = cluster.local_datacenter_in(snap);
     let zone = cluster.config.zone.as_deref();
     route::candidates_and_replicas(snap, route, local_dc, zone, |a| cluster.pools.inflight(a))
+}
+
+/// The first of [`candidates`], without building the list.
+fn best_candidate(cluster: &CqlCluster, snap: &Snapshot, route: &Route) -> Option<(usize, bool)> {
+    let local_dc = cluster.local_datacenter_in(snap);
+    let zone = cluster.config.zone.as_deref();
+    route::best_candidate(snap, route, local_dc, zone, |a| cluster.pools.inflight(a))
 }
 
 /// What a request that no node took is failed with when no node was tried.

@@ -245,6 +245,40 @@ pub fn candidates_and_replicas(
     (out, replicas)
 }
 
+/// The first node of [`candidates_and_replicas`] and whether it is a live replica, found
+/// without building the list (no allocation, no sort, one load lookup per node looked at):
+/// the node nearly every request goes to. `None` when the snapshot has no nodes.
+pub fn best_candidate(
+    snap: &Snapshot,
+    route: &Route,
+    local_dc: Option<&str>,
+    local_zone: Option<&str>,
+    inflight: impl Fn(SocketAddr) -> usize,
+) -> Option<(usize, bool)> {
+    let remote = |i: usize| local_dc.is_some_and(|dc| snap.nodes[i].datacenter != dc);
+    let other_zone = |i: usize| local_zone.is_some_and(|z| snap.nodes[i].zone.as_deref() != Some(z));
+    let key = |i: &usize| (remote(*i), other_zone(*i), inflight(snap.nodes[*i].addr), *i);
+    let up = |i: &usize| snap.nodes[*i].health.up;
+    if let Some((ks, t)) = &route.partition {
+        let mut live = snap.replica_slice(ks, *t).iter().map(|&n| n as usize).filter(up);
+        let best = if route.lwt {
+            live.next()
+        } else {
+            live.min_by_key(key)
+        };
+        if let Some(i) = best {
+            return Some((i, true));
+        }
+    }
+    let all = 0..snap.nodes.len();
+    let best = all
+        .clone()
+        .filter(up)
+        .min_by_key(key)
+        .or_else(|| all.min_by_key(key));
+    best.map(|i| (i, false))
+}
+
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
@@ -456,6 +490,64 @@ mod tests {
         // An LWT keeps ring order.
         let lwt = Route { lwt: true, ..route };
         assert_eq!(candidates(&s, &lwt, None, Some("zone-b"), busy_b), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn the_best_candidate_is_the_first_of_the_list() {
+        let zones = |ip: std::net::IpAddr| match ip.to_string().as_str() {
+            "127.0.0.1" => Some(("cass-0".to_string(), Some("zone-a".to_string()))),
+            "127.0.0.2" | "127.0.0.3" => Some(("cass-x".to_string(), Some("zone-b".to_string()))),
+            _ => None,
+        };
+        let s = snap().with_pods(zones).unwrap();
+        let mut ks = s.keyspaces.clone();
+        ks.insert("ks3".to_string(), Strategy::Simple { rf: 3 });
+        let s = s.with_schema(ks, s.tables.clone());
+        let mut partitions: Vec<Option<(Arc<str>, i64)>> = vec![None, Some(("nope".into(), 0))];
+        for t in [-150, -100, -1, 0, 50, 100, 101] {
+            partitions.push(Some(("ks".into(), t)));
+            partitions.push(Some(("ks3".into(), t)));
+        }
+        let addrs: Vec<SocketAddr> = s.nodes.iter().map(|n| n.addr).collect();
+        let mut checked = 0;
+        for down in 0..8u32 {
+            let mut d = s.clone();
+            for (i, &a) in addrs.iter().enumerate() {
+                if down & (1 << i) != 0 {
+                    d = d.with_verdict(a, &Verdict::down(Source::Probe, "x")).unwrap();
+                }
+            }
+            for loads in 0..27usize {
+                let load = |a: SocketAddr| {
+                    let i = addrs.iter().position(|&x| x == a).unwrap();
+                    loads / 3usize.pow(i as u32) % 3
+                };
+                for partition in &partitions {
+                    for lwt in [false, true] {
+                        let route = Route {
+                            partition: partition.clone(),
+                            lwt,
+                            read: !lwt,
+                        };
+                        for dc in [None, Some("dc1"), Some("dc2"), Some("dc9")] {
+                            for zone in [None, Some("zone-a"), Some("zone-b")] {
+                                let (list, replicas) = candidates_and_replicas(&d, &route, dc, zone, load);
+                                let best = best_candidate(&d, &route, dc, zone, load);
+                                assert_eq!(
+                                    best,
+                                    Some((list[0], replicas > 0)),
+                                    "{route:?} {dc:?} {zone:?} {down} {loads}"
+                                );
+                                checked += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 8 * 27 * 16 * 2 * 4 * 3);
+        let empty = Snapshot::seeds(&[]);
+        assert_eq!(best_candidate(&empty, &Route::default(), None, None, |_| 0), None);
     }
 
     #[test]

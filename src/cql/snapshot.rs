@@ -238,8 +238,14 @@ impl Snapshot {
 
     /// [`Self::replicas`], appended to `out`.
     pub fn replicas_into(&self, keyspace: &str, token: i64, out: &mut Vec<usize>) {
-        if let Some(m) = self.placements.get(keyspace) {
-            m.replicas_into(&self.ring, token, out);
+        out.extend(self.replica_slice(keyspace, token).iter().map(|&n| n as usize));
+    }
+
+    /// [`Self::replicas`], borrowed from the keyspace's replica map.
+    pub fn replica_slice(&self, keyspace: &str, token: i64) -> &[u32] {
+        match self.placements.get(keyspace) {
+            Some(m) => m.replicas(&self.ring, token),
+            None => &[],
         }
     }
 

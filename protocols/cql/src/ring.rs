@@ -327,13 +327,19 @@ impl ReplicaMap {
     /// Appends the replicas of `token` to `out`, as [`Ring::replicas_into`] would; `ring`
     /// must be the one the map was made from.
     pub fn replicas_into(&self, ring: &Ring, token: i64, out: &mut Vec<usize>) {
+        out.extend(self.replicas(ring, token).iter().map(|&n| n as usize));
+    }
+
+    /// The replicas of `token` (node indexes in ring order), as [`Ring::replicas_into`] finds
+    /// them, borrowed from the map: a router that needs only the best of them copies nothing.
+    pub fn replicas(&self, ring: &Ring, token: i64) -> &[u32] {
         if ring.entries.len() != self.ends.len() || self.ends.is_empty() {
-            return;
+            return &[];
         }
         let pos = ring.start(token);
         let from = if pos == 0 { 0 } else { self.ends[pos - 1] as usize };
         let to = self.ends[pos] as usize;
-        out.extend(self.nodes[from..to].iter().map(|&n| n as usize));
+        &self.nodes[from..to]
     }
 }
 
