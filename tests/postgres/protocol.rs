@@ -1,6 +1,7 @@
 //! Protocol semantics through transaction pooling: pipelined batches, implicit transactions,
 //! protocol errors answered like PostgreSQL answers them, cancel requests, COPY failures.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -343,6 +344,16 @@ async fn large_rows_stream_through_intact() {
 }
 
 /// Parse, Bind and Execute of `sql` as the unnamed statement and portal.
+/// A FunctionCall of function `oid` with no arguments, asking for a text result.
+fn function_call(buf: &mut BytesMut, oid: u32) {
+    buf.extend_from_slice(b"F");
+    buf.extend_from_slice(&14i32.to_be_bytes());
+    buf.extend_from_slice(&oid.to_be_bytes());
+    buf.extend_from_slice(&0i16.to_be_bytes()); // argument format codes
+    buf.extend_from_slice(&0i16.to_be_bytes()); // arguments
+    buf.extend_from_slice(&0i16.to_be_bytes()); // result format: text
+}
+
 fn unnamed(buf: &mut BytesMut, sql: &str) {
     parse(buf, "", sql);
     bind(buf, "", "");
@@ -446,4 +457,121 @@ async fn a_write_after_an_unsynced_batch_of_reads_reaches_the_primary() {
         assert_eq!(rows, ["1", "2", "5"], "what the primary has");
     })
     .await;
+}
+
+/// After an error in an extended-protocol batch the server skips every message up to the
+/// Sync, a simple Query too: the Query gets no answer, and the connection serves the next
+/// client once the Sync is answered (pool_size = 1). The same messages go to PostgreSQL
+/// directly first: the replies through sluice must be the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_inside_a_failed_batch_is_skipped_like_the_server_skips_it() {
+    let env = Env::start(0, "pool_size = 1\ncheckout_timeout = \"3s\"");
+    bounded(60, async {
+        let setup = env.app_client().await;
+        exec(&setup, "CREATE TABLE skipped_direct (a int)").await;
+        exec(&setup, "CREATE TABLE skipped (a int)").await;
+        drop(setup);
+        let primary = SocketAddr::from(([127, 0, 0, 1], env.cluster.primary_port()));
+        let mut direct = raw_login(primary).await;
+        let want = skipping_script(&mut direct, "skipped_direct", None).await;
+        let other = env.app_client().await;
+        let mut s: TcpStream = raw_login(env.sluice.listen_addr()).await;
+        let got = skipping_script(&mut s, "skipped", Some(&other)).await;
+        assert_eq!(got, want, "through sluice (left) and directly (right)");
+        assert_eq!(
+            want,
+            [
+                "1E", "ZTDCZ", "0", "TDCZ", "TDCZ", "0", "1EZTDCZ", "0", "1EZTDCZ", "0", "12CTDCZZ", "2",
+                "12DCEZZ"
+            ]
+        );
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[]);
+}
+
+/// The messages of the test above on `s`, with `table`: each reply's message tags and the
+/// counts it read. With `other`, another client takes the (only) backend between steps.
+async fn skipping_script(
+    s: &mut TcpStream,
+    table: &str,
+    other: Option<&tokio_postgres::Client>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let count = format!("SELECT count(*) FROM {table}");
+    let value = |m: &(u8, Vec<u8>)| String::from_utf8_lossy(&m.1[6..]).into_owned();
+    // The error is known before the Query arrives.
+    let mut b = BytesMut::new();
+    unnamed(&mut b, "SELECT 1/0");
+    frontend::flush(&mut b);
+    s.write_all(&b).await.unwrap();
+    out.push(tags(&read_until_tag(s, b'E').await));
+    let mut b = BytesMut::new();
+    let skipped = format!("INSERT INTO {table} VALUES (1); SET application_name = 'skipped'");
+    frontend::query(&skipped, &mut b).unwrap();
+    frontend::sync(&mut b);
+    frontend::query(&count, &mut b).unwrap();
+    s.write_all(&b).await.unwrap();
+    let r = read_until_ready(s, 2).await;
+    out.push(tags(&r));
+    out.push(value(&r[2]));
+    let r = crate::raw::query(s, "SHOW application_name").await;
+    out.push(tags(&r));
+    assert!(!r[1].1.ends_with(b"skipped"), "{r:?}");
+    if let Some(other) = other {
+        // The backend went back to the pool: another client gets it at once.
+        exec(other, "SELECT 1").await;
+    }
+    let r = crate::raw::query(s, &count).await;
+    out.push(tags(&r));
+    out.push(value(&r[1]));
+    // The same in one write: the Query is on its way before the error is known.
+    let mut b = BytesMut::new();
+    unnamed(&mut b, "SELECT 1/0");
+    frontend::query(&format!("INSERT INTO {table} VALUES (3)"), &mut b).unwrap();
+    frontend::sync(&mut b);
+    frontend::query(&count, &mut b).unwrap();
+    s.write_all(&b).await.unwrap();
+    let r = read_until_ready(s, 2).await;
+    out.push(tags(&r));
+    out.push(value(&r[4]));
+    if let Some(other) = other {
+        exec(other, "SELECT 1").await;
+    }
+    // Two Queries and a FunctionCall behind the failing batch, then the Sync.
+    let mut b = BytesMut::new();
+    unnamed(&mut b, "SELECT 1/0");
+    frontend::query(&format!("INSERT INTO {table} VALUES (3)"), &mut b).unwrap();
+    frontend::query(&format!("INSERT INTO {table} VALUES (4)"), &mut b).unwrap();
+    function_call(&mut b, 2108); // skipped: which function does not matter
+    frontend::sync(&mut b);
+    frontend::query(&count, &mut b).unwrap();
+    s.write_all(&b).await.unwrap();
+    let r = read_until_ready(s, 2).await;
+    out.push(tags(&r));
+    out.push(value(&r[4]));
+    if let Some(other) = other {
+        exec(other, "SELECT 1").await;
+    }
+    // A batch that did not fail: the Query runs (and commits the batch's work with its own),
+    // then the Sync has its own ReadyForQuery.
+    let mut b = BytesMut::new();
+    unnamed(&mut b, &format!("INSERT INTO {table} VALUES (5), (6)"));
+    frontend::query(&count, &mut b).unwrap();
+    frontend::sync(&mut b);
+    s.write_all(&b).await.unwrap();
+    let r = read_until_ready(s, 2).await;
+    out.push(tags(&r));
+    out.push(value(&r[4]));
+    // A Query whose own statement fails after a good batch: its error, then the Sync's.
+    let mut b = BytesMut::new();
+    unnamed(&mut b, "SELECT 1");
+    frontend::query("SELECT 1/0", &mut b).unwrap();
+    frontend::sync(&mut b);
+    s.write_all(&b).await.unwrap();
+    out.push(tags(&read_until_ready(s, 2).await));
+    if let Some(other) = other {
+        exec(other, "SELECT 1").await;
+    }
+    out
 }

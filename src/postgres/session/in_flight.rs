@@ -183,6 +183,29 @@ impl Attached {
         unit
     }
 
+    /// An error arrived while a Query or FunctionCall sent in an open batch waits for its
+    /// answer, before the answer to sluice's gate ahead of it (`statements::QUERY_GATE`): the
+    /// error is the batch's, and the server skips the Query, and everything else up to the
+    /// client's Sync. Their units are done, unanswered. Returns whether that was the case.
+    pub(super) fn skip_gated_queries(&mut self) -> bool {
+        let next = self.st.units_done;
+        let gated = matches!(self.st.units.front(), Some(Unit::Client))
+            && self.st.fixups.iter().any(|p| p.gate && p.batch == next);
+        if !gated {
+            return false;
+        }
+        while matches!(self.st.units.front(), Some(Unit::Client)) {
+            self.st.units.pop_front();
+            self.st.units_done += 1;
+        }
+        if self.st.units.is_empty() {
+            // No Sync yet: the batch stays open (and failed) until the client sends one.
+            self.st.in_batch = true;
+            self.st.batch_failed = true;
+        }
+        true
+    }
+
     /// Expects a ParseComplete or CloseComplete for a Parse or Close sent now.
     pub(super) fn push_fixup(
         &mut self,
@@ -199,6 +222,7 @@ impl Attached {
             alone: false,
             marker: false,
             describe: None,
+            gate: false,
         });
     }
 

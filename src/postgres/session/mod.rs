@@ -363,6 +363,17 @@ impl Session {
             if tag == b'X' {
                 return Err(End::ClientGone);
             }
+            // After an error in an extended-protocol batch the server skips the client's
+            // messages up to its Sync, a Query or FunctionCall too: no answer is due for it,
+            // and it has no effect for sluice to note. It is not sent.
+            if matches!(tag, b'Q' | b'F')
+                && self
+                    .link
+                    .attached()
+                    .is_some_and(|a| a.st.batch_failed && a.st.in_batch && a.st.units.is_empty())
+            {
+                return Ok(());
+            }
             // A message that starts a transaction passes the console's pause gate first.
             let answered_locally = matches!(self.link, Link::FailedUntilSync)
                 || (self.link.attached().is_none() && matches!(tag, b'S' | b'H' | b'd' | b'c' | b'f'));

@@ -191,6 +191,8 @@ impl Session {
                             // No ReadyForQuery before it: the error is the open batch's.
                             if matches!(a.st.units.front(), None | Some(Unit::EndBatch)) {
                                 a.st.batch_failed = true;
+                            } else {
+                                a.skip_gated_queries();
                             }
                             if self.cluster.pg.write_hold.is_some()
                                 && a.checkout.role == crate::common::topology::Role::Primary

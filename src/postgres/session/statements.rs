@@ -151,7 +151,15 @@ pub struct Pending {
     pub marker: bool,
     /// A Parse that sluice's own Describe follows (its answers are swallowed).
     pub describe: Option<Describe>,
+    /// sluice's Close of [`QUERY_GATE`] ahead of a Query or FunctionCall sent in an open
+    /// batch: an error before its answer is the batch's, and the server skips the Query.
+    pub gate: bool,
 }
+
+/// The statement sluice closes ahead of a Query sent in an open extended-protocol batch: a
+/// name no client uses (in session mode a client's own names reach the server as they are),
+/// so the Close changes nothing and is answered unless the batch failed.
+pub const QUERY_GATE: &[u8] = b"sluice: query gate";
 
 /// The client's prepared statements by the client's name ("" is the unnamed one). The map is
 /// boxed when the client first prepares one: a client of the simple protocol never does, and an
@@ -325,12 +333,22 @@ impl Session {
     /// Sends one client message to the attached backend, rewriting statement names in
     /// transaction mode. `query_class` is the classification of a simple query.
     pub(super) fn forward(&mut self, msg: Message, query_class: Option<Classification>) -> Result<(), End> {
-        let a = self.forwarding().a;
+        let transaction_mode = self.cluster.pg.pool_mode == PoolMode::Transaction;
+        let Forward { a, to_backend, .. } = self.forwarding();
         let batch_start = !a.st.in_batch;
         match msg.tag() {
             // A Query or FunctionCall ends an open batch: the server commits its implicit
-            // transaction when the Query is done.
+            // transaction when the Query is done. If the batch fails first, the server skips
+            // it up to the client's Sync and it is never answered: in transaction mode (where
+            // every ParseComplete and CloseComplete is accounted for) a Close of a statement
+            // that does not exist goes ahead of it, answered only if the batch did not fail
+            // (see `Attached::skip_gated_queries`).
             b'Q' | b'F' => {
+                if a.st.in_batch && transaction_mode {
+                    peek::encode_target(to_backend, b'C', b'S', QUERY_GATE);
+                    a.push_fixup(true, BackendChange::None, None);
+                    a.st.fixups.back_mut().expect("just pushed").gate = true;
+                }
                 a.st.in_batch = false;
                 a.push_unit(Unit::Client);
             }
