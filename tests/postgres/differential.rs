@@ -171,7 +171,7 @@ async fn shrink(
             i -= 1;
             let mut candidate = current.clone();
             candidate.remove(i);
-            if candidate.last() != Some(&Msg::Sync) {
+            if candidate.last() != Some(&Msg::Sync) || !sequence::queries_follow_a_read(&candidate) {
                 continue;
             }
             let want = run(primary, &candidate).await;
@@ -219,6 +219,14 @@ const VARIANTS: &[Variant] = &[
     Variant {
         name: "transaction pooling, eventual consistency",
         config: Some("pool_mode = \"transaction\"\nconsistency = \"eventual\"\npool_size = 2"),
+        clients: 4,
+        replica_reads: true,
+    },
+    // After a write sluice asks the primary for its WAL position with a simple query of its
+    // own, between the client's requests.
+    Variant {
+        name: "transaction pooling, read-your-writes",
+        config: Some("pool_mode = \"transaction\"\nconsistency = \"read-your-writes\"\npool_size = 2"),
         clients: 4,
         replica_reads: true,
     },

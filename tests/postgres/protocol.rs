@@ -575,3 +575,44 @@ async fn skipping_script(
     }
     out
 }
+
+/// The unnamed statement outlives its transaction: a client may bind it again later. sluice's
+/// own simple queries between two requests (the WAL position after a write, with
+/// read-your-writes; the settings after a SET) drop the backend's copy, as any simple Query
+/// does, and the client's statement must still run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unnamed_statement_survives_sluices_own_queries() {
+    let env = Env::start(1, "pool_size = 1\nconsistency = \"read-your-writes\"");
+    bounded(60, async {
+        let setup = env.app_client().await;
+        exec(&setup, "CREATE TABLE again (a int)").await;
+        drop(setup);
+        let mut s: TcpStream = raw_login(env.sluice.listen_addr()).await;
+        let mut b = BytesMut::new();
+        unnamed(&mut b, "INSERT INTO again VALUES (1)");
+        frontend::sync(&mut b);
+        s.write_all(&b).await.unwrap();
+        assert_eq!(tags(&read_until_ready(&mut s, 1).await), "12CZ");
+        for _ in 0..3 {
+            let mut b = BytesMut::new();
+            bind(&mut b, "", "");
+            execute(&mut b, "");
+            frontend::sync(&mut b);
+            s.write_all(&b).await.unwrap();
+            let r = read_until_ready(&mut s, 1).await;
+            assert_eq!(tags(&r), "2CZ", "{r:?}");
+        }
+        // After a SET (its settings are read back) too.
+        let r = crate::raw::query(&mut s, "SET application_name = 'again'").await;
+        assert_eq!(tags(&r), "CSZ");
+        let mut b = BytesMut::new();
+        bind(&mut b, "", "");
+        execute(&mut b, "");
+        frontend::sync(&mut b);
+        s.write_all(&b).await.unwrap();
+        let r = read_until_ready(&mut s, 1).await;
+        // (The SET was a simple Query: it dropped the unnamed statement, as directly.)
+        assert_eq!(sqlstate(&r[0].1), "26000", "{r:?}");
+    })
+    .await;
+}

@@ -343,6 +343,11 @@ impl Session {
             return;
         }
         a.st.renames.clear();
+        if a.st.settings_dirty || (a.st.wrote && ryw && on_primary) {
+            // sluice's own simple query drops the backend's unnamed statement, as any simple
+            // Query does; the client's is parsed again there if it is bound again.
+            a.st.unnamed_ready = false;
+        }
         if a.st.settings_dirty {
             a.st.settings_dirty = false;
             self.to_backend

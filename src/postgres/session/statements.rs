@@ -336,6 +336,7 @@ impl Session {
         let transaction_mode = self.cluster.pg.pool_mode == PoolMode::Transaction;
         let Forward { a, to_backend, .. } = self.forwarding();
         let batch_start = !a.st.in_batch;
+        let mut gated = false;
         match msg.tag() {
             // A Query or FunctionCall ends an open batch: the server commits its implicit
             // transaction when the Query is done. If the batch fails first, the server skips
@@ -344,7 +345,8 @@ impl Session {
             // that does not exist goes ahead of it, answered only if the batch did not fail
             // (see `Attached::skip_gated_queries`).
             b'Q' | b'F' => {
-                if a.st.in_batch && transaction_mode {
+                gated = a.st.in_batch && transaction_mode;
+                if gated {
                     peek::encode_target(to_backend, b'C', b'S', QUERY_GATE);
                     a.push_fixup(true, BackendChange::None, None);
                     a.st.fixups.back_mut().expect("just pushed").gate = true;
@@ -372,6 +374,7 @@ impl Session {
         }
         match msg.tag() {
             b'Q' => {
+                self.forwarding().query_drops_unnamed(gated);
                 let sql = peek::query(msg.body()).ok();
                 if let (Some(c), Some(sql)) = (query_class, sql) {
                     self.note_effects(c, sql);
@@ -592,6 +595,23 @@ struct Forward<'s> {
 }
 
 impl Forward<'_> {
+    /// A simple Query drops the unnamed statement before it runs (PostgreSQL's
+    /// `exec_simple_query`), the client's and so the backend's. A `gated` Query (sent in an
+    /// open batch) may be skipped instead: the gate's entry puts both back if it is never
+    /// answered (`Session::settle`).
+    fn query_drops_unnamed(self, gated: bool) {
+        let Forward { a, statements, .. } = self;
+        let before = statements.remove(b"".as_slice());
+        let was_ready = std::mem::take(&mut a.st.unnamed_ready);
+        if gated {
+            let gate = a.st.fixups.back_mut().expect("the gate was pushed");
+            gate.client = before.map(|b| (Bytes::new(), Some(b)));
+            if was_ready {
+                gate.backend = BackendChange::Unnamed(true);
+            }
+        }
+    }
+
     /// A client's Close. Closing a statement the client does not have is not an error.
     fn close(self, msg: &Message, t: &peek::Target<'_>) {
         let Forward {

@@ -178,7 +178,44 @@ fn hand_written() -> Vec<Case> {
             "a Bind with too few parameters names the client's statement",
             vec![parse("s1", SELECT_PARAM), bind("s1", 0), Sync],
         ),
+        case(
+            "a Query after asyncpg's prepare ends the batch, and the statement stays",
+            [
+                prepare("s1", SELECT_1),
+                vec![query("SELECT 1"), bind("s1", 0), execute(0), Sync],
+                run("s1"),
+            ]
+            .concat(),
+        ),
+        case(
+            "a Query in a batch that failed is skipped up to the Sync",
+            [
+                vec![parse("s1", SELECT_1), fails.clone(), Flush],
+                vec![
+                    query("INSERT INTO diff_t VALUES (8)"),
+                    Flush,
+                    query("SELECT 1/0"),
+                    Sync,
+                ],
+                vec![query("SELECT 1")],
+                run("s1"),
+            ]
+            .concat(),
+        ),
+        case(
+            "a Query that fails after a good batch, then the batch's Sync",
+            [
+                vec![parse("s1", SELECT_1), bind("s1", 0), execute(0), Flush],
+                vec![query("SELECT 1/0"), Sync],
+                run("s1"),
+            ]
+            .concat(),
+        ),
     ]
+}
+
+fn query(sql: &'static str) -> Msg {
+    Msg::Query { sql }
 }
 
 fn env_u64(name: &str) -> Option<u64> {

@@ -54,6 +54,15 @@ const TEXTS: &[(Text, u32)] = &[
     (COMMIT, 1),
 ];
 
+/// Simple queries the generator sends inside or between batches (a driver's `execute` of SQL
+/// text between prepared statements). None reads what other sequences write.
+const QUERIES: &[&str] = &[
+    "SELECT 1",
+    "SELECT 1/0",
+    "SELEC 1",
+    "INSERT INTO diff_t VALUES (8)",
+];
+
 /// Statement names: the unnamed one, two named ones and one that differs only in case.
 const NAMES: &[&str] = &["", "s1", "s2", "S1"];
 
@@ -90,6 +99,14 @@ pub fn portal_used_across_flush(msgs: &[Msg]) -> bool {
     false
 }
 
+/// Whether every Query comes first or right after a Flush or Sync, as the generator places
+/// them (the driver reads nothing before a Query).
+pub fn queries_follow_a_read(msgs: &[Msg]) -> bool {
+    msgs.iter().enumerate().all(|(i, m)| {
+        !matches!(m, Msg::Query { .. }) || i == 0 || matches!(msgs[i - 1], Msg::Flush | Msg::Sync)
+    })
+}
+
 /// One frontend message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Msg {
@@ -118,6 +135,11 @@ pub enum Msg {
     },
     Flush,
     Sync,
+    /// A simple Query. Inside a batch it commits the batch with its own work; in a batch that
+    /// failed the server skips it (no answer) up to the Sync.
+    Query {
+        sql: &'static str,
+    },
 }
 
 impl Msg {
@@ -151,6 +173,7 @@ impl Msg {
             Msg::Close { kind, name } => frontend::close(kind, name, buf).unwrap(),
             Msg::Flush => frontend::flush(buf),
             Msg::Sync => frontend::sync(buf),
+            Msg::Query { sql } => frontend::query(sql, buf).unwrap(),
         }
     }
 }
@@ -182,6 +205,7 @@ impl fmt::Display for Msg {
             Msg::Close { kind, name } => write!(f, "Close {} {name:?}", char::from(*kind)),
             Msg::Flush => write!(f, "Flush"),
             Msg::Sync => write!(f, "Sync"),
+            Msg::Query { sql } => write!(f, "Query {sql:?}"),
         }
     }
 }
@@ -205,7 +229,11 @@ pub fn generate(seed: u64) -> Vec<Msg> {
     };
     for _ in 0..g.rng.random_range(1..=4) {
         for _ in 0..g.rng.random_range(1..=4) {
-            g.group();
+            if g.rng.random_ratio(1, 8) {
+                g.query();
+            } else {
+                g.group();
+            }
         }
         g.push(Msg::Sync);
     }
@@ -299,6 +327,18 @@ impl Generator {
         }
     }
 
+    /// A simple Query, behind a Flush when messages were sent since the last Flush or Sync:
+    /// a driver reads what they are due before it sends SQL text (and cannot wait for a
+    /// Query's answer behind a batch that may have failed, whose error the server only sends
+    /// at a Flush or Sync).
+    fn query(&mut self) {
+        if !matches!(self.out.last(), None | Some(Msg::Flush | Msg::Sync)) {
+            self.out.push(Msg::Flush);
+        }
+        let sql = self.pick(QUERIES);
+        self.out.push(Msg::Query { sql });
+    }
+
     /// One group of messages.
     fn group(&mut self) {
         match self.rng.random_range(0..20) {
@@ -354,6 +394,7 @@ mod tests {
         for seed in 0..200 {
             let seq = generate(seed);
             assert_eq!(seq.last(), Some(&Msg::Sync));
+            assert!(queries_follow_a_read(&seq), "seed {seed}");
             assert_eq!(seq, generate(seed));
         }
     }

@@ -279,10 +279,18 @@ async fn drive(conn: &mut Conn, msgs: &[Msg], t: &mut Transcript) -> Result<(), 
                 while read(conn, &mut replies, t, i).await? != b'Z' {}
                 (due, failed) = (0, false);
             }
+            // Sent behind a Flush (nothing due): answered up to its ReadyForQuery, or skipped
+            // without an answer in a batch that failed.
+            Msg::Query { .. } => {
+                conn.send(&mut out).await?;
+                if !failed {
+                    while read(conn, &mut replies, t, i).await? != b'Z' {}
+                }
+            }
             _ if !failed => due += 1,
             _ => {}
         }
-        if matches!(m, Msg::Flush | Msg::Sync) {
+        if matches!(m, Msg::Flush | Msg::Sync | Msg::Query { .. }) {
             t.reads.push(Read { after: i, replies });
         }
     }
