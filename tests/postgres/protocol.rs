@@ -499,81 +499,80 @@ async fn skipping_script(
 ) -> Vec<String> {
     let mut out = Vec::new();
     let count = format!("SELECT count(*) FROM {table}");
-    let value = |m: &(u8, Vec<u8>)| String::from_utf8_lossy(&m.1[6..]).into_owned();
-    // The error is known before the Query arrives.
+    let insert = |v: u32| format!("INSERT INTO {table} VALUES ({v})");
+    let query = |b: &mut BytesMut, sql: &str| frontend::query(sql, b).unwrap();
+    // The error is known before the Query arrives: skipped by the server, no answer, no row,
+    // no setting.
     let mut b = BytesMut::new();
     unnamed(&mut b, "SELECT 1/0");
     frontend::flush(&mut b);
     s.write_all(&b).await.unwrap();
     out.push(tags(&read_until_tag(s, b'E').await));
     let mut b = BytesMut::new();
-    let skipped = format!("INSERT INTO {table} VALUES (1); SET application_name = 'skipped'");
-    frontend::query(&skipped, &mut b).unwrap();
+    query(
+        &mut b,
+        &format!("{}; SET application_name = 'skipped'", insert(1)),
+    );
     frontend::sync(&mut b);
-    frontend::query(&count, &mut b).unwrap();
-    s.write_all(&b).await.unwrap();
-    let r = read_until_ready(s, 2).await;
-    out.push(tags(&r));
-    out.push(value(&r[2]));
+    query(&mut b, &count);
+    skipping_step(s, b, 2, Some(2), None, &mut out).await;
     let r = crate::raw::query(s, "SHOW application_name").await;
     out.push(tags(&r));
     assert!(!r[1].1.ends_with(b"skipped"), "{r:?}");
-    if let Some(other) = other {
-        // The backend went back to the pool: another client gets it at once.
-        exec(other, "SELECT 1").await;
-    }
-    let r = crate::raw::query(s, &count).await;
-    out.push(tags(&r));
-    out.push(value(&r[1]));
+    let mut b = BytesMut::new();
+    query(&mut b, &count);
+    skipping_step(s, b, 1, Some(1), other, &mut out).await;
     // The same in one write: the Query is on its way before the error is known.
     let mut b = BytesMut::new();
     unnamed(&mut b, "SELECT 1/0");
-    frontend::query(&format!("INSERT INTO {table} VALUES (3)"), &mut b).unwrap();
+    query(&mut b, &insert(3));
     frontend::sync(&mut b);
-    frontend::query(&count, &mut b).unwrap();
-    s.write_all(&b).await.unwrap();
-    let r = read_until_ready(s, 2).await;
-    out.push(tags(&r));
-    out.push(value(&r[4]));
-    if let Some(other) = other {
-        exec(other, "SELECT 1").await;
-    }
+    query(&mut b, &count);
+    skipping_step(s, b, 2, Some(4), other, &mut out).await;
     // Two Queries and a FunctionCall behind the failing batch, then the Sync.
     let mut b = BytesMut::new();
     unnamed(&mut b, "SELECT 1/0");
-    frontend::query(&format!("INSERT INTO {table} VALUES (3)"), &mut b).unwrap();
-    frontend::query(&format!("INSERT INTO {table} VALUES (4)"), &mut b).unwrap();
+    query(&mut b, &insert(3));
+    query(&mut b, &insert(4));
     function_call(&mut b, 2108); // skipped: which function does not matter
     frontend::sync(&mut b);
-    frontend::query(&count, &mut b).unwrap();
-    s.write_all(&b).await.unwrap();
-    let r = read_until_ready(s, 2).await;
-    out.push(tags(&r));
-    out.push(value(&r[4]));
-    if let Some(other) = other {
-        exec(other, "SELECT 1").await;
-    }
+    query(&mut b, &count);
+    skipping_step(s, b, 2, Some(4), other, &mut out).await;
     // A batch that did not fail: the Query runs (and commits the batch's work with its own),
     // then the Sync has its own ReadyForQuery.
     let mut b = BytesMut::new();
-    unnamed(&mut b, &format!("INSERT INTO {table} VALUES (5), (6)"));
-    frontend::query(&count, &mut b).unwrap();
+    unnamed(&mut b, &format!("{}, (6)", insert(5)));
+    query(&mut b, &count);
     frontend::sync(&mut b);
-    s.write_all(&b).await.unwrap();
-    let r = read_until_ready(s, 2).await;
-    out.push(tags(&r));
-    out.push(value(&r[4]));
+    skipping_step(s, b, 2, Some(4), None, &mut out).await;
     // A Query whose own statement fails after a good batch: its error, then the Sync's.
     let mut b = BytesMut::new();
     unnamed(&mut b, "SELECT 1");
-    frontend::query("SELECT 1/0", &mut b).unwrap();
+    query(&mut b, "SELECT 1/0");
     frontend::sync(&mut b);
+    skipping_step(s, b, 2, None, other, &mut out).await;
+    out
+}
+
+/// Sends `b`, reads up to its `ready`-th ReadyForQuery and records the replies' tags (and the
+/// value of the DataRow at `value_at`); then `other`, if any, must get the only backend at once.
+async fn skipping_step(
+    s: &mut TcpStream,
+    b: BytesMut,
+    ready: usize,
+    value_at: Option<usize>,
+    other: Option<&tokio_postgres::Client>,
+    out: &mut Vec<String>,
+) {
     s.write_all(&b).await.unwrap();
-    out.push(tags(&read_until_ready(s, 2).await));
+    let r = read_until_ready(s, ready).await;
+    out.push(tags(&r));
+    if let Some(i) = value_at {
+        out.push(String::from_utf8_lossy(&r[i].1[6..]).into_owned());
+    }
     if let Some(other) = other {
         exec(other, "SELECT 1").await;
     }
-    out
 }
 
 /// The unnamed statement outlives its transaction: a client may bind it again later. sluice's

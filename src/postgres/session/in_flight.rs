@@ -186,13 +186,13 @@ impl Attached {
     /// An error arrived while a Query or FunctionCall sent in an open batch waits for its
     /// answer, before the answer to sluice's gate ahead of it (`statements::QUERY_GATE`): the
     /// error is the batch's, and the server skips the Query, and everything else up to the
-    /// client's Sync. Their units are done, unanswered. Returns whether that was the case.
-    pub(super) fn skip_gated_queries(&mut self) -> bool {
+    /// client's Sync. Their units are done, unanswered.
+    pub(super) fn skip_gated_queries(&mut self) {
         let next = self.st.units_done;
         let gated = matches!(self.st.units.front(), Some(Unit::Client))
             && self.st.fixups.iter().any(|p| p.gate && p.batch == next);
         if !gated {
-            return false;
+            return;
         }
         while matches!(self.st.units.front(), Some(Unit::Client)) {
             self.st.units.pop_front();
@@ -203,7 +203,6 @@ impl Attached {
             self.st.in_batch = true;
             self.st.batch_failed = true;
         }
-        true
     }
 
     /// Expects a ParseComplete or CloseComplete for a Parse or Close sent now.
