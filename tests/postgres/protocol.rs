@@ -490,6 +490,35 @@ async fn a_query_inside_a_failed_batch_is_skipped_like_the_server_skips_it() {
     env.sluice.assert_no_unexpected_errors(&[]);
 }
 
+/// The same in session mode: the replies match PostgreSQL's, and when the client leaves, its
+/// backend is clean (every reply accounted for) and serves the next client, not closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_session_mode_a_query_inside_a_failed_batch_is_skipped_too() {
+    let env = Env::start(
+        0,
+        "pool_mode = \"session\"\npool_size = 1\ncheckout_timeout = \"5s\"",
+    );
+    bounded(60, async {
+        let setup = env.app_client().await;
+        exec(&setup, "CREATE TABLE skipped_direct (a int)").await;
+        exec(&setup, "CREATE TABLE skipped (a int)").await;
+        drop(setup);
+        let primary = SocketAddr::from(([127, 0, 0, 1], env.cluster.primary_port()));
+        let want = skipping_script(&mut raw_login(primary).await, "skipped_direct", None).await;
+        let mut s: TcpStream = raw_login(env.sluice.listen_addr()).await;
+        let got = skipping_script(&mut s, "skipped", None).await;
+        assert_eq!(got, want, "through sluice (left) and directly (right)");
+        let pid = |r: &[(u8, Vec<u8>)]| String::from_utf8_lossy(&r[1].1[6..]).into_owned();
+        let before = pid(&crate::raw::query(&mut s, "SELECT pg_backend_pid()").await);
+        drop(s);
+        let mut next: TcpStream = raw_login(env.sluice.listen_addr()).await;
+        let after = pid(&crate::raw::query(&mut next, "SELECT pg_backend_pid()").await);
+        assert_eq!(after, before, "the backend was reset and reused, not closed");
+    })
+    .await;
+    env.sluice.assert_no_unexpected_errors(&[]);
+}
+
 /// The messages of the test above on `s`, with `table`: each reply's message tags and the
 /// counts it read. With `other`, another client takes the (only) backend between steps.
 async fn skipping_script(

@@ -333,19 +333,18 @@ impl Session {
     /// Sends one client message to the attached backend, rewriting statement names in
     /// transaction mode. `query_class` is the classification of a simple query.
     pub(super) fn forward(&mut self, msg: Message, query_class: Option<Classification>) -> Result<(), End> {
-        let transaction_mode = self.cluster.pg.pool_mode == PoolMode::Transaction;
+        let session_mode = self.cluster.pg.pool_mode == PoolMode::Session;
         let Forward { a, to_backend, .. } = self.forwarding();
         let batch_start = !a.st.in_batch;
         let mut gated = false;
         match msg.tag() {
             // A Query or FunctionCall ends an open batch: the server commits its implicit
             // transaction when the Query is done. If the batch fails first, the server skips
-            // it up to the client's Sync and it is never answered: in transaction mode (where
-            // every ParseComplete and CloseComplete is accounted for) a Close of a statement
-            // that does not exist goes ahead of it, answered only if the batch did not fail
-            // (see `Attached::skip_gated_queries`).
+            // it up to the client's Sync and it is never answered: a Close of a statement that
+            // does not exist goes ahead of it, answered only if the batch did not fail (see
+            // `Attached::skip_gated_queries`).
             b'Q' | b'F' => {
-                gated = a.st.in_batch && transaction_mode;
+                gated = a.st.in_batch;
                 if gated {
                     peek::encode_target(to_backend, b'C', b'S', QUERY_GATE);
                     a.push_fixup(true, BackendChange::None, None);
@@ -368,8 +367,13 @@ impl Session {
             b'P' | b'B' | b'D' | b'E' | b'H' | b'C' => a.st.in_batch = true,
             _ => {}
         }
-        if self.cluster.pg.pool_mode == PoolMode::Session {
-            self.to_backend.get().extend_from_slice(msg.raw());
+        if session_mode {
+            // Statement names pass as they are; every ParseComplete and CloseComplete is still
+            // accounted for (relayed), so that the answer to a gate is told from the client's.
+            if matches!(msg.tag(), b'P' | b'C') {
+                a.push_fixup(false, BackendChange::None, None);
+            }
+            to_backend.extend_from_slice(msg.raw());
             return Ok(());
         }
         match msg.tag() {
