@@ -75,10 +75,11 @@ pub(super) struct Inflight {
     route: Route,
     /// When the client's reader got it (`sluice_cql_request_duration_seconds`).
     started: Instant,
-    /// When it was last written to a node (its `request_timeout` runs from there).
-    sent: Instant,
+    /// When it was last written to a node (its `request_timeout` runs from there), in
+    /// microseconds after `started` (saturating at 71 minutes): 4 bytes instead of 16.
+    sent_after_us: u32,
     /// Nodes that failed it (lost connection, no free stream id, unreachable).
-    tried: Vec<SocketAddr>,
+    tried: Tried,
     /// Whether the node it was written to is a replica of its partition.
     replica: bool,
     /// Sent again after preparing its statement again on the node it waits on: a second
@@ -105,8 +106,8 @@ impl Inflight {
             request,
             route,
             started,
-            sent: started,
-            tried: Vec::new(),
+            sent_after_us: 0,
+            tried: Tried::default(),
             replica: false,
             reprepared: false,
         }
@@ -119,7 +120,13 @@ impl Inflight {
 
     /// When it was last written to a node.
     pub(super) fn sent(&self) -> Instant {
-        self.sent
+        self.started + Duration::from_micros(u64::from(self.sent_after_us))
+    }
+
+    /// Notes that it is written to a node now.
+    fn sent_now(&mut self) {
+        let us = Instant::now().saturating_duration_since(self.started).as_micros();
+        self.sent_after_us = u32::try_from(us).unwrap_or(u32::MAX);
     }
 
     fn version(&self) -> u8 {
@@ -230,7 +237,7 @@ impl Inflight {
                 }
             };
             self.replica = pos < replicas;
-            self.sent = Instant::now();
+            self.sent_now();
             match conn.send(self) {
                 Ok(()) | Err((_, None)) => return,
                 Err((e, Some(back))) => match back.not_sent(addr, e) {
@@ -295,7 +302,7 @@ impl Inflight {
         let Some((mut this, last)) = self.not_sent(addr, e) else {
             return;
         };
-        this.sent = Instant::now();
+        this.sent_now();
         let snap = this.client.cluster.snapshot();
         this.dispatch_after(key, &snap, Some(last));
     }
@@ -345,7 +352,7 @@ impl Inflight {
             Err(_) => return self.deliver(resp, Instant::now()),
         }
         self.reprepared = true;
-        self.sent = Instant::now();
+        self.sent_now();
         match cluster.pools.get(addr, &key, super::CQL_VERSION).await {
             Ok(conn) => match conn.send(self) {
                 Ok(()) | Err((_, None)) => {}
@@ -429,6 +436,33 @@ fn best_candidate(cluster: &CqlCluster, snap: &Snapshot, route: &Route) -> Optio
     route::best_candidate(snap, route, local_dc, zone, |a| cluster.pools.inflight(a))
 }
 
+/// The nodes that failed a request. Nearly every request has none, so it carries one pointer
+/// for them, not a `Vec`: a request is moved several times on its way (client reader, the node
+/// connection's slot, its reader), and at 120 bytes instead of 152 each move is a few
+/// register copies instead of a call to `memcpy`.
+// The box is the point: one pointer in the request, the `Vec` (three words) only behind it.
+#[allow(clippy::box_collection)]
+#[derive(Default)]
+struct Tried(Option<Box<Vec<SocketAddr>>>);
+
+impl Tried {
+    fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |v| v.len())
+    }
+
+    fn contains(&self, addr: &SocketAddr) -> bool {
+        self.0.as_ref().is_some_and(|v| v.contains(addr))
+    }
+
+    fn push(&mut self, addr: SocketAddr) {
+        self.0.get_or_insert_with(Default::default).push(addr);
+    }
+}
+
 /// What a request that no node took is failed with when no node was tried.
 fn no_node() -> ErrorBody {
     ErrorBody::new(ec::SERVER_ERROR, "sluice: no CQL node is known")
@@ -488,6 +522,14 @@ mod tests {
         let mut h = Header::response(4, 3, Opcode::Result);
         h.flags = flags;
         Envelope::new(h, b.freeze())
+    }
+
+    /// A request in flight is moved several times on its way; up to 128 bytes a move is inlined
+    /// (eight 16-byte copies), above it is a call to `memcpy` (measured: ~33 instructions each,
+    /// nine per request at 152 bytes).
+    #[test]
+    fn a_request_in_flight_fits_an_inlined_move() {
+        assert!(std::mem::size_of::<super::Inflight>() <= 128);
     }
 
     #[test]
