@@ -6,9 +6,11 @@ use super::sequence::{
 };
 
 /// Seeds that once failed, run before the others (found against sluice before its statement
-/// bookkeeping followed PostgreSQL's rules; each a distinct first difference).
+/// bookkeeping followed PostgreSQL's rules; each a distinct first difference). 12 and 277 also
+/// failed once the generator sent simple Queries (a Query drops the unnamed statement); the
+/// others were found with the generator before that, which numbered sequences differently.
 const REGRESSIONS: &[u64] = &[
-    1, 13, 14, 15, 26, 27, 39, 44, 46, 64, 69, 73, 87, 95, 184, 277, 1018,
+    1, 12, 13, 14, 15, 26, 27, 39, 44, 46, 64, 69, 73, 87, 95, 184, 277, 1018,
 ];
 
 /// One sequence to run, with the label failure reports use.
