@@ -219,9 +219,7 @@ pub fn candidates_and_replicas(
     local_zone: Option<&str>,
     inflight: impl Fn(SocketAddr) -> usize,
 ) -> (Vec<usize>, usize) {
-    let remote = |i: usize| local_dc.is_some_and(|dc| snap.nodes[i].datacenter != dc);
-    let other_zone = |i: usize| local_zone.is_some_and(|z| snap.nodes[i].zone.as_deref() != Some(z));
-    let key = |i: usize| (remote(i), other_zone(i), inflight(snap.nodes[i].addr), i);
+    let key = rank(snap, local_dc, local_zone, &inflight);
     let up = |i: usize| snap.nodes[i].health.up;
     // One vector, three groups: live replicas, other live nodes, down nodes.
     let mut out: Vec<usize> = Vec::with_capacity(snap.nodes.len());
@@ -245,6 +243,22 @@ pub fn candidates_and_replicas(
     (out, replicas)
 }
 
+/// The order of [`candidates`] within each group, as a sort key of node `i` (lowest first):
+/// nodes in the local data center, then in `local_zone`, then by fewest requests in flight.
+fn rank<'a>(
+    snap: &'a Snapshot,
+    local_dc: Option<&'a str>,
+    local_zone: Option<&'a str>,
+    inflight: &'a impl Fn(SocketAddr) -> usize,
+) -> impl Fn(usize) -> (bool, bool, usize, usize) + 'a {
+    move |i| {
+        let n = &snap.nodes[i];
+        let remote = local_dc.is_some_and(|dc| n.datacenter != dc);
+        let other_zone = local_zone.is_some_and(|z| n.zone.as_deref() != Some(z));
+        (remote, other_zone, inflight(n.addr), i)
+    }
+}
+
 /// The first node of [`candidates_and_replicas`] and whether it is a live replica, found
 /// without building the list (no allocation, no sort, one load lookup per node looked at):
 /// the node nearly every request goes to. `None` when the snapshot has no nodes.
@@ -255,9 +269,8 @@ pub fn best_candidate(
     local_zone: Option<&str>,
     inflight: impl Fn(SocketAddr) -> usize,
 ) -> Option<(usize, bool)> {
-    let remote = |i: usize| local_dc.is_some_and(|dc| snap.nodes[i].datacenter != dc);
-    let other_zone = |i: usize| local_zone.is_some_and(|z| snap.nodes[i].zone.as_deref() != Some(z));
-    let key = |i: &usize| (remote(*i), other_zone(*i), inflight(snap.nodes[*i].addr), *i);
+    let rank = rank(snap, local_dc, local_zone, &inflight);
+    let key = |i: &usize| rank(*i);
     let up = |i: &usize| snap.nodes[*i].health.up;
     if let Some((ks, t)) = &route.partition {
         let mut live = snap.replica_slice(ks, *t).iter().map(|&n| n as usize).filter(up);

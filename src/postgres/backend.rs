@@ -462,11 +462,7 @@ impl Backend {
     /// waker is registered and no lock taken (this runs for every reuse of a parked backend).
     pub fn looks_alive(&self) -> bool {
         let tcp = self.stream.tcp();
-        let peeked = tcp.try_io(tokio::io::Interest::READABLE, || {
-            let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-            socket2::SockRef::from(tcp).peek(&mut probe)
-        });
-        matches!(peeked, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        silent(tcp.try_io(tokio::io::Interest::READABLE, || peek_byte(tcp)))
     }
 
     /// [`Backend::looks_alive`] asked of the kernel instead of the reactor: a non-blocking peek,
@@ -474,10 +470,19 @@ impl Backend {
     /// (a terminated backend was handed out as alive, once in a full test run), so a
     /// connection that has been idle a while is checked this way before it is reused.
     pub fn alive_now(&self) -> bool {
-        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-        let peeked = socket2::SockRef::from(self.stream.tcp()).peek(&mut probe);
-        matches!(peeked, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        silent(peek_byte(self.stream.tcp()))
     }
+}
+
+/// A non-blocking peek at the next byte the server sent, leaving it unread.
+fn peek_byte(tcp: &tokio::net::TcpStream) -> std::io::Result<usize> {
+    let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    socket2::SockRef::from(tcp).peek(&mut probe)
+}
+
+/// Whether a [`peek_byte`] found the connection open with nothing to read.
+fn silent(peeked: std::io::Result<usize>) -> bool {
+    matches!(peeked, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 /// SSLRequest and, when the server agrees, the TLS handshake (per `opts.tls.mode`).

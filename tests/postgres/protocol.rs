@@ -461,30 +461,13 @@ async fn a_write_after_an_unsynced_batch_of_reads_reaches_the_primary() {
 
 /// After an error in an extended-protocol batch the server skips every message up to the
 /// Sync, a simple Query too: the Query gets no answer, and the connection serves the next
-/// client once the Sync is answered (pool_size = 1). The same messages go to PostgreSQL
-/// directly first: the replies through sluice must be the same.
+/// client once the Sync is answered (pool_size = 1).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_query_inside_a_failed_batch_is_skipped_like_the_server_skips_it() {
     let env = Env::start(0, "pool_size = 1\ncheckout_timeout = \"3s\"");
     bounded(60, async {
-        let setup = env.app_client().await;
-        exec(&setup, "CREATE TABLE skipped_direct (a int)").await;
-        exec(&setup, "CREATE TABLE skipped (a int)").await;
-        drop(setup);
-        let primary = SocketAddr::from(([127, 0, 0, 1], env.cluster.primary_port()));
-        let mut direct = raw_login(primary).await;
-        let want = skipping_script(&mut direct, "skipped_direct", None).await;
         let other = env.app_client().await;
-        let mut s: TcpStream = raw_login(env.sluice.listen_addr()).await;
-        let got = skipping_script(&mut s, "skipped", Some(&other)).await;
-        assert_eq!(got, want, "through sluice (left) and directly (right)");
-        assert_eq!(
-            want,
-            [
-                "1E", "ZTDCZ", "0", "TDCZ", "TDCZ", "0", "1EZTDCZ", "0", "1EZTDCZ", "0", "12CTDCZZ", "2",
-                "12DCEZZ"
-            ]
-        );
+        skipping_through_sluice(&env, Some(&other)).await;
     })
     .await;
     env.sluice.assert_no_unexpected_errors(&[]);
@@ -499,15 +482,7 @@ async fn in_session_mode_a_query_inside_a_failed_batch_is_skipped_too() {
         "pool_mode = \"session\"\npool_size = 1\ncheckout_timeout = \"5s\"",
     );
     bounded(60, async {
-        let setup = env.app_client().await;
-        exec(&setup, "CREATE TABLE skipped_direct (a int)").await;
-        exec(&setup, "CREATE TABLE skipped (a int)").await;
-        drop(setup);
-        let primary = SocketAddr::from(([127, 0, 0, 1], env.cluster.primary_port()));
-        let want = skipping_script(&mut raw_login(primary).await, "skipped_direct", None).await;
-        let mut s: TcpStream = raw_login(env.sluice.listen_addr()).await;
-        let got = skipping_script(&mut s, "skipped", None).await;
-        assert_eq!(got, want, "through sluice (left) and directly (right)");
+        let mut s = skipping_through_sluice(&env, None).await;
         let pid = |r: &[(u8, Vec<u8>)]| String::from_utf8_lossy(&r[1].1[6..]).into_owned();
         let before = pid(&crate::raw::query(&mut s, "SELECT pg_backend_pid()").await);
         drop(s);
@@ -517,6 +492,29 @@ async fn in_session_mode_a_query_inside_a_failed_batch_is_skipped_too() {
     })
     .await;
     env.sluice.assert_no_unexpected_errors(&[]);
+}
+
+/// Runs [`skipping_script`] against PostgreSQL directly, then through sluice (with `other`
+/// taking the only backend between steps): the replies must be the same, and the ones
+/// expected. Returns the connection through sluice.
+async fn skipping_through_sluice(env: &Env, other: Option<&tokio_postgres::Client>) -> TcpStream {
+    let setup = env.app_client().await;
+    exec(&setup, "CREATE TABLE skipped_direct (a int)").await;
+    exec(&setup, "CREATE TABLE skipped (a int)").await;
+    drop(setup);
+    let primary = SocketAddr::from(([127, 0, 0, 1], env.cluster.primary_port()));
+    let want = skipping_script(&mut raw_login(primary).await, "skipped_direct", None).await;
+    let mut s: TcpStream = raw_login(env.sluice.listen_addr()).await;
+    let got = skipping_script(&mut s, "skipped", other).await;
+    assert_eq!(got, want, "through sluice (left) and directly (right)");
+    assert_eq!(
+        want,
+        [
+            "1E", "ZTDCZ", "0", "TDCZ", "TDCZ", "0", "1EZTDCZ", "0", "1EZTDCZ", "0", "12CTDCZZ", "2",
+            "12DCEZZ"
+        ]
+    );
+    s
 }
 
 /// The messages of the test above on `s`, with `table`: each reply's message tags and the

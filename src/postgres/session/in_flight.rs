@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use super::replies::Unit;
 use super::statements::{self, BackendName, Pending};
@@ -203,6 +203,15 @@ impl Attached {
             self.st.in_batch = true;
             self.st.batch_failed = true;
         }
+    }
+
+    /// Sends one of sluice's own simple queries (`sql`) ahead of what follows in `to_backend`;
+    /// `unit` owns its ReadyForQuery. Like any simple Query it drops the backend's unnamed
+    /// statement: the client's is parsed there again if it is bound again.
+    pub(super) fn own_query(&mut self, to_backend: &mut BytesMut, sql: &str, unit: Unit) {
+        to_backend.extend_from_slice(&super::simple_query(sql));
+        self.st.unnamed_ready = false;
+        self.push_unit(unit);
     }
 
     /// Expects a ParseComplete or CloseComplete for a Parse or Close sent now.

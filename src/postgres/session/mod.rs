@@ -676,15 +676,12 @@ impl Session {
             secret: be.secret,
         }));
         debug!(parent: &self.span(), node = %be.addr, "attached backend");
-        let mut replays = 0;
         let foreign = be.owner != self.client.id && be.tainted;
-        if self.cluster.pg.pool_mode == PoolMode::Transaction && (foreign || be.settings != self.settings) {
-            // The backend carries someone else's settings (or may: another client wrote or
-            // set something there): make them the client's.
-            for sql in settings::replay_sql(&self.settings, foreign) {
-                self.to_backend.get().extend_from_slice(&simple_query(&sql));
-                replays += 1;
-            }
+        // The backend carries someone else's settings (or may: another client wrote or set
+        // something there): make them the client's.
+        let replay =
+            self.cluster.pg.pool_mode == PoolMode::Transaction && (foreign || be.settings != self.settings);
+        if replay {
             be.settings = self.settings.clone();
             be.tainted = false;
             self.cluster.settings_replayed();
@@ -694,8 +691,10 @@ impl Session {
             checkout,
             st: InFlightBox::take(),
         };
-        for _ in 0..replays {
-            attached.push_unit(Unit::Replay);
+        if replay {
+            for sql in settings::replay_sql(&self.settings, foreign) {
+                attached.own_query(self.to_backend.get(), &sql, Unit::Replay);
+            }
         }
         self.link = Link::Attached(attached);
     }

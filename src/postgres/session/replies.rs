@@ -8,7 +8,7 @@ use sluice_postgres::{peek, peek_message, split_message};
 use tracing::{debug, warn};
 
 use super::settings::{self, Settings};
-use super::{simple_query, statements, End, Link, Session};
+use super::{statements, End, Link, Session};
 use crate::config::{Consistency, PoolMode};
 use crate::postgres::backend::MAX_BACKEND_MESSAGE;
 
@@ -343,29 +343,18 @@ impl Session {
             return;
         }
         a.st.renames.clear();
-        if a.st.settings_dirty || (a.st.wrote && ryw && on_primary) {
-            // sluice's own simple query drops the backend's unnamed statement, as any simple
-            // Query does; the client's is parsed again there if it is bound again.
-            a.st.unnamed_ready = false;
-        }
         if a.st.settings_dirty {
             a.st.settings_dirty = false;
-            self.to_backend
-                .get()
-                .extend_from_slice(&simple_query(&settings::read_settings_sql(
-                    self.rare.as_ref().map_or(&[], |r| &r.custom_settings),
-                )));
-            a.push_unit(Unit::ReadSettings(Vec::new()));
+            let sql = settings::read_settings_sql(self.rare.as_ref().map_or(&[], |r| &r.custom_settings));
+            a.own_query(self.to_backend.get(), &sql, Unit::ReadSettings(Vec::new()));
             return;
         }
         if a.st.wrote && ryw && on_primary {
             a.st.wrote = false;
             // The insert position: with synchronous_commit = off the commit record may not be
             // written yet, so pg_current_wal_lsn() can be behind it.
-            self.to_backend
-                .get()
-                .extend_from_slice(&simple_query("SELECT pg_catalog.pg_current_wal_insert_lsn()"));
-            a.push_unit(Unit::WalPosition(None));
+            let sql = "SELECT pg_catalog.pg_current_wal_insert_lsn()";
+            a.own_query(self.to_backend.get(), sql, Unit::WalPosition(None));
             return;
         }
         if self.pinned.is_none() {

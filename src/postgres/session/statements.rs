@@ -603,21 +603,34 @@ impl Forward<'_> {
     /// `exec_simple_query`), the client's and so the backend's. A `gated` Query (sent in an
     /// open batch) may be skipped instead: the gate's entry puts both back if it is never
     /// answered (`Session::settle`).
-    fn query_drops_unnamed(self, gated: bool) {
-        let Forward { a, statements, .. } = self;
-        let before = statements.remove(b"".as_slice());
-        let was_ready = std::mem::take(&mut a.st.unnamed_ready);
+    fn query_drops_unnamed(mut self, gated: bool) {
+        let (backend, client) = self.drop_unnamed();
         if gated {
-            let gate = a.st.fixups.back_mut().expect("the gate was pushed");
-            gate.client = before.map(|b| (Bytes::new(), Some(b)));
-            if was_ready {
-                gate.backend = BackendChange::Unnamed(true);
-            }
+            let gate = self.a.st.fixups.back_mut().expect("the gate was pushed");
+            (gate.backend, gate.client) = (backend, client);
         }
     }
 
+    /// The unnamed statement is gone, the client's and the backend's copy: what puts them back
+    /// if the message that dropped them turns out skipped (see `Session::settle`).
+    fn drop_unnamed(&mut self) -> (BackendChange, ClientChange) {
+        let before = self.statements.remove(b"".as_slice());
+        let backend = if std::mem::take(&mut self.a.st.unnamed_ready) {
+            BackendChange::Unnamed(true)
+        } else {
+            BackendChange::None
+        };
+        (backend, before.map(|b| (Bytes::new(), Some(b))))
+    }
+
     /// A client's Close. Closing a statement the client does not have is not an error.
-    fn close(self, msg: &Message, t: &peek::Target<'_>) {
+    fn close(mut self, msg: &Message, t: &peek::Target<'_>) {
+        if t.kind == b'S' && t.name.is_empty() {
+            self.to_backend.extend_from_slice(msg.raw());
+            let (backend, client) = self.drop_unnamed();
+            self.a.push_fixup(false, backend, client);
+            return;
+        }
         let Forward {
             a,
             statements,
@@ -631,7 +644,7 @@ impl Forward<'_> {
         let name = Bytes::copy_from_slice(t.name);
         let before = statements.remove(&name);
         let backend = match &before {
-            Some(stmt) if !name.is_empty() => {
+            Some(stmt) => {
                 peek::encode_target(to_backend, b'C', b'S', &stmt.backend_name());
                 if a.checkout.conn.conn().prepared.remove(&stmt.hash) {
                     BackendChange::Closed(stmt.hash)
@@ -639,13 +652,9 @@ impl Forward<'_> {
                     BackendChange::None
                 }
             }
-            _ => {
+            None => {
                 to_backend.extend_from_slice(msg.raw());
-                if name.is_empty() && std::mem::take(&mut a.st.unnamed_ready) {
-                    BackendChange::Unnamed(true)
-                } else {
-                    BackendChange::None
-                }
+                BackendChange::None
             }
         };
         let client = before.map(|b| (name, Some(b)));
