@@ -100,12 +100,8 @@ fi
 if [ ! -f "$TESTS/tests/__init__.py" ]; then
     log "downloading the asyncpg $ASYNCPG_VERSION sdist (for its tests/)"
     tmp="$(mktemp -d)"
-    timeout 300 "$VENV/bin/pip" download -q --disable-pip-version-check --no-deps \
-        --no-binary :all: --no-build-isolation -d "$tmp" "asyncpg==$ASYNCPG_VERSION" 2>/dev/null \
-        || timeout 300 "$VENV/bin/pip" download -q --disable-pip-version-check --no-deps \
-            --no-binary :all: -d "$tmp" "asyncpg==$ASYNCPG_VERSION" \
-        || die "pip download asyncpg==$ASYNCPG_VERSION failed"
-    tar -xzf "$tmp/asyncpg-$ASYNCPG_VERSION.tar.gz" -C "$tmp"
+    pypi_sdist asyncpg "$ASYNCPG_VERSION" "$tmp" \
+        || die "could not download the asyncpg $ASYNCPG_VERSION sdist from PyPI"
     rm -rf "$TESTS"; mkdir -p "$TESTS"
     cp -r "$tmp/asyncpg-$ASYNCPG_VERSION/tests" "$TESTS/"
     rm -rf "$tmp"

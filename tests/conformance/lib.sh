@@ -9,12 +9,17 @@
 #   WORK                      a scratch dir owned by that user, removed on exit
 #   free_port                 an unused TCP port on 127.0.0.1
 #   ensure_apt PKG...         apt-get install (as root, with timeouts) the packages not installed
+#   pypi_sdist NAME VERSION DIR
+#                             unpack the sdist NAME-VERSION.tar.gz from PyPI into DIR (found
+#                             in PyPI's simple index, checked against its sha256; nothing is
+#                             built, as `pip download --no-binary` would)
 #   pg_init_primary PORT      initdb + start node0 (extra postgresql.conf lines on stdin)
 #   pg_start_replica PORT     pg_basebackup node1 from node0, start it, wait for streaming
 #   pg_wait_replica_caught_up the replica has replayed everything the primary has written
 #   psql_su PORT DB SQL...    psql as the superuser `postgres` (unix socket in $WORK, trust)
 #   sluice_cluster_table NAME PORT POOL_MODE CONSISTENCY POOL_SIZE USER PASSWORD
-#                             one [[clusters]] table in front of node0 + node1
+#                             one [[clusters]] table in front of node0 + node1 (with the lines
+#                             of $SLUICE_CLUSTER_EXTRA, if set, among the cluster's settings)
 #   sluice_start BIN CONFIG ADMIN_PORT [LOG]
 #                             start sluice, wait until /topology shows a primary and a replica
 #   sluice_stop               stop it (SIGTERM, then SIGKILL after 6 s)
@@ -58,6 +63,30 @@ ensure_apt() { # PKG... (the ones not installed yet)
 }
 
 command -v curl >/dev/null || ensure_apt curl ca-certificates
+
+pypi_sdist() { # NAME VERSION DIR
+    local name="$1" version="$2" dir="$3" tmp
+    tmp="$(mktemp -d)"
+    timeout 300 python3 - "$name" "$version" "$tmp/sdist.tar.gz" <<'PY' || { rm -rf "$tmp"; return 1; }
+import hashlib, json, sys, urllib.request
+name, version, dest = sys.argv[1:]
+want = f"{name}-{version}.tar.gz"
+req = urllib.request.Request(f"https://pypi.org/simple/{name}/",
+                             headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+with urllib.request.urlopen(req, timeout=60) as r:
+    files = [f for f in json.load(r)["files"] if f["filename"].lower() == want.lower()]
+if not files:
+    sys.exit(f"PyPI lists no {want}")
+with urllib.request.urlopen(files[0]["url"], timeout=120) as r:
+    data = r.read()
+if hashlib.sha256(data).hexdigest() != files[0]["hashes"]["sha256"]:
+    sys.exit(f"{files[0]['url']}: sha256 mismatch")
+open(dest, "wb").write(data)
+PY
+    mkdir -p "$dir"
+    tar -xzf "$tmp/sdist.tar.gz" -C "$dir" || { rm -rf "$tmp"; return 1; }
+    rm -rf "$tmp"
+}
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || ensure_apt python3 python3-venv
 
 # --- PostgreSQL binaries and the OS user that runs them ----------------------------------------
@@ -221,7 +250,7 @@ listen = "127.0.0.1:$port"
 pool_mode = "$mode"
 consistency = "$consistency"
 pool_size = $size
-
+${SLUICE_CLUSTER_EXTRA:-}
 [clusters.discovery]
 static = ["127.0.0.1:$PRIMARY_PORT", "127.0.0.1:$REPLICA_PORT"]
 EOF

@@ -71,14 +71,8 @@ if ! "$VENV/bin/python" -c "import psycopg2" >/dev/null 2>&1; then
 fi
 if [ ! -f "$SDIST/tests/__init__.py" ]; then
     log "downloading the psycopg2 $PSYCOPG2_VERSION sdist (for its tests/)"
-    tmp="$(mktemp -d)"
-    timeout 300 "$VENV/bin/pip" download -q --disable-pip-version-check --no-deps \
-        --no-binary :all: --no-build-isolation -d "$tmp" "psycopg2==$PSYCOPG2_VERSION" 2>/dev/null \
-        || timeout 300 "$VENV/bin/pip" download -q --disable-pip-version-check --no-deps \
-            --no-binary :all: -d "$tmp" "psycopg2==$PSYCOPG2_VERSION" \
-        || die "pip download psycopg2==$PSYCOPG2_VERSION failed"
-    tar -xzf "$tmp/psycopg2-$PSYCOPG2_VERSION.tar.gz" -C "$CACHE"
-    rm -rf "$tmp"
+    pypi_sdist psycopg2 "$PSYCOPG2_VERSION" "$CACHE" \
+        || die "could not download the psycopg2 $PSYCOPG2_VERSION sdist from PyPI"
 fi
 PY="$VENV/bin/python"
 log "driver: $("$PY" -c 'import psycopg2; print("psycopg2", psycopg2.__version__, "libpq", psycopg2.__libpq_version__)')"
