@@ -113,12 +113,26 @@ pub enum Deallocate {
 /// Recognises `EXECUTE name ...`: the name (folded to lower case unless quoted) and the rest of
 /// the text after it (parameters, further statements), verbatim.
 pub fn parse_execute(sql: &[u8]) -> Option<(Vec<u8>, &[u8])> {
+    parse_named(b"EXECUTE", sql)
+}
+
+/// Recognises `PREPARE name ...` the same way: the name and the rest (parameter types, `AS`,
+/// the statement, further statements), verbatim. `PREPARE TRANSACTION` is not one.
+pub fn parse_prepare(sql: &[u8]) -> Option<(Vec<u8>, &[u8])> {
+    let (name, rest) = parse_named(b"PREPARE", sql)?;
+    let quoted = sql.trim_ascii_start()[7..].trim_ascii_start().starts_with(b"\"");
+    (quoted || name != b"transaction").then_some((name, rest))
+}
+
+/// `keyword name ...` at the start of `sql`: the name (folded to lower case unless quoted; a
+/// quoted name with a doubled quote inside is left to the server) and the text after it.
+fn parse_named<'a>(keyword: &[u8], sql: &'a [u8]) -> Option<(Vec<u8>, &'a [u8])> {
     let sql = sql.trim_ascii_start();
-    let keyword = sql.get(..7)?;
-    if !keyword.eq_ignore_ascii_case(b"EXECUTE") || !sql.get(7)?.is_ascii_whitespace() {
+    let n = keyword.len();
+    if !sql.get(..n)?.eq_ignore_ascii_case(keyword) || !sql.get(n)?.is_ascii_whitespace() {
         return None;
     }
-    let after = sql[7..].trim_ascii_start();
+    let after = sql[n..].trim_ascii_start();
     if let Some(quoted) = after.strip_prefix(b"\"") {
         let end = quoted.iter().position(|&b| b == b'"')?;
         if quoted.get(end + 1) == Some(&b'"') {
@@ -205,6 +219,28 @@ mod tests {
         assert_eq!(e("EXECUTED"), None);
         assert_eq!(e("EXECUTE 1"), None);
         assert_eq!(e("SELECT 1"), None);
+    }
+
+    #[test]
+    fn prepare_statements() {
+        let p =
+            |s: &'static str| parse_prepare(s.as_bytes()).map(|(n, r)| (String::from_utf8(n).unwrap(), r));
+        assert_eq!(
+            p("PREPARE s1 AS SELECT 1"),
+            Some(("s1".into(), &b" AS SELECT 1"[..]))
+        );
+        assert_eq!(
+            p("prepare Q (int) as select $1"),
+            Some(("q".into(), &b" (int) as select $1"[..]))
+        );
+        assert_eq!(
+            p("PREPARE \"Q\" AS SELECT 1"),
+            Some(("Q".into(), &b" AS SELECT 1"[..]))
+        );
+        assert_eq!(p("PREPARE TRANSACTION 'x'"), None);
+        assert_eq!(p("PREPARE \"transaction\" AS SELECT 1").unwrap().0, "transaction");
+        assert_eq!(p("PREPARED s1"), None);
+        assert_eq!(p("EXECUTE s1"), None);
     }
 
     #[test]

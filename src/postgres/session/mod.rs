@@ -187,6 +187,9 @@ struct Rare {
     /// answers earlier requests (the client's pipelined reads, or sluice's settings capture):
     /// it waits, with everything after it, until that backend is done and can be let go.
     held: Option<Message>,
+    /// The client has run SQL `PREPARE` (transaction mode: its statements of that kind are on
+    /// the backend it is pinned to, under their own names).
+    sql_prepared: bool,
 }
 
 /// A logged-in client.

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use sluice_postgres::commands::{parse_deallocate, parse_execute, Deallocate};
+use sluice_postgres::commands::{parse_deallocate, parse_execute, parse_prepare, Deallocate};
 use sluice_postgres::{peek, Class, Classification, Message};
 
 use super::replies::Unit;
@@ -473,6 +473,17 @@ impl Session {
             f.a.st.renames.push((backend_name, name, true));
             return;
         }
+        if !name.is_empty() && self.rare.as_ref().is_some_and(|r| r.sql_prepared) {
+            // Statements prepared with SQL PREPARE share the client's namespace and live on its
+            // backend (PREPARE pinned the client there) under their own names: a Parse under
+            // the client's name, closed again at once (answers swallowed), makes the server
+            // refuse a name taken with 42P05 and skip the rest up to the Sync, as directly.
+            let f = self.forwarding();
+            peek::encode_parse(f.to_backend, &name, p.query, p.rest);
+            f.a.push_fixup(true, BackendChange::None, None);
+            peek::encode_target(f.to_backend, b'C', b'S', &name);
+            f.a.push_fixup(true, BackendChange::None, None);
+        }
         let stmt = self.statement_for(p);
         let Forward {
             a,
@@ -559,6 +570,9 @@ impl Session {
     /// Records what a statement about to run does to the session.
     fn note_effects(&mut self, c: Classification, sql: &[u8]) {
         if let Some(reason) = c.effects.pin {
+            if reason == sluice_postgres::PinReason::Prepare {
+                self.rare().sql_prepared = true;
+            }
             self.pin(reason);
         }
         if c.effects.settings {
@@ -757,22 +771,39 @@ impl Forward<'_> {
 
     /// `EXECUTE name` of a statement the client prepared with Parse runs the backend's copy of
     /// it (prepared first if needed), as SQL `EXECUTE` of a protocol-level statement does on a
-    /// plain server. `DEALLOCATE name` names the client's statement, which the backend knows by
-    /// another name: returns the Query to send instead. `DEALLOCATE ALL` and `DISCARD ALL` drop
-    /// every statement on the backend: forget them so they are prepared again when needed.
+    /// plain server; `PREPARE name` of such a statement names the backend's copy too, so the
+    /// server refuses it with 42P05 as it would directly (the error names the client's
+    /// statement when relayed). `DEALLOCATE name` names the client's statement, which the
+    /// backend knows by another name: returns the Query to send instead. `DEALLOCATE ALL` and
+    /// `DISCARD ALL` drop every statement on the backend: forget them so they are prepared
+    /// again when needed.
     fn rewrite_session_commands(mut self, sql: &[u8]) -> Option<BytesMut> {
-        // Only EXECUTE, DEALLOCATE and DISCARD are rewritten: a query starting with any other
-        // letter is not parsed further (the cost of this per simple query is one byte).
-        if !matches!(sql.trim_ascii_start().first(), Some(b'E' | b'e' | b'D' | b'd')) {
+        // Only EXECUTE, PREPARE, DEALLOCATE and DISCARD are rewritten: a query starting with
+        // any other letter is not parsed further (the cost of this per simple query is one
+        // byte).
+        let first = sql.trim_ascii_start().first()?.to_ascii_uppercase();
+        if !matches!(first, b'E' | b'P' | b'D') {
             return None;
         }
-        if let Some((name, rest)) = parse_execute(sql) {
+        if first != b'D' {
+            let (keyword, (name, rest)) = match first {
+                b'E' => (&b"EXECUTE "[..], parse_execute(sql)?),
+                _ => (&b"PREPARE "[..], parse_prepare(sql)?),
+            };
             let stmt = self.statements.get(name.as_slice())?.clone();
+            if name.is_empty() || self.a.st.status == b'E' {
+                // In a failed transaction the server refuses the statement before it looks
+                // for the name (25P02), and would refuse sluice's Parse too.
+                return None;
+            }
             let backend_name = stmt.backend_name();
             if self.a.checkout.conn.conn().prepared.insert(stmt.hash) {
                 self.prepare_before_query(&stmt);
             }
-            let sql = [&b"EXECUTE "[..], &backend_name, rest].concat();
+            if first == b'P' {
+                self.a.st.renames.push((backend_name, Bytes::from(name), true));
+            }
+            let sql = [keyword, &backend_name, rest].concat();
             let mut q = BytesMut::with_capacity(sql.len() + 6);
             q.extend_from_slice(b"Q");
             q.extend_from_slice(&(sql.len() as u32 + 5).to_be_bytes());

@@ -213,6 +213,74 @@ fn hand_written() -> Vec<Case> {
             ]
             .concat(),
         ),
+        // SQL PREPARE and the protocol's Parse share one namespace: each refuses a name the
+        // other took (42P05), and EXECUTE runs whichever holds the name.
+        case(
+            "a Parse of a name SQL PREPARE took fails with 42P05, EXECUTE runs PREPARE's",
+            [
+                vec![query("PREPARE s1 AS SELECT 1")],
+                vec![parse("s1", SERIES), Sync],
+                vec![query("EXECUTE s1")],
+                run("s1"),
+            ]
+            .concat(),
+        ),
+        case(
+            "a Parse with a syntax error of a name SQL PREPARE took reports the syntax error",
+            [
+                vec![query("PREPARE s1 AS SELECT 1")],
+                vec![parse("s1", SYNTAX_ERROR), parse("s2", SERIES), Sync],
+                run("s1"),
+                run("s2"),
+            ]
+            .concat(),
+        ),
+        case(
+            "after DEALLOCATE of PREPARE's statement its name can be parsed",
+            [
+                vec![query("PREPARE s1 AS SELECT 1")],
+                vec![query("DEALLOCATE s1")],
+                vec![parse("s1", SERIES), Sync],
+                vec![query("EXECUTE s1")],
+                run("s1"),
+            ]
+            .concat(),
+        ),
+        case(
+            "SQL PREPARE of a name a Parse took fails with 42P05, EXECUTE runs the Parse's",
+            [
+                vec![parse("s1", SERIES), Sync],
+                vec![query("PREPARE s1 AS SELECT 1")],
+                vec![query("EXECUTE s1")],
+                run("s1"),
+            ]
+            .concat(),
+        ),
+        case(
+            "SQL PREPARE of a name a Parse took fails inside a transaction and aborts it",
+            [
+                vec![query("BEGIN")],
+                vec![parse("s1", SERIES), Sync],
+                vec![query("PREPARE s1 AS SELECT 1")],
+                vec![query("SELECT 1")],
+                vec![query("COMMIT")],
+                run("s1"),
+            ]
+            .concat(),
+        ),
+        case(
+            "EXECUTE of a Parse's statement in a failed transaction fails with 25P02",
+            [
+                vec![parse("s1", SERIES), Sync],
+                vec![query("BEGIN")],
+                vec![query("SELECT 1/0")],
+                vec![query("EXECUTE s1")],
+                vec![query("PREPARE s1 AS SELECT 1")],
+                vec![query("ROLLBACK")],
+                run("s1"),
+            ]
+            .concat(),
+        ),
     ]
 }
 
