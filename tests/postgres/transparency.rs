@@ -531,6 +531,51 @@ async fn a_skipped_unnamed_parse_never_exposes_another_clients_statement() {
     .await;
 }
 
+/// A DISCARD ALL the server refuses (inside a transaction block) drops nothing: not the
+/// client's statements, and not what sluice knows its server connection holds, which the next
+/// client on that connection relies on (it used to get 42P05 for a statement sluice thought
+/// gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_discard_all_keeps_the_statements_for_this_client_and_the_next() {
+    let env = Env::start(0, "pool_size = 1");
+    let addr = env.sluice.listen_addr();
+    bounded(60, async {
+        let (mut a, _) = raw_login_with(addr, "app", "app-secret", "app", &[]).await;
+        let mut out = BytesMut::new();
+        frontend::parse("s1", "SELECT 2", None, &mut out).unwrap();
+        frontend::sync(&mut out);
+        a.write_all(&out).await.unwrap();
+        assert_eq!(tags(&read_until_ready(&mut a, 1).await), "1Z");
+        assert_eq!(tags(&query(&mut a, "BEGIN").await), "CZ");
+        let r = query(&mut a, "DISCARD ALL").await;
+        assert_eq!(tags(&r), "EZ", "{r:?}");
+        assert_eq!(sqlstate(&r[0].1), "25001");
+        assert_eq!(tags(&query(&mut a, "ROLLBACK").await), "CZ");
+        out.clear();
+        bind_no_params("s1", &mut out);
+        frontend::execute("", 0, &mut out).unwrap();
+        frontend::sync(&mut out);
+        a.write_all(&out).await.unwrap();
+        let r = read_until_ready(&mut a, 1).await;
+        assert_eq!(tags(&r), "2DCZ", "{r:?}");
+        assert_eq!(first_column(&r), [Some("2".to_string())]);
+        drop(a);
+
+        // The next client gets the same server connection (pool_size = 1) and prepares the
+        // same text under its own name.
+        let (mut b, _) = raw_login_with(addr, "app", "app-secret", "app", &[]).await;
+        out.clear();
+        frontend::parse("other", "SELECT 2", None, &mut out).unwrap();
+        bind_no_params("other", &mut out);
+        frontend::execute("", 0, &mut out).unwrap();
+        frontend::sync(&mut out);
+        b.write_all(&out).await.unwrap();
+        let r = read_until_ready(&mut b, 1).await;
+        assert_eq!(tags(&r), "12DCZ", "{r:?}");
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_reaches_a_query_waiting_for_a_backend() {
     let env = Env::start(0, "pool_size = 1\ncheckout_timeout = \"30s\"");

@@ -63,6 +63,8 @@ pub(super) struct InFlight {
     pub(super) renames: Vec<(BackendName, Bytes, bool)>,
     /// The server sent a FATAL error: it ends the session, and the client has it.
     pub(super) server_fatal: bool,
+    /// What a `DEALLOCATE` or `DISCARD ALL` in flight made sluice forget.
+    pub(super) dropped: Option<Box<statements::Dropped>>,
 }
 
 impl Default for InFlight {
@@ -85,6 +87,7 @@ impl Default for InFlight {
             units_done: 0,
             renames: Vec::new(),
             server_fatal: false,
+            dropped: None,
         }
     }
 }

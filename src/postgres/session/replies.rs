@@ -194,6 +194,15 @@ impl Session {
                             } else {
                                 a.skip_gated_queries();
                             }
+                            // The error is a DEALLOCATE's or DISCARD ALL's (or its batch's,
+                            // which made the server skip it).
+                            if a.st
+                                .dropped
+                                .as_ref()
+                                .is_some_and(|d| d.unit <= a.st.units_done + 1)
+                            {
+                                statements::undrop(a, &mut self.statements);
+                            }
                             if self.cluster.pg.write_hold.is_some()
                                 && a.checkout.role == crate::common::topology::Role::Primary
                             {

@@ -195,10 +195,9 @@ impl Statements {
         self.0.as_mut()?.remove(name)
     }
 
-    pub fn clear(&mut self) {
-        if let Some(m) = &mut self.0 {
-            m.clear();
-        }
+    /// Every statement, taken out.
+    pub fn drain(&mut self) -> Vec<(Bytes, Arc<Statement>)> {
+        self.0.as_mut().map_or_else(Vec::new, |m| m.drain().collect())
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&Bytes, &Arc<Statement>)> {
@@ -535,6 +534,9 @@ impl Session {
         let Some(a) = self.link.attached_mut() else { return };
         a.st.describing = None;
         let ended = a.st.units_done;
+        if a.st.dropped.as_ref().is_some_and(|d| d.unit <= ended) {
+            a.st.dropped = None; // answered without an error: dropped for good
+        }
         let skipped = a.st.fixups.iter().take_while(|p| p.batch < ended).count();
         if skipped == 0 {
             return;
@@ -811,11 +813,25 @@ impl Forward<'_> {
             q.extend_from_slice(b"\0");
             return Some(q);
         }
-        match parse_deallocate(sql)? {
+        let drop = parse_deallocate(sql)?;
+        if self.a.st.status == b'E' {
+            // In a failed transaction the server drops nothing (25P02).
+            return None;
+        }
+        // The server may still refuse (DISCARD ALL inside a transaction block, 25001; a
+        // pipelined statement that finds its transaction failed): what is forgotten here is
+        // remembered until the Query is answered (`Session::undrop` puts it back).
+        let unit = self.a.st.units_pushed;
+        match drop {
             Deallocate::All => {
-                self.a.checkout.conn.conn().prepared.clear();
+                let hashes = self.a.checkout.conn.conn().prepared.drain().collect();
                 self.a.st.unnamed_ready = false;
-                self.statements.clear();
+                let statements = self.statements.drain();
+                self.a.st.dropped = Some(Box::new(Dropped {
+                    unit,
+                    statements,
+                    hashes,
+                }));
                 None
             }
             Deallocate::Name(name) => {
@@ -826,9 +842,39 @@ impl Forward<'_> {
                     // DEALLOCATE below succeeds exactly as the client expects.
                     self.prepare_before_query(&stmt);
                 }
+                self.a.st.dropped = Some(Box::new(Dropped {
+                    unit: self.a.st.units_pushed,
+                    hashes: vec![stmt.hash],
+                    statements: vec![(Bytes::from(name), stmt)],
+                }));
                 let sql = format!("DEALLOCATE {}", String::from_utf8_lossy(&backend_name));
                 Some(super::simple_query(&sql))
             }
+        }
+    }
+}
+
+/// What a client's `DEALLOCATE` or `DISCARD ALL` made sluice forget, kept until the server
+/// answers it: if the server refuses, nothing was dropped.
+#[derive(Debug)]
+pub struct Dropped {
+    /// The number of the Query's unit (as `units_pushed` counts).
+    pub unit: u64,
+    /// The client's statements by name.
+    pub statements: Vec<(Bytes, Arc<Statement>)>,
+    /// The statements the backend held.
+    pub hashes: Vec<u64>,
+}
+
+/// An error answered the Query of the `Dropped` in flight (or its batch failed and the server
+/// skipped it): the server dropped nothing, so neither does sluice. Statements the client
+/// prepared again since keep their new definitions.
+pub(super) fn undrop(a: &mut Attached, statements: &mut Statements) {
+    let Some(d) = a.st.dropped.take() else { return };
+    a.checkout.conn.conn().prepared.extend(d.hashes);
+    for (name, stmt) in d.statements {
+        if !statements.contains_key(&name) {
+            statements.insert(name, stmt);
         }
     }
 }

@@ -281,6 +281,49 @@ fn hand_written() -> Vec<Case> {
             ]
             .concat(),
         ),
+        // DEALLOCATE and DISCARD ALL that the server refuses drop nothing; DEALLOCATE is not
+        // transactional.
+        case(
+            "DISCARD ALL refused inside a transaction block keeps the statements",
+            [
+                vec![parse("s1", SERIES), Sync],
+                vec![query("BEGIN"), query("DISCARD ALL"), query("ROLLBACK")],
+                run("s1"),
+            ]
+            .concat(),
+        ),
+        case(
+            "DEALLOCATE in a failed transaction keeps the statement",
+            [
+                vec![parse("s1", SERIES), Sync],
+                vec![query("BEGIN"), query("SELECT 1/0")],
+                vec![query("DEALLOCATE s1"), query("DEALLOCATE ALL"), query("ROLLBACK")],
+                run("s1"),
+            ]
+            .concat(),
+        ),
+        case(
+            "DEALLOCATE in a transaction rolled back stays done",
+            [
+                vec![parse("s1", SERIES), parse("s2", SELECT_1), Sync],
+                vec![query("BEGIN"), query("DEALLOCATE s1"), query("ROLLBACK")],
+                run("s1"),
+                vec![query("BEGIN"), query("DEALLOCATE ALL"), query("ROLLBACK")],
+                run("s2"),
+            ]
+            .concat(),
+        ),
+        case(
+            "DEALLOCATE skipped in a failed batch keeps the statement",
+            [
+                vec![parse("s1", SERIES), Sync],
+                vec![fails.clone(), Flush, query("DEALLOCATE s1"), Sync],
+                run("s1"),
+                vec![fails.clone(), Flush, query("DISCARD ALL"), Sync],
+                run("s1"),
+            ]
+            .concat(),
+        ),
     ]
 }
 
