@@ -209,10 +209,65 @@ pub fn encode_error_renamed(buf: &mut BytesMut, tag: u8, body: &[u8], from: &[u8
     buf.put_slice(&out);
 }
 
+/// Appends the ErrorResponse/NoticeResponse (`tag`, `body`) with its error position (field
+/// `P`, in characters from 1) moved from a query text whose first `server` characters stand for
+/// the first `client` characters of the client's text (sluice rewrote a statement name): a
+/// position after them moves by the difference, one inside them points at the last of the
+/// client's. Returns false, appending nothing, when there is no position to move.
+pub fn encode_error_shifted(buf: &mut BytesMut, tag: u8, body: &[u8], server: u32, client: u32) -> bool {
+    let moved = |p: &[u8]| {
+        let p: u32 = std::str::from_utf8(p).ok()?.parse().ok()?;
+        let q = if p > server {
+            p - server + client
+        } else {
+            p.min(client)
+        };
+        Some(q.to_string())
+    };
+    if !error_fields(body).any(|(f, v)| f == b'P' && moved(v).is_some()) {
+        return false;
+    }
+    let mut out = Vec::with_capacity(body.len() + 4);
+    for (field, value) in error_fields(body) {
+        out.push(field);
+        match moved(value).filter(|_| field == b'P') {
+            Some(p) => out.extend_from_slice(p.as_bytes()),
+            None => out.extend_from_slice(value),
+        }
+        out.push(0);
+    }
+    out.push(0);
+    header(buf, tag, out.len());
+    buf.put_slice(&out);
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::frame::split_message;
+
+    #[test]
+    fn error_positions_move_back_to_the_clients_text() {
+        // `EXECUTE s1(1,)` sent as `EXECUTE sluice_0123456789abcdef(1,)`: 10 characters up to
+        // the end of the name for the client, 31 for the server.
+        let body = b"SERROR\0C42601\0Msyntax error at or near \")\"\0P35\0Fscan.l\0\0";
+        let mut out = BytesMut::new();
+        assert!(encode_error_shifted(&mut out, b'E', body, 31, 10));
+        let m = one(out);
+        assert_eq!(
+            m.body(),
+            b"SERROR\0C42601\0Msyntax error at or near \")\"\0P14\0Fscan.l\0\0"
+        );
+        let inside = b"SERROR\0P20\0\0";
+        let mut out = BytesMut::new();
+        assert!(encode_error_shifted(&mut out, b'E', inside, 31, 10));
+        assert_eq!(one(out).body(), b"SERROR\0P10\0\0");
+        let none = b"SERROR\0C22012\0Mdivision by zero\0\0";
+        let mut out = BytesMut::new();
+        assert!(!encode_error_shifted(&mut out, b'E', none, 31, 10));
+        assert!(out.is_empty());
+    }
 
     #[test]
     fn errors_are_renamed_field_by_field() {

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use bytes::Buf;
+use bytes::{Buf, BytesMut};
 use sluice_postgres::{peek, peek_message, split_message};
 use tracing::{debug, warn};
 
@@ -220,10 +220,22 @@ impl Session {
                                 sluice_postgres::server::cached_plan_changed(self.out.get());
                                 continue;
                             }
+                            // An error in a Query sluice rewrote points into the client's text.
+                            let mut shifted = BytesMut::new();
+                            if let Some(s) = a.st.shift.filter(|s| s.unit == a.st.units_done + 1) {
+                                peek::encode_error_shifted(
+                                    &mut shifted,
+                                    b'E',
+                                    msg.body(),
+                                    s.server,
+                                    s.client,
+                                );
+                            }
+                            let body = shifted.get(5..).unwrap_or(msg.body());
                             // An error that names sluice's statement (a duplicate Parse, a
                             // Bind with the wrong parameter count, ...) names the client's.
-                            if let Some(from) = statements::backend_name_in(msg.body()) {
-                                let duplicate = peek::error_code_and_message(msg.body()).0 == "42P05";
+                            if let Some(from) = statements::backend_name_in(body) {
+                                let duplicate = peek::error_code_and_message(body).0 == "42P05";
                                 let to =
                                     a.st.renames
                                         .iter()
@@ -241,12 +253,16 @@ impl Session {
                                     peek::encode_error_renamed(
                                         self.out.get(),
                                         b'E',
-                                        msg.body(),
+                                        body,
                                         &quoted(&from),
                                         &quoted(&to),
                                     );
                                     continue;
                                 }
+                            }
+                            if !shifted.is_empty() {
+                                self.out.get().extend_from_slice(&shifted);
+                                continue;
                             }
                         }
                         _ => {}

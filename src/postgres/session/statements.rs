@@ -537,6 +537,9 @@ impl Session {
         if a.st.dropped.as_ref().is_some_and(|d| d.unit <= ended) {
             a.st.dropped = None; // answered without an error: dropped for good
         }
+        if a.st.shift.is_some_and(|s| s.unit <= ended) {
+            a.st.shift = None;
+        }
         let skipped = a.st.fixups.iter().take_while(|p| p.batch < ended).count();
         if skipped == 0 {
             return;
@@ -805,6 +808,12 @@ impl Forward<'_> {
             if first == b'P' {
                 self.a.st.renames.push((backend_name, Bytes::from(name), true));
             }
+            let prefix = &sql[..sql.len() - rest.len()];
+            self.a.st.shift = Some(Shift {
+                unit: self.a.st.units_pushed,
+                server: (keyword.len() + backend_name.len()) as u32,
+                client: std::str::from_utf8(prefix).map_or(prefix.len(), |p| p.chars().count()) as u32,
+            });
             let sql = [keyword, &backend_name, rest].concat();
             let mut q = BytesMut::with_capacity(sql.len() + 6);
             q.extend_from_slice(b"Q");
@@ -852,6 +861,17 @@ impl Forward<'_> {
             }
         }
     }
+}
+
+/// A Query sluice sent with the client's `EXECUTE name` or `PREPARE name` naming the backend's
+/// copy instead: the server's error positions count the characters of the rewritten text.
+#[derive(Debug, Clone, Copy)]
+pub struct Shift {
+    /// The number of the Query's unit (as `units_pushed` counts).
+    pub unit: u64,
+    /// Characters up to the end of the name: in the text sent, and in the client's.
+    pub server: u32,
+    pub client: u32,
 }
 
 /// What a client's `DEALLOCATE` or `DISCARD ALL` made sluice forget, kept until the server

@@ -281,6 +281,15 @@ fn hand_written() -> Vec<Case> {
             ]
             .concat(),
         ),
+        case(
+            "an error in EXECUTE's parameters points into the client's text",
+            [
+                vec![parse("s1", SELECT_PARAM), Sync],
+                vec![query("EXECUTE s1(1,)"), query("EXECUTE s1(nosuchcol)")],
+                vec![query("PREPARE s1 AS SELEC 1")],
+            ]
+            .concat(),
+        ),
         // DEALLOCATE and DISCARD ALL that the server refuses drop nothing; DEALLOCATE is not
         // transactional.
         case(

@@ -63,7 +63,7 @@ fn ends_answer(tag: u8) -> bool {
 
 impl Reply {
     /// Renders a backend message with everything a client may rely on: error and notice
-    /// severity, SQLSTATE and message; command tags, rows and descriptions exactly. Process
+    /// severity, SQLSTATE, message and position; command tags, rows and descriptions exactly. Process
     /// ids (in notifications) are masked; sluice's statement names are kept, and flagged by
     /// [`Transcript::leaks`].
     fn parse(tag: u8, body: &[u8]) -> Reply {
@@ -73,6 +73,7 @@ impl Reply {
         let text = match tag {
             b'E' | b'N' => {
                 let (mut severity, mut code, mut message) = (String::new(), String::new(), String::new());
+                let mut position = String::new();
                 let mut rest = body;
                 while let Some((&kind, tail)) = rest.split_first() {
                     if kind == 0 {
@@ -85,11 +86,12 @@ impl Reply {
                         b'S' if severity.is_empty() => severity = value,
                         b'C' => code = value,
                         b'M' => message = value,
+                        b'P' => position = format!(" at {value}"),
                         _ => {}
                     }
                 }
                 let what = if tag == b'E' { "Error" } else { "Notice" };
-                format!("{what}({severity} {code} {message})")
+                format!("{what}({severity} {code} {message}{position})")
             }
             b'C' => format!("CommandComplete({})", cstr(body)),
             b'D' => {
