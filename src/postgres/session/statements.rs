@@ -829,15 +829,14 @@ impl Forward<'_> {
         }
         // The server may still refuse (DISCARD ALL inside a transaction block, 25001; a
         // pipelined statement that finds its transaction failed): what is forgotten here is
-        // remembered until the Query is answered (`Session::undrop` puts it back).
-        let unit = self.a.st.units_pushed;
+        // remembered until the Query is answered (`undrop` puts it back).
         match drop {
             Deallocate::All => {
                 let hashes = self.a.checkout.conn.conn().prepared.drain().collect();
                 self.a.st.unnamed_ready = false;
                 let statements = self.statements.drain();
                 self.a.st.dropped = Some(Box::new(Dropped {
-                    unit,
+                    unit: self.a.st.units_pushed,
                     statements,
                     hashes,
                 }));
