@@ -65,7 +65,8 @@ pub(super) struct InFlight {
     pub(super) server_fatal: bool,
     /// What a `DEALLOCATE` or `DISCARD ALL` in flight made sluice forget.
     pub(super) dropped: Option<Box<statements::Dropped>>,
-    /// A Query in flight that sluice rewrote to name the backend's copy of a statement.
+    /// A Query (or a Parse) in flight that sluice rewrote to name the backend's copy of a
+    /// statement.
     pub(super) shift: Option<statements::Shift>,
 }
 

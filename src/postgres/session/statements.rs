@@ -744,6 +744,9 @@ impl Forward<'_> {
             return None;
         }
         let backend_name = self.ensure_prepared(&name)?;
+        // An error in it comes before the batch's next ReadyForQuery.
+        let unit = self.a.st.units_pushed + 1;
+        self.a.st.shift = Some(Shift::new(unit, sql, rest, b"EXECUTE ", &backend_name));
         Some([&b"EXECUTE "[..], &backend_name, rest].concat())
     }
 
@@ -808,12 +811,8 @@ impl Forward<'_> {
             if first == b'P' {
                 self.a.st.renames.push((backend_name, Bytes::from(name), true));
             }
-            let prefix = &sql[..sql.len() - rest.len()];
-            self.a.st.shift = Some(Shift {
-                unit: self.a.st.units_pushed,
-                server: (keyword.len() + backend_name.len()) as u32,
-                client: std::str::from_utf8(prefix).map_or(prefix.len(), |p| p.chars().count()) as u32,
-            });
+            let unit = self.a.st.units_pushed;
+            self.a.st.shift = Some(Shift::new(unit, sql, rest, keyword, &backend_name));
             let sql = [keyword, &backend_name, rest].concat();
             let mut q = BytesMut::with_capacity(sql.len() + 6);
             q.extend_from_slice(b"Q");
@@ -862,8 +861,9 @@ impl Forward<'_> {
     }
 }
 
-/// A Query sluice sent with the client's `EXECUTE name` or `PREPARE name` naming the backend's
-/// copy instead: the server's error positions count the characters of the rewritten text.
+/// A Query (or a Parse) sluice sent with the client's `EXECUTE name` or `PREPARE name` naming
+/// the backend's copy instead: the server's error positions count the characters of the
+/// rewritten text.
 #[derive(Debug, Clone, Copy)]
 pub struct Shift {
     /// The number of the Query's unit (as `units_pushed` counts).
@@ -871,6 +871,19 @@ pub struct Shift {
     /// Characters up to the end of the name: in the text sent, and in the client's.
     pub server: u32,
     pub client: u32,
+}
+
+impl Shift {
+    /// For `sql` (the client's text, `rest` its part after the name) sent as `keyword`,
+    /// `backend_name` and `rest`.
+    fn new(unit: u64, sql: &[u8], rest: &[u8], keyword: &[u8], backend_name: &[u8]) -> Shift {
+        let prefix = &sql[..sql.len() - rest.len()];
+        Shift {
+            unit,
+            server: (keyword.len() + backend_name.len()) as u32,
+            client: std::str::from_utf8(prefix).map_or(prefix.len(), |p| p.chars().count()) as u32,
+        }
+    }
 }
 
 /// What a client's `DEALLOCATE` or `DISCARD ALL` made sluice forget, kept until the server

@@ -287,6 +287,9 @@ fn hand_written() -> Vec<Case> {
                 vec![parse("s1", SELECT_PARAM), Sync],
                 vec![query("EXECUTE s1(1,)"), query("EXECUTE s1(nosuchcol)")],
                 vec![query("PREPARE s1 AS SELEC 1")],
+                // asyncpg's fetchval('EXECUTE ...'): the text of a Parse.
+                vec![parse("", EXECUTE_S1_BAD), Flush],
+                vec![Sync],
             ]
             .concat(),
         ),
@@ -335,6 +338,13 @@ fn hand_written() -> Vec<Case> {
         ),
     ]
 }
+
+/// A Parse of `EXECUTE` of the client's statement with a syntax error in its parameters.
+const EXECUTE_S1_BAD: Text = Text {
+    sql: "EXECUTE s1(1,)",
+    types: &[],
+    params: 0,
+};
 
 fn query(sql: &'static str) -> Msg {
     Msg::Query { sql }
