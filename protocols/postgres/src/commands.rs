@@ -120,14 +120,41 @@ pub fn parse_execute(sql: &[u8]) -> Option<(Vec<u8>, &[u8])> {
 /// the statement, further statements), verbatim. `PREPARE TRANSACTION` is not one.
 pub fn parse_prepare(sql: &[u8]) -> Option<(Vec<u8>, &[u8])> {
     let (name, rest) = parse_named(b"PREPARE", sql)?;
-    let quoted = sql.trim_ascii_start()[7..].trim_ascii_start().starts_with(b"\"");
+    let quoted = skip_blanks(sql)[7..].trim_ascii_start().starts_with(b"\"");
     (quoted || name != b"transaction").then_some((name, rest))
 }
 
-/// `keyword name ...` at the start of `sql`: the name (folded to lower case unless quoted; a
+/// `sql` after its leading whitespace and comments (`-- …` to the end of the line, `/* … */`
+/// nested as PostgreSQL nests them; an unterminated one leaves nothing).
+pub fn skip_blanks(mut sql: &[u8]) -> &[u8] {
+    loop {
+        sql = sql.trim_ascii_start();
+        if let Some(rest) = sql.strip_prefix(b"--") {
+            sql = rest
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(&[][..], |i| &rest[i + 1..]);
+        } else if sql.starts_with(b"/*") {
+            let (mut depth, mut i) = (0usize, 0);
+            while depth > 0 || i == 0 {
+                match sql.get(i..i + 2) {
+                    None => return &[],
+                    Some(b"/*") => (depth, i) = (depth + 1, i + 2),
+                    Some(b"*/") => (depth, i) = (depth - 1, i + 2),
+                    Some(_) => i += 1,
+                }
+            }
+            sql = &sql[i..];
+        } else {
+            return sql;
+        }
+    }
+}
+
+/// `keyword name ...` at the start of `sql` (after whitespace and comments): the name (folded to lower case unless quoted; a
 /// quoted name with a doubled quote inside is left to the server) and the text after it.
 fn parse_named<'a>(keyword: &[u8], sql: &'a [u8]) -> Option<(Vec<u8>, &'a [u8])> {
-    let sql = sql.trim_ascii_start();
+    let sql = skip_blanks(sql);
     let n = keyword.len();
     if !sql.get(..n)?.eq_ignore_ascii_case(keyword) || !sql.get(n)?.is_ascii_whitespace() {
         return None;
@@ -151,9 +178,9 @@ fn parse_named<'a>(keyword: &[u8], sql: &'a [u8]) -> Option<(Vec<u8>, &'a [u8])>
 }
 
 /// Recognises `DEALLOCATE [PREPARE] name|ALL` and `DISCARD ALL` (a single statement, any case,
-/// optional trailing `;`). Unquoted names fold to lower case, as PostgreSQL folds them.
+/// after whitespace and comments, optional trailing `;`). Unquoted names fold to lower case, as PostgreSQL folds them.
 pub fn parse_deallocate(sql: &[u8]) -> Option<Deallocate> {
-    let sql = sql.trim_ascii();
+    let sql = skip_blanks(sql).trim_ascii_end();
     let sql = sql.strip_suffix(b";").unwrap_or(sql).trim_ascii_end();
     let mut words = sql.split(|b| b.is_ascii_whitespace()).filter(|w| !w.is_empty());
     let first = words.next()?;
@@ -219,6 +246,26 @@ mod tests {
         assert_eq!(e("EXECUTED"), None);
         assert_eq!(e("EXECUTE 1"), None);
         assert_eq!(e("SELECT 1"), None);
+    }
+
+    #[test]
+    fn leading_comments_are_skipped() {
+        assert_eq!(
+            skip_blanks(b" /* a /* nested */ b */ -- c\n EXECUTE x"),
+            b"EXECUTE x"
+        );
+        assert_eq!(skip_blanks(b"/**/x"), b"x");
+        assert_eq!(skip_blanks(b"/* open"), b"");
+        assert_eq!(skip_blanks(b"-- only"), b"");
+        assert_eq!(skip_blanks(b"/ 1"), b"/ 1");
+        assert_eq!(
+            parse_execute(b"/* app */ EXECUTE s1(1)"),
+            Some((b"s1".to_vec(), &b"(1)"[..]))
+        );
+        assert_eq!(
+            parse_deallocate(b"-- x\nDEALLOCATE s1;"),
+            Some(Deallocate::Name(b"s1".to_vec()))
+        );
     }
 
     #[test]

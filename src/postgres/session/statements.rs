@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use sluice_postgres::commands::{parse_deallocate, parse_execute, parse_prepare, Deallocate};
+use sluice_postgres::commands::{parse_deallocate, parse_execute, parse_prepare, skip_blanks, Deallocate};
 use sluice_postgres::{peek, Class, Classification, Message};
 
 use super::replies::Unit;
@@ -789,15 +789,22 @@ impl Forward<'_> {
         // Only EXECUTE, PREPARE, DEALLOCATE and DISCARD are rewritten: a query starting with
         // any other letter is not parsed further (the cost of this per simple query is one
         // byte).
-        let first = sql.trim_ascii_start().first()?.to_ascii_uppercase();
+        let start = match sql.trim_ascii_start() {
+            s @ [b'/' | b'-', ..] => skip_blanks(s),
+            s => s,
+        };
+        let first = start.first()?.to_ascii_uppercase();
         if !matches!(first, b'E' | b'P' | b'D') {
             return None;
         }
+        // Comments before the statement stay where they are.
+        let lead = &sql[..sql.len() - start.len()];
         if first != b'D' {
             let (keyword, (name, rest)) = match first {
-                b'E' => (&b"EXECUTE "[..], parse_execute(sql)?),
-                _ => (&b"PREPARE "[..], parse_prepare(sql)?),
+                b'E' => (&b"EXECUTE "[..], parse_execute(start)?),
+                _ => (&b"PREPARE "[..], parse_prepare(start)?),
             };
+            let keyword: &[u8] = &[lead, keyword].concat();
             let stmt = self.statements.get(name.as_slice())?.clone();
             if name.is_empty() || self.a.st.status == b'E' {
                 // In a failed transaction the server refuses the statement before it looks
@@ -874,14 +881,14 @@ pub struct Shift {
 }
 
 impl Shift {
-    /// For `sql` (the client's text, `rest` its part after the name) sent as `keyword`,
-    /// `backend_name` and `rest`.
+    /// For `sql` (the client's text, `rest` its part after the name) sent as `keyword` (with
+    /// any comments before it), `backend_name` and `rest`.
     fn new(unit: u64, sql: &[u8], rest: &[u8], keyword: &[u8], backend_name: &[u8]) -> Shift {
-        let prefix = &sql[..sql.len() - rest.len()];
+        let chars = |b: &[u8]| std::str::from_utf8(b).map_or(b.len(), |s| s.chars().count()) as u32;
         Shift {
             unit,
-            server: (keyword.len() + backend_name.len()) as u32,
-            client: std::str::from_utf8(prefix).map_or(prefix.len(), |p| p.chars().count()) as u32,
+            server: chars(keyword) + backend_name.len() as u32,
+            client: chars(&sql[..sql.len() - rest.len()]),
         }
     }
 }

@@ -282,11 +282,16 @@ fn hand_written() -> Vec<Case> {
             .concat(),
         ),
         case(
-            "an error in EXECUTE's parameters points into the client's text",
+            "EXECUTE, PREPARE and DEALLOCATE after comments; an error points into the client's text",
             [
                 vec![parse("s1", SELECT_PARAM), Sync],
                 vec![query("EXECUTE s1(1,)"), query("EXECUTE s1(nosuchcol)")],
                 vec![query("PREPARE s1 AS SELEC 1")],
+                vec![
+                    query("/* app */ EXECUTE s1(2)"),
+                    query("-- ä\nEXECUTE s1(nosuchcol)"),
+                ],
+                vec![query("/* app */ DEALLOCATE s1"), query("EXECUTE s1(3)")],
                 // asyncpg's fetchval('EXECUTE ...'): the text of a Parse.
                 vec![parse("", EXECUTE_S1_BAD), Flush],
                 vec![Sync],
