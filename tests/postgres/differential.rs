@@ -272,6 +272,14 @@ async fn check_variant(
         if v.replica_reads && portal_error && sequence::portal_used_across_flush(&cases[i].msgs) {
             continue;
         }
+        // A documented difference (README, "Known differences"): in a failed transaction on a
+        // server connection that does not hold the client's statement yet, sluice cannot
+        // prepare it there (25P02), so a Describe of a statement without result rows, which
+        // PostgreSQL answers even then, fails.
+        let pooled = v.config.is_some_and(|c| c.contains("transaction"));
+        if pooled && d.want.starts_with("ParameterDescription") && d.got.contains(" 25P02 ") {
+            continue;
+        }
         failing += 1;
         if distinct.iter().any(|f| f.diff.kind() == d.kind()) {
             continue;

@@ -44,6 +44,10 @@ pub struct Statement {
     pub shape: AtomicU64,
 }
 
+/// The hash whose backend name (`sluice_0000000000000000`) sluice uses as a scratch statement
+/// to have the server refuse a duplicate Parse in a failed transaction (see `forward_parse`).
+const DUPLICATE_SCRATCH: u64 = 0;
+
 /// A Flush message.
 const FLUSH: [u8; 5] = [b'H', 0, 0, 0, 4];
 
@@ -466,6 +470,24 @@ impl Session {
             // text, so a syntax error is reported first, as for the client's own name — and
             // skips to Sync. The error names sluice's statement: renamed when relayed.
             let mut f = self.forwarding();
+            let hash = f.statements.get(&name).expect("checked").hash;
+            if f.a.st.status == b'E' && !f.a.checkout.conn.conn().prepared.contains(&hash) {
+                // In a failed transaction sluice cannot prepare the client's statement on this
+                // backend (25P02 for anything but COMMIT or ROLLBACK). Two Parses of the
+                // client's text under a scratch name (closed first) make the server refuse the
+                // second as it would refuse the client's: 25P02 for most texts, 42P05 for a
+                // COMMIT or ROLLBACK. The scratch statement may stay on the backend until the
+                // next time.
+                let scratch = backend_name(DUPLICATE_SCRATCH);
+                peek::encode_target(f.to_backend, b'C', b'S', &scratch);
+                f.a.push_fixup(true, BackendChange::None, None);
+                peek::encode_parse(f.to_backend, &scratch, p.query, p.rest);
+                f.a.push_fixup(true, BackendChange::None, None);
+                peek::encode_parse(f.to_backend, &scratch, p.query, p.rest);
+                f.a.push_fixup(false, BackendChange::None, None);
+                f.a.st.renames.push((scratch, name, true));
+                return;
+            }
             let backend_name = f.ensure_prepared(&name).expect("a named statement");
             peek::encode_parse(f.to_backend, &backend_name, p.query, p.rest);
             f.a.push_fixup(false, BackendChange::None, None);
@@ -815,9 +837,11 @@ impl Forward<'_> {
             if self.a.checkout.conn.conn().prepared.insert(stmt.hash) {
                 self.prepare_before_query(&stmt);
             }
-            if first == b'P' {
-                self.a.st.renames.push((backend_name, Bytes::from(name), true));
-            }
+            // An error names the client's statement (PREPARE: 42P05 about this name).
+            self.a
+                .st
+                .renames
+                .push((backend_name, Bytes::from(name), first == b'P'));
             let unit = self.a.st.units_pushed;
             self.a.st.shift = Some(Shift::new(unit, sql, rest, keyword, &backend_name));
             let sql = [keyword, &backend_name, rest].concat();

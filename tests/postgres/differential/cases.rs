@@ -298,6 +298,18 @@ fn hand_written() -> Vec<Case> {
             ]
             .concat(),
         ),
+        case(
+            "a Parse of a name taken, in a failed transaction on another server connection",
+            [
+                vec![parse("S1", SELECT_PARAM), Sync],
+                vec![query("BEGIN"), query("SELECT 1/0")],
+                vec![parse("S1", COMMIT), Sync],
+                vec![parse("S1", SELECT_1), Sync],
+                vec![parse("s2", COMMIT), bind("s2", 0), execute(0), Sync],
+                run("S1"),
+            ]
+            .concat(),
+        ),
         // DEALLOCATE and DISCARD ALL that the server refuses drop nothing; DEALLOCATE is not
         // transactional.
         case(

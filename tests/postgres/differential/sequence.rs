@@ -55,12 +55,23 @@ const TEXTS: &[(Text, u32)] = &[
 ];
 
 /// Simple queries the generator sends inside or between batches (a driver's `execute` of SQL
-/// text between prepared statements). None reads what other sequences write.
+/// text between prepared statements, and the SQL that names the same statements or drops
+/// them). None reads what other sequences write. (Not `DISCARD ALL`: inside an open batch it
+/// fails, "cannot be executed within a pipeline", and with read routing a batch that began
+/// with reads on a replica moves to the primary when the Query comes, out of the pipeline: a
+/// documented difference, README "Known differences".)
 const QUERIES: &[&str] = &[
     "SELECT 1",
     "SELECT 1/0",
     "SELEC 1",
     "INSERT INTO diff_t VALUES (8)",
+    "EXECUTE s1",
+    "/* tag */ EXECUTE s2 (7)",
+    "DEALLOCATE s1",
+    "DEALLOCATE ALL",
+    "PREPARE s2 AS SELECT 2",
+    "BEGIN",
+    "COMMIT",
 ];
 
 /// Statement names: the unnamed one, two named ones and one that differs only in case.
