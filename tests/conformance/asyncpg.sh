@@ -65,26 +65,9 @@ done
 CONF_NAME=asyncpg
 # shellcheck source=tests/conformance/lib.sh
 source "$(dirname "$0")/lib.sh"
-[ -n "$SLUICE_BIN" ] || SLUICE_BIN="$ROOT/target/debug/sluice"
-SLUICE_BIN="$(cd "$(dirname "$SLUICE_BIN")" && pwd)/$(basename "$SLUICE_BIN")"
-[ -x "$SLUICE_BIN" ] || die "no sluice binary at $SLUICE_BIN (build it, or pass --sluice BIN)"
+resolve_sluice_bin
 
-variant_settings() {
-    case "$1" in
-        session-primary) echo "session primary" ;;
-        transaction-primary) echo "transaction primary" ;;
-        transaction-ryw) echo "transaction read-your-writes" ;;
-        transaction-eventual) echo "transaction eventual" ;;
-        *) return 1 ;;
-    esac
-}
-SELECTED=()
-IFS=',' read -r -a requested <<<"$VARIANTS"
-for v in "${requested[@]}"; do
-    [ "$v" = direct ] && continue
-    variant_settings "$v" >/dev/null || die "unknown variant '$v' (session-primary, transaction-primary, transaction-ryw, transaction-eventual)"
-    SELECTED+=("$v")
-done
+select_variants "$VARIANTS"
 
 # --- the driver and the suite, cached ------------------------------------------------------------
 VENV="$CACHE/venv-asyncpg-$ASYNCPG_VERSION"

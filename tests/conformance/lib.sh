@@ -9,6 +9,10 @@
 #   WORK                      a scratch dir owned by that user, removed on exit
 #   free_port                 an unused TCP port on 127.0.0.1
 #   ensure_apt PKG...         apt-get install (as root, with timeouts) the packages not installed
+#   resolve_sluice_bin        SLUICE_BIN made absolute (default target/debug/sluice), or die
+#   variant_settings NAME     "pool_mode consistency" of a variant (session-primary,
+#                             transaction-primary, transaction-ryw, transaction-eventual)
+#   select_variants LIST      SELECTED: the variants of a comma-separated LIST (`direct` skipped)
 #   pypi_sdist NAME VERSION DIR
 #                             unpack the sdist NAME-VERSION.tar.gz from PyPI into DIR (found
 #                             in PyPI's simple index, checked against its sha256; nothing is
@@ -63,6 +67,34 @@ ensure_apt() { # PKG... (the ones not installed yet)
 }
 
 command -v curl >/dev/null || ensure_apt curl ca-certificates
+
+resolve_sluice_bin() {
+    [ -n "${SLUICE_BIN:-}" ] || SLUICE_BIN="$ROOT/target/debug/sluice"
+    SLUICE_BIN="$(cd "$(dirname "$SLUICE_BIN")" && pwd)/$(basename "$SLUICE_BIN")"
+    [ -x "$SLUICE_BIN" ] || die "no sluice binary at $SLUICE_BIN (build it, or pass --sluice BIN)"
+}
+
+variant_settings() { # NAME
+    case "$1" in
+        session-primary) echo "session primary" ;;
+        transaction-primary) echo "transaction primary" ;;
+        transaction-ryw) echo "transaction read-your-writes" ;;
+        transaction-eventual) echo "transaction eventual" ;;
+        *) return 1 ;;
+    esac
+}
+
+select_variants() { # LIST
+    local requested v
+    SELECTED=()
+    IFS=',' read -r -a requested <<<"$1"
+    for v in "${requested[@]}"; do
+        [ "$v" = direct ] && continue
+        variant_settings "$v" >/dev/null \
+            || die "unknown variant '$v' (session-primary, transaction-primary, transaction-ryw, transaction-eventual)"
+        SELECTED+=("$v")
+    done
+}
 
 pypi_sdist() { # NAME VERSION DIR
     local name="$1" version="$2" dir="$3" tmp
