@@ -744,6 +744,7 @@ async fn terminated_backend_fails_only_its_query_and_the_pool_heals() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         stop.store(true, Ordering::Relaxed);
         let (done, failures) = bystanders.await.expect("bystanders");
+        let last_use = Instant::now();
         eprintln!(
             "[faults] terminate: bystanders ran {done} queries, {} failed",
             failures.len()
@@ -786,6 +787,14 @@ async fn terminated_backend_fails_only_its_query_and_the_pool_heals() {
             }
             assert!(Instant::now() < deadline, "terminated backends linger");
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A pooled connection used less than 100 ms ago is judged by the reactor's readiness,
+        // which can lag behind a close that has just arrived (README, "Known differences");
+        // one idle longer is asked of the kernel before it is handed out. Let them all be that
+        // idle (a lower bound: a busy machine only makes the wait longer).
+        let idle_enough = Duration::from_millis(150);
+        if let Some(left) = idle_enough.checked_sub(last_use.elapsed()) {
+            tokio::time::sleep(left).await;
         }
         for _ in 0..10 {
             assert_eq!(simple_column(&again, "SELECT 1").await, ["1"]);
