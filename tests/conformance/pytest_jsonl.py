@@ -21,19 +21,22 @@ def pytest_addoption(parser):
     parser.addoption("--jsonl-out", required=True, help="results.jsonl to append to")
 
 
+_STATE = {}
+
+
 def pytest_configure(config):
-    config._jsonl = {"path": config.getoption("--jsonl-out"), "tests": {}}
+    _STATE.update(path=config.getoption("--jsonl-out"), tests={})
 
 
-def _emit(config, rec):
-    with open(config._jsonl["path"], "a") as f:
+def _emit(rec):
+    with open(_STATE["path"], "a") as f:
         f.write(json.dumps(rec) + "\n")
 
 
 def pytest_runtest_protocol(item, nextitem):
-    item.config._jsonl["tests"][item.nodeid] = {"outcome": "success", "reason": "",
-                                                 "started": time.monotonic()}
-    _emit(item.config, {"event": "start", "id": item.nodeid})
+    _STATE["tests"][item.nodeid] = {"outcome": "success", "reason": "",
+                                    "started": time.monotonic()}
+    _emit({"event": "start", "id": item.nodeid})
 
 
 def _outcome(report):
@@ -49,20 +52,19 @@ def _outcome(report):
     text = str(report.longrepr)
     if "Failed: Timeout (>" in text or "+++ Timeout +++" in text:
         return "timeout", "pytest-timeout"
-    lines = [line[2:] for line in text.splitlines() if line.startswith("E ")]
-    reason = " ".join(line.strip() for line in lines[:3]) or text.splitlines()[-1:]
-    return ("failure" if report.when == "call" else "error"), str(reason)[:300]
+    lines = [line[2:].strip() for line in text.splitlines() if line.startswith("E ")]
+    reason = " ".join(lines[:3]) or (text.splitlines() or [""])[-1]
+    return ("failure" if report.when == "call" else "error"), reason[:300]
 
 
-def pytest_report_teststatus(report, config):
-    state = config._jsonl["tests"].get(report.nodeid)
+def pytest_runtest_logreport(report):
+    state = _STATE["tests"].get(report.nodeid)
     if state is None:
-        return None
+        return
     outcome, reason = _outcome(report)
     if SEVERITY.index(outcome) > SEVERITY.index(state["outcome"]):
         state["outcome"], state["reason"] = outcome, reason
     if report.when == "teardown":
-        _emit(config, {"event": "end", "id": report.nodeid, "outcome": state["outcome"],
-                       "reason": state["reason"],
-                       "seconds": round(time.monotonic() - state["started"], 3)})
-    return None
+        _emit({"event": "end", "id": report.nodeid, "outcome": state["outcome"],
+               "reason": state["reason"],
+               "seconds": round(time.monotonic() - state["started"], 3)})
