@@ -16,7 +16,7 @@
 #   pypi_sdist NAME VERSION DIR
 #                             unpack the sdist NAME-VERSION.tar.gz from PyPI into DIR (found
 #                             in PyPI's simple index, checked against its sha256; nothing is
-#                             built, as `pip download --no-binary` would)
+#                             built, as `pip download --no-binary` would; that is the fallback)
 #   pg_init_primary PORT      initdb + start node0 (extra postgresql.conf lines on stdin)
 #   pg_start_replica PORT     pg_basebackup node1 from node0, start it, wait for streaming
 #   pg_wait_replica_caught_up the replica has replayed everything the primary has written
@@ -99,22 +99,32 @@ select_variants() { # LIST
 pypi_sdist() { # NAME VERSION DIR
     local name="$1" version="$2" dir="$3" tmp
     tmp="$(mktemp -d)"
-    timeout 300 python3 - "$name" "$version" "$tmp/sdist.tar.gz" <<'PY' || { rm -rf "$tmp"; return 1; }
-import hashlib, json, sys, urllib.request
+    if ! timeout 300 python3 - "$name" "$version" "$tmp/sdist.tar.gz" <<'PY'; then
+import hashlib, json, os, ssl, sys, urllib.request
 name, version, dest = sys.argv[1:]
+# The CA bundle pip is told to use (PIP_CERT), if any, so both reach PyPI the same way.
+cafile = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE") or None
+context = ssl.create_default_context(cafile=cafile)
 want = f"{name}-{version}.tar.gz"
 req = urllib.request.Request(f"https://pypi.org/simple/{name}/",
                              headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-with urllib.request.urlopen(req, timeout=60) as r:
+with urllib.request.urlopen(req, timeout=60, context=context) as r:
     files = [f for f in json.load(r)["files"] if f["filename"].lower() == want.lower()]
 if not files:
     sys.exit(f"PyPI lists no {want}")
-with urllib.request.urlopen(files[0]["url"], timeout=120) as r:
+with urllib.request.urlopen(files[0]["url"], timeout=120, context=context) as r:
     data = r.read()
 if hashlib.sha256(data).hexdigest() != files[0]["hashes"]["sha256"]:
     sys.exit(f"{files[0]['url']}: sha256 mismatch")
 open(dest, "wb").write(data)
 PY
+        # The slow way: pip builds the sdist's metadata (and its build requirements) first.
+        log "fetching $name $version from PyPI's index failed; trying pip download"
+        timeout 600 python3 -m pip download -q --disable-pip-version-check --no-deps \
+            --no-binary :all: -d "$tmp" "$name==$version" \
+            && mv "$tmp/$name-$version.tar.gz" "$tmp/sdist.tar.gz" \
+            || { rm -rf "$tmp"; return 1; }
+    fi
     mkdir -p "$dir"
     tar -xzf "$tmp/sdist.tar.gz" -C "$dir" || { rm -rf "$tmp"; return 1; }
     rm -rf "$tmp"
