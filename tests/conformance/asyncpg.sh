@@ -72,23 +72,9 @@ select_variants "$VARIANTS"
 # --- the driver and the suite, cached ------------------------------------------------------------
 VENV="$CACHE/venv-asyncpg-$ASYNCPG_VERSION"
 TESTS="$CACHE/asyncpg-$ASYNCPG_VERSION-tests"
-if ! "$VENV/bin/python" -c "import asyncpg, distro" >/dev/null 2>&1; then
-    python3 -c "import ensurepip" >/dev/null 2>&1 || ensure_apt python3-venv
-    log "creating $VENV with asyncpg==$ASYNCPG_VERSION"
-    rm -rf "$VENV"
-    timeout 120 python3 -m venv "$VENV" || die "python3 -m venv failed (install python3-venv)"
-    timeout 300 "$VENV/bin/pip" install -q --disable-pip-version-check --only-binary asyncpg \
-        "asyncpg==$ASYNCPG_VERSION" "distro==$DISTRO_VERSION" || die "pip install asyncpg failed"
-fi
-if [ ! -f "$TESTS/tests/__init__.py" ]; then
-    log "downloading the asyncpg $ASYNCPG_VERSION sdist (for its tests/)"
-    tmp="$(mktemp -d)"
-    pypi_sdist asyncpg "$ASYNCPG_VERSION" "$tmp" \
-        || die "could not download the asyncpg $ASYNCPG_VERSION sdist from PyPI"
-    rm -rf "$TESTS"; mkdir -p "$TESTS"
-    cp -r "$tmp/asyncpg-$ASYNCPG_VERSION/tests" "$TESTS/"
-    rm -rf "$tmp"
-fi
+ensure_venv "$VENV" "import asyncpg, distro" --only-binary asyncpg \
+    "asyncpg==$ASYNCPG_VERSION" "distro==$DISTRO_VERSION"
+cached_sdist_parts asyncpg "$ASYNCPG_VERSION" "$TESTS" tests
 PY="$VENV/bin/python"
 log "driver: asyncpg $("$PY" -c 'import asyncpg; print(asyncpg.__version__)')"
 
@@ -108,21 +94,8 @@ psql_su "$PRIMARY_PORT" postgres \
     "SET password_encryption = 'scram-sha-256'; ALTER ROLE postgres PASSWORD '$PASSWORD'"
 pg_start_replica "$REPLICA_PORT"
 
-declare -A PORT_OF
-PORT_OF[direct]="$PRIMARY_PORT"
-{
-    printf '[admin]\nlisten = "127.0.0.1:%s"\n' "$ADMIN_PORT"
-    for v in "${SELECTED[@]}"; do
-        PORT_OF[$v]="$(free_port)"
-        read -r mode consistency <<<"$(variant_settings "$v")"
-        # the pool tests open up to ~30 connections at once
-        sluice_cluster_table "$v" "${PORT_OF[$v]}" "$mode" "$consistency" 40 postgres "$PASSWORD"
-    done
-} >"$OUT/sluice.toml"
-if [ "${#SELECTED[@]}" -gt 0 ]; then
-    sluice_start "$SLUICE_BIN" "$OUT/sluice.toml" "$ADMIN_PORT" "$OUT/sluice.log"
-    log "sluice $("$SLUICE_BIN" --version 2>/dev/null | awk '{print $NF}') (admin $ADMIN_PORT): $(for v in "${SELECTED[@]}"; do printf '%s=%s ' "$v" "${PORT_OF[$v]}"; done)"
-fi
+# the pool tests open up to ~30 connections at once
+sluice_start_variants 40 postgres "$PASSWORD"
 
 if [ -n "$HOLD" ]; then
     {
@@ -183,14 +156,7 @@ for v in "${SELECTED[@]}"; do
 done
 curl -s --max-time 5 "http://127.0.0.1:$ADMIN_PORT/metrics" >"$OUT/sluice-metrics.txt" 2>/dev/null || true
 
-for v in "${SELECTED[@]}"; do
-    echo
-    echo "asyncpg $ASYNCPG_VERSION test suite, PostgreSQL $PG_VERSION, sluice $v"
-    if ! "$PY" "$HERE/psycopg2_suite.py" compare "$OUT/direct" "$OUT/$v" --variant "$v" \
-            --known "$HERE/asyncpg-known-failures.txt" | tee "$OUT/comparison-$v.txt"; then
-        status=1
-    fi
-done
+compare_variants "asyncpg $ASYNCPG_VERSION test suite" "$HERE/asyncpg-known-failures.txt"
 echo
 echo "raw outputs: $OUT"
 exit "$status"

@@ -13,6 +13,18 @@
 #   variant_settings NAME     "pool_mode consistency" of a variant (session-primary,
 #                             transaction-primary, transaction-ryw, transaction-eventual)
 #   select_variants LIST      SELECTED: the variants of a comma-separated LIST (`direct` skipped)
+#   ensure_venv VENV CHECK PIP_ARG...
+#                             create VENV with `pip install PIP_ARG...` unless its python can run
+#                             CHECK (an import line) already
+#   cached_sdist_parts NAME VERSION DEST PART...
+#                             copy PARTs (paths inside the sdist, e.g. tests/) of the NAME
+#                             VERSION sdist into DEST, unless an earlier copy completed
+#   sluice_start_variants POOL_SIZE USER PASSWORD
+#                             one sluice with one cluster per variant of SELECTED (PORT_OF[v]
+#                             its port, PORT_OF[direct] the primary's), started and logged
+#   compare_variants LABEL KNOWN_FILE
+#                             psycopg2_suite.py compare of each variant's run ($OUT/<variant>)
+#                             with $OUT/direct ($PY runs it); sets `status=1` on a failure
 #   pypi_sdist NAME VERSION DIR
 #                             unpack the sdist NAME-VERSION.tar.gz from PyPI into DIR (found
 #                             in PyPI's simple index, checked against its sha256; nothing is
@@ -129,6 +141,34 @@ PY
     tar -xzf "$tmp/sdist.tar.gz" -C "$dir" || { rm -rf "$tmp"; return 1; }
     rm -rf "$tmp"
 }
+ensure_venv() { # VENV CHECK PIP_ARG...
+    local venv="$1" check="$2"
+    shift 2
+    "$venv/bin/python" -c "$check" >/dev/null 2>&1 && return 0
+    python3 -c "import ensurepip" >/dev/null 2>&1 || ensure_apt python3-venv
+    log "creating $venv with $*"
+    rm -rf "$venv"
+    timeout 120 python3 -m venv "$venv" || die "python3 -m venv failed (install python3-venv)"
+    timeout 300 "$venv/bin/pip" install -q --disable-pip-version-check "$@" \
+        || die "pip install $* failed"
+}
+
+cached_sdist_parts() { # NAME VERSION DEST PART...
+    local name="$1" version="$2" dest="$3" tmp part
+    shift 3
+    [ -f "$dest/.complete" ] && return 0
+    log "downloading the $name $version sdist (for its $*)"
+    tmp="$(mktemp -d)"
+    pypi_sdist "$name" "$version" "$tmp" \
+        || die "could not download the $name $version sdist from PyPI"
+    rm -rf "$dest"; mkdir -p "$dest"
+    for part in "$@"; do
+        cp -r "$tmp/$name-$version/$part" "$dest/" || die "the $name sdist has no $part"
+    done
+    touch "$dest/.complete"
+    rm -rf "$tmp"
+}
+
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || ensure_apt python3 python3-venv
 
 # --- PostgreSQL binaries and the OS user that runs them ----------------------------------------
@@ -299,6 +339,40 @@ EOF
     while [ $# -ge 2 ]; do
         printf '\n[[clusters.users]]\nname = "%s"\npassword = "%s"\n' "$1" "$2"
         shift 2
+    done
+}
+
+# sluice_start_variants POOL_SIZE USER PASSWORD: $OUT/sluice.toml with the admin endpoint on
+# ADMIN_PORT and one cluster per variant of SELECTED (SLUICE_CLUSTER_EXTRA applies to each),
+# its port in PORT_OF[variant]; then sluice started (when there is a variant) and logged.
+declare -A PORT_OF
+sluice_start_variants() {
+    local size="$1" user="$2" password="$3" v mode consistency
+    PORT_OF[direct]="$PRIMARY_PORT"
+    {
+        printf '[admin]\nlisten = "127.0.0.1:%s"\n' "$ADMIN_PORT"
+        for v in "${SELECTED[@]}"; do
+            PORT_OF[$v]="$(free_port)"
+            read -r mode consistency <<<"$(variant_settings "$v")"
+            sluice_cluster_table "$v" "${PORT_OF[$v]}" "$mode" "$consistency" "$size" "$user" "$password"
+        done
+    } >"$OUT/sluice.toml"
+    [ "${#SELECTED[@]}" -gt 0 ] || return 0
+    sluice_start "$SLUICE_BIN" "$OUT/sluice.toml" "$ADMIN_PORT" "$OUT/sluice.log"
+    log "sluice $("$SLUICE_BIN" --version 2>/dev/null | awk '{print $NF}') (admin $ADMIN_PORT): $(for v in "${SELECTED[@]}"; do printf '%s=%s ' "$v" "${PORT_OF[$v]}"; done)"
+}
+
+# compare_variants LABEL KNOWN_FILE: each variant's run ($OUT/<variant>) against $OUT/direct,
+# with the accepted failures of KNOWN_FILE; `status=1` when one has an unexpected failure.
+compare_variants() {
+    local label="$1" known="$2" v
+    for v in "${SELECTED[@]}"; do
+        echo
+        echo "$label, PostgreSQL $PG_VERSION, sluice $v"
+        if ! "$PY" "$HERE/psycopg2_suite.py" compare "$OUT/direct" "$OUT/$v" --variant "$v" \
+                --known "$known" | tee "$OUT/comparison-$v.txt"; then
+            status=1
+        fi
     done
 }
 

@@ -70,24 +70,10 @@ select_variants "$VARIANTS"
 # --- the driver and the suite, cached ------------------------------------------------------------
 VENV="$CACHE/venv-pg8000-$PG8000_VERSION"
 TESTS="$CACHE/pg8000-$PG8000_VERSION-tests"
-if ! "$VENV/bin/python" -c "import pg8000, pytest, pytest_mock, pytest_timeout, pytest_benchmark, pytz" >/dev/null 2>&1; then
-    python3 -c "import ensurepip" >/dev/null 2>&1 || ensure_apt python3-venv
-    log "creating $VENV with pg8000==$PG8000_VERSION and pytest"
-    rm -rf "$VENV"
-    timeout 120 python3 -m venv "$VENV" || die "python3 -m venv failed (install python3-venv)"
-    timeout 300 "$VENV/bin/pip" install -q --disable-pip-version-check \
-        "pg8000==$PG8000_VERSION" "pytest==9.2.0" "pytest-mock==3.17.0" "pytest-timeout==2.4.0" \
-        "pytest-benchmark==5.3.1" "pytz==2026.6" || die "pip install pg8000 and pytest failed"
-fi
-if [ ! -f "$TESTS/test/__init__.py" ]; then
-    log "downloading the pg8000 $PG8000_VERSION sdist (for its test/)"
-    tmp="$(mktemp -d)"
-    pypi_sdist pg8000 "$PG8000_VERSION" "$tmp" \
-        || die "could not download the pg8000 $PG8000_VERSION sdist from PyPI"
-    rm -rf "$TESTS"; mkdir -p "$TESTS"
-    cp -r "$tmp/pg8000-$PG8000_VERSION/test" "$tmp/pg8000-$PG8000_VERSION/README.md" "$TESTS/"
-    rm -rf "$tmp"
-fi
+ensure_venv "$VENV" "import pg8000, pytest, pytest_mock, pytest_timeout, pytest_benchmark, pytz" \
+    "pg8000==$PG8000_VERSION" "pytest==9.2.0" "pytest-mock==3.17.0" "pytest-timeout==2.4.0" \
+    "pytest-benchmark==5.3.1" "pytz==2026.6"
+cached_sdist_parts pg8000 "$PG8000_VERSION" "$TESTS" test README.md
 PY="$VENV/bin/python"
 log "driver: pg8000 $("$PY" -c 'import importlib.metadata as m; print(m.version("pg8000"))'), pytest $("$PY" -c 'import pytest; print(pytest.__version__)')"
 
@@ -106,21 +92,8 @@ psql_su "$PRIMARY_PORT" postgres \
     "ALTER ROLE postgres PASSWORD '$PASSWORD'" "CREATE EXTENSION hstore"
 pg_start_replica "$REPLICA_PORT"
 
-declare -A PORT_OF
-PORT_OF[direct]="$PRIMARY_PORT"
-{
-    printf '[admin]\nlisten = "127.0.0.1:%s"\n' "$ADMIN_PORT"
-    for v in "${SELECTED[@]}"; do
-        PORT_OF[$v]="$(free_port)"
-        read -r mode consistency <<<"$(variant_settings "$v")"
-        SLUICE_CLUSTER_EXTRA=$'auth_user = "postgres"\nauth_dbname = "postgres"' \
-            sluice_cluster_table "$v" "${PORT_OF[$v]}" "$mode" "$consistency" 20 postgres "$PASSWORD"
-    done
-} >"$OUT/sluice.toml"
-if [ "${#SELECTED[@]}" -gt 0 ]; then
-    sluice_start "$SLUICE_BIN" "$OUT/sluice.toml" "$ADMIN_PORT" "$OUT/sluice.log"
-    log "sluice $("$SLUICE_BIN" --version 2>/dev/null | awk '{print $NF}') (admin $ADMIN_PORT): $(for v in "${SELECTED[@]}"; do printf '%s=%s ' "$v" "${PORT_OF[$v]}"; done)"
-fi
+SLUICE_CLUSTER_EXTRA=$'auth_user = "postgres"\nauth_dbname = "postgres"' \
+    sluice_start_variants 20 postgres "$PASSWORD"
 
 if [ -n "$HOLD" ]; then
     {
@@ -186,14 +159,7 @@ for v in "${SELECTED[@]}"; do
 done
 curl -s --max-time 5 "http://127.0.0.1:$ADMIN_PORT/metrics" >"$OUT/sluice-metrics.txt" 2>/dev/null || true
 
-for v in "${SELECTED[@]}"; do
-    echo
-    echo "pg8000 $PG8000_VERSION test suite, PostgreSQL $PG_VERSION, sluice $v"
-    if ! "$PY" "$HERE/psycopg2_suite.py" compare "$OUT/direct" "$OUT/$v" --variant "$v" \
-            --known "$HERE/pg8000-known-failures.txt" | tee "$OUT/comparison-$v.txt"; then
-        status=1
-    fi
-done
+compare_variants "pg8000 $PG8000_VERSION test suite" "$HERE/pg8000-known-failures.txt"
 echo
 echo "raw outputs: $OUT"
 exit "$status"

@@ -173,21 +173,8 @@ psql_su "$PRIMARY_PORT" postgres "LOAD '$RDIR/regress.so'" "LOAD '$RDIR/refint.s
 pg_start_replica "$REPLICA_PORT"
 
 # --- sluice: one listener per variant ---------------------------------------------------------------
-declare -A PORT_OF
-PORT_OF[direct]="$PRIMARY_PORT"
-{
-    printf '[admin]\nlisten = "127.0.0.1:%s"\n' "$ADMIN_PORT"
-    for v in "${SELECTED[@]}"; do
-        PORT_OF[$v]="$(free_port)"
-        read -r mode consistency <<<"$(variant_settings "$v")"
-        # pool_size above the largest parallel group (20 tests), so session mode never waits
-        sluice_cluster_table "$v" "${PORT_OF[$v]}" "$mode" "$consistency" 30 postgres regress-secret
-    done
-} >"$OUT/sluice.toml"
-if [ "${#SELECTED[@]}" -gt 0 ]; then
-    sluice_start "$SLUICE_BIN" "$OUT/sluice.toml" "$ADMIN_PORT" "$OUT/sluice.log"
-    log "sluice $("$SLUICE_BIN" --version 2>/dev/null | awk '{print $NF}') (admin $ADMIN_PORT): $(for v in "${SELECTED[@]}"; do printf '%s=%s ' "$v" "${PORT_OF[$v]}"; done)"
-fi
+# pool_size above the largest parallel group (20 tests), so session mode never waits
+sluice_start_variants 30 postgres regress-secret
 
 # The database as pg_regress creates it without --use-existing, after removing what a previous
 # run may have left: roles and tablespaces the tests create are cluster-wide.
